@@ -1,0 +1,15 @@
+"""gradconflict: measure how the tasks of a multi-task model fight over their shared backbone, diagnose
+whether to split it, and carry out the split.
+
+>>> from gradconflict import ConflictMonitor, ConflictReport, History
+"""
+
+from __future__ import annotations
+
+from gradconflict.history import History
+from gradconflict.monitor import ConflictMonitor
+from gradconflict.report import ConflictReport, LayerReport
+
+__version__ = "0.1.0"
+
+__all__ = ["ConflictMonitor", "ConflictReport", "History", "LayerReport", "__version__"]

@@ -1,0 +1,227 @@
+"""Engines: produce the per-layer task-gradient Grams of one step and, in the same pass, the weighted
+training gradient of every parameter.
+
+* :class:`TappedEngine` (``engine="auto"``): one vectorised VJP over the T task losses
+  (``torch.func.vmap`` over ``torch.autograd.grad``). Each tapped module receives its ``[T, ...]`` output
+  gradients as the backward reaches it; its layer rule turns them into the layer's Gram and weighted gradient
+  and they are dropped at once. Parameters no rule covers are materialised (T gradients each), their Gram taken.
+* :class:`ReferenceEngine` (``engine="reference"``): T separate ``torch.autograd.grad`` calls; slow, obvious,
+  the oracle of the tests.
+
+Both return an :class:`EngineResult`; neither touches ``.grad`` (the monitor writes it, all at once).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from gradconflict.capture import Capture, walk_graph
+from gradconflict.rules import Call
+from gradconflict.rules.base import gram_of, weighted
+
+__all__ = ["EngineResult", "LayerGram", "Plan", "ReferenceEngine", "TappedEngine", "make_engine"]
+
+
+@dataclass
+class Plan:
+    """What the monitor knows about the model: which parameters are shared and which layer owns each.
+
+    ``layer_of`` maps ``id(parameter)`` to ``(layer name, parameter name within that layer)``.
+    """
+
+    shared: set[int]
+    layer_of: dict[int, tuple[str, str]]
+    module_name: dict[nn.Module, str]
+    gram_dtype: torch.dtype
+    capture: Capture | None = None
+
+
+@dataclass
+class LayerGram:
+    """One layer's Gram, its number of shared parameter entries and the routes that produced it."""
+
+    gram: Tensor
+    num_params: int = 0
+    routes: set[str] = field(default_factory=set)
+
+    @property
+    def route(self) -> str:
+        """The routes taken, joined by ``+``."""
+        return "+".join(sorted(self.routes))
+
+
+@dataclass
+class EngineResult:
+    """Per-layer Grams (summing to ``gram``) and the weighted gradient of every leaf, keyed by leaf id."""
+
+    gram: Tensor
+    layers: dict[str, LayerGram]
+    grads: dict[int, tuple[Tensor, Tensor]]
+
+
+class _Accumulator:
+    """Collects layer Grams and weighted gradients as they arrive during one pass."""
+
+    def __init__(self, weights: Tensor, plan: Plan) -> None:
+        self.weights = weights
+        self.plan = plan
+        self.layers: dict[str, LayerGram] = {}
+        self.grads: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def add_grad(self, leaf: Tensor, grad: Tensor) -> None:
+        key = id(leaf)
+        self.grads[key] = (leaf, grad if key not in self.grads else self.grads[key][1] + grad)
+
+    def add_gram(self, layer: str, gram: Tensor, num_params: int, route: str) -> None:
+        entry = self.layers.get(layer)
+        if entry is None:
+            self.layers[layer] = entry = LayerGram(torch.zeros_like(gram))
+        entry.gram += gram
+        entry.num_params += num_params
+        entry.routes.add(route)
+
+    def add_materialised(self, leaf: Tensor, per_task: Tensor) -> None:
+        """A leaf's T gradients ``[T, *leaf.shape]``: its weighted gradient and, if shared, its Gram."""
+        self.add_grad(leaf, weighted(self.weights, per_task).to(leaf.dtype))
+        if id(leaf) in self.plan.shared:
+            layer, _ = self.plan.layer_of[id(leaf)]
+            self.add_gram(layer, gram_of(per_task.to(self.plan.gram_dtype).flatten(1)), leaf.numel(), "materialised")
+
+    def result(self, T: int, device: torch.device) -> EngineResult:
+        gram = torch.zeros(T, T, dtype=self.plan.gram_dtype, device=device)
+        for entry in self.layers.values():
+            gram += entry.gram
+        return EngineResult(gram, self.layers, self.grads)
+
+
+class _TappedPass(_Accumulator):
+    """One batched backward: receives each tapped call's output gradients and runs its layer rule."""
+
+    def __init__(self, weights: Tensor, plan: Plan, calls: dict[nn.Module, list[Call]],
+                 covered: dict[nn.Module, set[str]]) -> None:
+        super().__init__(weights, plan)
+        self.expected = {m: len(c) for m, c in calls.items()}
+        self.covered = covered
+        self.pending: dict[nn.Module, list[Call]] = defaultdict(list)
+
+    def receive(self, call: Call, grads: Tensor) -> None:
+        module = call.module
+        if not self.covered.get(module):
+            return
+        call.grads = grads
+        self.pending[module].append(call)
+        if len(self.pending[module]) == self.expected[module]:
+            self._compute(module)
+
+    def _compute(self, module: nn.Module) -> None:
+        calls = [c for c in self.pending.pop(module) if c.grads is not None]
+        if not calls:
+            return
+        rule = calls[0].rule
+        params = rule.params(module)
+        covered = self.covered[module]
+        shared = {n for n in covered if id(params[n]) in self.plan.shared}
+        out = rule.compute(module, calls, covered, shared, self.weights, self.plan.gram_dtype)
+        for c in calls:
+            c.grads = None  # free the [T, ...] output gradients as soon as the layer is done
+        for name, grad in out.grads.items():
+            self.add_grad(params[name], grad)
+        if out.gram is not None:
+            layer = self.plan.module_name[module]
+            self.add_gram(layer, out.gram, sum(params[n].numel() for n in shared), out.route)
+
+    def finish(self) -> None:
+        """Run the rules of modules whose calls did not all arrive (some calls were off the loss graph)."""
+        for module in list(self.pending):
+            self._compute(module)
+
+
+class TappedEngine:
+    """The default engine: one vectorised VJP, per-layer rules, book-keeping in the same pass."""
+
+    name = "auto"
+    approximate = False
+
+    def run(self, losses: Sequence[Tensor], weights: Tensor, plan: Plan, *, keep_graph: bool) -> EngineResult:
+        capture = plan.capture
+        stacked = torch.stack([loss.reshape(()) for loss in losses])
+        graph = walk_graph([stacked])
+        is_anchor = capture.is_anchor if capture is not None else (lambda t: False)
+        anchors = [t for t in graph.leaves if is_anchor(t)]
+        leaves = [t for t in graph.leaves if not is_anchor(t)]
+
+        calls: dict[nn.Module, list[Call]] = defaultdict(list)
+        for call in graph.calls:
+            calls[call.module].append(call)
+        claims = Counter(id(p) for m in calls for p in calls[m][0].rule.params(m).values())
+        covered: dict[nn.Module, set[str]] = {}
+        for module, module_calls in calls.items():
+            # A rule covers a parameter only when every use of it is one of this module's calls: a parameter
+            # tied elsewhere or used outside the module's forward goes to the generic route instead.
+            covered[module] = {
+                name
+                for name, p in module_calls[0].rule.params(module).items()
+                if claims[id(p)] == 1 and graph.uses.get(id(p), 0) == len(module_calls)
+            }
+        covered_ids = {id(getattr(m, n)) for m, names in covered.items() for n in names}
+        generic = [t for t in leaves if id(t) not in covered_ids]
+
+        current = _TappedPass(weights, plan, calls, covered)
+        inputs = anchors + generic
+        T = len(losses)
+        if inputs:
+            eye = torch.eye(T, dtype=stacked.dtype, device=stacked.device)
+
+            def vjp(v: Tensor) -> tuple[Tensor, ...]:
+                return torch.autograd.grad(stacked, inputs, v, retain_graph=keep_graph, materialize_grads=True)
+
+            if capture is not None:
+                capture.receiver = current
+            try:
+                per_task = torch.func.vmap(vjp)(eye)
+            finally:
+                if capture is not None:
+                    capture.receiver = None
+            current.finish()
+            for leaf, g in zip(generic, per_task[len(anchors):]):
+                current.add_materialised(leaf, g)
+        return current.result(T, stacked.device)
+
+
+class ReferenceEngine:
+    """T separate ``torch.autograd.grad`` calls over every leaf: the exact, slow oracle."""
+
+    name = "reference"
+    approximate = False
+
+    def run(self, losses: Sequence[Tensor], weights: Tensor, plan: Plan, *, keep_graph: bool) -> EngineResult:
+        is_anchor = plan.capture.is_anchor if plan.capture is not None else (lambda t: False)
+        leaves = [t for t in walk_graph([torch.stack([x.reshape(()) for x in losses])]).leaves if not is_anchor(t)]
+        acc = _Accumulator(weights, plan)
+        T = len(losses)
+        per_task = [
+            torch.autograd.grad(
+                loss, leaves, retain_graph=keep_graph or i < T - 1, allow_unused=True, materialize_grads=True
+            )
+            for i, loss in enumerate(losses)
+        ]
+        for k, leaf in enumerate(leaves):
+            acc.add_materialised(leaf, torch.stack([g[k] for g in per_task]))
+        for entry in acc.layers.values():
+            entry.routes = {"reference"}
+        return acc.result(T, losses[0].device)
+
+
+ENGINES = {"auto": TappedEngine, "reference": ReferenceEngine}
+
+
+def make_engine(name: str) -> TappedEngine | ReferenceEngine:
+    """The engine called ``name`` (one of :data:`ENGINES`)."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; choose one of {sorted(ENGINES)}")
+    return ENGINES[name]()

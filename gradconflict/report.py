@@ -1,0 +1,298 @@
+"""Per-step reports: the Gram matrix of one training step and every quantity derived from it.
+
+A :class:`ConflictReport` holds the step's Gram ``G`` (and one :class:`LayerReport` per shared layer, whose
+Grams sum to ``G``) as tensors on the model's device. Each metric is computed from ``G`` on first access and
+cached, so building a report costs nothing and reading one costs a T x T computation. ``to_dict()`` turns it
+into plain Python floats, ready for JSON.
+
+>>> import torch
+>>> r = ConflictReport(tasks=("a", "b"), gram=torch.tensor([[1.0, -0.5], [-0.5, 1.0]]))
+>>> r.conflict_pairs
+[('a', 'b')]
+>>> round(float(r.cancellation), 4)
+0.5
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradconflict import metrics
+
+__all__ = ["ConflictReport", "LayerReport"]
+
+
+def _plain(x: Tensor) -> Any:
+    """A tensor as nested Python floats; ``inf`` and ``nan`` become ``None`` so the result is strict JSON."""
+    values = x.detach().double().cpu().tolist()
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, list):
+            return [clean(u) for u in v]
+        return v if math.isfinite(v) else None
+
+    return clean(values)
+
+
+class _GramMetrics:
+    """The quantities of DESIGN.md section 2, computed lazily from ``gram`` and ``weights``."""
+
+    tasks: tuple[str, ...]
+    weights: Tensor
+    threshold: float
+    _gram: Tensor | None
+
+    @property
+    def gram(self) -> Tensor:
+        """The T x T Gram ``G_ij = <g_i, g_j>`` of the task gradients."""
+        if self._gram is None:
+            raise ValueError(
+                f"{self!r} has no Gram (the step was skipped); check `report.skipped` before reading metrics"
+            )
+        return self._gram
+
+    def _init_gram(
+        self, tasks: Sequence[str], gram: Tensor, weights: Tensor | None, threshold: float
+    ) -> None:
+        self.tasks = tuple(tasks)
+        self._gram = gram
+        self.weights = (
+            torch.ones(len(self.tasks), dtype=gram.dtype, device=gram.device)
+            if weights is None
+            else weights.to(dtype=gram.dtype, device=gram.device)
+        )
+        self.threshold = float(threshold)
+
+    @cached_property
+    def task_norms(self) -> Tensor:
+        """Each task's gradient norm ``sqrt(G_ii)``."""
+        return metrics.task_norms(self.gram)
+
+    @cached_property
+    def zero_norm_tasks(self) -> list[str]:
+        """Tasks whose gradient over these parameters is zero (their cosines are reported as 0)."""
+        mask = metrics.zero_norm_tasks(self.gram).cpu().tolist()
+        return [t for t, z in zip(self.tasks, mask) if z]
+
+    @cached_property
+    def cosine(self) -> Tensor:
+        """Pairwise cosine similarity of the task gradients (T x T)."""
+        return metrics.cosine(self.gram)
+
+    @cached_property
+    def conflict_mask(self) -> Tensor:
+        """Upper-triangular boolean mask of conflicting pairs (``cosine < threshold``)."""
+        return metrics.conflict_pairs(self.gram, self.threshold)
+
+    @property
+    def conflict_pairs(self) -> list[tuple[str, str]]:
+        """Names of the conflicting task pairs, ``(a, b)`` with ``a`` before ``b`` in ``tasks``."""
+        idx = self.conflict_mask.nonzero().cpu().tolist()
+        return [(self.tasks[i], self.tasks[j]) for i, j in idx]
+
+    @cached_property
+    def conflict_fraction(self) -> Tensor:
+        """Share of task pairs whose cosine is below ``threshold``."""
+        return metrics.conflict_fraction(self.gram, self.threshold)
+
+    @cached_property
+    def magnitude_similarity(self) -> Tensor:
+        """Pairwise gradient magnitude similarity ``2 n_i n_j / (n_i^2 + n_j^2)``."""
+        return metrics.magnitude_similarity(self.gram)
+
+    @cached_property
+    def update_norm(self) -> Tensor:
+        """Norm of the weighted update ``sqrt(w^T G w)``."""
+        return metrics.update_norm(self.gram, self.weights)
+
+    @cached_property
+    def cancellation(self) -> Tensor:
+        """Share of the gradient magnitude lost to cancellation, in [0, 1]."""
+        return metrics.cancellation(self.gram, self.weights)
+
+    @cached_property
+    def alignment(self) -> Tensor:
+        """Cosine of each task's gradient with the weighted update (negative: the step hurts that task)."""
+        return metrics.alignment(self.gram, self.weights)
+
+    @cached_property
+    def condition_number(self) -> Tensor:
+        """``sqrt(lambda_max / lambda_min)`` of ``G``; ``inf`` for linearly dependent gradients."""
+        return metrics.condition_number(self.gram)
+
+    def _metrics_dict(self) -> dict[str, Any]:
+        return {
+            "gram": _plain(self.gram),
+            "task_norms": _plain(self.task_norms),
+            "cosine": _plain(self.cosine),
+            "conflict_pairs": [list(p) for p in self.conflict_pairs],
+            "conflict_fraction": _plain(self.conflict_fraction),
+            "magnitude_similarity": _plain(self.magnitude_similarity),
+            "update_norm": _plain(self.update_norm),
+            "cancellation": _plain(self.cancellation),
+            "alignment": _plain(self.alignment),
+            "condition_number": _plain(self.condition_number),
+            "zero_norm_tasks": self.zero_norm_tasks,
+        }
+
+
+class LayerReport(_GramMetrics):
+    """The Gram and metrics of one shared layer (a module, or one parameter that no layer rule covers).
+
+    Attributes:
+        name: the module's qualified name in the model (or the parameter's, for a lone parameter).
+        gram: this layer's T x T Gram; the layer Grams of a step sum to the step's Gram.
+        num_params: number of shared parameter entries in this layer.
+        route: how the engine computed it (``"ghost"``, ``"materialised"`` or ``"reference"``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        tasks: Sequence[str],
+        gram: Tensor,
+        weights: Tensor | None = None,
+        *,
+        num_params: int = 0,
+        route: str = "",
+        threshold: float = 0.0,
+    ) -> None:
+        self.name = name
+        self.num_params = int(num_params)
+        self.route = route
+        self._init_gram(tasks, gram, weights, threshold)
+
+    def __repr__(self) -> str:
+        return f"LayerReport({self.name!r}, params={self.num_params}, route={self.route!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python view of this layer: Gram, metrics, size and route."""
+        return {"name": self.name, "num_params": self.num_params, "route": self.route, **self._metrics_dict()}
+
+
+class ConflictReport(_GramMetrics):
+    """How the task gradients of one training step relate on the shared parameters.
+
+    Attributes:
+        tasks: task names, in the order of every T-sized axis.
+        gram: the T x T Gram ``G_ij = <g_i, g_j>`` over all shared parameters.
+        weights: the task weights ``w`` used for the update.
+        losses: the task losses at this step (detached).
+        layers: layer name -> :class:`LayerReport`; their Grams sum to ``gram``.
+        step: index of the ``backward``/``measure`` call that produced it (0-based).
+        engine: the engine that computed ``gram``.
+        approximate: True when ``gram`` is an approximation (representation mode), not the exact Gram.
+        threshold: cosine below which a pair counts as conflicting (``S`` in DESIGN.md).
+        skipped: True when the step was skipped (non-finite loss); a skipped report has no Gram.
+        skip_reason: why the step was skipped.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        gram: Tensor | None,
+        weights: Tensor | None = None,
+        *,
+        losses: Tensor | None = None,
+        layers: Mapping[str, LayerReport] | None = None,
+        step: int = 0,
+        engine: str = "reference",
+        approximate: bool = False,
+        threshold: float = 0.0,
+        skip_reason: str = "",
+    ) -> None:
+        self.step = int(step)
+        self.engine = engine
+        self.approximate = approximate
+        self.skip_reason = skip_reason
+        self.layers: dict[str, LayerReport] = dict(layers or {})
+        if gram is None:
+            self.tasks, self._gram, self.threshold = tuple(tasks), None, float(threshold)
+            self.weights = torch.ones(len(self.tasks)) if weights is None else weights
+        else:
+            self._init_gram(tasks, gram, weights, threshold)
+        self.losses = None if losses is None else losses.detach()
+
+    @classmethod
+    def skipped_step(
+        cls, tasks: Sequence[str], step: int, reason: str, losses: Tensor | None = None, engine: str = ""
+    ) -> ConflictReport:
+        """A report for a step that was not measured (e.g. a non-finite loss), recording why."""
+        return cls(tasks, None, losses=losses, step=step, engine=engine, skip_reason=reason)
+
+    @property
+    def skipped(self) -> bool:
+        """True when this step was skipped and has no Gram."""
+        return bool(self.skip_reason)
+
+    def __repr__(self) -> str:
+        if self.skipped:
+            return f"ConflictReport(step={self.step}, skipped: {self.skip_reason})"
+        return (
+            f"ConflictReport(step={self.step}, tasks={list(self.tasks)}, "
+            f"conflict_fraction={float(self.conflict_fraction):.3f}, "
+            f"cancellation={float(self.cancellation):.3f}, layers={len(self.layers)})"
+        )
+
+    def summary(self) -> str:
+        """One line a person can read in a training log."""
+        if self.skipped:
+            return f"step {self.step}: skipped ({self.skip_reason})"
+        worst = self.cosine + torch.eye(len(self.tasks), device=self.gram.device) * 2
+        i, j = divmod(int(worst.argmin()), len(self.tasks))
+        tag = " (approximate)" if self.approximate else ""
+        pair = f", worst pair {self.tasks[i]}/{self.tasks[j]} cos={float(self.cosine[i, j]):+.3f}"
+        return (
+            f"step {self.step}{tag}: conflict {float(self.conflict_fraction):.0%} of pairs, "
+            f"cancellation {float(self.cancellation):.3f}, update norm {float(self.update_norm):.3g}"
+            + (pair if len(self.tasks) > 1 else "")
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python (JSON-ready) view: every metric, the Grams and each layer's Gram and metrics."""
+        head: dict[str, Any] = {
+            "step": self.step,
+            "skipped": self.skipped,
+            "skip_reason": self.skip_reason,
+            "engine": self.engine,
+            "approximate": self.approximate,
+            "tasks": list(self.tasks),
+            "threshold": self.threshold,
+            "weights": _plain(torch.as_tensor(self.weights)),
+            "losses": None if self.losses is None else _plain(self.losses),
+        }
+        if self.skipped:
+            return head
+        return {**head, **self._metrics_dict(), "layers": {k: v.to_dict() for k, v in self.layers.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ConflictReport:
+        """Rebuild a report from :meth:`to_dict` output (e.g. a line of a saved history)."""
+        tasks = data["tasks"]
+
+        def tensor(v: Any) -> Tensor:
+            return torch.tensor(v, dtype=torch.float64)
+
+        weights = tensor(data["weights"]) if data.get("weights") is not None else None
+        losses = tensor([math.nan if v is None else v for v in data["losses"]]) if data.get("losses") else None
+        if data.get("skipped"):
+            return cls.skipped_step(tasks, data["step"], data.get("skip_reason") or "skipped", losses)
+        threshold = data.get("threshold", 0.0)
+        layers = {
+            name: LayerReport(
+                name, tasks, tensor(d["gram"]), weights,
+                num_params=d.get("num_params", 0), route=d.get("route", ""), threshold=threshold,
+            )
+            for name, d in data.get("layers", {}).items()
+        }
+        return cls(
+            tasks, tensor(data["gram"]), weights, losses=losses, layers=layers, step=data["step"],
+            engine=data.get("engine", ""), approximate=data.get("approximate", False), threshold=threshold,
+        )
+

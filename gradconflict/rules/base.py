@@ -1,0 +1,121 @@
+"""The rule interface and the registry keyed by module type."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Call", "LayerGrads", "LayerRule", "register_rule", "rule_for"]
+
+_REGISTRY: dict[type[nn.Module], LayerRule] = {}
+
+R = TypeVar("R", bound="type[LayerRule]")
+
+
+@dataclass(eq=False)
+class Call:
+    """One forward call of a tapped module: what the rule saved then, and (later) its output gradients.
+
+    ``saved`` is the rule's own record of the call (usually the input); ``grads`` is ``[T, *output.shape]``,
+    the output gradient of every task, filled in when the batched backward reaches this call.
+    """
+
+    module: nn.Module
+    rule: LayerRule
+    saved: Any
+    grads: Tensor | None = field(default=None, repr=False)
+
+
+@dataclass
+class LayerGrads:
+    """What a rule returns for one module: its Gram over the shared parameters and each parameter's
+    training gradient (``sum_i w_i g_i``, summed over the module's calls)."""
+
+    gram: Tensor | None
+    grads: dict[str, Tensor]
+    route: str
+
+
+class LayerRule:
+    """Turns a module's calls into its per-task Gram and weighted gradient.
+
+    Subclasses set ``param_names`` and implement :meth:`compute`; :meth:`save` records what the rule needs
+    from the forward (by default the first positional input, detached).
+    """
+
+    #: names of the module's parameters this rule covers (e.g. ``("weight", "bias")``)
+    param_names: tuple[str, ...] = ()
+
+    def params(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        """The covered parameters of ``module`` that exist and require grad."""
+        out = {}
+        for name in self.param_names:
+            p = getattr(module, name, None)
+            if isinstance(p, nn.Parameter) and p.requires_grad:
+                out[name] = p
+        return out
+
+    def accepts(self, module: nn.Module) -> bool:
+        """Whether this rule can handle this particular module instance (e.g. not a sparse Embedding)."""
+        return True
+
+    def save(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
+        """What to keep from a forward call; by default its first input, detached (autograd keeps it too)."""
+        return args[0].detach()
+
+    def compute(
+        self,
+        module: nn.Module,
+        calls: Sequence[Call],
+        covered: set[str],
+        shared: set[str],
+        weights: Tensor,
+        gram_dtype: torch.dtype,
+    ) -> LayerGrads:
+        """Gram over the ``shared`` names and weighted gradients of the ``covered`` names (``shared`` is a subset
+        of ``covered``); ``weights`` are the task weights ``w`` and every ``call.grads`` is ``[T, ...]``."""
+        raise NotImplementedError
+
+
+def register_rule(*module_types: type[nn.Module]) -> Callable[[R], R]:
+    """Class decorator: use this rule for modules of these types (and their subclasses).
+
+    >>> import torch.nn as nn
+    >>> @register_rule(nn.PReLU)
+    ... class PReLURule(LayerRule):
+    ...     param_names = ("weight",)
+    >>> type(rule_for(nn.PReLU())).__name__
+    'PReLURule'
+    >>> _ = _REGISTRY.pop(nn.PReLU)
+    """
+
+    def decorate(cls: R) -> R:
+        rule = cls()
+        for t in module_types:
+            _REGISTRY[t] = rule
+        return cls
+
+    return decorate
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The rule registered for ``module``'s type (nearest in its class hierarchy), or ``None``."""
+    for cls in type(module).__mro__:
+        rule = _REGISTRY.get(cls)  # type: ignore[arg-type]
+        if rule is not None:
+            return rule if rule.accepts(module) else None
+    return None
+
+
+def weighted(weights: Tensor, grads: Tensor) -> Tensor:
+    """``sum_i w_i grads[i]`` over the leading task axis, in ``grads``' dtype."""
+    return torch.tensordot(weights.to(grads.dtype), grads, dims=1)
+
+
+def gram_of(flat: Tensor) -> Tensor:
+    """Gram ``flat @ flat.T`` of per-task rows ``[T, k]``."""
+    return flat @ flat.T
