@@ -67,7 +67,7 @@ class ConvRule(LayerRule):
                 parts["weight"] = self._weight_grad(module, x, padding, Dw)
                 if "weight" in shared:
                     Dg = D.to(gram_dtype)
-                    per_w = torch.func.vmap(lambda d: self._weight_grad(module, x, padding, d))(Dg)
+                    per_w = torch.func.vmap(self._weight_grad, in_dims=(None, None, None, 0))(module, x, padding, Dg)
                     per_task["weight"] = per_task.get("weight", 0) + per_w
             if "bias" in covered:
                 axes = (0, *range(2, D.ndim - 1))
