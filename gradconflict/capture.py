@@ -134,10 +134,20 @@ class Capture:
 
 # Autograd nodes that only re-view, transpose or cast a tensor: a parameter reached through one of them is used
 # wherever that node's output is used.
-_ALIAS_NODES = frozenset({
-    "TBackward0", "ToCopyBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
-    "TransposeBackward0", "PermuteBackward0", "ExpandBackward0", "AliasBackward0", "UnsqueezeBackward0",
-})
+_ALIAS_NODES = frozenset(
+    {
+        "TBackward0",
+        "ToCopyBackward0",
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "ReshapeAliasBackward0",
+        "TransposeBackward0",
+        "PermuteBackward0",
+        "ExpandBackward0",
+        "AliasBackward0",
+        "UnsqueezeBackward0",
+    }
+)
 
 
 @dataclass

@@ -102,8 +102,9 @@ class _Accumulator:
 class _TappedPass(_Accumulator):
     """One batched backward: receives each tapped call's output gradients and runs its layer rule."""
 
-    def __init__(self, weights: Tensor, plan: Plan, calls: dict[nn.Module, list[Call]],
-                 covered: dict[nn.Module, set[str]]) -> None:
+    def __init__(
+        self, weights: Tensor, plan: Plan, calls: dict[nn.Module, list[Call]], covered: dict[nn.Module, set[str]]
+    ) -> None:
         super().__init__(weights, plan)
         self.expected = {m: len(c) for m, c in calls.items()}
         self.covered = covered
@@ -188,7 +189,7 @@ class TappedEngine:
                 if capture is not None:
                     capture.receiver = None
             current.finish()
-            for leaf, g in zip(generic, per_task[len(anchors):]):
+            for leaf, g in zip(generic, per_task[len(anchors) :]):
                 current.add_materialised(leaf, g)
         return current.result(T, stacked.device)
 

@@ -112,7 +112,7 @@ def conflict_fraction(G: Tensor, threshold: float = 0.0) -> Tensor:
 def magnitude_similarity(G: Tensor) -> Tensor:
     """Gradient magnitude similarity ``GMS_ij = 2 n_i n_j / (n_i^2 + n_j^2)`` (1 when both norms are 0).
 
-    >>> magnitude_similarity(torch.diag(torch.tensor([1.0, 4.0])))[0, 1].item()
+    >>> round(magnitude_similarity(torch.diag(torch.tensor([1.0, 4.0])))[0, 1].item(), 6)
     0.8
     """
     n = task_norms(G)
@@ -180,7 +180,7 @@ def loss_change(G: Tensor, weights: Tensor | None = None, lr: float = 1.0) -> Te
     """First-order change of each task's loss after an SGD step on the weighted sum: ``-lr (G w)``.
 
     >>> loss_change(torch.tensor([[1.0, -2.0], [-2.0, 4.0]]), lr=0.1)
-    tensor([0.1000, -0.2000])
+    tensor([ 0.1000, -0.2000])
     """
     return -lr * (G @ _weights(G, weights))
 

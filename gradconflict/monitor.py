@@ -206,7 +206,10 @@ class ConflictMonitor:
                     "Pass on_nonfinite='skip' to skip such steps"
                 )
             report = ConflictReport.skipped_step(
-                tasks, step, f"non-finite loss: {', '.join(bad)}", torch.stack([x.detach().reshape(()) for x in losses]),
+                tasks,
+                step,
+                f"non-finite loss: {', '.join(bad)}",
+                torch.stack([x.detach().reshape(()) for x in losses]),
                 engine=self.engine.name,
             )
             self.history.append(report)
@@ -230,14 +233,26 @@ class ConflictMonitor:
                     leaf.grad += grad
         layers = {
             name: LayerReport(
-                name, tasks, entry.gram, w, num_params=entry.num_params, route=entry.route,
+                name,
+                tasks,
+                entry.gram,
+                w,
+                num_params=entry.num_params,
+                route=entry.route,
                 threshold=self.threshold,
             )
             for name, entry in result.layers.items()
         }
         report = ConflictReport(
-            tasks, result.gram, w, losses=torch.stack([x.detach().reshape(()) for x in losses]), layers=layers,
-            step=step, engine=self.engine.name, approximate=self.engine.approximate, threshold=self.threshold,
+            tasks,
+            result.gram,
+            w,
+            losses=torch.stack([x.detach().reshape(()) for x in losses]),
+            layers=layers,
+            step=step,
+            engine=self.engine.name,
+            approximate=self.engine.approximate,
+            threshold=self.threshold,
         )
         self.history.append(report)
         return report

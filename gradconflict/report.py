@@ -57,9 +57,7 @@ class _GramMetrics:
             )
         return self._gram
 
-    def _init_gram(
-        self, tasks: Sequence[str], gram: Tensor, weights: Tensor | None, threshold: float
-    ) -> None:
+    def _init_gram(self, tasks: Sequence[str], gram: Tensor, weights: Tensor | None, threshold: float) -> None:
         self.tasks = tuple(tasks)
         self._gram = gram
         self.weights = (
@@ -286,13 +284,24 @@ class ConflictReport(_GramMetrics):
         threshold = data.get("threshold", 0.0)
         layers = {
             name: LayerReport(
-                name, tasks, tensor(d["gram"]), weights,
-                num_params=d.get("num_params", 0), route=d.get("route", ""), threshold=threshold,
+                name,
+                tasks,
+                tensor(d["gram"]),
+                weights,
+                num_params=d.get("num_params", 0),
+                route=d.get("route", ""),
+                threshold=threshold,
             )
             for name, d in data.get("layers", {}).items()
         }
         return cls(
-            tasks, tensor(data["gram"]), weights, losses=losses, layers=layers, step=data["step"],
-            engine=data.get("engine", ""), approximate=data.get("approximate", False), threshold=threshold,
+            tasks,
+            tensor(data["gram"]),
+            weights,
+            losses=losses,
+            layers=layers,
+            step=data["step"],
+            engine=data.get("engine", ""),
+            approximate=data.get("approximate", False),
+            threshold=threshold,
         )
-

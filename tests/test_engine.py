@@ -63,7 +63,9 @@ def test_discovered_shared_parameters_are_the_backbone():
     model, x = FAMILIES["deep_heads"](3)
     with ConflictMonitor(model) as monitor:
         report = monitor.backward(losses_of(model(x)))
-        assert sorted(monitor.shared_parameters) == sorted(f"backbone.{n}" for n, _ in model.backbone.named_parameters())
+        assert sorted(monitor.shared_parameters) == sorted(
+            f"backbone.{n}" for n, _ in model.backbone.named_parameters()
+        )
         ref = reference(model, losses_of(model(x)))
     assert rel_err(report.gram, ref.gram) <= RTOL
 

@@ -19,7 +19,9 @@ def grads_of(model: nn.Module) -> list[torch.Tensor | None]:
 
 
 def same(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> bool:
-    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y)) for x, y in zip(a, b))
+    return all(
+        (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y)) for x, y in zip(a, b)
+    )
 
 
 @pytest.fixture

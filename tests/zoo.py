@@ -14,7 +14,9 @@ from torch import Tensor, nn
 class MultiTask(nn.Module):
     """``backbone`` then one head per task; ``losses(x)`` returns ``{task: scalar}``."""
 
-    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], pool: Callable[[Tensor], Tensor] | None = None):
+    def __init__(
+        self, backbone: nn.Module, heads: dict[str, nn.Module], pool: Callable[[Tensor], Tensor] | None = None
+    ):
         super().__init__()
         self.backbone = backbone
         self.heads = nn.ModuleDict(heads)
@@ -49,9 +51,15 @@ def wide_mlp(T: int = 3) -> tuple[nn.Module, Tensor]:
 
 def cnn(T: int = 3) -> tuple[nn.Module, Tensor]:
     bb = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 6, 3, padding="same", dilation=2, padding_mode="reflect"), nn.AvgPool2d(2),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3, padding="same", dilation=2, padding_mode="reflect"),
+        nn.AvgPool2d(2),
     )
     return MultiTask(bb, linear_heads(24, T), pool=lambda h: h.flatten(1)), torch.randn(2, 3, 16, 16)
 

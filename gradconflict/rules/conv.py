@@ -44,8 +44,17 @@ class ConvRule(LayerRule):
     def _weight_grad(self, module: nn.Module, x: Tensor, padding: list[int], grad_out: Tensor) -> Tensor:
         w = module.weight
         return torch.ops.aten.convolution_backward(
-            grad_out, x.to(grad_out.dtype), w.to(grad_out.dtype), None, module.stride, padding,
-            module.dilation, False, [0] * len(padding), module.groups, [False, True, False],
+            grad_out,
+            x.to(grad_out.dtype),
+            w.to(grad_out.dtype),
+            None,
+            module.stride,
+            padding,
+            module.dilation,
+            False,
+            [0] * len(padding),
+            module.groups,
+            [False, True, False],
         )[1]
 
     def compute(

@@ -1,0 +1,9 @@
+"""``python -m gradconflict``: the same as the ``gradconflict`` command."""
+
+from __future__ import annotations
+
+import sys
+
+from gradconflict.cli import main
+
+sys.exit(main())

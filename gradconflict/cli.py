@@ -1,0 +1,58 @@
+"""The ``gradconflict`` command line: ``demo``, and ``report`` on a saved history."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gradconflict.demo import run_demo
+
+    steps = args.steps if args.steps is not None else (120 if args.quick else 300)
+    run_demo(steps=steps, out_dir=args.out, seed=args.seed, progress=not args.no_progress)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from gradconflict.history import History
+
+    history = History.from_jsonl(args.history)
+    if not history.measured:
+        print(f"{args.history}: no measured step")
+        return 1
+    for r in history.reports[:: max(1, len(history) // args.lines)]:
+        print(r.summary())
+    print(f"{len(history.measured)} measured steps of {len(history)}; last: {history.measured[-1].summary()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``gradconflict`` command."""
+    parser = argparse.ArgumentParser(prog="gradconflict", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train a small multi-task model on offline digits and monitor it")
+    demo.add_argument("--quick", action="store_true", help="a shorter run")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default 300, 120 with --quick)")
+    demo.add_argument("--out", default="gradconflict-run", help="output folder (default: gradconflict-run)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(func=_demo)
+    report = sub.add_parser("report", help="summarise a saved history (JSONL)")
+    report.add_argument("history", help="a history written by History.to_jsonl (e.g. gradconflict-run/history.jsonl)")
+    report.add_argument("--lines", type=int, default=10, help="about how many steps to show")
+    report.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gradconflict`` console script and of ``python -m gradconflict``."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        print(f"gradconflict {args.command}: {err}", file=sys.stderr)
+        return 2
