@@ -6,10 +6,11 @@ whether to split it, and carry out the split.
 
 from __future__ import annotations
 
+from gradconflict.engine import PerformanceWarning
 from gradconflict.history import History
 from gradconflict.monitor import ConflictMonitor
 from gradconflict.report import ConflictReport, LayerReport
 
 __version__ = "0.1.0"
 
-__all__ = ["ConflictMonitor", "ConflictReport", "History", "LayerReport", "__version__"]
+__all__ = ["ConflictMonitor", "ConflictReport", "History", "LayerReport", "PerformanceWarning", "__version__"]

@@ -11,7 +11,6 @@ computing no weight gradient.
 from __future__ import annotations
 
 import weakref
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 
 from gradconflict.rules import Call, LayerRule, rule_for
 
-__all__ = ["Capture", "Graph", "walk_graph"]
+__all__ = ["Capture", "Graph", "OutputCapture", "walk_graph"]
 
 
 class Receiver(Protocol):
@@ -132,6 +131,24 @@ class Capture:
         return len(self._handles)
 
 
+class OutputCapture:
+    """Keeps the latest output of one module (the shared representation, for ``engine="representation"``)."""
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.name = name
+        self.output: Tensor | None = None
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if isinstance(output, Tensor) and output.requires_grad:
+            self.output = output
+
+    def close(self) -> None:
+        """Remove the hook and drop the kept output."""
+        self._handle.remove()
+        self.output = None
+
+
 # Autograd nodes that only re-view, transpose or cast a tensor: a parameter reached through one of them is used
 # wherever that node's output is used.
 _ALIAS_NODES = frozenset(
@@ -177,7 +194,7 @@ def walk_graph(roots: Sequence[Tensor]) -> Graph:
     """
     graph = Graph()
     accumulators = []
-    parents: dict[Any, Counter[Any]] = {}
+    parents: dict[Any, list[Any]] = {}  # node -> the nodes that feed it, one entry per edge
     stack = [r.grad_fn for r in roots if r.grad_fn is not None]
     seen = set(stack)
     while stack:
@@ -192,16 +209,20 @@ def walk_graph(roots: Sequence[Tensor]) -> Graph:
         for child, _ in node.next_functions:
             if child is None:
                 continue
-            parents.setdefault(child, Counter())[node] += 1
+            feeders = parents.get(child)
+            if feeders is None:
+                parents[child] = [node]
+            else:
+                feeders.append(node)
             if child not in seen:
                 seen.add(child)
                 stack.append(child)
 
     def uses(node: Any) -> int:
         total = 0
-        for parent, n in parents.get(node, {}).items():
+        for parent in parents.get(node, ()):
             alias = type(parent).__name__ in _ALIAS_NODES and sum(c is not None for c, _ in parent.next_functions) == 1
-            total += n * (uses(parent) if alias else 1)
+            total += uses(parent) if alias else 1
         return total
 
     for leaf, node in zip(graph.leaves, accumulators):

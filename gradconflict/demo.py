@@ -68,6 +68,9 @@ def _progress(total: int, enabled: bool) -> Iterator[Any]:
 
             def set_postfix_str(self, s: str) -> None: ...
 
+            def write(self, s: str) -> None:
+                print(s)
+
         yield _Quiet()
         return
     with tqdm(total=total, desc="training", unit="step", leave=False) as bar:
@@ -101,6 +104,7 @@ def run_demo(
     echo(f"gradconflict demo: {len(tasks)} tasks {tasks}, {len(train)} training canvases, {steps} steps")
     batches = train.batches(batch_size, seed=seed)
     with ConflictMonitor(model, shared=model.backbone) as monitor, _progress(steps, progress) as bar:
+        say = bar.write if echo is print else echo  # tqdm.write keeps the bar intact
         for step in range(steps):
             x, y = next(batches)
             out = model(x)
@@ -111,7 +115,7 @@ def run_demo(
             if report is not None:
                 bar.set_postfix_str(f"conflict={float(report.conflict_fraction):.2f}")
                 if step % log_every == 0 or step == steps - 1:
-                    echo("  " + report.summary())
+                    say("  " + report.summary())
     model.eval()
     with torch.no_grad():
         out = model(test.x)
@@ -127,27 +131,25 @@ def describe(result: DemoResult) -> str:
     """The final report's key figures, the per-layer conflict, and where the run was saved."""
     history = result.monitor.history
     last = history.measured[-1]
-    lines = ["", "final report:"]
-    lines.append(f"  tasks                 {', '.join(last.tasks)}")
-    lines.append(f"  cosine                {_pairs(last.tasks, last.cosine)}")
-    lines.append(
-        f"  conflict fraction     {float(last.conflict_fraction):.3f}   (EMA {float(history.ema['conflict_fraction']):.3f})"
-    )
-    lines.append(
-        f"  cancellation          {float(last.cancellation):.3f}   (EMA {float(history.ema['cancellation']):.3f})"
-    )
-    lines.append(f"  alignment             {_named(last.tasks, last.alignment)}")
-    lines.append(f"  task norms            {_named(last.tasks, last.task_norms)}")
-    lines.append(f"  condition number      {float(last.condition_number):.3g}")
+    ema = {k: float(v) for k, v in history.ema.items()}
     rate = sum(float(r.conflict_fraction) > 0 for r in history.measured) / max(len(history.measured), 1)
-    lines.append(f"  steps with a conflict {rate:.0%} of {len(history.measured)} measured")
-    lines.append("  per layer (mean cosine over the run):")
+    lines = [
+        "",
+        "final report:",
+        f"  tasks                 {', '.join(last.tasks)}",
+        f"  cosine                {_pairs(last.tasks, last.cosine)}",
+        f"  conflict fraction     {float(last.conflict_fraction):.3f}   (EMA {ema['conflict_fraction']:.3f})",
+        f"  cancellation          {float(last.cancellation):.3f}   (EMA {ema['cancellation']:.3f})",
+        f"  alignment             {_named(last.tasks, last.alignment)}",
+        f"  task norms            {_named(last.tasks, last.task_norms)}",
+        f"  condition number      {float(last.condition_number):.3g}",
+        f"  steps with a conflict {rate:.0%} of {len(history.measured)} measured",
+        "  per layer (mean cosine over the run):",
+    ]
     for name in last.layers:
         cos = [float(r.layers[name].cosine[0, 1]) for r in history.measured if name in r.layers]
         lines.append(f"    {name:<14} {sum(cos) / len(cos):+.3f}   params {last.layers[name].num_params}")
-    lines.append(
-        f"  held-out accuracy     {_named(list(result.accuracy), torch.tensor(list(result.accuracy.values())))}"
-    )
+    lines.append(f"  held-out accuracy     {', '.join(f'{t} {a:.3f}' for t, a in result.accuracy.items())}")
     lines.append(f"saved: {', '.join(str(p) for p in result.files.values())}   ({result.seconds:.1f} s)")
     return "\n".join(lines)
 

@@ -13,18 +13,61 @@ Both return an :class:`EngineResult`; neither touches ``.grad`` (the monitor wri
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from gradconflict.capture import Capture, walk_graph
+from gradconflict.capture import Capture, OutputCapture, walk_graph
 from gradconflict.rules import Call
 from gradconflict.rules.base import gram_of, weighted
 
-__all__ = ["EngineResult", "LayerGram", "Plan", "ReferenceEngine", "TappedEngine", "make_engine"]
+__all__ = [
+    "EngineResult",
+    "LayerGram",
+    "PerformanceWarning",
+    "Plan",
+    "ReferenceEngine",
+    "RepresentationEngine",
+    "TappedEngine",
+    "make_engine",
+]
+
+
+class PerformanceWarning(UserWarning):
+    """The engine ran part of its batched backward as a per-task loop (an op without a vmap batching rule)."""
+
+
+_FALLBACK = re.compile(r"batching rule for (\S+?)\.? ")
+
+
+def _batched(fn: Callable[[Tensor], tuple[Tensor, ...]], eye: Tensor, reported: set[str]) -> tuple[Tensor, ...]:
+    """``torch.func.vmap(fn)(eye)``, turning torch's per-op fallback warnings into one clear warning per op.
+
+    An op without a batching rule makes vmap loop over the T tasks for that op: exact, but that layer then costs
+    T backward passes. It must never happen silently on the default path.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.func.vmap(fn)(eye)
+    for w in caught:
+        match = _FALLBACK.search(str(w.message))
+        if match is None:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif match.group(1) not in reported:
+            reported.add(match.group(1))
+            warnings.warn(
+                f"gradconflict: {match.group(1)} has no vmap batching rule in torch {torch.__version__}, so the "
+                f"batched backward loops over the {eye.shape[0]} tasks for it (exact, but slower). On CPU this is "
+                "the fused attention backward: use the math attention kernel or measure less often (every=k)",
+                PerformanceWarning,
+                stacklevel=4,
+            )
+    return out
 
 
 @dataclass
@@ -39,6 +82,7 @@ class Plan:
     module_name: dict[nn.Module, str]
     gram_dtype: torch.dtype
     capture: Capture | None = None
+    representation: OutputCapture | None = None
 
 
 @dataclass
@@ -148,6 +192,9 @@ class TappedEngine:
     name = "auto"
     approximate = False
 
+    def __init__(self) -> None:
+        self.fallbacks: set[str] = set()
+
     def run(self, losses: Sequence[Tensor], weights: Tensor, plan: Plan, *, keep_graph: bool) -> EngineResult:
         capture = plan.capture
         stacked = torch.stack([loss.reshape(()) for loss in losses])
@@ -184,7 +231,7 @@ class TappedEngine:
             if capture is not None:
                 capture.receiver = current
             try:
-                per_task = torch.func.vmap(vjp)(eye)
+                per_task = _batched(vjp, eye, self.fallbacks)
             finally:
                 if capture is not None:
                     capture.receiver = None
@@ -218,10 +265,42 @@ class ReferenceEngine:
         return acc.result(T, losses[0].device)
 
 
-ENGINES = {"auto": TappedEngine, "reference": ReferenceEngine}
+class RepresentationEngine:
+    """MGDA-UB's approximation: the Gram of the task gradients with respect to the shared module's *output*.
+
+    Near free (one batched VJP through the heads only, then a plain backward for ``.grad``), but it is not the
+    Gram over the parameters: reports from it are marked ``approximate``.
+    """
+
+    name = "representation"
+    approximate = True
+
+    def run(self, losses: Sequence[Tensor], weights: Tensor, plan: Plan, *, keep_graph: bool) -> EngineResult:
+        capture = plan.representation
+        if capture is None or capture.output is None:
+            raise RuntimeError(
+                "engine='representation' found no output of the shared module in this step's forward: pass "
+                "shared=<the backbone module> and run the model's forward before monitor.backward()"
+            )
+        Z = capture.output
+        stacked = torch.stack([loss.reshape(()) for loss in losses])
+        eye = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
+        (per_task,) = torch.func.vmap(lambda v: torch.autograd.grad(stacked, [Z], v, retain_graph=True))(eye)
+        gram = gram_of(per_task.to(plan.gram_dtype).flatten(1))
+        grads: dict[int, tuple[Tensor, Tensor]] = {}
+        if not keep_graph:
+            leaves = [t for t in walk_graph([stacked]).leaves if t.requires_grad]
+            for leaf, g in zip(leaves, torch.autograd.grad(stacked @ weights.to(stacked.dtype), leaves)):
+                grads[id(leaf)] = (leaf, g)
+        capture.output = None
+        layer = LayerGram(gram, num_params=Z[0].numel(), routes={"representation"})
+        return EngineResult(gram, {capture.name: layer}, grads)
 
 
-def make_engine(name: str) -> TappedEngine | ReferenceEngine:
+ENGINES = {"auto": TappedEngine, "reference": ReferenceEngine, "representation": RepresentationEngine}
+
+
+def make_engine(name: str) -> TappedEngine | ReferenceEngine | RepresentationEngine:
     """The engine called ``name`` (one of :data:`ENGINES`)."""
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; choose one of {sorted(ENGINES)}")

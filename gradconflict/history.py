@@ -1,7 +1,7 @@
 """The run's memory: one compact :class:`~gradconflict.ConflictReport` per measured step, plus running EMAs.
 
-A report holds only T x T Grams (one per layer) and T losses, so keeping every step is cheap. The EMAs are
-updated with tensor operations on the model's device: appending never forces a host sync.
+A report holds only T x T Grams (one per layer) and T losses, so keeping every step is cheap. Appending does
+no work at all: the EMAs are folded in when first read, with tensor operations on the model's device.
 
 >>> import torch
 >>> from gradconflict import ConflictReport
@@ -56,29 +56,38 @@ class History:
         self.ema_decay = ema_decay
         self.maxlen = maxlen
         self.reports: list[ConflictReport] = []
-        self.ema: dict[str, Tensor] = {}
+        self._ema: dict[str, Tensor] = {}
+        self._unfolded: list[ConflictReport] = []
 
     def append(self, report: ConflictReport) -> None:
-        """Add one step's report and update the EMAs (skipped steps are kept but leave the EMAs alone)."""
+        """Add one step's report (skipped steps are kept but leave the EMAs alone)."""
         self.reports.append(report)
         if self.maxlen is not None and len(self.reports) > self.maxlen:
             del self.reports[0]
-        if report.skipped:
-            return
-        values = {
-            "conflict_fraction": report.conflict_fraction,
-            "cancellation": report.cancellation,
-            "worst_cosine": worst_cosine(report),
-            "update_norm": report.update_norm,
-        }
-        for key, value in values.items():
-            old = self.ema.get(key)
-            self.ema[key] = value if old is None else torch.lerp(value, old, self.ema_decay)
+        if not report.skipped:
+            self._unfolded.append(report)
+
+    @property
+    def ema(self) -> dict[str, Tensor]:
+        """Exponential moving average of each of :data:`EMA_QUANTITIES` over the measured steps so far."""
+        for report in self._unfolded:
+            values = {
+                "conflict_fraction": report.conflict_fraction,
+                "cancellation": report.cancellation,
+                "worst_cosine": worst_cosine(report),
+                "update_norm": report.update_norm,
+            }
+            for key, value in values.items():
+                old = self._ema.get(key)
+                self._ema[key] = value if old is None else torch.lerp(value, old, self.ema_decay)
+        self._unfolded.clear()
+        return dict(self._ema)
 
     def reset(self) -> None:
         """Forget every report and EMA."""
         self.reports.clear()
-        self.ema.clear()
+        self._ema.clear()
+        self._unfolded.clear()
 
     def __len__(self) -> int:
         return len(self.reports)

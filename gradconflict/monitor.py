@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from gradconflict.capture import Capture, depends_on, leaves_of
+from gradconflict.capture import Capture, OutputCapture, depends_on, leaves_of
 from gradconflict.engine import Plan, make_engine
 from gradconflict.history import History
 from gradconflict.report import ConflictReport, LayerReport
@@ -41,8 +41,9 @@ class ConflictMonitor:
         shared: the shared parameters: a module, an iterable of parameters, or ``None`` to discover them at
             the first step as the parameters that receive gradient from two or more tasks (with a single
             task, every parameter it reaches).
-        engine: ``"auto"`` (one batched backward with per-layer rules) or ``"reference"`` (T separate backward
-            passes, for checking).
+        engine: ``"auto"`` (one batched backward with per-layer rules, exact), ``"reference"`` (T separate
+            backward passes, for checking) or ``"representation"`` (gradients at the output of ``shared``, which
+            must then be a module: near free, approximate, and its reports say so).
         every: measure every ``every``-th :meth:`backward` call; the others are a plain weighted backward.
         threshold: cosine below which a task pair counts as conflicting (``S`` in the docs).
         on_nonfinite: ``"raise"`` (default) or ``"skip"`` when a loss is NaN or infinite; a skipped step
@@ -82,6 +83,15 @@ class ConflictMonitor:
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._shared: list[nn.Parameter] | None = None if shared is None else self._resolve_shared(shared)
         self._capture: Capture | None = Capture(model) if self.engine.name == "auto" else None
+        self._representation: OutputCapture | None = None
+        if self.engine.name == "representation":
+            if not isinstance(shared, nn.Module):
+                raise ValueError(
+                    "engine='representation' measures gradients at the shared module's output: pass shared=<the "
+                    "backbone module> (a module whose forward output every head reads)"
+                )
+            name = next((n for n, m in model.named_modules() if m is shared), "shared")
+            self._representation = OutputCapture(shared, name)
         self._plan: Plan | None = None
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -111,6 +121,7 @@ class ConflictMonitor:
             module_name=module_name,
             gram_dtype=torch.float64 if float64 else torch.float32,
             capture=self._capture,
+            representation=self._representation,
         )
 
     def _discover_shared(self, tasks: list[str], losses: list[Tensor]) -> list[nn.Parameter]:
@@ -262,6 +273,8 @@ class ConflictMonitor:
         """Remove every hook from the model. The history stays readable."""
         if self._capture is not None:
             self._capture.close()
+        if self._representation is not None:
+            self._representation.close()
 
     def __enter__(self) -> ConflictMonitor:
         return self

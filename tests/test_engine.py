@@ -89,3 +89,34 @@ def test_float32_model_gives_float32_gram_close_to_float64():
         report = monitor.measure(losses_of(model32(x.float())))
     assert report.gram.dtype == torch.float32
     assert rel_err(report.gram.double(), ref) <= 1e-5
+
+
+def test_representation_engine_is_the_gram_at_the_backbone_output_and_labelled_approximate():
+    model, x = FAMILIES["mlp"](3)
+    twin = copy.deepcopy(model)
+    with ConflictMonitor(model, shared=model.backbone, engine="representation") as monitor:
+        report = monitor.backward(losses_of(model(x)))
+    assert report.approximate and report.engine == "representation"
+    z = twin.backbone(x)
+    losses = {t: loss for t, loss in losses_of({t: head(z) for t, head in twin.heads.items()}).items()}
+    J = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].flatten() for loss in losses.values()])
+    assert rel_err(report.gram, J @ J.T) <= RTOL
+    sum(losses.values()).backward()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert rel_err(a.grad, b.grad) <= RTOL
+    with pytest.raises(ValueError, match="shared=<the backbone module>"):
+        ConflictMonitor(model, engine="representation")
+
+
+def test_missing_batching_rule_is_reported_once_not_silently():
+    from gradconflict.engine import PerformanceWarning
+
+    model, x = FAMILIES["transformer"](2)
+    with ConflictMonitor(model, shared=model.backbone) as monitor:
+        with pytest.warns(PerformanceWarning, match="no vmap batching rule"):
+            monitor.backward(losses_of(model(x)))
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PerformanceWarning)
+            monitor.backward(losses_of(model(x)))  # reported once per op, not at every step

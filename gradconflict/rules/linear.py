@@ -39,6 +39,11 @@ def rows_gram(X: Tensor, D: Tensor, *, with_weight: bool, with_bias: bool) -> tu
     return gram, route
 
 
+def _rows(parts: list[Tensor], dim: int) -> Tensor:
+    """The rows of every call of a reused module, stacked (no copy for the usual single call)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 @register_rule(nn.Linear)
 class LinearRule(LayerRule):
     """``y = x W^T + b``: the weight gradient of task ``i`` is ``D_i^T X`` over all input rows."""
@@ -55,8 +60,8 @@ class LinearRule(LayerRule):
         gram_dtype: torch.dtype,
     ) -> LayerGrads:
         T = weights.shape[0]
-        X = torch.cat([c.saved.reshape(-1, c.saved.shape[-1]) for c in calls])
-        D = torch.cat([c.grads.reshape(T, -1, c.grads.shape[-1]) for c in calls], dim=1)
+        X = _rows([c.saved.reshape(-1, c.saved.shape[-1]) for c in calls], dim=0)
+        D = _rows([c.grads.reshape(T, -1, c.grads.shape[-1]) for c in calls], dim=1)
         Dw = weighted(weights, D)
         grads: dict[str, Tensor] = {}
         if "weight" in covered:
