@@ -104,7 +104,7 @@ class Capture:
                 or not output.requires_grad
             ):
                 return None
-            call = Call(module, rule, rule.save(module, args, output))
+            call = Call(module, rule, rule.save(module, args, output), owner=capture)
             return _Tap.apply(output, capture.anchor(output.device), call, capture)
 
         return hook

@@ -205,7 +205,8 @@ class TappedEngine:
 
         calls: dict[nn.Module, list[Call]] = defaultdict(list)
         for call in graph.calls:
-            calls[call.module].append(call)
+            if call.owner is capture:  # another monitor's taps on the same model are not ours
+                calls[call.module].append(call)
         claims = Counter(id(p) for m in calls for p in calls[m][0].rule.params(m).values())
         covered: dict[nn.Module, set[str]] = {}
         for module, module_calls in calls.items():

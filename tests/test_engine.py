@@ -120,3 +120,24 @@ def test_missing_batching_rule_is_reported_once_not_silently():
         with warnings.catch_warnings():
             warnings.simplefilter("error", PerformanceWarning)
             monitor.backward(losses_of(model(x)))  # reported once per op, not at every step
+
+
+def test_subclass_with_its_own_forward_and_two_monitors_stay_exact():
+    class MaskedLinear(torch.nn.Linear):
+        def forward(self, x):  # not Linear's computation: the Linear rule must not be applied
+            return torch.nn.functional.linear(x, self.weight.tril(), self.bias)
+
+    model, x = FAMILIES["mlp"](3)
+    masked = MaskedLinear(16, 16)
+    model.backbone[2] = masked
+    with (
+        ConflictMonitor(model, shared=model.backbone) as first,
+        ConflictMonitor(model, shared=model.backbone) as second,
+    ):
+        losses = losses_of(model(x))
+        report = first.measure(losses)
+        other = second.measure(losses)
+        ref = reference(model, losses)
+    for r in (report, other):
+        assert rel_err(r.gram, ref.gram) <= RTOL
+        assert r.layers["backbone.2"].route == "materialised"

@@ -20,13 +20,15 @@ R = TypeVar("R", bound="type[LayerRule]")
 class Call:
     """One forward call of a tapped module: what the rule saved then, and (later) its output gradients.
 
-    ``saved`` is the rule's own record of the call (usually the input); ``grads`` is ``[T, *output.shape]``,
-    the output gradient of every task, filled in when the batched backward reaches this call.
+    ``saved`` is the rule's own record of the call (usually the input); ``owner`` is the capture that tapped it;
+    ``grads`` is ``[T, *output.shape]``, the output gradient of every task, filled in when the batched backward
+    reaches this call.
     """
 
     module: nn.Module
     rule: LayerRule
     saved: Any
+    owner: object = field(default=None, repr=False)
     grads: Tensor | None = field(default=None, repr=False)
 
 
@@ -103,11 +105,16 @@ def register_rule(*module_types: type[nn.Module]) -> Callable[[R], R]:
 
 
 def rule_for(module: nn.Module) -> LayerRule | None:
-    """The rule registered for ``module``'s type (nearest in its class hierarchy), or ``None``."""
+    """The rule registered for ``module``'s type (nearest in its class hierarchy), or ``None``.
+
+    A subclass that overrides ``forward`` computes something else than the registered type does, so it gets no
+    rule (its parameters take the exact generic route).
+    """
     for cls in type(module).__mro__:
         rule = _REGISTRY.get(cls)  # type: ignore[arg-type]
         if rule is not None:
-            return rule if rule.accepts(module) else None
+            same_forward = type(module).forward is cls.forward
+            return rule if same_forward and rule.accepts(module) else None
     return None
 
 

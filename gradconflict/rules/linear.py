@@ -20,25 +20,6 @@ def ghost_is_cheaper(rows: int, d_in: int, d_out: int, tasks: int) -> bool:
     return ghost < materialised
 
 
-def rows_gram(X: Tensor, D: Tensor, *, with_weight: bool, with_bias: bool) -> tuple[Tensor, str]:
-    """Gram of the gradients of ``y = x W^T + b`` from input rows ``X [N, d_in]`` and per-task output rows
-    ``D [T, N, d_out]``, over the weight and/or the bias; returns it with the route taken."""
-    T = D.shape[0]
-    gram = D.new_zeros(T, T)
-    route = "materialised"
-    if with_bias:
-        gram += gram_of(D.sum(1))
-    if with_weight:
-        N, d_in = X.shape
-        if ghost_is_cheaper(N, d_in, D.shape[-1], T):
-            KD = (X @ X.T) @ D  # [N, N] @ [T, N, d_out]
-            gram += einsum(D, KD, "t n o, s n o -> t s")
-            route = "ghost"
-        else:
-            gram += gram_of(rearrange(einsum(D, X, "t n o, n i -> t o i"), "t o i -> t (o i)"))
-    return gram, route
-
-
 def _rows(parts: list[Tensor], dim: int) -> Tensor:
     """The rows of every call of a reused module, stacked (no copy for the usual single call)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
@@ -62,15 +43,28 @@ class LinearRule(LayerRule):
         T = weights.shape[0]
         X = _rows([c.saved.reshape(-1, c.saved.shape[-1]) for c in calls], dim=0)
         D = _rows([c.grads.reshape(T, -1, c.grads.shape[-1]) for c in calls], dim=1)
-        Dw = weighted(weights, D)
         grads: dict[str, Tensor] = {}
-        if "weight" in covered:
-            grads["weight"] = (Dw.T @ X.to(Dw.dtype)).to(module.weight.dtype)
+        gram, route = None, "bookkeeping"
         if "bias" in covered:
-            grads["bias"] = Dw.sum(0).to(module.bias.dtype)
-        if not shared:
-            return LayerGrads(None, grads, "bookkeeping")
-        gram, route = rows_gram(
-            X.to(gram_dtype), D.to(gram_dtype), with_weight="weight" in shared, with_bias="bias" in shared
-        )
+            per_task_bias = D.sum(1)
+            grads["bias"] = weighted(weights, per_task_bias).to(module.bias.dtype)
+        if shared:
+            Xg, Dg = X.to(gram_dtype), D.to(gram_dtype)
+            gram = gram_of(per_task_bias.to(gram_dtype)) if "bias" in shared else Dg.new_zeros(T, T)
+            if "weight" in shared:
+                N, d_in = X.shape
+                if ghost_is_cheaper(N, d_in, D.shape[-1], T):
+                    KD = (Xg @ Xg.T) @ Dg  # [N, N] @ [T, N, d_out]
+                    gram += einsum(Dg, KD, "t n o, s n o -> t s")
+                    route = "ghost"
+                else:
+                    per_task = einsum(Dg, Xg, "t n o, n i -> t o i")
+                    gram += gram_of(rearrange(per_task, "t o i -> t (o i)"))
+                    # The T gradients exist already: their weighted sum is cheaper than another matmul.
+                    grads["weight"] = weighted(weights, per_task).to(module.weight.dtype)
+                    route = "materialised"
+            else:
+                route = "materialised"
+        if "weight" in covered and "weight" not in grads:
+            grads["weight"] = (weighted(weights, D).T @ X.to(D.dtype)).to(module.weight.dtype)
         return LayerGrads(gram, grads, route)
