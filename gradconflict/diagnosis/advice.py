@@ -205,17 +205,22 @@ def advise(
         higher_is_better: direction of each evaluation metric (default: every column, higher is better).
         evaluation_pairs: ``"consecutive"`` (evaluations over time) or ``"all"`` (unordered runs).
         layer_order: layer names bottom to top (default: order in ``model.named_modules()``, else natural).
-        thresholds: a :class:`Thresholds` or a dict of overrides.
+        thresholds: a :class:`Thresholds` (used as is) or a dict of overrides of the defaults; with a dict (or
+            ``None``) that does not set ``conflict_cosine``, ``S`` is the threshold the reports were measured
+            with (``ConflictMonitor(threshold=...)``, 0 by default).
         lr: step size of the first-order transference ``lr G_ij / L_j`` (and of the exact lookahead).
         lookahead: a closure returning ``{task: loss}`` of ``model`` on one fixed batch: computes the exact
             lookahead transference for signal 4 and the grouping (needs ``model``).
         max_groups: most task groups considered (default: the number of tasks).
         ema_decay: per-step decay of the EMAs in :attr:`Advice.trends`.
     """
-    th = Thresholds.from_mapping(thresholds)
     reports = measured_reports(history)
     if not reports:
         raise ValueError("the history has no measured step: run some steps under a ConflictMonitor first")
+    if not isinstance(thresholds, Thresholds) and "conflict_cosine" not in (thresholds or {}):
+        # The run was measured with a conflict threshold (the monitor's `threshold=`): judge it by the same S.
+        thresholds = {**(thresholds or {}), "conflict_cosine": reports[0].threshold}
+    th = Thresholds.from_mapping(thresholds)
     tasks = list(reports[0].tasks)
     exact = None
     if lookahead is not None:

@@ -65,6 +65,12 @@ def test_thresholds_override_and_errors(make_report, make_pair):
     assert advise(run, thresholds=relaxed).verdict == "keep_shared"
     assert "keep an eye on" in advise(run, thresholds=relaxed).reason
     assert advise(run, thresholds=Thresholds(**relaxed)).verdict == "keep_shared"
+    # S defaults to the threshold the run was measured with (ConflictMonitor(threshold=-0.1)).
+    for r in run:
+        r.threshold = -0.1
+    assert advise(run).verdict == "keep_shared"
+    assert advise(run, thresholds={"conflict_cosine": 0.0}).verdict == "physical_split"
+    assert advise(run, thresholds=Thresholds()).verdict == "physical_split"
     with pytest.raises(ValueError, match="unknown threshold"):
         advise(run, thresholds={"nope": 1})
     with pytest.raises(ValueError, match="no measured step"):

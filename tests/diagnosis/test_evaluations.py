@@ -1,5 +1,4 @@
 import numpy as np
-import pandas as pd
 import pytest
 
 from gradconflict.diagnosis import EvalTable
@@ -24,6 +23,7 @@ def test_trade_offs_respect_directions_and_tolerance():
 
 
 def test_dataframe_and_errors():
+    pd = pytest.importorskip("pandas")
     df = pd.DataFrame({"a": [1.0, 2.0, 1.5], "b": [1.0, 0.5, 2.0]})
     t = EvalTable.from_rows(df)
     assert t.higher_is_better == (True, True)
