@@ -60,8 +60,8 @@ def next_step_code(verdict: Verdict, branch_at: str | None, groups: Sequence[Seq
     why = {
         "physical_split": f"the shared model against one backbone copy per group, branching at {branch_at!r}",
         "lora_split": "the shared model against a frozen shared backbone with one LoRA adapter per group",
-        "keep_shared": "the shared model against fully independent models, to confirm that no task's ceiling "
-        "rises when trained alone",
+        "keep_shared": "the shared model against fully independent models,\n# to confirm that no task's "
+        "ceiling rises when trained alone",
     }[verdict]
     return "\n".join([
         "import torch",

@@ -30,7 +30,20 @@ from gradconflict import metrics
 from gradconflict.diagnosis.thresholds import Thresholds
 from gradconflict.diagnosis.trends import Reports, measured_reports
 
-__all__ = ["LayerProfile", "Profile", "branch_point", "layer_profile", "order_layers"]
+__all__ = ["LayerProfile", "Profile", "branch_point", "layer_profile", "order_layers", "worst_pair"]
+
+
+def worst_pair(persistence: np.ndarray, mean_cosine: np.ndarray) -> tuple[int, int]:
+    """The pair ``(i, j)``, ``i < j``, that conflicts most often; ties go to the lower mean cosine.
+
+    >>> worst_pair(np.zeros((3, 3)), np.array([[1, .5, .2], [.5, 1, -.3], [.2, -.3, 1]]))
+    (1, 2)
+    """
+    i, j = np.triu_indices(persistence.shape[0], 1)
+    if not len(i):
+        return 0, 0
+    best = np.lexsort((mean_cosine[i, j], -persistence[i, j]))[0]
+    return int(i[best]), int(j[best])
 
 
 def _natural_key(name: str) -> list[tuple[int, int | str]]:
@@ -111,7 +124,7 @@ class Profile:
         """A plain-text table, bottom layer first: parameters, score, worst persistence and worst pair."""
         lines = [f"{'layer':<28} {'params':>9} {'score':>7} {'worst pair':<16} {'persist':>7} {'mean cos':>8}"]
         for layer in self.layers:
-            i, j = np.unravel_index(int(np.argmax(layer.persistence)), layer.persistence.shape)
+            i, j = worst_pair(layer.persistence, layer.mean_cosine)
             pair = f"{self.tasks[i]}/{self.tasks[j]}" if len(self.tasks) > 1 else "-"
             mark = "  <- branch" if layer.name == self.branch_point else ""
             lines.append(

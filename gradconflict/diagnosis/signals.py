@@ -33,6 +33,7 @@ from gradconflict import metrics
 from gradconflict.diagnosis.affinity import mean_transference, normalized
 from gradconflict.diagnosis.evaluations import EvalTable, Pairs
 from gradconflict.diagnosis.heads import head_stats
+from gradconflict.diagnosis.profile import worst_pair
 from gradconflict.diagnosis.thresholds import Thresholds
 from gradconflict.diagnosis.trends import Reports, measured_reports, series, trend
 
@@ -117,7 +118,7 @@ def diverging_objectives(history: Reports, thresholds: Thresholds | None = None)
     tasks = reports[0].tasks
     conflicts = torch.stack([metrics.conflict_pairs(r.gram, th.conflict_cosine).cpu() for r in reports])
     persistence = conflicts.double().mean(0).numpy()
-    i, j = np.unravel_index(int(np.argmax(persistence)), persistence.shape)
+    i, j = worst_pair(persistence, torch.stack([r.cosine.double().cpu() for r in reports]).mean(0).numpy())
     worst = float(persistence[i, j])
     cancellation = float(np.mean([float(r.cancellation) for r in reports]))
     t = trend(*series(reports, "conflict_fraction", th.conflict_cosine))
@@ -224,9 +225,8 @@ def zero_sum(
     share = float(against.any(1).mean())
     victim = int(np.argmax(against.mean(0)))
     status = _grade(share, th.against_watch, th.against_split)
-    evidence = (
-        f"the combined update works against some task on {share:.0%} of {len(reports)} measured steps (most "
-        f"often {tasks[victim]}, {against.mean(0)[victim]:.0%})"
+    evidence = f"the combined update works against some task on {share:.0%} of {len(reports)} measured steps" + (
+        f" (most often {tasks[victim]}, {against.mean(0)[victim]:.0%})" if share > 0 else ""
     )
     details: dict[str, Any] = {
         "against_share": share,
@@ -281,8 +281,8 @@ def single_point_of_risk(
     status: Status = "split" if value < th.transfer_split else "watch" if value < th.transfer_watch else "ok"
     negative = [f"{tasks[a]}->{tasks[b]}" for a in range(T) for b in range(T) if a != b and Z[a, b] < 0]
     evidence = (
-        f"a step on {tasks[i]} alone lowers {tasks[j]}'s loss {value:+.2f} times as much as a step on "
-        f"{tasks[j]} itself (negative: it raises it; transference {Z[i, j]:+.3g}, {method}); "
+        f"a step on {tasks[i]} alone {'raises' if value < 0 else 'lowers'} {tasks[j]}'s loss by {abs(value):.2f} "
+        f"times what a step on {tasks[j]} itself lowers it (transference {Z[i, j]:+.3g}, {method}); "
         + (f"negative transference: {', '.join(negative)}" if negative else "no negative transference")
     )
     details = {

@@ -142,13 +142,14 @@ class Trend:
 def trend(steps: np.ndarray, values: np.ndarray) -> Trend:
     """Theil-Sen slope (``scipy.stats.theilslopes``) and Mann-Kendall test (``scipy.stats.kendalltau``).
 
-    Fewer than three points, or a constant series, give a flat trend with ``p_value = 1``.
+    Fewer than three points, or a series constant up to floating-point rounding (``np.allclose``), give a flat
+    trend with ``p_value = 1``.
 
     >>> trend(np.arange(5), np.ones(5)).p_value
     1.0
     """
     n = len(values)
-    if n < 3 or np.ptp(values) == 0:
+    if n < 3 or np.allclose(values, values[0]):
         return Trend(0.0, 0.0, 0.0, 0.0, 1.0, n)
     slope, _, low, high = stats.theilslopes(values, steps)
     tau, p = stats.kendalltau(steps, values)

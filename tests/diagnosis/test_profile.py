@@ -69,3 +69,16 @@ def test_layer_profile_threshold_s_and_four_tasks(make_report, make_gram):
 def test_layer_profile_needs_a_measured_step():
     with pytest.raises(ValueError, match="no measured step"):
         layer_profile([])
+
+
+def test_worst_pair_ignores_the_diagonal_and_breaks_ties_by_cosine(make_report, make_gram):
+    from gradconflict.diagnosis.profile import worst_pair
+
+    cos = np.array([[1.0, 0.5, 0.2], [0.5, 1.0, -0.3], [0.2, -0.3, 1.0]])
+    assert worst_pair(np.zeros((3, 3)), cos) == (1, 2)
+    persistence = np.zeros((3, 3))
+    persistence[0, 2] = 0.4
+    assert worst_pair(persistence, cos) == (0, 2)
+    G = make_gram(cos.tolist())
+    p = layer_profile([make_report(G, layers={"x": (G, 1)})])
+    assert "b/c" in p.table()

@@ -78,3 +78,8 @@ def test_summarize(make_report, make_pair):
     assert cf.trend.rising(0.05) and out["worst_cosine"].trend.falling(0.05)
     assert summarize([]) == {}
     assert summarize([ConflictReport.skipped_step("ab", 0, "nan")]) == {}
+
+
+def test_trend_ignores_rounding_noise_on_a_constant_series():
+    values = np.ones(50) + np.where(np.arange(50) > 25, 2e-16, 0.0)
+    assert trend(np.arange(50), values).p_value == 1.0
