@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -136,10 +136,6 @@ class Problem:
     expected_groups: list[list[str]]
     expected_branch: str | None
     seed: int = 0
-    _generator: torch.Generator = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._generator = torch.Generator().manual_seed(self.seed + 1)
 
     @property
     def tasks(self) -> list[str]:
@@ -151,18 +147,20 @@ class Problem:
         out = self.model(x)
         return {t: self.loss_fns[t](out[t], targets[t]) for t in self.tasks}
 
-    def batches(self, batch_size: int = 64) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
-        """Endless seeded minibatches ``(x, {task: target})`` drawn without replacement within each epoch."""
+    def batches(self, batch_size: int = 64, seed: int | None = None) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        """Endless minibatches ``(x, {task: target})``, drawn without replacement within each epoch; every call
+        with the same ``seed`` (default: derived from the problem's) yields the same stream."""
         n = self.x.shape[0]
+        generator = torch.Generator().manual_seed(self.seed + 1 if seed is None else seed)
         while True:
-            order = torch.randperm(n, generator=self._generator)
+            order = torch.randperm(n, generator=generator)
             for start in range(0, n - batch_size + 1, batch_size):
                 idx = order[start : start + batch_size]
                 yield self.x[idx], {t: y[idx] for t, y in self.targets.items()}
 
-    def train(self, steps: int = 100, *, batch_size: int = 64, lr: float = 1e-2, **monitor_kwargs: Any) -> (
-        ConflictMonitor
-    ):
+    def train(
+        self, steps: int = 100, *, batch_size: int = 64, lr: float = 1e-2, **monitor_kwargs: Any
+    ) -> ConflictMonitor:
         """Train :attr:`model` with Adam for ``steps`` steps under a :class:`~gradconflict.ConflictMonitor`
         (built with ``monitor_kwargs``) and return the closed monitor, whose ``history`` holds the run."""
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -18,7 +18,8 @@ def test_problems_are_seeded_and_well_formed():
     assert not torch.equal(p.x, r.x)
     x, y = next(p.batches(32))
     assert x.shape == (32, 6) and set(y) == {"a", "b"} and y["a"].shape == (32,)
-    assert torch.equal(x, next(q.batches(32))[0])
+    assert torch.equal(x, next(q.batches(32))[0]) and torch.equal(x, next(p.batches(32))[0])
+    assert not torch.equal(x, next(p.batches(32, seed=99))[0])
     out = p.model(x)
     assert set(out) == {"a", "b"} and out["a"].shape == (32,)
     assert not any(w.requires_grad for w in p.model.heads.parameters())  # fixed readouts
