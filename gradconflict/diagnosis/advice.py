@@ -254,7 +254,11 @@ def advise(
         )
     elif alarms:
         verdict = "lora_split"
-        where = "no consistent depth to branch at" if "diverging_objectives" in alarms else "gradients mostly agree"
+        where = (
+            "no consistent depth to branch at"
+            if "diverging_objectives" in alarms
+            else "the gradients do not conflict persistently"
+        )
         reason = (
             f"{', '.join(alarms)} say(s) split but {where}: freeze the shared backbone and train one LoRA adapter "
             "per group"

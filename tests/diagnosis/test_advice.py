@@ -111,3 +111,11 @@ def test_next_step_code_is_valid_python():
         ast.parse(code)
         assert "compare(model_factory, loss_fns, train_data, steps=200" in code
         assert "groups=[['a', 'b'], ['c']]" in code and "print(result.to_markdown())" in code
+
+
+def test_single_task_keeps_shared(make_report):
+    G = torch.ones(1, 1, dtype=torch.float64)
+    advice = advise([make_report(G, step=s, layers={"x": (G, 3)}) for s in range(3)])
+    assert (advice.verdict, advice.groups, advice.branch_point) == ("keep_shared", [["a"]], None)
+    assert [s.status for s in advice.signals] == ["n/a", "n/a", "n/a", "n/a"]
+    str(advice)
