@@ -1,6 +1,8 @@
 """End-to-end: train each controlled problem under a ConflictMonitor and check that the advice finds the truth
 that the problem was built with, for several seeds."""
 
+import json
+
 import pytest
 import torch
 
@@ -48,6 +50,7 @@ def test_advice_finds_the_truth(kind, seed):
     assert advice.groups == p.expected_groups, str(advice)
     assert advice.branch_point == p.expected_branch, str(advice)
     assert advice.signal("heavy_heads").status == "ok"  # one fixed linear readout per task
+    json.dumps(advice.to_dict(), allow_nan=False)
 
 
 @pytest.mark.parametrize(("kind", "n_tasks"), [("opposed", 4), ("orthogonal", 3)])
