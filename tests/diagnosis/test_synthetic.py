@@ -79,3 +79,14 @@ def test_advice_is_robust_to_sparse_sampling_and_skipped_steps(kind):
     assert (advice.verdict, advice.groups, advice.branch_point) == (
         p.expected_verdict, p.expected_groups, p.expected_branch
     )
+
+
+def test_saved_run_gives_the_same_advice(tmp_path):
+    from gradconflict.diagnosis import advise_from_jsonl
+
+    p = make_problem("top_conflict", seed=1)
+    history = p.train(STEPS).history
+    live = advise(history, model=p.model)
+    saved = advise_from_jsonl(history.to_jsonl(tmp_path / "run.jsonl"))  # no model: natural layer order
+    assert (saved.verdict, saved.groups, saved.branch_point) == (live.verdict, live.groups, live.branch_point)
+    assert saved.signal("heavy_heads").status == "n/a"
