@@ -1,0 +1,64 @@
+"""Diagnosis: turn a run's per-step conflict reports into the answer to "should we split the shared backbone,
+where, and into which task groups?", with the evidence shown.
+
+- :mod:`~gradconflict.diagnosis.trends`: series, EMA, sliding windows, trend test over training steps.
+- :mod:`~gradconflict.diagnosis.signals`: the four warning signals of DESIGN.md section 1.
+- :mod:`~gradconflict.diagnosis.profile`: the layer conflict profile and the branch point.
+- :mod:`~gradconflict.diagnosis.affinity`: inter-task affinity (first-order transference, exact lookahead).
+- :mod:`~gradconflict.diagnosis.groups`: task groups by affinity.
+- :mod:`~gradconflict.diagnosis.advice`: :func:`advise` and :class:`Advice`.
+- :mod:`~gradconflict.diagnosis.thresholds`: every threshold, with its source.
+
+>>> from gradconflict.diagnosis import Advice, Signal, Thresholds, advise
+"""
+
+from __future__ import annotations
+
+from gradconflict.diagnosis.advice import Advice, advise, advise_from_jsonl, next_step_code
+from gradconflict.diagnosis.affinity import lookahead_transference, mean_transference, normalized
+from gradconflict.diagnosis.evaluations import EvalTable
+from gradconflict.diagnosis.groups import Grouping, group_tasks
+from gradconflict.diagnosis.heads import HeadStats, head_stats, linear_cka
+from gradconflict.diagnosis.profile import LayerProfile, Profile, layer_profile, order_layers
+from gradconflict.diagnosis.signals import (
+    Signal,
+    diverging_objectives,
+    heavy_heads,
+    single_point_of_risk,
+    zero_sum,
+)
+from gradconflict.diagnosis.thresholds import Thresholds
+from gradconflict.diagnosis.trends import QuantitySummary, Trend, ema, series, summarize, trend, window_means
+
+__all__ = [
+    "Advice",
+    "EvalTable",
+    "Grouping",
+    "HeadStats",
+    "LayerProfile",
+    "Profile",
+    "QuantitySummary",
+    "Signal",
+    "Thresholds",
+    "Trend",
+    "advise",
+    "advise_from_jsonl",
+    "diverging_objectives",
+    "ema",
+    "group_tasks",
+    "head_stats",
+    "heavy_heads",
+    "layer_profile",
+    "linear_cka",
+    "lookahead_transference",
+    "mean_transference",
+    "next_step_code",
+    "normalized",
+    "order_layers",
+    "series",
+    "single_point_of_risk",
+    "summarize",
+    "trend",
+    "window_means",
+    "zero_sum",
+]

@@ -1,0 +1,107 @@
+"""Every threshold the diagnosis uses, in one frozen dataclass with documented defaults.
+
+Nothing in :mod:`gradconflict.diagnosis` compares against a number that is not a field here. Override any of
+them with ``dataclasses.replace`` or by passing a dict to :func:`~gradconflict.diagnosis.advise`:
+
+>>> t = Thresholds(conflict_cosine=-0.1)        # Recon's stricter conflict threshold
+>>> t.conflict_cosine, t.persistence_split
+(-0.1, 0.5)
+>>> Thresholds.from_mapping({"layer_conflict": 0.6}).layer_conflict
+0.6
+
+Where a default comes from (see ``docs/diagnosis.md`` for the discussion):
+
+- ``conflict_cosine`` (``S``): PCGrad (Yu et al., 2020) calls two gradients conflicting when their cosine is
+  negative (``S = 0``); Recon (Guangyuan et al., 2023) uses ``S`` in ``[-0.1, 0]``.
+- ``persistence_*`` and ``layer_conflict``: two unrelated gradients (independent, isotropic directions) have
+  a negative cosine half of the time, so a pair that conflicts on at least half the steps conflicts as often
+  as chance or more (``split``); a quarter is an early warning (``watch``).
+- ``cancellation_*``: two equal-norm orthogonal gradients lose ``1 - 1/sqrt(2) ~ 0.29`` of their magnitude
+  (DESIGN.md section 2's magnitude cancellation); two at cosine 0.6 lose about 0.1.
+- ``head_*`` and ``cka_*``: heuristics. Linear CKA is Kornblith et al. (2019); a head whose last hidden layer
+  has CKA below 0.4 with the backbone output keeps little of the backbone's representation.
+- ``against_*``: the share of steps whose combined update raises some task's loss to first order (an
+  alignment ``a_i < 0``); heuristics on the same scale as persistence.
+- ``eval_tolerance``: the document's example of a zero-sum evaluation is "+2% for A, -1.5% for B"; changes
+  smaller than 1% (relative, as LibMTL's Delta-m) are treated as noise.
+- ``transfer_*``: TAG (Fifty et al., 2021) treats negative inter-task affinity as the signal to separate
+  tasks; here normalised by the task's own self-affinity, so -0.1 means a step on task ``i`` raises task
+  ``j``'s loss by a tenth of what a step on ``j`` itself lowers it.
+- ``group_tolerance``: partitions whose score is within this of the best are ties, and the fewest groups win
+  (prefer sharing).
+- ``trend_alpha``: the conventional 5% significance level of the Mann-Kendall (Kendall tau) trend test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Thresholds"]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Thresholds of the four signals, the layer profile, the task grouping and the trend test.
+
+    Attributes:
+        conflict_cosine: a pair conflicts when its cosine is below this (``S``).
+        persistence_watch: share of measured steps a pair conflicts, from which signal 1 is ``watch``.
+        persistence_split: the same, from which signal 1 can be ``split``.
+        cancellation_watch: mean magnitude cancellation from which signal 1 is at least ``watch``.
+        cancellation_split: mean magnitude cancellation that, with a persistent pair, makes signal 1 ``split``.
+        head_ratio_watch: head-to-backbone parameter ratio from which signal 2 is ``watch``.
+        head_ratio_split: head-to-backbone parameter ratio from which signal 2 is ``split`` (with rewriting).
+        head_depth_watch: number of parametrised layers in a head from which signal 2 is ``watch``.
+        cka_watch: CKA(backbone output, head's last hidden layer) below which signal 2 is ``watch``.
+        cka_split: CKA below which signal 2 is ``split`` (with a heavy head).
+        against_watch: share of steps whose update works against some task, from which signal 3 is ``watch``.
+        against_split: the same, from which signal 3 is ``split``.
+        eval_tolerance: relative change of a metric that counts as an improvement or a regression.
+        zero_sum_watch: share of evaluation changes that trade one task for another, from which ``watch``.
+        zero_sum_split: the same, from which ``split``.
+        transfer_watch: normalised affinity below which signal 4 is ``watch``.
+        transfer_split: normalised affinity below which signal 4 is ``split``.
+        layer_conflict: per-layer persistence of the worst pair from which a layer counts as conflicting.
+        group_tolerance: partitions scoring within this of the best are ties; the fewest groups win.
+        trend_alpha: significance level of the trend test.
+    """
+
+    conflict_cosine: float = 0.0
+    persistence_watch: float = 0.25
+    persistence_split: float = 0.5
+    cancellation_watch: float = 0.1
+    cancellation_split: float = 0.29
+    head_ratio_watch: float = 0.5
+    head_ratio_split: float = 1.0
+    head_depth_watch: int = 3
+    cka_watch: float = 0.7
+    cka_split: float = 0.4
+    against_watch: float = 0.25
+    against_split: float = 0.5
+    eval_tolerance: float = 0.01
+    zero_sum_watch: float = 0.25
+    zero_sum_split: float = 0.5
+    transfer_watch: float = 0.0
+    transfer_split: float = -0.1
+    layer_conflict: float = 0.5
+    group_tolerance: float = 0.05
+    trend_alpha: float = 0.05
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | Thresholds | None) -> Thresholds:
+        """The defaults with ``values`` overriding them (a :class:`Thresholds` is returned as is).
+
+        Raises ``ValueError`` on an unknown name, so that a typo never silently keeps a default.
+        """
+        if values is None:
+            return cls()
+        if isinstance(values, Thresholds):
+            return values
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown threshold(s) {unknown}; the thresholds are {sorted(known)}")
+        return cls(**values)

@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from gradconflict.diagnosis import Thresholds, diverging_objectives, heavy_heads, single_point_of_risk, zero_sum
+from gradconflict.diagnosis.signals import STATUSES, worst_status
+
+
+def _run(make_report, grams, **kw):
+    return [make_report(G, step=s, **kw) for s, G in enumerate(grams)]
+
+
+def test_diverging_objectives_statuses(make_report, make_pair):
+    aligned = diverging_objectives(_run(make_report, [make_pair(0.8)] * 10))
+    assert aligned.status == "ok" and aligned.value == 0.0 and aligned.threshold == 0.5
+    # Opposed on 6 of 10 steps: persistent, and the magnitude cancels.
+    mixed = [make_pair(-0.9)] * 6 + [make_pair(0.2)] * 4
+    s = diverging_objectives(_run(make_report, mixed))
+    assert s.status == "split" and s.value == pytest.approx(0.6)
+    assert "60% of 10 measured steps" in s.evidence and "cancellation" in s.evidence
+    assert s.details["persistence"] == {"a/b": pytest.approx(0.6)}
+    # Slightly negative cosines with equal norms lose more than orthogonal gradients would (0.29): split at
+    # PCGrad's S = 0; Recon's S = -0.1 no longer counts the pair, the cancellation alone says watch.
+    mild = _run(make_report, [make_pair(-0.05)] * 10)
+    assert diverging_objectives(mild).status == "split"
+    assert diverging_objectives(mild, Thresholds(conflict_cosine=-0.1)).status == "watch"
+    assert diverging_objectives(mild, Thresholds(conflict_cosine=-0.1, cancellation_watch=0.5)).status == "ok"
+    # Persistent but unequal norms: little is lost, watch.
+    lopsided = _run(make_report, [make_pair(-0.05, norms=(1.0, 4.0))] * 10)
+    assert diverging_objectives(lopsided).status == "watch"
+    json.dumps(s.to_dict())
+
+
+def test_diverging_objectives_rising_conflict_is_watched(make_report, make_pair):
+    grams = [make_pair(0.5)] * 16 + [make_pair(-0.1)] * 4  # conflict appears late: 20% of steps
+    s = diverging_objectives(_run(make_report, grams))
+    assert s.details["conflict_trend"]["rising"] and s.status == "watch"
+    assert "rises" in s.evidence
+
+
+def test_signals_not_available_without_inputs(make_report):
+    one_task = [make_report(torch.ones(1, 1, dtype=torch.float64))]
+    assert diverging_objectives(one_task).status == "n/a"
+    assert zero_sum(one_task).status == "n/a"
+    assert single_point_of_risk(one_task).status == "n/a"
+    assert single_point_of_risk([]).status == "n/a"
+    s = heavy_heads(model=nn.Linear(2, 2))
+    assert s.status == "n/a" and s.value is None and "heads=" in s.evidence
+    assert "n/a" in str(s)
+
+
+def test_heavy_heads_statuses():
+    backbone = nn.Linear(8, 8)  # 72 parameters
+    light = {"a": nn.Linear(8, 1), "b": nn.Linear(8, 1)}
+    assert heavy_heads(heads=light, backbone=backbone).status == "ok"
+    big = {"a": nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 1)), "b": nn.Linear(8, 1)}
+    s = heavy_heads(heads=big, backbone=backbone)
+    assert s.status == "watch" and s.value == pytest.approx(641 / 72)  # heavy, rewriting not measured
+    assert "pass probe=" in s.evidence
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone, self.heads = backbone, nn.ModuleDict(big)
+
+        def forward(self, x):
+            h = self.backbone(x)
+            return {t: m(h) for t, m in self.heads.items()}
+
+    torch.manual_seed(0)
+    model = Net()
+    s = heavy_heads(model=model, probe=torch.randn(256, 8), thresholds=Thresholds(cka_split=0.99))
+    assert s.status == "split" and "CKA" in s.evidence
+    assert s.details["heads"]["b"]["cka"] == pytest.approx(1.0)
+
+
+def test_zero_sum_gradient_and_evaluation_levels(make_report, make_pair):
+    # Opposed, unequal norms: the update follows the larger task and works against the smaller one.
+    run = _run(make_report, [make_pair(-0.9, norms=(1.0, 3.0))] * 10)
+    s = zero_sum(run)
+    assert s.status == "split" and s.value == 1.0 and s.details["against_by_task"]["a"] == 1.0
+    calm = _run(make_report, [make_pair(0.3)] * 10)
+    assert zero_sum(calm).status == "ok"
+    trading = [{"a": 0.80, "b": 0.70}, {"a": 0.82, "b": 0.69}, {"a": 0.80, "b": 0.71}]
+    s = zero_sum(calm, evaluations=trading)
+    assert s.status == "split" and s.details["evaluation_trade_off_share"] == 1.0 and "Pareto" in s.evidence
+    improving = [{"a": 0.80, "b": 0.70}, {"a": 0.82, "b": 0.72}, {"a": 0.84, "b": 0.74}]
+    assert zero_sum(calm, evaluations=improving).status == "ok"
+
+
+def test_single_point_of_risk(make_report, make_pair):
+    helpful = _run(make_report, [make_pair(0.5)] * 4)
+    s = single_point_of_risk(helpful)
+    assert s.status == "ok" and s.value == pytest.approx(0.5) and s.details["negative_pairs"] == []
+    hurt = _run(make_report, [make_pair(-0.05)] * 4)
+    assert single_point_of_risk(hurt).status == "watch"
+    hurt = _run(make_report, [make_pair(-0.5, norms=(1.0, 2.0))] * 4, losses=[1.0, 1.0])
+    s = single_point_of_risk(hurt, lr=0.01)
+    # N_ab = G_ab / G_bb = -0.5 * 2 / 4 = -0.25 and N_ba = -0.5 * 2 / 1 = -1: the small task suffers most.
+    assert s.status == "split" and s.value == pytest.approx(-1.0)
+    assert s.details["negative_pairs"] == ["a->b", "b->a"] and "lr=0.01" in s.evidence
+    exact = single_point_of_risk(hurt, lookahead=(["a", "b"], [[0.1, 0.02], [0.01, 0.1]]))
+    assert exact.status == "ok" and exact.details["method"] == "exact lookahead"
+
+
+def test_worst_status():
+    assert worst_status() == "n/a"
+    assert worst_status(*STATUSES) == "split"

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+
+from gradconflict import ConflictReport, History
+from gradconflict.diagnosis import ema, series, summarize, trend, window_means
+from gradconflict.diagnosis.trends import measured_reports, quantities
+
+
+def test_series_skips_skipped_steps_and_sorts_by_step(make_report, make_pair):
+    h = History()
+    h.append(make_report(make_pair(0.5), step=2))
+    h.append(ConflictReport.skipped_step("ab", step=3, reason="nan"))
+    h.append(make_report(make_pair(-0.5), step=1))
+    steps, values = series(h, "worst_cosine")
+    assert steps.tolist() == [1, 2]
+    assert values == pytest.approx([-0.5, 0.5])
+    assert len(measured_reports(h)) == 2
+
+
+def test_series_quantities(make_report, make_pair):
+    r = make_report(make_pair(-0.2, norms=(1.0, 3.0)))
+    assert quantities(r.tasks)[-2:] == ["alignment/a", "alignment/b"]
+    assert series([r], "conflict_fraction")[1].tolist() == [1.0]
+    assert series([r], "conflict_fraction", threshold=-0.5)[1].tolist() == [0.0]
+    assert series([r], "cancellation")[1][0] == pytest.approx(float(r.cancellation))
+    assert series([r], "alignment/b")[1][0] == pytest.approx(float(r.alignment[1]))
+    with pytest.raises(ValueError, match="unknown quantity"):
+        series([r], "alignment/z")
+
+
+def test_ema_decays_per_training_step_not_per_report():
+    dense_steps = np.arange(0, 20)
+    values = np.where(dense_steps < 11, 0.0, 1.0)  # constant over each pair of steps (2k-1, 2k)
+    dense = ema(dense_steps, values, decay=0.8)
+    sparse = ema(dense_steps[::2], values[::2], decay=0.8)  # what every=2 sampling sees
+    assert sparse == pytest.approx(dense[::2], abs=1e-12)
+    per_report = ema(np.arange(10), values[::2], decay=0.8)  # the naive per-report EMA would lag less
+    assert not np.allclose(per_report, sparse)
+    with pytest.raises(ValueError):
+        ema(dense_steps, values, decay=1.0)
+
+
+def test_window_means_span_steps():
+    steps = np.array([0, 1, 5, 6, 7])
+    out = window_means(steps, np.array([1.0, 1.0, 3.0, 3.0, 6.0]), width=3)
+    assert out.tolist() == [1.0, 1.0, 3.0, 3.0, 4.0]
+    with pytest.raises(ValueError):
+        window_means(steps, steps.astype(float), width=0)
+
+
+def test_trend_detects_rise_fall_and_noise():
+    rng = np.random.default_rng(0)
+    steps = np.arange(0, 200, 4)
+    rising = trend(steps, 0.002 * steps + rng.normal(0, 0.05, len(steps)))
+    assert rising.rising(0.05) and not rising.falling(0.05)
+    assert rising.low <= rising.slope <= rising.high
+    assert rising.slope == pytest.approx(0.002, rel=0.25)
+    falling = trend(steps, -0.002 * steps + rng.normal(0, 0.05, len(steps)))
+    assert falling.falling(0.05)
+    noise = trend(steps, rng.normal(0, 1, len(steps)))
+    assert not noise.rising(0.05) and not noise.falling(0.05)
+    assert trend(np.arange(2), np.array([0.0, 1.0])).p_value == 1.0
+
+
+def test_trend_is_invariant_to_sampling_rate():
+    rng = np.random.default_rng(1)
+    steps = np.arange(400)
+    values = 0.001 * steps + rng.normal(0, 0.02, 400)
+    assert trend(steps[::4], values[::4]).slope == pytest.approx(trend(steps, values).slope, rel=0.1)
+
+
+def test_summarize(make_report, make_pair):
+    reports = [make_report(make_pair(c), step=s) for s, c in enumerate(np.linspace(0.9, -0.9, 40))]
+    out = summarize(reports, width=10)
+    assert set(out) == set(quantities("ab"))
+    cf = out["conflict_fraction"]
+    assert cf.first_window == 0.0 and cf.last_window == 1.0 and cf.mean == pytest.approx(0.5)
+    assert cf.trend.rising(0.05) and out["worst_cosine"].trend.falling(0.05)
+    assert summarize([]) == {}
+    assert summarize([ConflictReport.skipped_step("ab", 0, "nan")]) == {}
+
+
+def test_trend_ignores_rounding_noise_on_a_constant_series():
+    values = np.ones(50) + np.where(np.arange(50) > 25, 2e-16, 0.0)
+    assert trend(np.arange(50), values).p_value == 1.0
