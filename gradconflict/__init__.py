@@ -6,6 +6,7 @@ whether to split it, and carry out the split.
 
 from __future__ import annotations
 
+from gradconflict.diagnosis import Advice, Signal, Thresholds, advise, advise_from_jsonl
 from gradconflict.engine import PerformanceWarning
 from gradconflict.history import History
 from gradconflict.monitor import ConflictMonitor
@@ -13,4 +14,16 @@ from gradconflict.report import ConflictReport, LayerReport
 
 __version__ = "0.1.0"
 
-__all__ = ["ConflictMonitor", "ConflictReport", "History", "LayerReport", "PerformanceWarning", "__version__"]
+__all__ = [
+    "Advice",
+    "ConflictMonitor",
+    "ConflictReport",
+    "History",
+    "LayerReport",
+    "PerformanceWarning",
+    "Signal",
+    "Thresholds",
+    "__version__",
+    "advise",
+    "advise_from_jsonl",
+]

@@ -1,4 +1,4 @@
-"""The ``gradconflict`` command line: ``demo``, and ``report`` on a saved history."""
+"""The ``gradconflict`` command line: ``demo``, and ``report`` and ``advise`` on a saved history."""
 
 from __future__ import annotations
 
@@ -30,6 +30,22 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _advise(args: argparse.Namespace) -> int:
+    import json
+
+    from gradconflict.diagnosis import advise_from_jsonl
+
+    thresholds = {}
+    for item in args.threshold:
+        name, _, value = item.partition("=")
+        if not value:
+            raise ValueError(f"--threshold takes NAME=VALUE, got {item!r}")
+        thresholds[name] = float(value)
+    advice = advise_from_jsonl(args.history, thresholds=thresholds or None)
+    print(json.dumps(advice.to_dict(), indent=2) if args.json else advice)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``gradconflict`` command."""
     parser = argparse.ArgumentParser(prog="gradconflict", description=__doc__)
@@ -45,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("history", help="a history written by History.to_jsonl (e.g. gradconflict-run/history.jsonl)")
     report.add_argument("--lines", type=int, default=10, help="about how many steps to show")
     report.set_defaults(func=_report)
+    advise = sub.add_parser("advise", help="should the backbone be split? advice from a saved history (JSONL)")
+    advise.add_argument("history", help="a history written by History.to_jsonl")
+    advise.add_argument("--json", action="store_true", help="print the advice as JSON")
+    advise.add_argument(
+        "--threshold", action="append", default=[], metavar="NAME=VALUE", help="override one threshold (repeatable)"
+    )
+    advise.set_defaults(func=_advise)
     return parser
 
 

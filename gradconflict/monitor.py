@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,9 @@ from gradconflict.capture import Capture, OutputCapture, depends_on, leaves_of
 from gradconflict.engine import Plan, make_engine
 from gradconflict.history import History
 from gradconflict.report import ConflictReport, LayerReport
+
+if TYPE_CHECKING:
+    from gradconflict.diagnosis import Advice
 
 __all__ = ["ConflictMonitor"]
 
@@ -267,6 +270,14 @@ class ConflictMonitor:
         )
         self.history.append(report)
         return report
+
+    def advise(self, **kwargs: Any) -> Advice:
+        """Diagnose this run: :func:`gradconflict.advise` on :attr:`history`, with this model (see its
+        keyword arguments: probe batch, evaluations, thresholds, ...)."""
+        from gradconflict.diagnosis import advise
+
+        kwargs.setdefault("model", self.model)
+        return advise(self.history, **kwargs)
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def close(self) -> None:

@@ -26,3 +26,17 @@ def test_report_on_missing_file_is_a_clear_error(tmp_path, capsys):
 def test_python_dash_m_entry_point():
     done = subprocess.run([sys.executable, "-m", "gradconflict", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "demo" in done.stdout
+
+
+def test_advise_on_a_saved_history(tmp_path, capsys):
+    import json
+
+    from gradconflict.synthetic import make_problem
+
+    monitor = make_problem("opposed", seed=0).train(60)
+    path = monitor.history.to_jsonl(tmp_path / "run.jsonl")
+    assert main(["advise", str(path)]) == 0
+    assert "verdict" in capsys.readouterr().out.lower()
+    assert main(["advise", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] in {"keep_shared", "lora_split", "physical_split"}
+    assert main(["advise", str(path), "--threshold", "nonsense"]) == 2
