@@ -12,7 +12,28 @@ Then :func:`evaluate_split` judges the split on the three criteria (convergence,
 from __future__ import annotations
 
 from gradconflict.split.branch import BranchedNet, branch
+from gradconflict.split.compare import VARIANTS, compare
+from gradconflict.split.evaluate import Criterion, SplitEvaluation, evaluate_split
+from gradconflict.split.lora import LoRALayer, LoRASplit, lora_split
 from gradconflict.split.measures import Smoothness, delta_m, smoothness
 from gradconflict.split.model import MultiTaskNet
+from gradconflict.split.result import ComparisonResult, VariantRecord
 
-__all__ = ["BranchedNet", "MultiTaskNet", "Smoothness", "branch", "delta_m", "smoothness"]
+__all__ = [
+    "VARIANTS",
+    "BranchedNet",
+    "ComparisonResult",
+    "Criterion",
+    "LoRALayer",
+    "LoRASplit",
+    "MultiTaskNet",
+    "Smoothness",
+    "SplitEvaluation",
+    "VariantRecord",
+    "branch",
+    "compare",
+    "delta_m",
+    "evaluate_split",
+    "lora_split",
+    "smoothness",
+]
