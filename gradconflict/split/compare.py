@@ -31,6 +31,7 @@ variants different orders.
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
@@ -202,6 +203,7 @@ class _Experiment:
         """Close a variant's run: its costs, measured on the trained members."""
         own = run.step_seconds[start:]
         timed = own[1:] or own  # the first step of a phase also measured memory and warmed up
+        # the median: a busy machine adds spikes to single steps, not to the typical one
         x = self.eval_batches[0][0]
         return VariantRecord(
             name=name,
@@ -209,7 +211,7 @@ class _Experiment:
             evals=run.evals,
             directions={t: self.metrics[t][1] for t in self.tasks},
             params=sum(count_parameters(m.model, m.tasks) for m in members),
-            step_ms=1e3 * sum(timed) / len(timed),
+            step_ms=1e3 * statistics.median(timed),
             latency_ms=sum(latency_ms(m.model, x) for m in members),
             memory_mb=run.memory_bytes / 2**20,
             start=start,

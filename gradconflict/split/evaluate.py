@@ -1,7 +1,7 @@
 """Post-split evaluation: judge a split on the document's three criteria, each with the warning it can raise.
 
 - **convergence**: each task's loss falls at least as smoothly after the split (the share of steps where its
-  smoothed loss rises is not higher).
+  smoothed loss rises does not grow by more than ``tolerance``).
 - **ceiling**: at least one task beats the best it reached before the split.
 - **cost**: parameters, inference latency and training memory each grow by at most ``max_cost_ratio``.
 
@@ -136,14 +136,14 @@ def _ema_min(values: list[float], span: int) -> float:
     return best
 
 
-def _convergence(before: _Side, after: _Side, tasks: list[str], span: int) -> Criterion:
+def _convergence(before: _Side, after: _Side, tasks: list[str], span: int, tolerance: float) -> Criterion:
     start = max(before.start, after.start)  # the same window on both sides when both come from compare()
     parts, verdicts = [], []
     for task in tasks:
         b, a = smoothness(before.losses[task][start:], span), smoothness(after.losses[task][start:], span)
         if math.isnan(a.rise_share) or math.isnan(b.rise_share):
             continue
-        verdicts.append(a.rise_share <= b.rise_share)
+        verdicts.append(a.rise_share <= b.rise_share + tolerance)
         parts.append(
             f"{task} {b.rise_share:.0%} -> {a.rise_share:.0%} (difference variance {b.diff_variance:.3g} -> "
             f"{a.diff_variance:.3g})"
@@ -192,6 +192,7 @@ def evaluate_split(
     *,
     max_cost_ratio: float = 2.0,
     span: int = 10,
+    tolerance: float = 0.02,
 ) -> SplitEvaluation:
     """Judge a split: does it converge more smoothly, break a ceiling, and stay affordable?
 
@@ -202,6 +203,8 @@ def evaluate_split(
             one of its variants (``"lora"``, ``"branched"``, ``"independent"``).
         max_cost_ratio: the largest acceptable growth of parameters, latency and memory.
         span: span of the moving average used to smooth the losses.
+        tolerance: how much a task's share of rising steps may grow before convergence counts as worse (a
+            share, so 0.02 is two percentage points: one step in fifty, noise on short runs).
 
     Only the tasks present on both sides are judged. With compare() records, smoothness is measured over the
     same window on both sides (from the later side's split step).
@@ -221,6 +224,6 @@ def evaluate_split(
     if not tasks:
         raise ValueError(f"before and after share no task: {list(b.losses)} vs {list(a.losses)}")
     return SplitEvaluation(
-        (_convergence(b, a, tasks, span), _ceiling(b, a, tasks, span), _cost(b, a, max_cost_ratio))
+        (_convergence(b, a, tasks, span, tolerance), _ceiling(b, a, tasks, span), _cost(b, a, max_cost_ratio))
     )
 
