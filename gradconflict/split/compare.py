@@ -14,18 +14,6 @@ Splitting a partly trained shared model (rather than training the split architec
 the user's question, "should *this* model be split now?", and gives lora a trained backbone to adapt. The first
 pass over ``train_data`` is recorded and replayed to every variant, so shuffling loaders cannot give the
 variants different orders.
-
->>> import torch, torch.nn as nn
->>> from gradconflict.split import MultiTaskNet
->>> def factory():
-...     return MultiTaskNet(nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh()),
-...                         {"a": nn.Linear(16, 1), "b": nn.Linear(16, 1)})
->>> g = torch.Generator().manual_seed(0)
->>> data = [(x, {"a": x[:, :1], "b": -x[:, 1:2]}) for x in torch.randn(4, 32, 4, generator=g)]
->>> mse = nn.functional.mse_loss
->>> res = compare(factory, {"a": mse, "b": mse}, data, steps=20, branch_at=2, progress=False)
->>> sorted(res.variants), len(res.rows)
-(['branched', 'independent', 'lora', 'shared'], 8)
 """
 
 from __future__ import annotations
@@ -147,10 +135,12 @@ class _Experiment:
             seconds = 0.0
             for member in members:
                 measure = step == start  # the phase's first step also measures memory
+                if measure and self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(self.device)
                 with saved_activation_bytes(member.model) if measure else nullcontext() as saved:
                     seconds += self._step(member, x, targets, run)
                 if measure:
-                    run.memory_bytes += self._memory(member, saved.bytes)
+                    self._add_memory(run, member, saved.bytes)
             run.step_seconds.append(seconds)
             if step + 1 in self.eval_steps:
                 run.evals.append((step + 1, self.evaluate(members)))
@@ -159,8 +149,6 @@ class _Experiment:
 
     def _step(self, member: _Member, x: Any, targets: Mapping[str, Any], run: _Run) -> float:
         synchronize(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         out = member.model(x)
         losses = [self.loss_fns[t](out[t], targets[t]) for t in member.tasks]
@@ -173,10 +161,12 @@ class _Experiment:
             run.losses[task].append(float(loss.detach()))
         return seconds
 
-    def _memory(self, member: _Member, activations: int) -> int:
+    def _add_memory(self, run: _Run, member: _Member, activations: int) -> None:
         if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        return state_bytes(member.model, member.optimizer) + activations
+            # the allocator's peak already holds every member resident on the device: take the largest
+            run.memory_bytes = max(run.memory_bytes, int(torch.cuda.max_memory_allocated(self.device)))
+        else:
+            run.memory_bytes += state_bytes(member.model, member.optimizer) + activations
 
     def evaluate(self, members: list[_Member]) -> dict[str, float]:
         """Each task's metric, averaged over the evaluation batches (weighted by batch size)."""
@@ -279,6 +269,18 @@ def compare(
         lora_rank: the adapters' rank.
         evals: number of evaluations over the run (the best and final metrics are read from them).
         blocks: block paths, for backbones that are not ``nn.Sequential`` / ``nn.ModuleList`` (for branching).
+
+    >>> import torch, torch.nn as nn
+    >>> from gradconflict.split import MultiTaskNet
+    >>> def factory():
+    ...     return MultiTaskNet(nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh()),
+    ...                         {"a": nn.Linear(16, 1), "b": nn.Linear(16, 1)})
+    >>> g = torch.Generator().manual_seed(0)
+    >>> data = [(x, {"a": x[:, :1], "b": -x[:, 1:2]}) for x in torch.randn(4, 32, 4, generator=g)]
+    >>> mse = nn.functional.mse_loss
+    >>> res = compare(factory, {"a": mse, "b": mse}, data, steps=20, branch_at=2, progress=False)
+    >>> sorted(res.variants), len(res.rows)
+    (['branched', 'independent', 'lora', 'shared'], 8)
     """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:

@@ -51,6 +51,9 @@ class Criterion:
         passed: True or False; ``None`` when the inputs cannot tell (e.g. histories carry no costs).
         evidence: a sentence with the numbers behind the verdict.
         warning: what a failure of this criterion means.
+
+    >>> Criterion("ceiling", True, "a beat its shared ceiling.", WARNINGS["ceiling"]).passed
+    True
     """
 
     name: str

@@ -142,6 +142,12 @@ class LoRASplit(nn.Module):
         model: the adapted model (changed in place by :func:`lora_split`).
         tasks: the task names, one adapter each.
         layer_names: paths (in this module) of the adapted layers.
+
+    >>> import torch, torch.nn as nn
+    >>> from gradconflict.split import MultiTaskNet
+    >>> split = lora_split(MultiTaskNet(nn.Linear(3, 4), {"a": nn.Linear(4, 1)}), targets=["backbone"], rank=2)
+    >>> split(torch.zeros(2, 3), task="a").shape
+    torch.Size([2, 1])
     """
 
     def __init__(self, model: nn.Module, tasks: Sequence[str], layer_names: Sequence[str]) -> None:

@@ -67,6 +67,9 @@ class Smoothness:
         rise_share: share of steps where the smoothed loss rises (0: it only falls).
         diff_variance: variance of the smoothed loss's step-to-step differences (back-and-forth shows here).
         steps: number of loss values measured.
+
+    >>> Smoothness(rise_share=0.1, diff_variance=0.0, steps=50).rise_share
+    0.1
     """
 
     rise_share: float

@@ -41,6 +41,10 @@ class VariantRecord:
         latency_ms: median inference time for one batch, all tasks.
         memory_mb: training-step memory (CUDA: peak allocated; CPU: estimate, see ``gradconflict.split.costs``).
         start: the step where this variant's own training began (after the shared phase, for lora and branched).
+
+    >>> rec = VariantRecord("shared", {"a": [2.0, 1.0]}, [(1, {"a": 0.9}), (2, {"a": 1.1})], {"a": "min"})
+    >>> rec.best(), rec.final()
+    ({'a': 0.9}, {'a': 1.1})
     """
 
     name: str
@@ -109,6 +113,12 @@ class ComparisonResult:
         steps: the step budget.
         split_step: steps of shared training before the lora and branched variants split.
         notes: remarks such as a variant that was skipped, and why.
+
+    >>> shared = VariantRecord("shared", {"a": [1.0]}, [(1, {"a": 0.5})], {"a": "min"})
+    >>> single = VariantRecord("independent", {"a": [1.0]}, [(1, {"a": 0.4})], {"a": "min"})
+    >>> res = ComparisonResult({"shared": shared, "independent": single}, ["a"], steps=1, split_step=0)
+    >>> res.ceiling_broken, round(res.delta_m["shared"], 6)
+    ({'independent': ['a']}, -25.0)
     """
 
     variants: dict[str, VariantRecord]
