@@ -127,14 +127,19 @@ class _Experiment:
         params = [p for p in model.parameters() if p.requires_grad]
         return _Member(model, list(tasks), self.optimizer_factory(params))
 
-    def train(self, name: str, members: list[_Member], run: _Run, start: int, stop: int) -> None:
-        """Train ``members`` on batches ``start .. stop - 1``, appending to ``run``."""
+    def train(
+        self, name: str, members: list[_Member], run: _Run, start: int, stop: int, measure_memory: bool = True
+    ) -> None:
+        """Train ``members`` on batches ``start .. stop - 1``, appending to ``run``.
+
+        With ``measure_memory``, the first step also measures the variant's training memory.
+        """
         bar = _progress_bar(self.progress, stop - start, name)
         for step in range(start, stop):
             x, targets = self.batches[step]
             seconds = 0.0
             for member in members:
-                measure = step == start  # the phase's first step also measures memory
+                measure = measure_memory and step == start
                 if measure and self.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(self.device)
                 with saved_activation_bytes(member.model) if measure else nullcontext() as saved:
@@ -153,7 +158,7 @@ class _Experiment:
         out = member.model(x)
         losses = [self.loss_fns[t](out[t], targets[t]) for t in member.tasks]
         member.optimizer.zero_grad(set_to_none=True)
-        torch.stack(losses).sum().backward()
+        sum(losses).backward()
         member.optimizer.step()
         synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -170,14 +175,11 @@ class _Experiment:
 
     def evaluate(self, members: list[_Member]) -> dict[str, float]:
         """Each task's metric, averaged over the evaluation batches (weighted by batch size)."""
-        totals: dict[str, float] = {}
+        totals, seen = dict.fromkeys(self.tasks, 0.0), dict.fromkeys(self.tasks, 0)
         for member in members:
             was_training = member.model.training
             member.model.eval()
             with torch.no_grad():
-                for task in member.tasks:
-                    totals[task] = 0.0
-                seen = dict.fromkeys(member.tasks, 0)
                 for x, targets in self.eval_batches:
                     out = member.model(x)
                     for task in member.tasks:
@@ -185,15 +187,12 @@ class _Experiment:
                         totals[task] += float(self.metrics[task][0](out[task], targets[task])) * n
                         seen[task] += n
             member.model.train(was_training)
-            for task in member.tasks:
-                totals[task] /= seen[task]
-        return {t: totals[t] for t in self.tasks}
+        return {t: totals[t] / seen[t] for t in self.tasks}
 
     def record(self, name: str, members: list[_Member], run: _Run, start: int) -> VariantRecord:
         """Close a variant's run: its costs, measured on the trained members."""
         own = run.step_seconds[start:]
         timed = own[1:] or own  # the first step of a phase also measured memory and warmed up
-        # the median: a busy machine adds spikes to single steps, not to the typical one
         x = self.eval_batches[0][0]
         return VariantRecord(
             name=name,
@@ -201,7 +200,7 @@ class _Experiment:
             evals=run.evals,
             directions={t: self.metrics[t][1] for t in self.tasks},
             params=sum(count_parameters(m.model, m.tasks) for m in members),
-            step_ms=1e3 * statistics.median(timed),
+            step_ms=1e3 * statistics.median(timed),  # a busy machine adds spikes to steps, not to the median
             latency_ms=sum(latency_ms(m.model, x) for m in members),
             memory_mb=run.memory_bytes / 2**20,
             start=start,
@@ -337,7 +336,7 @@ def compare(
         exp.train("shared", members, run, 0, split_step)
         checkpoint = (copy.deepcopy(probe), copy.deepcopy(run))
         if "shared" in variants:
-            exp.train("shared", members, run, split_step, steps)
+            exp.train("shared", members, run, split_step, steps, measure_memory=split_step == 0)
             records["shared"] = exp.record("shared", members, run, 0)
     if "independent" in variants:
         run = fresh_run()

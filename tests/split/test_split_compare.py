@@ -27,6 +27,8 @@ def test_compare_runs_every_variant_and_tabulates_them():
         assert res.history[name]["a"][:6] == res.history["shared"]["a"][:6]
         assert res[name].evals[0] == res["shared"].evals[0]
     assert res["branched"].params > res["shared"].params
+    # shared trains in two phases around the split step; its memory is measured once, as without a split
+    assert _run(variants=("shared",), split_fraction=0.0)["shared"].memory_mb == res["shared"].memory_mb
     row = next(r for r in res.rows if r["variant"] == "independent")
     assert row["delta_m"] == 0.0 and res.delta_m["independent"] == 0.0
     json.dumps(res.to_dict(), allow_nan=False)  # strict JSON
