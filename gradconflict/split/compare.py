@@ -84,7 +84,11 @@ def _record_batches(data: Iterable[Batch], steps: int, tasks: Sequence[str]) -> 
             if len(batches) == steps:
                 break
         if len(batches) == before:
-            raise ValueError("train_data yielded no batch: pass a re-iterable of (x, {task: target}) batches")
+            again = " when iterated again" if batches else ""
+            raise ValueError(
+                f"train_data yielded no batch{again}: pass a re-iterable of (x, {{task: target}}) batches "
+                "(a list or a DataLoader), not a one-shot iterator"
+            )
     _check_batch(batches[0], tasks, "train_data")
     return batches
 
@@ -306,7 +310,7 @@ def compare(
     batches = [_to(b, device) for b in _record_batches(train_data, steps, tasks)]
     eval_batches = [_to(b, device) for b in (train_data if eval_data is None else eval_data)]
     if not eval_batches:
-        raise ValueError("eval_data yielded no batch")
+        raise ValueError("eval_data yielded no batch (a used-up one-shot iterator?): pass a list or a DataLoader")
     _check_batch(eval_batches[0], tasks, "eval_data")
     exp = _Experiment(
         loss_fns,

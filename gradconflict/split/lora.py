@@ -286,6 +286,8 @@ def lora_split(
     ['model.backbone.0']
     """
     backbone, heads = check_convention(model)
+    if any(isinstance(m, LoRALayer) for m in backbone.modules()):
+        raise ValueError("the backbone already carries LoRA adapters: split the original model once, for all tasks")
     tasks = list(heads) if tasks is None else list(tasks)
     if not tasks:
         raise ValueError("lora_split needs at least one task")

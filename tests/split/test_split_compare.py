@@ -100,6 +100,8 @@ def test_bad_arguments_are_explained():
         compare(mlp_net, {"c": MSE["a"]}, batches(1), steps=2, progress=False)
     with pytest.raises(ValueError, match="yielded no batch"):
         compare(mlp_net, MSE, [], steps=2, progress=False)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        compare(mlp_net, MSE, iter(batches(1)), steps=2, progress=False)
 
 
 def test_ceiling_broken_and_delta_m_from_records():

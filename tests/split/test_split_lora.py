@@ -120,5 +120,7 @@ def test_targets_paths_alpha_and_errors(net):
         lora_split(mlp_net(), targets=(nn.Conv2d,))
     with pytest.raises(TypeError, match="has no `.backbone`"):
         lora_split(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="already carries LoRA"):
+        lora_split(net)
     with pytest.raises(ValueError, match="without '.'"):
         lora_split(mlp_net(), ["a.b"])
