@@ -38,7 +38,7 @@ class VariantRecord:
         directions: task -> ``"max"`` or ``"min"`` (which way the metric improves).
         params: parameter entries needed to serve every task.
         step_ms: median wall-clock time of one training step over the variant's own phase.
-        latency_ms: median inference time for one batch, all tasks.
+        latency_ms: fastest of ten inference calls on one batch, all tasks.
         memory_mb: training-step memory (CUDA: peak allocated; CPU: estimate, see ``gradconflict.split.costs``).
         start: the step where this variant's own training began (after the shared phase, for lora and branched).
 

@@ -1,11 +1,14 @@
+from __future__ import annotations
+
 import copy
 
 import pytest
 import torch
-from conftest import MSE, batches, mlp_net
 from torch import nn
 
 from gradconflict.split import BranchedNet, MultiTaskNet, branch
+
+from .helpers import MSE, batches, mlp_net
 
 
 def _same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor) -> bool:

@@ -1,10 +1,13 @@
+from __future__ import annotations
+
 import json
 
 import pytest
 import torch
-from conftest import MSE, batches, mlp_net
 
 from gradconflict.split import ComparisonResult, VariantRecord, compare
+
+from .helpers import MSE, batches, mlp_net
 
 
 def _run(seed: int = 0, **kwargs):

@@ -1,11 +1,14 @@
+from __future__ import annotations
+
 import json
 
 import pytest
 import torch
-from conftest import MSE, batches, mlp_net
 
 from gradconflict import ConflictMonitor, ConflictReport, History
 from gradconflict.split import VariantRecord, branch, compare, evaluate_split
+
+from .helpers import MSE, batches, mlp_net
 
 
 def _history(curves: dict[str, list[float]]) -> History:

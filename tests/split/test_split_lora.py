@@ -1,9 +1,12 @@
+from __future__ import annotations
+
 import pytest
 import torch
-from conftest import MSE, batches, mlp_net
 from torch import nn
 
 from gradconflict.split import LoRALayer, MultiTaskNet, lora_split
+
+from .helpers import MSE, batches, mlp_net
 
 
 def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:
