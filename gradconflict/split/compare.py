@@ -6,7 +6,8 @@ the same step budget and exactly the same batches in the same order:
 - ``shared``: one model, all tasks, the summed loss, for the whole budget.
 - ``independent``: one copy of the model per task, each trained on its own loss alone for the whole budget.
 - ``lora``: the shared model after ``split_fraction`` of the budget (default half), backbone frozen, then one
-  LoRA adapter per task (and the heads) trained for the rest: the document's step 2 at equal total budget.
+  LoRA adapter per task on every Linear and Conv layer LoRA supports (and the heads) trained for the rest: the
+  document's step 2 at equal total budget.
 - ``branched``: the same shared model at the same point, branched at ``branch_at`` into ``groups``, then every
   copy trained for the rest: the document's step 3 at equal total budget.
 
@@ -354,7 +355,7 @@ def compare(
         run.memory_bytes = 0
         torch.manual_seed(seed)
         if name == "lora":
-            split: nn.Module = lora_split(model, tasks, rank=lora_rank)
+            split: nn.Module = lora_split(model, tasks, rank=lora_rank, targets="all")
         else:
             split = branch(model, branch_at, groups, blocks=blocks)
         members = [exp.member(split, tasks)]

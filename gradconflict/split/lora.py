@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from gradconflict.split.model import check_convention
 
-__all__ = ["LoRALayer", "LoRASplit", "lora_split"]
+__all__ = ["LoRALayer", "LoRASplit", "adaptable", "lora_split"]
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
@@ -155,6 +155,19 @@ class LoRASplit(nn.Module):
         self.model = model
         self.tasks = list(tasks)
         self.layer_names = [f"model.{n}" for n in layer_names]
+        self.train(model.training)
+
+    def train(self, mode: bool = True) -> LoRASplit:
+        """Set training mode, but keep the backbone's running-statistics layers (BatchNorm...) in eval mode.
+
+        The backbone is frozen and shared by every task: if one task's batches moved its normalisation
+        statistics, they would change the function every other task sees.
+        """
+        super().train(mode)
+        for module in self.model.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._NormBase):
+                module.eval()
+        return self
 
     @property
     def layers(self) -> dict[str, LoRALayer]:
@@ -252,10 +265,36 @@ class LoRASplit(nn.Module):
             layer.unmerge()
 
 
-def _is_target(name: str, module: nn.Module, targets: Sequence[str | type]) -> bool:
+def adaptable(module: nn.Module) -> bool:
+    """Whether :class:`LoRALayer` can adapt ``module``: a plain ``nn.Linear``, or an ``nn.ConvNd`` with
+    ``groups=1`` and zero padding.
+
+    Subclasses are left out on purpose: ``MultiheadAttention``'s ``out_proj`` (a ``Linear`` subclass) has its
+    weight read directly by its parent, so wrapping it would break the parent.
+
+    >>> import torch.nn as nn
+    >>> adaptable(nn.Linear(2, 2)), adaptable(nn.Conv2d(4, 4, 3, groups=2)), adaptable(nn.ReLU())
+    (True, False, False)
+    """
+    if type(module) is nn.Linear:
+        return True
+    return type(module) in _CONV and module.groups == 1 and module.padding_mode == "zeros"
+
+
+def _chosen(in_backbone: list[tuple[str, nn.Module]], targets: str | Sequence[str | type] | None) -> list[str]:
+    """Paths of the backbone layers that ``targets`` selects (see :func:`lora_split`)."""
+    if targets is None:
+        return [n for n, m in in_backbone if type(m) is nn.Linear]
+    if targets == "all":
+        return [n for n, m in in_backbone if adaptable(m)]
+    targets = [targets] if isinstance(targets, str) else list(targets)
     if all(isinstance(t, type) for t in targets):
-        return isinstance(module, tuple(targets))
-    return name in targets
+        return [n for n, m in in_backbone if isinstance(m, tuple(targets)) and adaptable(m)]
+    chosen = [n for n, _ in in_backbone if n in targets]
+    unknown = [t for t in targets if t not in chosen]
+    if unknown:
+        raise ValueError(f"targets {unknown} are not modules of the backbone (paths start with 'backbone')")
+    return chosen
 
 
 def lora_split(
@@ -263,7 +302,7 @@ def lora_split(
     tasks: Sequence[str] | None = None,
     rank: int = 8,
     alpha: float | None = None,
-    targets: Sequence[str | type] | None = None,
+    targets: str | Sequence[str | type] | None = None,
 ) -> LoRASplit:
     """Freeze ``model``'s backbone and attach one LoRA adapter per task to its Linear/Conv layers, in place.
 
@@ -273,8 +312,10 @@ def lora_split(
         tasks: adapter names; default: the model's heads.
         rank: adapter rank ``r``.
         alpha: scale numerator (update scaled by ``alpha / r``); default ``r``, a scale of 1.
-        targets: which layers to adapt: module paths in ``model`` (e.g. ``["backbone.0", "backbone.2"]``) or a
-            tuple of layer types (e.g. ``(nn.Linear, nn.Conv2d)``); default: every ``nn.Linear`` in the backbone.
+        targets: which layers to adapt: module paths in ``model`` (e.g. ``["backbone.0", "backbone.2"]``), a
+            tuple of layer types (e.g. ``(nn.Conv2d,)``; layers of those types that LoRA cannot adapt are left out,
+            see :func:`adaptable`), or ``"all"`` (every adaptable Linear and Conv layer); default: every plain
+            ``nn.Linear`` in the backbone.
 
     The whole backbone is frozen (also layers that get no adapter); heads keep training. Train with one optimizer
     over ``split.trainable_parameters()``; the base weights stay bit-identical.
@@ -295,19 +336,11 @@ def lora_split(
     if bad:
         raise ValueError(f"task names {bad} cannot name adapters: use non-empty names without '.'")
     in_backbone = [(f"backbone.{n}" if n else "backbone", m) for n, m in backbone.named_modules()]
-    if targets is None:
-        chosen = [n for n, m in in_backbone if isinstance(m, nn.Linear)]
-    else:
-        if isinstance(targets, str):
-            targets = [targets]
-        chosen = [n for n, m in in_backbone if _is_target(n, m, targets)]
-        unknown = [t for t in targets if isinstance(t, str) and t not in chosen]
-        if unknown:
-            raise ValueError(f"targets {unknown} are not modules of the backbone (paths start with 'backbone')")
+    chosen = _chosen(in_backbone, targets)
     if not chosen:
         raise ValueError(
             "no layer to adapt: the backbone has no layer matching targets "
-            f"{targets or 'nn.Linear'}; pass targets= (paths or layer types such as (nn.Conv2d,))"
+            f"{targets or 'nn.Linear'}; pass targets= (paths, layer types such as (nn.Conv2d,), or 'all')"
         )
     for p in backbone.parameters():
         p.requires_grad_(False)

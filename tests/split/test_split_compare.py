@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
-from gradconflict.split import ComparisonResult, VariantRecord, compare
+from gradconflict.split import ComparisonResult, MultiTaskNet, VariantRecord, compare
 
 from .helpers import MSE, batches, mlp_net
 
@@ -121,3 +122,18 @@ def test_ceiling_broken_and_delta_m_from_records():
     assert res.delta_m["lora"] == pytest.approx((-37.5 + 20.0) / 2)
     frame = res.to_dataframe()
     assert frame.loc[("lora", "b"), "beats_shared"] and frame.loc[("shared", "a"), "beats_shared"] is None
+
+
+def test_compare_on_a_small_cnn_with_batchnorm():
+    def cnn():
+        backbone = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2), nn.Flatten()
+        )
+        return MultiTaskNet(backbone, {"a": nn.Linear(4 * 3 * 3, 1), "b": nn.Linear(4 * 3 * 3, 1)})
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 8, 1, 7, 7, generator=g)
+    data = [(x, {"a": x.mean((1, 2, 3))[:, None], "b": x.amax((1, 2, 3))[:, None]}) for x in images]
+    res = compare(cnn, MSE, data, steps=6, branch_at=3, progress=False, evals=2)
+    assert list(res.variants) == ["shared", "independent", "lora", "branched"]
+    assert res["lora"].params > res["shared"].params  # adapters on both convolutions

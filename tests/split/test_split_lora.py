@@ -82,6 +82,31 @@ def test_merge_then_unmerge_restores_the_base_exactly(net):
     assert torch.equal(split(x, task="a"), routed)
 
 
+def test_frozen_backbone_keeps_its_batchnorm_statistics():
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU())
+    net = MultiTaskNet(backbone, {"a": nn.Linear(8, 1), "b": nn.Linear(8, 1)})
+    split = lora_split(net, rank=2)
+    before = {k: v.clone() for k, v in backbone.state_dict().items() if "down" not in k and "up" not in k}
+    split.train()
+    assert split.training and net.heads.training and not backbone[1].training
+    _train(split)
+    after = backbone.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # running mean, var and count included
+
+
+def test_default_and_all_targets_skip_what_lora_cannot_wrap():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True, dropout=0.0)
+    net = MultiTaskNet(nn.Sequential(layer, nn.Conv1d(5, 5, 1, groups=5)), {"a": nn.Linear(8, 1)})
+    x = torch.randn(2, 5, 8)
+    expected = net(x)["a"]
+    split = lora_split(net, rank=2, targets="all")
+    # out_proj is read directly by the attention, and a grouped conv has no adapter here: both are left alone
+    assert split.layer_names == ["model.backbone.0.linear1", "model.backbone.0.linear2"]
+    assert torch.allclose(split(x, task="a"), expected, atol=1e-6)
+
+
 def test_conv_adapter_merges_to_the_same_function():
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten())
