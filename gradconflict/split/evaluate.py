@@ -140,10 +140,14 @@ def _ema_min(values: list[float], span: int) -> float:
 
 
 def _convergence(before: _Side, after: _Side, tasks: list[str], span: int, tolerance: float) -> Criterion:
-    start = max(before.start, after.start)  # the same window on both sides when both come from compare()
+    if before.record is not None and after.record is not None:
+        # two variants of one compare() run share their step axis: judge both over the same window
+        b_start = a_start = max(before.start, after.start)
+    else:
+        b_start, a_start = before.start, after.start
     parts, verdicts = [], []
     for task in tasks:
-        b, a = smoothness(before.losses[task][start:], span), smoothness(after.losses[task][start:], span)
+        b, a = smoothness(before.losses[task][b_start:], span), smoothness(after.losses[task][a_start:], span)
         if math.isnan(a.rise_share) or math.isnan(b.rise_share):
             continue
         verdicts.append(a.rise_share <= b.rise_share + tolerance)
@@ -209,8 +213,8 @@ def evaluate_split(
         tolerance: how much a task's share of rising steps may grow before convergence counts as worse (a
             share, so 0.02 is two percentage points: one step in fifty, noise on short runs).
 
-    Only the tasks present on both sides are judged. With compare() records, smoothness is measured over the
-    same window on both sides (from the later side's split step).
+    Only the tasks present on both sides are judged. With two compare() records, smoothness is measured over the
+    same window on both sides (from the later side's split step); a history is judged whole.
 
     >>> rec = VariantRecord("x", {"a": [1.0, 0.5, 0.2]}, [(3, {"a": 0.2})], {"a": "min"}, 10, 1.0, 1.0, 1.0)
     >>> evaluate_split(rec, rec).held   # a run judged against itself: smooth, no ceiling broken, same cost

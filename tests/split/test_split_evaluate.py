@@ -74,6 +74,14 @@ def test_comparison_results_and_real_monitor_histories():
     assert evaluate_split(before, after)["ceiling"].passed is not None
 
 
+def test_a_history_is_judged_whole_next_to_a_record():
+    bumpy = [1.0, 1.5, 0.9, 1.6, 0.8, 0.7, 0.6, 0.5]
+    record = _record("lora", {"a": [0.5] * 4 + [0.4, 0.3, 0.2, 0.1]}, {"a": 0.1})
+    record.start = 4
+    verdict = evaluate_split(_history({"a": bumpy}), record, span=1)
+    assert "a 29% -> 0%" in verdict["convergence"].evidence  # the history's rises counted from its first step
+
+
 def test_bad_inputs():
     h = _history({"a": [1.0, 0.9, 0.8]})
     with pytest.raises(TypeError, match="variant name"):
