@@ -12,7 +12,7 @@ so a fresh split computes exactly what the model computed.
 >>> split.layer_names
 ['model.backbone.0']
 >>> out = split(torch.randn(3, 4))          # every task through its own adapter
->>> sorted(out), split.frozen_parameters()  # the backbone is frozen
+>>> sorted(out), split.count_frozen()  # the backbone is frozen
 (['a', 'b'], 40)
 >>> with split.task("a"):                   # or route by hand
 ...     y = net(torch.randn(3, 4))["a"]
@@ -57,12 +57,10 @@ class LoRALayer(nn.Module):
 
     def __init__(self, base: nn.Module, tasks: Sequence[str], rank: int, alpha: float) -> None:
         super().__init__()
-        if type(base) not in (nn.Linear, *_CONV):
-            raise TypeError(f"LoRA adapts nn.Linear and nn.Conv1d/2d/3d layers, not {type(base).__name__}")
-        if isinstance(base, nn.modules.conv._ConvNd) and (base.groups != 1 or base.padding_mode != "zeros"):
+        if not adaptable(base):
             raise TypeError(
-                f"LoRA here supports convolutions with groups=1 and zero padding, not {base}; "
-                "leave that layer out with targets="
+                "LoRA here adapts a plain nn.Linear, or an nn.Conv1d/2d/3d with groups=1 and zero padding, not "
+                f"{base}; leave that layer out with targets="
             )
         if rank < 1:
             raise ValueError(f"rank must be at least 1, got {rank}")
@@ -216,15 +214,13 @@ class LoRASplit(nn.Module):
         tasks = self.tasks if task is None else [task]
         for t in tasks:
             self._check_task(t)
-        return [layer.down[t] for layer in self.layers.values() for t in tasks] + [
-            layer.up[t] for layer in self.layers.values() for t in tasks
-        ]
+        return [p for layer in self.layers.values() for t in tasks for p in (layer.down[t], layer.up[t])]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every parameter that still trains: all adapters, plus the heads (unless frozen by hand)."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    def frozen_parameters(self) -> int:
+    def count_frozen(self) -> int:
         """Number of frozen parameter entries (the shared backbone's adapted layers, and anything frozen before)."""
         return sum(p.numel() for p in self.parameters() if not p.requires_grad)
 
