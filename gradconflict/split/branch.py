@@ -120,15 +120,14 @@ def branch(
     flat = [t for g in groups for t in g]
     if any(len(g) == 0 for g in groups) or sorted(flat) != sorted(tasks):
         raise ValueError(f"groups={groups} must split the tasks {tasks} into non-empty groups, each task once")
-    paths = [p for p, _ in backbone_blocks(model, blocks)]
+    found = backbone_blocks(model, blocks)
+    paths, modules = [p for p, _ in found], [m for _, m in found]
     index = _resolve_at(at, paths)
 
-    clone = copy.deepcopy(model)  # the original stays as it was; every part of the result is a copy
-    modules = [clone.get_submodule(p) for p in paths]
+    # copies only, so the original stays as it was; stem and heads in one deepcopy keep any weight they tie
+    stem, head_copies = copy.deepcopy((modules[:index], heads))
     branches = {"+".join(g): nn.Sequential(*copy.deepcopy(modules[index:])) for g in groups}
-    result = BranchedNet(
-        nn.Sequential(*modules[:index]), branches, clone.heads, {"+".join(g): g for g in groups}, paths
-    )
+    result = BranchedNet(nn.Sequential(*stem), branches, head_copies, {"+".join(g): g for g in groups}, paths)
     if example_input is not None:
         _check_same(model, result, example_input)
     return result
