@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from gradconflict.history import History
-from gradconflict.split.measures import smoothness
+from gradconflict.split.measures import smoothed, smoothness
 from gradconflict.split.result import ComparisonResult, VariantRecord
 
 __all__ = ["Criterion", "SplitEvaluation", "evaluate_split"]
@@ -129,16 +129,6 @@ def _side(value: History | VariantRecord) -> _Side:
     )
 
 
-def _ema_min(values: list[float], span: int) -> float:
-    """The lowest point of the loss's moving average: a training loss's best, robust to one lucky batch."""
-    alpha, ema, best = 2.0 / (span + 1), math.nan, math.inf
-    for v in values:
-        if math.isfinite(v):
-            ema = v if math.isnan(ema) else ema + alpha * (v - ema)
-            best = min(best, ema)
-    return best
-
-
 def _convergence(before: _Side, after: _Side, tasks: list[str], span: int, tolerance: float) -> Criterion:
     if before.record is not None and after.record is not None:
         # two variants of one compare() run share their step axis: judge both over the same window
@@ -167,8 +157,9 @@ def _ceiling(before: _Side, after: _Side, tasks: list[str], span: int) -> Criter
         b_best, a_best, directions = before.record.best(), after.record.best(), after.record.directions
     else:  # histories carry training losses only: compare their smoothed minima
         what = "lowest smoothed training loss"
-        b_best = {t: _ema_min(before.losses[t], span) for t in tasks}
-        a_best = {t: _ema_min(after.losses[t], span) for t in tasks}
+        # the lowest point of the moving average: a training loss's best, robust to one lucky batch
+        b_best = {t: min(smoothed(before.losses[t], span), default=math.inf) for t in tasks}
+        a_best = {t: min(smoothed(after.losses[t], span), default=math.inf) for t in tasks}
         directions = dict.fromkeys(tasks, "min")
     moved = [t for t in tasks if (a_best[t] > b_best[t] if directions[t] == "max" else a_best[t] < b_best[t])]
     parts = "; ".join(f"{t} {b_best[t]:.4g} -> {a_best[t]:.4g}" for t in tasks)

@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Smoothness", "delta_m", "smoothness", "task_improvement"]
+__all__ = ["Smoothness", "delta_m", "smoothed", "smoothness", "task_improvement"]
 
 
 def task_improvement(value: float, base: float, lower_is_better: bool) -> float:
@@ -77,28 +77,40 @@ class Smoothness:
     steps: int
 
 
-def smoothness(losses: Sequence[float], span: int = 10) -> Smoothness:
-    """Measure a loss curve's smoothness on its EMA (``alpha = 2 / (span + 1)``, started at the first value).
+def smoothed(losses: Sequence[float], span: int = 10) -> list[float]:
+    """The exponential moving average of a loss curve (``alpha = 2 / (span + 1)``, started at the first value).
 
-    Non-finite values are dropped. Fewer than three values give ``nan`` measures.
+    Non-finite values are dropped first.
+
+    >>> smoothed([1.0, float("nan"), 3.0], span=3)
+    [1.0, 2.0]
+    """
+    if span < 1:
+        raise ValueError(f"span must be at least 1, got {span}")
+    alpha = 2.0 / (span + 1)
+    ema: list[float] = []
+    for v in (float(v) for v in losses):
+        if math.isfinite(v):
+            ema.append(v if not ema else ema[-1] + alpha * (v - ema[-1]))
+    return ema
+
+
+def smoothness(losses: Sequence[float], span: int = 10) -> Smoothness:
+    """Measure a loss curve's smoothness on its moving average (:func:`smoothed`).
+
+    Fewer than three finite values give ``nan`` measures.
 
     >>> s = smoothness([1.0, 2.0, 1.0, 2.0, 1.0], span=1)
     >>> s.rise_share, s.diff_variance
     (0.5, 1.0)
     """
-    if span < 1:
-        raise ValueError(f"span must be at least 1, got {span}")
-    values = [float(v) for v in losses if math.isfinite(float(v))]
-    if len(values) < 3:
-        return Smoothness(math.nan, math.nan, len(values))
-    alpha = 2.0 / (span + 1)
-    ema = [values[0]]
-    for v in values[1:]:
-        ema.append(ema[-1] + alpha * (v - ema[-1]))
+    ema = smoothed(losses, span)
+    if len(ema) < 3:
+        return Smoothness(math.nan, math.nan, len(ema))
     diffs = [b - a for a, b in zip(ema, ema[1:])]
     mean = sum(diffs) / len(diffs)
     return Smoothness(
         rise_share=sum(d > 0 for d in diffs) / len(diffs),
         diff_variance=sum((d - mean) ** 2 for d in diffs) / len(diffs),
-        steps=len(values),
+        steps=len(ema),
     )
