@@ -27,7 +27,7 @@ def _better(a: float, b: float, direction: str) -> bool:
     return a > b if direction == "max" else a < b
 
 
-@dataclass
+@dataclass(repr=False)
 class VariantRecord:
     """One variant's run: per-step training losses, evaluations and running costs.
 
@@ -61,6 +61,10 @@ class VariantRecord:
     def tasks(self) -> list[str]:
         """The task names."""
         return list(self.losses)
+
+    def __repr__(self) -> str:
+        steps = max((len(v) for v in self.losses.values()), default=0)
+        return f"VariantRecord({self.name!r}, tasks={self.tasks}, steps={steps}, params={self.params})"
 
     def best(self) -> dict[str, float]:
         """Each task's best evaluated metric over the run."""
@@ -99,7 +103,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-@dataclass
+@dataclass(repr=False)
 class ComparisonResult:
     """The comparison experiment's outcome: per-variant records and the table per variant and task.
 
@@ -126,6 +130,15 @@ class ComparisonResult:
     steps: int
     split_step: int
     notes: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return (
+            f"ComparisonResult(variants={list(self.variants)}, tasks={self.tasks}, steps={self.steps}, "
+            f"split_step={self.split_step})"
+        )
+
+    def __str__(self) -> str:
+        return self.to_markdown()
 
     def __getitem__(self, variant: str) -> VariantRecord:
         try:

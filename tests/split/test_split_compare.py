@@ -134,6 +134,8 @@ def test_compare_on_a_small_cnn_with_batchnorm():
     g = torch.Generator().manual_seed(0)
     images = torch.randn(2, 8, 1, 7, 7, generator=g)
     data = [(x, {"a": x.mean((1, 2, 3))[:, None], "b": x.amax((1, 2, 3))[:, None]}) for x in images]
-    res = compare(cnn, MSE, data, steps=6, branch_at=3, progress=False, evals=2)
+    res = compare(cnn, MSE, data, steps=6, branch_at=3, progress=True, evals=2)  # with tqdm's bars
     assert list(res.variants) == ["shared", "independent", "lora", "branched"]
     assert res["lora"].params > res["shared"].params  # adapters on both convolutions
+    assert repr(res).startswith("ComparisonResult(variants=['shared'") and str(res) == res.to_markdown()
+    assert repr(res["lora"]) == f"VariantRecord('lora', tasks=['a', 'b'], steps=6, params={res['lora'].params})"
