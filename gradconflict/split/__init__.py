@@ -1,0 +1,39 @@
+"""Carry out and judge the split of a shared multi-task backbone: the user's three steps, one call each.
+
+1. :func:`compare`: the comparison experiment (all shared, fully independent, per-task LoRA, branched).
+2. :func:`lora_split`: the logical split, one LoRA adapter per task on a frozen backbone.
+3. :func:`branch`: the physical split, one copy of the upper backbone per task group.
+
+Then :func:`evaluate_split` judges the split on the three criteria (convergence, ceiling, cost).
+
+>>> from gradconflict.split import MultiTaskNet, branch, compare, delta_m, evaluate_split, lora_split
+"""
+
+from __future__ import annotations
+
+from gradconflict.split.branch import BranchedNet, branch
+from gradconflict.split.compare import VARIANTS, compare
+from gradconflict.split.evaluate import Criterion, SplitEvaluation, evaluate_split
+from gradconflict.split.lora import LoRALayer, LoRASplit, lora_split
+from gradconflict.split.measures import Smoothness, delta_m, smoothness
+from gradconflict.split.model import MultiTaskNet
+from gradconflict.split.result import ComparisonResult, VariantRecord
+
+__all__ = [
+    "VARIANTS",
+    "BranchedNet",
+    "ComparisonResult",
+    "Criterion",
+    "LoRALayer",
+    "LoRASplit",
+    "MultiTaskNet",
+    "Smoothness",
+    "SplitEvaluation",
+    "VariantRecord",
+    "branch",
+    "compare",
+    "delta_m",
+    "evaluate_split",
+    "lora_split",
+    "smoothness",
+]

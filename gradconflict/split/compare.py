@@ -1,0 +1,365 @@
+"""Step 1, the comparison experiment: train the split variants side by side at small scale and tabulate them.
+
+The variants, all from the same initialisation (``torch.manual_seed(seed)`` before each model is built), with
+the same step budget and exactly the same batches in the same order:
+
+- ``shared``: one model, all tasks, the summed loss, for the whole budget.
+- ``independent``: one copy of the model per task, each trained on its own loss alone for the whole budget.
+- ``lora``: the shared model after ``split_fraction`` of the budget (default half), backbone frozen, then one
+  LoRA adapter per task on every Linear and Conv layer LoRA supports (and the heads) trained for the rest: the
+  document's step 2 at equal total budget.
+- ``branched``: the same shared model at the same point, branched at ``branch_at`` into ``groups``, then every
+  copy trained for the rest: the document's step 3 at equal total budget.
+
+Splitting a partly trained shared model (rather than training the split architectures from scratch) answers
+the user's question, "should *this* model be split now?", and gives lora a trained backbone to adapt. The first
+pass over ``train_data`` is recorded and replayed to every variant, so shuffling loaders cannot give the
+variants different orders.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradconflict.split.branch import branch
+from gradconflict.split.costs import latency_ms, saved_activation_bytes, state_bytes, synchronize
+from gradconflict.split.lora import lora_split
+from gradconflict.split.model import check_convention, count_parameters
+from gradconflict.split.result import ComparisonResult, VariantRecord
+
+__all__ = ["VARIANTS", "compare"]
+
+VARIANTS = ("shared", "independent", "lora", "branched")
+
+LossFn = Callable[[Any, Any], Tensor]
+MetricFn = Callable[[Any, Any], float]
+Batch = tuple[Any, Mapping[str, Any]]
+
+
+@dataclass
+class _Member:
+    """One trained model of a variant (independent has one per task) and the tasks it serves."""
+
+    model: nn.Module
+    tasks: list[str]
+    optimizer: torch.optim.Optimizer
+
+
+@dataclass
+class _Run:
+    """A variant's trajectory so far: per-step losses, evaluations, step times and the memory of one step."""
+
+    losses: dict[str, list[float]]
+    evals: list[tuple[int, dict[str, float]]]
+    step_seconds: list[float]
+    memory_bytes: int = 0
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """Move the tensors in a (nested) batch to ``device``."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+def _record_batches(data: Iterable[Batch], steps: int, tasks: Sequence[str]) -> list[Batch]:
+    """The first ``steps`` batches of ``data``, cycling through it as often as needed."""
+    batches: list[Batch] = []
+    while len(batches) < steps:
+        before = len(batches)
+        for batch in data:
+            batches.append(batch)
+            if len(batches) == steps:
+                break
+        if len(batches) == before:
+            again = " when iterated again" if batches else ""
+            raise ValueError(
+                f"train_data yielded no batch{again}: pass a re-iterable of (x, {{task: target}}) batches "
+                "(a list or a DataLoader), not a one-shot iterator"
+            )
+    _check_batch(batches[0], tasks, "train_data")
+    return batches
+
+
+def _check_batch(batch: Any, tasks: Sequence[str], where: str) -> None:
+    ok = isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Mapping)
+    if not ok or any(t not in batch[1] for t in tasks):
+        raise ValueError(f"{where} must yield (x, {{task: target}}) pairs with a target for each of {list(tasks)}")
+
+
+def _batch_size(target: Any) -> int:
+    return int(target.shape[0]) if isinstance(target, Tensor) and target.dim() > 0 else 1
+
+
+class _Experiment:
+    """The settings every variant shares, and the training and evaluation loops."""
+
+    def __init__(
+        self,
+        loss_fns: Mapping[str, LossFn],
+        batches: list[Batch],
+        eval_batches: list[Batch],
+        metrics: Mapping[str, tuple[MetricFn, str]],
+        eval_steps: set[int],
+        optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+        device: torch.device,
+        progress: bool,
+    ) -> None:
+        self.loss_fns = loss_fns
+        self.tasks = list(loss_fns)
+        self.batches = batches
+        self.eval_batches = eval_batches
+        self.metrics = metrics
+        self.eval_steps = eval_steps
+        self.optimizer_factory = optimizer_factory
+        self.device = device
+        self.progress = progress
+
+    def member(self, model: nn.Module, tasks: Sequence[str]) -> _Member:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return _Member(model, list(tasks), self.optimizer_factory(params))
+
+    def train(
+        self, name: str, members: list[_Member], run: _Run, start: int, stop: int, measure_memory: bool = True
+    ) -> None:
+        """Train ``members`` on batches ``start .. stop - 1``, appending to ``run``.
+
+        With ``measure_memory``, the first step also measures the variant's training memory.
+        """
+        bar = _progress_bar(self.progress, stop - start, name)
+        for step in range(start, stop):
+            x, targets = self.batches[step]
+            seconds = 0.0
+            for member in members:
+                measure = measure_memory and step == start
+                if measure and self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                with saved_activation_bytes(member.model) if measure else nullcontext() as saved:
+                    seconds += self._step(member, x, targets, run)
+                if measure:
+                    self._add_memory(run, member, saved.bytes)
+            run.step_seconds.append(seconds)
+            if step + 1 in self.eval_steps:
+                run.evals.append((step + 1, self.evaluate(members)))
+            bar.update(1)
+        bar.close()
+
+    def _step(self, member: _Member, x: Any, targets: Mapping[str, Any], run: _Run) -> float:
+        synchronize(self.device)
+        start = time.perf_counter()
+        out = member.model(x)
+        losses = [self.loss_fns[t](out[t], targets[t]) for t in member.tasks]
+        member.optimizer.zero_grad(set_to_none=True)
+        sum(losses).backward()
+        member.optimizer.step()
+        synchronize(self.device)
+        seconds = time.perf_counter() - start
+        for task, loss in zip(member.tasks, losses):
+            run.losses[task].append(float(loss.detach()))
+        return seconds
+
+    def _add_memory(self, run: _Run, member: _Member, activations: int) -> None:
+        if self.device.type == "cuda":
+            # the allocator's peak already holds every member resident on the device: take the largest
+            run.memory_bytes = max(run.memory_bytes, int(torch.cuda.max_memory_allocated(self.device)))
+        else:
+            run.memory_bytes += state_bytes(member.model, member.optimizer) + activations
+
+    def evaluate(self, members: list[_Member]) -> dict[str, float]:
+        """Each task's metric, averaged over the evaluation batches (weighted by batch size)."""
+        totals, seen = dict.fromkeys(self.tasks, 0.0), dict.fromkeys(self.tasks, 0)
+        for member in members:
+            was_training = member.model.training
+            member.model.eval()
+            with torch.no_grad():
+                for x, targets in self.eval_batches:
+                    out = member.model(x)
+                    for task in member.tasks:
+                        n = _batch_size(targets[task])
+                        totals[task] += float(self.metrics[task][0](out[task], targets[task])) * n
+                        seen[task] += n
+            member.model.train(was_training)
+        return {t: totals[t] / seen[t] for t in self.tasks}
+
+    def record(self, name: str, members: list[_Member], run: _Run, start: int) -> VariantRecord:
+        """Close a variant's run: its costs, measured on the trained members."""
+        own = run.step_seconds[start:]
+        timed = own[1:] or own  # the first step of a phase also measured memory and warmed up
+        x = self.eval_batches[0][0]
+        return VariantRecord(
+            name=name,
+            losses=run.losses,
+            evals=run.evals,
+            directions={t: self.metrics[t][1] for t in self.tasks},
+            params=sum(count_parameters(m.model, m.tasks) for m in members),
+            step_ms=1e3 * statistics.median(timed),  # a busy machine adds spikes to steps, not to the median
+            latency_ms=sum(latency_ms(m.model, x) for m in members),
+            memory_mb=run.memory_bytes / 2**20,
+            start=start,
+        )
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        """Nothing to show."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def _progress_bar(enabled: bool, total: int, name: str) -> Any:
+    """A tqdm bar when asked for and tqdm is installed; otherwise a silent stand-in."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return _NoBar()
+        return tqdm(total=total, desc=f"compare: {name}", leave=False)
+    return _NoBar()
+
+
+def compare(
+    model_factory: Callable[[], nn.Module] | nn.Module,
+    loss_fns: Mapping[str, LossFn],
+    train_data: Iterable[Batch],
+    steps: int = 200,
+    optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    eval_data: Iterable[Batch] | None = None,
+    metrics: Mapping[str, tuple[MetricFn, str]] | None = None,
+    branch_at: int | str | None = None,
+    groups: Sequence[Sequence[str]] | None = None,
+    seed: int = 0,
+    variants: Sequence[str] = VARIANTS,
+    progress: bool = True,
+    *,
+    split_fraction: float = 0.5,
+    lora_rank: int = 8,
+    evals: int = 5,
+    blocks: Sequence[str] | None = None,
+) -> ComparisonResult:
+    """Run the comparison experiment (see the module docstring for what each variant is) and tabulate it.
+
+    Args:
+        model_factory: ``() -> model`` following the convention (``.backbone``, ``.heads``, ``forward(x)`` ->
+            ``{task: output}``), or a model, deep-copied for every variant.
+        loss_fns: task -> ``loss(output, target)``, a scalar tensor.
+        train_data: a re-iterable of ``(x, {task: target})`` batches, cycled if shorter than ``steps``.
+        steps: training steps per variant (the independent variant takes ``steps`` steps per task model).
+        optimizer_factory: ``params -> optimizer``; default Adam with lr 1e-3. Lora and branched get a fresh
+            optimizer when they split.
+        eval_data: batches to evaluate on; default ``train_data`` (one pass).
+        metrics: task -> ``(fn(output, target) -> float, "max" | "min")``; default each task's loss, ``"min"``.
+        branch_at: the branch point for the branched variant (a block index or path, as in
+            :func:`~gradconflict.split.branch`); without it that variant is skipped, with a note.
+        groups: task groups for the branched variant; default one branch per task.
+        seed: seeds model construction, adapters and training; two runs with the same seed give the same losses
+            and metrics (costs are wall-clock measurements and vary).
+        variants: which of ``"shared"``, ``"independent"``, ``"lora"``, ``"branched"`` to run.
+        progress: show tqdm progress bars (if tqdm is installed).
+        split_fraction: share of the budget trained shared before lora and branched split, in [0, 1).
+        lora_rank: the adapters' rank.
+        evals: number of evaluations over the run (the best and final metrics are read from them).
+        blocks: block paths, for backbones that are not ``nn.Sequential`` / ``nn.ModuleList`` (for branching).
+
+    >>> import torch, torch.nn as nn
+    >>> from gradconflict.split import MultiTaskNet
+    >>> def factory():
+    ...     return MultiTaskNet(nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh()),
+    ...                         {"a": nn.Linear(16, 1), "b": nn.Linear(16, 1)})
+    >>> g = torch.Generator().manual_seed(0)
+    >>> data = [(x, {"a": x[:, :1], "b": -x[:, 1:2]}) for x in torch.randn(4, 32, 4, generator=g)]
+    >>> mse = nn.functional.mse_loss
+    >>> res = compare(factory, {"a": mse, "b": mse}, data, steps=20, branch_at=2, progress=False)
+    >>> sorted(res.variants), len(res.rows)
+    (['branched', 'independent', 'lora', 'shared'], 8)
+    """
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ValueError(f"variants must be a non-empty subset of {VARIANTS}, got {list(variants)}")
+    if steps < 1 or evals < 1:
+        raise ValueError(f"steps and evals must be positive, got steps={steps}, evals={evals}")
+    if not 0.0 <= split_fraction < 1.0:
+        raise ValueError(f"split_fraction must be in [0, 1), got {split_fraction}")
+    tasks = list(loss_fns)
+    if not tasks:
+        raise ValueError("loss_fns is empty: give one loss function per task")
+
+    def make() -> nn.Module:
+        torch.manual_seed(seed)  # same initialisation for every variant
+        model = copy.deepcopy(model_factory) if isinstance(model_factory, nn.Module) else model_factory()
+        _, heads = check_convention(model)
+        missing = [t for t in tasks if t not in heads]
+        if missing:
+            raise ValueError(f"the model has no head for tasks {missing}; its heads are {list(heads)}")
+        return model
+
+    probe = make()
+    device = next((p.device for p in probe.parameters()), torch.device("cpu"))
+    batches = [_to(b, device) for b in _record_batches(train_data, steps, tasks)]
+    eval_batches = [_to(b, device) for b in (train_data if eval_data is None else eval_data)]
+    if not eval_batches:
+        raise ValueError("eval_data yielded no batch (a used-up one-shot iterator?): pass a list or a DataLoader")
+    _check_batch(eval_batches[0], tasks, "eval_data")
+    exp = _Experiment(
+        loss_fns,
+        batches,
+        eval_batches,
+        metrics or {t: (loss_fns[t], "min") for t in tasks},
+        {round(steps * k / evals) for k in range(1, evals + 1)} - {0},
+        optimizer_factory or (lambda params: torch.optim.Adam(params, lr=1e-3)),
+        device,
+        progress,
+    )
+    split_step = int(steps * split_fraction)
+    records: dict[str, VariantRecord] = {}
+    notes: list[str] = []
+    want_split = [v for v in ("lora", "branched") if v in variants]
+    if "branched" in want_split and branch_at is None:
+        want_split.remove("branched")
+        notes.append("branched skipped: pass branch_at= (and groups=), e.g. from the diagnosis' advice")
+
+    def fresh_run() -> _Run:
+        return _Run({t: [] for t in tasks}, [], [])
+
+    checkpoint: tuple[nn.Module, _Run] | None = None
+    if "shared" in variants or want_split:
+        run, members = fresh_run(), [exp.member(probe, tasks)]
+        torch.manual_seed(seed)
+        exp.train("shared", members, run, 0, split_step)
+        checkpoint = (copy.deepcopy(probe), copy.deepcopy(run))
+        if "shared" in variants:
+            exp.train("shared", members, run, split_step, steps, measure_memory=split_step == 0)
+            records["shared"] = exp.record("shared", members, run, 0)
+    if "independent" in variants:
+        run = fresh_run()
+        members = [exp.member(make(), [t]) for t in tasks]
+        torch.manual_seed(seed)
+        exp.train("independent", members, run, 0, steps)
+        records["independent"] = exp.record("independent", members, run, 0)
+    for name in want_split:
+        assert checkpoint is not None
+        model, run = copy.deepcopy(checkpoint[0]), copy.deepcopy(checkpoint[1])
+        run.memory_bytes = 0
+        torch.manual_seed(seed)
+        if name == "lora":
+            split: nn.Module = lora_split(model, tasks, rank=lora_rank, targets="all")
+        else:
+            split = branch(model, branch_at, groups, blocks=blocks)
+        members = [exp.member(split, tasks)]
+        exp.train(name, members, run, split_step, steps)
+        records[name] = exp.record(name, members, run, split_step)
+    ordered = {v: records[v] for v in variants if v in records}
+    return ComparisonResult(ordered, tasks, steps=steps, split_step=split_step, notes=notes)

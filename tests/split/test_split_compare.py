@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from gradconflict.split import ComparisonResult, MultiTaskNet, VariantRecord, compare
+
+from .helpers import MSE, batches, mlp_net
+
+
+def _run(seed: int = 0, **kwargs):
+    options = dict(steps=12, branch_at=2, groups=[["a"], ["b"]], seed=seed, progress=False, evals=3)
+    options.update(kwargs)
+    return compare(mlp_net, MSE, batches(5), **options)
+
+
+def test_compare_runs_every_variant_and_tabulates_them():
+    res = _run()
+    assert list(res.variants) == ["shared", "independent", "lora", "branched"]
+    assert [(r["variant"], r["task"]) for r in res.rows][:3] == [("shared", "a"), ("shared", "b"), ("independent", "a")]
+    assert res.split_step == 6 and res["lora"].start == 6 and res["shared"].start == 0
+    for rec in res.variants.values():
+        assert all(len(v) == 12 for v in rec.losses.values())
+        assert [s for s, _ in rec.evals] == [4, 8, 12]
+        assert rec.params > 0 and rec.step_ms > 0 and rec.latency_ms > 0 and rec.memory_mb > 0
+    # lora and branched continue the shared run: identical until the split
+    for name in ("lora", "branched"):
+        assert res.history[name]["a"][:6] == res.history["shared"]["a"][:6]
+        assert res[name].evals[0] == res["shared"].evals[0]
+    assert res["branched"].params > res["shared"].params
+    # shared trains in two phases around the split step; its memory is measured once, as without a split
+    assert _run(variants=("shared",), split_fraction=0.0)["shared"].memory_mb == res["shared"].memory_mb
+    row = next(r for r in res.rows if r["variant"] == "independent")
+    assert row["delta_m"] == 0.0 and res.delta_m["independent"] == 0.0
+    json.dumps(res.to_dict(), allow_nan=False)  # strict JSON
+    table = res.to_markdown()
+    assert table.count("\n| ") == 1 + 8  # the separator, then one row per variant and task
+    assert "Δm% vs independent" in table and "ceiling broken" in table
+
+
+def test_compare_is_reproducible_for_a_fixed_seed():
+    first, second = _run(seed=3), _run(seed=3)
+    for name in first.variants:
+        assert first.history[name] == second.history[name]
+        assert first[name].evals == second[name].evals
+    assert first.delta_m == second.delta_m and first.ceiling_broken == second.ceiling_broken
+    assert _run(seed=4).history["shared"] != first.history["shared"]
+
+
+def test_data_order_is_replayed_and_cycled():
+    seen = []
+
+    class Loader:
+        """A re-iterable that reshuffles on every pass, like a shuffling DataLoader."""
+
+        def __iter__(self):
+            order = torch.randperm(3).tolist()
+            seen.append(order)
+            data = batches(3)
+            return iter([data[i] for i in order])
+
+    res = compare(mlp_net, MSE, Loader(), steps=7, variants=("shared", "independent"), progress=False,
+                  eval_data=batches(1, seed=9))
+    assert len(seen) == 3  # 7 steps from a 3-batch loader: passes of 3 + 3 + 1, recorded once, then replayed
+    data = batches(3)
+    replay = [data[i] for order in seen for i in order][:7]
+    same = compare(mlp_net, MSE, replay, steps=7, variants=("shared", "independent"), progress=False,
+                   eval_data=batches(1, seed=9))
+    assert same.history == res.history  # every variant saw exactly the recorded order
+
+
+def test_branched_without_a_point_is_skipped_with_a_note_and_a_model_can_be_passed():
+    torch.manual_seed(0)
+    model = mlp_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = compare(model, MSE, batches(2), steps=4, variants=("shared", "branched"), progress=False)
+    assert list(res.variants) == ["shared"] and "branched skipped" in res.notes[0]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the given model is copied
+    assert res.delta_m == {} and "Note: branched skipped" in res.to_markdown()
+
+
+def test_custom_metrics_and_directions():
+    def accuracy_like(out, target):
+        return float(-(out - target).abs().mean())
+
+    metrics = {"a": (accuracy_like, "max"), "b": (MSE["b"], "min")}
+    res = _run(variants=("shared", "independent"), metrics=metrics)
+    rec = res["shared"]
+    assert rec.directions == {"a": "max", "b": "min"}
+    assert rec.best()["a"] == max(m["a"] for _, m in rec.evals)
+
+
+def test_bad_arguments_are_explained():
+    with pytest.raises(ValueError, match="variants"):
+        _run(variants=("shared", "bogus"))
+    with pytest.raises(ValueError, match="split_fraction"):
+        _run(split_fraction=1.0)
+    with pytest.raises(ValueError, match=r"\(x, \{task: target\}\)"):
+        compare(mlp_net, MSE, [torch.zeros(2, 4)], steps=2, progress=False)
+    with pytest.raises(ValueError, match="no head for tasks"):
+        compare(mlp_net, {"c": MSE["a"]}, batches(1), steps=2, progress=False)
+    with pytest.raises(ValueError, match="yielded no batch"):
+        compare(mlp_net, MSE, [], steps=2, progress=False)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        compare(mlp_net, MSE, iter(batches(1)), steps=2, progress=False)
+
+
+def test_ceiling_broken_and_delta_m_from_records():
+    def rec(name, a, b):
+        return VariantRecord(name, {"a": [1.0] * 3, "b": [1.0] * 3}, [(3, {"a": a, "b": b})], {"a": "min", "b": "max"})
+
+    res = ComparisonResult(
+        {"shared": rec("shared", 1.0, 0.5), "independent": rec("independent", 0.8, 0.5), "lora": rec("lora", 1.1, 0.6)},
+        ["a", "b"], steps=3, split_step=0,
+    )
+    assert res.ceiling_broken == {"independent": ["a"], "lora": ["b"]}
+    assert res.any_ceiling_broken
+    assert res.delta_m["shared"] == pytest.approx((-25.0 + 0.0) / 2)
+    assert res.delta_m["lora"] == pytest.approx((-37.5 + 20.0) / 2)
+    frame = res.to_dataframe()
+    assert frame.loc[("lora", "b"), "beats_shared"] and frame.loc[("shared", "a"), "beats_shared"] is None
+
+
+def test_compare_on_a_small_cnn_with_batchnorm():
+    def cnn():
+        backbone = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2), nn.Flatten()
+        )
+        return MultiTaskNet(backbone, {"a": nn.Linear(4 * 3 * 3, 1), "b": nn.Linear(4 * 3 * 3, 1)})
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 8, 1, 7, 7, generator=g)
+    data = [(x, {"a": x.mean((1, 2, 3))[:, None], "b": x.amax((1, 2, 3))[:, None]}) for x in images]
+    res = compare(cnn, MSE, data, steps=6, branch_at=3, progress=True, evals=2)  # with tqdm's bars
+    assert list(res.variants) == ["shared", "independent", "lora", "branched"]
+    assert res["lora"].params > res["shared"].params  # adapters on both convolutions
+    assert repr(res).startswith("ComparisonResult(variants=['shared'") and str(res) == res.to_markdown()
+    assert repr(res["lora"]) == f"VariantRecord('lora', tasks=['a', 'b'], steps=6, params={res['lora'].params})"
