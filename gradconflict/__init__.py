@@ -11,11 +11,33 @@ from gradconflict.engine import PerformanceWarning
 from gradconflict.history import History
 from gradconflict.monitor import ConflictMonitor
 from gradconflict.report import ConflictReport, LayerReport
+from gradconflict.split import (
+    BranchedNet,
+    ComparisonResult,
+    LoRASplit,
+    MultiTaskNet,
+    SplitEvaluation,
+    branch,
+    compare,
+    delta_m,
+    evaluate_split,
+    lora_split,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Advice",
+    "BranchedNet",
+    "ComparisonResult",
+    "LoRASplit",
+    "MultiTaskNet",
+    "SplitEvaluation",
+    "branch",
+    "compare",
+    "delta_m",
+    "evaluate_split",
+    "lora_split",
     "ConflictMonitor",
     "ConflictReport",
     "History",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import re
 import runpy
 import sys
@@ -18,12 +19,18 @@ def python_blocks(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("doc", ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))])
 def test_markdown_python_blocks_run(doc, tmp_path, monkeypatch):
+    """Plain blocks run in order in one namespace, as a reader runs them; ``>>>`` blocks are doctests."""
     monkeypatch.chdir(tmp_path)
-    blocks = python_blocks(ROOT / doc)
+    path = ROOT / doc
+    blocks = python_blocks(path)
+    assert blocks, f"{doc} shows no Python example"
     namespace: dict = {}
-    for block in blocks:  # blocks of one page build on each other, as a reader runs them
-        exec(compile(block, f"{doc}:python-block", "exec"), namespace)
-    assert blocks or doc != "README.md"
+    for block in blocks:
+        if not block.lstrip().startswith(">>>"):
+            exec(compile(block, f"{doc}:python-block", "exec"), namespace)
+    if any(block.lstrip().startswith(">>>") for block in blocks):
+        result = doctest.testfile(str(path), module_relative=False, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.attempted > 0 and result.failed == 0
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
