@@ -12,8 +12,11 @@ __all__ = ["main"]
 def _demo(args: argparse.Namespace) -> int:
     from gradconflict.demo import run_demo
 
-    steps = args.steps if args.steps is not None else (120 if args.quick else 300)
-    run_demo(steps=steps, out_dir=args.out, seed=args.seed, progress=not args.no_progress)
+    steps = args.steps if args.steps is not None else (150 if args.quick else 400)
+    compare_steps = args.compare_steps if args.compare_steps is not None else (60 if args.quick else 200)
+    run_demo(
+        steps=steps, compare_steps=compare_steps, out_dir=args.out, seed=args.seed, progress=not args.no_progress
+    )
     return 0
 
 
@@ -50,9 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``gradconflict`` command."""
     parser = argparse.ArgumentParser(prog="gradconflict", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a small multi-task model on offline digits and monitor it")
-    demo.add_argument("--quick", action="store_true", help="a shorter run")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default 300, 120 with --quick)")
+    demo = sub.add_parser("demo", help="monitor, diagnose and compare splits of a multi-task model (offline digits)")
+    demo.add_argument("--quick", action="store_true", help="a shorter run (under a minute)")
+    demo.add_argument("--steps", type=int, default=None, help="monitored training steps (default 400, 150 with --quick)")
+    demo.add_argument(
+        "--compare-steps", type=int, default=None, help="steps per compared variant (default 200, 60 quick; 0: none)"
+    )
     demo.add_argument("--out", default="gradconflict-run", help="output folder (default: gradconflict-run)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")

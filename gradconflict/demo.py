@@ -1,56 +1,91 @@
-"""``gradconflict demo``: monitor the training of a small multi-task model on offline data, end to end.
+"""``gradconflict demo``: the whole workflow on offline data: monitor, diagnose, compare, save.
 
-The model reads two overlaid handwritten digits (see :func:`gradconflict.datasets.overlaid_digits`) through
-one shared backbone with a head per task. Every step goes through :meth:`ConflictMonitor.backward`; the demo
-prints a conflict summary as it trains, the last report's key figures and per-layer conflict, and saves the
-history as JSONL in the output folder.
+The model reads two overlaid handwritten digits (:func:`gradconflict.datasets.overlaid_digits`) through one
+shared MLP backbone. Three tasks share it: ``left`` and ``right`` classify the two digits; ``contrary`` is a
+task from the synthetic generators, built to conflict: a frozen readout (so its head cannot absorb anything)
+must reproduce ``-sin(u . x)`` of the canvas, which pulls the shared features away from what the digit tasks
+need. Every step goes through :meth:`ConflictMonitor.backward`. Then the demo prints the final report, the
+split advice, runs the comparison experiment (shared, independent, LoRA, branched at the advised point) with a
+small budget, prints its table, and saves the history (JSONL), the advice and the comparison (JSON).
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradconflict.datasets import overlaid_digits
+from gradconflict.datasets import MultiTaskData, overlaid_digits
+from gradconflict.diagnosis import Advice
 from gradconflict.monitor import ConflictMonitor
+from gradconflict.split import ComparisonResult, MultiTaskNet, compare
 
 __all__ = ["DemoResult", "run_demo"]
 
 
-class DigitsNet(nn.Module):
-    """A shared MLP backbone over the canvas, one linear head per task; ``forward`` returns ``{task: logits}``."""
+def demo_data(n: int = 3000, seed: int = 0) -> MultiTaskData:
+    """The overlaid digits with a third, conflicting task ``contrary``: ``-sin(u . x)`` for a fixed direction
+    ``u`` over the canvas (the synthetic generators' function family)."""
+    data = overlaid_digits(n, seed=seed)
+    flat = data.x.flatten(1)
+    u = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(seed + 7))
+    u = 3 * u / u.norm()
+    return MultiTaskData(data.x, {**data.targets, "contrary": -torch.sin((flat - flat.mean(0)) @ u)})
 
-    def __init__(self, tasks: list[str], in_features: int = 96, width: int = 128) -> None:
-        super().__init__()
-        self.backbone = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(in_features, width),
-            nn.ReLU(),
-            nn.Linear(width, width),
-            nn.ReLU(),
-            nn.Linear(width, width),
-            nn.ReLU(),
-        )
-        self.heads = nn.ModuleDict({t: nn.Linear(width, 10) for t in tasks})
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        h = self.backbone(x)
-        return {t: head(h) for t, head in self.heads.items()}
+def demo_model(in_features: int = 96, width: int = 128, seed: int = 0) -> MultiTaskNet:
+    """A shared 3-layer MLP backbone, a linear classifier per digit and a frozen linear readout for
+    ``contrary`` (a fixed head cannot absorb the conflict: the backbone has to)."""
+    torch.manual_seed(seed)
+    backbone = nn.Sequential(
+        nn.Flatten(), nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+        nn.Linear(width, width), nn.ReLU(),
+    )
+    readout = nn.Linear(width, 1)
+    readout.requires_grad_(False)
+    heads = {"left": nn.Linear(width, 10), "right": nn.Linear(width, 10), "contrary": readout}
+    return MultiTaskNet(backbone, heads)
+
+
+def _contrary_loss(output: Tensor, target: Tensor) -> Tensor:
+    return F.mse_loss(output.squeeze(-1), target)
+
+
+LOSS_FNS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "left": F.cross_entropy,
+    "right": F.cross_entropy,
+    "contrary": _contrary_loss,
+}
+
+
+def _accuracy(output: Tensor, target: Tensor) -> float:
+    return float((output.argmax(1) == target).float().mean())
+
+
+def _neg_mse(output: Tensor, target: Tensor) -> float:
+    return float(_contrary_loss(output, target))
+
+
+METRICS = {"left": (_accuracy, "max"), "right": (_accuracy, "max"), "contrary": (_neg_mse, "min")}
 
 
 @dataclass
 class DemoResult:
-    """What the demo produced: the monitor (with its history), held-out accuracy per task, and the saved files."""
+    """What the demo produced: the monitor (with its history), held-out metrics, the advice, the comparison
+    (``None`` when skipped) and the saved files."""
 
     monitor: ConflictMonitor
-    accuracy: dict[str, float]
+    metrics: dict[str, float]
+    advice: Advice
+    comparison: ComparisonResult | None
     files: dict[str, Path]
     seconds: float
 
@@ -79,6 +114,7 @@ def _progress(total: int, enabled: bool) -> Iterator[Any]:
 
 def run_demo(
     steps: int = 300,
+    compare_steps: int = 200,
     batch_size: int = 64,
     out_dir: str | Path = "gradconflict-run",
     seed: int = 0,
@@ -86,49 +122,78 @@ def run_demo(
     log_every: int = 50,
     echo: Any = print,
 ) -> DemoResult:
-    """Train the digits model for ``steps`` steps under a :class:`ConflictMonitor`, print what it measured,
-    and save the history to ``out_dir/history.jsonl``.
+    """Train the demo model for ``steps`` steps under a :class:`ConflictMonitor`, print what it measured and
+    the split advice, run the comparison experiment for ``compare_steps`` steps per variant (0 skips it), and
+    save everything to ``out_dir``.
 
-    >>> result = run_demo(steps=4, progress=False, log_every=2, out_dir=getfixture("tmp_path"), echo=lambda s: None)
-    >>> len(result.monitor.history), sorted(result.accuracy)
-    (4, ['left', 'right'])
+    >>> r = run_demo(steps=6, compare_steps=0, log_every=3, progress=False, out_dir=getfixture("tmp_path"),
+    ...              echo=lambda s: None)
+    >>> len(r.monitor.history), sorted(r.metrics), r.advice.verdict in ("keep_shared", "lora_split", "physical_split")
+    (6, ['contrary', 'left', 'right'], True)
     """
     started = time.perf_counter()
-    torch.manual_seed(seed)
-    data = overlaid_digits(3000, seed=seed)
+    data = demo_data(seed=seed)
     train, test = data.split(0.8)
+    model = demo_model(in_features=data.x[0].numel(), seed=seed)
     tasks = list(data.targets)
-    model = DigitsNet(tasks, in_features=data.x[0].numel())
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    loss_fn = nn.CrossEntropyLoss()
-    echo(f"gradconflict demo: {len(tasks)} tasks {tasks}, {len(train)} training canvases, {steps} steps")
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    echo(f"gradconflict demo: tasks {tasks} on {len(train)} overlaid-digit canvases, {steps} monitored steps")
     batches = train.batches(batch_size, seed=seed)
     with ConflictMonitor(model, shared=model.backbone) as monitor, _progress(steps, progress) as bar:
         say = bar.write if echo is print else echo  # tqdm.write keeps the bar intact
         for step in range(steps):
             x, y = next(batches)
             out = model(x)
-            report = monitor.backward({t: loss_fn(out[t], y[t]) for t in tasks})
+            report = monitor.backward({t: LOSS_FNS[t](out[t], y[t]) for t in tasks})
             optimizer.step()
             optimizer.zero_grad()
             bar.update(1)
-            if report is not None:
-                bar.set_postfix_str(f"conflict={float(report.conflict_fraction):.2f}")
-                if step % log_every == 0 or step == steps - 1:
-                    say("  " + report.summary())
+            if report is not None and (step % log_every == 0 or step == steps - 1):
+                say("  " + report.summary())
     model.eval()
     with torch.no_grad():
         out = model(test.x)
-        accuracy = {t: float((out[t].argmax(1) == test.targets[t]).float().mean()) for t in tasks}
-    out_dir = Path(out_dir)
-    files = {"history": monitor.history.to_jsonl(out_dir / "history.jsonl")}
-    result = DemoResult(monitor, accuracy, files, time.perf_counter() - started)
+        metrics = {t: METRICS[t][0](out[t], test.targets[t]) for t in tasks}
+    advice = monitor.advise(probe=test.x[:256])
+    result = DemoResult(monitor, metrics, advice, None, {}, 0.0)
     echo(describe(result))
+    echo("\nadvice:\n" + str(advice))
+    if compare_steps > 0:
+        echo(f"\ncomparison experiment: {compare_steps} steps per variant")
+        stream = train.batches(batch_size, seed=seed + 1)
+        result.comparison = compare(
+            lambda: demo_model(in_features=data.x[0].numel(), seed=seed),
+            LOSS_FNS,
+            [next(stream) for _ in range(40)],
+            steps=compare_steps,
+            optimizer_factory=lambda params: torch.optim.Adam(params, lr=2e-3),
+            eval_data=[(test.x, test.targets)],
+            metrics=METRICS,
+            branch_at=advice.branch_point or "backbone.5",
+            groups=advice.groups if len(advice.groups) > 1 else [[t] for t in tasks],
+            seed=seed,
+            progress=progress,
+        )
+        echo(result.comparison.to_markdown())
+    result.files = _save(result, Path(out_dir))
+    result.seconds = time.perf_counter() - started
+    echo(f"\nsaved: {', '.join(str(p) for p in result.files.values())}   ({result.seconds:.0f} s)")
     return result
 
 
+def _save(result: DemoResult, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"history": result.monitor.history.to_jsonl(out_dir / "history.jsonl")}
+    files["advice"] = out_dir / "advice.json"
+    files["advice"].write_text(json.dumps(result.advice.to_dict(), indent=2), encoding="utf-8")
+    if result.comparison is not None:
+        files["comparison"] = out_dir / "comparison.json"
+        files["comparison"].write_text(json.dumps(result.comparison.to_dict(), indent=2), encoding="utf-8")
+    return files
+
+
 def describe(result: DemoResult) -> str:
-    """The final report's key figures, the per-layer conflict, and where the run was saved."""
+    """The final report's key figures and the per-layer conflict over the run."""
     history = result.monitor.history
     last = history.measured[-1]
     ema = {k: float(v) for k, v in history.ema.items()}
@@ -146,11 +211,11 @@ def describe(result: DemoResult) -> str:
         f"  steps with a conflict {rate:.0%} of {len(history.measured)} measured",
         "  per layer (mean cosine over the run):",
     ]
-    for name in last.layers:
-        cos = [float(r.layers[name].cosine[0, 1]) for r in history.measured if name in r.layers]
-        lines.append(f"    {name:<14} {sum(cos) / len(cos):+.3f}   params {last.layers[name].num_params}")
-    lines.append(f"  held-out accuracy     {', '.join(f'{t} {a:.3f}' for t, a in result.accuracy.items())}")
-    lines.append(f"saved: {', '.join(str(p) for p in result.files.values())}   ({result.seconds:.1f} s)")
+    for name in sorted(last.layers):
+        means = torch.stack([r.layers[name].cosine for r in history.measured if name in r.layers]).mean(0)
+        lines.append(f"    {name:<12} {_pairs(last.tasks, means)}   ({last.layers[name].num_params} params)")
+    lines.append(f"  held-out              {', '.join(f'{t} {m:.3f}' for t, m in result.metrics.items())}")
+    lines.append("                        (accuracy for the digits, mean squared error for contrary)")
     return "\n".join(lines)
 
 

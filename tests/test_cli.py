@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -9,9 +10,11 @@ from gradconflict.cli import main
 
 
 def test_demo_then_report(tmp_path, capsys):
-    assert main(["demo", "--steps", "30", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert main(["demo", "--steps", "30", "--compare-steps", "12", "--out", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "final report" in out and "conflict fraction" in out
+    assert "final report" in out and "conflict fraction" in out and "verdict" in out and "| variant |" in out
+    assert json.loads((tmp_path / "comparison.json").read_text())["rows"]
+    assert json.loads((tmp_path / "advice.json").read_text())["verdict"]
     history = tmp_path / "history.jsonl"
     assert len(history.read_text().splitlines()) == 30
     assert main(["report", str(history)]) == 0
@@ -29,7 +32,6 @@ def test_python_dash_m_entry_point():
 
 
 def test_advise_on_a_saved_history(tmp_path, capsys):
-    import json
 
     from gradconflict.synthetic import make_problem
 
