@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="monitor, diagnose and compare splits of a multi-task model (offline digits)")
     demo.add_argument("--quick", action="store_true", help="a shorter run (under a minute)")
-    demo.add_argument("--steps", type=int, default=None, help="monitored training steps (default 400, 150 with --quick)")
+    demo.add_argument("--steps", type=int, default=None, help="monitored steps (default 400, 150 quick)")
     demo.add_argument(
         "--compare-steps", type=int, default=None, help="steps per compared variant (default 200, 60 quick; 0: none)"
     )
