@@ -78,17 +78,21 @@ class Capture:
     """Forward hooks on every module of ``model`` that a layer rule covers.
 
     ``enabled`` decides whether forwards are tapped (the monitor turns it off for steps it will not measure);
+    ``modules``, once set by :meth:`restrict`, limits tapping to those modules;
     ``receiver`` is the engine pass that taps report to during its batched backward.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.enabled = True
+        self.modules: set[nn.Module] | None = None
         self.receiver: Receiver | None = None
         self._anchors: dict[torch.device, Tensor] = {}
         self._handles = []
+        self._tapped: list[nn.Module] = []
         for module in model.modules():
             rule = rule_for(module)
             if rule is not None and rule.params(module):
+                self._tapped.append(module)
                 self._handles.append(module.register_forward_hook(self._make_hook(rule)))
 
     def _make_hook(self, rule: LayerRule) -> Any:
@@ -99,6 +103,7 @@ class Capture:
             if (
                 capture is None
                 or not capture.enabled
+                or (capture.modules is not None and module not in capture.modules)
                 or not torch.is_grad_enabled()
                 or not isinstance(output, Tensor)
                 or not output.requires_grad
@@ -108,6 +113,15 @@ class Capture:
             return _Tap.apply(output, capture.anchor(output.device), call, capture)
 
         return hook
+
+    def restrict(self, shared: set[int], min_head_params: int) -> None:
+        """Tap only the modules that hold a shared parameter, and heads of at least ``min_head_params``
+        parameters: a small head's T materialised gradients cost less than a tap's fixed overhead."""
+        self.modules = set()
+        for module in self._tapped:
+            params = rule_for(module).params(module).values()  # type: ignore[union-attr]
+            if any(id(p) in shared for p in params) or sum(p.numel() for p in params) >= min_head_params:
+                self.modules.add(module)
 
     def anchor(self, device: torch.device) -> Tensor:
         """The scalar leaf every tap on ``device`` feeds (its gradient is always zero)."""

@@ -34,6 +34,10 @@ __all__ = ["ConflictMonitor"]
 
 OnNonFinite = Literal["raise", "skip"]
 
+#: Heads with fewer parameters than this are not tapped: materialising their T gradients in the batched backward
+#: costs less than a tap's fixed overhead (a few small tensor operations).
+MIN_TAPPED_HEAD_PARAMS = 1 << 16
+
 
 class ConflictMonitor:
     """Measures the per-task gradients of a multi-task model on its shared parameters at each step.
@@ -232,6 +236,8 @@ class ConflictMonitor:
             self._shared = self._discover_shared(tasks, losses)
         if self._plan is None:
             self._plan = self._make_plan(self._shared)
+            if self._capture is not None:
+                self._capture.restrict(self._plan.shared, MIN_TAPPED_HEAD_PARAMS)
         for name, loss in zip(tasks, losses):
             if not depends_on(loss, self._shared):
                 raise ValueError(

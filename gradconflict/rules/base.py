@@ -123,6 +123,31 @@ def weighted(weights: Tensor, grads: Tensor) -> Tensor:
     return torch.tensordot(weights.to(grads.dtype), grads, dims=1)
 
 
-def gram_of(flat: Tensor) -> Tensor:
-    """Gram ``flat @ flat.T`` of per-task rows ``[T, k]``."""
-    return flat @ flat.T
+#: Length of the slices whose partial inner products are summed in float64 (see :func:`gram_of`).
+CHUNK = 4096
+
+
+def gram_of(rows: Tensor, other: Tensor | None = None) -> Tensor:
+    """``rows @ other.T`` for per-task rows ``[T, k]`` (``other`` defaults to ``rows``), in ``rows``' dtype.
+
+    Long float32 inner products lose digits as they grow, so the rows are cut into slices of :data:`CHUNK`
+    entries, each slice's products are taken in the rows' dtype and the partial results are summed in float64:
+    the error stays that of a ``CHUNK``-long product whatever ``k`` is.
+
+    >>> a = torch.randn(3, 10_000)
+    >>> torch.allclose(gram_of(a).double(), a.double() @ a.double().T, rtol=1e-6, atol=1e-3)
+    True
+    """
+    other = rows if other is None else other
+    T, k = rows.shape
+    if rows.dtype == torch.float64 or k <= CHUNK:
+        return rows @ other.T
+    whole = k - k % CHUNK
+    partial = torch.bmm(
+        rows[:, :whole].reshape(T, -1, CHUNK).transpose(0, 1),
+        other[:, :whole].reshape(other.shape[0], -1, CHUNK).permute(1, 2, 0),
+    )  # [k // CHUNK, T, T']
+    total = partial.double().sum(0)
+    if whole < k:
+        total += (rows[:, whole:] @ other[:, whole:].T).double()
+    return total.to(rows.dtype)

@@ -1,5 +1,5 @@
-"""``nn.Conv1d/2d/3d`` (any stride, padding, dilation, groups, padding mode): each task's weight gradient is
-the convolution backward of its output gradient, batched over the T tasks."""
+"""``nn.Conv1d/2d/3d`` (any stride, padding, dilation, groups, padding mode): the T per-task weight gradients
+come from one convolution backward in which the tasks are extra output channels."""
 
 from __future__ import annotations
 
@@ -42,20 +42,27 @@ class ConvRule(LayerRule):
         return _padded_input(module, args[0].detach())
 
     def _weight_grad(self, module: nn.Module, x: Tensor, padding: list[int], grad_out: Tensor) -> Tensor:
-        w = module.weight
+        """Weight gradient of the convolution for output gradient ``grad_out`` (``[N, C_out, ...]``)."""
+        groups = module.groups
+        shape = (grad_out.shape[1], module.in_channels // groups, *module.kernel_size)
         return torch.ops.aten.convolution_backward(
-            grad_out,
-            x.to(grad_out.dtype),
-            w.to(grad_out.dtype),
-            None,
-            module.stride,
-            padding,
-            module.dilation,
-            False,
-            [0] * len(padding),
-            module.groups,
-            [False, True, False],
+            grad_out, x.to(grad_out.dtype), grad_out.new_empty(shape), None, module.stride, padding,
+            module.dilation, False, [0] * len(padding), groups, [False, True, False],
         )[1]
+
+    def _per_task_weight_grads(self, module: nn.Module, x: Tensor, padding: list[int], D: Tensor) -> Tensor:
+        """All T weight gradients from one convolution backward: the tasks become extra output channels.
+
+        ``D`` is ``[T, N, C_out, ...]``; within each group the T tasks' channels are laid side by side, so the
+        stacked convolution has ``T * C_out`` output channels and the same ``groups``.
+        """
+        T, N, C = D.shape[:3]
+        g = module.groups
+        spatial = D.shape[3:]
+        stacked = D.reshape(T, N, g, C // g, *spatial).transpose(0, 1).transpose(1, 2)  # [N, g, T, C/g, ...]
+        grads = self._weight_grad(module, x, padding, stacked.reshape(N, g * T * (C // g), *spatial))
+        grads = grads.reshape(g, T, C // g, *grads.shape[1:]).transpose(0, 1)  # [T, g, C/g, C_in/g, k...]
+        return grads.reshape(T, C, *grads.shape[3:])
 
     def compute(
         self,
@@ -67,27 +74,22 @@ class ConvRule(LayerRule):
         gram_dtype: torch.dtype,
     ) -> LayerGrads:
         per_task: dict[str, Tensor] = {}
-        grads: dict[str, Tensor] = {}
+        direct: dict[str, Tensor] = {}  # a head's convolution needs only the update, not the T gradients
         for call in calls:
             (x, padding), D = call.saved, call.grads
-            parts: dict[str, Tensor] = {}
-            if "weight" in covered:
-                Dw = weighted(weights, D)
-                parts["weight"] = self._weight_grad(module, x, padding, Dw)
-                if "weight" in shared:
-                    Dg = D.to(gram_dtype)
-                    per_w = torch.func.vmap(self._weight_grad, in_dims=(None, None, None, 0))(module, x, padding, Dg)
-                    per_task["weight"] = per_task.get("weight", 0) + per_w
+            parts, updates = {}, {}
+            if "weight" in shared:
+                parts["weight"] = self._per_task_weight_grads(module, x, padding, D)
+            elif "weight" in covered:
+                updates["weight"] = self._weight_grad(module, x, padding, weighted(weights, D))
             if "bias" in covered:
-                axes = (0, *range(2, D.ndim - 1))
-                b = D.sum(tuple(a + 1 for a in axes))
-                parts["bias"] = weighted(weights, b)
-                if "bias" in shared:
-                    per_task["bias"] = per_task.get("bias", 0) + b.to(gram_dtype)
-            for name, g in parts.items():
-                grads[name] = grads[name] + g if name in grads else g
+                parts["bias"] = D.sum((1, *range(3, D.ndim)))
+            for store, new in ((per_task, parts), (direct, updates)):
+                for name, g in new.items():
+                    store[name] = store[name] + g if name in store else g
+        grads = {n: weighted(weights, g) for n, g in per_task.items()} | direct
         grads = {n: g.to(getattr(module, n).dtype) for n, g in grads.items()}
         if not shared:
             return LayerGrads(None, grads, "bookkeeping")
-        flat = torch.cat([per_task[n].flatten(1) for n in sorted(shared)], dim=1)
+        flat = torch.cat([per_task[n].to(gram_dtype).flatten(1) for n in sorted(shared)], dim=1)
         return LayerGrads(gram_of(flat), grads, "materialised")

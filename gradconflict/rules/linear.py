@@ -43,28 +43,25 @@ class LinearRule(LayerRule):
         T = weights.shape[0]
         X = _rows([c.saved.reshape(-1, c.saved.shape[-1]) for c in calls], dim=0)
         D = _rows([c.grads.reshape(T, -1, c.grads.shape[-1]) for c in calls], dim=1)
-        grads: dict[str, Tensor] = {}
-        gram, route = None, "bookkeeping"
+        N, d_in = X.shape
         if "bias" in covered:
-            per_task_bias = D.sum(1)
-            grads["bias"] = weighted(weights, per_task_bias).to(module.bias.dtype)
-        if shared:
+            # A column of ones makes the bias one more input: [W | b] = D^T [X | 1], and the ghost kernel K + 1.
+            X = torch.cat([X, X.new_ones(N, 1)], dim=1)
+        gram, route, per_task = None, "bookkeeping", None
+        if shared == covered and "weight" in shared:
             Xg, Dg = X.to(gram_dtype), D.to(gram_dtype)
-            gram = gram_of(per_task_bias.to(gram_dtype)) if "bias" in shared else Dg.new_zeros(T, T)
-            if "weight" in shared:
-                N, d_in = X.shape
-                if ghost_is_cheaper(N, d_in, D.shape[-1], T):
-                    KD = (Xg @ Xg.T) @ Dg  # [N, N] @ [T, N, d_out]
-                    gram += einsum(Dg, KD, "t n o, s n o -> t s")
-                    route = "ghost"
-                else:
-                    per_task = einsum(Dg, Xg, "t n o, n i -> t o i")
-                    gram += gram_of(rearrange(per_task, "t o i -> t (o i)"))
-                    # The T gradients exist already: their weighted sum is cheaper than another matmul.
-                    grads["weight"] = weighted(weights, per_task).to(module.weight.dtype)
-                    route = "materialised"
+            if ghost_is_cheaper(N, d_in, D.shape[-1], T):
+                KD = (Xg @ Xg.T) @ Dg  # [N, N] @ [T, N, d_out]
+                gram, route = gram_of(Dg.flatten(1), KD.flatten(1)), "ghost"
             else:
-                route = "materialised"
-        if "weight" in covered and "weight" not in grads:
-            grads["weight"] = (weighted(weights, D).T @ X.to(D.dtype)).to(module.weight.dtype)
+                per_task = einsum(Dg, Xg, "t n o, n i -> t o i")
+                gram, route = gram_of(rearrange(per_task, "t o i -> t (o i)")), "materialised"
+        elif shared:  # only one of weight and bias is shared (explicit parameter lists): materialise that one
+            Xg, Dg = X.to(gram_dtype), D.to(gram_dtype)
+            parts = {"weight": lambda: einsum(Dg, Xg[:, :d_in], "t n o, n i -> t (o i)"), "bias": lambda: Dg.sum(1)}
+            gram, route = gram_of(torch.cat([parts[n]() for n in sorted(shared)], dim=1)), "materialised"
+        # The T gradients, when they exist already, give the update with a weighted sum instead of a matmul.
+        full = weighted(weights, per_task) if per_task is not None else weighted(weights, D).T @ X.to(D.dtype)
+        grads = {"weight": full[:, :d_in], "bias": full[:, d_in]} if "bias" in covered else {"weight": full}
+        grads = {n: g.to(getattr(module, n).dtype) for n, g in grads.items() if n in covered}
         return LayerGrads(gram, grads, route)
