@@ -44,3 +44,27 @@ def test_registry_follows_subclasses_but_not_overridden_forwards():
     assert rule_for(Custom(2, 2)) is None
     assert rule_for(nn.Embedding(3, 2, sparse=True)) is None
     assert rule_for(nn.BatchNorm1d(3)) is not None and rule_for(nn.SyncBatchNorm(3)) is None
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_rule_per_task_and_update_match_autograd(groups):
+    from gradconflict.rules.conv import ConvRule
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=groups).double()
+    x = torch.randn(3, 4, 7, 7, dtype=torch.float64)
+    y = conv(x)
+    D = torch.randn(5, *y.shape, dtype=torch.float64)
+    w = torch.rand(5, dtype=torch.float64)
+    per_task = [torch.autograd.grad(y, [conv.weight, conv.bias], d, retain_graph=True) for d in D]
+    flat = torch.stack([torch.cat([gw.flatten(), gb]) for gw, gb in per_task])
+    rule = ConvRule()
+    call = Call(conv, rule, rule.save(conv, (x,), y), grads=D)
+    for shared in ({"weight", "bias"}, set()):  # a shared layer, then a head: the update alone
+        out = rule.compute(conv, [call], {"weight", "bias"}, shared, w, torch.float64)
+        torch.testing.assert_close(out.grads["weight"], sum(wi * g[0] for wi, g in zip(w, per_task)))
+        torch.testing.assert_close(out.grads["bias"], sum(wi * g[1] for wi, g in zip(w, per_task)))
+        if shared:
+            torch.testing.assert_close(out.gram, flat @ flat.T)
+        else:
+            assert out.gram is None
