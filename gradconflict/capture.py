@@ -1,9 +1,9 @@
 """Capture: forward hooks that tap each rule-covered module's output, and walks of the autograd graph.
 
 A tap is an identity autograd node inserted after a module's output by a forward hook (no edit of the model).
-During the engine's batched backward, the tap hands the module's per-task output gradients ``[T, ...]`` to the
-engine's current pass through :class:`_Collect`, whose custom ``vmap`` rule sees the whole batch of T
-gradients at once; outside that pass the tap passes gradients through untouched. Every tap also feeds a
+During the engine's batched backward, the tap unwraps the module's vmapped output gradient into the plain
+``[T, ...]`` tensor of all T tasks' gradients and hands it to the engine's current pass; outside that pass the
+tap passes gradients through untouched. Every tap also feeds a
 scalar *anchor*; asking autograd for the anchor's gradient makes the backward visit every tapped layer while
 computing no weight gradient.
 """
@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch._C import _functorch as functorch
 
 from gradconflict.rules import Call, LayerRule, rule_for
 
@@ -26,34 +27,22 @@ __all__ = ["Capture", "Graph", "OutputCapture", "walk_graph"]
 class Receiver(Protocol):
     """What the engine's pass offers the taps."""
 
+    num_tasks: int
+
     def receive(self, call: Call, grads: Tensor) -> None: ...
 
 
-class _Collect(torch.autograd.Function):
-    """Identity whose ``vmap`` rule receives the batched ``[T, ...]`` gradient and hands it to the pass."""
+def _task_batch(grad: Tensor, num_tasks: int) -> Tensor:
+    """The plain ``[T, ...]`` tensor behind the vmapped gradient a tap sees during the batched backward.
 
-    generate_vmap_rule = False
-
-    @staticmethod
-    def forward(grad: Tensor, call: Call, receiver: Receiver) -> Tensor:
-        return grad.view_as(grad)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        return grad, None, None
-
-    @staticmethod
-    def vmap(
-        info: Any, in_dims: tuple[int | None, ...], grad: Tensor, call: Call, receiver: Receiver
-    ) -> tuple[Tensor, int | None]:
-        dim = in_dims[0]
-        batched = grad.movedim(dim, 0) if dim is not None else grad.expand(info.batch_size, *grad.shape)
-        receiver.receive(call, batched)
-        return grad, dim
+    Inside ``torch.func.vmap`` the gradient is a BatchedTensor: one tensor holding every task's gradient along a
+    batch dimension. Unwrapping it directly (functorch's own accessors) costs nothing, where routing it through
+    an ``autograd.Function`` with a ``vmap`` rule costs about 0.4 ms of Python per layer. A gradient that does not
+    depend on the task (not batched) is the same for every task.
+    """
+    if functorch.is_batchedtensor(grad):
+        return functorch.get_unwrapped(grad).movedim(functorch.maybe_get_bdim(grad), 0)
+    return grad.expand(num_tasks, *grad.shape)
 
 
 class _Tap(torch.autograd.Function):
@@ -71,7 +60,8 @@ class _Tap(torch.autograd.Function):
         receiver = ctx.gc_capture.receiver
         if receiver is None:
             return grad, None, None, None
-        return _Collect.apply(grad, ctx.gc_call, receiver), grad.new_zeros(()), None, None
+        receiver.receive(ctx.gc_call, _task_batch(grad, receiver.num_tasks))
+        return grad, grad.new_zeros(()), None, None
 
 
 class Capture:

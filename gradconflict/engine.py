@@ -150,6 +150,7 @@ class _TappedPass(_Accumulator):
         self, weights: Tensor, plan: Plan, calls: dict[nn.Module, list[Call]], covered: dict[nn.Module, set[str]]
     ) -> None:
         super().__init__(weights, plan)
+        self.num_tasks = weights.shape[0]
         self.expected = {m: len(c) for m, c in calls.items()}
         self.covered = covered
         self.pending: dict[nn.Module, list[Call]] = defaultdict(list)

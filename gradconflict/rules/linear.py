@@ -43,25 +43,30 @@ class LinearRule(LayerRule):
         T = weights.shape[0]
         X = _rows([c.saved.reshape(-1, c.saved.shape[-1]) for c in calls], dim=0)
         D = _rows([c.grads.reshape(T, -1, c.grads.shape[-1]) for c in calls], dim=1)
-        N, d_in = X.shape
-        if "bias" in covered:
-            # A column of ones makes the bias one more input: [W | b] = D^T [X | 1], and the ghost kernel K + 1.
-            X = torch.cat([X, X.new_ones(N, 1)], dim=1)
-        gram, route, per_task = None, "bookkeeping", None
-        if shared == covered and "weight" in shared:
+        (N, d_in), d_out = X.shape, D.shape[-1]
+        per_task: dict[str, Tensor] = {}
+        gram, route = None, "bookkeeping"
+        if shared:
             Xg, Dg = X.to(gram_dtype), D.to(gram_dtype)
-            if ghost_is_cheaper(N, d_in, D.shape[-1], T):
-                KD = (Xg @ Xg.T) @ Dg  # [N, N] @ [T, N, d_out]
-                gram, route = gram_of(Dg.flatten(1), KD.flatten(1)), "ghost"
+            if "weight" in shared and ghost_is_cheaper(N, d_in, d_out, T):
+                # <D_i, (X X^T + 1) D_j>: the column of ones that the bias sees adds 1 to every kernel entry.
+                K = Xg @ Xg.T
+                if "bias" in shared:
+                    K += 1
+                rows = rearrange(Dg, "t n o -> n (t o)")  # one matmul for all tasks, not T small ones
+                gram = gram_of(*(rearrange(m, "n (t o) -> t (n o)", t=T) for m in (rows, K @ rows)))
+                route = "ghost"
             else:
-                per_task = einsum(Dg, Xg, "t n o, n i -> t o i")
-                gram, route = gram_of(rearrange(per_task, "t o i -> t (o i)")), "materialised"
-        elif shared:  # only one of weight and bias is shared (explicit parameter lists): materialise that one
-            Xg, Dg = X.to(gram_dtype), D.to(gram_dtype)
-            parts = {"weight": lambda: einsum(Dg, Xg[:, :d_in], "t n o, n i -> t (o i)"), "bias": lambda: Dg.sum(1)}
-            gram, route = gram_of(torch.cat([parts[n]() for n in sorted(shared)], dim=1)), "materialised"
-        # The T gradients, when they exist already, give the update with a weighted sum instead of a matmul.
-        full = weighted(weights, per_task) if per_task is not None else weighted(weights, D).T @ X.to(D.dtype)
-        grads = {"weight": full[:, :d_in], "bias": full[:, d_in]} if "bias" in covered else {"weight": full}
-        grads = {n: g.to(getattr(module, n).dtype) for n, g in grads.items() if n in covered}
-        return LayerGrads(gram, grads, route)
+                if "weight" in shared:
+                    per_task["weight"] = einsum(Dg, Xg, "t n o, n i -> t o i")
+                if "bias" in shared:
+                    per_task["bias"] = Dg.sum(1)
+                gram = gram_of(torch.cat([g.flatten(1) for g in per_task.values()], dim=1))
+                route = "materialised"
+        # T gradients that exist already give the update by a weighted sum, cheaper than another matmul.
+        grads = {name: weighted(weights, g) for name, g in per_task.items()}
+        if "weight" in covered and "weight" not in grads:
+            grads["weight"] = weighted(weights, D).T @ X.to(D.dtype)
+        if "bias" in covered and "bias" not in grads:
+            grads["bias"] = weighted(weights, D.sum(1))
+        return LayerGrads(gram, {n: g.to(getattr(module, n).dtype) for n, g in grads.items() if n in covered}, route)
