@@ -1,0 +1,1 @@
+"""Hot-path benchmark suite of gradconflict: ``python -m benchmarks.run --help``."""

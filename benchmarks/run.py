@@ -1,0 +1,374 @@
+"""Benchmark of gradconflict's hot path against the other ways of getting the task-gradient Gram.
+
+    python -m benchmarks.run              # full suite (~8 min on 2 CPU cores), writes benchmarks/RESULTS.md
+    python -m benchmarks.run --quick      # a subset (~1-2 min)
+    python -m benchmarks.run --smoke      # every route once on tiny models; exit 1 on error or fp32 error > 1e-4
+    python -m benchmarks.run --workload mlp-b64 --tasks 4 16 --device cuda --output /tmp/r.md
+
+See benchmarks/routes.py for the exact definition of each route and benchmarks/timing.py for how time and
+memory are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from benchmarks import routes as R
+from benchmarks.timing import fmt_bytes, median, peak_memory, round_robin
+from benchmarks.workloads import SMOKE, WORKLOADS, Workload
+
+HERE = Path(__file__).resolve().parent
+SMOKE_TOL = 1e-4
+G_TARGET = 1e-5
+
+
+@dataclass
+class Row:
+    key: str
+    ms: float = float("nan")
+    mem: int | None = None
+    g_err: float | None = None
+    grad_err: float | None = None
+    reps: int = 0
+    status: str = "ok"  # ok | skipped | failed
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return R.ROUTES[self.key][0]
+
+
+@dataclass
+class Config:
+    workload: Workload
+    tasks: int
+    rows: dict[str, Row] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def ms(self, key: str) -> float:
+        row = self.rows.get(key)
+        return row.ms if row is not None and row.status == "ok" else float("nan")
+
+    def ratio(self, key: str, to: str = "plain") -> float:
+        return self.ms(key) / self.ms(to)
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.detach().double().cpu() - ref.cpu()).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
+
+
+def grad_err(route: R.Route, ref: list[torch.Tensor]) -> float:
+    params = [p for p in route.model.parameters() if p.requires_grad]
+    num = max(
+        ((p.grad.double().cpu() if p.grad is not None else torch.zeros(p.shape, dtype=torch.float64)) - r.cpu())
+        .abs().max().item()
+        for p, r in zip(params, ref)
+    )
+    return num / max(r.abs().max().item() for r in ref)
+
+
+def run_config(wl: Workload, T: int, args: argparse.Namespace, device: torch.device, keys: list[str]) -> Config:
+    start = time.perf_counter()
+    cfg = Config(wl, T)
+    base = wl.model(T).to(device)
+    x, targets = wl.data(T)
+    x, targets = x.to(device), {k: t.to(device) for k, t in targets.items()}
+    g_ref, grads_ref = R.reference(base, x, targets)
+
+    built: dict[str, R.Route] = {}
+    for key in keys:
+        row = cfg.rows[key] = Row(key)
+        try:
+            route = R.build(key, base, x, targets, batchnorm=wl.batchnorm)
+            route.zero_grad()
+            gram = route.step()  # first (untimed) call: correctness
+            if gram is not None:
+                row.g_err = rel_err(gram, g_ref)
+            row.grad_err = grad_err(route, grads_ref)
+            row.note = route.note
+            built[key] = route
+        except R.Skip as e:
+            row.status, row.note = "skipped", str(e)
+        except Exception as e:  # noqa: BLE001 -- a failing route is reported, the others still run
+            row.status, row.note = "failed", f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            if args.smoke or args.verbose:
+                traceback.print_exc()
+
+    if not args.smoke and built:
+        times = round_robin(
+            {k: r.step for k, r in built.items()},
+            warmup=args.warmup, reps=args.reps, device=device,
+            before={k: r.zero_grad for k, r in built.items()},
+            per_call={k: r.steps_per_call for k, r in built.items()},
+            budget_s=args.budget, min_reps=args.min_reps,
+        )
+        for k, ts in times.items():
+            cfg.rows[k].ms = median(ts) * 1e3
+            cfg.rows[k].reps = len(ts)
+        if not args.no_memory:
+            for k, r in built.items():
+                r.zero_grad()
+                mem = peak_memory(r.step, device)
+                cfg.rows[k].mem = None if mem is None else mem // r.steps_per_call if k == "gc-every10" else mem
+    for r in built.values():
+        r.close()
+    cfg.seconds = time.perf_counter() - start
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+def _f(v: float | None, spec: str) -> str:
+    return "-" if v is None or v != v else format(v, spec)
+
+
+def table(cfg: Config) -> list[str]:
+    lines = [
+        "| route | median ms | x plain | x floor | peak mem | G rel err | grad rel err | reps | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for key, row in cfg.rows.items():
+        if row.status != "ok":
+            lines.append(f"| {row.label} | {row.status} | | | | | | | {row.note} |")
+            continue
+        lines.append(
+            f"| {row.label} | {_f(row.ms, '.2f')} | {_f(cfg.ratio(key), '.2f')} | {_f(cfg.ratio(key, 'floor'), '.2f')} "
+            f"| {fmt_bytes(row.mem)} | {_f(row.g_err, '.1e')} | {_f(row.grad_err, '.1e')} | {row.reps} | {row.note} |"
+        )
+    return lines
+
+
+@dataclass
+class Check:
+    target: str
+    where: str
+    value: float
+    limit: float
+    lower_is_better: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return self.value <= self.limit if self.lower_is_better else self.value >= self.limit
+
+    @property
+    def verdict(self) -> str:
+        if self.value != self.value:
+            return "n/a"
+        if self.ok:
+            return "PASS"
+        off = self.value / self.limit - 1 if self.lower_is_better else 1 - self.value / self.limit
+        return f"MISS by {100 * off:.0f}%"
+
+
+def checks(results: dict[tuple[str, int], Config]) -> list[Check]:
+    out: list[Check] = []
+
+    def get(wl: str, T: int) -> Config | None:
+        return results.get((wl, T))
+
+    c = get("mlp-b64", 4)
+    if c is not None:
+        out.append(Check("(e) <= 1.25 x floor (ghost rule applies)", "mlp-b64 T=4", c.ratio("gc", "floor"), 1.25))
+        out.append(Check("(e) <= 2.1 x plain", "mlp-b64 T=4", c.ratio("gc"), 2.1))
+    for (wl, T), c in results.items():
+        if T != 4:
+            continue
+        peers = [k for k in ("naive", "batched", "torchjd", "torchjd-b0") if c.ms(k) == c.ms(k)]
+        if peers:
+            best = min(peers, key=c.ms)
+            out.append(Check(f"(e) <= 1.05 x fastest of (b),(c),(d) [{R.ROUTES[best][0]}]", f"{wl} T={T}",
+                             c.ms("gc") / c.ms(best), 1.05))
+    for T, limit in ((4, 1.6), (16, 1.8)):
+        c = get("mlp-b64", T)
+        if c is not None:
+            out.append(Check(f"(b)/(e) >= {limit} (speed-up over naive loop)", f"mlp-b64 T={T}",
+                             c.ms("naive") / c.ms("gc"), limit, lower_is_better=False))
+    for (wl, T), c in results.items():
+        if T == 4:
+            out.append(Check("(f) every=10 <= 1.12 x plain", f"{wl} T={T}", c.ratio("gc-every10"), 1.12))
+            if c.rows.get("gc-repr") is not None and c.rows["gc-repr"].status == "ok":
+                out.append(Check("(g) representation <= 1.1 x plain", f"{wl} T={T}", c.ratio("gc-repr"), 1.1))
+    errs = [(c.rows["gc"].g_err, f"{wl} T={T}") for (wl, T), c in results.items()
+            if "gc" in c.rows and c.rows["gc"].g_err is not None]
+    if errs:
+        worst = max(errs)
+        out.append(Check("(e) fp32 rel error of G <= 1e-5 (worst config)", worst[1], worst[0], G_TARGET))
+    return out
+
+
+def check_lines(cs: list[Check]) -> list[str]:
+    lines = ["| target | where | measured | limit | verdict |", "|---|---|---:|---:|---|"]
+    for c in cs:
+        spec = ".1e" if c.limit < 0.01 else ".2f"
+        lines.append(f"| {c.target} | {c.where} | {_f(c.value, spec)} | {format(c.limit, spec)} | {c.verdict} |")
+    return lines
+
+
+def machine(device: torch.device) -> list[str]:
+    lines = [
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        f"- platform: {platform.platform()}; python {platform.python_version()}",
+        f"- CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, "
+        f"torch threads {torch.get_num_threads()}",
+        f"- torch {torch.__version__}; device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+    ]
+    try:
+        import gradconflict
+
+        lines.append(f"- gradconflict {gradconflict.__version__} from {Path(gradconflict.__file__).parent}")
+    except ImportError:
+        pass
+    try:
+        import torchjd
+
+        lines.append(f"- torchjd {getattr(torchjd, '__version__', '?')}")
+    except ImportError:
+        lines.append("- torchjd: not installed (routes (d) skipped)")
+    return lines
+
+
+def markdown(results: dict[tuple[str, int], Config], device: torch.device, argv: list[str], total_s: float) -> str:
+    out = [
+        "# gradconflict hot-path benchmark",
+        "",
+        "Generated by `benchmarks/run.py`; ratios, not absolute times, are the figures that matter "
+        "(the machine is shared and noisy).",
+        "",
+        "## Machine",
+        "",
+        *machine(device),
+        "",
+        "## Command",
+        "",
+        "```",
+        "python -m benchmarks.run " + " ".join(argv),
+        "```",
+        "",
+        f"Total wall time {total_s:.0f} s.",
+        "",
+        "## Routes",
+        "",
+        "Each route is one full training step (forward included, `.grad` of every parameter filled with the "
+        "gradient of the summed losses, `zero_grad(set_to_none=True)` untimed before each call) on its own copy "
+        "of the same model and batch. Times: median over round-robin repetitions after warm-up. Peak mem: "
+        "see benchmarks/timing.py (CPU: peak bytes held through torch's allocator above the step's start, from "
+        "the profiler's memory events; CUDA: `max_memory_allocated` above the start). G rel err: "
+        "`max|G - G64| / max|G64|` against a float64 copy of the model (T separate `autograd.grad` calls); "
+        "grad rel err: the same for the `.grad` of all parameters.",
+        "",
+        *[f"- **{label}**: {definition}" for label, definition in R.ROUTES.values()],
+        "",
+        "## Targets",
+        "",
+        *check_lines(checks(results)),
+        "",
+        "## Results",
+        "",
+    ]
+    for (_, T), cfg in results.items():
+        out += [f"### {cfg.workload.name}, T={T}: {cfg.workload.description}", "", *table(cfg), ""]
+    analysis = HERE / "analysis.md"
+    if analysis.exists():
+        out += ["## Analysis", "", analysis.read_text().strip(), ""]
+    return "\n".join(out) + "\n"
+
+
+# -------------------------------------------------------------------------------------------------- main
+FULL_TASKS = (2, 4, 8, 16)
+QUICK = (("mlp-b64", 4), ("mlp-b64", 16), ("mlp-b512", 4), ("transformer", 4), ("cnn", 4))
+
+
+def plan(args: argparse.Namespace) -> list[tuple[Workload, int]]:
+    table_ = SMOKE if args.smoke else WORKLOADS
+    names = args.workload or list(table_)
+    for n in names:
+        if n not in table_:
+            sys.exit(f"unknown workload {n!r}; choose from {sorted(table_)}")
+    if args.smoke:
+        tasks = args.tasks or [3]
+        return [(table_[n], T) for n in names for T in tasks]
+    if args.quick and not args.workload and not args.tasks:
+        return [(table_[n], T) for n, T in QUICK]
+    tasks = args.tasks or ([4] if args.quick else list(FULL_TASKS))
+    return [(table_[n], T) for n in names for T in tasks]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a subset of workloads and T, fewer repetitions")
+    p.add_argument("--smoke", action="store_true", help="every route once on tiny models; exit 1 on any failure")
+    p.add_argument("--workload", nargs="+", help=f"workloads to run (default all: {', '.join(WORKLOADS)})")
+    p.add_argument("--tasks", nargs="+", type=int, help=f"values of T (default {' '.join(map(str, FULL_TASKS))})")
+    p.add_argument("--routes", nargs="+", choices=list(R.ROUTES), help="routes to run (plain is always run)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--warmup", type=int, default=None, help="discarded repetitions (default 2; quick 1)")
+    p.add_argument("--reps", type=int, default=None, help="max timed repetitions (default 15; quick 7)")
+    p.add_argument("--min-reps", type=int, default=5, help="min timed repetitions whatever the budget")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed repetitions per (workload, T) (default 12; quick 6)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--output", type=Path, default=None,
+                   help="markdown file to write (default benchmarks/RESULTS.md; not written by --smoke, "
+                        "--quick or a filtered run unless given)")
+    p.add_argument("--verbose", action="store_true", help="print tracebacks of failing routes")
+    args = p.parse_args(argv)
+    if args.warmup is None:
+        args.warmup = 1 if (args.quick or args.smoke) else 2
+    if args.reps is None:
+        args.reps = 7 if args.quick else 15
+    if args.budget is None:
+        args.budget = 6.0 if args.quick else 12.0
+    args.min_reps = min(args.min_reps, args.reps)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    device = torch.device(args.device)
+    keys = ["plain", *[k for k in R.ROUTES if k != "plain" and (args.routes is None or k in args.routes)]]
+    start = time.perf_counter()
+    results: dict[tuple[str, int], Config] = {}
+    failures: list[str] = []
+    for wl, T in plan(args):
+        cfg = run_config(wl, T, args, device, keys)
+        results[(wl.name, T)] = cfg
+        print(f"\n### {wl.name}, T={T}: {wl.description}  ({cfg.seconds:.1f} s)\n")
+        print("\n".join(table(cfg)), flush=True)
+        for key, row in cfg.rows.items():
+            if row.status == "failed":
+                failures.append(f"{wl.name} T={T} {key}: {row.note}")
+            elif args.smoke and key in R.EXACT and row.status == "ok":
+                if row.g_err is None or row.g_err > SMOKE_TOL:
+                    failures.append(f"{wl.name} T={T} {key}: G rel err {row.g_err} > {SMOKE_TOL}")
+            if args.smoke and row.status == "ok" and (row.grad_err is None or row.grad_err > SMOKE_TOL):
+                failures.append(f"{wl.name} T={T} {key}: grad rel err {row.grad_err} > {SMOKE_TOL}")
+    total = time.perf_counter() - start
+    if not args.smoke:
+        print("\n## Targets\n")
+        print("\n".join(check_lines(checks(results))))
+    print(f"\ntotal {total:.1f} s")
+    output = args.output
+    if output is None and not (args.smoke or args.quick or args.workload or args.tasks or args.routes):
+        output = HERE / "RESULTS.md"
+    if output is not None:
+        output.write_text(markdown(results, device, argv, total))
+        print(f"wrote {output}")
+    if failures:
+        print("\nFAILURES:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

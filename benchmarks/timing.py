@@ -1,0 +1,112 @@
+"""Round-robin median timer and a peak-memory probe.
+
+Timing: every repetition runs every route once, in an order rotated by one place per repetition, so slow
+drifts and bursts of noise on a shared machine hit all routes alike; the first ``warmup`` repetitions are
+discarded and the median of the rest is reported (``time.perf_counter``; CUDA is synchronised around each
+call).
+
+Memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the level at the step's start. On CPU there is no
+allocator statistic, so one extra (untimed) step runs under ``torch.profiler`` with ``profile_memory=True``;
+its allocation events carry the running total of bytes allocated through torch's CPU allocator since the
+profiler started, and the peak of that total is reported: the most tensor memory the step held at once above
+what was alive before it (parameters, batch, and anything kept from earlier steps are not counted; the
+``.grad`` tensors the step leaves behind are).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def round_robin(
+    calls: dict[str, Callable[[], object]],
+    *,
+    warmup: int,
+    reps: int,
+    device: torch.device,
+    before: dict[str, Callable[[], None]] | None = None,
+    per_call: dict[str, int] | None = None,
+    budget_s: float | None = None,
+    min_reps: int = 3,
+) -> dict[str, list[float]]:
+    """Seconds per step of every call, ``reps`` (timed) repetitions each after ``warmup`` discarded ones.
+
+    ``before[k]`` runs untimed before each call (``zero_grad``); ``per_call[k]`` divides call ``k``'s time
+    (a call that runs 10 steps). With ``budget_s``, the number of timed repetitions is cut (not below
+    ``min_reps``) so that they fit in about that many seconds, estimated from the last warm-up repetition.
+    """
+    keys = list(calls)
+    before = before or {}
+    per_call = per_call or {}
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    total = warmup + reps
+    r = 0
+    while r < total:
+        order = keys[r % len(keys):] + keys[: r % len(keys)]
+        rep_start = time.perf_counter()
+        for k in order:
+            if k in before:
+                before[k]()
+            _sync(device)
+            t0 = time.perf_counter()
+            calls[k]()
+            _sync(device)
+            t1 = time.perf_counter()
+            if r >= warmup:
+                times[k].append((t1 - t0) / per_call.get(k, 1))
+        rep_s = time.perf_counter() - rep_start
+        if r == warmup - 1 and budget_s is not None:
+            total = warmup + max(min_reps, min(reps, int(budget_s / max(rep_s, 1e-9))))
+        r += 1
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak bytes allocated by one call of ``fn`` above the level at its start (see the module docstring)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    finally:
+        os.remove(path)
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]" and "args" in e]
+    return max([0, *totals]) if totals else None
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
