@@ -53,6 +53,9 @@ ROUTES: dict[str, tuple[str, str]] = {
     "gc-repr": ("(g) gradconflict representation", '`ConflictMonitor(..., engine="representation").backward`'),
 }
 
+#: routes run only when asked for with --routes (TorchJD's batch_dim=0 mode costs seconds per step here)
+OPT_IN = ("torchjd-b0",)
+
 #: routes whose Gram is exact (their fp32 error is checked)
 EXACT = ("naive", "batched", "torchjd", "torchjd-b0", "gc", "gc-every10")
 

@@ -91,7 +91,13 @@ def run_config(wl: Workload, T: int, args: argparse.Namespace, device: torch.dev
         try:
             route = R.build(key, base, x, targets, batchnorm=wl.batchnorm)
             route.zero_grad()
-            gram = route.step()  # first (untimed) call: correctness
+            # first (untimed) call: warm-up, correctness and (under the memory probe) peak memory
+            if args.smoke or args.no_memory:
+                gram = route.step()
+            else:
+                box: list = []
+                row.mem = peak_memory(lambda r=route, b=box: b.append(r.step()), device)
+                gram = box[0]
             if gram is not None:
                 row.g_err = rel_err(gram, g_ref)
             row.grad_err = grad_err(route, grads_ref)
@@ -107,19 +113,14 @@ def run_config(wl: Workload, T: int, args: argparse.Namespace, device: torch.dev
     if not args.smoke and built:
         times = round_robin(
             {k: r.step for k, r in built.items()},
-            warmup=args.warmup, reps=args.reps, device=device,
+            warmup=0 if wl.heavy else args.warmup, reps=args.reps, device=device,
             before={k: r.zero_grad for k, r in built.items()},
             per_call={k: r.steps_per_call for k, r in built.items()},
-            budget_s=args.budget, min_reps=args.min_reps,
+            budget_s=args.budget, min_reps=min(args.min_reps, 2) if wl.heavy else args.min_reps,
         )
         for k, ts in times.items():
             cfg.rows[k].ms = median(ts) * 1e3
             cfg.rows[k].reps = len(ts)
-        if not args.no_memory:
-            for k, r in built.items():
-                r.zero_grad()
-                mem = peak_memory(r.step, device)
-                cfg.rows[k].mem = None if mem is None else mem // r.steps_per_call if k == "gc-every10" else mem
     for r in built.values():
         r.close()
     cfg.seconds = time.perf_counter() - start
@@ -285,7 +286,11 @@ def markdown(results: dict[tuple[str, int], Config], device: torch.device, argv:
 
 # -------------------------------------------------------------------------------------------------- main
 FULL_TASKS = (2, 4, 8, 16)
-QUICK = (("mlp-b64", 4), ("mlp-b64", 16), ("mlp-b512", 4), ("transformer", 4), ("cnn", 4))
+QUICK = (("mlp-b64", 4), ("mlp-b64", 16), ("mlp-b512", 4), ("cnn", 4))
+#: the full suite: the T sweep on the MLPs, T=4 on the costlier workloads (other T: --workload X --tasks ...)
+FULL = (
+    *(("mlp-b64", T) for T in (2, 4, 8, 16)), *(("mlp-b512", T) for T in (4, 16)), ("cnn", 4), ("transformer", 4),
+)
 
 
 def plan(args: argparse.Namespace) -> list[tuple[Workload, int]]:
@@ -297,19 +302,22 @@ def plan(args: argparse.Namespace) -> list[tuple[Workload, int]]:
     if args.smoke:
         tasks = args.tasks or [3]
         return [(table_[n], T) for n in names for T in tasks]
-    if args.quick and not args.workload and not args.tasks:
-        return [(table_[n], T) for n, T in QUICK]
-    tasks = args.tasks or ([4] if args.quick else list(FULL_TASKS))
-    return [(table_[n], T) for n in names for T in tasks]
+    if not args.workload and not args.tasks:
+        return [(table_[n], T) for n, T in (QUICK if args.quick else FULL)]
+    return [(table_[n], T) for n in names for T in (args.tasks or FULL_TASKS)]
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a subset of workloads and T, fewer repetitions")
     p.add_argument("--smoke", action="store_true", help="every route once on tiny models; exit 1 on any failure")
-    p.add_argument("--workload", nargs="+", help=f"workloads to run (default all: {', '.join(WORKLOADS)})")
-    p.add_argument("--tasks", nargs="+", type=int, help=f"values of T (default {' '.join(map(str, FULL_TASKS))})")
-    p.add_argument("--routes", nargs="+", choices=list(R.ROUTES), help="routes to run (plain is always run)")
+    p.add_argument("--workload", nargs="+", help=f"workloads to run ({', '.join(WORKLOADS)}); with it or --tasks, "
+                   "every chosen workload runs at every chosen T")
+    p.add_argument("--tasks", nargs="+", type=int, help=f"values of T (default with --workload: {' '.join(map(str, FULL_TASKS))}; without filters the "
+                   "full suite is the T sweep on the MLPs and T=4 on cnn and transformer)")
+    p.add_argument("--routes", nargs="+", choices=list(R.ROUTES),
+                   help="routes to run (plain is always run; default all but the opt-in torchjd-b0, which costs "
+                   "seconds per step)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--warmup", type=int, default=None, help="discarded repetitions (default 2; quick 1)")
     p.add_argument("--reps", type=int, default=None, help="max timed repetitions (default 15; quick 7)")
@@ -336,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
     device = torch.device(args.device)
-    keys = ["plain", *[k for k in R.ROUTES if k != "plain" and (args.routes is None or k in args.routes)]]
+    wanted = args.routes or [k for k in R.ROUTES if k not in R.OPT_IN]
+    keys = ["plain", *[k for k in R.ROUTES if k != "plain" and k in wanted]]
     start = time.perf_counter()
     results: dict[tuple[str, int], Config] = {}
     failures: list[str] = []

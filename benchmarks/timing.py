@@ -5,8 +5,9 @@ drifts and bursts of noise on a shared machine hit all routes alike; the first `
 discarded and the median of the rest is reported (``time.perf_counter``; CUDA is synchronised around each
 call).
 
-Memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the level at the step's start. On CPU there is no
-allocator statistic, so one extra (untimed) step runs under ``torch.profiler`` with ``profile_memory=True``;
+Memory (measured on each route's first, untimed call, which is also its correctness check and warm-up): on
+CUDA, ``torch.cuda.max_memory_allocated`` above the level at the call's start. On CPU there is no allocator
+statistic, so that call runs under ``torch.profiler`` with ``profile_memory=True``;
 its allocation events carry the running total of bytes allocated through torch's CPU allocator since the
 profiler started, and the peak of that total is reported: the most tensor memory the step held at once above
 what was alive before it (parameters, batch, and anything kept from earlier steps are not counted; the
@@ -45,7 +46,7 @@ def round_robin(
 
     ``before[k]`` runs untimed before each call (``zero_grad``); ``per_call[k]`` divides call ``k``'s time
     (a call that runs 10 steps). With ``budget_s``, the number of timed repetitions is cut (not below
-    ``min_reps``) so that they fit in about that many seconds, estimated from the last warm-up repetition.
+    ``min_reps``) so that they fit in about that many seconds, estimated from the first repetition.
     """
     keys = list(calls)
     before = before or {}
@@ -67,7 +68,7 @@ def round_robin(
             if r >= warmup:
                 times[k].append((t1 - t0) / per_call.get(k, 1))
         rep_s = time.perf_counter() - rep_start
-        if r == warmup - 1 and budget_s is not None:
+        if r == 0 and budget_s is not None:
             total = warmup + max(min_reps, min(reps, int(budget_s / max(rep_s, 1e-9))))
         r += 1
     return times

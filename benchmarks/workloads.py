@@ -70,6 +70,7 @@ class Workload:
     description: str
     batchnorm: bool = False  # BatchNorm couples the samples: TorchJD's batch_dim=0 mode does not apply
     ghost: bool = False  # a workload where the ghost (kernel) rule of Linear layers is the cheaper route
+    heavy: bool = False  # seconds per step on a small CPU: no extra warm-up beyond the first call, 2 reps minimum
 
     @property
     def batch(self) -> int:
@@ -107,6 +108,7 @@ WORKLOADS: dict[str, Workload] = {
         Workload(
             "transformer", transformer, (16, 128, 256),
             "Transformer encoder, 4 layers, d=256, 4 heads, FF 1024, dropout 0, seq 128, B=16, mean-pool",
+            heavy=True,
         ),
         Workload(
             "cnn", cnn, (32, 3, 32, 32), "CNN 3x(conv3x3 + BatchNorm + ReLU) 32/64/128 ch, 3x32x32, B=32, avg-pool",
