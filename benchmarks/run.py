@@ -313,7 +313,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="every route once on tiny models; exit 1 on any failure")
     p.add_argument("--workload", nargs="+", help=f"workloads to run ({', '.join(WORKLOADS)}); with it or --tasks, "
                    "every chosen workload runs at every chosen T")
-    p.add_argument("--tasks", nargs="+", type=int, help=f"values of T (default with --workload: {' '.join(map(str, FULL_TASKS))}; without filters the "
+    p.add_argument("--tasks", nargs="+", type=int,
+                   help=f"values of T (default with --workload: {' '.join(map(str, FULL_TASKS))}; without filters the "
                    "full suite is the T sweep on the MLPs and T=4 on cnn and transformer)")
     p.add_argument("--routes", nargs="+", choices=list(R.ROUTES),
                    help="routes to run (plain is always run; default all but the opt-in torchjd-b0, which costs "
