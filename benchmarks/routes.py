@@ -244,10 +244,9 @@ def gc_repr(model: MultiTask, x: Tensor, targets: dict[str, Tensor]) -> Route:
     def step() -> Tensor:
         return monitor.backward(task_losses(model(x), targets)).gram
 
-    return Route(
-        "gc-repr", model, step, approximate=bool(getattr(monitor.engine, "approximate", True)),
-        closers=[monitor.close],
-    )
+    approximate = bool(getattr(monitor.engine, "approximate", True))
+    note = "approximate: G rel err compares it with the exact Gram" if approximate else ""
+    return Route("gc-repr", model, step, approximate=approximate, closers=[monitor.close], note=note)
 
 
 BUILDERS = {

@@ -15,9 +15,11 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +79,17 @@ def grad_err(route: R.Route, ref: list[torch.Tensor]) -> float:
     return num / max(r.abs().max().item() for r in ref)
 
 
+def _warning_notes(caught: list[warnings.WarningMessage]) -> list[str]:
+    notes = []
+    for w in caught:
+        text = str(w.message)
+        m = re.search(r"(aten::\w+)", text) if "batching rule" in text else None
+        note = f"vmap fallback (per-task loop) for {m.group(1)}" if m else f"warning: {text.splitlines()[0][:120]}"
+        if note not in notes:
+            notes.append(note)
+    return notes
+
+
 def run_config(wl: Workload, T: int, args: argparse.Namespace, device: torch.device, keys: list[str]) -> Config:
     start = time.perf_counter()
     cfg = Config(wl, T)
@@ -91,17 +104,20 @@ def run_config(wl: Workload, T: int, args: argparse.Namespace, device: torch.dev
         try:
             route = R.build(key, base, x, targets, batchnorm=wl.batchnorm)
             route.zero_grad()
-            # first (untimed) call: warm-up, correctness and (under the memory probe) peak memory
-            if args.smoke or args.no_memory:
-                gram = route.step()
-            else:
-                box: list = []
-                row.mem = peak_memory(lambda r=route, b=box: b.append(r.step()), device)
-                gram = box[0]
+            # first (untimed) call: warm-up, correctness and (under the memory probe) peak memory; its warnings
+            # (e.g. vmap falling back to a per-task loop for some operator) go into the route's note
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if args.smoke or args.no_memory:
+                    gram = route.step()
+                else:
+                    box: list = []
+                    row.mem = peak_memory(lambda r=route, b=box: b.append(r.step()), device)
+                    gram = box[0]
             if gram is not None:
                 row.g_err = rel_err(gram, g_ref)
             row.grad_err = grad_err(route, grads_ref)
-            row.note = route.note
+            row.note = "; ".join(x for x in [route.note, *_warning_notes(caught)] if x)
             built[key] = route
         except R.Skip as e:
             row.status, row.note = "skipped", str(e)
