@@ -230,12 +230,24 @@ def check_lines(cs: list[Check]) -> list[str]:
     return lines
 
 
+def _load() -> str:
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+LOAD_AT_START = _load()
+
+
 def machine(device: torch.device) -> list[str]:
     lines = [
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         f"- platform: {platform.platform()}; python {platform.python_version()}",
         f"- CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, "
         f"torch threads {torch.get_num_threads()}",
+        f"- load average (1/5/15 min) at start {LOAD_AT_START}, at end {_load()}: other jobs share these cores, so "
+        "absolute times drift; every route of a table saw the same conditions (round-robin)",
         f"- torch {torch.__version__}; device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
     ]
