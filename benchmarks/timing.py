@@ -116,8 +116,13 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
             events = json.load(f)["traceEvents"]
     finally:
         os.remove(path)
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]" and "args" in e]
-    return max([0, *totals]) if totals else None
+    mem = [e["args"] for e in sorted(events, key=lambda e: e.get("ts", 0)) if e.get("name") == "[memory]"]
+    if not mem:
+        return None
+    # "Total Allocated" is a process-wide running total that keeps counting memory freed outside profiler
+    # sessions (e.g. last step's .grad); the level just before the first event is the step's baseline
+    base = mem[0]["Total Allocated"] - mem[0]["Bytes"]
+    return max(0, *(m["Total Allocated"] - base for m in mem))
 
 
 def fmt_bytes(n: int | None) -> str:
