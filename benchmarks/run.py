@@ -242,11 +242,32 @@ def checks(results: dict[tuple[str, int], Config]) -> list[Check]:
         err, wl, T = max(errs)
         others = [f"{k} {results[(wl, T)].rows[k].g_err:.1e}" for k in ("naive", "batched", "torchjd")
                   if k in results[(wl, T)].rows and results[(wl, T)].rows[k].g_err is not None]
+        above = [f"{w} T={t} ({e:.1e})" for e, w, t in errs if e > G_TARGET]
         out.append(Check(
             "(e) fp32 rel error of G <= 1e-5 (worst config)", f"{wl} T={T}", err, G_TARGET,
-            context="same config, other fp32 routes: " + ", ".join(others),
+            context=f"{len(above)} of {len(errs)} configs above 1e-5" + (f": {', '.join(above)}" if above else "")
+            + "; same config, other fp32 routes: " + ", ".join(others),
         ))
     return out
+
+
+def summary(results: dict[tuple[str, int], Config]) -> list[str]:
+    """One line per (workload, T): every route's time as a multiple of the plain step, and (e)'s G error."""
+    keys = [k for k in R.ROUTES if any(k in c.rows for c in results.values())]
+    short = {k: R.ROUTES[k][0].split(" ")[0] if R.ROUTES[k][0].startswith("(") else k for k in keys}
+    lines = [
+        "| workload | T | plain ms | " + " | ".join(short[k] for k in keys[1:])
+        + " | (e)/floor | (b)/(e) | (e) G err |",
+        "|---|---:|---:|" + "---:|" * (len(keys) - 1) + "---:|---:|---:|",
+    ]
+    for (wl, T), c in results.items():
+        err = c.rows["gc"].g_err if "gc" in c.rows else None
+        lines.append(
+            f"| {wl} | {T} | {_f(c.ms('plain'), '.2f')} | "
+            + " | ".join(_f(c.ratio(k), ".2f") for k in keys[1:])
+            + f" | {_f(c.ratio('gc', 'floor'), '.2f')} | {_f(c.ms('naive') / c.ms('gc'), '.2f')} | {_f(err, '.1e')} |"
+        )
+    return lines
 
 
 def check_lines(cs: list[Check]) -> list[str]:
@@ -330,6 +351,10 @@ def markdown(results: dict[tuple[str, int], Config], device: torch.device, argv:
         "",
         *check_lines(checks(results)),
         "",
+        "## Summary: time of each route as a multiple of the plain step (a)",
+        "",
+        *summary(results),
+        "",
         "## Results",
         "",
     ]
@@ -375,7 +400,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    "seconds per step)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--warmup", type=int, default=None, help="discarded repetitions (default 2; quick 1)")
-    p.add_argument("--reps", type=int, default=None, help="max timed repetitions (default 15; quick 7)")
+    p.add_argument("--reps", type=int, default=None, help="max timed repetitions (default 31; quick 9)")
     p.add_argument("--min-reps", type=int, default=5, help="min timed repetitions whatever the budget")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of timed repetitions per (workload, T) (default 12; quick 6)")
@@ -388,7 +413,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if args.warmup is None:
         args.warmup = 1 if (args.quick or args.smoke) else 2
     if args.reps is None:
-        args.reps = 7 if args.quick else 15
+        args.reps = 9 if args.quick else 31
     if args.budget is None:
         args.budget = 6.0 if args.quick else 12.0
     args.min_reps = min(args.min_reps, args.reps)
@@ -419,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"{wl.name} T={T} {key}: grad rel err {row.grad_err} > {SMOKE_TOL}")
     total = time.perf_counter() - start
     if not args.smoke:
+        print("\n## Summary (x plain step)\n")
+        print("\n".join(summary(results)))
         print("\n## Targets\n")
         print("\n".join(check_lines(checks(results))))
     print(f"\ntotal {total:.1f} s")
