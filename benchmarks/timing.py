@@ -17,6 +17,7 @@ what was alive before it (parameters, batch, and anything kept from earlier step
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import statistics
@@ -97,6 +98,7 @@ def _quiet_stderr() -> Iterator[None]:
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
     """Peak bytes allocated by one call of ``fn`` above the level at its start (see the module docstring)."""
+    gc.collect()  # garbage of earlier work must not be freed (and counted negative) in the middle of the call
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         start = torch.cuda.memory_allocated(device)
