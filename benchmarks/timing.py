@@ -127,6 +127,11 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
     return max(0, *(m["Total Allocated"] - base for m in mem))
 
 
+def spread(values: Sequence[float]) -> float:
+    """(max - min) / median: how noisy the repetitions were."""
+    return (max(values) - min(values)) / median(values) if values else float("nan")
+
+
 def fmt_bytes(n: int | None) -> str:
     if n is None:
         return "n/a"
