@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import os
 import platform
 import re
+import subprocess
 import sys
 import time
 import traceback
@@ -187,7 +189,7 @@ class Check:
         if self.ok:
             return "PASS"
         off = self.value / self.limit - 1 if self.lower_is_better else 1 - self.value / self.limit
-        return f"MISS by {100 * off:.0f}%"
+        return f"MISS by {100 * off:.1f}%" if off < 0.1 else f"MISS by {100 * off:.0f}%"
 
 
 def checks(results: dict[tuple[str, int], Config]) -> list[Check]:
@@ -293,11 +295,34 @@ def _load() -> str:
 LOAD_AT_START = _load()
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_state(path: Path) -> str:
+    """`` (git abc1234)`` or `` (git abc1234 + uncommitted changes)`` for a checkout, else ``""``."""
+    try:
+        head = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--", "gradconflict"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return f" (git {head}{' + uncommitted changes' if dirty else ''})"
+
+
 def machine(device: torch.device) -> list[str]:
     lines = [
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         f"- platform: {platform.platform()}; python {platform.python_version()}",
-        f"- CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, "
+        f"- CPU: {_cpu_model()}, {os.cpu_count()} logical cores, "
         f"torch threads {torch.get_num_threads()}",
         f"- load average (1/5/15 min) at start {LOAD_AT_START}, at end {_load()}: other jobs share these cores, so "
         "absolute times drift; every route of a table saw the same conditions (round-robin)",
@@ -307,13 +332,14 @@ def machine(device: torch.device) -> list[str]:
     try:
         import gradconflict
 
-        lines.append(f"- gradconflict {gradconflict.__version__} from {Path(gradconflict.__file__).parent}")
+        where = Path(gradconflict.__file__).resolve().parent
+        lines.append(f"- gradconflict {gradconflict.__version__} from {where}{_git_state(where.parent)}")
     except ImportError:
         pass
     try:
         import torchjd
 
-        lines.append(f"- torchjd {getattr(torchjd, '__version__', '?')}")
+        lines.append(f"- torchjd {getattr(torchjd, '__version__', None) or importlib.metadata.version('torchjd')}")
     except ImportError:
         lines.append("- torchjd: not installed (routes (d) skipped)")
     return lines
