@@ -359,7 +359,7 @@ def markdown(results: dict[tuple[str, int], Config], device: torch.device, argv:
         "## Command",
         "",
         "```",
-        "python -m benchmarks.run " + " ".join(argv),
+        " ".join(["python -m benchmarks.run", *argv]),
         "```",
         "",
         f"Total wall time {total_s:.0f} s.",
