@@ -164,7 +164,7 @@ def table(cfg: Config) -> list[str]:
         lines.append(
             f"| {row.label} | {_f(row.ms, '.2f')} | {_f(cfg.ratio(key), '.2f')} | {_f(cfg.ratio(key, 'floor'), '.2f')} "
             f"| {fmt_bytes(row.mem)} | {_f(row.g_err, '.1e')} | {_f(row.grad_err, '.1e')} | {row.reps} "
-            f"| {_f(100 * row.spread, '.0f')}% | {row.note} |"
+            f"| {_f(100 * row.spread, '.0f')}{'%' if row.spread == row.spread else ''} | {row.note} |"
         )
     return lines
 
