@@ -123,8 +123,9 @@ def weighted(weights: Tensor, grads: Tensor) -> Tensor:
     return torch.tensordot(weights.to(grads.dtype), grads, dims=1)
 
 
-#: Length of the slices whose partial inner products are summed in float64 (see :func:`gram_of`).
-CHUNK = 4096
+#: Length of the slices whose partial inner products are summed in float64 (see :func:`gram_of`); products up to
+#: four slices long are taken in one piece (their float32 error stays near 1e-7 relative).
+CHUNK = 16384
 
 
 def gram_of(rows: Tensor, other: Tensor | None = None) -> Tensor:
@@ -132,15 +133,15 @@ def gram_of(rows: Tensor, other: Tensor | None = None) -> Tensor:
 
     Long float32 inner products lose digits as they grow, so the rows are cut into slices of :data:`CHUNK`
     entries, each slice's products are taken in the rows' dtype and the partial results are summed in float64:
-    the error stays that of a ``CHUNK``-long product whatever ``k`` is.
+    the error stays that of a short product whatever ``k`` is.
 
-    >>> a = torch.randn(3, 10_000)
+    >>> a = torch.randn(3, 100_000)
     >>> torch.allclose(gram_of(a).double(), a.double() @ a.double().T, rtol=1e-6, atol=1e-3)
     True
     """
     other = rows if other is None else other
     T, k = rows.shape
-    if rows.dtype == torch.float64 or k <= CHUNK:
+    if rows.dtype == torch.float64 or k <= 4 * CHUNK:
         return rows @ other.T
     whole = k - k % CHUNK
     partial = torch.bmm(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from einops import einsum, rearrange
+from einops import einsum
 from torch import Tensor, nn
 
 from gradconflict.rules.base import Call, LayerGrads, LayerRule, gram_of, register_rule, weighted
@@ -53,8 +53,8 @@ class LinearRule(LayerRule):
                 K = Xg @ Xg.T
                 if "bias" in shared:
                     K += 1
-                rows = rearrange(Dg, "t n o -> n (t o)")  # one matmul for all tasks, not T small ones
-                gram = gram_of(*(rearrange(m, "n (t o) -> t (n o)", t=T) for m in (rows, K @ rows)))
+                KD = K @ Dg  # [N, N] @ [T, N, d_out]
+                gram = gram_of(Dg.reshape(T, -1), KD.reshape(T, -1))
                 route = "ghost"
             else:
                 if "weight" in shared:
@@ -65,8 +65,10 @@ class LinearRule(LayerRule):
                 route = "materialised"
         # T gradients that exist already give the update by a weighted sum, cheaper than another matmul.
         grads = {name: weighted(weights, g) for name, g in per_task.items()}
-        if "weight" in covered and "weight" not in grads:
-            grads["weight"] = weighted(weights, D).T @ X.to(D.dtype)
-        if "bias" in covered and "bias" not in grads:
-            grads["bias"] = weighted(weights, D.sum(1))
+        if covered - grads.keys():
+            Dw = weighted(weights, D)
+            if "weight" in covered and "weight" not in grads:
+                grads["weight"] = Dw.T @ X.to(D.dtype)
+            if "bias" in covered and "bias" not in grads:
+                grads["bias"] = Dw.sum(0)
         return LayerGrads(gram, {n: g.to(getattr(module, n).dtype) for n, g in grads.items() if n in covered}, route)
