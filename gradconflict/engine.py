@@ -270,8 +270,8 @@ class ReferenceEngine:
 class RepresentationEngine:
     """MGDA-UB's approximation: the Gram of the task gradients with respect to the shared module's *output*.
 
-    Near free (one batched VJP through the heads only, then a plain backward for ``.grad``), but it is not the
-    Gram over the parameters: reports from it are marked ``approximate``.
+    Near free (T small backward passes through the heads only, then a plain backward for ``.grad``), but it is
+    not the Gram over the parameters: reports from it are marked ``approximate``.
     """
 
     name = "representation"
@@ -286,8 +286,11 @@ class RepresentationEngine:
             )
         Z = capture.output
         stacked = torch.stack([loss.reshape(()) for loss in losses])
-        eye = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
-        (per_task,) = torch.func.vmap(lambda v: torch.autograd.grad(stacked, [Z], v, retain_graph=True))(eye)
+        # One small backward per task: each reaches Z through its own head only, which costs less than a vmapped
+        # pass that carries every task through every head.
+        per_task = torch.stack(
+            [torch.autograd.grad(loss, [Z], retain_graph=True, materialize_grads=True)[0] for loss in losses]
+        )
         gram = gram_of(per_task.to(plan.gram_dtype).flatten(1))
         grads: dict[int, tuple[Tensor, Tensor]] = {}
         if not keep_graph:
