@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from einops import einsum
 from torch import Tensor, nn
 
 from gradconflict.rules.base import Call, LayerGrads, LayerRule, gram_of, register_rule, weighted
@@ -58,7 +57,7 @@ class LinearRule(LayerRule):
                 route = "ghost"
             else:
                 if "weight" in shared:
-                    per_task["weight"] = einsum(Dg, Xg, "t n o, n i -> t o i")
+                    per_task["weight"] = Dg.transpose(1, 2) @ Xg  # T batched products: [T, d_out, d_in]
                 if "bias" in shared:
                     per_task["bias"] = Dg.sum(1)
                 gram = gram_of(torch.cat([g.flatten(1) for g in per_task.values()], dim=1))
