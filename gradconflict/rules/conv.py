@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from gradconflict.rules.base import Call, LayerGrads, LayerRule, gram_of, register_rule, weighted
@@ -56,13 +57,10 @@ class ConvRule(LayerRule):
         ``D`` is ``[T, N, C_out, ...]``; within each group the T tasks' channels are laid side by side, so the
         stacked convolution has ``T * C_out`` output channels and the same ``groups``.
         """
-        T, N, C = D.shape[:3]
         g = module.groups
-        spatial = D.shape[3:]
-        stacked = D.reshape(T, N, g, C // g, *spatial).transpose(0, 1).transpose(1, 2)  # [N, g, T, C/g, ...]
-        grads = self._weight_grad(module, x, padding, stacked.reshape(N, g * T * (C // g), *spatial))
-        grads = grads.reshape(g, T, C // g, *grads.shape[1:]).transpose(0, 1)  # [T, g, C/g, C_in/g, k...]
-        return grads.reshape(T, C, *grads.shape[3:])
+        stacked = rearrange(D, "t n (g c) ... -> n (g t c) ...", g=g)
+        grads = self._weight_grad(module, x, padding, stacked)  # [(g t c), C_in / g, *kernel]
+        return rearrange(grads, "(g t c) ... -> t (g c) ...", g=g, t=D.shape[0])
 
     def compute(
         self,

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from einops import einsum
 from torch import Tensor, nn
 
-from gradconflict.rules.base import Call, LayerGrads, LayerRule, register_rule, weighted
+from gradconflict.rules.base import Call, LayerGrads, LayerRule, gram_of, register_rule, weighted
 
 
 @register_rule(nn.Embedding)
@@ -49,4 +48,4 @@ class EmbeddingRule(LayerRule):
         if not shared:
             return LayerGrads(None, grads, "bookkeeping")
         rows = rows.to(gram_dtype)
-        return LayerGrads(einsum(rows, rows, "t u d, s u d -> t s"), grads, "materialised")
+        return LayerGrads(gram_of(rows.flatten(1)), grads, "materialised")
