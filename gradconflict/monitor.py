@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ConflictMonitor"]
 
-OnNonFinite = Literal["raise", "skip"]
+OnNonFinite = Literal["raise", "skip", "propagate"]
 
 #: Heads with fewer parameters than this are not tapped: materialising their T gradients in the batched backward
 #: costs less than a tap's fixed overhead (a few small tensor operations).
@@ -54,7 +54,9 @@ class ConflictMonitor:
         every: measure every ``every``-th :meth:`backward` call; the others are a plain weighted backward.
         threshold: cosine below which a task pair counts as conflicting (``S`` in the docs).
         on_nonfinite: ``"raise"`` (default) or ``"skip"`` when a loss is NaN or infinite; a skipped step
-            leaves ``.grad`` untouched and is recorded in the history as skipped.
+            leaves ``.grad`` untouched and is recorded in the history as skipped. Both read the losses on the
+            host (one sync per measured step); ``"propagate"`` does not check, so NaNs flow into ``.grad`` and
+            the report as with a plain backward, and ``backward()`` never waits for the device.
         ema_decay: decay of the history's moving averages.
 
     Attributes:
@@ -77,8 +79,8 @@ class ConflictMonitor:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
-        if on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if on_nonfinite not in ("raise", "skip", "propagate"):
+            raise ValueError(f"on_nonfinite must be 'raise', 'skip' or 'propagate', got {on_nonfinite!r}")
         self.model = model
         self.engine = make_engine(engine)
         self.every = every
@@ -216,7 +218,7 @@ class ConflictMonitor:
     def _measure(self, tasks: list[str], losses: list[Tensor], w: Tensor, *, write_grads: bool) -> ConflictReport:
         step = self.step
         self.step += 1
-        bad = self._nonfinite(tasks, losses)
+        bad = [] if self.on_nonfinite == "propagate" else self._nonfinite(tasks, losses)
         if bad:
             if self.on_nonfinite == "raise":
                 raise FloatingPointError(

@@ -100,6 +100,15 @@ def test_nonfinite_loss_raises_or_skips(setup):
     skipping.close()
 
 
+def test_propagate_lets_nonfinite_losses_through_like_autograd(setup):
+    model, x, _ = setup
+    with ConflictMonitor(model, shared=model.backbone, on_nonfinite="propagate") as monitor:
+        out = model(x)
+        report = monitor.backward({"t0": out["t0"].mean() * math.inf, "t1": out["t1"].mean(), "t2": out["t2"].mean()})
+    assert not report.skipped
+    assert not torch.isfinite(model.backbone[0].weight.grad).all()
+
+
 def test_every_k_measures_every_kth_step_and_still_trains_exactly():
     model, x = FAMILIES["mlp"](3)
     twin = copy.deepcopy(model)
