@@ -197,6 +197,7 @@ class TappedEngine:
         self.fallbacks: set[str] = set()
 
     def run(self, losses: Sequence[Tensor], weights: Tensor, plan: Plan, *, keep_graph: bool) -> EngineResult:
+        """The per-layer Grams and weighted gradients of one step (``keep_graph``: leave the graph alive)."""
         capture = plan.capture
         stacked = torch.stack([loss.reshape(()) for loss in losses])
         graph = walk_graph([stacked])
@@ -250,6 +251,7 @@ class ReferenceEngine:
     approximate = False
 
     def run(self, losses: Sequence[Tensor], weights: Tensor, plan: Plan, *, keep_graph: bool) -> EngineResult:
+        """The per-layer Grams and weighted gradients of one step (``keep_graph``: leave the graph alive)."""
         is_anchor = plan.capture.is_anchor if plan.capture is not None else (lambda t: False)
         leaves = [t for t in walk_graph([torch.stack([x.reshape(()) for x in losses])]).leaves if not is_anchor(t)]
         acc = _Accumulator(weights, plan)
@@ -278,6 +280,7 @@ class RepresentationEngine:
     approximate = True
 
     def run(self, losses: Sequence[Tensor], weights: Tensor, plan: Plan, *, keep_graph: bool) -> EngineResult:
+        """The per-layer Grams and weighted gradients of one step (``keep_graph``: leave the graph alive)."""
         capture = plan.representation
         if capture is None or capture.output is None:
             raise RuntimeError(

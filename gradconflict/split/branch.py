@@ -60,6 +60,7 @@ class BranchedNet(nn.Module):
         self.block_paths = list(block_paths)
 
     def forward(self, x: Any) -> dict[str, Any]:
+        """Every task's output: the shared stem once, then each group's own copy of the upper blocks."""
         shared = self.stem(x)  # the prefix is computed once for all groups
         out: dict[str, Any] = {}
         for name, tasks in self.groups.items():

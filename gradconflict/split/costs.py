@@ -49,6 +49,7 @@ class SavedBytes:
         self._seen = set(exclude)
 
     def pack(self, tensor: Tensor) -> Tensor:
+        """Count the bytes of a tensor autograd saves (each storage once) and keep it unchanged."""
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in self._seen:  # count each storage once, views included
             self._seen.add(storage.data_ptr())

@@ -101,6 +101,7 @@ class LoRALayer(nn.Module):
         return conv(hidden, self.up[task])
 
     def forward(self, x: Tensor) -> Tensor:
+        """The base layer's output plus the active task's low-rank update (none when no task is active)."""
         y = self.base(x)
         task = self.active
         if task is None or task == self.merged:
@@ -200,6 +201,7 @@ class LoRASplit(nn.Module):
                 layer.active = old
 
     def forward(self, x: Any, task: str | None = None) -> Any:
+        """The model's outputs, each task through its own adapter; with ``task``, that task's alone."""
         if task is not None:
             with self.task(task):
                 return self.model(x)[task]

@@ -133,5 +133,6 @@ class MultiTaskNet(nn.Module):
         self.heads = heads if isinstance(heads, nn.ModuleDict) else nn.ModuleDict(dict(heads))
 
     def forward(self, x: Any) -> dict[str, Any]:
+        """``{task: output}``: the backbone once, then every head on its features."""
         features = run_backbone(self.backbone, x)  # computed once, read by every head
         return {task: head(features) for task, head in self.heads.items()}
