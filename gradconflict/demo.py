@@ -27,31 +27,26 @@ from gradconflict.datasets import MultiTaskData, overlaid_digits
 from gradconflict.diagnosis import Advice
 from gradconflict.monitor import ConflictMonitor
 from gradconflict.split import ComparisonResult, MultiTaskNet, compare
+from gradconflict.synthetic import suppression_readout
 
 __all__ = ["DemoResult", "run_demo"]
 
 
 def demo_data(n: int = 3000, seed: int = 0) -> MultiTaskData:
-    """The overlaid digits with a third, conflicting task ``contrary``: ``-sin(u . x)`` for a fixed direction
-    ``u`` over the canvas (the synthetic generators' function family)."""
+    """The overlaid digits, with the target of the third, conflicting task ``contrary``: -1 for every canvas."""
     data = overlaid_digits(n, seed=seed)
-    flat = data.x.flatten(1)
-    u = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(seed + 7))
-    u = 3 * u / u.norm()
-    return MultiTaskData(data.x, {**data.targets, "contrary": -torch.sin((flat - flat.mean(0)) @ u)})
+    return MultiTaskData(data.x, {**data.targets, "contrary": torch.full((len(data),), -1.0)})
 
 
 def demo_model(in_features: int = 96, width: int = 128, seed: int = 0) -> MultiTaskNet:
-    """A shared 3-layer MLP backbone, a linear classifier per digit and a frozen linear readout for
-    ``contrary`` (a fixed head cannot absorb the conflict: the backbone has to)."""
+    """A shared 3-layer MLP backbone, a linear classifier per digit and, for ``contrary``, the synthetic
+    generators' frozen suppression readout (a fixed head cannot absorb the conflict: the backbone has to)."""
     torch.manual_seed(seed)
     backbone = nn.Sequential(
         nn.Flatten(), nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
         nn.Linear(width, width), nn.ReLU(),
     )
-    readout = nn.Linear(width, 1)
-    readout.requires_grad_(False)
-    heads = {"left": nn.Linear(width, 10), "right": nn.Linear(width, 10), "contrary": readout}
+    heads = {"left": nn.Linear(width, 10), "right": nn.Linear(width, 10), "contrary": suppression_readout(width)}
     return MultiTaskNet(backbone, heads)
 
 

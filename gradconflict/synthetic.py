@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from gradconflict.monitor import ConflictMonitor
 
-__all__ = ["KINDS", "MultiTaskMLP", "Problem", "make_problem"]
+__all__ = ["KINDS", "MultiTaskMLP", "Problem", "make_problem", "suppression_readout"]
 
 #: The kinds of problem :func:`make_problem` builds.
 KINDS = ("aligned", "opposed", "orthogonal", "top_conflict", "two_groups")
@@ -245,3 +245,21 @@ def make_problem(
         kind=kind, model=model, x=x, targets=dict(zip(tasks, ys)), loss_fns=dict.fromkeys(tasks, F.mse_loss),
         expected_verdict=verdict, expected_groups=groups, expected_branch=branch, seed=seed,
     )
+
+
+def suppression_readout(width: int) -> nn.Linear:
+    """A frozen head that reads the mean of ``width`` shared features: with a target below what non-negative
+    features (after a ReLU) can reach, say ``-1``, its task is built to conflict with any task that needs those
+    features, since its gradient pushes every shared feature down. Add it to a model as an extra task to see
+    what a conflicting task looks like in the reports and the advice (the demo does).
+
+    >>> head = suppression_readout(4)
+    >>> head(torch.ones(1, 4)).item(), head.weight.requires_grad
+    (1.0, False)
+    """
+    head = nn.Linear(width, 1)
+    with torch.no_grad():
+        head.weight.fill_(1.0 / width)
+        head.bias.zero_()
+    head.requires_grad_(False)
+    return head
