@@ -15,7 +15,7 @@ no work at all: the EMAs are folded in when first read, with tensor operations o
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,10 +29,6 @@ if TYPE_CHECKING:
 
 __all__ = ["History"]
 
-#: The quantities whose exponential moving average is kept, each a function of a report.
-EMA_QUANTITIES = ("conflict_fraction", "cancellation", "worst_cosine", "update_norm")
-
-
 def worst_cosine(report: ConflictReport) -> Tensor:
     """The most negative pairwise cosine of a report (1 when there is a single task)."""
     T = len(report.tasks)
@@ -40,6 +36,15 @@ def worst_cosine(report: ConflictReport) -> Tensor:
         return torch.ones((), dtype=report.gram.dtype, device=report.gram.device)
     iu = torch.triu_indices(T, T, 1, device=report.gram.device)
     return report.cosine[iu[0], iu[1]].min()
+
+
+#: The quantities whose exponential moving average is kept, each a function of a report.
+EMA_QUANTITIES: dict[str, Callable[[ConflictReport], Tensor]] = {
+    "conflict_fraction": lambda r: r.conflict_fraction,
+    "cancellation": lambda r: r.cancellation,
+    "worst_cosine": worst_cosine,
+    "update_norm": lambda r: r.update_norm,
+}
 
 
 class History:
@@ -71,13 +76,8 @@ class History:
     def ema(self) -> dict[str, Tensor]:
         """Exponential moving average of each of :data:`EMA_QUANTITIES` over the measured steps so far."""
         for report in self._unfolded:
-            values = {
-                "conflict_fraction": report.conflict_fraction,
-                "cancellation": report.cancellation,
-                "worst_cosine": worst_cosine(report),
-                "update_norm": report.update_norm,
-            }
-            for key, value in values.items():
+            for key, quantity in EMA_QUANTITIES.items():
+                value = quantity(report)
                 old = self._ema.get(key)
                 self._ema[key] = value if old is None else torch.lerp(value, old, self.ema_decay)
         self._unfolded.clear()
