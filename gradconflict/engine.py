@@ -74,11 +74,11 @@ def _batched(fn: Callable[[Tensor], tuple[Tensor, ...]], eye: Tensor, reported: 
 class Plan:
     """What the monitor knows about the model: which parameters are shared and which layer owns each.
 
-    ``layer_of`` maps ``id(parameter)`` to ``(layer name, parameter name within that layer)``.
+    ``layer_of`` maps ``id(parameter)`` to the name of the layer (owning module) it belongs to.
     """
 
     shared: set[int]
-    layer_of: dict[int, tuple[str, str]]
+    layer_of: dict[int, str]
     module_name: dict[nn.Module, str]
     gram_dtype: torch.dtype
     capture: Capture | None = None
@@ -108,6 +108,17 @@ class EngineResult:
     grads: dict[int, tuple[Tensor, Tensor]]
 
 
+def _stacked(losses: Sequence[Tensor]) -> Tensor:
+    """The T scalar losses as one ``[T]`` tensor, the root of every engine's backward."""
+    return torch.stack([loss.reshape(()) for loss in losses])
+
+
+def _leaves(stacked: Tensor, plan: Plan) -> list[Tensor]:
+    """Every leaf the losses depend on, less the taps' anchors."""
+    capture = plan.capture
+    return [t for t in walk_graph([stacked]).leaves if capture is None or not capture.is_anchor(t)]
+
+
 class _Accumulator:
     """Collects layer Grams and weighted gradients as they arrive during one pass."""
 
@@ -133,8 +144,8 @@ class _Accumulator:
         """A leaf's T gradients ``[T, *leaf.shape]``: its weighted gradient and, if shared, its Gram."""
         self.add_grad(leaf, weighted(self.weights, per_task).to(leaf.dtype))
         if id(leaf) in self.plan.shared:
-            layer, _ = self.plan.layer_of[id(leaf)]
-            self.add_gram(layer, gram_of(per_task.to(self.plan.gram_dtype).flatten(1)), leaf.numel(), "materialised")
+            gram = gram_of(per_task.to(self.plan.gram_dtype).flatten(1))
+            self.add_gram(self.plan.layer_of[id(leaf)], gram, leaf.numel(), "materialised")
 
     def result(self, T: int, device: torch.device) -> EngineResult:
         gram = torch.zeros(T, T, dtype=self.plan.gram_dtype, device=device)
@@ -199,7 +210,7 @@ class TappedEngine:
     def run(self, losses: Sequence[Tensor], weights: Tensor, plan: Plan, *, keep_graph: bool) -> EngineResult:
         """The per-layer Grams and weighted gradients of one step (``keep_graph``: leave the graph alive)."""
         capture = plan.capture
-        stacked = torch.stack([loss.reshape(()) for loss in losses])
+        stacked = _stacked(losses)
         graph = walk_graph([stacked])
         is_anchor = capture.is_anchor if capture is not None else (lambda t: False)
         anchors = [t for t in graph.leaves if is_anchor(t)]
@@ -252,8 +263,7 @@ class ReferenceEngine:
 
     def run(self, losses: Sequence[Tensor], weights: Tensor, plan: Plan, *, keep_graph: bool) -> EngineResult:
         """The per-layer Grams and weighted gradients of one step (``keep_graph``: leave the graph alive)."""
-        is_anchor = plan.capture.is_anchor if plan.capture is not None else (lambda t: False)
-        leaves = [t for t in walk_graph([torch.stack([x.reshape(()) for x in losses])]).leaves if not is_anchor(t)]
+        leaves = _leaves(_stacked(losses), plan)
         acc = _Accumulator(weights, plan)
         T = len(losses)
         per_task = [
@@ -288,7 +298,7 @@ class RepresentationEngine:
                 "shared=<the backbone module> and run the model's forward before monitor.backward()"
             )
         Z = capture.output
-        stacked = torch.stack([loss.reshape(()) for loss in losses])
+        stacked = _stacked(losses)
         # One small backward per task: each reaches Z through its own head only, which costs less than a vmapped
         # pass that carries every task through every head.
         per_task = torch.stack(
@@ -297,7 +307,7 @@ class RepresentationEngine:
         gram = gram_of(per_task.to(plan.gram_dtype).flatten(1))
         grads: dict[int, tuple[Tensor, Tensor]] = {}
         if not keep_graph:
-            leaves = [t for t in walk_graph([stacked]).leaves if t.requires_grad]
+            leaves = _leaves(stacked, plan)
             for leaf, g in zip(leaves, torch.autograd.grad(stacked @ weights.to(stacked.dtype), leaves)):
                 grads[id(leaf)] = (leaf, g)
         capture.output = None

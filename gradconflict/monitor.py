@@ -119,10 +119,10 @@ class ConflictMonitor:
 
     def _make_plan(self, shared: list[nn.Parameter]) -> Plan:
         module_name = {m: n for n, m in self.model.named_modules()}
-        layer_of: dict[int, tuple[str, str]] = {}
+        layer_of: dict[int, str] = {}
         for mod_name, module in self.model.named_modules():
             for p_name, p in module.named_parameters(recurse=False):
-                layer_of.setdefault(id(p), (mod_name or p_name, p_name))
+                layer_of.setdefault(id(p), mod_name or p_name)
         float64 = any(p.dtype == torch.float64 for p in shared)
         return Plan(
             shared={id(p) for p in shared},
@@ -184,9 +184,9 @@ class ConflictMonitor:
             w.append(value)
         return tasks, values, torch.tensor(w, dtype=values[0].dtype, device=values[0].device)
 
-    def _nonfinite(self, tasks: list[str], losses: list[Tensor]) -> list[str]:
-        finite = torch.isfinite(torch.stack([loss.detach().reshape(()) for loss in losses])).tolist()
-        return [t for t, ok in zip(tasks, finite) if not ok]
+    @staticmethod
+    def _nonfinite(tasks: list[str], detached: Tensor) -> list[str]:
+        return [t for t, ok in zip(tasks, torch.isfinite(detached).tolist()) if not ok]
 
     # ----------------------------------------------------------------------------------------------- steps
     def backward(
@@ -218,7 +218,8 @@ class ConflictMonitor:
     def _measure(self, tasks: list[str], losses: list[Tensor], w: Tensor, *, write_grads: bool) -> ConflictReport:
         step = self.step
         self.step += 1
-        bad = [] if self.on_nonfinite == "propagate" else self._nonfinite(tasks, losses)
+        detached = torch.stack([x.detach().reshape(()) for x in losses])
+        bad = [] if self.on_nonfinite == "propagate" else self._nonfinite(tasks, detached)
         if bad:
             if self.on_nonfinite == "raise":
                 raise FloatingPointError(
@@ -229,7 +230,7 @@ class ConflictMonitor:
                 tasks,
                 step,
                 f"non-finite loss: {', '.join(bad)}",
-                torch.stack([x.detach().reshape(()) for x in losses]),
+                detached,
                 engine=self.engine.name,
             )
             self.history.append(report)
@@ -269,7 +270,7 @@ class ConflictMonitor:
             tasks,
             result.gram,
             w,
-            losses=torch.stack([x.detach().reshape(()) for x in losses]),
+            losses=detached,
             layers=layers,
             step=step,
             engine=self.engine.name,
