@@ -129,11 +129,6 @@ class Capture:
             h.remove()
         self._handles.clear()
 
-    @property
-    def num_hooks(self) -> int:
-        """Number of hooks currently registered."""
-        return len(self._handles)
-
 
 class OutputCapture:
     """Keeps the latest output of one module (the shared representation, for ``engine="representation"``)."""
