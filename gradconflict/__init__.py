@@ -9,8 +9,9 @@ from __future__ import annotations
 from gradconflict.diagnosis import Advice, Signal, Thresholds, advise, advise_from_jsonl
 from gradconflict.engine import PerformanceWarning
 from gradconflict.history import History
-from gradconflict.monitor import ConflictMonitor
+from gradconflict.monitor import ConflictMonitor, MeasurementWarning
 from gradconflict.report import ConflictReport, LayerReport
+from gradconflict.sinks import JSONLSink
 from gradconflict.split import (
     BranchedNet,
     ComparisonResult,
@@ -41,7 +42,9 @@ __all__ = [
     "ConflictMonitor",
     "ConflictReport",
     "History",
+    "JSONLSink",
     "LayerReport",
+    "MeasurementWarning",
     "PerformanceWarning",
     "Signal",
     "Thresholds",

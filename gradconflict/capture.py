@@ -1,27 +1,45 @@
-"""Capture: forward hooks that tap each rule-covered module's output, and walks of the autograd graph.
+"""Capture: taps on the output of each rule-covered module, inserted by a forward hook.
 
-A tap is an identity autograd node inserted after a module's output by a forward hook (no edit of the model).
-During the engine's batched backward, the tap unwraps the module's vmapped output gradient into the plain
-``[T, ...]`` tensor of all T tasks' gradients and hands it to the engine's current pass; outside that pass the
-tap passes gradients through untouched. Every tap also feeds a
-scalar *anchor*; asking autograd for the anchor's gradient makes the backward visit every tapped layer while
-computing no weight gradient.
+A tap is an identity autograd node placed on a module's output during the forward. During the engine's batched
+backward it unwraps the module's vmapped output gradient into the plain ``[T, ...]`` tensor of all T tasks'
+gradients and hands it to the engine's current pass; outside that pass it passes gradients through untouched.
+Every tap also feeds a scalar *anchor*: asking autograd for the anchor's gradient makes the backward visit every
+tapped layer while computing no weight gradient.
+
+The hook is a *global* module forward hook (``torch.nn.modules.module.register_module_forward_hook``) that
+only acts on the modules of the monitored model. Nothing is stored on the model, so ``torch.save``,
+``copy.deepcopy`` and pickling of the model work while a monitor is attached and a copy carries no tap. A
+global hook also runs before every hook registered on the module itself, so the tap sees the module's own
+output even when a user's forward hook rewrites it. It is registered only while the next forward is to be
+measured (see :meth:`Capture.arm`), and removed when the monitor closes or is garbage-collected.
+
+>>> import torch, torch.nn as nn
+>>> model = nn.Sequential(nn.Linear(2, 2), nn.Tanh())
+>>> capture = Capture(model)
+>>> capture.arm(True)
+>>> y = model(torch.ones(1, 2))
+>>> type(y.grad_fn.next_functions[0][0]).__name__
+'_TapBackward'
+>>> capture.close()
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch._C import _functorch as functorch
+from torch.nn.modules.module import register_module_forward_hook
+from torch.utils.hooks import RemovableHandle
 
 from gradconflict.rules import Call, LayerRule, rule_for
 
-__all__ = ["Capture", "Graph", "OutputCapture", "walk_graph"]
+__all__ = ["Capture", "GlobalForwardHook", "OutputCapture", "task_batch"]
 
 
 class Receiver(Protocol):
@@ -32,8 +50,8 @@ class Receiver(Protocol):
     def receive(self, call: Call, grads: Tensor) -> None: ...
 
 
-def _task_batch(grad: Tensor, num_tasks: int) -> Tensor:
-    """The plain ``[T, ...]`` tensor behind the vmapped gradient a tap sees during the batched backward.
+def task_batch(grad: Tensor, num_tasks: int) -> Tensor:
+    """The plain ``[T, ...]`` tensor behind a vmapped gradient seen during the batched backward.
 
     Inside ``torch.func.vmap`` the gradient is a BatchedTensor: one tensor holding every task's gradient along a
     batch dimension. Unwrapping it directly (functorch's own accessors) costs nothing, where routing it through
@@ -46,72 +64,145 @@ def _task_batch(grad: Tensor, num_tasks: int) -> Tensor:
 
 
 class _Tap(torch.autograd.Function):
-    """Identity on a module's output that reports the output's gradient to the active pass, if any."""
+    """Identity on a module's output that reports the output's gradient to the active pass, if any.
+
+    Written in the ``setup_context`` style with a ``vmap`` rule so that it can also be applied inside the
+    batched backward, where a checkpointed segment is recomputed.
+    """
 
     @staticmethod
-    def forward(ctx: Any, output: Tensor, anchor: Tensor, call: Call, capture: Capture) -> Tensor:
-        ctx.gc_call = call
-        ctx.gc_capture = capture
+    def forward(output: Tensor, anchor: Tensor, call: Call, capture: weakref.ref[Capture]) -> Tensor:
         # A detached alias, not a view: users may modify the output in place (ReLU(inplace=True)).
         return output.detach()
 
     @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.gc_call = inputs[2]
+        ctx.gc_capture = inputs[3]
+
+    @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, None, None]:
-        receiver = ctx.gc_capture.receiver
+        capture = ctx.gc_capture()
+        receiver = None if capture is None else capture.receiver
         if receiver is None:
             return grad, None, None, None
-        receiver.receive(ctx.gc_call, _task_batch(grad, receiver.num_tasks))
+        receiver.receive(ctx.gc_call, task_batch(grad, receiver.num_tasks))
         return grad, grad.new_zeros(()), None, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], output: Tensor, anchor: Tensor, call: Call, capture: Any) -> Any:
+        return _Tap.apply(output, anchor, call, capture), in_dims[0]
+
+
+@functools.cache
+def _input_name(cls: type[nn.Module]) -> str | None:
+    """The name of the first argument of ``cls.forward`` (its input), for calls that pass it by keyword."""
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    return params[0].name if params and params[0].kind is not inspect.Parameter.VAR_POSITIONAL else None
+
+
+def _input_of(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if args:
+        return args[0]
+    name = _input_name(type(module))
+    return None if name is None else kwargs.get(name)
+
+
+def _remove_all(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+class GlobalForwardHook:
+    """A global module forward hook (with keyword arguments), registered and removed on demand.
+
+    ``hook(module, args, kwargs, output)`` runs for every module call in the process while registered; it is
+    removed by :meth:`remove`, and at the latest when this object is garbage-collected.
+    """
+
+    def __init__(self, hook: Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Any]) -> None:
+        self._hook = hook
+        self._handles: list[RemovableHandle] = []
+        weakref.finalize(self, _remove_all, self._handles)
+
+    @property
+    def registered(self) -> bool:
+        """Whether the hook is registered now."""
+        return bool(self._handles)
+
+    def register(self) -> None:
+        """Register the hook (once)."""
+        if not self._handles:
+            self._handles.append(register_module_forward_hook(self._hook, with_kwargs=True))
+
+    def remove(self) -> None:
+        """Remove the hook."""
+        _remove_all(self._handles)
 
 
 class Capture:
-    """Forward hooks on every module of ``model`` that a layer rule covers.
+    """Taps the output of every module of ``model`` that a layer rule covers, on the forwards it is armed for.
 
-    ``enabled`` decides whether forwards are tapped (the monitor turns it off for steps it will not measure);
-    ``modules``, once set by :meth:`restrict`, limits tapping to those modules;
-    ``receiver`` is the engine pass that taps report to during its batched backward.
+    Attributes:
+        receiver: the engine pass that taps report to during its batched backward (``None`` otherwise).
+        recomputing: above zero while the engine recomputes a checkpointed segment inside its backward; forwards
+            that run inside a backward are otherwise the recomputation of activation checkpointing, which must
+            not be tapped again.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.enabled = True
-        self.modules: set[nn.Module] | None = None
         self.receiver: Receiver | None = None
-        self._anchors: dict[torch.device, Tensor] = {}
-        self._handles = []
-        self._tapped: list[nn.Module] = []
+        self.recomputing = 0
+        self._rules: dict[nn.Module, LayerRule] = {}
         for module in model.modules():
             rule = rule_for(module)
             if rule is not None and rule.params(module):
-                self._tapped.append(module)
-                self._handles.append(module.register_forward_hook(self._make_hook(rule)))
-
-    def _make_hook(self, rule: LayerRule) -> Any:
+                self._rules[module] = rule
+        self._active = dict(self._rules)
+        self._anchors: dict[torch.device, Tensor] = {}
         ref = weakref.ref(self)
 
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor | None:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Tensor | None:
             capture = ref()
-            if (
-                capture is None
-                or not capture.enabled
-                or (capture.modules is not None and module not in capture.modules)
-                or not torch.is_grad_enabled()
-                or not isinstance(output, Tensor)
-                or not output.requires_grad
-            ):
-                return None
-            call = Call(module, rule, rule.save(module, args, output), owner=capture)
-            return _Tap.apply(output, capture.anchor(output.device), call, capture)
+            return None if capture is None else capture._tap(module, args, kwargs, output)
 
-        return hook
+        self._hook = GlobalForwardHook(hook)
 
-    def restrict(self, shared: set[int], min_head_params: int) -> None:
-        """Tap only the modules that hold a shared parameter, and heads of at least ``min_head_params``
-        parameters: a small head's T materialised gradients cost less than a tap's fixed overhead."""
-        self.modules = set()
-        for module in self._tapped:
-            params = rule_for(module).params(module).values()  # type: ignore[union-attr]
-            if any(id(p) in shared for p in params) or sum(p.numel() for p in params) >= min_head_params:
-                self.modules.add(module)
+    def _tap(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Tensor | None:
+        rule = self._active.get(module)
+        if (
+            rule is None
+            or not isinstance(output, Tensor)
+            or not output.requires_grad
+            or not torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or (torch._C._current_graph_task_id() != -1 and not self.recomputing)
+        ):
+            return None
+        x = _input_of(module, args, kwargs)
+        if not isinstance(x, Tensor):
+            return None
+        call = Call(module, rule, rule.save(module, x, output), owner=self)
+        return _Tap.apply(output, self.anchor(output.device), call, weakref.ref(self))
+
+    def arm(self, on: bool) -> None:
+        """Tap the coming forwards (``True``) or leave them plain (``False``: no hook is registered at all)."""
+        if on:
+            self._hook.register()
+        else:
+            self._hook.remove()
+
+    @property
+    def armed(self) -> bool:
+        """Whether the coming forwards are tapped."""
+        return self._hook.registered
+
+    def restrict(self, shared: set[int]) -> None:
+        """Tap only the modules that hold one of the ``shared`` parameters (by id)."""
+        self._active = {
+            m: rule for m, rule in self._rules.items() if any(id(p) in shared for p in rule.params(m).values())
+        }
 
     def anchor(self, device: torch.device) -> Tensor:
         """The scalar leaf every tap on ``device`` feeds (its gradient is always zero)."""
@@ -124,10 +215,8 @@ class Capture:
         return any(tensor is a for a in self._anchors.values())
 
     def close(self) -> None:
-        """Remove every hook."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        """Stop tapping: remove the hook."""
+        self._hook.remove()
 
 
 class OutputCapture:
@@ -136,116 +225,18 @@ class OutputCapture:
     def __init__(self, module: nn.Module, name: str) -> None:
         self.name = name
         self.output: Tensor | None = None
-        self._handle = module.register_forward_hook(self._hook)
+        target, ref = module, weakref.ref(self)
 
-    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if isinstance(output, Tensor) and output.requires_grad:
-            self.output = output
+        def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            capture = ref()
+            if m is target and capture is not None and isinstance(output, Tensor) and output.requires_grad:
+                if torch._C._current_graph_task_id() == -1:  # not a checkpoint's recomputation
+                    capture.output = output
+
+        self._hook = GlobalForwardHook(hook)
+        self._hook.register()
 
     def close(self) -> None:
         """Remove the hook and drop the kept output."""
-        self._handle.remove()
+        self._hook.remove()
         self.output = None
-
-
-# Autograd nodes that only re-view, transpose or cast a tensor: a parameter reached through one of them is used
-# wherever that node's output is used.
-_ALIAS_NODES = frozenset(
-    {
-        "TBackward0",
-        "ToCopyBackward0",
-        "ViewBackward0",
-        "UnsafeViewBackward0",
-        "ReshapeAliasBackward0",
-        "TransposeBackward0",
-        "PermuteBackward0",
-        "ExpandBackward0",
-        "AliasBackward0",
-        "UnsqueezeBackward0",
-    }
-)
-
-
-@dataclass
-class Graph:
-    """What one walk of the autograd graph found.
-
-    ``leaves``: every leaf tensor that requires grad, in discovery order; ``calls``: the tapped module calls;
-    ``uses``: for each leaf (by id), how many places consume it (see :func:`walk_graph`).
-    """
-
-    leaves: list[Tensor] = field(default_factory=list)
-    calls: list[Call] = field(default_factory=list)
-    uses: dict[int, int] = field(default_factory=dict)
-
-
-def walk_graph(roots: Sequence[Tensor]) -> Graph:
-    """Walk the autograd graph below ``roots`` once.
-
-    A leaf's *uses* count the operations that consume it, looking through alias nodes (transpose, view,
-    dtype cast), so that a Linear weight used by one call counts 1 and a weight tied into two places counts 2
-    even when autocast casts it once for both.
-
-    >>> w = torch.ones(2, requires_grad=True)
-    >>> g = walk_graph([(w * 2).sum() + (w * 3).sum()])
-    >>> g.uses[id(w)]
-    2
-    """
-    graph = Graph()
-    accumulators = []
-    parents: dict[Any, list[Any]] = {}  # node -> the nodes that feed it, one entry per edge
-    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
-    seen = set(stack)
-    while stack:
-        node = stack.pop()
-        call = getattr(node, "gc_call", None)
-        if call is not None:
-            graph.calls.append(call)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            graph.leaves.append(variable)
-            accumulators.append(node)
-        for child, _ in node.next_functions:
-            if child is None:
-                continue
-            feeders = parents.get(child)
-            if feeders is None:
-                parents[child] = [node]
-            else:
-                feeders.append(node)
-            if child not in seen:
-                seen.add(child)
-                stack.append(child)
-
-    def uses(node: Any) -> int:
-        total = 0
-        for parent in parents.get(node, ()):
-            alias = type(parent).__name__ in _ALIAS_NODES and sum(c is not None for c, _ in parent.next_functions) == 1
-            total += uses(parent) if alias else 1
-        return total
-
-    for leaf, node in zip(graph.leaves, accumulators):
-        graph.uses[id(leaf)] = uses(node)
-    return graph
-
-
-def leaves_of(root: Tensor) -> list[Tensor]:
-    """The leaf tensors requiring grad that ``root`` depends on."""
-    return walk_graph([root]).leaves
-
-
-def depends_on(root: Tensor, targets: Iterable[Tensor]) -> bool:
-    """Whether ``root``'s graph reaches any of ``targets`` (leaves), stopping at the first one found."""
-    wanted = {id(t) for t in targets}
-    stack = [root.grad_fn] if root.grad_fn is not None else []
-    seen = set(stack)
-    while stack:
-        node = stack.pop()
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) in wanted:
-            return True
-        for child, _ in node.next_functions:
-            if child is not None and child not in seen:
-                seen.add(child)
-                stack.append(child)
-    return False

@@ -1,108 +1,287 @@
-"""The run's memory: one compact :class:`~gradconflict.ConflictReport` per measured step, plus running EMAs.
+"""The run's memory: each measured (or skipped) step's report, kept on the host in compact form, with moving
+averages folded in as steps arrive.
 
-A report holds only T x T Grams (one per layer) and T losses, so keeping every step is cheap. Appending does
-no work at all: the EMAs are folded in when first read, with tensor operations on the model's device.
+A report arrives holding tensors on the model's device. :meth:`History.append` packs its numbers (weights,
+losses, the Gram and every layer's Gram) into one flat tensor and copies it to the host; on a GPU the copy is
+asynchronous and is collected once it has landed, so appending never waits for the device. Each collected step
+is folded into the moving averages, handed to the sinks (a :class:`~gradconflict.sinks.JSONLSink` writes it to
+disk at once) and kept, up to ``max_history`` steps (the oldest are dropped; the averages and the sinks cover the
+whole run). A step whose Gram is not finite is kept as skipped and never enters the averages.
+
+Tasks are tracked by name: steps may carry different tasks, in any order. Reading ``history[k]`` gives a
+:class:`~gradconflict.ConflictReport` with CPU tensors.
 
 >>> import torch
 >>> from gradconflict import ConflictReport
 >>> h = History(ema_decay=0.5)
 >>> for s, c in enumerate([1.0, -1.0]):
 ...     h.append(ConflictReport(("a", "b"), torch.tensor([[1.0, c], [c, 1.0]]), step=s))
->>> len(h), round(float(h.ema["conflict_fraction"]), 3)
-(2, 0.5)
+>>> len(h), h.ema["conflict_fraction"], h.ema["cosine/a/b"]
+(2, 0.5, 0.0)
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+import math
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
-from gradconflict.report import ConflictReport
+from gradconflict.report import ConflictReport, LayerReport
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["History"]
+__all__ = ["EMA_QUANTITIES", "History", "Sink", "worst_cosine"]
+
+#: Version of the compact state (:meth:`History.state_dict`) and of each line a JSONL history holds.
+SCHEMA = 1
+
+#: The run-level quantities whose exponential moving average is kept (besides each pair's ``cosine/a/b``).
+EMA_QUANTITIES = ("conflict_fraction", "cancellation", "worst_cosine", "update_norm")
+
+
+class Sink(Protocol):
+    """Where measured steps go as they are collected (see :mod:`gradconflict.sinks`)."""
+
+    def write(self, report: ConflictReport) -> None:
+        """Record one step (a host-side report)."""
+
+    def close(self) -> None:
+        """Flush and release."""
+
 
 def worst_cosine(report: ConflictReport) -> Tensor:
-    """The most negative pairwise cosine of a report (1 when there is a single task)."""
+    """The most negative pairwise cosine of a report (NaN when there is a single task: no pair)."""
     T = len(report.tasks)
     if T < 2:
-        return torch.ones((), dtype=report.gram.dtype, device=report.gram.device)
+        return torch.full((), math.nan, dtype=report.gram.dtype, device=report.gram.device)
     iu = torch.triu_indices(T, T, 1, device=report.gram.device)
     return report.cosine[iu[0], iu[1]].min()
 
 
-#: The quantities whose exponential moving average is kept, each a function of a report.
-EMA_QUANTITIES: dict[str, Callable[[ConflictReport], Tensor]] = {
-    "conflict_fraction": lambda r: r.conflict_fraction,
-    "cancellation": lambda r: r.cancellation,
-    "worst_cosine": worst_cosine,
-    "update_norm": lambda r: r.update_norm,
-}
+@dataclass(frozen=True)
+class _Layout:
+    """What a run's steps share, kept once: the tasks, the layers, how the step was measured."""
+
+    tasks: tuple[str, ...]
+    layers: tuple[tuple[str, int, str], ...]  # (name, shared parameter entries, route)
+    engine: str
+    strategy: str
+    approximate: bool
+    threshold: float
+    has_losses: bool
+
+
+@dataclass
+class _Record:
+    """One step on the host: its layout, and weights, losses, Gram and layer Grams packed in one tensor."""
+
+    layout: _Layout
+    step: int
+    skip_reason: str
+    packed: Tensor
+
+    def report(self) -> ConflictReport:
+        lay, T = self.layout, len(self.layout.tasks)
+        weights, losses = self.packed[:T], self.packed[T : 2 * T]
+        if self.skip_reason:
+            return ConflictReport.skipped_step(
+                lay.tasks, self.step, self.skip_reason, losses if lay.has_losses else None, lay.engine, weights
+            )
+        grams = self.packed[2 * T :].view(-1, T, T)
+        layers = {
+            name: LayerReport(
+                name, lay.tasks, grams[k + 1], weights, num_params=n, route=route, threshold=lay.threshold
+            )
+            for k, (name, n, route) in enumerate(lay.layers)
+        }
+        return ConflictReport(
+            lay.tasks,
+            grams[0],
+            weights,
+            losses=losses if lay.has_losses else None,
+            layers=layers,
+            step=self.step,
+            engine=lay.engine,
+            strategy=lay.strategy,
+            approximate=lay.approximate,
+            threshold=lay.threshold,
+        )
+
+
+@dataclass
+class _Pending:
+    record: _Record
+    event: Any  # a CUDA event marking the end of the copy, or None when the record is already on the host
 
 
 class History:
-    """Every measured step's report, in order, with exponential moving averages of the main quantities.
+    """Every measured step's report, in order (the last ``max_history``), with moving averages of the whole run.
 
     Args:
-        ema_decay: weight of the past in each EMA (``ema = decay * ema + (1 - decay) * value``).
-        maxlen: keep at most this many reports (the oldest are dropped); ``None`` keeps all.
+        ema_decay: weight of the past in each EMA (``ema = decay * ema + (1 - decay) * value``), per measured step.
+        max_history: keep at most this many steps (the oldest are dropped); ``None`` keeps all.
+        sinks: objects with ``write(report)`` and ``close()`` that receive each step as it is collected.
     """
 
-    def __init__(self, ema_decay: float = 0.9, maxlen: int | None = None) -> None:
+    def __init__(self, ema_decay: float = 0.9, max_history: int | None = 10_000, sinks: Iterable[Sink] = ()) -> None:
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if max_history is not None and (not isinstance(max_history, int) or max_history < 1):
+            raise ValueError(f"max_history must be a positive integer or None, got {max_history!r}")
         self.ema_decay = ema_decay
-        self.maxlen = maxlen
-        self.reports: list[ConflictReport] = []
-        self._ema: dict[str, Tensor] = {}
-        self._unfolded: list[ConflictReport] = []
+        self.max_history = max_history
+        self.sinks = list(sinks)
+        self._records: deque[_Record] = deque(maxlen=max_history)
+        self._pending: deque[_Pending] = deque()
+        self._layouts: dict[_Layout, _Layout] = {}
+        self._ema: dict[str, float] = {}
+        self.steps_seen = 0
 
+    # ------------------------------------------------------------------------------------------ appending
     def append(self, report: ConflictReport) -> None:
-        """Add one step's report (skipped steps are kept but leave the EMAs alone)."""
-        self.reports.append(report)
-        if self.maxlen is not None and len(self.reports) > self.maxlen:
-            del self.reports[0]
+        """Add one step's report. Nothing waits for the device: on a GPU the numbers are copied asynchronously
+        and folded in once they have landed (at the latest when the history is next read)."""
+        T = len(report.tasks)
+        # A skipped step has no Gram; its few numbers are copied as they are (it was decided on the host anyway).
+        device = torch.device("cpu") if report.skipped else report.gram.device
+        dtype = torch.float64 if report.skipped else report.gram.dtype
+        parts = [report.weights.detach().to(device=device, dtype=dtype).reshape(T)]
+        losses = report.losses
+        parts.append(
+            losses.detach().to(device=device, dtype=dtype).reshape(T)
+            if losses is not None
+            else torch.full((T,), math.nan, dtype=dtype, device=device)
+        )
+        names = tuple(report.layers)
         if not report.skipped:
-            self._unfolded.append(report)
+            parts.append(report.gram.detach().reshape(-1))
+            parts += [report.layers[n].gram.detach().to(dtype).reshape(-1) for n in names]
+        layout = _Layout(
+            tuple(report.tasks),
+            tuple((n, report.layers[n].num_params, report.layers[n].route) for n in names),
+            report.engine,
+            report.strategy,
+            report.approximate,
+            report.threshold,
+            losses is not None,
+        )
+        layout = self._layouts.setdefault(layout, layout)
+        packed = torch.cat(parts)
+        event = None
+        if packed.device.type == "cuda":
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            packed = host
+        else:
+            packed = packed.cpu()
+        self._pending.append(_Pending(_Record(layout, report.step, report.skip_reason, packed), event))
+        self._collect(wait=False)
 
+    def _collect(self, wait: bool) -> None:
+        """Fold in the steps whose copy has landed (all of them when ``wait``)."""
+        while self._pending:
+            pending = self._pending[0]
+            if pending.event is not None:
+                if not wait and not pending.event.query():
+                    return
+                pending.event.synchronize()
+            self._pending.popleft()
+            self._fold(pending.record)
+
+    def _fold(self, record: _Record) -> None:
+        T = len(record.layout.tasks)
+        if not record.skip_reason and not bool(torch.isfinite(record.packed[2 * T :]).all()):
+            record.skip_reason = "non-finite gradients"
+        self.steps_seen += 1
+        self._records.append(record)
+        report = record.report()
+        if not report.skipped:
+            self._update_ema(report)
+        for sink in list(self.sinks):
+            try:
+                sink.write(report)
+            except Exception as err:  # a failing sink must never stop training
+                self.sinks.remove(sink)
+                warnings.warn(f"gradconflict: sink {sink!r} failed and is dropped: {err}", RuntimeWarning, stacklevel=4)
+
+    def _update_ema(self, report: ConflictReport) -> None:
+        values = {
+            "cancellation": float(report.cancellation),
+            "update_norm": float(report.update_norm),
+        }
+        if len(report.tasks) > 1:  # pair quantities only exist with two tasks or more
+            values["conflict_fraction"] = float(report.conflict_fraction)
+            values["worst_cosine"] = float(worst_cosine(report))
+            C = report.cosine.tolist()
+            for i, a in enumerate(report.tasks):
+                for j in range(i + 1, len(report.tasks)):
+                    values["cosine/" + "/".join(sorted((a, report.tasks[j])))] = C[i][j]
+        d = self.ema_decay
+        for key, value in values.items():
+            old = self._ema.get(key)
+            self._ema[key] = value if old is None else d * old + (1 - d) * value
+
+    # ------------------------------------------------------------------------------------------ reading
     @property
-    def ema(self) -> dict[str, Tensor]:
-        """Exponential moving average of each of :data:`EMA_QUANTITIES` over the measured steps so far."""
-        for report in self._unfolded:
-            for key, quantity in EMA_QUANTITIES.items():
-                value = quantity(report)
-                old = self._ema.get(key)
-                self._ema[key] = value if old is None else torch.lerp(value, old, self.ema_decay)
-        self._unfolded.clear()
+    def ema(self) -> dict[str, float]:
+        """Exponential moving averages over every measured step so far: each of :data:`EMA_QUANTITIES` and each
+        task pair's cosine (``"cosine/a/b"``, names sorted), over the steps that carried that pair."""
+        self._collect(wait=True)
         return dict(self._ema)
 
-    def reset(self) -> None:
-        """Forget every report and EMA."""
-        self.reports.clear()
-        self._ema.clear()
-        self._unfolded.clear()
+    @property
+    def reports(self) -> list[ConflictReport]:
+        """The kept steps' reports (CPU tensors), oldest first."""
+        self._collect(wait=True)
+        return [r.report() for r in self._records]
+
+    @property
+    def measured(self) -> list[ConflictReport]:
+        """The reports of the kept steps that were measured (not skipped)."""
+        return [r for r in self.reports if not r.skipped]
+
+    @property
+    def tasks(self) -> list[str]:
+        """Every task name met in the kept steps, in order of first appearance."""
+        self._collect(wait=True)
+        return list(dict.fromkeys(t for r in self._records for t in r.layout.tasks))
 
     def __len__(self) -> int:
-        return len(self.reports)
+        self._collect(wait=True)
+        return len(self._records)
 
     def __iter__(self) -> Iterator[ConflictReport]:
         return iter(self.reports)
 
     def __getitem__(self, index: int) -> ConflictReport:
-        return self.reports[index]
+        self._collect(wait=True)
+        return self._records[index].report()
 
-    @property
-    def measured(self) -> list[ConflictReport]:
-        """The reports of the steps that were measured (not skipped)."""
-        return [r for r in self.reports if not r.skipped]
+    def reset(self) -> None:
+        """Forget every step and moving average."""
+        self._collect(wait=True)
+        self._records.clear()
+        self._ema.clear()
+        self.steps_seen = 0
 
+    def close(self) -> None:
+        """Collect what is pending and close the sinks."""
+        self._collect(wait=True)
+        for sink in self.sinks:
+            sink.close()
+
+    # ------------------------------------------------------------------------------------------ exporting
     def rows(self) -> list[dict[str, Any]]:
         """One flat row per step: step, skipped, losses, the scalar metrics, and each pair's cosine."""
         rows = []
@@ -122,7 +301,7 @@ class History:
                 C = r.cosine.tolist()
                 for i, a in enumerate(r.tasks):
                     for j in range(i + 1, len(r.tasks)):
-                        row[f"cosine/{a}/{r.tasks[j]}"] = C[i][j]
+                        row["cosine/" + "/".join(sorted((a, r.tasks[j])))] = C[i][j]
             rows.append(row)
         return rows
 
@@ -135,27 +314,89 @@ class History:
         return pd.DataFrame(self.rows()).set_index("step")
 
     def to_jsonl(self, path: str | Path) -> Path:
-        """Write one JSON object per step (``ConflictReport.to_dict()``, layers included); returns the path."""
+        """Write one JSON object per kept step (``ConflictReport.to_dict()``, layers included); returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", encoding="utf-8") as f:
             for r in self.reports:
-                f.write(json.dumps(r.to_dict()) + "\n")
+                f.write(report_line(r))
         return path
 
     @classmethod
-    def from_jsonl(cls, path: str | Path, ema_decay: float = 0.9) -> History:
-        """Read a history written by :meth:`to_jsonl` (the EMAs are recomputed)."""
-        history = cls(ema_decay=ema_decay)
-        with Path(path).open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    history.append(ConflictReport.from_dict(json.loads(line)))
-                except (KeyError, ValueError, TypeError) as err:
-                    raise ValueError(
-                        f"{path}:{number} is not a gradconflict history line ({err}); "
-                        "write histories with History.to_jsonl()"
-                    ) from err
+    def from_jsonl(cls, path: str | Path, ema_decay: float = 0.9, max_history: int | None = None) -> History:
+        """Read a history written by :meth:`to_jsonl` or a :class:`~gradconflict.sinks.JSONLSink` (the EMAs are
+        recomputed). A last line cut short by a crash is ignored; any other bad line is an error."""
+        history = cls(ema_decay=ema_decay, max_history=max_history)
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                history.append(ConflictReport.from_dict(json.loads(line)))
+            except (KeyError, ValueError, TypeError) as err:
+                if number == len(lines) and isinstance(err, json.JSONDecodeError):
+                    break  # the run stopped while writing its last line
+                raise ValueError(
+                    f"{path}:{number} is not a gradconflict history line ({err}); "
+                    "write histories with History.to_jsonl() or a JSONLSink"
+                ) from err
         return history
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: the kept steps (compact), the moving averages and the settings."""
+        self._collect(wait=True)
+        layouts = list(dict.fromkeys(r.layout for r in self._records))
+        index = {lay: k for k, lay in enumerate(layouts)}
+        return {
+            "schema": SCHEMA,
+            "ema_decay": self.ema_decay,
+            "max_history": self.max_history,
+            "steps_seen": self.steps_seen,
+            "ema": dict(self._ema),
+            "layouts": [
+                {
+                    "tasks": list(lay.tasks),
+                    "layers": [list(x) for x in lay.layers],
+                    "engine": lay.engine,
+                    "strategy": lay.strategy,
+                    "approximate": lay.approximate,
+                    "threshold": lay.threshold,
+                    "has_losses": lay.has_losses,
+                }
+                for lay in layouts
+            ],
+            "records": [(index[r.layout], r.step, r.skip_reason, r.packed) for r in self._records],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (the sinks are kept; they are not replayed)."""
+        if state.get("schema") != SCHEMA:
+            raise ValueError(f"not a gradconflict History state (schema {state.get('schema')!r}, expected {SCHEMA})")
+        self._collect(wait=True)
+        self.ema_decay = state["ema_decay"]
+        self.max_history = state["max_history"]
+        layouts = [
+            _Layout(
+                tuple(d["tasks"]),
+                tuple((str(n), int(k), str(r)) for n, k, r in d["layers"]),
+                d["engine"],
+                d["strategy"],
+                d["approximate"],
+                d["threshold"],
+                d["has_losses"],
+            )
+            for d in state["layouts"]
+        ]
+        self._layouts = {lay: lay for lay in layouts}
+        self._records = deque(
+            (_Record(layouts[k], step, reason, packed) for k, step, reason, packed in state["records"]),
+            maxlen=self.max_history,
+        )
+        self._ema = dict(state["ema"])
+        self.steps_seen = state["steps_seen"]
+
+
+def report_line(report: ConflictReport) -> str:
+    """One JSON line for a report, with the schema version (what :meth:`History.to_jsonl` writes)."""
+    return json.dumps({"schema": SCHEMA, **report.to_dict()}, allow_nan=False) + "\n"

@@ -99,14 +99,19 @@ def conflict_pairs(G: Tensor, threshold: float = 0.0) -> Tensor:
 
 
 def conflict_fraction(G: Tensor, threshold: float = 0.0) -> Tensor:
-    """Share of task pairs that conflict: ``#{i<j: C_ij < threshold} / (T(T-1)/2)``; 0 when ``T = 1``.
+    """Share of task pairs that conflict: ``#{i<j: C_ij < threshold} / (T(T-1)/2)``.
+
+    NaN when ``T = 1``: with a single task there is no pair, and "no conflict" would be a claim nobody measured.
 
     >>> conflict_fraction(torch.eye(3)).item()
     0.0
+    >>> conflict_fraction(torch.eye(1)).isnan().item()
+    True
     """
     T = G.shape[0]
-    pairs = max(T * (T - 1) // 2, 1)
-    return conflict_pairs(G, threshold).sum().to(G.dtype) / pairs
+    if T < 2:
+        return torch.full((), float("nan"), dtype=G.dtype, device=G.device)
+    return conflict_pairs(G, threshold).sum().to(G.dtype) / (T * (T - 1) // 2)
 
 
 def magnitude_similarity(G: Tensor) -> Tensor:

@@ -1,5 +1,9 @@
 """``ConflictMonitor``: attach to a multi-task model, replace ``loss.backward()``, get a report per step.
 
+The monitor only schedules: its engine measures the per-task Gram, and ``.grad`` is written by autograd's own
+backward of ``sum_i w_i L_i``, so tensor hooks, post-accumulate hooks, DDP's reducer, GradScaler and gradient
+accumulation behave exactly as in a loop without the monitor.
+
 >>> import torch, torch.nn as nn
 >>> torch.manual_seed(0) and None
 >>> backbone = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
@@ -15,53 +19,113 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import warnings
+import weakref
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from gradconflict.capture import Capture, OutputCapture, depends_on, leaves_of
-from gradconflict.engine import Plan, make_engine
-from gradconflict.history import History
+from gradconflict.checkpoint import BufferGuard
+from gradconflict.engine import ENGINES, Engine, Measurement, Plan, make_engine
+from gradconflict.engine.base import Accumulator
+from gradconflict.history import History, Sink
 from gradconflict.report import ConflictReport, LayerReport
+from gradconflict.shared import SharedParameters, gram_dtype, layer_names
+from gradconflict.tasks import TaskLosses, task_losses
 
 if TYPE_CHECKING:
     from gradconflict.diagnosis import Advice
 
-__all__ = ["ConflictMonitor"]
+__all__ = ["ConflictMonitor", "MeasurementWarning"]
 
 OnNonFinite = Literal["raise", "skip", "propagate"]
 
-#: Heads with fewer parameters than this are not tapped: materialising their T gradients in the batched backward
-#: costs less than a tap's fixed overhead (a few small tensor operations).
-MIN_TAPPED_HEAD_PARAMS = 1 << 16
+#: Version of :meth:`ConflictMonitor.state_dict`.
+STATE_SCHEMA = 1
+
+
+class MeasurementWarning(RuntimeWarning):
+    """A step could not be measured because of an error inside gradconflict; it was trained as usual (``.grad``
+    as a plain backward gives) and is recorded as skipped."""
+
+
+# Monitors alive now: token -> (the model, the ids of its modules). A second monitor on the same modules is refused
+# unless asked for, because each one's backward frees the graph the other needs.
+_ACTIVE: dict[int, tuple[weakref.ref[nn.Module], frozenset[int]]] = {}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module a data-parallel wrapper holds (its parameter names then carry no ``module.`` prefix)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _shut(token: int, engine: Engine, history: History) -> None:
+    _ACTIVE.pop(token, None)
+    engine.close()
+    history.close()
+
+
+def _graph_freed(err: BaseException) -> bool:
+    text = str(err)
+    return "second time" in text or "have already been freed" in text
+
+
+_FREED = (
+    "the graph of these losses was already freed by a backward pass (another monitor, or your own .backward()): "
+    "call monitor.backward(losses) instead of loss.backward(), or monitor.measure(losses) before your own backward"
+)
+
+
+@dataclass
+class _Accumulated:
+    """The per-task gradients of the current logical step, summed over its micro-batches, keyed by task name."""
+
+    grads: dict[str, dict[int, tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    weights: dict[str, Tensor] = field(default_factory=dict)
+    plan: Plan | None = None
+    skip: str = ""
 
 
 class ConflictMonitor:
     """Measures the per-task gradients of a multi-task model on its shared parameters at each step.
 
     Args:
-        model: the whole model (backbone and heads). Only hooks are registered on it; :meth:`close` (or leaving
-            a ``with`` block) removes them.
-        shared: the shared parameters: a module, an iterable of parameters, or ``None`` to discover them at
-            the first step as the parameters that receive gradient from two or more tasks (with a single
-            task, every parameter it reaches).
+        model: the whole model (backbone and heads), or a ``DistributedDataParallel`` wrapping it. Nothing is
+            stored on it: the taps are a global forward hook acting on its modules only, removed by :meth:`close`
+            (or leaving a ``with`` block, or when the monitor is garbage-collected).
+        shared: the shared parameters: a module (its parameters that require grad, read at each step), an
+            iterable of parameters, or ``None`` to discover them at the first step that carries two or more tasks,
+            as the parameters that receive gradient from two or more of them.
         engine: ``"auto"`` (one batched backward with per-layer rules, exact), ``"reference"`` (T separate
             backward passes, for checking) or ``"representation"`` (gradients at the output of ``shared``, which
             must then be a module: near free, approximate, and its reports say so).
-        every: measure every ``every``-th :meth:`backward` call; the others are a plain weighted backward.
-        threshold: cosine below which a task pair counts as conflicting (``S`` in the docs).
-        on_nonfinite: ``"raise"`` (default) or ``"skip"`` when a loss is NaN or infinite; a skipped step
-            leaves ``.grad`` untouched and is recorded in the history as skipped. Both read the losses on the
-            host (one sync per measured step); ``"propagate"`` does not check, so NaNs flow into ``.grad`` and
-            the report as with a plain backward, and ``backward()`` never waits for the device.
+        every: measure every ``every``-th (logical) step; the others are a plain backward.
+        threshold: cosine below which a task pair counts as conflicting (``S``), in [-1, 1].
+        on_nonfinite: what a measured step with a NaN or infinite loss or gradient does. ``"raise"`` (default):
+            ``FloatingPointError``, nothing written to ``.grad``; ``"skip"``: the step is recorded as skipped and
+            ``.grad`` is left untouched. Both read the losses and the Gram's diagonal on the host (one sync per
+            measured step). ``"propagate"``: no check and no sync; NaNs reach ``.grad`` as with a plain backward,
+            and the history records such a step as skipped. With a ``scaler``, an overflowing step always writes
+            ``.grad`` (the scaler must see it) and is reported as skipped.
         ema_decay: decay of the history's moving averages.
+        max_history: steps the in-memory history keeps (the oldest are dropped; ``None``: all).
+        accumulation_steps: micro-batches per optimizer step. Each :meth:`backward` call adds its micro-batch to
+            ``.grad`` as usual; the last one of each group returns the report of the whole (logical) step, whose
+            Gram is that of the summed task gradients. Measured logical steps hold one copy of every shared
+            parameter per task while they accumulate.
+        scaler: a ``torch.amp.GradScaler``: ``.grad`` is written as ``scaler.scale(total).backward()`` would, the
+            Gram is measured on the scaled losses and reported unscaled.
+        sinks: where each measured step goes as it is collected (e.g. ``[JSONLSink("run.jsonl")]``).
+        allow_other_monitors: attach even if another open monitor taps the same model.
 
     Attributes:
-        history: a :class:`~gradconflict.History` of every measured (or skipped) step's report.
-        step: the number of :meth:`backward` and :meth:`measure` calls so far.
+        history: a :class:`~gradconflict.History` of the measured (and skipped) steps.
+        step: the number of (logical) steps so far: :meth:`backward` groups and :meth:`measure` calls.
     """
 
     def __init__(
@@ -74,227 +138,378 @@ class ConflictMonitor:
         threshold: float = 0.0,
         on_nonfinite: OnNonFinite = "raise",
         ema_decay: float = 0.9,
+        max_history: int | None = 10_000,
+        accumulation_steps: int = 1,
+        scaler: Any = None,
+        sinks: Iterable[Sink] = (),
+        allow_other_monitors: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}")
+        for name, value in (("every", every), ("accumulation_steps", accumulation_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold is a cosine and must be a number in [-1, 1], got {threshold!r}")
         if on_nonfinite not in ("raise", "skip", "propagate"):
             raise ValueError(f"on_nonfinite must be 'raise', 'skip' or 'propagate', got {on_nonfinite!r}")
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
+        if engine == "representation" and accumulation_steps > 1:
+            raise ValueError("engine='representation' does not support accumulation_steps > 1; use engine='auto'")
+        if scaler is not None and not callable(getattr(scaler, "scale", None)):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         self.model = model
-        self.engine = make_engine(engine)
+        inner = _unwrap(model)
+        ids = frozenset(id(m) for m in inner.modules())
+        if not allow_other_monitors:
+            for other, other_ids in list(_ACTIVE.values()):
+                if other() is not None and ids & other_ids:
+                    raise ValueError(
+                        "another ConflictMonitor is attached to this model: close() it first (or use `with`), or pass "
+                        "allow_other_monitors=True to both measure it (each monitor's backward frees the graph)"
+                    )
+        self._shared = SharedParameters(inner, shared)
+        self.engine: Engine = make_engine(engine, inner, shared if isinstance(shared, nn.Module) else None)
+        self.history = History(ema_decay=ema_decay, max_history=max_history, sinks=sinks)
         self.every = every
         self.threshold = float(threshold)
         self.on_nonfinite = on_nonfinite
-        self.history = History(ema_decay=ema_decay)
+        self.accumulation_steps = accumulation_steps
+        self.scaler = scaler
         self.step = 0
-        self._backward_calls = 0
-        self._names = {id(p): n for n, p in model.named_parameters()}
-        self._shared: list[nn.Parameter] | None = None if shared is None else self._resolve_shared(shared)
-        self._capture: Capture | None = Capture(model) if self.engine.name == "auto" else None
-        self._representation: OutputCapture | None = None
-        if self.engine.name == "representation":
-            if not isinstance(shared, nn.Module):
-                raise ValueError(
-                    "engine='representation' measures gradients at the shared module's output: pass shared=<the "
-                    "backbone module> (a module whose forward output every head reads)"
-                )
-            name = next((n for n, m in model.named_modules() if m is shared), "shared")
-            self._representation = OutputCapture(shared, name)
+        self._micro = 0
+        self._accumulated: _Accumulated | None = None
+        self._layer_of, self._module_name = layer_names(inner)
         self._plan: Plan | None = None
+        self._buffers = BufferGuard(inner)
+        self._warned: set[str] = set()
+        token = id(self)
+        _ACTIVE[token] = (weakref.ref(inner), ids)
+        self._release = weakref.finalize(self, _shut, token, self.engine, self.history)
+        self.engine.arm(self._taps_wanted())
 
-    # ----------------------------------------------------------------------------------------------- set-up
-    def _resolve_shared(self, shared: nn.Module | Iterable[nn.Parameter]) -> list[nn.Parameter]:
-        params = list(shared.parameters()) if isinstance(shared, nn.Module) else list(shared)
-        for p in params:
-            if not isinstance(p, torch.Tensor) or id(p) not in self._names:
-                raise ValueError(
-                    "shared= must be a submodule of the model or parameters of the model; got a "
-                    f"{type(p).__name__} that is not among model.named_parameters()"
-                )
-        params = [p for p in params if p.requires_grad]
-        if not params:
-            raise ValueError("shared= holds no parameter that requires grad: nothing to measure")
-        return params
-
-    def _make_plan(self, shared: list[nn.Parameter]) -> Plan:
-        module_name = {m: n for n, m in self.model.named_modules()}
-        layer_of: dict[int, str] = {}
-        for mod_name, module in self.model.named_modules():
-            for p_name, p in module.named_parameters(recurse=False):
-                layer_of.setdefault(id(p), mod_name or p_name)
-        float64 = any(p.dtype == torch.float64 for p in shared)
-        return Plan(
-            shared={id(p) for p in shared},
-            layer_of=layer_of,
-            module_name=module_name,
-            gram_dtype=torch.float64 if float64 else torch.float32,
-            capture=self._capture,
-            representation=self._representation,
-        )
-
-    def _discover_shared(self, tasks: list[str], losses: list[Tensor]) -> list[nn.Parameter]:
-        reached = [{id(t) for t in leaves_of(loss)} for loss in losses]
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        need = 2 if len(losses) > 1 else 1
-        shared = [p for p in params if sum(id(p) in r for r in reached) >= need]
-        if not shared:
-            raise ValueError(
-                f"no parameter of the model receives gradient from two or more of the tasks {tasks}: there is no "
-                "shared backbone to measure. Check that the losses come from this model, or pass shared=..."
-            )
-        return shared
-
+    # ------------------------------------------------------------------------------------------ state
     @property
     def shared_parameters(self) -> list[str]:
-        """Names of the shared parameters (empty until discovered at the first step when ``shared=None``)."""
-        return [self._names[id(p)] for p in self._shared or []]
+        """Names of the shared parameters (empty until discovered at a step with two or more tasks)."""
+        return self._shared.state() if self._shared.module is None else [
+            self._shared.names[id(p)] for p in self._shared.module.parameters() if p.requires_grad
+        ]
 
-    # ------------------------------------------------------------------------------------------ validation
-    def _validate(
-        self, losses: Mapping[str, Tensor], weights: Mapping[str, float] | None
-    ) -> tuple[list[str], list[Tensor], Tensor]:
-        if not isinstance(losses, Mapping) or not losses:
-            raise ValueError("losses must be a non-empty dict {task name: scalar loss tensor}")
-        tasks = [str(k) for k in losses]
-        values = list(losses.values())
-        for name, loss in zip(tasks, values):
-            if not isinstance(loss, Tensor):
-                raise TypeError(f"loss {name!r} is a {type(loss).__name__}, not a tensor")
-            if loss.numel() != 1:
-                raise ValueError(
-                    f"loss {name!r} has shape {tuple(loss.shape)}; each loss must be a scalar (reduce it, "
-                    "e.g. with .mean())"
-                )
-            if not loss.requires_grad:
-                raise ValueError(f"loss {name!r} does not require grad: was it computed under torch.no_grad()?")
-        devices = {str(loss.device) for loss in values}
-        if len(devices) > 1:
-            where = ", ".join(f"{n}: {loss.device}" for n, loss in zip(tasks, values))
-            raise ValueError(f"the losses are on different devices ({where}); move them to one device")
-        weights = dict(weights or {})
-        unknown = sorted(set(map(str, weights)) - set(tasks))
-        if unknown:
-            raise ValueError(f"weights name unknown tasks {unknown}; the tasks are {tasks}")
-        w = []
-        for name in tasks:
-            value = float(weights.get(name, 1.0))
-            if not value >= 0 or value == float("inf"):
-                raise ValueError(f"weight of task {name!r} is {value}; weights must be finite and >= 0")
-            w.append(value)
-        return tasks, values, torch.tensor(w, dtype=values[0].dtype, device=values[0].device)
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return not self._release.alive
 
-    @staticmethod
-    def _nonfinite(tasks: list[str], detached: Tensor) -> list[str]:
-        return [t for t, ok in zip(tasks, torch.isfinite(detached).tolist()) if not ok]
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: the step count, the shared parameters and the history (with its averages).
 
-    # ----------------------------------------------------------------------------------------------- steps
-    def backward(
-        self, losses: Mapping[str, Tensor], weights: Mapping[str, float] | None = None
-    ) -> ConflictReport | None:
-        """Replace ``(sum_i w_i L_i).backward()``: fill ``.grad`` exactly as it would and measure the step.
-
-        Returns this step's :class:`~gradconflict.ConflictReport`, or ``None`` on a step that ``every`` skips
-        (then this is a plain weighted backward).
+        Plain Python values and CPU tensors: save it with ``torch.save`` next to the model's checkpoint.
         """
-        tasks, values, w = self._validate(losses, weights)
-        measured = self._backward_calls % self.every == 0
-        self._backward_calls += 1
-        if self._capture is not None:
-            self._capture.enabled = self._backward_calls % self.every == 0  # for the next step's forward
+        return {
+            "schema": STATE_SCHEMA,
+            "step": self.step,
+            "shared": self.shared_parameters,
+            "history": self.history.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a micro-batch group in progress is dropped)."""
+        self._check_open()
+        if state.get("schema") != STATE_SCHEMA:
+            raise ValueError(f"not a ConflictMonitor state (schema {state.get('schema')!r}, expected {STATE_SCHEMA})")
+        self._shared.load(state["shared"])
+        self.history.load_state_dict(state["history"])
+        self.step = int(state["step"])
+        self._micro, self._accumulated, self._plan = 0, None, None
+        self.engine.arm(self._taps_wanted())
+
+    # ------------------------------------------------------------------------------------------ steps
+    def backward(
+        self, losses: Mapping[Hashable, Tensor], weights: Mapping[Hashable, object] | None = None
+    ) -> ConflictReport | None:
+        """Replace ``(sum_i w_i L_i).backward()``: measure the step, then let autograd fill ``.grad`` as it would.
+
+        ``losses`` maps task names to scalar losses; ``weights`` (default 1 each) maps the same names to numbers or
+        scalar tensors (a tensor that requires grad receives its gradient, like a learned task weight).
+
+        Returns this step's :class:`~gradconflict.ConflictReport`; ``None`` on a step that ``every`` leaves
+        unmeasured (a plain backward) and on every micro-batch but the last of an accumulation group.
+        """
+        self._check_open()
+        batch = task_losses(losses, weights)
+        measured = self.step % self.every == 0
+        if self.accumulation_steps > 1:
+            return self._micro_batch(batch, measured)
         if not measured:
-            self.step += 1
-            total = sum(wi * loss.reshape(()) for wi, loss in zip(w.tolist(), values))
-            total.backward()
+            self._write_grads(batch)
+            self._advance()
             return None
-        return self._measure(tasks, values, w, write_grads=True)
+        report = self._measured(batch, write=True)
+        self._advance()
+        return report
 
-    def measure(self, losses: Mapping[str, Tensor], weights: Mapping[str, float] | None = None) -> ConflictReport:
+    def measure(
+        self, losses: Mapping[Hashable, Tensor], weights: Mapping[Hashable, object] | None = None
+    ) -> ConflictReport:
         """The same report as :meth:`backward`, leaving ``.grad`` untouched and the graph alive for your own
-        backward."""
-        tasks, values, w = self._validate(losses, weights)
-        return self._measure(tasks, values, w, write_grads=False)
+        backward. Counts as one step."""
+        self._check_open()
+        batch = task_losses(losses, weights)
+        report = self._measured(batch, write=False)
+        self._advance()
+        return report
 
-    def _measure(self, tasks: list[str], losses: list[Tensor], w: Tensor, *, write_grads: bool) -> ConflictReport:
-        step = self.step
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this ConflictMonitor is closed; create a new one to measure again")
+
+    def _taps_wanted(self) -> bool:
+        # Micro-batches are measured by materialised per-task gradients, which need no tap.
+        return self.accumulation_steps == 1 and self.step % self.every == 0
+
+    def _advance(self) -> None:
         self.step += 1
-        detached = torch.stack([x.detach().reshape(()) for x in losses])
-        bad = [] if self.on_nonfinite == "propagate" else self._nonfinite(tasks, detached)
-        if bad:
-            if self.on_nonfinite == "raise":
-                raise FloatingPointError(
-                    f"non-finite loss for task(s) {bad} at step {step}; nothing was written to .grad. "
-                    "Pass on_nonfinite='skip' to skip such steps"
-                )
-            report = ConflictReport.skipped_step(
-                tasks,
-                step,
-                f"non-finite loss: {', '.join(bad)}",
-                detached,
-                engine=self.engine.name,
+        self.engine.arm(self._taps_wanted())
+
+    def _write_grads(self, batch: TaskLosses) -> None:
+        """``.grad`` by autograd's own backward of ``sum_i w_i L_i`` (scaled by the GradScaler, if any)."""
+        total = batch.total()
+        try:
+            (total if self.scaler is None else self.scaler.scale(total)).backward()
+        except RuntimeError as err:
+            if _graph_freed(err):
+                raise RuntimeError(_FREED) from err
+            raise
+
+    def _roots(self, batch: TaskLosses) -> list[Tensor]:
+        """The losses the engine differentiates: scaled like the training loss when a GradScaler is used."""
+        return batch.losses if self.scaler is None else [self.scaler.scale(loss) for loss in batch.losses]
+
+    def _unscale(self, value: Tensor, power: int) -> Tensor:
+        if self.scaler is None:
+            return value
+        scale = self.scaler.scale(torch.ones((), device=value.device)).to(value.dtype)
+        return value / scale**power
+
+    def _plan_for(self, batch: TaskLosses) -> Plan | str:
+        """This step's plan, or why it cannot be measured."""
+        shared = self._shared.resolve(batch.names, batch.losses)
+        if shared is None:
+            return "the shared parameters are found at the first step that carries two or more tasks"
+        if not shared:
+            return "no shared parameter requires grad (is the backbone frozen?)"
+        ids = {id(p) for p in shared}
+        if self._plan is None or self._plan.shared != ids:
+            self._plan = Plan(ids, self._layer_of, self._module_name, gram_dtype(shared), _unwrap(self.model))
+            self.engine.restrict(ids)
+        self._shared.check_dependence(batch.names, batch.losses, shared)
+        return self._plan
+
+    def _engine_call(self, run: Any) -> Any:
+        """Run an engine call; an error inside gradconflict becomes a warning and a skipped step, never a crash."""
+        try:
+            with self._buffers:
+                result = run()
+        except (ValueError, TypeError):
+            raise
+        except RuntimeError as err:
+            if _graph_freed(err):
+                raise RuntimeError(_FREED) from err
+            return self._failed(err)
+        except Exception as err:  # the training run must go on
+            return self._failed(err)
+        if self._buffers.missed and "buffers" not in self._warned:
+            self._warned.add("buffers")
+            warnings.warn(
+                "gradconflict: a forward ran again inside the measurement (activation checkpointing) and changed "
+                "the model's buffers on this step; from now on they are put back after each measurement",
+                MeasurementWarning,
+                stacklevel=4,
             )
-            self.history.append(report)
-            return report
-        if self._shared is None:
-            self._shared = self._discover_shared(tasks, losses)
-        if self._plan is None:
-            self._plan = self._make_plan(self._shared)
-            if self._capture is not None:
-                self._capture.restrict(self._plan.shared, MIN_TAPPED_HEAD_PARAMS)
-        for name, loss in zip(tasks, losses):
-            if not depends_on(loss, self._shared):
-                raise ValueError(
-                    f"loss {name!r} does not depend on any shared parameter; every task must use the shared "
-                    f"backbone ({len(self._shared)} parameters, e.g. {self.shared_parameters[:3]})"
-                )
-        result = self.engine.run(losses, w, self._plan, keep_graph=not write_grads)
-        if write_grads:
-            for leaf, grad in result.grads.values():
-                if leaf.grad is None:
-                    leaf.grad = grad.detach()
-                else:
-                    leaf.grad += grad
+        return result
+
+    def _failed(self, err: BaseException) -> str:
+        reason = f"measurement failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        warnings.warn(
+            f"gradconflict: {reason}; the step was trained as usual and is recorded as skipped",
+            MeasurementWarning,
+            stacklevel=4,
+        )
+        return reason
+
+    def _nonfinite(self, batch: TaskLosses, norms: Tensor | None) -> tuple[list[str], list[str]]:
+        """The tasks whose loss, and those whose gradient (``norms``: the Gram's diagonal), are not finite; device
+        weights that are negative or not finite raise ``ValueError``. One host sync."""
+        T = len(batch.names)
+        parts = [torch.isfinite(batch.loss_vector())]
+        if norms is not None:
+            parts.append(torch.isfinite(norms).to(parts[0].device))
+        device_weights = batch.device_weights
+        if device_weights:
+            w = torch.stack([x.detach() for x in device_weights])
+            parts.append((torch.isfinite(w) & (w >= 0)).to(parts[0].device))
+        flags = torch.cat(parts).tolist()
+        if device_weights and not all(flags[-len(device_weights) :]):
+            raise ValueError("a task weight tensor is negative or not finite; weights must be finite and >= 0")
+        bad_loss = [n for n, ok in zip(batch.names, flags[:T]) if not ok]
+        bad_grad = [n for n, ok in zip(batch.names, flags[T : 2 * T]) if not ok] if norms is not None else []
+        return bad_loss, bad_grad
+
+    def _verdict(self, step: int, bad_loss: list[str], bad_grad: list[str], write: bool) -> tuple[str, bool]:
+        """``(skip reason, write .grad)`` for a checked step; raises ``FloatingPointError`` under "raise"."""
+        if bad_loss:
+            what = f"non-finite loss for task(s) {bad_loss}"
+        elif bad_grad and self.scaler is not None and write:
+            # The scaler must see the overflow in .grad to skip its step and lower its scale.
+            return f"gradient overflow for task(s) {bad_grad}: the GradScaler skips this step", True
+        elif bad_grad:
+            what = f"non-finite gradient for task(s) {bad_grad}"
+        else:
+            return "", write
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(
+                f"{what} at step {step}; nothing was written to .grad. Pass on_nonfinite='skip' to skip such steps"
+            )
+        return what, False
+
+    def _report(
+        self, names: tuple[str, ...], measurement: Measurement, weights: Tensor, losses: Tensor, step: int
+    ) -> ConflictReport:
         layers = {
             name: LayerReport(
-                name,
-                tasks,
-                entry.gram,
-                w,
-                num_params=entry.num_params,
-                route=entry.route,
+                name, names, entry.gram, weights, num_params=entry.num_params, route=entry.route,
                 threshold=self.threshold,
             )
-            for name, entry in result.layers.items()
+            for name, entry in measurement.layers.items()
         }
         report = ConflictReport(
-            tasks,
-            result.gram,
-            w,
-            losses=detached,
+            names,
+            measurement.gram,
+            weights,
+            losses=losses,
             layers=layers,
             step=step,
             engine=self.engine.name,
+            strategy=measurement.strategy,
             approximate=self.engine.approximate,
             threshold=self.threshold,
         )
         self.history.append(report)
         return report
 
+    def _skipped(
+        self, names: tuple[str, ...], step: int, reason: str, losses: Tensor, weights: Tensor
+    ) -> ConflictReport:
+        report = ConflictReport.skipped_step(names, step, reason, losses, self.engine.name, weights)
+        self.history.append(report)
+        return report
+
+    def _measured(self, batch: TaskLosses, *, write: bool) -> ConflictReport:
+        """Measure one step, then write ``.grad`` (``write``) unless the step is skipped or raised."""
+        step, losses, weights = self.step, batch.loss_vector(), batch.weight_vector()
+        plan = self._plan_for(batch)
+        if isinstance(plan, str):
+            if write:
+                self._write_grads(batch)
+            return self._skipped(batch.names, step, plan, losses, weights)
+        outcome = self._engine_call(lambda: self.engine.measure(self._roots(batch), plan))
+        if isinstance(outcome, str):
+            if write:
+                self._write_grads(batch)
+            return self._skipped(batch.names, step, outcome, losses, weights)
+        measurement: Measurement = outcome
+        measurement.gram = self._unscale(measurement.gram, 2)
+        for entry in measurement.layers.values():
+            entry.gram = self._unscale(entry.gram, 2)
+        reason = ""
+        if self.on_nonfinite != "propagate":
+            bad_loss, bad_grad = self._nonfinite(batch, measurement.gram.diagonal())
+            reason, write = self._verdict(step, bad_loss, bad_grad, write)
+        if write:
+            self._write_grads(batch)
+        if reason:
+            return self._skipped(batch.names, step, reason, losses, weights)
+        return self._report(batch.names, measurement, weights, losses, step)
+
+    # ------------------------------------------------------------------------------------------ micro-batches
+    def _micro_batch(self, batch: TaskLosses, measured: bool) -> ConflictReport | None:
+        if measured:
+            if self._accumulated is None:
+                self._accumulated = _Accumulated()
+            self._accumulate(batch, self._accumulated)
+        else:
+            self._write_grads(batch)
+        self._micro += 1
+        if self._micro < self.accumulation_steps:
+            return None
+        self._micro = 0
+        report = self._close_group() if measured else None
+        self._advance()
+        return report
+
+    def _accumulate(self, batch: TaskLosses, acc: _Accumulated) -> None:
+        """Add one micro-batch's per-task gradients to the group, then write its ``.grad``."""
+        write = True
+        weights = batch.weight_vector()
+        for t, (name, loss) in enumerate(zip(batch.names, batch.loss_vector())):
+            acc.losses[name] = acc.losses[name] + loss if name in acc.losses else loss
+            acc.weights[name] = weights[t].to(loss.device)
+        plan = self._plan_for(batch) if not acc.skip else acc.skip
+        if isinstance(plan, str):
+            acc.skip = acc.skip or plan
+        else:
+            acc.plan = plan
+            outcome = self._engine_call(lambda: self.engine.gradients(self._roots(batch), plan))
+            if isinstance(outcome, str):
+                acc.skip = outcome
+            else:
+                grads = {k: (leaf, self._unscale(g, 1)) for k, (leaf, g) in outcome.items()}
+                if self.on_nonfinite != "propagate":
+                    norms = sum(g.flatten(1).pow(2).sum(1) for _, g in grads.values())
+                    bad_loss, bad_grad = self._nonfinite(batch, norms if grads else None)
+                    reason, write = self._verdict(self.step, bad_loss, bad_grad, True)
+                    acc.skip = acc.skip or reason
+                for t, name in enumerate(batch.names):
+                    sums = acc.grads.setdefault(name, {})
+                    for k, (leaf, g) in grads.items():
+                        sums[k] = (leaf, sums[k][1] + g[t] if k in sums else g[t])
+        if write:
+            self._write_grads(batch)
+
+    def _close_group(self) -> ConflictReport:
+        acc, self._accumulated = self._accumulated, None
+        assert acc is not None
+        names = tuple(acc.losses)
+        losses = torch.stack([acc.losses[n] for n in names])
+        weights = torch.stack([acc.weights[n] for n in names])
+        if acc.skip or acc.plan is None:
+            return self._skipped(names, self.step, acc.skip or "nothing measured", losses, weights)
+        leaves: dict[int, Tensor] = {}
+        for sums in acc.grads.values():
+            leaves.update((k, leaf) for k, (leaf, _) in sums.items())
+        total = Accumulator(len(names), acc.plan, losses.device)
+        for k, leaf in leaves.items():
+            rows = [acc.grads.get(n, {}).get(k) for n in names]
+            zero = next(r[1] for r in rows if r is not None).new_zeros(leaf.shape)
+            total.add_per_task(leaf, torch.stack([zero if r is None else r[1] for r in rows]))
+        return self._report(names, total.result("accumulated"), weights, losses, self.step)
+
+    # ------------------------------------------------------------------------------------------ diagnosis
     def advise(self, **kwargs: Any) -> Advice:
         """Diagnose this run: :func:`gradconflict.advise` on :attr:`history`, with this model (see its
         keyword arguments: probe batch, evaluations, thresholds, ...)."""
         from gradconflict.diagnosis import advise
 
-        kwargs.setdefault("model", self.model)
+        kwargs.setdefault("model", _unwrap(self.model))
         return advise(self.history, **kwargs)
 
-    # ----------------------------------------------------------------------------------------- lifecycle
+    # ------------------------------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        """Remove every hook from the model. The history stays readable."""
-        if self._capture is not None:
-            self._capture.close()
-        if self._representation is not None:
-            self._representation.close()
+        """Remove the taps, collect the history and close its sinks. The history stays readable; measuring
+        again raises."""
+        self._release()
 
     def __enter__(self) -> ConflictMonitor:
         return self
@@ -303,3 +518,4 @@ class ConflictMonitor:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+

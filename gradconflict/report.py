@@ -41,12 +41,12 @@ def _plain(x: Tensor) -> Any:
 
 
 class _GramMetrics:
-    """The quantities of DESIGN.md section 2, computed lazily from ``gram`` and ``weights``."""
+    """The conflict quantities (see :mod:`gradconflict.metrics`), computed lazily from ``gram`` and ``weights``."""
 
     tasks: tuple[str, ...]
-    weights: Tensor
     threshold: float
     _gram: Tensor | None
+    _weights: Tensor | None
 
     @property
     def gram(self) -> Tensor:
@@ -57,15 +57,20 @@ class _GramMetrics:
             )
         return self._gram
 
-    def _init_gram(self, tasks: Sequence[str], gram: Tensor, weights: Tensor | None, threshold: float) -> None:
+    def _init_gram(self, tasks: Sequence[str], gram: Tensor | None, weights: Tensor | None, threshold: float) -> None:
         self.tasks = tuple(tasks)
         self._gram = gram
-        self.weights = (
-            torch.ones(len(self.tasks), dtype=gram.dtype, device=gram.device)
-            if weights is None
-            else weights.to(dtype=gram.dtype, device=gram.device)
-        )
+        self._weights = None if weights is None else weights.detach()
         self.threshold = float(threshold)
+
+    @cached_property
+    def weights(self) -> Tensor:
+        """The task weights ``w`` of the update (1 each when none were given), on the Gram's device."""
+        gram = self._gram
+        dtype, device = (torch.float64, None) if gram is None else (gram.dtype, gram.device)
+        if self._weights is None:
+            return torch.ones(len(self.tasks), dtype=dtype, device=device)
+        return self._weights.to(dtype=dtype, device=device or self._weights.device)
 
     @cached_property
     def task_norms(self) -> Tensor:
@@ -96,7 +101,7 @@ class _GramMetrics:
 
     @cached_property
     def conflict_fraction(self) -> Tensor:
-        """Share of task pairs whose cosine is below ``threshold``."""
+        """Share of task pairs whose cosine is below ``threshold`` (NaN with a single task: no pair)."""
         return metrics.conflict_fraction(self.gram, self.threshold)
 
     @cached_property
@@ -147,7 +152,8 @@ class LayerReport(_GramMetrics):
         name: the module's qualified name in the model (or the parameter's, for a lone parameter).
         gram: this layer's T x T Gram; the layer Grams of a step sum to the step's Gram.
         num_params: number of shared parameter entries in this layer.
-        route: how the engine computed it (``"ghost"``, ``"materialised"`` or ``"reference"``).
+        route: how the engine computed it (``"ghost"``, ``"materialised"``, ``"reference"`` or
+            ``"representation"``).
     """
 
     def __init__(
@@ -185,9 +191,13 @@ class ConflictReport(_GramMetrics):
         layers: layer name -> :class:`LayerReport`; their Grams sum to ``gram``.
         step: index of the ``backward``/``measure`` call that produced it (0-based).
         engine: the engine that computed ``gram``.
+        strategy: how the engine ran this step: ``"batched"`` (one vectorised backward), ``"loop"`` (one backward
+            per task: the fallback for graphs the batched backward cannot run), ``"reference"``,
+            ``"representation"`` or ``"accumulated"`` (micro-batches summed per task).
         approximate: True when ``gram`` is an approximation (representation mode), not the exact Gram.
-        threshold: cosine below which a pair counts as conflicting (``S`` in DESIGN.md).
-        skipped: True when the step was skipped (non-finite loss); a skipped report has no Gram.
+        threshold: cosine below which a pair counts as conflicting (``S``).
+        skipped: True when the step was skipped (a non-finite loss or gradient, a GradScaler overflow, shared
+            parameters not known yet); a skipped report has no Gram.
         skip_reason: why the step was skipped.
     """
 
@@ -201,28 +211,32 @@ class ConflictReport(_GramMetrics):
         layers: Mapping[str, LayerReport] | None = None,
         step: int = 0,
         engine: str = "reference",
+        strategy: str = "",
         approximate: bool = False,
         threshold: float = 0.0,
         skip_reason: str = "",
     ) -> None:
         self.step = int(step)
         self.engine = engine
+        self.strategy = strategy
         self.approximate = approximate
         self.skip_reason = skip_reason
         self.layers: dict[str, LayerReport] = dict(layers or {})
-        if gram is None:
-            self.tasks, self._gram, self.threshold = tuple(tasks), None, float(threshold)
-            self.weights = torch.ones(len(self.tasks)) if weights is None else weights
-        else:
-            self._init_gram(tasks, gram, weights, threshold)
+        self._init_gram(tasks, gram, weights, threshold)
         self.losses = None if losses is None else losses.detach()
 
     @classmethod
     def skipped_step(
-        cls, tasks: Sequence[str], step: int, reason: str, losses: Tensor | None = None, engine: str = ""
+        cls,
+        tasks: Sequence[str],
+        step: int,
+        reason: str,
+        losses: Tensor | None = None,
+        engine: str = "",
+        weights: Tensor | None = None,
     ) -> ConflictReport:
         """A report for a step that was not measured (e.g. a non-finite loss), recording why."""
-        return cls(tasks, None, losses=losses, step=step, engine=engine, skip_reason=reason)
+        return cls(tasks, None, weights, losses=losses, step=step, engine=engine, skip_reason=reason)
 
     @property
     def skipped(self) -> bool:
@@ -242,6 +256,11 @@ class ConflictReport(_GramMetrics):
         """One line a person can read in a training log."""
         if self.skipped:
             return f"step {self.step}: skipped ({self.skip_reason})"
+        if len(self.tasks) < 2:
+            return (
+                f"step {self.step}: one task ({', '.join(self.tasks)}): no pair to compare, "
+                f"update norm {float(self.update_norm):.3g}"
+            )
         worst = self.cosine + torch.eye(len(self.tasks), device=self.gram.device) * 2
         i, j = divmod(int(worst.argmin()), len(self.tasks))
         tag = " (approximate)" if self.approximate else ""
@@ -249,7 +268,7 @@ class ConflictReport(_GramMetrics):
         return (
             f"step {self.step}{tag}: conflict {float(self.conflict_fraction):.0%} of pairs, "
             f"cancellation {float(self.cancellation):.3f}, update norm {float(self.update_norm):.3g}"
-            + (pair if len(self.tasks) > 1 else "")
+            + pair
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,6 +278,7 @@ class ConflictReport(_GramMetrics):
             "skipped": self.skipped,
             "skip_reason": self.skip_reason,
             "engine": self.engine,
+            "strategy": self.strategy,
             "approximate": self.approximate,
             "tasks": list(self.tasks),
             "threshold": self.threshold,
@@ -280,7 +300,7 @@ class ConflictReport(_GramMetrics):
         weights = tensor(data["weights"]) if data.get("weights") is not None else None
         losses = tensor([math.nan if v is None else v for v in data["losses"]]) if data.get("losses") else None
         if data.get("skipped"):
-            return cls.skipped_step(tasks, data["step"], data.get("skip_reason") or "skipped", losses)
+            return cls.skipped_step(tasks, data["step"], data.get("skip_reason") or "skipped", losses, weights=weights)
         threshold = data.get("threshold", 0.0)
         layers = {
             name: LayerReport(
@@ -302,6 +322,7 @@ class ConflictReport(_GramMetrics):
             layers=layers,
             step=data["step"],
             engine=data.get("engine", ""),
+            strategy=data.get("strategy", ""),
             approximate=data.get("approximate", False),
             threshold=threshold,
         )

@@ -132,7 +132,7 @@ def test_subclass_with_its_own_forward_and_two_monitors_stay_exact():
     model.backbone[2] = masked
     with (
         ConflictMonitor(model, shared=model.backbone) as first,
-        ConflictMonitor(model, shared=model.backbone) as second,
+        ConflictMonitor(model, shared=model.backbone, allow_other_monitors=True) as second,
     ):
         losses = losses_of(model(x))
         report = first.measure(losses)

@@ -1,5 +1,6 @@
-"""Streaming memory: the engine holds one layer's T output gradients at a time and no per-task copy of the
-parameters. Peak memory is read from the profiler's allocation events (CPU allocator), as live bytes over time."""
+"""Memory: the engine holds one layer's T output gradients at a time, no per-task copy of the parameters, no
+gradient-sized copy beyond a plain step's, and drops what the taps recorded as soon as it is used. Peak memory is
+read from the profiler's allocation events (CPU allocator), as live bytes over time."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from gradconflict import ConflictMonitor
+from gradconflict.graph import walk_graph
 
 
 def peak_bytes(step) -> int:
@@ -21,42 +23,77 @@ def peak_bytes(step) -> int:
     return top
 
 
-def test_deep_network_peak_memory_is_one_layer_of_task_gradients():
-    T, N, d, L = 4, 32, 256, 24
+def deep_model(L: int, d: int, T: int) -> tuple[nn.Module, nn.Sequential, nn.ModuleDict]:
     backbone = nn.Sequential(*[m for _ in range(L) for m in (nn.Linear(d, d), nn.Tanh())])
     heads = nn.ModuleDict({f"t{i}": nn.Linear(d, 1) for i in range(T)})
-    model = nn.ModuleDict({"backbone": backbone, "heads": heads})
+    return nn.ModuleDict({"backbone": backbone, "heads": heads}), backbone, heads
+
+
+def test_deep_network_peak_memory_is_one_layer_of_task_gradients():
+    T, N, d, L = 4, 32, 256, 24
+    model, backbone, heads = deep_model(L, d, T)
     x = torch.randn(N, d)
 
     def losses():
         h = backbone(x)
         return {t: head(h).pow(2).mean() for t, head in heads.items()}
 
-    exact = ConflictMonitor(model, shared=backbone)
-    oracle = ConflictMonitor(model, shared=backbone, engine="reference")
-
     def plain():
-        exact._capture.enabled = False
         sum(losses().values()).backward()
         model.zero_grad()
 
     def measured(monitor):
         def step():
-            exact._capture.enabled = monitor is exact
             monitor.backward(losses())
             model.zero_grad()
 
         return step
 
-    for step in (plain, measured(exact), measured(oracle)):
-        step()  # warm-up: lazy initialisation stays out of the figures
-    base = peak_bytes(plain)
+    plain()
+    base = peak_bytes(plain)  # before any monitor: a plain step
     one_layer = T * N * d * 4  # one layer's T output gradients, float32
     every_layer = L * one_layer
     per_task_params = T * sum(p.numel() for p in backbone.parameters()) * 4
-    extra = peak_bytes(measured(exact)) - base
+    with ConflictMonitor(model, shared=backbone) as exact:
+        measured(exact)()  # warm-up: lazy initialisation stays out of the figures
+        extra = peak_bytes(measured(exact)) - base
     assert extra <= 10 * one_layer < every_layer / 2
     # The check can fail: the T-pass reference keeps T copies of the parameter gradients and goes far over.
-    assert peak_bytes(measured(oracle)) - base > per_task_params / 2
-    exact.close()
-    oracle.close()
+    with ConflictMonitor(model, shared=backbone, engine="reference") as oracle:
+        measured(oracle)()
+        assert peak_bytes(measured(oracle)) - base > per_task_params / 2
+
+
+def test_no_gradient_sized_copy_beyond_a_plain_step_even_when_grad_accumulates():
+    T, N, d, L = 8, 16, 512, 4
+    model, backbone, heads = deep_model(L, d, T)
+    x = torch.randn(N, d)
+    params = sum(p.numel() for p in model.parameters()) * 4
+
+    def losses():
+        h = backbone(x)
+        return {t: head(h).pow(2).mean() for t, head in heads.items()}
+
+    sum(losses().values()).backward()  # .grad exists: the next steps accumulate into it
+
+    def plain():
+        sum(losses().values()).backward()
+
+    plain()
+    base = peak_bytes(plain)
+    with ConflictMonitor(model, shared=backbone) as monitor:
+        monitor.backward(losses())
+        extra = peak_bytes(lambda: monitor.backward(losses())) - base
+    assert extra < params / 10, (extra, params)
+
+
+def test_recorded_inputs_are_released_once_measured():
+    model, backbone, heads = deep_model(3, 16, 2)
+    with ConflictMonitor(model, shared=backbone) as monitor:
+        h = backbone(torch.randn(4, 16))
+        losses = {t: head(h).sum() for t, head in heads.items()}
+        graph = walk_graph(list(losses.values()))
+        assert graph.calls and all(c.saved is not None for c in graph.calls)
+        monitor.measure(losses)
+        assert all(c.saved is None and c.grads is None for c in graph.calls)
+        monitor.measure(losses)  # measuring the same graph again still works: the layers are materialised

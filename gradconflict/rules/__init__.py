@@ -1,6 +1,5 @@
 """Per-layer rules: how one module type turns its recorded inputs and per-task output gradients into its
-per-task Gram and its training gradient, without materialising the per-task weight gradients when it can avoid
-it.
+per-task Gram, without materialising the per-task weight gradients when it can avoid it.
 
 A rule is registered for a module type with :func:`register_rule`; :func:`rule_for` finds the rule of a module
 (following the class hierarchy, so a subclass of ``nn.Linear`` uses the Linear rule). A parameter that no rule
@@ -18,6 +17,6 @@ True
 from __future__ import annotations
 
 from gradconflict.rules import conv, embedding, linear, norm  # noqa: E402,F401  (register the built-in rules)
-from gradconflict.rules.base import Call, LayerGrads, LayerRule, register_rule, rule_for
+from gradconflict.rules.base import Call, LayerGram, LayerRule, gram_of, materialised_gram, register_rule, rule_for
 
-__all__ = ["Call", "LayerGrads", "LayerRule", "register_rule", "rule_for"]
+__all__ = ["Call", "LayerGram", "LayerRule", "gram_of", "materialised_gram", "register_rule", "rule_for"]

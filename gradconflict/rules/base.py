@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Call", "LayerGrads", "LayerRule", "register_rule", "rule_for"]
+__all__ = ["Call", "LayerGram", "LayerRule", "gram_of", "materialised_gram", "register_rule", "rule_for"]
 
 _REGISTRY: dict[type[nn.Module], LayerRule] = {}
 
@@ -18,11 +18,12 @@ R = TypeVar("R", bound="type[LayerRule]")
 
 @dataclass(eq=False)
 class Call:
-    """One forward call of a tapped module: what the rule saved then, and (later) its output gradients.
+    """One forward call of a tapped module: what the rule recorded then, and (later) its output gradients.
 
-    ``saved`` is the rule's own record of the call (usually the input); ``owner`` is the capture that tapped it;
-    ``grads`` is ``[T, *output.shape]``, the output gradient of every task, filled in when the batched backward
-    reaches this call.
+    ``saved`` is the rule's own record of the call (:meth:`LayerRule.save`: the input, and any module state the
+    rule needs, taken at forward time); ``owner`` is the capture that tapped it; ``grads`` is
+    ``[T, *output.shape]``, the output gradient of every task, filled in when the batched backward reaches this
+    call. Both are dropped as soon as the rule has run (``saved`` becomes ``None``).
     """
 
     module: nn.Module
@@ -31,22 +32,17 @@ class Call:
     owner: object = field(default=None, repr=False)
     grads: Tensor | None = field(default=None, repr=False)
 
-
-@dataclass
-class LayerGrads:
-    """What a rule returns for one module: its Gram over the shared parameters and each parameter's
-    training gradient (``sum_i w_i g_i``, summed over the module's calls)."""
-
-    gram: Tensor | None
-    grads: dict[str, Tensor]
-    route: str
+    def release(self) -> None:
+        """Drop the recorded input and the output gradients (the rule has run, or never will)."""
+        self.saved = None
+        self.grads = None
 
 
 class LayerRule:
-    """Turns a module's calls into its per-task Gram and weighted gradient.
+    """Turns a module's calls into the Gram of its per-task parameter gradients.
 
-    Subclasses set ``param_names`` and implement :meth:`compute`; :meth:`save` records what the rule needs
-    from the forward (by default the first positional input, detached).
+    Subclasses set ``param_names`` and implement :meth:`gram`; :meth:`save` records what the rule needs from
+    the forward (by default the input, detached).
     """
 
     #: names of the module's parameters this rule covers (e.g. ``("weight", "bias")``)
@@ -65,22 +61,23 @@ class LayerRule:
         """Whether this rule can handle this particular module instance (e.g. not a sparse Embedding)."""
         return True
 
-    def save(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
-        """What to keep from a forward call; by default its first input, detached (autograd keeps it too)."""
-        return args[0].detach()
+    def save(self, module: nn.Module, input: Tensor, output: Tensor) -> Any:
+        """What to keep from a forward call: by default its input, detached (autograd keeps it too). A rule whose
+        result depends on module state (training mode, running statistics) records that state here."""
+        return input.detach()
 
-    def compute(
-        self,
-        module: nn.Module,
-        calls: Sequence[Call],
-        covered: set[str],
-        shared: set[str],
-        weights: Tensor,
-        gram_dtype: torch.dtype,
-    ) -> LayerGrads:
-        """Gram over the ``shared`` names and weighted gradients of the ``covered`` names (``shared`` is a subset
-        of ``covered``); ``weights`` are the task weights ``w`` and every ``call.grads`` is ``[T, ...]``."""
+    def gram(self, module: nn.Module, calls: Sequence[Call], names: set[str], gram_dtype: torch.dtype) -> LayerGram:
+        """The Gram of the per-task gradients of the parameters ``names`` (a subset of :meth:`params`), over
+        every call; each ``call.grads`` is ``[T, *output.shape]``. Computed in ``gram_dtype``."""
         raise NotImplementedError
+
+
+@dataclass
+class LayerGram:
+    """What a rule returns: the T x T Gram of one module's parameters and the route that produced it."""
+
+    gram: Tensor
+    route: str
 
 
 def register_rule(*module_types: type[nn.Module]) -> Callable[[R], R]:
@@ -118,11 +115,6 @@ def rule_for(module: nn.Module) -> LayerRule | None:
     return None
 
 
-def weighted(weights: Tensor, grads: Tensor) -> Tensor:
-    """``sum_i w_i grads[i]`` over the leading task axis, in ``grads``' dtype."""
-    return torch.tensordot(weights.to(grads.dtype), grads, dims=1)
-
-
 #: Length of the slices whose partial inner products are summed in float64 (see :func:`gram_of`); products up to
 #: four slices long are taken in one piece (their float32 error stays near 1e-7 relative).
 CHUNK = 16384
@@ -152,3 +144,14 @@ def gram_of(rows: Tensor, other: Tensor | None = None) -> Tensor:
     if whole < k:
         total += (rows[:, whole:] @ other[:, whole:].T).double()
     return total.to(rows.dtype)
+
+
+def materialised_gram(per_task: dict[str, Tensor], gram_dtype: torch.dtype) -> LayerGram:
+    """The Gram of a module's materialised per-task gradients ``{name: [T, *shape]}``, taken in ``gram_dtype``.
+
+    >>> g = materialised_gram({"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}, torch.float64)
+    >>> g.gram.tolist(), g.route
+    ([[5.0, 11.0], [11.0, 25.0]], 'materialised')
+    """
+    rows = torch.cat([per_task[n].to(gram_dtype).flatten(1) for n in sorted(per_task)], dim=1)
+    return LayerGram(gram_of(rows), "materialised")

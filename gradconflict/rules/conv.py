@@ -4,14 +4,13 @@ come from one convolution backward in which the tasks are extra output channels.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from gradconflict.rules.base import Call, LayerGrads, LayerRule, gram_of, register_rule, weighted
+from gradconflict.rules.base import Call, LayerGram, LayerRule, materialised_gram, register_rule
 
 
 def _padded_input(module: nn.Module, x: Tensor) -> tuple[Tensor, list[int]]:
@@ -35,59 +34,35 @@ def _padded_input(module: nn.Module, x: Tensor) -> tuple[Tensor, list[int]]:
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(LayerRule):
-    """Convolutions: per-task weight gradients from one batched ``convolution_backward``."""
+    """Convolutions: the per-task weight gradients from one batched ``convolution_backward``."""
 
     param_names = ("weight", "bias")
 
-    def save(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> tuple[Tensor, list[int]]:
-        return _padded_input(module, args[0].detach())
-
-    def _weight_grad(self, module: nn.Module, x: Tensor, padding: list[int], grad_out: Tensor) -> Tensor:
-        """Weight gradient of the convolution for output gradient ``grad_out`` (``[N, C_out, ...]``)."""
-        groups = module.groups
-        shape = (grad_out.shape[1], module.in_channels // groups, *module.kernel_size)
-        return torch.ops.aten.convolution_backward(
-            grad_out, x.to(grad_out.dtype), grad_out.new_empty(shape), None, module.stride, padding,
-            module.dilation, False, [0] * len(padding), groups, [False, True, False],
-        )[1]
-
-    def _per_task_weight_grads(self, module: nn.Module, x: Tensor, padding: list[int], D: Tensor) -> Tensor:
+    def _per_task_weight_grads(self, module: nn.Module, x: Tensor, D: Tensor) -> Tensor:
         """All T weight gradients from one convolution backward: the tasks become extra output channels.
 
         ``D`` is ``[T, N, C_out, ...]``; within each group the T tasks' channels are laid side by side, so the
         stacked convolution has ``T * C_out`` output channels and the same ``groups``.
         """
         g = module.groups
+        x, padding = _padded_input(module, x.to(D.dtype))
         stacked = rearrange(D, "t n (g c) ... -> n (g t c) ...", g=g)
-        grads = self._weight_grad(module, x, padding, stacked)  # [(g t c), C_in / g, *kernel]
+        shape = (stacked.shape[1], module.in_channels // g, *module.kernel_size)
+        grads = torch.ops.aten.convolution_backward(
+            stacked, x, stacked.new_empty(shape), None, module.stride, padding,
+            module.dilation, False, [0] * len(padding), g, [False, True, False],
+        )[1]  # [(g t c), C_in / g, *kernel]
         return rearrange(grads, "(g t c) ... -> t (g c) ...", g=g, t=D.shape[0])
 
-    def compute(
-        self,
-        module: nn.Module,
-        calls: Sequence[Call],
-        covered: set[str],
-        shared: set[str],
-        weights: Tensor,
-        gram_dtype: torch.dtype,
-    ) -> LayerGrads:
+    def gram(self, module: nn.Module, calls: Sequence[Call], names: set[str], gram_dtype: torch.dtype) -> LayerGram:
         per_task: dict[str, Tensor] = {}
-        direct: dict[str, Tensor] = {}  # a head's convolution needs only the update, not the T gradients
         for call in calls:
-            (x, padding), D = call.saved, call.grads
-            parts, updates = {}, {}
-            if "weight" in shared:
-                parts["weight"] = self._per_task_weight_grads(module, x, padding, D)
-            elif "weight" in covered:
-                updates["weight"] = self._weight_grad(module, x, padding, weighted(weights, D))
-            if "bias" in covered:
+            D = call.grads.to(gram_dtype)
+            parts = {}
+            if "weight" in names:
+                parts["weight"] = self._per_task_weight_grads(module, call.saved, D)
+            if "bias" in names:
                 parts["bias"] = D.sum((1, *range(3, D.ndim)))
-            for store, new in ((per_task, parts), (direct, updates)):
-                for name, g in new.items():
-                    store[name] = store[name] + g if name in store else g
-        grads = {n: weighted(weights, g) for n, g in per_task.items()} | direct
-        grads = {n: g.to(getattr(module, n).dtype) for n, g in grads.items()}
-        if not shared:
-            return LayerGrads(None, grads, "bookkeeping")
-        flat = torch.cat([per_task[n].to(gram_dtype).flatten(1) for n in sorted(shared)], dim=1)
-        return LayerGrads(gram_of(flat), grads, "materialised")
+            for name, g in parts.items():
+                per_task[name] = per_task[name] + g if name in per_task else g
+        return materialised_gram(per_task, gram_dtype)

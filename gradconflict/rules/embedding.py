@@ -5,15 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from gradconflict.rules.base import Call, LayerGrads, LayerRule, gram_of, register_rule, weighted
+from gradconflict.rules.base import Call, LayerGram, LayerRule, gram_of, register_rule
 
 
 @register_rule(nn.Embedding)
 class EmbeddingRule(LayerRule):
     """Row ``k`` of task ``i``'s gradient is the sum of ``D_i`` over the positions whose id is ``k`` (zero for
-    ``padding_idx``, divided by the id's count under ``scale_grad_by_freq``)."""
+    ``padding_idx``; under ``scale_grad_by_freq`` each call divides by the id's count in that call, as
+    autograd does)."""
 
     param_names = ("weight",)
 
@@ -21,31 +22,20 @@ class EmbeddingRule(LayerRule):
         # Sparse gradients and max_norm renormalisation (an in-place edit of the weight) stay with autograd.
         return not module.sparse and module.max_norm is None
 
-    def compute(
-        self,
-        module: nn.Module,
-        calls: Sequence[Call],
-        covered: set[str],
-        shared: set[str],
-        weights: Tensor,
-        gram_dtype: torch.dtype,
-    ) -> LayerGrads:
-        T, dim = weights.shape[0], module.embedding_dim
+    def gram(self, module: nn.Module, calls: Sequence[Call], names: set[str], gram_dtype: torch.dtype) -> LayerGram:
+        T, dim = calls[0].grads.shape[0], module.embedding_dim
         ids = torch.cat([c.saved.reshape(-1) for c in calls])
-        D = torch.cat([c.grads.reshape(T, -1, dim) for c in calls], dim=1)
         unique, inverse = torch.unique(ids, return_inverse=True)
-        rows = D.new_zeros(T, unique.shape[0], dim).index_add_(1, inverse, D)
-        if module.scale_grad_by_freq:
-            counts = torch.bincount(inverse, minlength=unique.shape[0]).to(rows.dtype)
-            rows = rows / counts[:, None]
+        rows = torch.zeros(T, unique.shape[0], dim, dtype=gram_dtype, device=ids.device)
+        start = 0
+        for call in calls:
+            D = call.grads.reshape(T, -1, dim).to(gram_dtype)
+            where = inverse[start : start + D.shape[1]]
+            start += D.shape[1]
+            if module.scale_grad_by_freq:
+                counts = torch.bincount(where, minlength=unique.shape[0]).to(gram_dtype)
+                D = D / counts[where][None, :, None]
+            rows.index_add_(1, where, D)
         if module.padding_idx is not None:
             rows = rows.masked_fill((unique == module.padding_idx)[None, :, None], 0)
-        grads = {}
-        if "weight" in covered:
-            dW = torch.zeros_like(module.weight)
-            dW[unique] = weighted(weights, rows).to(dW.dtype)
-            grads["weight"] = dW
-        if not shared:
-            return LayerGrads(None, grads, "bookkeeping")
-        rows = rows.to(gram_dtype)
-        return LayerGrads(gram_of(rows.flatten(1)), grads, "materialised")
+        return LayerGram(gram_of(rows.flatten(1)), "materialised")

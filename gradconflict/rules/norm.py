@@ -5,12 +5,13 @@ small, so they are materialised."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradconflict.rules.base import Call, LayerGrads, LayerRule, gram_of, register_rule, weighted
+from gradconflict.rules.base import Call, LayerGram, LayerRule, materialised_gram, register_rule
 
 
 class AffineNormRule(LayerRule):
@@ -18,7 +19,7 @@ class AffineNormRule(LayerRule):
 
     param_names = ("weight", "bias")
 
-    def normalise(self, module: nn.Module, x: Tensor) -> Tensor:
+    def normalise(self, module: nn.Module, saved: Any, x: Tensor) -> Tensor:
         """``x_hat``: the input normalised exactly as the module's forward did, without the affine part."""
         raise NotImplementedError
 
@@ -26,40 +27,32 @@ class AffineNormRule(LayerRule):
         """Axes of the output that the parameter spans (the others are summed over)."""
         return (1,)
 
-    def compute(
-        self,
-        module: nn.Module,
-        calls: Sequence[Call],
-        covered: set[str],
-        shared: set[str],
-        weights: Tensor,
-        gram_dtype: torch.dtype,
-    ) -> LayerGrads:
+    def input_of(self, saved: Any) -> Tensor:
+        """The recorded input within what :meth:`save` kept."""
+        return saved
+
+    def gram(self, module: nn.Module, calls: Sequence[Call], names: set[str], gram_dtype: torch.dtype) -> LayerGram:
         per_task: dict[str, Tensor] = {}
         for call in calls:
             D = call.grads.to(gram_dtype)
-            keep = self.param_axes(module, call.saved.ndim)
-            summed = tuple(a + 1 for a in range(call.saved.ndim) if a not in keep)
+            x = self.input_of(call.saved).to(gram_dtype)
+            keep = self.param_axes(module, x.ndim)
+            summed = tuple(a + 1 for a in range(x.ndim) if a not in keep)
             parts = {}
-            if "weight" in covered:
-                x_hat = self.normalise(module, call.saved.to(gram_dtype))
-                parts["weight"] = (D * x_hat).sum(summed)
-            if "bias" in covered:
+            if "weight" in names:
+                parts["weight"] = (D * self.normalise(module, call.saved, x)).sum(summed)
+            if "bias" in names:
                 parts["bias"] = D.sum(summed)
             for name, g in parts.items():
                 per_task[name] = per_task[name] + g if name in per_task else g
-        grads = {n: weighted(weights.to(g.dtype), g).to(getattr(module, n).dtype) for n, g in per_task.items()}
-        if not shared:
-            return LayerGrads(None, grads, "bookkeeping")
-        flat = torch.cat([per_task[n].flatten(1) for n in sorted(shared)], dim=1)
-        return LayerGrads(gram_of(flat), grads, "materialised")
+        return materialised_gram(per_task, gram_dtype)
 
 
 @register_rule(nn.LayerNorm)
 class LayerNormRule(AffineNormRule):
     """``nn.LayerNorm``: the parameters span the trailing ``normalized_shape`` axes."""
 
-    def normalise(self, module: nn.Module, x: Tensor) -> Tensor:
+    def normalise(self, module: nn.Module, saved: Any, x: Tensor) -> Tensor:
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
 
     def param_axes(self, module: nn.Module, ndim: int) -> tuple[int, ...]:
@@ -72,7 +65,7 @@ class RMSNormRule(LayerNormRule):
 
     param_names = ("weight",)
 
-    def normalise(self, module: nn.Module, x: Tensor) -> Tensor:
+    def normalise(self, module: nn.Module, saved: Any, x: Tensor) -> Tensor:
         return F.rms_norm(x, module.normalized_shape, None, module.eps)
 
 
@@ -80,22 +73,34 @@ class RMSNormRule(LayerNormRule):
 class GroupNormRule(AffineNormRule):
     """``nn.GroupNorm``: per-channel parameters (axis 1)."""
 
-    def normalise(self, module: nn.Module, x: Tensor) -> Tensor:
+    def normalise(self, module: nn.Module, saved: Any, x: Tensor) -> Tensor:
         return F.group_norm(x, module.num_groups, None, None, module.eps)
 
 
 @register_rule(nn.modules.batchnorm._BatchNorm)
 class BatchNormRule(AffineNormRule):
-    """``nn.BatchNorm1d/2d/3d``: batch statistics in training mode, running statistics in eval mode."""
+    """``nn.BatchNorm1d/2d/3d``: batch statistics or running statistics, whichever the forward used.
+
+    The choice depends on the module's mode and its running statistics *at forward time*, so :meth:`save`
+    records them: a model switched to ``eval()`` before the backward, or a later forward that updates the
+    running statistics, does not change the result.
+    """
 
     def accepts(self, module: nn.Module) -> bool:
         # SyncBatchNorm normalises with statistics gathered across processes: leave it to autograd.
         return not isinstance(module, nn.SyncBatchNorm)
 
-    def normalise(self, module: nn.Module, x: Tensor) -> Tensor:
-        batch_stats = module.training or module.running_mean is None
-        if batch_stats:
+    def save(self, module: nn.Module, input: Tensor, output: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        if module.training or module.running_mean is None:
+            return input.detach(), None
+        return input.detach(), (module.running_mean.detach().clone(), module.running_var.detach().clone())
+
+    def input_of(self, saved: Any) -> Tensor:
+        return saved[0]
+
+    def normalise(self, module: nn.Module, saved: Any, x: Tensor) -> Tensor:
+        stats = saved[1]
+        if stats is None:
             return F.batch_norm(x, None, None, None, None, True, 0.0, module.eps)
-        return F.batch_norm(
-            x, module.running_mean.to(x.dtype), module.running_var.to(x.dtype), None, None, False, 0.0, module.eps
-        )
+        mean, var = stats
+        return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), None, None, False, 0.0, module.eps)

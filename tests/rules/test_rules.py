@@ -1,4 +1,5 @@
-"""Layer rules one at a time: both Linear routes agree, the registry follows the class hierarchy."""
+"""Layer rules one at a time, against gradients autograd computes: both Linear routes, convolutions, embeddings
+called twice, batch-norm state recorded at forward time; the registry follows the class hierarchy."""
 
 from __future__ import annotations
 
@@ -7,7 +8,20 @@ import torch
 from torch import nn
 
 from gradconflict.rules import Call, rule_for
+from gradconflict.rules.conv import ConvRule
+from gradconflict.rules.embedding import EmbeddingRule
 from gradconflict.rules.linear import LinearRule, ghost_is_cheaper
+from gradconflict.rules.norm import BatchNormRule
+
+
+def per_task_gram(outputs, params, D):
+    """Oracle: autograd's per-task gradient of each task's output gradient, flattened, J @ J.T."""
+    rows = []
+    for d in D:
+        grads = torch.autograd.grad(outputs, params, d, retain_graph=True)
+        rows.append(torch.cat([g.flatten() for g in grads]))
+    J = torch.stack(rows)
+    return J @ J.T
 
 
 def test_cost_model_prefers_ghost_for_few_rows_and_wide_layers():
@@ -16,19 +30,13 @@ def test_cost_model_prefers_ghost_for_few_rows_and_wide_layers():
 
 
 @pytest.mark.parametrize("rows", [3, 300])  # one takes the ghost route, the other the materialised one
-def test_linear_routes_match_explicit_per_task_gradients(rows):
-    torch.manual_seed(0)
+def test_linear_routes_match_autograd(rows):
     layer = nn.Linear(40, 30).double()
     X = torch.randn(rows, 40, dtype=torch.float64)
+    y = layer(X)
     D = torch.randn(4, rows, 30, dtype=torch.float64)
-    w = torch.tensor([1.0, 0.5, 2.0, 0.0], dtype=torch.float64)
-    out = LinearRule().compute(
-        layer, [Call(layer, LinearRule(), X, grads=D)], {"weight", "bias"}, {"weight", "bias"}, w, torch.float64
-    )
-    per_task = torch.cat([torch.einsum("tno,ni->toi", D, X).flatten(1), D.sum(1)], dim=1)
-    torch.testing.assert_close(out.gram, per_task @ per_task.T)
-    torch.testing.assert_close(out.grads["weight"], torch.einsum("t,tno,ni->oi", w, D, X))
-    torch.testing.assert_close(out.grads["bias"], torch.einsum("t,tno->o", w, D))
+    out = LinearRule().gram(layer, [Call(layer, LinearRule(), X, grads=D)], {"weight", "bias"}, torch.float64)
+    torch.testing.assert_close(out.gram, per_task_gram(y, [layer.weight, layer.bias], D))
     assert out.route == ("ghost" if ghost_is_cheaper(rows, 40, 30, 4) else "materialised")
 
 
@@ -47,24 +55,47 @@ def test_registry_follows_subclasses_but_not_overridden_forwards():
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-def test_conv_rule_per_task_and_update_match_autograd(groups):
-    from gradconflict.rules.conv import ConvRule
-
-    torch.manual_seed(0)
+def test_conv_rule_matches_autograd(groups):
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=groups).double()
     x = torch.randn(3, 4, 7, 7, dtype=torch.float64)
     y = conv(x)
     D = torch.randn(5, *y.shape, dtype=torch.float64)
-    w = torch.rand(5, dtype=torch.float64)
-    per_task = [torch.autograd.grad(y, [conv.weight, conv.bias], d, retain_graph=True) for d in D]
-    flat = torch.stack([torch.cat([gw.flatten(), gb]) for gw, gb in per_task])
     rule = ConvRule()
-    call = Call(conv, rule, rule.save(conv, (x,), y), grads=D)
-    for shared in ({"weight", "bias"}, set()):  # a shared layer, then a head: the update alone
-        out = rule.compute(conv, [call], {"weight", "bias"}, shared, w, torch.float64)
-        torch.testing.assert_close(out.grads["weight"], sum(wi * g[0] for wi, g in zip(w, per_task)))
-        torch.testing.assert_close(out.grads["bias"], sum(wi * g[1] for wi, g in zip(w, per_task)))
-        if shared:
-            torch.testing.assert_close(out.gram, flat @ flat.T)
-        else:
-            assert out.gram is None
+    out = rule.gram(conv, [Call(conv, rule, rule.save(conv, x, y), grads=D)], {"weight", "bias"}, torch.float64)
+    torch.testing.assert_close(out.gram, per_task_gram(y, [conv.weight, conv.bias], D))
+
+
+def test_embedding_scaled_by_frequency_and_called_twice_matches_autograd():
+    # autograd scales each call's rows by the id counts of that call alone
+    emb = nn.Embedding(7, 3, scale_grad_by_freq=True, padding_idx=0).double()
+    ids = [torch.tensor([[1, 2, 2, 0], [3, 1, 1, 1]]), torch.tensor([[2, 2, 5, 6]])]
+    ys = [emb(i) for i in ids]
+    D = [torch.randn(3, *y.shape, dtype=torch.float64) for y in ys]
+    rule = EmbeddingRule()
+    calls = [Call(emb, rule, rule.save(emb, i, y), grads=d) for i, y, d in zip(ids, ys, D)]
+    out = rule.gram(emb, calls, {"weight"}, torch.float64)
+    rows = []
+    for t in range(3):
+        (g,) = torch.autograd.grad(ys, [emb.weight], [d[t] for d in D], retain_graph=True)
+        rows.append(g.flatten())
+    J = torch.stack(rows)
+    torch.testing.assert_close(out.gram, J @ J.T)
+
+
+def test_batchnorm_uses_the_mode_and_statistics_of_its_forward():
+    bn = nn.BatchNorm1d(4).double()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    rule = BatchNormRule()
+    for training in (True, False):
+        bn.train(training)
+        x = torch.randn(6, 4, dtype=torch.float64)
+        y = bn(x)
+        D = torch.randn(3, *y.shape, dtype=torch.float64)
+        expected = per_task_gram(y, [bn.weight, bn.bias], D)
+        call = Call(bn, rule, rule.save(bn, x, y), grads=D)
+        bn.train(not training)  # the mode flips between forward and backward: the forward's is the one used
+        with torch.no_grad():
+            bn.running_mean.add_(1.0)  # and the statistics move on
+        out = rule.gram(bn, [call], {"weight", "bias"}, torch.float64)
+        torch.testing.assert_close(out.gram, expected)

@@ -1,0 +1,243 @@
+"""The default engine (``engine="auto"``): one vectorised VJP over the T task losses.
+
+``torch.func.vmap`` over ``torch.autograd.grad`` runs one backward for all T tasks at once. Each tapped module
+receives its ``[T, ...]`` output gradients as the backward reaches it; its layer rule turns them into the layer's
+Gram, and they are dropped at once (with the inputs the tap recorded). Shared parameters that no rule covers are
+materialised (T gradients each) and their Gram taken. Nothing is written to ``.grad``: the monitor lets autograd
+do that afterwards.
+
+Where the batched backward cannot run (a ``torch.compile``d region, or a torch op whose batched backward fails),
+the engine measures with the per-task loop instead, exactly, and warns once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradconflict.capture import Capture, task_batch
+from gradconflict.checkpoint import measuring_segments
+from gradconflict.engine.base import Accumulator, Measurement, Plan, warn_once
+from gradconflict.engine.loop import loop_accumulate
+from gradconflict.engine.segments import boundary_edges, segment_backward
+from gradconflict.graph import Graph, walk_graph
+from gradconflict.rules import Call
+
+__all__ = ["TappedEngine"]
+
+_FALLBACK = re.compile(r"batching rule for (\S+?)\.? ")
+
+
+class _Inexact(Exception):
+    """A module's calls were split over several recomputed segments: a rule cannot take them one at a time."""
+
+
+class _Pass(Accumulator):
+    """One batched backward: covers each tapped module by its rule, receives the taps' output gradients and
+    collects the materialised parameters' per-task gradients."""
+
+    def __init__(self, num_tasks: int, plan: Plan, capture: Capture, device: torch.device, cover: bool) -> None:
+        super().__init__(num_tasks, plan, device)
+        self.capture = capture
+        self.cover = cover
+        self._pending: dict[nn.Module, tuple[list[Call], set[str]]] = {}
+        self._arrived: Counter[nn.Module] = Counter()
+        self._seen: set[int] = set()  # parameters met in an earlier part of this pass
+        self._parts: list[list[nn.Module]] = []  # modules covered by each open part (outer graph, segments)
+        self.calls: list[Call] = []
+
+    # -- parts: the outer graph, then each recomputed checkpoint segment ------------------------------------
+    def begin(self, graph: Graph, exclude: set[int]) -> list[Tensor]:
+        """Cover this part's modules by their rules; returns the anchors and the materialised shared leaves."""
+        shared = self.plan.shared
+        calls: dict[nn.Module, list[Call]] = {}
+        for call in graph.calls:
+            if call.owner is self.capture:  # another monitor's taps on the same model are not ours
+                self.calls.append(call)
+                if call.saved is not None and self.cover:  # not consumed by an earlier measurement of this graph
+                    calls.setdefault(call.module, []).append(call)
+        claims = Counter(id(p) for m, c in calls.items() for p in c[0].rule.params(m).values())
+        covered: set[int] = set()
+        part: list[nn.Module] = []
+        for module, module_calls in calls.items():
+            # A rule covers a parameter only when every use of it is one of this module's calls (tying and direct
+            # use go to the materialised route), and when no tensor hook changes its gradient.
+            names = {
+                name
+                for name, p in module_calls[0].rule.params(module).items()
+                if id(p) in shared
+                and claims[id(p)] == 1
+                and graph.uses.get(id(p), 0) == len(module_calls)
+                and not p._backward_hooks
+            }
+            if names:
+                ids = {id(getattr(module, n)) for n in names}
+                if module in self._pending or ids & self._seen:
+                    raise _Inexact(self.plan.module_name.get(module, type(module).__name__))
+                self._pending[module] = (module_calls, names)
+                part.append(module)
+                covered |= ids
+        anchors = [t for t in graph.leaves if self.capture.is_anchor(t)]
+        generic = [t for t in graph.leaves if id(t) in shared and id(t) not in covered and id(t) not in exclude]
+        if {id(t) for t in generic} & self._seen:
+            raise _Inexact("a parameter used in several checkpointed segments")
+        self._seen |= covered | {id(t) for t in generic}
+        self._parts.append(part)
+        return anchors + generic
+
+    def end(self, requested: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        """A recomputed segment's gradients, seen inside the batched backward (vmapped)."""
+        self.finish(requested, [task_batch(g, self.num_tasks) for g in grads])
+
+    def finish(self, requested: Sequence[Tensor], per_task: Sequence[Tensor]) -> None:
+        """Add the materialised ``[T, ...]`` gradients (the anchors' are zero) and run the waiting rules."""
+        for leaf, g in zip(requested, per_task):
+            if not self.capture.is_anchor(leaf):
+                self.add_per_task(leaf, g)
+        for module in self._parts.pop():
+            if module in self._pending:  # a module whose calls did not all reach the backward
+                self._compute(module)
+
+    # -- taps ----------------------------------------------------------------------------------------------
+    def receive(self, call: Call, grads: Tensor) -> None:
+        """A tap's ``[T, ...]`` output gradients; the module's rule runs once all its calls have arrived."""
+        module = call.module
+        if module not in self._pending or call.saved is None:
+            return
+        call.grads = grads
+        self._arrived[module] += 1
+        if self._arrived[module] == len(self._pending[module][0]):
+            self._compute(module)
+
+    def _compute(self, module: nn.Module) -> None:
+        module_calls, names = self._pending.pop(module)
+        calls = [c for c in module_calls if c.grads is not None]
+        if calls:
+            rule = calls[0].rule
+            out = rule.gram(module, calls, names, self.plan.gram_dtype)
+            num_params = sum(getattr(module, n).numel() for n in names)
+            self.add_gram(self.plan.module_name[module], out.gram, num_params, out.route)
+        for c in module_calls:
+            c.release()  # free the recorded input and the [T, ...] output gradients as soon as the layer is done
+
+    def release(self) -> None:
+        """Drop what every tap of this step recorded, measured or not."""
+        for call in self.calls:
+            call.release()
+        self._pending.clear()
+
+
+class TappedEngine:
+    """The default engine: taps, one vectorised VJP, per-layer rules."""
+
+    name = "auto"
+    approximate = False
+
+    def __init__(self, model: nn.Module) -> None:
+        self.capture = Capture(model)
+        self._warned: set[str] = set()
+        self._loop_reason: str | None = None
+
+    def arm(self, on: bool) -> None:
+        """Tap the coming forwards, or not."""
+        self.capture.arm(on)
+
+    def restrict(self, shared: set[int]) -> None:
+        """Tap only the modules holding a shared parameter."""
+        self.capture.restrict(shared)
+
+    def close(self) -> None:
+        """Remove the hook."""
+        self.capture.close()
+
+    def measure(self, losses: Sequence[Tensor], plan: Plan) -> Measurement:
+        """The per-layer Grams of one step; the graph stays alive for the backward that writes ``.grad``."""
+        acc, strategy = self._run(losses, plan, cover=True)
+        return acc.result(strategy)
+
+    def gradients(self, losses: Sequence[Tensor], plan: Plan) -> dict[int, tuple[Tensor, Tensor]]:
+        """Every shared parameter's per-task gradients from one batched backward (no layer rule)."""
+        acc, _ = self._run(losses, plan, cover=False)
+        return acc.gradients()
+
+    def _run(self, losses: Sequence[Tensor], plan: Plan, cover: bool) -> tuple[Accumulator, str]:
+        stacked = torch.stack([loss.reshape(()) for loss in losses])
+        graph = walk_graph([stacked])
+        reason = self._loop_reason
+        if graph.opaque:
+            reason = f"the graph holds {', '.join(sorted(graph.opaque))} (a torch.compile'd region)"
+        if reason is None:
+            try:
+                return self._batched(stacked, graph, plan, cover), "batched"
+            except _Inexact as err:
+                reason = f"{err} is called in several checkpointed segments"
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as err:
+                if "second time" in str(err) or "has been freed" in str(err):
+                    raise
+                # A torch op whose batched backward fails (bf16 autocast through LayerNorm on CPU, in torch 2.13):
+                # measure this run with the per-task loop, which runs the same backward one task at a time.
+                reason = f"the batched backward failed in torch {torch.__version__} ({str(err).splitlines()[0]})"
+                self._loop_reason = reason
+        warn_once(
+            self._warned,
+            reason,
+            f"gradconflict: {reason}; measuring with one backward per task instead (exact, slower, and it holds "
+            "T copies of the shared gradients)",
+        )
+        return loop_accumulate(losses, plan, graph), "loop"
+
+    def _batched(self, stacked: Tensor, graph: Graph, plan: Plan, cover: bool) -> Accumulator:
+        T = stacked.shape[0]
+        current = _Pass(T, plan, self.capture, stacked.device, cover)
+        try:
+            inputs = current.begin(graph, set())
+            edges = boundary_edges(graph.checkpoints)
+            if inputs or edges:
+                requested: list[Any] = [*inputs, *edges]
+
+                def vjp(v: Tensor) -> tuple[Tensor, ...]:
+                    return torch.autograd.grad(stacked, requested, v, retain_graph=True, materialize_grads=True)
+
+                def handler(ctx: Any, grads: tuple[Tensor, ...]) -> tuple[Any, ...]:
+                    return segment_backward(ctx, grads, current, capture=self.capture)
+
+                self.capture.receiver = current
+                with measuring_segments(handler) if edges else contextlib.nullcontext():
+                    per_task = self._vmap(vjp, torch.eye(T, dtype=stacked.dtype, device=stacked.device))
+                current.finish(inputs, per_task[: len(inputs)])
+            return current
+        finally:
+            self.capture.receiver = None
+            current.release()
+
+    def _vmap(self, fn: Callable[[Tensor], tuple[Tensor, ...]], eye: Tensor) -> tuple[Tensor, ...]:
+        """``torch.func.vmap(fn)(eye)``, turning torch's per-op fallback warnings into one clear warning per op.
+
+        An op without a batching rule makes vmap loop over the T tasks for that op: exact, but that layer then
+        costs T backward passes. It must never happen silently.
+        """
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = torch.func.vmap(fn)(eye)
+        for w in caught:
+            match = _FALLBACK.search(str(w.message))
+            if match is None:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            else:
+                warn_once(
+                    self._warned,
+                    match.group(1),
+                    f"gradconflict: {match.group(1)} has no vmap batching rule in torch {torch.__version__}, so the "
+                    f"batched backward loops over the {eye.shape[0]} tasks for it (exact, but slower). On CPU this "
+                    "is the fused attention backward: use the math attention kernel or measure less often (every=k)",
+                )
+        return out
