@@ -12,7 +12,8 @@ that the segment's layers report their per-task gradients like any other. Outsid
 runs untouched.
 
 A recomputation runs the segment's forward again, which updates running statistics (BatchNorm in training mode)
-as the checkpoint's own recomputation does: :class:`BufferGuard` puts the model's buffers back afterwards.
+as the checkpoint's own recomputation does: :class:`BufferGuard` puts the model's buffers back afterwards, so
+that they end the step as in a loop without the monitor.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import CheckpointFunction, set_device_states
+from torch.utils.checkpoint import CheckpointFunction, detach_variable, set_device_states
 
 from gradconflict.graph import CHECKPOINT_NODE, walk_graph
 
@@ -78,9 +79,7 @@ def recompute(ctx: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
             torch.set_rng_state(ctx.fwd_cpu_state)
             if ctx.had_device_in_fwd:
                 set_device_states(ctx.fwd_devices, ctx.fwd_device_states, device_type=ctx.device_type)
-        detached = tuple(
-            x.detach().requires_grad_(x.requires_grad) if isinstance(x, Tensor) else x for x in inputs
-        )
+        detached = detach_variable(tuple(inputs))  # (requires_grad_() is refused inside vmap)
         device_autocast = (
             torch.amp.autocast(device_type=ctx.device_type, **ctx.device_autocast_kwargs)
             if torch.amp.is_autocast_available(ctx.device_type)
@@ -120,32 +119,21 @@ def has_checkpoints(nodes: Sequence[Any]) -> bool:
 class BufferGuard:
     """Puts the model's buffers back after a block that may run a forward again (activation checkpointing).
 
-    Copying every buffer at every step would cost time for nothing on models that never recompute, so after a
-    first block in which no buffer changed the guard only watches the buffers' version counters (no copy, no
-    device sync). A change seen then cannot be undone: ``missed`` becomes true (the monitor warns) and the guard
-    copies before every later block.
+    Every buffer is copied before the block and copied back after it. Cheaper schemes miss changes: BatchNorm
+    updates its running statistics without bumping their version counter. The copy back goes through ``.data``,
+    so that it does not bump the version either: a buffer the graph saved (eval-mode BatchNorm) gets its own value
+    back and the backward that writes ``.grad`` accepts it.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.copying = True
-        self.missed = False
-        self._changes_seen = False
 
     def __enter__(self) -> BufferGuard:
         self._buffers = [b for b in self.model.buffers() if isinstance(b, Tensor)]
-        self._versions = [b._version for b in self._buffers]
-        self._saved = [b.detach().clone() for b in self._buffers] if self.copying else None
+        self._saved = [b.detach().clone() for b in self._buffers]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        changed = [k for k, b in enumerate(self._buffers) if b._version != self._versions[k]]
-        if changed and self._saved is not None:
-            with torch.no_grad():
-                for k in changed:
-                    self._buffers[k].copy_(self._saved[k])
-        elif changed:
-            self.missed = True
-        self._changes_seen = self._changes_seen or bool(changed)
-        self.copying = self._changes_seen
-        self._buffers, self._saved = [], None
+        for buffer, saved in zip(self._buffers, self._saved):
+            buffer.data.copy_(saved)
+        self._buffers, self._saved = [], []

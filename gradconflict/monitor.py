@@ -183,7 +183,6 @@ class ConflictMonitor:
         self._layer_of, self._module_name = layer_names(inner)
         self._plan: Plan | None = None
         self._buffers = BufferGuard(inner)
-        self._warned: set[str] = set()
         token = id(self)
         _ACTIVE[token] = (weakref.ref(inner), ids)
         self._release = weakref.finalize(self, _shut, token, self.engine, self.history)
@@ -320,14 +319,6 @@ class ConflictMonitor:
             return self._failed(err)
         except Exception as err:  # the training run must go on
             return self._failed(err)
-        if self._buffers.missed and "buffers" not in self._warned:
-            self._warned.add("buffers")
-            warnings.warn(
-                "gradconflict: a forward ran again inside the measurement (activation checkpointing) and changed "
-                "the model's buffers on this step; from now on they are put back after each measurement",
-                MeasurementWarning,
-                stacklevel=4,
-            )
         return result
 
     def _failed(self, err: BaseException) -> str:

@@ -227,7 +227,8 @@ class TappedEngine:
         """
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out = torch.func.vmap(fn)(eye)
+            # "same": a checkpointed segment recomputed inside the pass draws its dropout masks once, as its forward did
+            out = torch.func.vmap(fn, randomness="same")(eye)
         for w in caught:
             match = _FALLBACK.search(str(w.message))
             if match is None:
