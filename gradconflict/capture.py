@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 from torch._C import _functorch as functorch
+from torch.nn.modules import module as nn_module
 from torch.nn.modules.module import register_module_forward_hook
 from torch.utils.hooks import RemovableHandle
 
@@ -111,6 +112,9 @@ def _input_of(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
 def _remove_all(handles: list[RemovableHandle]) -> None:
     for handle in handles:
         handle.remove()
+        # torch 2.13's handle leaves its id in the with-kwargs registry: without this, every arming would grow it
+        # and torch.compile would keep warning about global hooks after the monitor is gone.
+        getattr(nn_module, "_global_forward_hooks_with_kwargs", {}).pop(handle.id, None)
     handles.clear()
 
 

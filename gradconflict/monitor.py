@@ -59,8 +59,15 @@ _ACTIVE: dict[int, tuple[weakref.ref[nn.Module], frozenset[int]]] = {}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The module a data-parallel wrapper holds (its parameter names then carry no ``module.`` prefix)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The module a data-parallel or ``torch.compile`` wrapper holds (its parameter names then carry no
+    ``module.`` or ``_orig_mod.`` prefix)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _shut(token: int, engine: Engine, history: History) -> None:

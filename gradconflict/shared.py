@@ -1,7 +1,8 @@
 """Which parameters are shared (the ones measured), and which layer each belongs to.
 
 The shared parameters are given (a module, or a list of parameters) or discovered: at a step that carries two or
-more tasks, the parameters that receive gradient from at least two of them. A step with a single task never fixes
+more tasks, the parameters that receive gradient from at least two of them (read from the autograd graph; through
+a ``torch.compile``d region, whose graph hides which task uses what, from the gradients' being non-zero). A step with a single task never fixes
 them (every parameter it reaches would look shared). Parameters that start requiring grad later (unfrozen
 mid-run) trigger a new discovery, whose result is added; frozen parameters are left out of every step.
 
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from gradconflict.checkpoint import segment_leaves
-from gradconflict.graph import depends_on, leaves_of
+from gradconflict.graph import depends_on, leaves_of, walk_graph
 
 __all__ = ["ROOT_LAYER", "SharedParameters", "gram_dtype", "layer_names"]
 
@@ -95,7 +96,10 @@ class SharedParameters:
         return [p for p in self._found.values() if p.requires_grad]
 
     def _discover(self, names: Sequence[str], losses: Sequence[Tensor], trainable: set[int]) -> None:
-        reached = [{id(t) for t in leaves_of(loss, self.expand)} for loss in losses]
+        if walk_graph(list(losses)).opaque:
+            reached = self._reached_numerically(losses)
+        else:
+            reached = [{id(t) for t in leaves_of(loss, self.expand)} for loss in losses]
         found = [
             p for p in self.model.parameters() if p.requires_grad and sum(id(p) in r for r in reached) >= 2
         ]
@@ -106,6 +110,16 @@ class SharedParameters:
             )
         self._found.update((id(p), p) for p in found)
         self._known = trainable
+
+    def _reached_numerically(self, losses: Sequence[Tensor]) -> list[set[int]]:
+        """Which parameters each loss moves, by its gradient: a compiled region's backward lists every parameter
+        it holds as an input, whichever task uses it, so its graph cannot tell."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        reached = []
+        for loss in losses:
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            reached.append({id(p) for p, g in zip(params, grads) if g is not None and bool(g.any())})
+        return reached
 
     def check_dependence(self, names: Sequence[str], losses: Sequence[Tensor], shared: list[nn.Parameter]) -> None:
         """Raise ``ValueError`` naming a task whose loss depends on no shared parameter."""

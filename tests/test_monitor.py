@@ -342,3 +342,11 @@ def test_streaming_sink_writes_each_step_as_it_happens(tmp_path):
         f.write(lines[-1][:25])  # a crash while writing: the last line is cut short
     assert len(History.from_jsonl(path)) == 3
     monitor.close()
+
+
+def test_arming_and_closing_leave_no_trace_in_torch_registries():
+    model, x = FAMILIES["mlp"](2)
+    with ConflictMonitor(model, every=2) as monitor:
+        for _ in range(6):
+            monitor.backward(losses_of(model(x)))
+    assert not nn_module._has_any_global_hook()

@@ -397,3 +397,22 @@ def test_grad_scaler_reports_unscaled_gradients_and_skipped_overflow_steps():
     assert scaler.get_scale() == twin_scaler.get_scale() < 2.0**10  # the scaler saw the overflow and backed off
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------- torch.compile
+def test_compiled_model_is_measured_with_one_backward_per_task():
+    model, x = FAMILIES["mlp"](3)
+    twin, ref = copy.deepcopy(model), copy.deepcopy(model)
+    compiled, compiled_twin = torch.compile(model), torch.compile(twin)
+    with ConflictMonitor(compiled) as monitor:  # the compiled wrapper, or the model itself: the same
+        with pytest.warns(PerformanceWarning, match="torch.compile"):
+            report = monitor.backward(losses_of(compiled(x)))
+        again = monitor.backward(losses_of(compiled(x)))
+        assert monitor.shared_parameters == [n for n, _ in model.named_parameters() if n.startswith("backbone")]
+    for _ in range(2):
+        sum(losses_of(compiled_twin(x)).values()).backward()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    assert report.strategy == again.strategy == "loop"
+    assert sorted(report.layers) == ["backbone.0", "backbone.2", "backbone.4"]
+    assert rel_err(report.gram, reference(ref, losses_of(ref(x))).gram) <= 1e-9

@@ -144,10 +144,11 @@ class TappedEngine:
         self.capture = Capture(model)
         self._warned: set[str] = set()
         self._loop_reason: str | None = None
+        self._opaque = False  # the model runs compiled: taps would never fire inside it
 
     def arm(self, on: bool) -> None:
         """Tap the coming forwards, or not."""
-        self.capture.arm(on)
+        self.capture.arm(on and not self._opaque)
 
     def restrict(self, shared: set[int]) -> None:
         """Tap only the modules holding a shared parameter."""
@@ -173,6 +174,8 @@ class TappedEngine:
         reason = self._loop_reason
         if graph.opaque:
             reason = f"the graph holds {', '.join(sorted(graph.opaque))} (a torch.compile'd region)"
+            self._opaque = True
+            self.capture.arm(False)
         if reason is None:
             try:
                 return self._batched(stacked, graph, plan, cover), "batched"
