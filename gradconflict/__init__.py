@@ -7,7 +7,7 @@ whether to split it, and carry out the split.
 from __future__ import annotations
 
 from gradconflict.diagnosis import Advice, Signal, Thresholds, advise, advise_from_jsonl
-from gradconflict.engine import PerformanceWarning
+from gradconflict.engine import PerformanceWarning, is_measuring
 from gradconflict.history import History
 from gradconflict.monitor import ConflictMonitor, MeasurementWarning
 from gradconflict.report import ConflictReport, LayerReport
@@ -51,4 +51,5 @@ __all__ = [
     "__version__",
     "advise",
     "advise_from_jsonl",
+    "is_measuring",
 ]

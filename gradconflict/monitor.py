@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from gradconflict.checkpoint import BufferGuard
 from gradconflict.engine import ENGINES, Engine, Measurement, Plan, make_engine
-from gradconflict.engine.base import Accumulator
+from gradconflict.engine.base import Accumulator, measuring
 from gradconflict.history import History, Sink
 from gradconflict.report import ConflictReport, LayerReport
 from gradconflict.shared import SharedParameters, gram_dtype, layer_names
@@ -316,7 +316,7 @@ class ConflictMonitor:
     def _engine_call(self, run: Any) -> Any:
         """Run an engine call; an error inside gradconflict becomes a warning and a skipped step, never a crash."""
         try:
-            with self._buffers:
+            with self._buffers, measuring():
                 result = run()
         except (ValueError, TypeError):
             raise

@@ -416,3 +416,20 @@ def test_compiled_model_is_measured_with_one_backward_per_task():
     assert report.strategy == again.strategy == "loop"
     assert sorted(report.layers) == ["backbone.0", "backbone.2", "backbone.4"]
     assert rel_err(report.gram, reference(ref, losses_of(ref(x))).gram) <= 1e-9
+
+
+def test_activation_hooks_can_tell_the_measurement_from_the_training_backward():
+    from gradconflict import is_measuring
+
+    model, x = FAMILIES["mlp"](2)
+    seen = []
+
+    def record(grad):
+        if not is_measuring():
+            seen.append(grad.clone())
+
+    with ConflictMonitor(model) as monitor:
+        h = model.backbone(x)
+        h.register_hook(record)
+        monitor.backward(losses_of({t: head(h) for t, head in model.heads.items()}))
+    assert len(seen) == 1 and seen[0].shape == h.shape  # the training backward's gradient only

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from gradconflict.engine.base import Engine, LayerResult, Measurement, PerformanceWarning, Plan
+from gradconflict.engine.base import Engine, LayerResult, Measurement, PerformanceWarning, Plan, is_measuring
 from gradconflict.engine.loop import ReferenceEngine
 from gradconflict.engine.representation import RepresentationEngine
 from gradconflict.engine.tapped import TappedEngine
@@ -26,6 +26,7 @@ __all__ = [
     "ReferenceEngine",
     "RepresentationEngine",
     "TappedEngine",
+    "is_measuring",
     "make_engine",
 ]
 

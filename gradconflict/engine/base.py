@@ -3,8 +3,10 @@ per-layer Grams and materialised per-task gradients."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -13,7 +15,46 @@ from torch import Tensor, nn
 
 from gradconflict.rules.base import gram_of
 
-__all__ = ["Accumulator", "Engine", "LayerResult", "Measurement", "PerformanceWarning", "Plan", "warn_once"]
+__all__ = [
+    "Accumulator",
+    "Engine",
+    "LayerResult",
+    "Measurement",
+    "PerformanceWarning",
+    "Plan",
+    "is_measuring",
+    "measuring",
+    "warn_once",
+]
+
+_state = threading.local()
+
+
+def is_measuring() -> bool:
+    """Whether gradconflict is running its measuring backward in this thread right now.
+
+    The measurement is a backward pass of its own (batched over the tasks, or one per task), so backward hooks
+    on modules and activations run during it too, and see the tasks' gradients (batched inside ``vmap``). A
+    hook that must only act on the training backward can return early when this is true:
+
+    >>> def log_grad(grad):
+    ...     if is_measuring():
+    ...         return None
+    ...     print("training gradient", grad.shape)
+    >>> is_measuring()
+    False
+    """
+    return getattr(_state, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def measuring() -> Iterator[None]:
+    """Mark the block as gradconflict's measurement (see :func:`is_measuring`)."""
+    _state.depth = getattr(_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1
 
 
 class PerformanceWarning(UserWarning):
@@ -146,5 +187,6 @@ class Accumulator:
         T = self.num_tasks
         gram = torch.zeros(T, T, dtype=self.plan.gram_dtype, device=self.device)
         for entry in self.layers.values():
+            entry.gram = (entry.gram + entry.gram.T) / 2  # exactly symmetric (the ghost product is, up to rounding)
             gram += entry.gram
         return Measurement(gram, self.layers, strategy)

@@ -1,0 +1,103 @@
+"""History: compact host records, bounded length, moving averages folded in on append over every step, tasks by
+name, non-finite steps kept out of the averages, sinks that fail never stop training, JSONL round trips."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradconflict import ConflictReport, History, LayerReport
+
+
+def report(step: int, cos: float, tasks=("a", "b"), layers: int = 0, scale: float = 1.0) -> ConflictReport:
+    G = torch.tensor([[1.0, cos], [cos, 1.0]]) * scale
+    ls = {f"l{k}": LayerReport(f"l{k}", tasks, G / max(layers, 1), num_params=3) for k in range(layers)}
+    return ConflictReport(tasks, G, losses=torch.tensor([0.5, 2.0]), layers=ls, step=step)
+
+
+def test_records_live_on_the_host_in_one_packed_tensor():
+    history = History()
+    history.append(report(0, -0.5, layers=3))
+    record = history._records[0]
+    T, L = 2, 3
+    assert record.packed.device.type == "cpu" and record.packed.numel() == 2 * T + (L + 1) * T * T
+    again = history[0]
+    assert again.tasks == ("a", "b") and set(again.layers) == {"l0", "l1", "l2"}
+    torch.testing.assert_close(again.gram, report(0, -0.5).gram)
+    torch.testing.assert_close(again.losses, torch.tensor([0.5, 2.0]))
+
+
+def test_bounded_history_keeps_the_last_steps_and_averages_over_all():
+    history = History(ema_decay=0.5, max_history=3)
+    cosines = [0.9, -0.1, 0.3, -0.7, 0.5]
+    for s, c in enumerate(cosines):
+        history.append(report(s, c))
+    assert [r.step for r in history] == [2, 3, 4] and history.steps_seen == 5
+    ema = cosines[0]
+    for c in cosines[1:]:
+        ema = 0.5 * ema + 0.5 * c
+    assert history.ema["cosine/a/b"] == pytest.approx(ema)
+    assert history.ema["worst_cosine"] == pytest.approx(ema)
+
+
+def test_pairs_are_keyed_by_name_whatever_the_order_and_subset():
+    history = History(ema_decay=0.0)  # the EMA is the last value
+    history.append(report(0, 0.25, tasks=("b", "a")))
+    history.append(ConflictReport(("c",), torch.ones(1, 1), step=1))  # one task: no pair, no conflict fraction
+    assert history.ema["cosine/a/b"] == pytest.approx(0.25)
+    assert history.ema["conflict_fraction"] == 0.0
+    assert history.tasks == ["b", "a", "c"]
+
+
+def test_a_non_finite_gram_is_recorded_as_skipped_and_stays_out_of_the_averages():
+    history = History(ema_decay=0.5)
+    history.append(report(0, 0.5))
+    history.append(ConflictReport(("a", "b"), torch.tensor([[math.inf, 0.0], [0.0, 1.0]]), step=1))
+    assert history[1].skipped and "non-finite" in history[1].skip_reason
+    assert history.ema["cosine/a/b"] == pytest.approx(0.5)
+
+
+class Broken:
+    def write(self, report):
+        raise OSError("disk full")
+
+    def close(self):
+        pass
+
+
+def test_a_failing_sink_warns_once_and_is_dropped():
+    history = History(sinks=[Broken()])
+    with pytest.warns(RuntimeWarning, match="disk full"):
+        history.append(report(0, 0.1))
+    history.append(report(1, 0.1))  # no second warning, the run goes on
+    assert len(history) == 2 and history.sinks == []
+
+
+def test_jsonl_round_trip_and_a_corrupt_line_is_named(tmp_path):
+    history = History()
+    for s in range(3):
+        history.append(report(s, -0.2 * s, layers=2))
+    path = history.to_jsonl(tmp_path / "run.jsonl")
+    loaded = History.from_jsonl(path)
+    assert len(loaded) == 3 and [r.step for r in loaded] == [0, 1, 2]
+    for a, b in zip(loaded, history):
+        torch.testing.assert_close(a.layers["l1"].gram, b.layers["l1"].gram.double())
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "{not json", lines[2]]) + "\n")
+    with pytest.raises(ValueError, match=r"run.jsonl:2 is not a gradconflict history line"):
+        History.from_jsonl(path)
+
+
+def test_state_dict_round_trip():
+    history = History(ema_decay=0.7, max_history=10)
+    for s in range(4):
+        history.append(report(s, 0.3 - 0.2 * s, layers=1))
+    state = history.state_dict()
+    again = History()
+    again.load_state_dict(state)
+    assert again.ema == history.ema and again.max_history == 10 and again.steps_seen == 4
+    assert [r.to_dict() for r in again] == [r.to_dict() for r in history]
+    with pytest.raises(ValueError, match="schema"):
+        again.load_state_dict({"schema": 99})
