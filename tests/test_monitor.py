@@ -350,3 +350,56 @@ def test_arming_and_closing_leave_no_trace_in_torch_registries():
         for _ in range(6):
             monitor.backward(losses_of(model(x)))
     assert not nn_module._has_any_global_hook()
+
+
+def test_an_error_inside_the_measurement_never_stops_training(monkeypatch):
+    from gradconflict import MeasurementWarning
+
+    model, x = FAMILIES["mlp"](2)
+    twin = copy.deepcopy(model)
+    with ConflictMonitor(model) as monitor:
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("a bug in a layer rule")
+
+        monkeypatch.setattr(monitor.engine, "measure", broken)
+        with pytest.warns(MeasurementWarning, match="a bug in a layer rule"):
+            report = monitor.backward(losses_of(model(x)))
+    assert report.skipped and "measurement failed" in report.skip_reason
+    sum(losses_of(twin(x)).values()).backward()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad)  # trained as usual
+
+
+def test_a_frozen_backbone_is_stated_not_an_error():
+    model, x = FAMILIES["mlp"](2)
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    with ConflictMonitor(model, shared=model.backbone) as monitor:
+        report = monitor.backward(losses_of(model(x)))
+    assert report.skipped and "no shared parameter requires grad" in report.skip_reason
+    assert all(p.grad is not None for p in model.heads.parameters())
+
+
+def test_a_state_for_another_model_is_refused():
+    model, x = FAMILIES["mlp"](2)
+    with ConflictMonitor(model) as monitor:
+        monitor.backward(losses_of(model(x)))
+        state = monitor.state_dict()
+    other, _ = FAMILIES["deep_heads"](2)
+    with ConflictMonitor(other) as monitor:
+        with pytest.raises(ValueError, match="are not parameters of this model"):
+            monitor.load_state_dict(state)
+        with pytest.raises(ValueError, match="not a ConflictMonitor state"):
+            monitor.load_state_dict({"schema": 0})
+
+
+def test_representation_engine_needs_an_output_and_no_micro_batches():
+    model, x = FAMILIES["mlp"](2)
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        ConflictMonitor(model, shared=model.backbone, engine="representation", accumulation_steps=2)
+    with ConflictMonitor(model, shared=model.backbone, engine="representation") as monitor:
+        w = model.backbone[0].weight
+        losses = {t: head(torch.ones(1, 12)).sum() + 0 * w.sum() for t, head in model.heads.items()}
+        with pytest.raises(ValueError, match="found no output of the shared module"):
+            monitor.backward(losses)

@@ -41,3 +41,44 @@ def test_cuda_matches_the_float64_oracle(family):
         ref = reference(model, losses)
     assert report.gram.device.type == "cuda"
     assert float((report.gram - ref.gram).abs().max() / ref.gram.abs().max()) <= 1e-9
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_history_collects_without_waiting_and_matches_the_report():
+    model, x = FAMILIES["mlp"](3)
+    model, x = model.cuda(), x.cuda()
+    with ConflictMonitor(model, on_nonfinite="propagate") as monitor:
+        reports = [monitor.backward(losses_of(model(x))) for _ in range(3)]
+        kept = monitor.history[-1]
+    assert kept.gram.device.type == "cpu"
+    torch.testing.assert_close(kept.gram, reports[-1].gram.cpu())
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_fp16_grad_scaler_writes_the_plain_loops_grad():
+    model, x = FAMILIES["mlp"](3)
+    model, x = model.cuda(), x.cuda()
+    twin = copy.deepcopy(model)
+    scaler, twin_scaler = torch.amp.GradScaler("cuda"), torch.amp.GradScaler("cuda")
+    with ConflictMonitor(model, scaler=scaler) as monitor:
+        with torch.autocast("cuda", dtype=torch.float16):
+            losses = losses_of(model(x))
+        report = monitor.backward({t: loss.float() for t, loss in losses.items()})
+    with torch.autocast("cuda", dtype=torch.float16):
+        losses = losses_of(twin(x))
+    twin_scaler.scale(sum(loss.float() for loss in losses.values())).backward()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    assert report.gram.dtype == torch.float32 and not report.skipped
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_weight_tensors_are_checked_at_measured_steps():
+    model, x = FAMILIES["mlp"](2)
+    model, x = model.cuda(), x.cuda()
+    with ConflictMonitor(model) as monitor, pytest.raises(ValueError, match="negative or not finite"):
+        monitor.backward(losses_of(model(x)), weights={"t0": torch.tensor(-1.0, device="cuda")})
+    assert all(p.grad is None for p in model.parameters())
