@@ -433,3 +433,32 @@ def test_activation_hooks_can_tell_the_measurement_from_the_training_backward():
         h.register_hook(record)
         monitor.backward(losses_of({t: head(h) for t, head in model.heads.items()}))
     assert len(seen) == 1 and seen[0].shape == h.shape  # the training backward's gradient only
+
+
+def test_fp16_autocast_with_grad_scaler_trains_like_the_plain_loop():
+    torch.set_default_dtype(torch.float32)
+    model, x = FAMILIES["mlp"](3)
+    twin, ref = copy.deepcopy(model), copy.deepcopy(model)
+    scaler, twin_scaler = torch.amp.GradScaler("cpu"), torch.amp.GradScaler("cpu")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=1e-3)
+    reports = []
+    with ConflictMonitor(model, scaler=scaler) as monitor:
+        for _ in range(20):  # the default scale overflows fp16 at first: the scaler backs off step by step
+            ref.load_state_dict(model.state_dict())  # the oracle's copy of this step's weights
+            with torch.autocast("cpu", dtype=torch.float16):
+                losses = losses_of(model(x))
+            reports.append(monitor.backward({t: loss.float() for t, loss in losses.items()}))
+            scaler.step(optimizer), scaler.update(), optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                losses = losses_of(twin(x))
+            twin_scaler.scale(sum(loss.float() for loss in losses.values())).backward()
+            twin_scaler.step(twin_optimizer), twin_scaler.update(), twin_optimizer.zero_grad()
+    assert scaler.get_scale() == twin_scaler.get_scale()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    assert reports[0].skipped and "GradScaler" in reports[0].skip_reason
+    last = reports[-1]
+    assert not last.skipped and last.gram.dtype == torch.float32
+    expected = reference(ref, losses_of(ref(x))).gram  # fp32, no autocast, no scaling
+    assert rel_err(last.gram, expected) < 5e-2  # unscaled; fp16 forward: about 3 digits
