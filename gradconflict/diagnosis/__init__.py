@@ -1,6 +1,7 @@
 """Diagnosis: turn a run's per-step conflict reports into the answer to "should we split the shared backbone,
 where, and into which task groups?", with the evidence shown.
 
+- :mod:`~gradconflict.diagnosis.aligned`: the measured steps on one task order (sorted names), as numpy arrays.
 - :mod:`~gradconflict.diagnosis.trends`: series, EMA, sliding windows, trend test over training steps.
 - :mod:`~gradconflict.diagnosis.signals`: the four warning signals of DESIGN.md section 1.
 - :mod:`~gradconflict.diagnosis.profile`: the layer conflict profile and the branch point.
@@ -9,6 +10,10 @@ where, and into which task groups?", with the evidence shown.
 - :mod:`~gradconflict.diagnosis.advice`: :func:`advise` and :class:`Advice`.
 - :mod:`~gradconflict.diagnosis.thresholds`: every threshold, with its source.
 
+Tasks are tracked by name: every part works on the sorted union of the task names over the measured steps, so
+the order of the losses dict never matters, and steps may carry a subset of the tasks (partial labels) or a
+single one (round-robin training); pair statistics are taken over the steps that carried both tasks.
+
 >>> from gradconflict.diagnosis import Advice, Signal, Thresholds, advise
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 from gradconflict.diagnosis.advice import Advice, advise, advise_from_jsonl, next_step_code
 from gradconflict.diagnosis.affinity import lookahead_transference, mean_transference, normalized
+from gradconflict.diagnosis.aligned import Aligned, align
 from gradconflict.diagnosis.evaluations import EvalTable
 from gradconflict.diagnosis.groups import Grouping, group_tasks
 from gradconflict.diagnosis.heads import HeadStats, head_stats, linear_cka
@@ -32,6 +38,7 @@ from gradconflict.diagnosis.trends import QuantitySummary, Trend, ema, series, s
 
 __all__ = [
     "Advice",
+    "Aligned",
     "EvalTable",
     "Grouping",
     "HeadStats",
@@ -43,6 +50,7 @@ __all__ = [
     "Trend",
     "advise",
     "advise_from_jsonl",
+    "align",
     "diverging_objectives",
     "ema",
     "group_tasks",
