@@ -4,6 +4,12 @@ Everything is indexed by the training step of each report, not by its position i
 with ``every=k`` and skipped steps only make the series sparser: an EMA decays per training step, a window
 spans a number of training steps, and the trend is a slope per training step.
 
+Tasks are tracked by name (the sorted union of the task names, see :mod:`~gradconflict.diagnosis.aligned`), and a
+quantity's series only holds the steps where it is defined: pair quantities (conflict fraction, cancellation,
+worst cosine, alignment) need a step that carried two tasks or more, and ``alignment/<task>`` a step that
+carried that task. Steps with fewer tasks (partial labels, round-robin training) thin the series instead of
+adding values nobody measured.
+
 >>> import torch
 >>> from gradconflict import ConflictReport
 >>> reports = [ConflictReport(("a", "b"), torch.tensor([[1.0, c], [c, 1.0]]), step=4 * s)
@@ -14,39 +20,35 @@ spans a number of training steps, and the trend is a slope per training step.
 >>> t = trend(steps, -values)           # is conflict (minus the worst cosine) rising?
 >>> round(t.slope, 3), t.rising(0.05)
 (0.075, True)
+>>> one = ConflictReport(("a",), torch.ones(1, 1), step=20)     # a step with one task: no pair, no value
+>>> series([*reports, one], "worst_cosine")[0].tolist()
+[0, 4, 8, 12, 16]
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
 
-from gradconflict import metrics
-from gradconflict.history import History, worst_cosine
-from gradconflict.report import ConflictReport
+from gradconflict.diagnosis.aligned import Aligned, Reports, Run, align, measured_reports
 
 __all__ = [
     "QuantitySummary",
+    "Reports",
+    "Run",
     "Trend",
     "ema",
     "measured_reports",
     "quantities",
     "series",
     "summarize",
+    "theil_sen",
     "trend",
     "window_means",
 ]
-
-Reports = History | Iterable[ConflictReport]
-
-
-def measured_reports(history: Reports) -> list[ConflictReport]:
-    """The measured (not skipped) reports of a history or of any iterable of reports, in step order."""
-    reports = history.reports if isinstance(history, History) else list(history)
-    return sorted((r for r in reports if not r.skipped), key=lambda r: r.step)
 
 
 def quantities(tasks: Sequence[str]) -> list[str]:
@@ -58,26 +60,30 @@ def quantities(tasks: Sequence[str]) -> list[str]:
     return ["conflict_fraction", "cancellation", "worst_cosine", *(f"alignment/{t}" for t in tasks)]
 
 
-def _value(report: ConflictReport, quantity: str, threshold: float) -> float:
+def _values(aligned: Aligned, quantity: str, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(defined, values)``: where the quantity is defined, and its value on every step (NaN elsewhere)."""
     if quantity == "conflict_fraction":
-        return float(metrics.conflict_fraction(report.gram, threshold))
+        return aligned.multi, aligned.conflict_fraction(threshold)
     if quantity == "cancellation":
-        return float(report.cancellation)
+        return aligned.multi, aligned.cancellation
     if quantity == "worst_cosine":
-        return float(worst_cosine(report))
-    if quantity.startswith("alignment/") and quantity[len("alignment/") :] in report.tasks:
-        return float(report.alignment[report.tasks.index(quantity[len("alignment/") :])])
-    raise ValueError(f"unknown quantity {quantity!r}; known: {quantities(report.tasks)}")
+        return aligned.multi, aligned.worst_cosine
+    task = quantity[len("alignment/") :]
+    if quantity.startswith("alignment/") and task in aligned.tasks:
+        k = aligned.index(task)
+        return aligned.multi & aligned.present[:, k], aligned.alignment[:, k]
+    raise ValueError(f"unknown quantity {quantity!r}; known: {quantities(aligned.tasks)}")
 
 
-def series(history: Reports, quantity: str, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """``(steps, values)`` of one quantity over the measured steps (see :func:`quantities` for the names).
+def series(history: Run, quantity: str, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, values)`` of one quantity over the measured steps where it is defined (see :func:`quantities`
+    for the names and the module docstring for where each is defined).
 
     ``threshold`` is the conflict cosine ``S`` used by ``"conflict_fraction"``.
     """
-    reports = measured_reports(history)
-    steps = np.array([r.step for r in reports], dtype=np.int64)
-    return steps, np.array([_value(r, quantity, threshold) for r in reports], dtype=np.float64)
+    aligned = align(history)
+    defined, values = _values(aligned, quantity, threshold)
+    return aligned.steps[defined], values[defined].astype(np.float64)
 
 
 def ema(steps: np.ndarray, values: np.ndarray, decay: float = 0.9) -> np.ndarray:
@@ -139,8 +145,58 @@ class Trend:
         return self.tau < 0 and self.p_value < alpha
 
 
+def theil_sen(x: np.ndarray, y: np.ndarray, alpha: float = 0.95) -> tuple[float, float, float]:
+    """``(slope, low, high)``: the Theil-Sen slope (median of the pairwise slopes) and its ``alpha`` confidence
+    interval (Sen, 1968), exactly as ``scipy.stats.theilslopes(y, x, alpha)``.
+
+    The same order statistics, selected with ``np.partition`` instead of a full sort of the ``n (n - 1) / 2``
+    slopes, and the slopes computed one offset ``k`` at a time (``x`` sorted: every pair ``(i, i + k)``) straight
+    into one array, without ``n x n`` temporaries.
+
+    >>> theil_sen(np.arange(6.0), np.array([0.0, 2.0, 4.0, 6.0, 8.0, 100.0]))[0]
+    2.0
+    """
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    n = len(x)
+    order = np.argsort(x, kind="stable")
+    xs, ys = x[order], y[order]
+    slopes = np.empty(n * (n - 1) // 2)
+    start = 0
+    with np.errstate(divide="ignore", invalid="ignore"):  # tied x: dropped below
+        for k in range(1, n):
+            np.divide(np.subtract(ys[k:], ys[:-k]), np.subtract(xs[k:], xs[:-k]), out=slopes[start : start + n - k])
+            start += n - k
+    if n > 1 and bool((xs[1:] == xs[:-1]).any()):  # tied x: only the pairs with x_i < x_j count
+        gaps = np.concatenate([xs[k:] - xs[:-k] for k in range(1, n)])
+        slopes = slopes[gaps > 0]
+    nt = len(slopes)
+    if not nt:
+        return float("nan"), float("nan"), float("nan")
+    alpha = 1.0 - alpha if alpha > 0.5 else alpha
+    z = float(stats.norm.ppf(alpha / 2.0))
+
+    def ties(a: np.ndarray) -> float:
+        counts = np.unique(a, return_counts=True)[1].astype(np.float64)
+        counts = counts[counts > 1]
+        return float((counts * (counts - 1) * (2 * counts + 5)).sum())
+
+    sigsq = (n * (n - 1) * (2 * n + 5) - ties(x) - ties(y)) / 18.0
+    mid = [nt // 2] if nt % 2 else [nt // 2 - 1, nt // 2]
+    bounds: list[int] = []
+    if sigsq >= 0 and np.isfinite(sigsq):
+        sigma = float(np.sqrt(sigsq))
+        bounds = [max(int(np.round((nt + z * sigma) / 2.0)) - 1, 0), min(int(np.round((nt - z * sigma) / 2.0)), nt - 1)]
+    if bounds and not all(0 <= b < nt for b in bounds):
+        bounds = []
+    slopes.partition(sorted(set(mid + bounds)))  # in place: the slopes are ours
+    slope = float(slopes[mid].mean())
+    low, high = (float(slopes[bounds[0]]), float(slopes[bounds[1]])) if bounds else (float("nan"), float("nan"))
+    return slope, low, high
+
+
 def trend(steps: np.ndarray, values: np.ndarray) -> Trend:
-    """Theil-Sen slope (``scipy.stats.theilslopes``) and Mann-Kendall test (``scipy.stats.kendalltau``).
+    """Theil-Sen slope (:func:`theil_sen`, as ``scipy.stats.theilslopes``) and Mann-Kendall test
+    (``scipy.stats.kendalltau``).
 
     Fewer than three points, or a series constant up to floating-point rounding (``np.allclose``), give a flat
     trend with ``p_value = 1``.
@@ -151,7 +207,7 @@ def trend(steps: np.ndarray, values: np.ndarray) -> Trend:
     n = len(values)
     if n < 3 or np.allclose(values, values[0]):
         return Trend(0.0, 0.0, 0.0, 0.0, 1.0, n)
-    slope, _, low, high = stats.theilslopes(values, steps)
+    slope, low, high = theil_sen(steps, values)
     tau, p = stats.kendalltau(steps, values)
     return Trend(float(slope), float(low), float(high), float(tau), float(p), n)
 
@@ -162,7 +218,7 @@ class QuantitySummary:
 
     Attributes:
         name: the quantity (see :func:`quantities`).
-        mean: mean over the measured steps.
+        mean: mean over the measured steps where the quantity is defined.
         ema: the last value of the per-step EMA.
         first_window: mean over the first window of ``width`` steps.
         last_window: mean over the last window of ``width`` steps.
@@ -178,17 +234,22 @@ class QuantitySummary:
 
 
 def summarize(
-    history: Reports, *, decay: float = 0.9, width: int | None = None, threshold: float = 0.0
+    history: Run, *, decay: float = 0.9, width: int | None = None, threshold: float = 0.0
 ) -> dict[str, QuantitySummary]:
-    """A :class:`QuantitySummary` of each quantity of :func:`quantities` (empty for a history with no measured
-    step). ``width`` defaults to a quarter of the measured span of steps (at least one step)."""
-    reports = measured_reports(history)
-    if not reports:
+    """A :class:`QuantitySummary` of each quantity of :func:`quantities` (tasks in sorted order), each over the
+    steps where it is defined; a quantity defined on no step is left out (so the result is empty for a history
+    with no measured step, and holds no pair quantity for a run whose steps each carried a single task).
+    ``width`` defaults to a quarter of the measured span of steps (at least one step); each quantity's windows
+    start at its own first and end at its own last step."""
+    aligned = align(history)
+    if not aligned.num_steps:
         return {}
+    w = width if width is not None else max(1, int(aligned.steps[-1] - aligned.steps[0] + 1) // 4)
     out = {}
-    for name in quantities(reports[0].tasks):
-        steps, values = series(reports, name, threshold)
-        w = width if width is not None else max(1, int(steps[-1] - steps[0] + 1) // 4)
+    for name in quantities(aligned.tasks):
+        steps, values = series(aligned, name, threshold)
+        if not len(values):
+            continue
         first = values[steps < steps[0] + w]
         out[name] = QuantitySummary(
             name=name,

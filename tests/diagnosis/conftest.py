@@ -24,6 +24,20 @@ def report(G, step=0, tasks=None, layers=None, losses=None):
     return ConflictReport(tasks, G, losses=L, layers=layer_reports, step=step)
 
 
+def cut(names, G, step=0, tasks="abcd", layers=None, losses=None):
+    """A report carrying only ``names``, in that order (as a losses dict would list them), cut from Grams built
+    for every task in ``tasks`` order: ``G`` and each layer's ``(G, num_params)``; ``losses`` per task of ``tasks``."""
+    names = tuple(names)
+    index = torch.tensor([list(tasks).index(n) for n in names])
+
+    def sub(M):
+        return M[index][:, index]
+
+    layer_reports = {name: LayerReport(name, names, sub(g), num_params=n) for name, (g, n) in (layers or {}).items()}
+    L = None if losses is None else torch.tensor(losses, dtype=torch.float64)[index]
+    return ConflictReport(names, sub(G), losses=L, layers=layer_reports, step=step)
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     # These tests run thousands of tiny ops: on a busy 2-core machine intra-op threads only add contention
@@ -47,3 +61,8 @@ def make_pair():
 @pytest.fixture
 def make_gram():
     return gram
+
+
+@pytest.fixture
+def make_cut():
+    return cut

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -83,3 +85,40 @@ def test_summarize(make_report, make_pair):
 def test_trend_ignores_rounding_noise_on_a_constant_series():
     values = np.ones(50) + np.where(np.arange(50) > 25, 2e-16, 0.0)
     assert trend(np.arange(50), values).p_value == 1.0
+
+
+def test_series_hold_only_the_steps_where_a_quantity_is_defined(make_cut, make_gram):
+    # Steps 0-5: b and a (cosine -0.5); step 6: a alone; steps 7-9: c and a (cosine +0.5).
+    run = []
+    for s in range(10):
+        G = make_gram([[1.0, -0.5, 0.5], [-0.5, 1.0, 0.0], [0.5, 0.0, 1.0]])
+        names = "ba" if s < 6 else "a" if s == 6 else "ca"
+        run.append(make_cut(names, G, step=s, tasks="abc"))
+    steps, values = series(run, "conflict_fraction")
+    assert steps.tolist() == [0, 1, 2, 3, 4, 5, 7, 8, 9] and values.tolist() == [1.0] * 6 + [0.0] * 3
+    steps, values = series(run, "worst_cosine")
+    assert values == pytest.approx([-0.5] * 6 + [0.5] * 3)
+    assert series(run, "alignment/b")[0].tolist() == [0, 1, 2, 3, 4, 5]
+    assert series(run, "alignment/c")[0].tolist() == [7, 8, 9]
+    # Unit norms at cosine c: |g_1 + g_2| = sqrt(2 + 2c), cancellation 1 - sqrt(2 + 2c) / 2.
+    assert series(run, "cancellation")[1] == pytest.approx([1 - 0.5] * 6 + [1 - math.sqrt(3) / 2] * 3)
+    out = summarize(run, width=4)
+    assert list(out) == quantities("abc")
+    assert out["conflict_fraction"].mean == pytest.approx(6 / 9) and out["alignment/c"].trend.n == 3
+    lonely = [make_cut("a" if s % 2 else "b", make_gram([[1.0, 0.0], [0.0, 1.0]]), step=s, tasks="ab")
+              for s in range(4)]
+    assert summarize(lonely) == {} and len(series(lonely, "conflict_fraction")[0]) == 0
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_theil_sen_equals_scipy(ties):
+    from scipy import stats
+
+    from gradconflict.diagnosis.trends import theil_sen
+
+    rng = np.random.default_rng(3)
+    x = np.sort(rng.integers(0, 60, 150)).astype(float) if ties else np.arange(150.0) * 3
+    y = rng.integers(0, 4, 150) / 3 if ties else 0.01 * x + rng.normal(0, 1, 150)
+    expected = stats.theilslopes(y, x)
+    assert theil_sen(x, y) == (expected.slope, expected.low_slope, expected.high_slope)
+    assert theil_sen(x[::-1], y[::-1]) == theil_sen(x, y)  # the order of the points does not matter
