@@ -8,6 +8,9 @@ of TAG, taking one SGD step on task ``i`` alone and re-evaluating every task's l
 :func:`normalized` divides each column by the task's own self-affinity ``Z_jj``: ``N_ij = Z_ij / Z_jj`` is how
 much a step on ``i`` lowers ``L_j`` compared with a step on ``j`` itself; ``lr`` and the loss scale cancel.
 
+Rows and columns follow the sorted task names (:mod:`~gradconflict.diagnosis.aligned`), whatever order the
+steps listed them in; each entry is averaged over the steps that carried both tasks (NaN when none did).
+
 >>> import torch
 >>> from gradconflict import ConflictReport
 >>> G = torch.tensor([[1.0, -0.5], [-0.5, 2.0]])
@@ -16,6 +19,9 @@ much a step on ``i`` lowers ``L_j`` compared with a step on ``j`` itself; ``lr``
 [[0.1, -0.0125], [-0.05, 0.05]]
 >>> normalized(mean_transference([r])).round(decimals=4).tolist()
 [[1.0, -0.25], [-0.5, 1.0]]
+>>> only_a = ConflictReport("a", torch.tensor([[3.0]]), losses=torch.tensor([1.0]))   # a step carrying a alone
+>>> mean_transference([r, only_a]).round(decimals=4).tolist()                        # Z_aa over both steps
+[[2.0, -0.125], [-0.5, 0.5]]
 """
 
 from __future__ import annotations
@@ -26,31 +32,31 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gradconflict import metrics
-from gradconflict.diagnosis.trends import Reports, measured_reports
+from gradconflict.diagnosis.aligned import Run, align, masked_mean
 
 __all__ = ["lookahead_transference", "mean_transference", "normalized"]
 
 LossClosure = Callable[[], Mapping[str, Tensor]]
 
 
-def mean_transference(history: Reports, lr: float = 1.0) -> np.ndarray:
-    """Mean over the measured steps of the first-order transference ``lr G_ij / L_j`` (T x T).
+def mean_transference(history: Run, lr: float = 1.0) -> np.ndarray:
+    """Mean of the first-order transference ``lr G_ij / L_j`` (T x T, tasks in sorted order), each entry over
+    the measured steps that carried both tasks (the diagonal: that carried the task); NaN for a pair never
+    measured together.
 
-    A report saved without losses counts with ``L_j = 1`` for every task.
+    A report saved without losses counts with ``L_j = 1`` for every task; a step whose loss is not finite
+    does not count.
     """
-    reports = measured_reports(history)
-    if not reports:
+    aligned = align(history)
+    if not aligned.num_steps:
         raise ValueError("the history has no measured step: no affinity to compute")
-    Z = [
-        metrics.transference(r.gram.double().cpu(), torch.ones(len(r.tasks)) if r.losses is None else r.losses, lr)
-        for r in reports
-    ]
-    return torch.stack(Z).mean(0).numpy()
+    Z = aligned.transference(lr)
+    both = aligned.present[:, :, None] & aligned.present[:, None, :]
+    return masked_mean(Z, both & np.isfinite(Z))
 
 
 def normalized(Z: np.ndarray) -> np.ndarray:
-    """``N_ij = Z_ij / Z_jj``; a column whose self-affinity is not positive is left unscaled."""
+    """``N_ij = Z_ij / Z_jj``; a column whose self-affinity is not positive is left unscaled (NaN stays NaN)."""
     d = np.diagonal(Z).copy()
     return Z / np.where(d > 0, d, 1.0)[None, :]
 

@@ -83,11 +83,13 @@ def group_tasks(
     """Best partition of ``tasks`` into 1..``max_groups`` groups under ``affinity`` (``N_ij``: i onto j).
 
     Among the partitions scoring within ``tolerance`` of the best one, the one with the fewest groups wins
-    (sharing is the default), then the higher score.
+    (sharing is the default), then the higher score. A NaN affinity (a pair never measured together) counts as
+    0: no evidence either way. Groups keep the order of ``tasks`` (pass them sorted, as
+    :func:`~gradconflict.diagnosis.advise` does, for groups that do not depend on the order of the losses dict).
     """
     T = len(tasks)
     k_max = min(max_groups or T, T)
-    A = np.asarray(affinity, dtype=np.float64)
+    A = np.nan_to_num(np.asarray(affinity, dtype=np.float64), nan=0.0)
     if T <= EXHAUSTIVE_MAX:
         labels = np.array(list(set_partitions(T)), dtype=np.int64).reshape(-1, T)
         labels = labels[labels.max(1) + 1 <= k_max]

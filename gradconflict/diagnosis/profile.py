@@ -6,6 +6,11 @@ and mean cosine on that layer. A layer *conflicts* when its worst pair's persist
 ``Thresholds.layer_conflict``. The recommended branch point is the shallowest conflicting layer from which the
 layers up to the top conflict on average: from there on the layers should become task-specific.
 
+Tasks are tracked by name, in sorted order (:mod:`~gradconflict.diagnosis.aligned`): a pair's persistence and
+mean cosine are taken over the steps that carried both tasks on that layer (:attr:`LayerProfile.together`), and
+a pair never measured together has NaN. A layer on which no pair was ever measured (every step carried one
+task) has no worst persistence (NaN) and takes no part in the choice of the branch point.
+
 >>> import torch
 >>> from gradconflict import ConflictReport, LayerReport
 >>> agree, fight = torch.tensor([[1.0, 0.5], [0.5, 1.0]]), torch.tensor([[1.0, -0.5], [-0.5, 1.0]])
@@ -23,26 +28,28 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 
-from gradconflict import metrics
+from gradconflict.diagnosis.aligned import Run, align
 from gradconflict.diagnosis.thresholds import Thresholds
-from gradconflict.diagnosis.trends import Reports, measured_reports
 
 __all__ = ["LayerProfile", "Profile", "branch_point", "layer_profile", "order_layers", "worst_pair"]
 
 
 def worst_pair(persistence: np.ndarray, mean_cosine: np.ndarray) -> tuple[int, int]:
-    """The pair ``(i, j)``, ``i < j``, that conflicts most often; ties go to the lower mean cosine.
+    """The pair ``(i, j)``, ``i < j``, that conflicts most often; ties go to the lower mean cosine, and pairs
+    never measured together (NaN persistence) come last.
 
     >>> worst_pair(np.zeros((3, 3)), np.array([[1, .5, .2], [.5, 1, -.3], [.2, -.3, 1]]))
     (1, 2)
+    >>> worst_pair(np.array([[0, np.nan, .1], [0, 0, np.nan], [0, 0, 0]]), np.zeros((3, 3)))
+    (0, 2)
     """
     i, j = np.triu_indices(persistence.shape[0], 1)
     if not len(i):
         return 0, 0
-    best = np.lexsort((mean_cosine[i, j], -persistence[i, j]))[0]
+    p, c = persistence[i, j], mean_cosine[i, j]
+    best = np.lexsort((np.where(np.isnan(c), np.inf, c), np.where(np.isnan(p), np.inf, -p)))[0]
     return int(i[best]), int(j[best])
 
 
@@ -85,8 +92,11 @@ class LayerProfile:
         num_params: shared parameter entries in the layer.
         steps: measured steps that include this layer.
         score: Recon's S-conflict score: conflicting pairs summed over steps.
-        persistence: T x T (upper triangle) share of steps each pair conflicts.
-        mean_cosine: T x T mean cosine of each pair over the steps.
+        persistence: T x T (upper triangle; 0 below it) share of the steps carrying both tasks on which the pair
+            conflicts; NaN for a pair never measured together.
+        mean_cosine: T x T mean cosine of each pair over the steps carrying both tasks (NaN: never together).
+        together: T x T number of steps that carried both tasks on this layer (the diagonal: that carried the
+            task); ``None`` when unknown.
     """
 
     name: str
@@ -95,11 +105,15 @@ class LayerProfile:
     score: int
     persistence: np.ndarray
     mean_cosine: np.ndarray
+    together: np.ndarray | None = None
 
     @property
     def worst_persistence(self) -> float:
-        """The persistence of the pair that conflicts most often on this layer (0 with one task)."""
-        return float(self.persistence.max()) if self.persistence.size else 0.0
+        """The persistence of the pair that conflicts most often on this layer, over the pairs measured
+        together; NaN when no pair was (one task, or every step carried a single task)."""
+        upper = self.persistence[np.triu_indices(self.persistence.shape[0], 1)]
+        measured = upper[~np.isnan(upper)]
+        return float(measured.max()) if measured.size else float("nan")
 
 
 @dataclass(frozen=True)
@@ -107,7 +121,7 @@ class Profile:
     """Layer profiles from bottom to top, and the recommended branch point.
 
     Attributes:
-        tasks: task names.
+        tasks: task names, sorted (the order of every T x T array of the layers).
         layers: one :class:`LayerProfile` per layer, bottom to top.
         branch_point: the layer from which the backbone should become task-specific, or ``None``.
         duplicated_share: share of the profiled parameters at and above the branch point (0 without one).
@@ -121,59 +135,68 @@ class Profile:
     threshold: float
 
     def table(self) -> str:
-        """A plain-text table, bottom layer first: parameters, score, worst persistence and worst pair."""
+        """A plain-text table, bottom layer first: parameters, score, worst persistence and worst pair (``-`` on
+        a layer where no pair was measured together)."""
         lines = [f"{'layer':<28} {'params':>9} {'score':>7} {'worst pair':<16} {'persist':>7} {'mean cos':>8}"]
         for layer in self.layers:
             i, j = worst_pair(layer.persistence, layer.mean_cosine)
-            pair = f"{self.tasks[i]}/{self.tasks[j]}" if len(self.tasks) > 1 else "-"
+            measured = len(self.tasks) > 1 and not np.isnan(layer.persistence[i, j])
+            pair = f"{self.tasks[i]}/{self.tasks[j]}" if measured else "-"
+            persist = f"{layer.worst_persistence:>7.2f}" if measured else f"{'-':>7}"
+            cos = f"{float(layer.mean_cosine[i, j]):>+8.2f}" if measured else f"{'-':>8}"
             mark = "  <- branch" if layer.name == self.branch_point else ""
-            lines.append(
-                f"{layer.name:<28} {layer.num_params:>9} {layer.score:>7} {pair:<16} "
-                f"{layer.worst_persistence:>7.2f} {float(layer.mean_cosine[i, j]):>+8.2f}{mark}"
-            )
+            lines.append(f"{layer.name:<28} {layer.num_params:>9} {layer.score:>7} {pair:<16} {persist} {cos}{mark}")
         return "\n".join(lines)
 
 
 def branch_point(layers: Sequence[LayerProfile], threshold: float) -> str | None:
     """The shallowest layer that conflicts (worst persistence >= ``threshold``) and from which the layers up
-    to the top conflict on average; ``None`` when there is no such layer. ``layers`` go bottom to top."""
-    worst = [layer.worst_persistence for layer in layers]
+    to the top conflict on average; ``None`` when there is no such layer. ``layers`` go bottom to top. Layers
+    on which no pair was measured (NaN worst persistence) are left out of the averages."""
+    worst = np.array([layer.worst_persistence for layer in layers], dtype=np.float64)
+    measured = ~np.isnan(worst)
     for k, layer in enumerate(layers):
-        if worst[k] >= threshold and float(np.mean(worst[k:])) >= threshold:
+        if measured[k] and worst[k] >= threshold and float(worst[k:][measured[k:]].mean()) >= threshold:
             return layer.name
     return None
 
 
 def layer_profile(
-    history: Reports,
+    history: Run,
     *,
     model: nn.Module | None = None,
     layer_order: Sequence[str] | None = None,
     thresholds: Thresholds | None = None,
 ) -> Profile:
-    """The :class:`Profile` of the measured steps of a run (layers ordered by :func:`order_layers`)."""
+    """The :class:`Profile` of the measured steps of a run (layers ordered by :func:`order_layers`; tasks in
+    sorted order, each pair over the steps that carried both tasks)."""
     th = thresholds or Thresholds()
-    reports = measured_reports(history)
-    if not reports:
+    aligned = align(history)
+    if not aligned.num_steps:
         raise ValueError("the history has no measured step: nothing to profile")
-    tasks = reports[0].tasks
+    tasks = aligned.tasks
     T = len(tasks)
-    names = order_layers((n for r in reports for n in r.layers), model=model, layer_order=layer_order)
-    profiles = []
-    for name in names:
-        per_step = [r.layers[name] for r in reports if name in r.layers]
-        conflicts = torch.stack([metrics.conflict_pairs(lr.gram, th.conflict_cosine).cpu() for lr in per_step])
-        cosines = torch.stack([lr.cosine.double().cpu() for lr in per_step])
-        profiles.append(
-            LayerProfile(
-                name=name,
-                num_params=per_step[-1].num_params,
-                steps=len(per_step),
-                score=int(conflicts.sum()),
-                persistence=conflicts.double().mean(0).numpy(),
-                mean_cosine=cosines.mean(0).numpy() if T else np.zeros((0, 0)),
-            )
+    together, conflicts, cosine_sum = aligned.layer_pair_stats(th.conflict_cosine)  # each [L, T, T]
+    upper = np.triu(np.ones((T, T), dtype=bool), 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        persistence = np.where(upper, np.where(together > 0, conflicts / together, np.nan), 0.0)
+        mean_cosine = np.where(together > 0, cosine_sum / together, np.nan)
+    steps = aligned.layer_present.sum(0)
+    index = {n: k for k, n in enumerate(aligned.layers)}
+    names = order_layers(aligned.layers, model=model, layer_order=layer_order)
+    profiles = [
+        LayerProfile(
+            name=name,
+            num_params=int(aligned.layer_params[k]),
+            steps=int(steps[k]),
+            score=int(conflicts[k].sum()),
+            persistence=persistence[k],
+            mean_cosine=mean_cosine[k],
+            together=together[k],
         )
+        for name in names
+        for k in (index[name],)
+    ]
     branch = branch_point(profiles, th.layer_conflict)
     total = sum(p.num_params for p in profiles)
     above = 0

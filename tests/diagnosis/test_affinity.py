@@ -55,3 +55,21 @@ def test_lookahead_matches_first_order_for_small_steps_and_restores():
     G = torch.stack(g) @ torch.stack(g).T
     first = metrics.transference(G.detach(), torch.stack([L[t].detach() for t in tasks]), lr).numpy()
     assert Z == pytest.approx(first, rel=0.05, abs=1e-9)
+
+
+def test_mean_transference_by_name_over_the_steps_carrying_both(make_cut, make_gram):
+    G = make_gram([[1.0, -0.5, 0.4], [-0.5, 1.0, 0.2], [0.4, 0.2, 1.0]], norms=[1.0, 2.0, 1.0])
+    losses = [1.0, 2.0, 4.0]
+    run = [
+        make_cut("ba", G, step=0, tasks="abc", losses=losses),
+        make_cut("cab", 2 * G, step=1, tasks="abc", losses=losses),
+    ]
+    Z = mean_transference(run)
+    # a/b on both steps: Z_ab = mean(G_ab, 2 G_ab) / L_b = 1.5 * (-0.5 * 2) / 2; a/c only on step 1: 2 G_ac / L_c.
+    assert Z[0, 1] == pytest.approx(1.5 * -1.0 / 2) and Z[0, 2] == pytest.approx(2 * 0.4 / 4)
+    assert Z[2, 2] == pytest.approx(2 * 1.0 / 4)  # c alone on step 1
+    reordered = [make_cut("ab", G, step=0, tasks="abc", losses=losses),
+                 make_cut("bca", 2 * G, step=1, tasks="abc", losses=losses)]
+    assert np.array_equal(mean_transference(reordered), Z)
+    never = mean_transference([make_cut("ab", G, tasks="abc"), make_cut("c", G, step=1, tasks="abc")])
+    assert np.isnan(never[0, 2]) and np.isnan(never[2, 1]) and never[2, 2] == 1.0

@@ -55,3 +55,12 @@ def test_hierarchical_above_ten_tasks():
     g = group_tasks(A, tasks)
     assert g.method == "hierarchical"
     assert g.groups == [tasks[0:4], tasks[4:8], tasks[8:12]]
+
+
+def test_unknown_affinity_counts_as_neutral():
+    # c never met a or b: its affinities are NaN. a and b help each other: they share, c is left alone.
+    A = np.array([[1.0, 0.6, np.nan], [0.6, 1.0, np.nan], [np.nan, np.nan, 1.0]])
+    g = group_tasks(A, ["a", "b", "c"])
+    assert g.groups == [["a", "b"], ["c"]]
+    assert g.by_count[2] == ([["a", "b"], ["c"]], pytest.approx((0.6 + 0.6 + 0.0) / 3))
+    assert g.by_count[1][1] == pytest.approx((0.3 + 0.3 + 0.0) / 3)

@@ -82,3 +82,47 @@ def test_worst_pair_ignores_the_diagonal_and_breaks_ties_by_cosine(make_report, 
     G = make_gram(cos.tolist())
     p = layer_profile([make_report(G, layers={"x": (G, 1)})])
     assert "b/c" in p.table()
+
+
+def test_layer_profile_judges_each_pair_where_both_tasks_are_present(make_cut, make_gram):
+    # "top": a/b on all 8 steps (cosine +0.5); c with a on 4 steps, (a, c) at -0.5 on 3 of them and +0.5 on one.
+    # "extra" only exists on c's steps. Tasks are listed in a different order on c's steps.
+    run = []
+    for s in range(8):
+        ac = -0.5 if s in (1, 3, 5) else 0.5
+        G = make_gram([[1.0, 0.5, ac], [0.5, 1.0, 0.0], [ac, 0.0, 1.0]])
+        with_c = s % 2 == 1
+        layers = {"top": (G, 10), **({"extra": (G, 5)} if with_c else {})}
+        run.append(make_cut("cba" if with_c else "ab", G, step=s, tasks="abc", layers=layers))
+    p = layer_profile(run, layer_order=["top", "extra"])
+    top, extra = p.layers
+    assert p.tasks == ("a", "b", "c")
+    assert (top.steps, extra.steps) == (8, 4)
+    assert top.together.tolist() == [[8, 8, 4], [8, 8, 4], [4, 4, 4]]
+    assert top.persistence[0, 2] == pytest.approx(3 / 4) and top.persistence[0, 1] == 0.0
+    assert top.mean_cosine[0, 2] == pytest.approx((3 * -0.5 + 0.5) / 4)
+    assert top.score == 3 and extra.score == 3 and extra.worst_persistence == pytest.approx(3 / 4)
+    assert p.branch_point == "top"
+
+
+def test_pairs_and_layers_never_measured(make_cut, make_gram):
+    G = make_gram([[1.0, -0.5, 0.2], [-0.5, 1.0, 0.0], [0.2, 0.0, 1.0]])
+    # b and c never meet; "solo" only ever carries one task.
+    run = [
+        make_cut("ab" if s % 2 else "ac", G, step=s, tasks="abc", layers={"x": (G, 3)}) for s in range(4)
+    ] + [make_cut("b", G, step=4 + s, tasks="abc", layers={"solo": (G, 3)}) for s in range(2)]
+    p = layer_profile(run, layer_order=["x", "solo"])
+    x, solo = p.layers
+    assert np.isnan(x.persistence[1, 2]) and np.isnan(x.mean_cosine[1, 2])
+    assert x.persistence[0, 1] == 1.0 and x.worst_persistence == 1.0
+    assert np.isnan(solo.worst_persistence) and solo.score == 0
+    # The unmeasured layer above does not pull the average down: the branch point is still x.
+    assert p.branch_point == "x"
+    rows = p.table().splitlines()
+    assert "a/b" in rows[1] and rows[2].split()[3:] == ["-", "-", "-"]
+
+
+def test_branch_point_skips_layers_without_a_measured_pair():
+    layers = [_layer("l0", 0.0), _layer("l1", 0.9), _layer("l2", float("nan")), _layer("l3", 0.2)]
+    assert branch_point(layers, 0.5) == "l1"  # mean over l1 and l3: 0.55
+    assert branch_point([_layer("l0", float("nan"))], 0.5) is None
