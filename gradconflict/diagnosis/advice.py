@@ -8,7 +8,13 @@ lookahead) and returns an :class:`Advice`:
 - ``lora_split``: some signal says ``split`` but there is no consistent depth to branch at (or the trouble is
   heavy heads, zero-sum evaluations or negative transference rather than diverging gradients): freeze the
   shared backbone and train one LoRA adapter per group.
-- ``keep_shared``: no signal says ``split``.
+- ``keep_shared``: no signal says ``split`` (or the conflict could not be measured: no step carried two tasks
+  together, as in round-robin training; the reason says so and what to measure).
+
+Tasks are tracked by name: the diagnosis works on the sorted union of the task names over the measured steps
+(:mod:`~gradconflict.diagnosis.aligned`), so the order of the losses dict never changes the advice, and steps
+may carry a subset of the tasks (each pair is judged on the steps that carried both). Groups list their tasks in
+sorted order, and the groups are sorted by their first task.
 
 >>> import torch
 >>> from gradconflict import ConflictReport, LayerReport
@@ -23,6 +29,7 @@ lookahead) and returns an :class:`Advice`:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +39,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from gradconflict.diagnosis.affinity import lookahead_transference, mean_transference, normalized
+from gradconflict.diagnosis.aligned import Run, align, no_pair_reason
 from gradconflict.diagnosis.evaluations import Pairs
 from gradconflict.diagnosis.groups import Grouping, group_tasks
 from gradconflict.diagnosis.profile import Profile, layer_profile
@@ -43,12 +51,23 @@ from gradconflict.diagnosis.signals import (
     zero_sum,
 )
 from gradconflict.diagnosis.thresholds import Thresholds
-from gradconflict.diagnosis.trends import QuantitySummary, Reports, measured_reports, summarize
+from gradconflict.diagnosis.trends import QuantitySummary, summarize
 from gradconflict.history import History
 
 __all__ = ["Advice", "advise", "advise_from_jsonl", "next_step_code"]
 
 Verdict = Literal["keep_shared", "lora_split", "physical_split"]
+
+
+def _json_ready(value: Any) -> Any:
+    """``value`` with every non-finite float (a pair never measured together) replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value
 
 
 def next_step_code(verdict: Verdict, branch_at: str | None, groups: Sequence[Sequence[str]]) -> str:
@@ -114,7 +133,8 @@ class Advice:
         raise KeyError(f"no signal {name!r}; the signals are {[s.name for s in self.signals]}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-Python (JSON-ready) view."""
+        """Plain-Python (JSON-ready) view; a value that could not be measured (NaN: a pair never measured
+        together) is ``None``."""
         out: dict[str, Any] = {
             "verdict": self.verdict,
             "branch_point": self.branch_point,
@@ -136,7 +156,8 @@ class Advice:
                 "layers": [
                     {"name": lp.name, "num_params": lp.num_params, "steps": lp.steps, "score": lp.score,
                      "worst_persistence": lp.worst_persistence, "persistence": lp.persistence.tolist(),
-                     "mean_cosine": lp.mean_cosine.tolist()}
+                     "mean_cosine": lp.mean_cosine.tolist(),
+                     "together": None if lp.together is None else lp.together.tolist()}
                     for lp in self.profile.layers
                 ],
             }
@@ -145,7 +166,7 @@ class Advice:
                 "method": self.grouping.method,
                 "by_count": {str(k): {"groups": g, "score": s} for k, (g, s) in self.grouping.by_count.items()},
             }
-        return out
+        return _json_ready(out)
 
     def __str__(self) -> str:
         lines = [f"verdict: {self.verdict}"]
@@ -177,7 +198,7 @@ class Advice:
 
 
 def advise(
-    history: Reports,
+    history: Run,
     *,
     model: nn.Module | None = None,
     heads: Mapping[str, nn.Module] | None = None,
@@ -195,8 +216,14 @@ def advise(
 ) -> Advice:
     """Diagnose a run and advise whether, where and how to split its shared backbone.
 
+    Tasks are tracked by name, in sorted order: the key order of the losses dicts never matters, and steps may
+    carry a subset of the tasks (partial labels: each pair is judged on the steps that carried both) or a single
+    one (round-robin training: without a step carrying two tasks, the conflict cannot be measured, the gradient
+    signals are ``n/a`` and the reason says what to measure). Raises ``ValueError`` when no step was measured.
+
     Args:
-        history: the run (a :class:`~gradconflict.History` or any iterable of reports).
+        history: the run (a :class:`~gradconflict.History`, any iterable of reports, or an
+            :class:`~gradconflict.diagnosis.aligned.Aligned`).
         model: the model, for the layer order and, with ``.heads``/``.backbone``, the heavy-heads signal.
         heads: task -> head module (default ``model.heads``).
         backbone: the backbone module (default ``model.backbone``).
@@ -214,33 +241,39 @@ def advise(
         max_groups: most task groups considered (default: the number of tasks).
         ema_decay: per-step decay of the EMAs in :attr:`Advice.trends`.
     """
-    reports = measured_reports(history)
-    if not reports:
+    aligned = align(history)  # once: every part below reads these arrays
+    if not aligned.num_steps:
         raise ValueError("the history has no measured step: run some steps under a ConflictMonitor first")
     if not isinstance(thresholds, Thresholds) and "conflict_cosine" not in (thresholds or {}):
         # The run was measured with a conflict threshold (the monitor's `threshold=`): judge it by the same S.
-        thresholds = {**(thresholds or {}), "conflict_cosine": reports[0].threshold}
+        thresholds = {**(thresholds or {}), "conflict_cosine": aligned.threshold}
     th = Thresholds.from_mapping(thresholds)
-    tasks = list(reports[0].tasks)
+    tasks = list(aligned.tasks)
     exact = None
     if lookahead is not None:
         if model is None:
             raise ValueError("lookahead= needs model= (the lookahead steps the model's parameters)")
         exact = lookahead_transference(model, lookahead, lr)
+        missing = sorted(set(tasks) - set(exact[0]))
+        if missing:
+            raise ValueError(f"the lookahead closure returned no loss for task(s) {missing} of the history")
     signals = [
-        diverging_objectives(reports, th),
+        diverging_objectives(aligned, th),
         heavy_heads(model=model, heads=heads, backbone=backbone, probe=probe, thresholds=th),
-        zero_sum(reports, evaluations=evaluations, higher_is_better=higher_is_better, pairs=evaluation_pairs,
+        zero_sum(aligned, evaluations=evaluations, higher_is_better=higher_is_better, pairs=evaluation_pairs,
                  thresholds=th),
-        single_point_of_risk(reports, lr=lr, lookahead=exact, thresholds=th),
+        single_point_of_risk(aligned, lr=lr, lookahead=exact, thresholds=th),
     ]
-    profile = layer_profile(reports, model=model, layer_order=layer_order, thresholds=th) if reports[0].layers else None
+    profile = layer_profile(aligned, model=model, layer_order=layer_order, thresholds=th) if aligned.layers else None
     if exact is not None:
         order = [list(exact[0]).index(t) for t in tasks]
-        affinity = normalized(np.asarray(exact[1]))[np.ix_(order, order)]
+        affinity = normalized(np.asarray(exact[1], dtype=np.float64))[np.ix_(order, order)]
     else:
-        affinity = normalized(mean_transference(reports, lr))
+        affinity = normalized(mean_transference(aligned, lr))
     grouping = group_tasks(affinity, tasks, max_groups=max_groups, tolerance=th.group_tolerance)
+    unmeasured = no_pair_reason(aligned) if len(tasks) > 1 else None
+    counts = aligned.pair_counts()
+    never = [f"{a}/{b}" for k, a in enumerate(tasks) for m, b in enumerate(tasks) if k < m and counts[k, m] == 0]
 
     diverging = signals[0]
     alarms = [s.name for s in signals if s.status == "split"]
@@ -267,6 +300,13 @@ def advise(
         verdict = "keep_shared"
         watching = [s.name for s in signals if s.status == "watch"]
         reason = "no signal says split" + (f"; keep an eye on {', '.join(watching)}" if watching else "")
+    if unmeasured is not None:
+        reason += f"; but that says little: {unmeasured}"
+    elif never:
+        reason += (
+            f"; tasks {', '.join(never)} were never measured together (their affinity counts as neutral in the "
+            "grouping): measure steps that carry every task to judge them"
+        )
     if verdict == "keep_shared":
         groups = [tasks]
     else:
@@ -286,7 +326,7 @@ def advise(
         duplicated_share=profile.duplicated_share if branch is not None and profile is not None else 0.0,
         profile=profile,
         grouping=grouping,
-        trends=summarize(reports, decay=ema_decay, threshold=th.conflict_cosine),
+        trends=summarize(aligned, decay=ema_decay, threshold=th.conflict_cosine),
     )
 
 

@@ -6,8 +6,12 @@ and one sentence of evidence a person can check.
 3. :func:`zero_sum`: steps whose update works against some task; evaluations that trade one task for another.
 4. :func:`single_point_of_risk`: negative transference, a step for one task raising another's loss.
 
-A signal whose input is missing (no model for the heads, a single task) has status ``"n/a"`` and its evidence
-says what to pass.
+A signal whose input is missing (no model for the heads, a single task, no step that carried two tasks
+together) has status ``"n/a"`` and its evidence says what to pass or to measure.
+
+Tasks are tracked by name (:mod:`~gradconflict.diagnosis.aligned`): pairs are named ``"a/b"`` with the names
+sorted, each pair statistic is taken over the steps that carried both tasks, and the evidence says on how many
+steps that was when some steps lacked one of them.
 
 >>> import torch
 >>> from gradconflict import ConflictReport
@@ -17,6 +21,9 @@ says what to pass.
 ('split', 1.0)
 >>> single_point_of_risk([fight] * 5).status
 'split'
+>>> alone = [ConflictReport(t, torch.ones(1, 1), step=s) for s, t in enumerate("abab")]   # round-robin
+>>> diverging_objectives(alone).status
+'n/a'
 """
 
 from __future__ import annotations
@@ -26,16 +33,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from torch import nn
 
-from gradconflict import metrics
 from gradconflict.diagnosis.affinity import mean_transference, normalized
+from gradconflict.diagnosis.aligned import Aligned, Run, align, masked_mean, no_pair_reason
 from gradconflict.diagnosis.evaluations import EvalTable, Pairs
 from gradconflict.diagnosis.heads import head_stats
 from gradconflict.diagnosis.profile import worst_pair
 from gradconflict.diagnosis.thresholds import Thresholds
-from gradconflict.diagnosis.trends import Reports, measured_reports, series, trend
+from gradconflict.diagnosis.trends import series, trend
 
 __all__ = [
     "STATUSES",
@@ -102,26 +108,58 @@ def _not_available(name: str, threshold: float, why: str) -> Signal:
     return Signal(name, None, threshold, "n/a", why)
 
 
-def diverging_objectives(history: Reports, thresholds: Thresholds | None = None) -> Signal:
-    """Signal 1: the persistence of conflicting pairs (share of measured steps with ``C_ij < S``, per pair) and
-    the mean magnitude cancellation.
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _by_pair(aligned: Aligned, values: np.ndarray) -> dict[str, Any]:
+    """``{"a/b": value}`` over the pairs ``i < j`` (NaN as ``None``, JSON-ready)."""
+    T, counts = len(aligned.tasks), values.dtype.kind in "iub"
+    return {
+        _pair_names(aligned.tasks, a, b): int(values[a, b]) if counts else _finite_or_none(values[a, b])
+        for a in range(T)
+        for b in range(a + 1, T)
+    }
+
+
+def _coverage(aligned: Aligned, i: int, j: int) -> str:
+    """``"; tasks a and b were measured together on 12 of 40 measured steps"`` when some steps lacked one of
+    them, else nothing."""
+    n = int(aligned.pair_counts()[i, j])
+    return f"; {aligned.together_phrase(i, j)}" if n < aligned.num_steps else ""
+
+
+def _pair_steps(aligned: Aligned) -> str:
+    """``" (30 of the 40 measured steps carried two tasks or more)"`` when some did not, else nothing."""
+    n, total = int(aligned.multi.sum()), aligned.num_steps
+    return f" ({n} of the {total} measured steps carried two tasks or more)" if n < total else ""
+
+
+def diverging_objectives(history: Run, thresholds: Thresholds | None = None) -> Signal:
+    """Signal 1: the persistence of conflicting pairs (per pair, the share of the measured steps carrying both
+    tasks on which ``C_ij < S``) and the mean magnitude cancellation (over the steps carrying two tasks or more).
 
     ``split`` when the worst pair's persistence reaches ``persistence_split`` and the mean cancellation
     ``cancellation_split``; ``watch`` when either reaches its ``watch`` level or when the conflict fraction
-    rises significantly over training (Mann-Kendall at ``trend_alpha``).
+    rises significantly over training (Mann-Kendall at ``trend_alpha``). ``n/a`` when no measured step carried
+    two tasks together.
     """
     th = thresholds or Thresholds()
     name = "diverging_objectives"
-    reports = measured_reports(history)
-    if not reports or len(reports[0].tasks) < 2:
-        return _not_available(name, th.persistence_split, "needs at least two tasks and one measured step")
-    tasks = reports[0].tasks
-    conflicts = torch.stack([metrics.conflict_pairs(r.gram, th.conflict_cosine).cpu() for r in reports])
-    persistence = conflicts.double().mean(0).numpy()
-    i, j = worst_pair(persistence, torch.stack([r.cosine.double().cpu() for r in reports]).mean(0).numpy())
+    aligned = align(history)
+    why = no_pair_reason(aligned)
+    if why is not None:
+        return _not_available(name, th.persistence_split, why)
+    tasks = aligned.tasks
+    together = aligned.together
+    counts = together.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        persistence = np.where(counts > 0, aligned.conflicts(th.conflict_cosine).sum(0) / counts, np.nan)
+    mean_cosine = masked_mean(aligned.cosine, together)
+    i, j = worst_pair(persistence, mean_cosine)
     worst = float(persistence[i, j])
-    cancellation = float(np.mean([float(r.cancellation) for r in reports]))
-    t = trend(*series(reports, "conflict_fraction", th.conflict_cosine))
+    cancellation = float(aligned.cancellation[aligned.multi].mean())
+    t = trend(*series(aligned, "conflict_fraction", th.conflict_cosine))
     rising = t.rising(th.trend_alpha)
     if worst >= th.persistence_split and cancellation >= th.cancellation_split:
         status: Status = "split"
@@ -131,16 +169,25 @@ def diverging_objectives(history: Reports, thresholds: Thresholds | None = None)
         status = "ok"
     evidence = (
         f"tasks {tasks[i]} and {tasks[j]} conflict (cosine < {th.conflict_cosine:g}) on {worst:.0%} of "
-        f"{len(reports)} measured steps; the mean magnitude cancellation is {cancellation:.2f}; the conflict "
-        f"fraction {'rises' if rising else 'does not rise significantly'} over training "
+        f"{int(counts[i, j])} measured steps{_coverage(aligned, i, j)}; the mean magnitude cancellation is "
+        f"{cancellation:.2f}{_pair_steps(aligned)}; the conflict fraction "
+        f"{'rises' if rising else 'does not rise significantly'} over training "
         f"(Theil-Sen slope {t.slope:+.2g}/step, Mann-Kendall p = {t.p_value:.2g})"
     )
-    T = len(tasks)
+    others = [(a, b) for a, b in zip(*np.triu_indices(len(tasks), 1)) if (a, b) != (i, j)]
+    fewer = [f"{_pair_names(tasks, a, b)} {counts[a, b]}" for a, b in others if 0 < counts[a, b] < aligned.num_steps]
+    never = [_pair_names(tasks, a, b) for a, b in others if counts[a, b] == 0]
+    if fewer:
+        evidence += f"; pairs measured together on fewer steps: {', '.join(fewer)} of {aligned.num_steps}"
+    if never:
+        evidence += f"; never measured together: {', '.join(never)}"
     details = {
-        "persistence": {_pair_names(tasks, a, b): float(persistence[a, b]) for a in range(T) for b in range(a + 1, T)},
+        "persistence": _by_pair(aligned, persistence),
+        "together": _by_pair(aligned, counts),
         "mean_cancellation": cancellation,
         "conflict_trend": {"slope": t.slope, "tau": t.tau, "p_value": t.p_value, "rising": rising},
-        "steps": len(reports),
+        "steps": aligned.num_steps,
+        "steps_with_pairs": int(aligned.multi.sum()),
     }
     return Signal(name, worst, th.persistence_split, status, evidence, details)
 
@@ -203,35 +250,51 @@ def _grade(value: float, watch: float, split: float) -> Status:
 
 
 def zero_sum(
-    history: Reports,
+    history: Run,
     *,
     evaluations: Sequence[Mapping[str, float]] | Any = None,
     higher_is_better: Mapping[str, bool] | None = None,
     pairs: Pairs = "consecutive",
     thresholds: Thresholds | None = None,
 ) -> Signal:
-    """Signal 3: at gradient level, the share of measured steps whose combined update works against some task
-    (``alignment_i < 0``, the value); at evaluation level (with ``evaluations``, see
-    :class:`~gradconflict.diagnosis.evaluations.EvalTable`), the share of changes that trade one task for
+    """Signal 3: at gradient level, the share of the measured steps carrying two tasks or more whose combined
+    update works against some task (``alignment_i < 0``, the value); at evaluation level (with ``evaluations``,
+    see :class:`~gradconflict.diagnosis.evaluations.EvalTable`), the share of changes that trade one task for
     another, and the Pareto front. The status is the worse of the two levels.
+
+    Without a step carrying two tasks, the gradient level is not measured (the value is ``None``): the signal is
+    ``n/a``, or the evaluation level alone when ``evaluations`` are given.
     """
     th = thresholds or Thresholds()
     name = "zero_sum"
-    reports = measured_reports(history)
-    if not reports or len(reports[0].tasks) < 2:
-        return _not_available(name, th.against_split, "needs at least two tasks and one measured step")
-    tasks = reports[0].tasks
-    against = np.array([(r.alignment < 0).cpu().numpy() for r in reports])  # [steps, T]
-    share = float(against.any(1).mean())
-    victim = int(np.argmax(against.mean(0)))
-    status = _grade(share, th.against_watch, th.against_split)
-    evidence = f"the combined update works against some task on {share:.0%} of {len(reports)} measured steps" + (
-        f" (most often {tasks[victim]}, {against.mean(0)[victim]:.0%})" if share > 0 else ""
-    )
-    details: dict[str, Any] = {
-        "against_share": share,
-        "against_by_task": dict(zip(tasks, against.mean(0).tolist())),
-    }
+    aligned = align(history)
+    why = no_pair_reason(aligned)
+    if why is not None and evaluations is None:
+        return _not_available(name, th.against_split, why)
+    tasks = aligned.tasks
+    details: dict[str, Any] = {}
+    value: float | None = None
+    status: Status = "n/a"
+    if why is None:
+        steps = aligned.multi
+        carried = aligned.present & steps[:, None]  # [S, T]: the task's alignment is defined
+        against = (aligned.alignment < 0) & carried
+        share = float(against[steps].any(1).mean())
+        by_task = masked_mean(against.astype(np.float64), carried)  # NaN: the task never met another
+        victim = int(np.argmax(np.where(np.isnan(by_task), -1.0, by_task)))
+        value, status = share, _grade(share, th.against_watch, th.against_split)
+        evidence = (
+            f"the combined update works against some task on {share:.0%} of {int(steps.sum())} measured steps"
+            + (f" (most often {tasks[victim]}, {by_task[victim]:.0%})" if share > 0 else "")
+            + _pair_steps(aligned)
+        )
+        details.update(
+            against_share=share,
+            against_by_task={t: _finite_or_none(v) for t, v in zip(tasks, by_task.tolist())},
+            steps_with_pairs=int(steps.sum()),
+        )
+    else:
+        evidence = f"gradient level not measured: {why}"
     if evaluations is not None:
         table = EvalTable.from_rows(evaluations, higher_is_better)
         traded = table.trade_off_share(th.eval_tolerance, pairs)
@@ -245,11 +308,11 @@ def zero_sum(
         details.update(evaluation_trade_off_share=traded, pareto_front=front, metrics=list(table.metrics))
     else:
         evidence += "; no evaluation table given (pass evaluations= for the evaluation-level test)"
-    return Signal(name, share, th.against_split, status, evidence, details)
+    return Signal(name, value, th.against_split, status, evidence, details)
 
 
 def single_point_of_risk(
-    history: Reports,
+    history: Run,
     *,
     lr: float = 1.0,
     lookahead: tuple[Sequence[str], np.ndarray] | None = None,
@@ -258,38 +321,51 @@ def single_point_of_risk(
     """Signal 4: negative transference. The value is the lowest normalised affinity ``N_ij = Z_ij / Z_jj``
     (``i != j``): how much a step on task ``i`` lowers task ``j``'s loss compared with a step on ``j`` itself.
 
-    ``Z`` is the first-order transference ``lr G_ij / L_j`` averaged over the measured steps, or the exact
-    ``lookahead`` result ``(tasks, Z)`` of :func:`~gradconflict.diagnosis.affinity.lookahead_transference`.
-    ``split`` below ``transfer_split``, ``watch`` below ``transfer_watch``.
+    ``Z`` is the first-order transference ``lr G_ij / L_j`` averaged over the measured steps that carried both
+    tasks, or the exact ``lookahead`` result ``(tasks, Z)`` of
+    :func:`~gradconflict.diagnosis.affinity.lookahead_transference` (put in sorted task order).
+    ``split`` below ``transfer_split``, ``watch`` below ``transfer_watch``; ``n/a`` when no pair of tasks was
+    measured together.
     """
     th = thresholds or Thresholds()
     name = "single_point_of_risk"
-    reports = measured_reports(history)
+    aligned: Aligned | None = None
     if lookahead is not None:
-        tasks, Z, method = tuple(lookahead[0]), np.asarray(lookahead[1], dtype=np.float64), "exact lookahead"
-    elif reports:
-        tasks, Z, method = reports[0].tasks, mean_transference(reports, lr), f"first order from G, lr={lr:g}"
+        names = [str(t) for t in lookahead[0]]
+        order = sorted(range(len(names)), key=names.__getitem__)
+        tasks = tuple(names[k] for k in order)
+        Z = np.asarray(lookahead[1], dtype=np.float64)[np.ix_(order, order)]
+        method = "exact lookahead"
     else:
-        return _not_available(name, th.transfer_split, "needs one measured step (or an exact lookahead)")
+        aligned = align(history)
+        if not aligned.num_steps:
+            return _not_available(name, th.transfer_split, "needs one measured step (or an exact lookahead)")
+        why = no_pair_reason(aligned)
+        if why is not None:
+            return _not_available(name, th.transfer_split, why)
+        tasks, Z, method = aligned.tasks, mean_transference(aligned, lr), f"first order from G, lr={lr:g}"
     T = len(tasks)
     if T < 2:
         return _not_available(name, th.transfer_split, "needs at least two tasks")
     N = normalized(Z)
-    off = N + np.diag(np.full(T, np.inf))
+    off = np.where(np.eye(T, dtype=bool) | np.isnan(N), np.inf, N)
     i, j = np.unravel_index(int(np.argmin(off)), off.shape)
     value = float(N[i, j])
     status: Status = "split" if value < th.transfer_split else "watch" if value < th.transfer_watch else "ok"
     negative = [f"{tasks[a]}->{tasks[b]}" for a in range(T) for b in range(T) if a != b and Z[a, b] < 0]
     evidence = (
         f"a step on {tasks[i]} alone {'raises' if value < 0 else 'lowers'} {tasks[j]}'s loss by {abs(value):.2f} "
-        f"times what a step on {tasks[j]} itself lowers it (transference {Z[i, j]:+.3g}, {method}); "
+        f"times what a step on {tasks[j]} itself lowers it (transference {Z[i, j]:+.3g}, {method}"
+        f"{_coverage(aligned, int(i), int(j)) if aligned is not None else ''}); "
         + (f"negative transference: {', '.join(negative)}" if negative else "no negative transference")
     )
-    details = {
+    details: dict[str, Any] = {
         "method": method,
-        "transference": Z.tolist(),
-        "normalized": N.tolist(),
+        "transference": [[_finite_or_none(v) for v in row] for row in Z.tolist()],
+        "normalized": [[_finite_or_none(v) for v in row] for row in N.tolist()],
         "negative_pairs": negative,
         "tasks": list(tasks),
     }
+    if aligned is not None:
+        details["together"] = _by_pair(aligned, aligned.pair_counts())
     return Signal(name, value, th.transfer_split, status, evidence, details)

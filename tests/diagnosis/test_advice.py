@@ -1,6 +1,8 @@
 import ast
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -119,3 +121,149 @@ def test_single_task_keeps_shared(make_report):
     assert (advice.verdict, advice.groups, advice.branch_point) == ("keep_shared", [["a"]], None)
     assert [s.status for s in advice.signals] == ["n/a", "n/a", "n/a", "n/a"]
     str(advice)
+
+
+# ---------------------------------------------------------------------------------------------- tasks by name
+def _block_cos(within, across):
+    """Cosines of four tasks in two groups, {a, b} and {c, d}."""
+    w, x = within, across
+    return [[1, w, x, x], [w, 1, x, x], [x, x, 1, w], [x, x, w, 1]]
+
+
+def _four_task_run(make_cut, make_gram, order_of_step, steps=20):
+    """Groups {a, b} and {c, d} agree in the bottom layer and fight in the top one on 4 steps of 5; each task has
+    its own norm and loss. ``order_of_step(s)`` lists the tasks step ``s`` carries, in the order it lists them."""
+    norms = [1.0, 2.0, 0.5, 1.5]
+    run = []
+    for s in range(steps):
+        bottom = make_gram(_block_cos(0.7, 0.6), norms)
+        top = make_gram(_block_cos(0.8, -0.7 if s % 5 else 0.2), norms)
+        losses = [1.0 + 0.01 * s, 2.0, 0.5, 1.5 - 0.01 * s]
+        layers = {"net.1": (top, 10), "net.0": (bottom, 30)}
+        run.append(make_cut(order_of_step(s), top + bottom, step=s, layers=layers, losses=losses))
+    return run
+
+
+def test_same_advice_whatever_the_key_order(make_cut, make_gram):
+    rng = np.random.default_rng(0)
+    sorted_run = _four_task_run(make_cut, make_gram, lambda s: "abcd")
+    reversed_run = _four_task_run(make_cut, make_gram, lambda s: "dcba")
+    shuffled_run = _four_task_run(make_cut, make_gram, lambda s: rng.permutation(list("abcd")).tolist())
+    reference = advise(sorted_run)
+    # What the construction asks for: the groups fight in the top layer only.
+    assert (reference.verdict, reference.branch_point) == ("physical_split", "net.1")
+    assert reference.groups == [["a", "b"], ["c", "d"]]
+    for run in (reversed_run, shuffled_run):
+        advice = advise(run)
+        assert (advice.verdict, advice.branch_point, advice.groups) == ("physical_split", "net.1", reference.groups)
+        assert {frozenset(g) for g in advice.groups} == {frozenset("ab"), frozenset("cd")}
+        for mine, ref in zip(advice.signals, reference.signals):
+            assert mine.to_dict() == ref.to_dict()  # name, value, status, evidence and details
+        assert advice.to_dict() == reference.to_dict()
+
+
+def _partial_run(make_cut, make_gram, steps=40):
+    """a and b on every step (cosine +0.5); c only on the steps s = 1 (mod 4), ten of them, never on the first
+    step: cos(a, c) = -0.6 on six of them and +0.3 on the other four, cos(b, c) = +0.2."""
+    run, c_steps = [], [s for s in range(steps) if s % 4 == 1]
+    for s in range(steps):
+        ac = -0.6 if s in c_steps[:6] else 0.3
+        G = make_gram([[1.0, 0.5, ac], [0.5, 1.0, 0.2], [ac, 0.2, 1.0]])
+        names = ("c", "b", "a") if s in c_steps else ("b", "a")
+        run.append(make_cut(names, G, step=s, tasks="abc", layers={"body": (G, 12)}, losses=[1.0, 1.0, 1.0]))
+    return run
+
+
+def test_partial_labels_are_judged_on_the_steps_that_carry_the_tasks(make_cut, make_gram):
+    run = _partial_run(make_cut, make_gram)
+    advice = advise(run)
+    diverging = advice.signal("diverging_objectives")
+    # a/c conflicts on 6 of the 10 steps carrying c: 0.6, not 6 / 40.
+    assert diverging.value == pytest.approx(0.6)
+    assert diverging.details["persistence"] == {"a/b": 0.0, "a/c": pytest.approx(0.6), "b/c": 0.0}
+    assert diverging.details["together"] == {"a/b": 40, "a/c": 10, "b/c": 10}
+    assert "tasks a and c conflict (cosine < 0) on 60% of 10 measured steps" in diverging.evidence
+    assert "tasks a and c were measured together on 10 of 40 measured steps" in diverging.evidence
+    # Mean cancellation over the 40 steps, by hand (unit norms, unit weights: 1 - sqrt(sum_ij C_ij) / T).
+    two = 1 - math.sqrt(2 + 2 * 0.5) / 2
+    fight = 1 - math.sqrt(3 + 2 * (0.5 - 0.6 + 0.2)) / 3
+    calm = 1 - math.sqrt(3 + 2 * (0.5 + 0.3 + 0.2)) / 3
+    assert diverging.details["mean_cancellation"] == pytest.approx((30 * two + 6 * fight + 4 * calm) / 40)
+    # Signal 4: Z_ac = mean cos(a, c) over the 10 steps carrying both (unit norms and losses); Z_cc = 1.
+    risk = advice.signal("single_point_of_risk")
+    assert risk.value == pytest.approx((6 * -0.6 + 4 * 0.3) / 10)
+    assert "tasks a and c were measured together on 10 of 40 measured steps" in risk.evidence
+    assert risk.details["together"] == {"a/b": 40, "a/c": 10, "b/c": 10}
+    # The layer profile sees the same coverage.
+    body = advice.profile.layers[0]
+    assert body.together.tolist() == [[40, 40, 10], [40, 40, 10], [10, 10, 10]]
+    assert body.persistence[0, 2] == pytest.approx(0.6) and body.score == 6
+    assert body.mean_cosine[0, 2] == pytest.approx(-0.24)
+    assert advice.trends["conflict_fraction"].mean == pytest.approx(6 * (1 / 3) / 40)
+    assert advice.trends["alignment/c"].trend.n == 10
+    json.dumps(advice.to_dict(), allow_nan=False)
+    str(advice)
+
+
+def test_pairs_never_measured_together_are_named(make_cut, make_gram):
+    # a/b always; c only with a: b and c never meet.
+    G = make_gram([[1.0, 0.5, -0.5], [0.5, 1.0, 0.3], [-0.5, 0.3, 1.0]])
+    run = [make_cut("ab" if s % 2 else "ca", G, step=s, tasks="abc", losses=[1.0] * 3) for s in range(10)]
+    advice = advise(run)
+    diverging = advice.signal("diverging_objectives")
+    assert diverging.details["persistence"]["b/c"] is None and diverging.details["together"]["b/c"] == 0
+    assert "never measured together: b/c" in diverging.evidence
+    assert "b/c were never measured together" in advice.reason
+    assert advice.signal("single_point_of_risk").details["normalized"][1][2] is None
+    json.dumps(advice.to_dict(), allow_nan=False)
+
+
+def test_round_robin_keeps_shared_and_says_why(make_cut, make_gram):
+    G = make_gram([[1.0, -0.9, 0.0], [-0.9, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    run = [make_cut("abc"[s % 3], G, step=s, tasks="abc", layers={"x": (G, 4)}, losses=[1.0] * 3) for s in range(12)]
+    advice = advise(run)
+    assert (advice.verdict, advice.branch_point, advice.groups) == ("keep_shared", None, [["a", "b", "c"]])
+    assert [s.status for s in advice.signals] == ["n/a", "n/a", "n/a", "n/a"]
+    for name in ("diverging_objectives", "zero_sum", "single_point_of_risk"):
+        evidence = advice.signal(name).evidence
+        assert "no measured step carried two tasks together" in evidence and "monitor.measure(losses)" in evidence
+    assert "conflict between tasks could not be measured" in advice.reason
+    assert "every k steps" in advice.reason
+    assert math.isnan(advice.profile.layers[0].worst_persistence) and advice.profile.branch_point is None
+    assert advice.trends == {}  # no quantity is defined on a step with one task
+    data = json.loads(json.dumps(advice.to_dict(), allow_nan=False))
+    assert data["profile"]["layers"][0]["worst_persistence"] is None
+    assert "verdict: keep_shared" in str(advice)
+
+
+def test_round_robin_with_full_steps_every_k(make_cut, make_gram):
+    # One task per step, and every fifth step all three: the pairs are judged on those four steps alone.
+    run = []
+    for s in range(20):
+        ab = -0.5 if s in (0, 5, 10) else 0.5
+        G = make_gram([[1.0, ab, 0.4], [ab, 1.0, 0.4], [0.4, 0.4, 1.0]])
+        names = "cab" if s % 5 == 0 else "abc"[s % 3]
+        run.append(make_cut(names, G, step=s, tasks="abc", losses=[1.0] * 3))
+    advice = advise(run)
+    diverging = advice.signal("diverging_objectives")
+    assert diverging.value == pytest.approx(3 / 4)
+    assert diverging.details["steps_with_pairs"] == 4
+    assert "tasks a and b were measured together on 4 of 20 measured steps" in diverging.evidence
+    assert "4 of the 20 measured steps carried two tasks or more" in diverging.evidence
+    assert advice.trends["conflict_fraction"].mean == pytest.approx(3 * (1 / 3) / 4)
+
+
+def test_lookahead_tasks_are_matched_by_name(make_report, make_pair):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    x = torch.randn(16, 3)
+
+    def losses():
+        out = model(x).squeeze(-1)
+        return {"b": (out + x[:, 0]).pow(2).mean(), "a": (out - x[:, 0]).pow(2).mean()}
+
+    run = _run(make_report, make_pair, top_cos=0.6)
+    risk = advise(run, model=model, lookahead=losses, lr=0.05).signal("single_point_of_risk")
+    assert risk.details["tasks"] == ["a", "b"]  # sorted, whatever order the closure returned
+    with pytest.raises(ValueError, match=r"no loss for task\(s\) \['b'\]"):
+        advise(run, model=model, lookahead=lambda: {"a": losses()["a"]})

@@ -108,3 +108,47 @@ def test_single_point_of_risk(make_report, make_pair):
 def test_worst_status():
     assert worst_status() == "n/a"
     assert worst_status(*STATUSES) == "split"
+
+
+def test_zero_sum_counts_each_task_on_the_steps_that_carry_it(make_cut, make_gram):
+    # a and b on every step (cosine +0.5); c, small (norm 0.2) and against both (cosine -0.8), on 10 of 40 steps.
+    # On c's steps (G w)_c = 0.2 * (-0.8) * 2 + 0.04 = -0.28 < 0: the update works against c every time it is
+    # there, and never against a or b ((G w)_a = 1 + 0.5 - 0.16 > 0).
+    G = make_gram([[1.0, 0.5, -0.8], [0.5, 1.0, -0.8], [-0.8, -0.8, 1.0]], norms=[1.0, 1.0, 0.2])
+    run = [make_cut("bca" if s % 4 == 2 else "ab", G, step=s, tasks="abc") for s in range(40)]
+    s = zero_sum(run)
+    assert s.value == pytest.approx(10 / 40) and s.status == "watch"
+    assert s.details["against_by_task"] == {"a": 0.0, "b": 0.0, "c": 1.0}  # c: 10 of its 10 steps, not 10 / 40
+    assert "most often c, 100%" in s.evidence
+
+
+def test_round_robin_signals_are_not_available(make_cut, make_gram):
+    G = make_gram([[1.0, -0.9], [-0.9, 1.0]])
+    run = [make_cut("ab"[s % 2], G, step=s, tasks="ab") for s in range(6)]
+    for signal in (diverging_objectives(run), zero_sum(run), single_point_of_risk(run)):
+        assert signal.status == "n/a" and signal.value is None
+        assert "no measured step carried two tasks together" in signal.evidence
+        assert "monitor.measure(losses) on a batch with all tasks every k steps" in signal.evidence
+    # The evaluation level of signal 3 does not need gradients: it is still judged.
+    trading = [{"a": 0.80, "b": 0.70}, {"a": 0.83, "b": 0.68}, {"a": 0.80, "b": 0.71}]
+    s = zero_sum(run, evaluations=trading)
+    assert s.status == "split" and s.value is None and s.details["evaluation_trade_off_share"] == 1.0
+    assert s.evidence.startswith("gradient level not measured: no measured step carried two tasks together")
+
+
+def test_signals_do_not_depend_on_the_key_order(make_cut, make_gram):
+    G = make_gram([[1.0, -0.4, 0.3], [-0.4, 1.0, 0.1], [0.3, 0.1, 1.0]], norms=[1.0, 2.0, 0.5])
+    losses = [1.0, 3.0, 0.5]
+    for one, other in [("abc", "cba"), ("abc", "bca")]:
+        r1 = [make_cut(one, G, step=s, tasks="abc", losses=losses) for s in range(5)]
+        r2 = [make_cut(other, G, step=s, tasks="abc", losses=losses) for s in range(5)]
+        for f in (diverging_objectives, zero_sum, single_point_of_risk):
+            assert f(r1).to_dict() == f(r2).to_dict()
+    # Z_ab = G_ab / L_b = (-0.4 * 1 * 2) / 3, N_ab = Z_ab / Z_bb = -0.8 / 4 = -0.2; N_ba = -0.8 / 1 = -0.8.
+    s = single_point_of_risk(r2)
+    assert s.value == pytest.approx(-0.8) and s.details["tasks"] == ["a", "b", "c"]
+    assert s.evidence.startswith("a step on b alone raises a's loss by 0.80")
+    # An exact lookahead in another order is put in sorted order too.
+    exact = single_point_of_risk(r2, lookahead=(["b", "a"], [[0.2, -0.1], [0.05, 0.1]]))
+    assert exact.details["tasks"] == ["a", "b"] and exact.details["transference"] == [[0.1, 0.05], [-0.1, 0.2]]
+    assert exact.value == pytest.approx(-0.1 / 0.1)  # N_ba = Z_ba / Z_aa
