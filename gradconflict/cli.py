@@ -1,10 +1,19 @@
-"""The ``gradconflict`` command line: ``demo``, and ``report`` and ``advise`` on a saved history."""
+"""The ``gradconflict`` command line: ``demo``, and ``report`` and ``advise`` on a saved history.
+
+Saved histories may hold steps that carry different tasks (partial labels, round-robin training): ``report``
+then says which tasks and pairs the measured steps carried, and ``advise`` judges each pair on the steps that
+carried both (see :mod:`gradconflict.diagnosis`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gradconflict.report import ConflictReport
 
 __all__ = ["main"]
 
@@ -20,16 +29,44 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _coverage(reports: Sequence[ConflictReport]) -> list[str]:
+    """Lines on which tasks the measured steps carried, when some step lacked some task (else none)."""
+    from gradconflict.diagnosis.aligned import align, no_pair_reason
+
+    aligned = align(reports)
+    if bool(aligned.present.all()):
+        return []
+    counts, tasks, S = aligned.pair_counts(), aligned.tasks, aligned.num_steps
+    lines = [
+        "tasks (measured steps carrying each): " + ", ".join(f"{t} {counts[k, k]}" for k, t in enumerate(tasks))
+        + f" of {S}"
+    ]
+    if len(tasks) > 1:
+        pairs = [f"{a}/{b} {counts[i, j]}" for i, a in enumerate(tasks) for j, b in enumerate(tasks) if i < j]
+        lines.append(
+            f"pairs measured together: {', '.join(pairs)} of {S}; {int(aligned.multi.sum())} of {S} measured steps "
+            "carried two tasks or more"
+        )
+    why = no_pair_reason(aligned)
+    if why is not None and len(tasks) > 1:
+        lines.append(f"warning: {why}")
+    return lines
+
+
 def _report(args: argparse.Namespace) -> int:
     from gradconflict.history import History
 
     history = History.from_jsonl(args.history)
-    if not history.measured:
+    reports = history.reports
+    measured = [r for r in reports if not r.skipped]
+    if not measured:
         print(f"{args.history}: no measured step")
         return 1
-    for r in history.reports[:: max(1, len(history) // args.lines)]:
+    for r in reports[:: max(1, len(reports) // args.lines)]:
         print(r.summary())
-    print(f"{len(history.measured)} measured steps of {len(history)}; last: {history.measured[-1].summary()}")
+    for line in _coverage(measured):
+        print(line)
+    print(f"{len(measured)} measured steps of {len(reports)}; last: {measured[-1].summary()}")
     return 0
 
 
