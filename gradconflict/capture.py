@@ -64,16 +64,38 @@ def task_batch(grad: Tensor, num_tasks: int) -> Tensor:
     return grad.expand(num_tasks, *grad.shape)
 
 
-class _Tap(torch.autograd.Function):
-    """Identity on a module's output that reports the output's gradient to the active pass, if any.
+def _report(ctx: Any, grad: Tensor) -> Tensor | None:
+    """Hand ``grad`` to the capture's active pass, if any; the anchor's gradient (zero when reported)."""
+    capture = ctx.gc_capture()
+    receiver = None if capture is None else capture.receiver
+    if receiver is None:
+        return None
+    receiver.receive(ctx.gc_call, task_batch(grad, receiver.num_tasks))
+    return grad.new_zeros(())
 
-    Written in the ``setup_context`` style with a ``vmap`` rule so that it can also be applied inside the
-    batched backward, where a checkpointed segment is recomputed.
-    """
+
+class _Tap(torch.autograd.Function):
+    """Identity on a module's output that reports the output's gradient to the active pass, if any."""
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, anchor: Tensor, call: Call, capture: weakref.ref[Capture]) -> Tensor:
+        ctx.gc_call = call
+        ctx.gc_capture = capture
+        # A detached alias, not a view: users may modify the output in place (ReLU(inplace=True)).
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, None, None]:
+        return grad, _report(ctx, grad), None, None
+
+
+class _TransformTap(torch.autograd.Function):
+    """The same tap, applied inside a functorch transform: a checkpointed segment recomputed inside the batched
+    backward. Transforms need the ``setup_context`` style and a ``vmap`` rule, which cost a signature binding per
+    call, so ordinary forwards use :class:`_Tap`."""
 
     @staticmethod
     def forward(output: Tensor, anchor: Tensor, call: Call, capture: weakref.ref[Capture]) -> Tensor:
-        # A detached alias, not a view: users may modify the output in place (ReLU(inplace=True)).
         return output.detach()
 
     @staticmethod
@@ -83,16 +105,11 @@ class _Tap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, None, None]:
-        capture = ctx.gc_capture()
-        receiver = None if capture is None else capture.receiver
-        if receiver is None:
-            return grad, None, None, None
-        receiver.receive(ctx.gc_call, task_batch(grad, receiver.num_tasks))
-        return grad, grad.new_zeros(()), None, None
+        return grad, _report(ctx, grad), None, None
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], output: Tensor, anchor: Tensor, call: Call, capture: Any) -> Any:
-        return _Tap.apply(output, anchor, call, capture), in_dims[0]
+        return _TransformTap.apply(output, anchor, call, capture), in_dims[0]
 
 
 @functools.cache
@@ -188,7 +205,8 @@ class Capture:
         if not isinstance(x, Tensor):
             return None
         call = Call(module, rule, rule.save(module, x, output), owner=self)
-        return _Tap.apply(output, self.anchor(output.device), call, weakref.ref(self))
+        tap = _Tap if functorch.peek_interpreter_stack() is None else _TransformTap
+        return tap.apply(output, self.anchor(output.device), call, weakref.ref(self))
 
     def arm(self, on: bool) -> None:
         """Tap the coming forwards (``True``) or leave them plain (``False``: no hook is registered at all)."""

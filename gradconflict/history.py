@@ -4,9 +4,10 @@ averages folded in as steps arrive.
 A report arrives holding tensors on the model's device. :meth:`History.append` packs its numbers (weights,
 losses, the Gram and every layer's Gram) into one flat tensor and copies it to the host; on a GPU the copy is
 asynchronous and is collected once it has landed, so appending never waits for the device. Each collected step
-is folded into the moving averages, handed to the sinks (a :class:`~gradconflict.sinks.JSONLSink` writes it to
-disk at once) and kept, up to ``max_history`` steps (the oldest are dropped; the averages and the sinks cover the
-whole run). A step whose Gram is not finite is kept as skipped and never enters the averages.
+is handed to the sinks (a :class:`~gradconflict.sinks.JSONLSink` writes it to disk at once) and kept, up to
+``max_history`` steps (the oldest are dropped; the averages and the sinks cover the whole run); the moving
+averages fold the collected steps in batches of :data:`FOLD_BATCH` (and whenever they are read), which costs a
+few microseconds a step. A step whose Gram is not finite is kept as skipped and never enters the averages.
 
 Tasks are tracked by name: steps may carry different tasks, in any order. Reading ``history[k]`` gives a
 :class:`~gradconflict.ConflictReport` with CPU tensors.
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor
 
+from gradconflict import metrics
 from gradconflict.report import ConflictReport, LayerReport
 
 if TYPE_CHECKING:
@@ -46,6 +48,9 @@ SCHEMA = 1
 
 #: The run-level quantities whose exponential moving average is kept (besides each pair's ``cosine/a/b``).
 EMA_QUANTITIES = ("conflict_fraction", "cancellation", "worst_cosine", "update_norm")
+
+#: Steps folded into the moving averages at once (their quantities are computed as one batch).
+FOLD_BATCH = 64
 
 
 class Sink(Protocol):
@@ -143,6 +148,7 @@ class History:
         self._records: deque[_Record] = deque(maxlen=max_history)
         self._pending: deque[_Pending] = deque()
         self._layouts: dict[_Layout, _Layout] = {}
+        self._unfolded: list[_Record] = []  # admitted steps not yet in the moving averages
         self._ema: dict[str, float] = {}
         self.steps_seen = 0
 
@@ -189,48 +195,69 @@ class History:
         self._collect(wait=False)
 
     def _collect(self, wait: bool) -> None:
-        """Fold in the steps whose copy has landed (all of them when ``wait``)."""
+        """Admit the steps whose copy has landed (all of them when ``wait``), and fold the moving averages once
+        a batch of steps is waiting (all of them when ``wait``)."""
         while self._pending:
             pending = self._pending[0]
             if pending.event is not None:
                 if not wait and not pending.event.query():
-                    return
+                    break
                 pending.event.synchronize()
             self._pending.popleft()
-            self._fold(pending.record)
+            self._admit(pending.record)
+        if self._unfolded and (wait or len(self._unfolded) >= FOLD_BATCH):
+            self._fold()
 
-    def _fold(self, record: _Record) -> None:
+    def _admit(self, record: _Record) -> None:
         T = len(record.layout.tasks)
         if not record.skip_reason and not bool(torch.isfinite(record.packed[2 * T :]).all()):
             record.skip_reason = "non-finite gradients"
         self.steps_seen += 1
         self._records.append(record)
-        report = record.report()
-        if not report.skipped:
-            self._update_ema(report)
+        if not record.skip_reason:
+            self._unfolded.append(record)
         for sink in list(self.sinks):
             try:
-                sink.write(report)
+                sink.write(record.report())
             except Exception as err:  # a failing sink must never stop training
                 self.sinks.remove(sink)
                 warnings.warn(f"gradconflict: sink {sink!r} failed and is dropped: {err}", RuntimeWarning, stacklevel=4)
 
-    def _update_ema(self, report: ConflictReport) -> None:
-        values = {
-            "cancellation": float(report.cancellation),
-            "update_norm": float(report.update_norm),
+    def _fold(self) -> None:
+        """Fold the waiting steps into the moving averages, in step order, computing their quantities for each
+        run of steps that share a layout at once."""
+        records, self._unfolded = self._unfolded, []
+        start = 0
+        while start < len(records):
+            layout = records[start].layout
+            stop = start
+            while stop < len(records) and records[stop].layout is layout:
+                stop += 1
+            self._fold_run(layout, records[start:stop])
+            start = stop
+
+    def _fold_run(self, layout: _Layout, records: list[_Record]) -> None:
+        T = len(layout.tasks)
+        packed = torch.stack([r.packed[: 2 * T + T * T] for r in records]).double()
+        w, G = packed[:, :T], packed[:, 2 * T :].reshape(-1, T, T)
+        columns: dict[str, list[float]] = {
+            "cancellation": metrics.cancellation(G, w).tolist(),
+            "update_norm": metrics.update_norm(G, w).tolist(),
         }
-        if len(report.tasks) > 1:  # pair quantities only exist with two tasks or more
-            values["conflict_fraction"] = float(report.conflict_fraction)
-            values["worst_cosine"] = float(worst_cosine(report))
-            C = report.cosine.tolist()
-            for i, a in enumerate(report.tasks):
-                for j in range(i + 1, len(report.tasks)):
-                    values["cosine/" + "/".join(sorted((a, report.tasks[j])))] = C[i][j]
+        if T > 1:  # pair quantities only exist with two tasks or more
+            C = metrics.cosine(G)
+            i, j = torch.triu_indices(T, T, 1)
+            pairs = C[:, i, j]
+            columns["conflict_fraction"] = metrics.conflict_fraction(G, layout.threshold).tolist()
+            columns["worst_cosine"] = pairs.amin(1).tolist()
+            for k, (a, b) in enumerate(zip(i.tolist(), j.tolist())):
+                columns["cosine/" + "/".join(sorted((layout.tasks[a], layout.tasks[b])))] = pairs[:, k].tolist()
         d = self.ema_decay
-        for key, value in values.items():
-            old = self._ema.get(key)
-            self._ema[key] = value if old is None else d * old + (1 - d) * value
+        for key, values in columns.items():
+            ema = self._ema.get(key)
+            for value in values:
+                ema = value if ema is None else d * ema + (1 - d) * value
+            self._ema[key] = ema  # type: ignore[assignment]
 
     # ------------------------------------------------------------------------------------------ reading
     @property
@@ -273,6 +300,7 @@ class History:
         self._collect(wait=True)
         self._records.clear()
         self._ema.clear()
+        self._unfolded.clear()
         self.steps_seen = 0
 
     def close(self) -> None:

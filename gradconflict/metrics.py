@@ -2,8 +2,9 @@
 
 ``G[i, j] = <g_i, g_j>`` where ``g_i`` is task ``i``'s gradient over the shared parameters. Every quantity
 the library reports is a function of ``G`` (and of the task weights ``w``), so each one is defined here once,
-on tensors, with no model in sight. Definitions follow DESIGN.md section 2. All functions keep the result on
-``G``'s device and never force a host sync.
+on tensors, with no model in sight (the math and its sources are in the docs). All functions keep the result on
+``G``'s device and never force a host sync. Each accepts a batch of Grams ``[..., T, T]`` (with weights
+``[..., T]``) as well as a single one, so that a run's steps are computed at once.
 
 A zero-norm task (a task whose gradient vanishes) never produces a NaN: its cosines and alignment are 0 and
 :func:`zero_norm_tasks` flags it.
@@ -46,8 +47,13 @@ def _tiny(G: Tensor) -> float:
 
 def _weights(G: Tensor, weights: Tensor | None) -> Tensor:
     if weights is None:
-        return torch.ones(G.shape[0], dtype=G.dtype, device=G.device)
+        return torch.ones(G.shape[:-1], dtype=G.dtype, device=G.device)
     return weights.to(dtype=G.dtype, device=G.device)
+
+
+def _outer(a: Tensor, b: Tensor) -> Tensor:
+    """``a_i b_j`` over the last axis, batched over the leading ones."""
+    return a[..., :, None] * b[..., None, :]
 
 
 def task_norms(G: Tensor) -> Tensor:
@@ -56,7 +62,7 @@ def task_norms(G: Tensor) -> Tensor:
     >>> task_norms(torch.diag(torch.tensor([4.0, 9.0])))
     tensor([2., 3.])
     """
-    return G.diagonal().clamp_min(0).sqrt()
+    return G.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
 
 
 def zero_norm_tasks(G: Tensor, rtol: float = 1e-12) -> Tensor:
@@ -65,8 +71,8 @@ def zero_norm_tasks(G: Tensor, rtol: float = 1e-12) -> Tensor:
     >>> zero_norm_tasks(torch.diag(torch.tensor([1.0, 0.0])))
     tensor([False,  True])
     """
-    d = G.diagonal()
-    return d <= (rtol * d.max()).clamp_min(_tiny(G))
+    d = G.diagonal(dim1=-2, dim2=-1)
+    return d <= (rtol * d.amax(-1, keepdim=True)).clamp_min(_tiny(G))
 
 
 def cosine(G: Tensor) -> Tensor:
@@ -78,8 +84,8 @@ def cosine(G: Tensor) -> Tensor:
     """
     n = task_norms(G)
     live = ~zero_norm_tasks(G)
-    denom = torch.outer(n, n)
-    C = torch.where(torch.outer(live, live), G / denom.where(denom > 0, torch.ones_like(denom)), 0)
+    denom = _outer(n, n)
+    C = torch.where(_outer(live, live), G / denom.where(denom > 0, torch.ones_like(denom)), 0)
     return C.clamp(-1.0, 1.0)
 
 
@@ -92,11 +98,10 @@ def conflict_pairs(G: Tensor, threshold: float = 0.0) -> Tensor:
     tensor([[False,  True],
             [False, False]])
     """
-    T = G.shape[0]
-    k = torch.arange(T, device=G.device)
+    k = torch.arange(G.shape[-1], device=G.device)
     upper = k[:, None] < k[None, :]  # not .triu(1): on CPU, torch 2.13's triu costs milliseconds on 2 threads
     live = ~zero_norm_tasks(G)
-    return (cosine(G) < threshold) & upper & torch.outer(live, live)
+    return (cosine(G) < threshold) & upper & _outer(live, live)
 
 
 def conflict_fraction(G: Tensor, threshold: float = 0.0) -> Tensor:
@@ -109,10 +114,10 @@ def conflict_fraction(G: Tensor, threshold: float = 0.0) -> Tensor:
     >>> conflict_fraction(torch.eye(1)).isnan().item()
     True
     """
-    T = G.shape[0]
+    T = G.shape[-1]
     if T < 2:
-        return torch.full((), float("nan"), dtype=G.dtype, device=G.device)
-    return conflict_pairs(G, threshold).sum().to(G.dtype) / (T * (T - 1) // 2)
+        return torch.full(G.shape[:-2], float("nan"), dtype=G.dtype, device=G.device)
+    return conflict_pairs(G, threshold).sum((-2, -1)).to(G.dtype) / (T * (T - 1) // 2)
 
 
 def magnitude_similarity(G: Tensor) -> Tensor:
@@ -123,8 +128,8 @@ def magnitude_similarity(G: Tensor) -> Tensor:
     """
     n = task_norms(G)
     sq = n.square()
-    denom = sq[:, None] + sq[None, :]
-    return torch.where(denom > 0, 2 * torch.outer(n, n) / denom.where(denom > 0, torch.ones_like(denom)), 1.0)
+    denom = sq[..., :, None] + sq[..., None, :]
+    return torch.where(denom > 0, 2 * _outer(n, n) / denom.where(denom > 0, torch.ones_like(denom)), 1.0)
 
 
 def update_norm(G: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -134,7 +139,7 @@ def update_norm(G: Tensor, weights: Tensor | None = None) -> Tensor:
     0.0
     """
     w = _weights(G, weights)
-    return (w @ G @ w).clamp_min(0).sqrt()
+    return torch.einsum("...i,...ij,...j->...", w, G, w).clamp_min(0).sqrt()
 
 
 def cancellation(G: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -146,7 +151,7 @@ def cancellation(G: Tensor, weights: Tensor | None = None) -> Tensor:
     0.0
     """
     w = _weights(G, weights)
-    total = w @ task_norms(G)
+    total = (w * task_norms(G)).sum(-1)
     ratio = update_norm(G, w) / total.where(total > 0, torch.ones_like(total))
     return torch.where(total > 0, (1 - ratio).clamp(0.0, 1.0), 0.0)
 
@@ -162,9 +167,10 @@ def alignment(G: Tensor, weights: Tensor | None = None) -> Tensor:
     w = _weights(G, weights)
     n = task_norms(G)
     u = update_norm(G, w)
-    denom = n * u
+    denom = n * u[..., None]
     ok = (denom > 0) & ~zero_norm_tasks(G)
-    return torch.where(ok, (G @ w) / denom.where(denom > 0, torch.ones_like(denom)), 0.0).clamp(-1.0, 1.0)
+    Gw = (G @ w[..., None]).squeeze(-1)
+    return torch.where(ok, Gw / denom.where(denom > 0, torch.ones_like(denom)), 0.0).clamp(-1.0, 1.0)
 
 
 def condition_number(G: Tensor, rtol: float = 1e-12) -> Tensor:
@@ -176,7 +182,7 @@ def condition_number(G: Tensor, rtol: float = 1e-12) -> Tensor:
     2.0
     """
     eig = torch.linalg.eigvalsh(G.double() if G.dtype != torch.float64 else G)
-    lo, hi = eig[0], eig[-1]
+    lo, hi = eig[..., 0], eig[..., -1]
     singular = lo <= rtol * hi.clamp_min(0)
     kappa = (hi / lo.where(~singular, torch.ones_like(lo))).clamp_min(1).sqrt()
     return torch.where(singular, torch.inf, kappa).to(G.dtype)
@@ -188,7 +194,7 @@ def loss_change(G: Tensor, weights: Tensor | None = None, lr: float = 1.0) -> Te
     >>> loss_change(torch.tensor([[1.0, -2.0], [-2.0, 4.0]]), lr=0.1)
     tensor([ 0.1000, -0.2000])
     """
-    return -lr * (G @ _weights(G, weights))
+    return -lr * (G @ _weights(G, weights)[..., None]).squeeze(-1)
 
 
 def transference(G: Tensor, losses: Tensor, lr: float = 1.0) -> Tensor:
@@ -202,4 +208,4 @@ def transference(G: Tensor, losses: Tensor, lr: float = 1.0) -> Tensor:
             [-0.2500,  0.1250]])
     """
     L = losses.to(dtype=G.dtype, device=G.device)
-    return lr * G / L.where(L != 0, torch.ones_like(L))[None, :]
+    return lr * G / L.where(L != 0, torch.ones_like(L))[..., None, :]

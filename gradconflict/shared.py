@@ -59,6 +59,7 @@ class SharedParameters:
         self.module: nn.Module | None = None
         self._found: dict[int, nn.Parameter] = {}
         self._known: set[int] = set()  # parameters that required grad at the last discovery
+        self._verified: set[str] = set()  # tasks whose loss was seen to reach the shared parameters
         self.discover = shared is None
         if isinstance(shared, nn.Module):
             if not any(m is shared for m in model.modules()):
@@ -123,9 +124,14 @@ class SharedParameters:
         return reached
 
     def check_dependence(self, names: Sequence[str], losses: Sequence[Tensor], shared: list[nn.Parameter]) -> None:
-        """Raise ``ValueError`` naming a task whose loss depends on no shared parameter."""
+        """Raise ``ValueError`` naming a task whose loss depends on no shared parameter. Each task is checked
+        once, at its first step: a graph walk per task and step would cost more than the rest of the book-keeping."""
         for name, loss in zip(names, losses):
-            if not depends_on(loss, shared, self.expand):
+            if name in self._verified:
+                continue
+            if depends_on(loss, shared, self.expand):
+                self._verified.add(name)
+            else:
                 raise ValueError(
                     f"loss {name!r} does not depend on any shared parameter; every task must use the shared "
                     f"backbone ({len(shared)} parameters, e.g. {[self.names.get(id(p), '?') for p in shared[:3]]})"

@@ -95,3 +95,31 @@ def test_threshold_and_transference():
     assert m.conflict_fraction(G, threshold=-0.1).item() == 0.0
     Z = m.transference(G, torch.tensor([2.0, 0.5], dtype=G.dtype), lr=0.1)
     assert Z[0, 1].item() == pytest.approx(0.1 * -0.05 / 0.5)
+
+
+def test_every_metric_takes_a_batch_of_grams_as_well_as_one():
+    torch.manual_seed(0)
+    J = torch.randn(5, 3, 7, dtype=torch.float64)
+    G = J @ J.transpose(-1, -2)
+    G[1, 2] = 0  # a zero-norm task in one of the steps
+    G[1, :, 2] = 0
+    w = torch.rand(5, 3, dtype=torch.float64)
+    L = torch.rand(5, 3, dtype=torch.float64) + 0.5
+    per_step = {
+        "task_norms": lambda g, w, l: m.task_norms(g),
+        "zero_norm_tasks": lambda g, w, l: m.zero_norm_tasks(g),
+        "cosine": lambda g, w, l: m.cosine(g),
+        "conflict_pairs": lambda g, w, l: m.conflict_pairs(g, -0.1),
+        "conflict_fraction": lambda g, w, l: m.conflict_fraction(g),
+        "magnitude_similarity": lambda g, w, l: m.magnitude_similarity(g),
+        "update_norm": lambda g, w, l: m.update_norm(g, w),
+        "cancellation": lambda g, w, l: m.cancellation(g, w),
+        "alignment": lambda g, w, l: m.alignment(g, w),
+        "condition_number": lambda g, w, l: m.condition_number(g),
+        "loss_change": lambda g, w, l: m.loss_change(g, w, lr=0.3),
+        "transference": lambda g, w, l: m.transference(g, l, lr=0.3),
+    }
+    for name, f in per_step.items():
+        batched = f(G, w, L)
+        for s in range(5):
+            torch.testing.assert_close(batched[s], f(G[s], w[s], L[s]), msg=name)
