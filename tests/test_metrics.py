@@ -106,18 +106,18 @@ def test_every_metric_takes_a_batch_of_grams_as_well_as_one():
     w = torch.rand(5, 3, dtype=torch.float64)
     L = torch.rand(5, 3, dtype=torch.float64) + 0.5
     per_step = {
-        "task_norms": lambda g, w, l: m.task_norms(g),
-        "zero_norm_tasks": lambda g, w, l: m.zero_norm_tasks(g),
-        "cosine": lambda g, w, l: m.cosine(g),
-        "conflict_pairs": lambda g, w, l: m.conflict_pairs(g, -0.1),
-        "conflict_fraction": lambda g, w, l: m.conflict_fraction(g),
-        "magnitude_similarity": lambda g, w, l: m.magnitude_similarity(g),
-        "update_norm": lambda g, w, l: m.update_norm(g, w),
-        "cancellation": lambda g, w, l: m.cancellation(g, w),
-        "alignment": lambda g, w, l: m.alignment(g, w),
-        "condition_number": lambda g, w, l: m.condition_number(g),
-        "loss_change": lambda g, w, l: m.loss_change(g, w, lr=0.3),
-        "transference": lambda g, w, l: m.transference(g, l, lr=0.3),
+        "task_norms": lambda g, w, losses: m.task_norms(g),
+        "zero_norm_tasks": lambda g, w, losses: m.zero_norm_tasks(g),
+        "cosine": lambda g, w, losses: m.cosine(g),
+        "conflict_pairs": lambda g, w, losses: m.conflict_pairs(g, -0.1),
+        "conflict_fraction": lambda g, w, losses: m.conflict_fraction(g),
+        "magnitude_similarity": lambda g, w, losses: m.magnitude_similarity(g),
+        "update_norm": lambda g, w, losses: m.update_norm(g, w),
+        "cancellation": lambda g, w, losses: m.cancellation(g, w),
+        "alignment": lambda g, w, losses: m.alignment(g, w),
+        "condition_number": lambda g, w, losses: m.condition_number(g),
+        "loss_change": lambda g, w, losses: m.loss_change(g, w, lr=0.3),
+        "transference": lambda g, w, losses: m.transference(g, losses, lr=0.3),
     }
     for name, f in per_step.items():
         batched = f(G, w, L)
