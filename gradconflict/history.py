@@ -83,6 +83,7 @@ class _Layout:
     approximate: bool
     threshold: float
     has_losses: bool
+    sync: str = ""
 
 
 @dataclass
@@ -119,6 +120,7 @@ class _Record:
             strategy=lay.strategy,
             approximate=lay.approximate,
             threshold=lay.threshold,
+            sync=lay.sync,
         )
 
 
@@ -179,6 +181,7 @@ class History:
             report.approximate,
             report.threshold,
             losses is not None,
+            report.sync,
         )
         layout = self._layouts.setdefault(layout, layout)
         packed = torch.cat(parts)
@@ -391,6 +394,7 @@ class History:
                     "approximate": lay.approximate,
                     "threshold": lay.threshold,
                     "has_losses": lay.has_losses,
+                    "sync": lay.sync,
                 }
                 for lay in layouts
             ],
@@ -413,6 +417,7 @@ class History:
                 d["approximate"],
                 d["threshold"],
                 d["has_losses"],
+                d.get("sync", ""),
             )
             for d in state["layouts"]
         ]

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from gradconflict.checkpoint import BufferGuard
+from gradconflict.distributed import Sync
 from gradconflict.engine import ENGINES, Engine, Measurement, Plan, make_engine
 from gradconflict.engine.base import Accumulator, measuring
 from gradconflict.history import History, Sink
@@ -129,6 +130,13 @@ class ConflictMonitor:
             Gram is measured on the scaled losses and reported unscaled.
         sinks: where each measured step goes as it is collected (e.g. ``[JSONLSink("run.jsonl")]``).
         allow_other_monitors: attach even if another open monitor taps the same model.
+        sync: under ``torch.distributed`` (DDP, FSDP), how the ranks' measurements combine: ``"exact"`` (the
+            global batch's Gram; all-reduces T x the shared parameters per measured step), ``"sketch"`` (an
+            unbiased estimate from one all-reduce of ``layers x T x sketch_size`` numbers) or ``"local"`` (each
+            rank's own batch, no communication). See :mod:`gradconflict.distributed`. Ignored in one process.
+        process_group: the group to synchronise over (default: the DDP wrapper's, else the default group).
+        sketch_size: k, the numbers per task and layer of a sketch.
+        sinks_rank: the only rank whose sinks write (``None``: every rank's). Every rank keeps a history.
 
     Attributes:
         history: a :class:`~gradconflict.History` of the measured (and skipped) steps.
@@ -150,6 +158,10 @@ class ConflictMonitor:
         scaler: Any = None,
         sinks: Iterable[Sink] = (),
         allow_other_monitors: bool = False,
+        sync: str = "exact",
+        process_group: Any = None,
+        sketch_size: int = 4096,
+        sinks_rank: int | None = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -166,6 +178,9 @@ class ConflictMonitor:
             raise ValueError("engine='representation' does not support accumulation_steps > 1; use engine='auto'")
         if scaler is not None and not callable(getattr(scaler, "scale", None)):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self._sync = Sync.resolve(model, sync, process_group, sketch_size)
+        if self._sync is not None and sinks_rank is not None and self._sync.rank != sinks_rank:
+            sinks = ()  # one rank writes the files and dashboards
         self.model = model
         inner = _unwrap(model)
         ids = frozenset(id(m) for m in inner.modules())
@@ -306,9 +321,11 @@ class ConflictMonitor:
             return "the shared parameters are found at the first step that carries two or more tasks"
         if not shared:
             return "no shared parameter requires grad (is the backbone frozen?)"
-        ids = {id(p) for p in shared}
+        copies = self._shared.leaves(shared)  # FSDP2: the graph holds unsharded copies of the parameters
+        ids = {id(p) for p in shared} | {id(c) for c in copies.values()}
         if self._plan is None or self._plan.shared != ids:
-            self._plan = Plan(ids, self._layer_of, self._module_name, gram_dtype(shared), _unwrap(self.model))
+            layer_of = self._layer_of | {id(c): self._layer_of[k] for k, c in copies.items() if k in self._layer_of}
+            self._plan = Plan(ids, layer_of, self._module_name, gram_dtype(shared), _unwrap(self.model), copies)
             self.engine.restrict(ids)
         self._shared.check_dependence(batch.names, batch.losses, shared)
         return self._plan
@@ -323,8 +340,12 @@ class ConflictMonitor:
         except RuntimeError as err:
             if _graph_freed(err):
                 raise RuntimeError(_FREED) from err
+            if self._sync is not None and self._sync.is_global:
+                raise
             return self._failed(err)
-        except Exception as err:  # the training run must go on
+        except Exception as err:  # the training run must go on ...
+            if self._sync is not None and self._sync.is_global:
+                raise  # ... but a rank that stopped measuring would leave the others waiting in a collective
             return self._failed(err)
         return result
 
@@ -348,7 +369,10 @@ class ConflictMonitor:
         if device_weights:
             w = torch.stack([x.detach() for x in device_weights])
             parts.append((torch.isfinite(w) & (w >= 0)).to(parts[0].device))
-        flags = torch.cat(parts).tolist()
+        flags = torch.cat(parts)
+        if self._sync is not None:
+            flags = self._sync.all_true(flags)  # every rank takes the same decision
+        flags = flags.tolist()
         if device_weights and not all(flags[-len(device_weights) :]):
             raise ValueError("a task weight tensor is negative or not finite; weights must be finite and >= 0")
         bad_loss = [n for n, ok in zip(batch.names, flags[:T]) if not ok]
@@ -372,6 +396,10 @@ class ConflictMonitor:
             )
         return what, False
 
+    def _global_losses(self, losses: Tensor) -> Tensor:
+        """The losses a global report shows: their mean over the ranks, so that every rank reports alike."""
+        return losses if self._sync is None or not self._sync.is_global else self._sync.mean(losses)
+
     def _report(
         self, names: tuple[str, ...], measurement: Measurement, weights: Tensor, losses: Tensor, step: int
     ) -> ConflictReport:
@@ -393,6 +421,7 @@ class ConflictMonitor:
             strategy=measurement.strategy,
             approximate=self.engine.approximate,
             threshold=self.threshold,
+            sync="" if self._sync is None else self._sync.mode,
         )
         self.history.append(report)
         return report
@@ -412,7 +441,8 @@ class ConflictMonitor:
             if write:
                 self._write_grads(batch)
             return self._skipped(batch.names, step, plan, losses, weights)
-        outcome = self._engine_call(lambda: self.engine.measure(self._roots(batch), plan))
+        reduction = None if self._sync is None else self._sync.reduction(step)
+        outcome = self._engine_call(lambda: self.engine.measure(self._roots(batch), plan, reduction))
         if isinstance(outcome, str):
             if write:
                 self._write_grads(batch)
@@ -429,7 +459,7 @@ class ConflictMonitor:
             self._write_grads(batch)
         if reason:
             return self._skipped(batch.names, step, reason, losses, weights)
-        return self._report(batch.names, measurement, weights, losses, step)
+        return self._report(batch.names, measurement, weights, self._global_losses(losses), step)
 
     # ------------------------------------------------------------------------------------------ micro-batches
     def _micro_batch(self, batch: TaskLosses, measured: bool) -> ConflictReport | None:
@@ -487,12 +517,13 @@ class ConflictMonitor:
         leaves: dict[int, Tensor] = {}
         for sums in acc.grads.values():
             leaves.update((k, leaf) for k, (leaf, _) in sums.items())
-        total = Accumulator(len(names), acc.plan, losses.device)
+        reduction = None if self._sync is None else self._sync.reduction(self.step)
+        total = Accumulator(len(names), acc.plan, losses.device, reduction)
         for k, leaf in leaves.items():
             rows = [acc.grads.get(n, {}).get(k) for n in names]
             zero = next(r[1] for r in rows if r is not None).new_zeros(leaf.shape)
             total.add_per_task(leaf, torch.stack([zero if r is None else r[1] for r in rows]))
-        return self._report(names, total.result("accumulated"), weights, losses, self.step)
+        return self._report(names, total.result("accumulated"), weights, self._global_losses(losses), self.step)
 
     # ------------------------------------------------------------------------------------------ diagnosis
     def advise(self, **kwargs: Any) -> Advice:

@@ -195,6 +195,8 @@ class ConflictReport(_GramMetrics):
             per task: the fallback for graphs the batched backward cannot run), ``"reference"``,
             ``"representation"`` or ``"accumulated"`` (micro-batches summed per task).
         approximate: True when ``gram`` is an approximation (representation mode), not the exact Gram.
+        sync: across processes, what ``gram`` describes: ``"exact"`` or ``"sketch"`` (the global batch; a sketch
+            is an unbiased estimate) or ``"local"`` (this rank's batch only); ``""`` in a single process.
         threshold: cosine below which a pair counts as conflicting (``S``).
         skipped: True when the step was skipped (a non-finite loss or gradient, a GradScaler overflow, shared
             parameters not known yet); a skipped report has no Gram.
@@ -215,10 +217,12 @@ class ConflictReport(_GramMetrics):
         approximate: bool = False,
         threshold: float = 0.0,
         skip_reason: str = "",
+        sync: str = "",
     ) -> None:
         self.step = int(step)
         self.engine = engine
         self.strategy = strategy
+        self.sync = sync
         self.approximate = approximate
         self.skip_reason = skip_reason
         self.layers: dict[str, LayerReport] = dict(layers or {})
@@ -279,6 +283,7 @@ class ConflictReport(_GramMetrics):
             "skip_reason": self.skip_reason,
             "engine": self.engine,
             "strategy": self.strategy,
+            "sync": self.sync,
             "approximate": self.approximate,
             "tasks": list(self.tasks),
             "threshold": self.threshold,
@@ -323,6 +328,7 @@ class ConflictReport(_GramMetrics):
             step=data["step"],
             engine=data.get("engine", ""),
             strategy=data.get("strategy", ""),
+            sync=data.get("sync", ""),
             approximate=data.get("approximate", False),
             threshold=threshold,
         )

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from gradconflict.checkpoint import segment_leaves
+from gradconflict.fsdp import unsharded_copies
 from gradconflict.graph import depends_on, leaves_of, walk_graph
 
 __all__ = ["ROOT_LAYER", "SharedParameters", "gram_dtype", "layer_names"]
@@ -60,6 +61,7 @@ class SharedParameters:
         self._found: dict[int, nn.Parameter] = {}
         self._known: set[int] = set()  # parameters that required grad at the last discovery
         self._verified: set[str] = set()  # tasks whose loss was seen to reach the shared parameters
+        self._copies: dict[int, tuple[nn.Parameter, Tensor]] = {}  # FSDP2: unsharded copy -> its parameter
         self.discover = shared is None
         if isinstance(shared, nn.Module):
             if not any(m is shared for m in model.modules()):
@@ -81,13 +83,29 @@ class SharedParameters:
         """The parameters inside a reentrant checkpoint node (see :func:`~gradconflict.checkpoint.segment_leaves`)."""
         return segment_leaves(node, self.model)
 
+    def canonical(self, t: Tensor) -> Tensor:
+        """The parameter a graph leaf stands for (itself, or the sharded parameter of an FSDP2 unsharded copy)."""
+        entry = self._copies.get(id(t))
+        return t if entry is None else entry[0]
+
+    def _parameters(self, module: nn.Module) -> list[nn.Parameter]:
+        """``module``'s parameters that require grad, each once, by their canonical (sharded) identity."""
+        found = {id(q): q for q in (self.canonical(p) for p in module.parameters()) if q.requires_grad}
+        return list(found.values())  # type: ignore[arg-type]
+
+    def leaves(self, shared: Sequence[nn.Parameter]) -> dict[int, Tensor]:
+        """``id(parameter) -> the tensor the autograd graph holds for it``, where that is another tensor (FSDP2)."""
+        wanted = {id(p) for p in shared}
+        return {id(p): copy for p, copy in self._copies.values() if id(p) in wanted}
+
     def resolve(self, names: Sequence[str], losses: Sequence[Tensor]) -> list[nn.Parameter] | None:
         """This step's shared parameters that require grad; ``None`` while discovery waits for a step with two
         or more tasks. Raises ``ValueError`` when no parameter is shared by two tasks."""
+        self._copies = unsharded_copies(self.model)
         if self.module is not None:
-            return [p for p in self.module.parameters() if p.requires_grad]
+            return self._parameters(self.module)
         if self.discover:
-            trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
+            trainable = {id(p) for p in self._parameters(self.model)}
             if not self._found or trainable - self._known:
                 if len(losses) < 2:
                     return None if not self._found else self._current()
@@ -101,10 +119,8 @@ class SharedParameters:
         if walk_graph(list(losses)).opaque:
             reached = self._reached_numerically(losses)
         else:
-            reached = [{id(t) for t in leaves_of(loss, self.expand)} for loss in losses]
-        found = [
-            p for p in self.model.parameters() if p.requires_grad and sum(id(p) in r for r in reached) >= 2
-        ]
+            reached = [{id(self.canonical(t)) for t in leaves_of(loss, self.expand)} for loss in losses]
+        found = [p for p in self._parameters(self.model) if sum(id(p) in r for r in reached) >= 2]
         if not found and not self._found:
             raise ValueError(
                 f"no parameter of the model receives gradient from two or more of the tasks {list(names)}: there "
@@ -129,7 +145,7 @@ class SharedParameters:
         for name, loss in zip(names, losses):
             if name in self._verified:
                 continue
-            if depends_on(loss, shared, self.expand):
+            if depends_on(loss, [*shared, *self.leaves(shared).values()], self.expand):
                 self._verified.add(name)
             else:
                 raise ValueError(
@@ -150,7 +166,7 @@ class SharedParameters:
             raise ValueError(f"the saved shared parameters {missing[:5]} are not parameters of this model")
         if self.module is None:
             self._found = {id(params[n]): params[n] for n in names}
-            self._known = {id(p) for p in self.model.parameters() if p.requires_grad}
+            self._known = {id(p) for p in self._parameters(self.model)}
 
 
 def gram_dtype(shared: Sequence[nn.Parameter]) -> torch.dtype:

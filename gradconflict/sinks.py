@@ -17,6 +17,7 @@ the file back.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TextIO
 
 from gradconflict.history import report_line
 from gradconflict.report import ConflictReport
@@ -35,17 +36,21 @@ class JSONLSink:
 
     def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("w" if overwrite else "a", encoding="utf-8")
+        self._mode = "w" if overwrite else "a"
+        self._file: TextIO | None = None  # opened at the first step: a rank that never writes never opens it
 
     def write(self, report: ConflictReport) -> None:
         """Append one step and flush."""
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open(self._mode, encoding="utf-8")
         self._file.write(report_line(report))
         self._file.flush()
 
     def close(self) -> None:
         """Close the file."""
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def __repr__(self) -> str:
         return f"JSONLSink({str(self.path)!r})"

@@ -19,5 +19,8 @@ def test_lines_are_appended_and_flushed(tmp_path):
     again.write(ConflictReport(("a", "b"), torch.eye(2), step=1))
     again.close()
     assert [r.step for r in History.from_jsonl(path)] == [0, 1]
-    JSONLSink(path, overwrite=True).close()
-    assert path.read_text() == ""
+    fresh = JSONLSink(path, overwrite=True)
+    assert len(path.read_text().splitlines()) == 2  # opened only at its first step
+    fresh.write(ConflictReport(("a", "b"), torch.eye(2), step=7))
+    fresh.close()
+    assert [r.step for r in History.from_jsonl(path)] == [7]

@@ -8,12 +8,15 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from gradconflict.rules.base import gram_of
+
+if TYPE_CHECKING:
+    from gradconflict.distributed import Reduction
 
 __all__ = [
     "Accumulator",
@@ -79,6 +82,8 @@ class Plan:
         module_name: module -> its layer name.
         gram_dtype: the dtype the Grams are accumulated in.
         model: the model (its buffers are restored when a measurement recomputes a checkpointed forward).
+        leaf_of: parameter id -> the tensor the autograd graph holds for it, where that is another tensor (an
+            FSDP2 module's unsharded copy); ``shared`` and ``layer_of`` know both.
     """
 
     shared: set[int]
@@ -86,6 +91,11 @@ class Plan:
     module_name: dict[nn.Module, str]
     gram_dtype: torch.dtype
     model: nn.Module
+    leaf_of: dict[int, Tensor] = field(default_factory=dict)
+
+    def leaf(self, p: Tensor) -> Tensor:
+        """The tensor the autograd graph holds for parameter ``p``."""
+        return self.leaf_of.get(id(p), p)
 
 
 @dataclass
@@ -123,8 +133,9 @@ class Engine(Protocol):
     def restrict(self, shared: set[int]) -> None:
         """The shared parameters are now known (ids)."""
 
-    def measure(self, losses: Sequence[Tensor], plan: Plan) -> Measurement:
-        """The per-layer Grams of the task losses' gradients on the shared parameters; the graph stays alive."""
+    def measure(self, losses: Sequence[Tensor], plan: Plan, reduction: Reduction | None = None) -> Measurement:
+        """The per-layer Grams of the task losses' gradients on the shared parameters; the graph stays alive.
+        With a ``reduction``, the Grams are global over the processes."""
         ...
 
     def gradients(self, losses: Sequence[Tensor], plan: Plan) -> dict[int, tuple[Tensor, Tensor]]:
@@ -141,24 +152,43 @@ class Accumulator:
 
     A materialised parameter may arrive in parts (from each recomputed checkpoint segment, or one task at a time
     in a per-task loop); its parts are summed first and its Gram taken once, in :meth:`result`, because a Gram
-    is not additive over parts of a gradient.
+    is not additive over parts of a gradient. With a ``reduction`` (several processes), per-task gradients go
+    through it instead of into a local Gram.
     """
 
-    def __init__(self, num_tasks: int, plan: Plan, device: torch.device) -> None:
+    def __init__(
+        self, num_tasks: int, plan: Plan, device: torch.device, reduction: Reduction | None = None
+    ) -> None:
         self.num_tasks = num_tasks
         self.plan = plan
         self.device = device
+        self.reduction = reduction
         self.layers: dict[str, LayerResult] = {}
         self._per_task: dict[int, tuple[Tensor, Tensor]] = {}
 
     def add_gram(self, layer: str, gram: Tensor, num_params: int, route: str) -> None:
         """Add a Gram (from a layer rule) to ``layer``."""
-        entry = self.layers.get(layer)
-        if entry is None:
-            self.layers[layer] = entry = LayerResult(torch.zeros_like(gram))
+        entry = self._entry(layer)
         entry.gram += gram
         entry.num_params += num_params
         entry.routes.add(route)
+
+    def add_rows(self, layer: str, rows: Tensor, num_params: int, route: str) -> None:
+        """Add the complete per-task gradients ``[T, P]`` of some of ``layer``'s parameters: their Gram, or,
+        across processes, their share of the global Gram (see :mod:`gradconflict.distributed`)."""
+        if self.reduction is None:
+            self.add_gram(layer, gram_of(rows), num_params, route)
+            return
+        self.reduction.add(layer, rows)
+        entry = self._entry(layer)
+        entry.num_params += num_params
+        entry.routes.add(route)
+
+    def _entry(self, layer: str) -> LayerResult:
+        if layer not in self.layers:
+            T = self.num_tasks
+            self.layers[layer] = LayerResult(torch.zeros(T, T, dtype=self.plan.gram_dtype, device=self.device))
+        return self.layers[layer]
 
     def add_per_task(self, leaf: Tensor, grads: Tensor, task: int | None = None) -> None:
         """Add materialised gradients of ``leaf``: all tasks' (``[T, *leaf.shape]``) or one ``task``'s."""
@@ -182,8 +212,11 @@ class Accumulator:
     def result(self, strategy: str) -> Measurement:
         """The step's measurement: the materialised parameters' Grams added, every layer summed."""
         for leaf, per_task in self._per_task.values():
-            self.add_gram(self.plan.layer_of[id(leaf)], gram_of(per_task.flatten(1)), leaf.numel(), "materialised")
+            self.add_rows(self.plan.layer_of[id(leaf)], per_task.flatten(1), leaf.numel(), "materialised")
         self._per_task.clear()
+        if self.reduction is not None:
+            for layer, gram in self.reduction.grams().items():
+                self.layers[layer].gram += gram
         T = self.num_tasks
         gram = torch.zeros(T, T, dtype=self.plan.gram_dtype, device=self.device)
         for entry in self.layers.values():

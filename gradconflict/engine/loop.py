@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -15,6 +15,9 @@ from gradconflict.checkpoint import measuring_segments
 from gradconflict.engine.base import Accumulator, Measurement, Plan
 from gradconflict.engine.segments import boundary_edges, segment_backward
 from gradconflict.graph import Graph, walk_graph
+
+if TYPE_CHECKING:
+    from gradconflict.distributed import Reduction
 
 __all__ = ["ReferenceEngine", "loop_accumulate"]
 
@@ -35,13 +38,15 @@ class _TaskSegments:
             self.acc.add_per_task(leaf, g, task=self.task)
 
 
-def loop_accumulate(losses: Sequence[Tensor], plan: Plan, graph: Graph | None = None) -> Accumulator:
+def loop_accumulate(
+    losses: Sequence[Tensor], plan: Plan, graph: Graph | None = None, reduction: Reduction | None = None
+) -> Accumulator:
     """The shared parameters' per-task gradients from T separate backward passes (T copies of them)."""
     stacked = torch.stack([loss.reshape(()) for loss in losses])
     graph = walk_graph([stacked]) if graph is None else graph
     leaves = [t for t in graph.leaves if id(t) in plan.shared]
     edges = boundary_edges(graph.checkpoints)
-    acc = Accumulator(len(losses), plan, stacked.device)
+    acc = Accumulator(len(losses), plan, stacked.device, reduction)
     if leaves or edges:
         for i, loss in enumerate(losses):
             segments = _TaskSegments(acc, i)
@@ -70,9 +75,9 @@ class ReferenceEngine:
     def restrict(self, shared: set[int]) -> None:
         """Nothing to restrict."""
 
-    def measure(self, losses: Sequence[Tensor], plan: Plan) -> Measurement:
+    def measure(self, losses: Sequence[Tensor], plan: Plan, reduction: Reduction | None = None) -> Measurement:
         """The per-layer Grams from T separate backward passes."""
-        result = loop_accumulate(losses, plan).result("reference")
+        result = loop_accumulate(losses, plan, reduction=reduction).result("reference")
         for entry in result.layers.values():
             entry.routes = {"reference"}
         return result

@@ -5,6 +5,7 @@ not the Gram over the parameters: reports from it are marked ``approximate``."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +13,9 @@ from torch import Tensor, nn
 from gradconflict.capture import OutputCapture
 from gradconflict.engine.base import LayerResult, Measurement, Plan
 from gradconflict.rules.base import gram_of
+
+if TYPE_CHECKING:
+    from gradconflict.distributed import Reduction
 
 __all__ = ["RepresentationEngine"]
 
@@ -36,8 +40,8 @@ class RepresentationEngine:
         """Remove the hook."""
         self.capture.close()
 
-    def measure(self, losses: Sequence[Tensor], plan: Plan) -> Measurement:
-        """The Gram of the task gradients at the shared module's output."""
+    def measure(self, losses: Sequence[Tensor], plan: Plan, reduction: Reduction | None = None) -> Measurement:
+        """The Gram of the task gradients at the shared module's output (across processes, of their mean)."""
         Z = self.capture.output
         if Z is None:
             raise ValueError(
@@ -51,6 +55,10 @@ class RepresentationEngine:
         )
         self.capture.output = None
         gram = gram_of(per_task.to(plan.gram_dtype).flatten(1))
+        if reduction is not None:
+            # Each rank's representation holds its own samples: the coordinates do not overlap, so the global
+            # Gram of the mean gradient has no cross-rank term, (1/R^2) sum_r G_r, exactly, whatever the mode.
+            gram = reduction.sync.all_reduce(gram.clone()) / reduction.sync.world**2
         layer = LayerResult(gram, num_params=Z[0].numel(), routes={"representation"})
         return Measurement(gram, {self.capture.name: layer}, "representation")
 

@@ -17,7 +17,7 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,10 @@ from gradconflict.engine.loop import loop_accumulate
 from gradconflict.engine.segments import boundary_edges, segment_backward
 from gradconflict.graph import Graph, walk_graph
 from gradconflict.rules import Call
+from gradconflict.rules.base import task_rows
+
+if TYPE_CHECKING:
+    from gradconflict.distributed import Reduction
 
 __all__ = ["TappedEngine"]
 
@@ -43,8 +47,16 @@ class _Pass(Accumulator):
     """One batched backward: covers each tapped module by its rule, receives the taps' output gradients and
     collects the materialised parameters' per-task gradients."""
 
-    def __init__(self, num_tasks: int, plan: Plan, capture: Capture, device: torch.device, cover: bool) -> None:
-        super().__init__(num_tasks, plan, device)
+    def __init__(
+        self,
+        num_tasks: int,
+        plan: Plan,
+        capture: Capture,
+        device: torch.device,
+        cover: bool,
+        reduction: Reduction | None = None,
+    ) -> None:
+        super().__init__(num_tasks, plan, device, reduction)
         self.capture = capture
         self.cover = cover
         self._pending: dict[nn.Module, tuple[list[Call], set[str]]] = {}
@@ -63,7 +75,8 @@ class _Pass(Accumulator):
                 self.calls.append(call)
                 if call.saved is not None and self.cover:  # not consumed by an earlier measurement of this graph
                     calls.setdefault(call.module, []).append(call)
-        claims = Counter(id(p) for m, c in calls.items() for p in c[0].rule.params(m).values())
+        leaf = self.plan.leaf
+        claims = Counter(id(leaf(p)) for m, c in calls.items() for p in c[0].rule.params(m).values())
         covered: set[int] = set()
         part: list[nn.Module] = []
         for module, module_calls in calls.items():
@@ -72,13 +85,13 @@ class _Pass(Accumulator):
             names = {
                 name
                 for name, p in module_calls[0].rule.params(module).items()
-                if id(p) in shared
-                and claims[id(p)] == 1
-                and graph.uses.get(id(p), 0) == len(module_calls)
-                and not p._backward_hooks
+                if id(leaf(p)) in shared
+                and claims[id(leaf(p))] == 1
+                and graph.uses.get(id(leaf(p)), 0) == len(module_calls)
+                and not leaf(p)._backward_hooks
             }
             if names:
-                ids = {id(getattr(module, n)) for n in names}
+                ids = {id(leaf(getattr(module, n))) for n in names}
                 if module in self._pending or ids & self._seen:
                     raise _Inexact(self.plan.module_name.get(module, type(module).__name__))
                 self._pending[module] = (module_calls, names)
@@ -120,10 +133,14 @@ class _Pass(Accumulator):
         module_calls, names = self._pending.pop(module)
         calls = [c for c in module_calls if c.grads is not None]
         if calls:
-            rule = calls[0].rule
-            out = rule.gram(module, calls, names, self.plan.gram_dtype)
-            num_params = sum(getattr(module, n).numel() for n in names)
-            self.add_gram(self.plan.module_name[module], out.gram, num_params, out.route)
+            rule, layer, dtype = calls[0].rule, self.plan.module_name[module], self.plan.gram_dtype
+            num_params = sum(self.plan.leaf(getattr(module, n)).numel() for n in names)
+            if self.reduction is None:
+                out = rule.gram(module, calls, names, dtype)
+                self.add_gram(layer, out.gram, num_params, out.route)
+            else:  # across processes: the per-task gradients themselves are reduced
+                self.add_rows(layer, task_rows(rule.per_task(module, calls, names, dtype), dtype), num_params,
+                              "materialised")
         for c in module_calls:
             c.release()  # free the recorded input and the [T, ...] output gradients as soon as the layer is done
 
@@ -158,9 +175,9 @@ class TappedEngine:
         """Remove the hook."""
         self.capture.close()
 
-    def measure(self, losses: Sequence[Tensor], plan: Plan) -> Measurement:
+    def measure(self, losses: Sequence[Tensor], plan: Plan, reduction: Reduction | None = None) -> Measurement:
         """The per-layer Grams of one step; the graph stays alive for the backward that writes ``.grad``."""
-        acc, strategy = self._run(losses, plan, cover=True)
+        acc, strategy = self._run(losses, plan, cover=True, reduction=reduction)
         return acc.result(strategy)
 
     def gradients(self, losses: Sequence[Tensor], plan: Plan) -> dict[int, tuple[Tensor, Tensor]]:
@@ -168,7 +185,9 @@ class TappedEngine:
         acc, _ = self._run(losses, plan, cover=False)
         return acc.gradients()
 
-    def _run(self, losses: Sequence[Tensor], plan: Plan, cover: bool) -> tuple[Accumulator, str]:
+    def _run(
+        self, losses: Sequence[Tensor], plan: Plan, cover: bool, reduction: Reduction | None = None
+    ) -> tuple[Accumulator, str]:
         stacked = torch.stack([loss.reshape(()) for loss in losses])
         graph = walk_graph([stacked])
         reason = self._loop_reason
@@ -178,7 +197,7 @@ class TappedEngine:
             self.capture.arm(False)
         if reason is None:
             try:
-                return self._batched(stacked, graph, plan, cover), "batched"
+                return self._batched(stacked, graph, plan, cover, reduction), "batched"
             except _Inexact as err:
                 reason = f"{err} is called in several checkpointed segments"
             except torch.OutOfMemoryError:
@@ -196,11 +215,13 @@ class TappedEngine:
             f"gradconflict: {reason}; measuring with one backward per task instead (exact, slower, and it holds "
             "T copies of the shared gradients)",
         )
-        return loop_accumulate(losses, plan, graph), "loop"
+        return loop_accumulate(losses, plan, graph, reduction), "loop"
 
-    def _batched(self, stacked: Tensor, graph: Graph, plan: Plan, cover: bool) -> Accumulator:
+    def _batched(
+        self, stacked: Tensor, graph: Graph, plan: Plan, cover: bool, reduction: Reduction | None
+    ) -> Accumulator:
         T = stacked.shape[0]
-        current = _Pass(T, plan, self.capture, stacked.device, cover)
+        current = _Pass(T, plan, self.capture, stacked.device, cover, reduction)
         try:
             inputs = current.begin(graph, set())
             edges = boundary_edges(graph.checkpoints)

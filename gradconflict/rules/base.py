@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Call", "LayerGram", "LayerRule", "gram_of", "materialised_gram", "register_rule", "rule_for"]
+__all__ = ["Call", "LayerGram", "LayerRule", "gram_of", "materialised_gram", "register_rule", "rule_for", "task_rows"]
 
 _REGISTRY: dict[type[nn.Module], LayerRule] = {}
 
@@ -39,10 +39,11 @@ class Call:
 
 
 class LayerRule:
-    """Turns a module's calls into the Gram of its per-task parameter gradients.
+    """Turns a module's calls into its per-task parameter gradients, or straight into their Gram.
 
-    Subclasses set ``param_names`` and implement :meth:`gram`; :meth:`save` records what the rule needs from
-    the forward (by default the input, detached).
+    Subclasses set ``param_names`` and implement :meth:`per_task`; :meth:`gram` takes the Gram of what
+    :meth:`per_task` gives unless a subclass knows a cheaper route (the Linear ghost kernel). :meth:`save`
+    records what the rule needs from the forward (by default the input, detached).
     """
 
     #: names of the module's parameters this rule covers (e.g. ``("weight", "bias")``)
@@ -66,10 +67,16 @@ class LayerRule:
         result depends on module state (training mode, running statistics) records that state here."""
         return input.detach()
 
-    def gram(self, module: nn.Module, calls: Sequence[Call], names: set[str], gram_dtype: torch.dtype) -> LayerGram:
-        """The Gram of the per-task gradients of the parameters ``names`` (a subset of :meth:`params`), over
-        every call; each ``call.grads`` is ``[T, *output.shape]``. Computed in ``gram_dtype``."""
+    def per_task(
+        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+    ) -> dict[str, Tensor]:
+        """The per-task gradients ``{name: [T, *parameter.shape]}`` of the parameters ``names`` (a subset of
+        :meth:`params`), summed over every call; each ``call.grads`` is ``[T, *output.shape]``. In ``dtype``."""
         raise NotImplementedError
+
+    def gram(self, module: nn.Module, calls: Sequence[Call], names: set[str], gram_dtype: torch.dtype) -> LayerGram:
+        """The Gram of the per-task gradients of the parameters ``names`` over every call, in ``gram_dtype``."""
+        return materialised_gram(self.per_task(module, calls, names, gram_dtype), gram_dtype)
 
 
 @dataclass
@@ -146,6 +153,15 @@ def gram_of(rows: Tensor, other: Tensor | None = None) -> Tensor:
     return total.to(rows.dtype)
 
 
+def task_rows(per_task: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+    """Per-task gradients ``{name: [T, *shape]}`` as one ``[T, P]`` block, names in sorted order.
+
+    >>> task_rows({"b": torch.ones(2, 1), "a": torch.zeros(2, 2)}, torch.float32).tolist()
+    [[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]
+    """
+    return torch.cat([per_task[n].to(dtype).flatten(1) for n in sorted(per_task)], dim=1)
+
+
 def materialised_gram(per_task: dict[str, Tensor], gram_dtype: torch.dtype) -> LayerGram:
     """The Gram of a module's materialised per-task gradients ``{name: [T, *shape]}``, taken in ``gram_dtype``.
 
@@ -153,5 +169,4 @@ def materialised_gram(per_task: dict[str, Tensor], gram_dtype: torch.dtype) -> L
     >>> g.gram.tolist(), g.route
     ([[5.0, 11.0], [11.0, 25.0]], 'materialised')
     """
-    rows = torch.cat([per_task[n].to(gram_dtype).flatten(1) for n in sorted(per_task)], dim=1)
-    return LayerGram(gram_of(rows), "materialised")
+    return LayerGram(gram_of(task_rows(per_task, gram_dtype)), "materialised")

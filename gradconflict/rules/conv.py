@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from gradconflict.rules.base import Call, LayerGram, LayerRule, materialised_gram, register_rule
+from gradconflict.rules.base import Call, LayerRule, register_rule
 
 
 def _padded_input(module: nn.Module, x: Tensor) -> tuple[Tensor, list[int]]:
@@ -54,10 +54,12 @@ class ConvRule(LayerRule):
         )[1]  # [(g t c), C_in / g, *kernel]
         return rearrange(grads, "(g t c) ... -> t (g c) ...", g=g, t=D.shape[0])
 
-    def gram(self, module: nn.Module, calls: Sequence[Call], names: set[str], gram_dtype: torch.dtype) -> LayerGram:
+    def per_task(
+        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+    ) -> dict[str, Tensor]:
         per_task: dict[str, Tensor] = {}
         for call in calls:
-            D = call.grads.to(gram_dtype)
+            D = call.grads.to(dtype)
             parts = {}
             if "weight" in names:
                 parts["weight"] = self._per_task_weight_grads(module, call.saved, D)
@@ -65,4 +67,4 @@ class ConvRule(LayerRule):
                 parts["bias"] = D.sum((1, *range(3, D.ndim)))
             for name, g in parts.items():
                 per_task[name] = per_task[name] + g if name in per_task else g
-        return materialised_gram(per_task, gram_dtype)
+        return per_task

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from gradconflict.rules.base import Call, LayerGram, LayerRule, gram_of, materialised_gram, register_rule
+from gradconflict.rules.base import Call, LayerGram, LayerRule, gram_of, register_rule
 
 
 def ghost_is_cheaper(rows: int, d_in: int, d_out: int, tasks: int) -> bool:
@@ -34,20 +34,31 @@ class LinearRule(LayerRule):
 
     param_names = ("weight", "bias")
 
-    def gram(self, module: nn.Module, calls: Sequence[Call], names: set[str], gram_dtype: torch.dtype) -> LayerGram:
+    def _rows(self, calls: Sequence[Call], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The inputs ``X`` ``[N, d_in]`` and output gradients ``D`` ``[T, N, d_out]`` of every call, stacked."""
         T = calls[0].grads.shape[0]
-        X = _rows([c.saved.reshape(-1, c.saved.shape[-1]) for c in calls], dim=0).to(gram_dtype)
-        D = _rows([c.grads.reshape(T, -1, c.grads.shape[-1]) for c in calls], dim=1).to(gram_dtype)
-        (N, d_in), d_out = X.shape, D.shape[-1]
+        X = _rows([c.saved.reshape(-1, c.saved.shape[-1]) for c in calls], dim=0).to(dtype)
+        D = _rows([c.grads.reshape(T, -1, c.grads.shape[-1]) for c in calls], dim=1).to(dtype)
+        return X, D
+
+    def per_task(
+        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+    ) -> dict[str, Tensor]:
+        X, D = self._rows(calls, dtype)
+        per_task = {}
+        if "weight" in names:
+            per_task["weight"] = D.transpose(1, 2) @ X  # T batched products: [T, d_out, d_in]
+        if "bias" in names:
+            per_task["bias"] = D.sum(1)
+        return per_task
+
+    def gram(self, module: nn.Module, calls: Sequence[Call], names: set[str], gram_dtype: torch.dtype) -> LayerGram:
+        X, D = self._rows(calls, gram_dtype)
+        (N, d_in), (T, d_out) = X.shape, (D.shape[0], D.shape[-1])
         if "weight" in names and ghost_is_cheaper(N, d_in, d_out, T):
             # <D_i, (X X^T + 1) D_j>: the column of ones that the bias sees adds 1 to every kernel entry.
             K = X @ X.T
             if "bias" in names:
                 K += 1
             return LayerGram(gram_of(D.reshape(T, -1), (K @ D).reshape(T, -1)), "ghost")
-        per_task = {}
-        if "weight" in names:
-            per_task["weight"] = D.transpose(1, 2) @ X  # T batched products: [T, d_out, d_in]
-        if "bias" in names:
-            per_task["bias"] = D.sum(1)
-        return materialised_gram(per_task, gram_dtype)
+        return super().gram(module, calls, names, gram_dtype)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradconflict.rules.base import Call, LayerGram, LayerRule, materialised_gram, register_rule
+from gradconflict.rules.base import Call, LayerRule, register_rule
 
 
 class AffineNormRule(LayerRule):
@@ -31,11 +31,13 @@ class AffineNormRule(LayerRule):
         """The recorded input within what :meth:`save` kept."""
         return saved
 
-    def gram(self, module: nn.Module, calls: Sequence[Call], names: set[str], gram_dtype: torch.dtype) -> LayerGram:
+    def per_task(
+        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+    ) -> dict[str, Tensor]:
         per_task: dict[str, Tensor] = {}
         for call in calls:
-            D = call.grads.to(gram_dtype)
-            x = self.input_of(call.saved).to(gram_dtype)
+            D = call.grads.to(dtype)
+            x = self.input_of(call.saved).to(dtype)
             keep = self.param_axes(module, x.ndim)
             summed = tuple(a + 1 for a in range(x.ndim) if a not in keep)
             parts = {}
@@ -45,7 +47,7 @@ class AffineNormRule(LayerRule):
                 parts["bias"] = D.sum(summed)
             for name, g in parts.items():
                 per_task[name] = per_task[name] + g if name in per_task else g
-        return materialised_gram(per_task, gram_dtype)
+        return per_task
 
 
 @register_rule(nn.LayerNorm)

@@ -99,3 +99,24 @@ def test_batchnorm_uses_the_mode_and_statistics_of_its_forward():
             bn.running_mean.add_(1.0)  # and the statistics move on
         out = rule.gram(bn, [call], {"weight", "bias"}, torch.float64)
         torch.testing.assert_close(out.gram, expected)
+
+
+def test_per_task_gradients_of_every_rule_match_autograd():
+    """What the exact cross-process mode all-reduces: each rule's per-task parameter gradients."""
+    torch.manual_seed(0)
+    cases = [
+        (nn.Linear(5, 4).double(), torch.randn(3, 2, 5, dtype=torch.float64)),
+        (nn.Conv2d(2, 4, 3, padding=1, groups=2).double(), torch.randn(2, 2, 5, 5, dtype=torch.float64)),
+        (nn.Embedding(7, 3, scale_grad_by_freq=True).double(), torch.tensor([[1, 2, 2], [6, 1, 0]])),
+        (nn.BatchNorm1d(4).double(), torch.randn(6, 4, dtype=torch.float64)),
+        (nn.LayerNorm(4).double(), torch.randn(3, 4, dtype=torch.float64)),
+    ]
+    for module, x in cases:
+        rule = rule_for(module)
+        y = module(x)
+        D = torch.randn(3, *y.shape, dtype=torch.float64)
+        names = set(rule.params(module))
+        got = rule.per_task(module, [Call(module, rule, rule.save(module, x, y), grads=D)], names, torch.float64)
+        for name in names:
+            expected = torch.stack([torch.autograd.grad(y, getattr(module, name), d, retain_graph=True)[0] for d in D])
+            torch.testing.assert_close(got[name], expected, msg=f"{type(module).__name__}.{name}")
