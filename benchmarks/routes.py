@@ -45,7 +45,13 @@ ROUTES: dict[str, tuple[str, str]] = {
         "TorchJD `Engine(backbone, batch_dim=0)` on the [B, T] per-sample losses -> BT x BT Gramian, summed "
         "to T x T / B^2, + weighted backward (not applicable with BatchNorm)",
     ),
-    "gc": ("(e) gradconflict default", "`ConflictMonitor(model, shared=model.backbone).backward(losses)`"),
+    "gc": (
+        "(e) gradconflict default",
+        "`ConflictMonitor(model, shared=model.backbone).backward(losses)` (strategy auto: the batched pass and the "
+        "per-task loop timed on the first measured steps, the faster kept; the note says which)",
+    ),
+    "gc-batched": ("(e1) gradconflict batched", '`ConflictMonitor(..., strategy="batched").backward`'),
+    "gc-loop": ("(e2) gradconflict loop", '`ConflictMonitor(..., strategy="loop").backward` (one backward per task)'),
     "gc-every10": (
         "(f) gradconflict every=10",
         "`ConflictMonitor(..., every=10).backward` over 10 consecutive steps (1 measured), time / 10",
@@ -57,7 +63,7 @@ ROUTES: dict[str, tuple[str, str]] = {
 OPT_IN = ("torchjd-b0",)
 
 #: routes whose Gram is exact (their fp32 error is checked)
-EXACT = ("naive", "batched", "torchjd", "torchjd-b0", "gc", "gc-every10")
+EXACT = ("naive", "batched", "torchjd", "torchjd-b0", "gc", "gc-batched", "gc-loop", "gc-every10")
 
 
 class Skip(Exception):
@@ -73,6 +79,7 @@ class Route:
     approximate: bool = False
     closers: list[Callable[[], None]] = field(default_factory=list)
     note: str = ""
+    describe: Callable[[], str] | None = None  # more note, read after the timed runs
 
     def zero_grad(self) -> None:
         self.model.zero_grad(set_to_none=True)
@@ -214,13 +221,23 @@ def _monitor(model: MultiTask, **kwargs: object) -> object:
         raise Skip(f"gradconflict: {e}") from e
 
 
-def gc(model: MultiTask, x: Tensor, targets: dict[str, Tensor]) -> Route:
-    monitor = _monitor(model)
+def _gc(key: str, **kwargs: object) -> Callable[[MultiTask, Tensor, dict[str, Tensor]], Route]:
+    def build(model: MultiTask, x: Tensor, targets: dict[str, Tensor]) -> Route:
+        monitor = _monitor(model, **kwargs)
 
-    def step() -> Tensor:
-        return monitor.backward(task_losses(model(x), targets)).gram
+        def step() -> Tensor:
+            return monitor.backward(task_losses(model(x), targets)).gram
 
-    return Route("gc", model, step, closers=[monitor.close], note=f"engine={monitor.engine.name!r}")
+        def describe() -> str:
+            chosen = {c["strategy"] for c in monitor.plan["choices"] if c["strategy"]}
+            return f"strategy chosen: {', '.join(sorted(chosen))}" if chosen else ""
+
+        return Route(key, model, step, closers=[monitor.close], describe=describe)
+
+    return build
+
+
+gc = _gc("gc")
 
 
 def gc_every10(model: MultiTask, x: Tensor, targets: dict[str, Tensor]) -> Route:
@@ -251,7 +268,8 @@ def gc_repr(model: MultiTask, x: Tensor, targets: dict[str, Tensor]) -> Route:
 
 BUILDERS = {
     "plain": plain, "floor": floor, "naive": naive, "batched": batched, "torchjd": torchjd,
-    "torchjd-b0": torchjd_b0, "gc": gc, "gc-every10": gc_every10, "gc-repr": gc_repr,
+    "torchjd-b0": torchjd_b0, "gc": gc, "gc-batched": _gc("gc-batched", strategy="batched"),
+    "gc-loop": _gc("gc-loop", strategy="loop"), "gc-every10": gc_every10, "gc-repr": gc_repr,
 }
 
 
@@ -269,7 +287,8 @@ def reference(base: MultiTask, x: Tensor, targets: dict[str, Tensor]) -> tuple[T
     model = copy.deepcopy(base).double()
     params = [p for p in model.parameters() if p.requires_grad]
     n = len(shared_params(model))
-    losses = task_losses(model(x.double()), {k: t.double() for k, t in targets.items()})
+    x = x.double() if x.is_floating_point() else x
+    losses = task_losses(model(x), {k: t.double() for k, t in targets.items()})
     per_task = [
         torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True, materialize_grads=True)
         for loss in losses.values()

@@ -29,7 +29,7 @@ import torch
 
 from benchmarks import routes as R
 from benchmarks.timing import fmt_bytes, median, peak_memory, round_robin, spread
-from benchmarks.workloads import SMOKE, WORKLOADS, Workload
+from benchmarks.workloads import REAL_SCALE, SMOKE, WORKLOADS, Workload
 
 HERE = Path(__file__).resolve().parent
 SMOKE_TOL = 1e-4
@@ -141,6 +141,8 @@ def run_config(wl: Workload, T: int, args: argparse.Namespace, device: torch.dev
             cfg.rows[k].ms = median(ts) * 1e3
             cfg.rows[k].reps = len(ts)
             cfg.rows[k].spread = spread(ts)
+            extra = built[k].describe() if built[k].describe is not None else ""
+            cfg.rows[k].note = "; ".join(x for x in [cfg.rows[k].note, extra] if x)
     for r in built.values():
         r.close()
     cfg.seconds = time.perf_counter() - start
@@ -401,7 +403,11 @@ FULL_TASKS = (2, 4, 8, 16)
 QUICK = (("mlp-b64", 4), ("mlp-b64", 16), ("mlp-b512", 4), ("cnn", 4))
 #: the full suite: every workload at every T but the transformer at T=16 (about 100 s more on 2 cores; run it with
 #: --workload transformer --tasks 16)
-FULL = tuple((w, T) for w in WORKLOADS for T in FULL_TASKS if (w, T) != ("transformer", 16))
+FULL = tuple(
+    (w, T) for w in WORKLOADS if w not in REAL_SCALE for T in FULL_TASKS if (w, T) != ("transformer", 16)
+)
+#: ``--full``: the suite above, then the models at real scale at T = 2, 4 and 8
+REAL = tuple((w, T) for w in REAL_SCALE for T in (2, 4, 8))
 
 
 def plan(args: argparse.Namespace) -> list[tuple[Workload, int]]:
@@ -414,13 +420,16 @@ def plan(args: argparse.Namespace) -> list[tuple[Workload, int]]:
         tasks = args.tasks or [3]
         return [(table_[n], T) for n in names for T in tasks]
     if not args.workload and not args.tasks:
-        return [(table_[n], T) for n, T in (QUICK if args.quick else FULL)]
+        chosen = QUICK if args.quick else FULL + (REAL if args.full else ())
+        return [(table_[n], T) for n, T in chosen]
     return [(table_[n], T) for n in names for T in (args.tasks or FULL_TASKS)]
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a subset of workloads and T, fewer repetitions")
+    p.add_argument("--full", action="store_true",
+                   help="the default suite, then GPT-2 small and ResNet-50 at T = 2, 4, 8 (tens of minutes on 2 cores)")
     p.add_argument("--smoke", action="store_true", help="every route once on tiny models; exit 1 on any failure")
     p.add_argument("--workload", nargs="+", help=f"workloads to run ({', '.join(WORKLOADS)}); with it or --tasks, "
                    "every chosen workload runs at every chosen T")

@@ -60,6 +60,59 @@ def cnn(tasks: int) -> MultiTask:
     return MultiTask(backbone, 128, tasks)
 
 
+class GPT2Backbone(nn.Module):
+    """GPT-2 small (124M parameters) built from its configuration (no download), mean-pooled over positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2Model
+
+        self.gpt2 = GPT2Model(GPT2Config())
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.gpt2(input_ids=ids).last_hidden_state.mean(1)
+
+
+def gpt2_small(tasks: int) -> MultiTask:
+    return MultiTask(GPT2Backbone(), 768, tasks)
+
+
+class Bottleneck(nn.Module):
+    """ResNet's bottleneck block: 1x1, 3x3 (stride), 1x1 convolutions with BatchNorm, and a projected shortcut
+    where the shape changes."""
+
+    def __init__(self, c_in: int, width: int, stride: int) -> None:
+        super().__init__()
+        c_out = 4 * width
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out),
+        )
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else nn.Identity()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def resnet50(tasks: int) -> MultiTask:
+    """ResNet-50 (He et al. 2016: stages of 3, 4, 6, 3 bottleneck blocks), built here from scratch."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+    ]
+    c_in = 64
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for k in range(blocks):
+            layers.append(Bottleneck(c_in, width, stride if k == 0 else 1))
+            c_in = 4 * width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return MultiTask(nn.Sequential(*layers), c_in, tasks)
+
+
 @dataclass
 class Workload:
     """One benchmark workload: how to build its model and its batch."""
@@ -71,6 +124,7 @@ class Workload:
     batchnorm: bool = False  # BatchNorm couples the samples: TorchJD's batch_dim=0 mode does not apply
     ghost: bool = False  # a workload where the ghost (kernel) rule of Linear layers is the cheaper route
     heavy: bool = False  # seconds per step on a small CPU: no extra warm-up beyond the first call, 2 reps minimum
+    vocab: int = 0  # > 0: the input is token ids below this, not a float tensor
 
     @property
     def batch(self) -> int:
@@ -83,7 +137,10 @@ class Workload:
     def data(self, tasks: int, seed: int = 1) -> tuple[Tensor, dict[str, Tensor]]:
         """A fixed batch ``x`` and one target per task (float32, CPU; the caller moves/casts them)."""
         gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(*self.input_shape, generator=gen)
+        if self.vocab:
+            x = torch.randint(self.vocab, self.input_shape, generator=gen)
+        else:
+            x = torch.randn(*self.input_shape, generator=gen)
         targets = {
             f"t{i}": (1.0 + i / 2) * torch.randn(self.batch, HEAD_DIM, generator=gen) for i in range(tasks)
         }
@@ -114,8 +171,19 @@ WORKLOADS: dict[str, Workload] = {
             "cnn", cnn, (32, 3, 32, 32), "CNN 3x(conv3x3 + BatchNorm + ReLU) 32/64/128 ch, 3x32x32, B=32, avg-pool",
             batchnorm=True,
         ),
+        Workload(
+            "gpt2-small", gpt2_small, (2, 64), "GPT-2 small (124M, from its config), 64 tokens, B=2, mean-pool",
+            heavy=True, vocab=50257,
+        ),
+        Workload(
+            "resnet50", resnet50, (4, 3, 64, 64), "ResNet-50 from scratch (BatchNorm), 3x64x64, B=4",
+            heavy=True, batchnorm=True,
+        ),
     ]
 }
+
+#: the models at real scale: only with ``--full`` (minutes per table on 2 CPU cores)
+REAL_SCALE = ("gpt2-small", "resnet50")
 
 #: tiny versions of every workload for ``--smoke``
 SMOKE: dict[str, Workload] = {

@@ -162,8 +162,26 @@ class GlobalForwardHook:
         _remove_all(self._handles)
 
 
+_FUSED_ATTENTION = ("flash", "mem_efficient", "cudnn")
+
+
+def _fused_attention(enabled: dict[str, bool] | None = None) -> dict[str, bool]:
+    """Which fused scaled-dot-product-attention kernels torch may pick (process-wide flags); with ``enabled``,
+    set them and return what they were."""
+    backends = torch.backends.cuda
+    before = {k: getattr(backends, f"{k}_sdp_enabled")() for k in _FUSED_ATTENTION}
+    for k, on in (enabled or {}).items():
+        getattr(backends, f"enable_{k}_sdp")(on)
+    return before
+
+
 class Capture:
     """Taps the output of every module of ``model`` that a layer rule covers, on the forwards it is armed for.
+
+    With ``math_attention``, armed forwards also run scaled-dot-product attention with torch's math kernel
+    (the fused kernels' backwards have no batching rule on CPU, so the batched pass would loop over the tasks
+    there). This changes those forwards' rounding (about 1e-7) and is process-wide while armed, so it is opt-in;
+    the flags are put back when disarmed.
 
     Attributes:
         receiver: the engine pass that taps report to during its batched backward (``None`` otherwise).
@@ -172,9 +190,11 @@ class Capture:
             not be tapped again.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, math_attention: bool = False) -> None:
         self.receiver: Receiver | None = None
         self.recomputing = 0
+        self.math_attention = math_attention
+        self._attention: dict[str, bool] | None = None  # the fused-attention flags to put back
         self._rules: dict[nn.Module, LayerRule] = {}
         for module in model.modules():
             rule = rule_for(module)
@@ -212,8 +232,13 @@ class Capture:
         """Tap the coming forwards (``True``) or leave them plain (``False``: no hook is registered at all)."""
         if on:
             self._hook.register()
+            if self.math_attention and self._attention is None:
+                self._attention = _fused_attention({k: False for k in _FUSED_ATTENTION})
         else:
             self._hook.remove()
+            if self._attention is not None:
+                _fused_attention(self._attention)
+                self._attention = None
 
     @property
     def armed(self) -> bool:
@@ -226,6 +251,10 @@ class Capture:
             m: rule for m, rule in self._rules.items() if any(id(p) in shared for p in rule.params(m).values())
         }
 
+    def taps(self, module: nn.Module) -> bool:
+        """Whether forwards of ``module`` are tapped (once restricted: whether it holds a shared parameter)."""
+        return module in self._active
+
     def anchor(self, device: torch.device) -> Tensor:
         """The scalar leaf every tap on ``device`` feeds (its gradient is always zero)."""
         if device not in self._anchors:
@@ -237,8 +266,8 @@ class Capture:
         return any(tensor is a for a in self._anchors.values())
 
     def close(self) -> None:
-        """Stop tapping: remove the hook."""
-        self._hook.remove()
+        """Stop tapping: remove the hook (and put the attention flags back)."""
+        self.arm(False)
 
 
 class OutputCapture:

@@ -137,6 +137,15 @@ class ConflictMonitor:
         process_group: the group to synchronise over (default: the DDP wrapper's, else the default group).
         sketch_size: k, the numbers per task and layer of a sketch.
         sinks_rank: the only rank whose sinks write (``None``: every rank's). Every rank keeps a history.
+        strategy: how the default engine runs a measured step: ``"batched"`` (one vectorised backward over the
+            tasks), ``"loop"`` (one backward per task; T copies of the shared gradients) or ``"auto"`` (default:
+            both are timed on the first measured steps of each shape of step, and the faster is kept; see
+            :attr:`plan`). Every strategy is exact.
+        loop_memory: the most bytes the per-task loop may hold (T x the shared gradients) to be a candidate.
+        math_attention: run scaled-dot-product attention with torch's math kernel in the forwards that will be
+            measured, so that the batched pass need not loop over the tasks for the fused kernels' backward (no
+            batching rule on CPU in torch 2.13). Off by default: it changes those forwards' rounding (about 1e-7),
+            and torch's attention flags are process-wide while it is on; they are put back afterwards.
 
     Attributes:
         history: a :class:`~gradconflict.History` of the measured (and skipped) steps.
@@ -162,6 +171,9 @@ class ConflictMonitor:
         process_group: Any = None,
         sketch_size: int = 4096,
         sinks_rank: int | None = 0,
+        strategy: str = "auto",
+        loop_memory: int = 512 * 2**20,
+        math_attention: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -192,7 +204,12 @@ class ConflictMonitor:
                         "allow_other_monitors=True to both measure it (each monitor's backward frees the graph)"
                     )
         self._shared = SharedParameters(inner, shared)
-        self.engine: Engine = make_engine(engine, inner, shared if isinstance(shared, nn.Module) else None)
+        options = (
+            {"strategy": strategy, "loop_memory": loop_memory, "math_attention": math_attention}
+            if engine == "auto"
+            else {}
+        )
+        self.engine: Engine = make_engine(engine, inner, shared if isinstance(shared, nn.Module) else None, **options)
         self.history = History(ema_decay=ema_decay, max_history=max_history, sinks=sinks)
         self.every = every
         self.threshold = float(threshold)
@@ -217,6 +234,25 @@ class ConflictMonitor:
         return self._shared.state() if self._shared.module is None else [
             self._shared.names[id(p)] for p in self._shared.module.parameters() if p.requires_grad
         ]
+
+    @property
+    def plan(self) -> dict[str, Any]:
+        """How the engine measures: its strategy setting and, per shape of step (number of tasks, tapped layers'
+        input shapes), the strategy chosen and the seconds each candidate took on its trial step.
+
+        >>> import torch.nn as nn
+        >>> ConflictMonitor(nn.Linear(2, 2), engine="reference").plan
+        {'engine': 'reference', 'strategy': 'loop', 'choices': []}
+        """
+        choices = getattr(self.engine, "choices", {})
+        return {
+            "engine": self.engine.name,
+            "strategy": getattr(self.engine, "strategy", "loop" if self.engine.name == "reference" else "batched"),
+            "choices": [
+                {"tasks": key[0], "shapes": list(key[1]), "strategy": c.strategy, "seconds": dict(c.seconds)}
+                for key, c in choices.items()
+            ],
+        }
 
     @property
     def closed(self) -> bool:

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from gradconflict import ConflictMonitor
+from gradconflict import ConflictMonitor, PerformanceWarning
 from tests.zoo import FAMILIES, losses_of, reference
 
 RTOL = 1e-9
@@ -109,7 +109,7 @@ def test_representation_engine_is_the_gram_at_the_backbone_output_and_labelled_a
 
 
 def test_missing_batching_rule_is_reported_once_not_silently():
-    from gradconflict.engine import PerformanceWarning
+
 
     model, x = FAMILIES["transformer"](2)
     with ConflictMonitor(model, shared=model.backbone) as monitor:
@@ -141,3 +141,53 @@ def test_subclass_with_its_own_forward_and_two_monitors_stay_exact():
     for r in (report, other):
         assert rel_err(r.gram, ref.gram) <= RTOL
         assert r.layers["backbone.2"].route == "materialised"
+
+
+def test_auto_strategy_times_both_candidates_then_keeps_the_faster():
+    model, x = FAMILIES["cnn"](3)
+    with ConflictMonitor(model, shared=model.backbone) as monitor:
+        reports = [monitor.measure(losses_of(model(x))) for _ in range(4)]
+        ref = reference(model, losses_of(model(x)))
+        (choice,) = monitor.plan["choices"]
+    assert [r.strategy for r in reports[:2]] == ["batched", "loop"]
+    assert set(choice["seconds"]) == {"batched", "loop"}
+    fastest = min(choice["seconds"], key=choice["seconds"].get)
+    assert choice["strategy"] == fastest and [r.strategy for r in reports[2:]] == [fastest, fastest]
+    for r in reports:  # every strategy is exact
+        assert rel_err(r.gram, ref.gram) <= RTOL
+
+
+def test_the_loop_is_not_a_candidate_beyond_its_memory_budget_and_both_can_be_forced():
+    model, x = FAMILIES["mlp"](3)
+    with ConflictMonitor(model, shared=model.backbone, loop_memory=0) as monitor:
+        assert {monitor.measure(losses_of(model(x))).strategy for _ in range(3)} == {"batched"}
+    for strategy in ("batched", "loop"):
+        with ConflictMonitor(model, shared=model.backbone, strategy=strategy) as monitor:
+            report = monitor.measure(losses_of(model(x)))
+            assert report.strategy == strategy and monitor.plan["strategy"] == strategy
+            assert rel_err(report.gram, reference(model, losses_of(model(x))).gram) <= RTOL
+            if strategy == "loop":  # nothing to tap: the forwards stay plain
+                from gradconflict.graph import walk_graph
+
+                assert not walk_graph([model(x)["t0"].sum()]).calls
+
+
+def test_math_attention_avoids_the_per_task_fallback_and_puts_the_flags_back():
+    import warnings
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model, x = FAMILIES["transformer"](3)
+    twin, ref = copy.deepcopy(model), copy.deepcopy(model)
+    flags = torch.backends.cuda.flash_sdp_enabled()
+    with ConflictMonitor(model, shared=model.backbone, math_attention=True, strategy="batched") as monitor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PerformanceWarning)  # no per-task loop inside the batched pass
+            report = monitor.backward(losses_of(model(x)))
+    assert torch.backends.cuda.flash_sdp_enabled() == flags
+    with sdpa_kernel(SDPBackend.MATH):  # the plain loop, with the kernel the measured forward used
+        sum(losses_of(twin(x)).values()).backward()
+        expected = reference(ref, losses_of(ref(x)))
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert rel_err(a.grad, b.grad) <= 1e-12
+    assert rel_err(report.gram, expected.gram) <= RTOL

@@ -9,6 +9,8 @@ lets autograd do that, with one ordinary backward of the weighted loss.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from gradconflict.engine.base import Engine, LayerResult, Measurement, PerformanceWarning, Plan, is_measuring
@@ -34,10 +36,11 @@ __all__ = [
 ENGINES = ("auto", "reference", "representation")
 
 
-def make_engine(name: str, model: nn.Module, shared: nn.Module | None = None) -> Engine:
-    """The engine called ``name`` (one of :data:`ENGINES`), attached to ``model``."""
+def make_engine(name: str, model: nn.Module, shared: nn.Module | None = None, **options: Any) -> Engine:
+    """The engine called ``name`` (one of :data:`ENGINES`), attached to ``model``; ``options`` go to the
+    default engine (``strategy``, ``loop_memory``)."""
     if name == "auto":
-        return TappedEngine(model)
+        return TappedEngine(model, **options)
     if name == "reference":
         return ReferenceEngine()
     if name == "representation":

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +36,7 @@ from gradconflict.rules.base import task_rows
 if TYPE_CHECKING:
     from gradconflict.distributed import Reduction
 
-__all__ = ["TappedEngine"]
+__all__ = ["STRATEGIES", "Choice", "TappedEngine"]
 
 _FALLBACK = re.compile(r"batching rule for (\S+?)\.? ")
 
@@ -151,21 +153,61 @@ class _Pass(Accumulator):
         self._pending.clear()
 
 
+Strategy = Literal["auto", "batched", "loop"]
+
+#: The strategies ``ConflictMonitor(strategy=...)`` accepts.
+STRATEGIES: tuple[str, ...] = ("auto", "batched", "loop")
+
+
+@dataclass
+class Choice:
+    """The strategy measured fastest for one shape of step (T tasks, the tapped calls' input shapes).
+
+    Attributes:
+        strategy: ``"batched"`` or ``"loop"``, or ``None`` while the candidates are still being timed.
+        seconds: each candidate's measured time on its trial step.
+    """
+
+    strategy: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _shape(saved: Any) -> tuple[int, ...]:
+    saved = saved[0] if isinstance(saved, tuple) else saved
+    return tuple(saved.shape) if isinstance(saved, Tensor) else ()
+
+
 class TappedEngine:
-    """The default engine: taps, one vectorised VJP, per-layer rules."""
+    """The default engine: taps, one vectorised VJP, per-layer rules; or a per-task loop where that is faster.
+
+    With ``strategy="auto"``, the first measured step of each new shape (number of tasks, tapped layers' input
+    shapes) runs the batched pass and the next one the per-task loop, both timed, and the faster is kept for
+    that shape (like ``cudnn.benchmark``). The loop is a candidate only when its T copies of the shared gradients
+    fit in ``loop_memory`` bytes. Both are exact; :attr:`choices` records what was chosen and why.
+    """
 
     name = "auto"
     approximate = False
 
-    def __init__(self, model: nn.Module) -> None:
-        self.capture = Capture(model)
+    def __init__(
+        self, model: nn.Module, strategy: str = "auto", loop_memory: int = 512 * 2**20, math_attention: bool = False
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+        self.capture = Capture(model, math_attention)
+        self.strategy = strategy
+        self.loop_memory = loop_memory
+        self.choices: dict[tuple[Any, ...], Choice] = {}
         self._warned: set[str] = set()
         self._loop_reason: str | None = None
         self._opaque = False  # the model runs compiled: taps would never fire inside it
 
     def arm(self, on: bool) -> None:
-        """Tap the coming forwards, or not."""
-        self.capture.arm(on and not self._opaque)
+        """Tap the coming forwards, or not (never when every step is measured by the per-task loop)."""
+        loop_only = self.strategy == "loop" or (
+            bool(self.choices) and all(c.strategy == "loop" for c in self.choices.values())
+        )
+        self.capture.arm(on and not self._opaque and not loop_only)
 
     def restrict(self, shared: set[int]) -> None:
         """Tap only the modules holding a shared parameter."""
@@ -197,7 +239,10 @@ class TappedEngine:
             self.capture.arm(False)
         if reason is None:
             try:
-                return self._batched(stacked, graph, plan, cover, reduction), "batched"
+                strategy, choice = self._choose(graph, plan, len(losses))
+                if strategy == "loop":
+                    return self._timed(choice, "loop", lambda: loop_accumulate(losses, plan, graph, reduction))
+                return self._timed(choice, "batched", lambda: self._batched(stacked, graph, plan, cover, reduction))
             except _Inexact as err:
                 reason = f"{err} is called in several checkpointed segments"
             except torch.OutOfMemoryError:
@@ -216,6 +261,36 @@ class TappedEngine:
             "T copies of the shared gradients)",
         )
         return loop_accumulate(losses, plan, graph, reduction), "loop"
+
+    def _choose(self, graph: Graph, plan: Plan, T: int) -> tuple[str, Choice | None]:
+        """The strategy for this step, and the :class:`Choice` to time it into while it is still on trial."""
+        if self.strategy != "auto":
+            return self.strategy, None
+        taps = self.capture.taps
+        key = (T, tuple(_shape(c.saved) for c in graph.calls if c.owner is self.capture and taps(c.module)))
+        choice = self.choices.setdefault(key, Choice())
+        if choice.strategy is not None:
+            return choice.strategy, None
+        shared = sum(t.numel() * t.element_size() for t in graph.leaves if id(t) in plan.shared)
+        if "batched" not in choice.seconds:
+            return "batched", choice
+        if "loop" not in choice.seconds and T * shared <= self.loop_memory:
+            return "loop", choice
+        choice.strategy = min(choice.seconds, key=choice.seconds.__getitem__)
+        return choice.strategy, None
+
+    @staticmethod
+    def _timed(choice: Choice | None, strategy: str, run: Callable[[], Accumulator]) -> tuple[Accumulator, str]:
+        """Run one strategy, timing it when its ``choice`` is on trial (with a device sync, on those steps only)."""
+        if choice is None:
+            return run(), strategy
+        device_sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        device_sync()
+        start = time.perf_counter()
+        acc = run()
+        device_sync()
+        choice.seconds[strategy] = time.perf_counter() - start
+        return acc, strategy
 
     def _batched(
         self, stacked: Tensor, graph: Graph, plan: Plan, cover: bool, reduction: Reduction | None

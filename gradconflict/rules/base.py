@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 __all__ = ["Call", "LayerGram", "LayerRule", "gram_of", "materialised_gram", "register_rule", "rule_for", "task_rows"]
 
-_REGISTRY: dict[type[nn.Module], LayerRule] = {}
+_REGISTRY: dict[type[nn.Module] | str, LayerRule] = {}
 
 R = TypeVar("R", bound="type[LayerRule]")
 
@@ -87,8 +87,11 @@ class LayerGram:
     route: str
 
 
-def register_rule(*module_types: type[nn.Module]) -> Callable[[R], R]:
+def register_rule(*module_types: type[nn.Module] | str) -> Callable[[R], R]:
     """Class decorator: use this rule for modules of these types (and their subclasses).
+
+    A type may also be named by its import path (``"package.module.Class"``), so that a rule for a class of an
+    optional library is registered without importing that library.
 
     >>> import torch.nn as nn
     >>> @register_rule(nn.PReLU)
@@ -115,7 +118,7 @@ def rule_for(module: nn.Module) -> LayerRule | None:
     rule (its parameters take the exact generic route).
     """
     for cls in type(module).__mro__:
-        rule = _REGISTRY.get(cls)  # type: ignore[arg-type]
+        rule = _REGISTRY.get(cls) or _REGISTRY.get(f"{cls.__module__}.{cls.__qualname__}")  # type: ignore[arg-type]
         if rule is not None:
             same_forward = type(module).forward is cls.forward
             return rule if same_forward and rule.accepts(module) else None

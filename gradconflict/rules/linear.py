@@ -62,3 +62,17 @@ class LinearRule(LayerRule):
                 K += 1
             return LayerGram(gram_of(D.reshape(T, -1), (K @ D).reshape(T, -1)), "ghost")
         return super().gram(module, calls, names, gram_dtype)
+
+
+@register_rule("transformers.pytorch_utils.Conv1D")
+class TransposedLinearRule(LinearRule):
+    """Hugging Face's ``Conv1D`` (GPT-2's projections): ``y = x W + b`` with ``W`` stored ``[d_in, d_out]``, a
+    Linear layer whose weight is transposed; the same Gram, the per-task weight gradients transposed."""
+
+    def per_task(
+        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+    ) -> dict[str, Tensor]:
+        per_task = super().per_task(module, calls, names, dtype)
+        if "weight" in per_task:
+            per_task["weight"] = per_task["weight"].transpose(1, 2)
+        return per_task

@@ -120,3 +120,25 @@ def test_per_task_gradients_of_every_rule_match_autograd():
         for name in names:
             expected = torch.stack([torch.autograd.grad(y, getattr(module, name), d, retain_graph=True)[0] for d in D])
             torch.testing.assert_close(got[name], expected, msg=f"{type(module).__name__}.{name}")
+
+
+def test_hugging_face_conv1d_is_a_transposed_linear():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    from gradconflict.rules.linear import TransposedLinearRule
+
+    torch.manual_seed(0)
+    layer = Conv1D(4, 5).double()  # nf=4 outputs, nx=5 inputs
+    rule = rule_for(layer)
+    assert isinstance(rule, TransposedLinearRule)
+    for rows in (2, 300):  # the ghost and the materialised routes
+        x = torch.randn(rows, 5, dtype=torch.float64)
+        y = layer(x)
+        D = torch.randn(3, *y.shape, dtype=torch.float64)
+        call = Call(layer, rule, rule.save(layer, x, y), grads=D)
+        torch.testing.assert_close(rule.gram(layer, [call], {"weight", "bias"}, torch.float64).gram,
+                                   per_task_gram(y, [layer.weight, layer.bias], D))
+        got = rule.per_task(layer, [call], {"weight"}, torch.float64)["weight"]
+        expected = torch.stack([torch.autograd.grad(y, layer.weight, d, retain_graph=True)[0] for d in D])
+        torch.testing.assert_close(got, expected)
