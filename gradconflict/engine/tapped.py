@@ -203,11 +203,9 @@ class TappedEngine:
         self._opaque = False  # the model runs compiled: taps would never fire inside it
 
     def arm(self, on: bool) -> None:
-        """Tap the coming forwards, or not (never when every step is measured by the per-task loop)."""
-        loop_only = self.strategy == "loop" or (
-            bool(self.choices) and all(c.strategy == "loop" for c in self.choices.values())
-        )
-        self.capture.arm(on and not self._opaque and not loop_only)
+        """Tap the coming forwards, or not (never with ``strategy="loop"``, which needs no tap; with ``"auto"``
+        the taps stay, so that the step's shape, read from them, stays what its choice was made for)."""
+        self.capture.arm(on and not self._opaque and self.strategy != "loop")
 
     def restrict(self, shared: set[int]) -> None:
         """Tap only the modules holding a shared parameter."""
