@@ -67,7 +67,8 @@ class GPT2Backbone(nn.Module):
         super().__init__()
         from transformers import GPT2Config, GPT2Model
 
-        self.gpt2 = GPT2Model(GPT2Config())
+        # no dropout: every route, and the float64 oracle, must see the same forward
+        self.gpt2 = GPT2Model(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.gpt2(input_ids=ids).last_hidden_state.mean(1)
