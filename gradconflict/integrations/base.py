@@ -18,9 +18,9 @@ into three points of that loop, each through :class:`FrameworkMonitor`:
 >>> h = model.backbone(torch.randn(8, 2))
 >>> losses = {t: model.heads[t](h).pow(2).mean() for t in "ab"}
 >>> hooked.backward({"loss": sum(losses.values()), "task_losses": losses}, lambda: sum(losses.values()).backward())
->>> report = hooked.take_report()
->>> report.tasks, report.step, hooked.take_report()
-(('a', 'b'), 1, None)
+>>> scalars = hooked.take_scalars()
+>>> sorted(scalars)[:3], hooked.monitor.history[-1].step, hooked.take_scalars()
+(['conflict/alignment/a', 'conflict/alignment/b', 'conflict/cancellation'], 1, {})
 >>> hooked.close()
 """
 
@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
+from gradconflict.integrations.scalars import report_scalars
 from gradconflict.monitor import ConflictMonitor, MeasurementWarning
 from gradconflict.report import ConflictReport
 
@@ -45,6 +47,7 @@ def _field(output: Any, key: str) -> Any:
     return getattr(output, key, None)
 
 
+@dataclass
 class FrameworkMonitor:
     """A :class:`~gradconflict.ConflictMonitor` driven by a training framework's loop.
 
@@ -55,6 +58,7 @@ class FrameworkMonitor:
             interval), so that every logged step carries a fresh measurement and the others cost nothing.
         task_losses_key: the field of the training step's output that holds ``{task: loss}``.
         task_weights_key: the field holding ``{task: weight}`` (optional; weights default to 1).
+        layers: include each shared layer's worst cosine in :meth:`scalars`.
         monitor_options: more :class:`~gradconflict.ConflictMonitor` arguments (``threshold``, ``engine``,
             ``sinks``, ``max_history``, ...). ``on_nonfinite`` defaults to ``"propagate"``: a NaN loss reaches
             ``.grad`` as the framework's own loop would have it, and the framework's own tools (a loss scaler's
@@ -65,32 +69,33 @@ class FrameworkMonitor:
             after training: ``monitor.history``, ``monitor.advise()``.
     """
 
-    def __init__(
-        self,
-        *,
-        shared: str | nn.Module | None = None,
-        every: int | None = None,
-        task_losses_key: str = "task_losses",
-        task_weights_key: str = "task_weights",
-        monitor_options: Mapping[str, Any] | None = None,
-    ) -> None:
+    shared: str | nn.Module | None = None
+    every: int | None = None
+    task_losses_key: str = "task_losses"
+    task_weights_key: str = "task_weights"
+    layers: bool = True
+    monitor_options: Mapping[str, Any] | None = None
+    monitor: ConflictMonitor | None = field(default=None, init=False)
+    _report: ConflictReport | None = field(default=None, init=False, repr=False)
+    _warned: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        every = self.every
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(
                 f"every must be a positive integer or None (the framework's logging interval), got {every!r}"
             )
-        options = dict(monitor_options or {})
-        taken = sorted({"model", "shared", "every", "accumulation_steps", "scaler", "start_step"} & set(options))
+        taken = sorted({"model", "shared", "every", "accumulation_steps", "scaler", "start_step"}
+                       & set(self.monitor_options or {}))
         if taken:
             raise ValueError(f"monitor_options may not set {taken}: the integration sets them from the framework")
-        options.setdefault("on_nonfinite", "propagate")
-        self.shared = shared
-        self.every = every
-        self.task_losses_key = task_losses_key
-        self.task_weights_key = task_weights_key
-        self.options = options
-        self.monitor: ConflictMonitor | None = None
-        self._report: ConflictReport | None = None
-        self._warned = False
+
+    @classmethod
+    def options_from(cls, kwargs: dict[str, Any]) -> FrameworkMonitor:
+        """A :class:`FrameworkMonitor` from the keyword arguments that name its fields, removed from ``kwargs``
+        (the rest are the framework's)."""
+        names = [f.name for f in fields(cls) if f.init]
+        return cls(**{name: kwargs.pop(name) for name in names if name in kwargs})
 
     @property
     def running(self) -> bool:
@@ -114,9 +119,10 @@ class FrameworkMonitor:
             )
         self.close()
         shared = model.get_submodule(self.shared) if isinstance(self.shared, str) else self.shared
+        options = {"on_nonfinite": "propagate", **(self.monitor_options or {})}
         self.monitor = ConflictMonitor(
             model, shared, every=every, accumulation_steps=accumulation_steps, scaler=scaler, start_step=start_step,
-            **self.options,
+            **options,
         )
         self._report = None
 
@@ -148,10 +154,11 @@ class FrameworkMonitor:
             if report is not None:
                 self._report = report
 
-    def take_report(self) -> ConflictReport | None:
-        """The report measured since the last call, if any (then forgotten, so each is logged once)."""
+    def take_scalars(self) -> dict[str, Tensor]:
+        """The figures of the step measured since the last call (:func:`report_scalars`), then forgotten so that
+        each step is logged once; empty when no step was measured."""
         report, self._report = self._report, None
-        return report
+        return {} if report is None else report_scalars(report, layers=self.layers)
 
     def close(self) -> None:
         """Close the monitor (its taps removed, its sinks closed); its history stays readable."""

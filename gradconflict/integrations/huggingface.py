@@ -14,14 +14,12 @@ accelerator's, with the loss divided for gradient accumulation and scaled for fp
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
 from typing import Any
 
 import transformers
 from torch import Tensor, nn
 
 from gradconflict.integrations.base import FrameworkMonitor
-from gradconflict.integrations.scalars import report_scalars
 from gradconflict.monitor import ConflictMonitor
 
 __all__ = ["ConflictTrainer"]
@@ -32,18 +30,11 @@ class ConflictTrainer(transformers.Trainer):
 
     The model's forward returns its total ``"loss"`` (what the Trainer trains on, as usual) and ``"task_losses"``
     (``{task: scalar loss}``; optionally ``"task_weights"``, the weights of the total). Every argument of
-    ``Trainer`` is accepted, plus:
-
-    Args:
-        shared: the shared part: a module path in the model (``"backbone"``), or ``None`` to discover the shared
-            parameters.
-        every: measure every ``every``-th optimizer step; ``None`` (default): the steps the Trainer logs
-            (``logging_steps``), the other steps costing nothing.
-        task_losses_key: the output field holding ``{task: loss}``.
-        task_weights_key: the output field holding ``{task: weight}`` (optional).
-        layers: also log each shared layer's worst cosine.
-        monitor_options: more :class:`~gradconflict.ConflictMonitor` arguments (``threshold``, ``sinks``, ...;
-            ``on_nonfinite`` defaults to ``"propagate"``).
+    ``Trainer`` is accepted, plus the keyword arguments of :class:`~gradconflict.integrations.FrameworkMonitor`:
+    ``shared`` (a module path in the model, e.g. ``"backbone"``), ``every`` (default ``None``: the steps the
+    Trainer logs, every ``logging_steps``-th, the others costing nothing), ``task_losses_key`` and
+    ``task_weights_key`` (the output fields), ``layers`` and ``monitor_options`` (more
+    :class:`~gradconflict.ConflictMonitor` arguments; ``on_nonfinite`` defaults to ``"propagate"``).
 
     The monitor starts with ``train()`` (with ``gradient_accumulation_steps`` as its ``accumulation_steps`` and
     the accelerator's fp16 loss scaler) and is closed when ``train()`` returns or raises; ``conflict_monitor``
@@ -52,23 +43,10 @@ class ConflictTrainer(transformers.Trainer):
     with the default ``every`` is the training log of that very step.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        shared: str | None = None,
-        every: int | None = None,
-        task_losses_key: str = "task_losses",
-        task_weights_key: str = "task_weights",
-        layers: bool = True,
-        monitor_options: Mapping[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        conflict = FrameworkMonitor.options_from(kwargs)  # the rest are the Trainer's
         super().__init__(*args, **kwargs)
-        self.conflict = FrameworkMonitor(
-            shared=shared, every=every, task_losses_key=task_losses_key, task_weights_key=task_weights_key,
-            monitor_options=monitor_options,
-        )
-        self.conflict_layers = layers
+        self.conflict = conflict
         self._step_output: Any = None
 
     @property
@@ -124,8 +102,5 @@ class ConflictTrainer(transformers.Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """``Trainer.log``, with the figures of the step measured since the last log."""
-        report = self.conflict.take_report()
-        if report is not None:
-            scalars = report_scalars(report, layers=self.conflict_layers)
-            logs = {**logs, **{tag: float(value) for tag, value in scalars.items()}}
-        super().log(logs, *args, **kwargs)
+        scalars = self.conflict.take_scalars()
+        super().log({**logs, **{tag: float(value) for tag, value in scalars.items()}}, *args, **kwargs)

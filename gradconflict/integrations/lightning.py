@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 from torch import Tensor, nn
 
 from gradconflict.integrations.base import FrameworkMonitor
-from gradconflict.integrations.scalars import report_scalars
 from gradconflict.monitor import ConflictMonitor
 
 __all__ = ["ConflictCallback", "ConflictMonitorMixin"]
@@ -98,15 +97,11 @@ class ConflictCallback(pl.Callback):
     """Monitors a :class:`ConflictMonitorMixin` module during ``Trainer.fit`` and logs what it measures.
 
     Args:
-        shared: the shared part: a module path in the ``LightningModule`` (``"backbone"``), or ``None`` to
-            discover the shared parameters.
-        every: measure every ``every``-th optimizer step; ``None`` (default): the steps the trainer logs
-            (``log_every_n_steps``; every step under ``fast_dev_run``), the other steps costing nothing.
-        task_losses_key: the field of ``training_step``'s output holding ``{task: loss}``.
-        task_weights_key: the field holding ``{task: weight}`` (optional).
-        layers: also log each shared layer's worst cosine (``conflict/layer/<name>/worst_cosine``).
-        monitor_options: more :class:`~gradconflict.ConflictMonitor` arguments (``threshold``, ``sinks``, ...;
-            ``on_nonfinite`` defaults to ``"propagate"``).
+        options: the arguments of :class:`~gradconflict.integrations.FrameworkMonitor`: ``shared`` (a module
+            path in the ``LightningModule``, e.g. ``"backbone"``), ``every`` (default ``None``: the steps the
+            trainer logs, every ``log_every_n_steps``-th, every step under ``fast_dev_run``), ``task_losses_key``
+            and ``task_weights_key`` (the fields of ``training_step``'s output), ``layers`` and
+            ``monitor_options`` (more :class:`~gradconflict.ConflictMonitor` arguments).
 
     The trainer's ``accumulate_grad_batches`` becomes the monitor's ``accumulation_steps``, its precision
     plugin's loss scaler (``"16-mixed"``) the monitor's ``scaler``. Each measured step is logged with
@@ -119,22 +114,9 @@ class ConflictCallback(pl.Callback):
             its ``history`` and ``advise()`` stay available).
     """
 
-    def __init__(
-        self,
-        *,
-        shared: str | None = None,
-        every: int | None = None,
-        task_losses_key: str = "task_losses",
-        task_weights_key: str = "task_weights",
-        layers: bool = True,
-        monitor_options: Mapping[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        self.framework = FrameworkMonitor(
-            shared=shared, every=every, task_losses_key=task_losses_key, task_weights_key=task_weights_key,
-            monitor_options=monitor_options,
-        )
-        self.layers = layers
+        self.framework = FrameworkMonitor(**options)
         self._loaded: dict[str, Any] | None = None
 
     @property
@@ -181,11 +163,9 @@ class ConflictCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Log the step measured in this batch, if any, through ``pl_module.log_dict``."""
-        report = self.framework.take_report()
-        if report is not None:
-            scalars = report_scalars(report, layers=self.layers)
-            if scalars:
-                pl_module.log_dict(scalars, on_step=True, on_epoch=False)
+        scalars = self.framework.take_scalars()
+        if scalars:
+            pl_module.log_dict(scalars, on_step=True, on_epoch=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Close the monitor: training is over."""
