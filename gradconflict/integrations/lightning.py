@@ -79,18 +79,19 @@ class ConflictMonitorMixin:
         """Measure this step's task losses, then run Lightning's own backward on ``loss``."""
         output = _STEP_OUTPUTS.pop(self, None)  # type: ignore[call-overload]
         lightning_backward = functools.partial(super().backward, loss, *args, **kwargs)  # type: ignore[misc]
-        callback = _callback(self)
+        callback = _callback(self)  # type: ignore[arg-type]
         if callback is None:
             lightning_backward()
         else:
             callback.framework.backward(output, lightning_backward)
 
 
-def _callback(module: Any) -> ConflictCallback | None:
-    trainer = module._trainer  # None outside a Trainer (where ``module.trainer`` raises)
-    if trainer is None:
+def _callback(module: pl.LightningModule) -> ConflictCallback | None:
+    try:
+        callbacks = module.trainer.callbacks
+    except RuntimeError:  # not attached to a Trainer
         return None
-    return next((c for c in trainer.callbacks if isinstance(c, ConflictCallback)), None)
+    return next((c for c in callbacks if isinstance(c, ConflictCallback)), None)
 
 
 class ConflictCallback(pl.Callback):

@@ -114,6 +114,24 @@ def test_branching_at_an_encoder_layer_is_exact_and_runs_the_stem_once(family):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_branched_model_copies_saves_and_inspects_like_a_module(tmp_path):
+    model, batch = model_and_batch("bert")
+    split = branch(model, at="backbone.encoder.layer.1", groups=[["a"], ["b"]])
+    shared_layer = split.branches["b"].get_submodule("backbone.encoder.layer.0")
+    assert shared_layer.attention is split.stem[1].attention  # attributes read through to the block
+    assert shared_layer.block is split.stem[1] and shared_layer is split.branches["a"].backbone.encoder.layer[0]
+    twin = copy.deepcopy(split)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.5)
+    twin(batch)["a"].sum().backward()
+    opt.step()
+    assert not torch.equal(twin(batch)["b"], split(batch)["b"])  # the copy's stem moved, the original's did not
+    assert twin.branches["b"].backbone.encoder.layer[0].block is twin.stem[1]  # the copy shares its own stem
+    torch.save(split.state_dict(), tmp_path / "split.pt")
+    again = branch(model, at="backbone.encoder.layer.1", groups=[["a"], ["b"]])
+    again.load_state_dict(torch.load(tmp_path / "split.pt"))
+    torch.testing.assert_close(again(batch)["a"], split(batch)["a"])
+
+
 def _stem_params(model: nn.Module, split: BranchedNet) -> list[nn.Parameter]:
     return [p for path in split.block_paths[: len(split.stem)] for p in model.get_submodule(path).parameters()]
 
