@@ -1,10 +1,11 @@
 """``gradconflict demo``: the whole workflow on offline data: monitor, diagnose, compare, save.
 
 The model reads two overlaid handwritten digits (:func:`gradconflict.datasets.overlaid_digits`) through one
-shared MLP backbone. Three tasks share it: ``left`` and ``right`` classify the two digits; ``contrary`` is a
-task from the synthetic generators, built to conflict: a frozen readout (so its head cannot absorb anything)
-must reproduce ``-sin(u . x)`` of the canvas, which pulls the shared features away from what the digit tasks
-need. Every step goes through :meth:`ConflictMonitor.backward`. Then the demo prints the final report, the
+shared MLP backbone. Three tasks share it: ``left`` and ``right`` classify the two digits; ``contrary`` is built
+to conflict with them: its head is the synthetic generators' frozen suppression readout (the mean of the shared
+features; frozen, so it cannot absorb anything) and its target is -1 for every canvas, below anything the
+non-negative (post-ReLU) features can reach, so its gradient pushes every shared feature down, away from what the
+digit tasks need. Every step goes through :meth:`ConflictMonitor.backward`. Then the demo prints the final report, the
 split advice, runs the comparison experiment (shared, independent, LoRA, branched at the advised point) with a
 small budget, prints its table, and saves the history (JSONL), the advice and the comparison (JSON).
 """

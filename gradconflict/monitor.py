@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -146,6 +146,8 @@ class ConflictMonitor:
             measured, so that the batched pass need not loop over the tasks for the fused kernels' backward (no
             batching rule on CPU in torch 2.13). Off by default: it changes those forwards' rounding (about 1e-7),
             and torch's attention flags are process-wide while it is on; they are put back afterwards.
+        start_step: the step count to start from: a training framework's global step when the monitor joins a
+            run, so that ``every`` measures the steps the framework logs.
 
     Attributes:
         history: a :class:`~gradconflict.History` of the measured (and skipped) steps.
@@ -174,12 +176,15 @@ class ConflictMonitor:
         strategy: str = "auto",
         loop_memory: int = 512 * 2**20,
         math_attention: bool = False,
+        start_step: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         for name, value in (("every", every), ("accumulation_steps", accumulation_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step must be a non-negative integer, got {start_step!r}")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1.0 <= threshold <= 1.0:
             raise ValueError(f"threshold is a cosine and must be a number in [-1, 1], got {threshold!r}")
         if on_nonfinite not in ("raise", "skip", "propagate"):
@@ -216,7 +221,7 @@ class ConflictMonitor:
         self.on_nonfinite = on_nonfinite
         self.accumulation_steps = accumulation_steps
         self.scaler = scaler
-        self.step = 0
+        self.step = start_step
         self._micro = 0
         self._accumulated: _Accumulated | None = None
         self._layer_of, self._module_name = layer_names(inner)
@@ -284,26 +289,34 @@ class ConflictMonitor:
 
     # ------------------------------------------------------------------------------------------ steps
     def backward(
-        self, losses: Mapping[Hashable, Tensor], weights: Mapping[Hashable, object] | None = None
+        self,
+        losses: Mapping[Hashable, Tensor],
+        weights: Mapping[Hashable, object] | None = None,
+        *,
+        backward_fn: Callable[[], object] | None = None,
     ) -> ConflictReport | None:
         """Replace ``(sum_i w_i L_i).backward()``: measure the step, then let autograd fill ``.grad`` as it would.
 
         ``losses`` maps task names to scalar losses; ``weights`` (default 1 each) maps the same names to numbers or
         scalar tensors (a tensor that requires grad receives its gradient, like a learned task weight).
 
+        ``backward_fn``, when given, writes ``.grad`` in place of the monitor's own backward of ``sum_i w_i L_i``:
+        a training framework passes its own backward of its own loss (scaled, divided for accumulation, with
+        extra terms), called once per call at the point where the monitor would write.
+
         Returns this step's :class:`~gradconflict.ConflictReport`; ``None`` on a step that ``every`` leaves
         unmeasured (a plain backward) and on every micro-batch but the last of an accumulation group.
         """
         self._check_open()
         batch = task_losses(losses, weights)
-        measured = self.step % self.every == 0
+        write = backward_fn or (lambda: self._write_grads(batch))
         if self.accumulation_steps > 1:
-            return self._micro_batch(batch, measured)
-        if not measured:
-            self._write_grads(batch)
+            return self._micro_batch(batch, write)
+        if self.step % self.every != 0:
+            write()
             self._advance()
             return None
-        report = self._measured(batch, write=True)
+        report = self._measured(batch, write)
         self._advance()
         return report
 
@@ -314,7 +327,32 @@ class ConflictMonitor:
         backward. Counts as one step."""
         self._check_open()
         batch = task_losses(losses, weights)
-        report = self._measured(batch, write=False)
+        report = self._measured(batch, None)
+        self._advance()
+        return report
+
+    def end_group(self) -> ConflictReport | None:
+        """End the current group of micro-batches now, shorter than ``accumulation_steps``: the last group of an
+        epoch whose length ``accumulation_steps`` does not divide, where the optimizer steps early. Returns the
+        group's report (``None`` when the group was not measured, or when no group is open).
+
+        >>> import torch, torch.nn as nn
+        >>> model = nn.ModuleDict({"backbone": nn.Linear(2, 4), "heads": nn.ModuleDict(
+        ...     {"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)})})
+        >>> monitor = ConflictMonitor(model, shared=model.backbone, accumulation_steps=4)
+        >>> h = model.backbone(torch.randn(8, 2))
+        >>> monitor.backward({t: model.heads[t](h).mean() for t in "ab"}) is None
+        True
+        >>> report = monitor.end_group()       # the optimizer steps after one micro-batch
+        >>> report.strategy, monitor.step, monitor.end_group()
+        ('accumulated', 1, None)
+        >>> monitor.close()
+        """
+        self._check_open()
+        if self._micro == 0:
+            return None
+        self._micro = 0
+        report = self._close_group() if self._accumulated is not None else None
         self._advance()
         return report
 
@@ -469,19 +507,19 @@ class ConflictMonitor:
         self.history.append(report)
         return report
 
-    def _measured(self, batch: TaskLosses, *, write: bool) -> ConflictReport:
-        """Measure one step, then write ``.grad`` (``write``) unless the step is skipped or raised."""
+    def _measured(self, batch: TaskLosses, write: Callable[[], object] | None) -> ConflictReport:
+        """Measure one step, then write ``.grad`` (``write``, if any) unless the step is skipped or raised."""
         step, losses, weights = self.step, batch.loss_vector(), batch.weight_vector()
         plan = self._plan_for(batch)
         if isinstance(plan, str):
-            if write:
-                self._write_grads(batch)
+            if write is not None:
+                write()
             return self._skipped(batch.names, step, plan, losses, weights)
         reduction = None if self._sync is None else self._sync.reduction(step)
         outcome = self._engine_call(lambda: self.engine.measure(self._roots(batch), plan, reduction))
         if isinstance(outcome, str):
-            if write:
-                self._write_grads(batch)
+            if write is not None:
+                write()
             return self._skipped(batch.names, step, outcome, losses, weights)
         measurement: Measurement = outcome
         measurement.gram = self._unscale(measurement.gram, 2)
@@ -490,21 +528,23 @@ class ConflictMonitor:
         reason = ""
         if self.on_nonfinite != "propagate":
             bad_loss, bad_grad = self._nonfinite(batch, measurement.gram.diagonal())
-            reason, write = self._verdict(step, bad_loss, bad_grad, write)
-        if write:
-            self._write_grads(batch)
+            reason, keep = self._verdict(step, bad_loss, bad_grad, write is not None)
+            write = write if keep else None
+        if write is not None:
+            write()
         if reason:
             return self._skipped(batch.names, step, reason, losses, weights)
         return self._report(batch.names, measurement, weights, self._global_losses(losses), step)
 
     # ------------------------------------------------------------------------------------------ micro-batches
-    def _micro_batch(self, batch: TaskLosses, measured: bool) -> ConflictReport | None:
+    def _micro_batch(self, batch: TaskLosses, write: Callable[[], object]) -> ConflictReport | None:
+        measured = self.step % self.every == 0
         if measured:
             if self._accumulated is None:
                 self._accumulated = _Accumulated()
-            self._accumulate(batch, self._accumulated)
+            self._accumulate(batch, self._accumulated, write)
         else:
-            self._write_grads(batch)
+            write()
         self._micro += 1
         if self._micro < self.accumulation_steps:
             return None
@@ -513,9 +553,9 @@ class ConflictMonitor:
         self._advance()
         return report
 
-    def _accumulate(self, batch: TaskLosses, acc: _Accumulated) -> None:
+    def _accumulate(self, batch: TaskLosses, acc: _Accumulated, write: Callable[[], object]) -> None:
         """Add one micro-batch's per-task gradients to the group, then write its ``.grad``."""
-        write = True
+        keep = True
         weights = batch.weight_vector()
         for t, (name, loss) in enumerate(zip(batch.names, batch.loss_vector())):
             acc.losses[name] = acc.losses[name] + loss if name in acc.losses else loss
@@ -533,14 +573,14 @@ class ConflictMonitor:
                 if self.on_nonfinite != "propagate":
                     norms = sum(g.flatten(1).pow(2).sum(1) for _, g in grads.values())
                     bad_loss, bad_grad = self._nonfinite(batch, norms if grads else None)
-                    reason, write = self._verdict(self.step, bad_loss, bad_grad, True)
+                    reason, keep = self._verdict(self.step, bad_loss, bad_grad, True)
                     acc.skip = acc.skip or reason
                 for t, name in enumerate(batch.names):
                     sums = acc.grads.setdefault(name, {})
                     for k, (leaf, g) in grads.items():
                         sums[k] = (leaf, sums[k][1] + g[t] if k in sums else g[t])
-        if write:
-            self._write_grads(batch)
+        if keep:
+            write()
 
     def _close_group(self) -> ConflictReport:
         acc, self._accumulated = self._accumulated, None

@@ -462,3 +462,60 @@ def test_fp16_autocast_with_grad_scaler_trains_like_the_plain_loop():
     assert not last.skipped and last.gram.dtype == torch.float32
     expected = reference(ref, losses_of(ref(x))).gram  # fp32, no autocast, no scaling
     assert rel_err(last.gram, expected) < 5e-2  # unscaled; fp16 forward: about 3 digits
+
+
+# ------------------------------------------------------------------------------------------------- frameworks
+def test_backward_fn_writes_grad_in_place_of_the_monitor_and_the_report_is_unchanged():
+    """A framework's own backward of its own loss (here divided by 2 for accumulation, with a regulariser the
+    tasks do not carry) writes .grad; the measurement is that of the task losses."""
+    model, x = FAMILIES["mlp"](3)
+    twin, ref_twin = copy.deepcopy(model), copy.deepcopy(model)
+
+    def framework_loss(m, losses):
+        return sum(losses.values()) / 2 + 1e-3 * sum(p.pow(2).sum() for p in m.parameters())
+
+    calls = []
+    with ConflictMonitor(model, shared=model.backbone) as monitor:
+        losses = losses_of(model(x))
+        loss = framework_loss(model, losses)
+        report = monitor.backward(losses, backward_fn=lambda: calls.append(loss.backward()))
+    framework_loss(twin, losses_of(twin(x))).backward()
+    assert len(calls) == 1
+    assert_same_grads(model, twin)
+    with ConflictMonitor(ref_twin, shared=ref_twin.backbone, engine="reference") as oracle:
+        expected = oracle.measure(losses_of(ref_twin(x)))
+    assert rel_err(report.gram, expected.gram) <= GRAM_RTOL
+
+
+def test_end_group_closes_a_short_last_group_and_keeps_the_next_groups_aligned():
+    """Three micro-batches with accumulation_steps=2: the optimizer steps after two, then after the epoch's last
+    one. end_group() closes that short group, whose Gram is the single micro-batch's; the next group starts fresh."""
+    model, x = FAMILIES["mlp"](3)
+    twin = copy.deepcopy(model)
+    micro = [x[:7], x[7:14], x[14:]]
+    with ConflictMonitor(model, shared=model.backbone, accumulation_steps=2) as monitor:
+        first = [monitor.backward(losses_of(model(m))) for m in micro[:2]]
+        assert monitor.end_group() is None  # the group of two closed itself
+        assert monitor.backward(losses_of(model(micro[2]))) is None
+        short = monitor.end_group()
+        assert monitor.step == 2 and monitor.end_group() is None
+        again = [monitor.backward(losses_of(model(m))) for m in micro[:2]]
+    assert first[0] is None and first[1].step == 0 and short.step == 1 and again[1].step == 2
+    for m in micro + micro[:2]:
+        sum(losses_of(twin(m)).values()).backward()
+    assert_same_grads(model, twin)
+    shared = list(twin.backbone.parameters())
+    J = torch.stack([
+        torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)])
+        for loss in losses_of(twin(micro[2])).values()
+    ])
+    assert rel_err(short.gram, J @ J.T) <= GRAM_RTOL
+
+
+def test_start_step_shifts_the_every_schedule():
+    model, x = FAMILIES["mlp"](2)
+    with ConflictMonitor(model, shared=model.backbone, every=3, start_step=1) as monitor:
+        measured = [monitor.backward(losses_of(model(x))) is not None for _ in range(6)]
+    assert measured == [False, False, True, False, False, True]  # steps 1..6: 3 and 6 are measured
+    with pytest.raises(ValueError, match="start_step"):
+        ConflictMonitor(model, start_step=-1)

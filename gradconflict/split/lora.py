@@ -2,7 +2,8 @@
 
 An adapted layer computes ``base(x) + (alpha / rank) * B_t A_t x`` for the active task ``t`` (for a
 convolution, ``A_t`` is a convolution with the base's kernel and ``B_t`` a 1 x 1 one). ``B_t`` starts at zero,
-so a fresh split computes exactly what the model computed.
+so a fresh split computes exactly what the model computed. The layers adapted are ``nn.Linear``, Hugging Face's
+``Conv1D`` (GPT-2's linear layer, its weight stored transposed) and plain convolutions.
 
 >>> import torch, torch.nn as nn
 >>> from gradconflict.split import MultiTaskNet
@@ -21,6 +22,7 @@ so a fresh split computes exactly what the model computed.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -36,8 +38,15 @@ __all__ = ["LoRALayer", "LoRASplit", "adaptable", "lora_split"]
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 
+def _transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``Conv1D``: a linear layer whose weight is stored ``in x out``."""
+    utils = sys.modules.get("transformers.pytorch_utils")  # loaded wherever such a layer exists
+    return utils is not None and type(module) is getattr(utils, "Conv1D", None)
+
+
 class LoRALayer(nn.Module):
-    """A frozen ``nn.Linear`` or ``nn.ConvNd`` plus one low-rank adapter per task; the active task's is applied.
+    """A frozen ``nn.Linear``, Hugging Face ``Conv1D`` or ``nn.ConvNd`` plus one low-rank adapter per task; the
+    active task's is applied.
 
     Args:
         base: the layer to adapt (its parameters are frozen).
@@ -59,8 +68,8 @@ class LoRALayer(nn.Module):
         super().__init__()
         if not adaptable(base):
             raise TypeError(
-                "LoRA here adapts a plain nn.Linear, or an nn.Conv1d/2d/3d with groups=1 and zero padding, not "
-                f"{base}; leave that layer out with targets="
+                "LoRA here adapts a plain nn.Linear, Hugging Face's Conv1D, or an nn.Conv1d/2d/3d with groups=1 and "
+                f"zero padding, not {base}; leave that layer out with targets="
             )
         if rank < 1:
             raise ValueError(f"rank must be at least 1, got {rank}")
@@ -72,14 +81,15 @@ class LoRALayer(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         weight = base.weight
-        kernel = tuple(weight.shape[2:])  # () for Linear
+        kernel = tuple(weight.shape[2:])  # () for Linear and Conv1D
+        out_features, in_features = weight.shape[1::-1] if _transposed_linear(base) else weight.shape[:2]
         self.down = nn.ParameterDict()
         self.up = nn.ParameterDict()
         for task in tasks:
-            down = torch.empty(rank, weight.shape[1], *kernel, dtype=weight.dtype, device=weight.device)
+            down = torch.empty(rank, in_features, *kernel, dtype=weight.dtype, device=weight.device)
             nn.init.kaiming_uniform_(down, a=math.sqrt(5))  # the usual default init of a layer's weight
             self.down[task] = nn.Parameter(down)
-            up = torch.zeros(weight.shape[0], rank, *(1,) * len(kernel), dtype=weight.dtype, device=weight.device)
+            up = torch.zeros(out_features, rank, *(1,) * len(kernel), dtype=weight.dtype, device=weight.device)
             self.up[task] = nn.Parameter(up)  # zero: the adapter starts as a no-op
 
     def delta_weight(self, task: str) -> Tensor:
@@ -90,10 +100,11 @@ class LoRALayer(nn.Module):
         0.0
         """
         up, down = self.up[task], self.down[task]
-        return (self.scale * up.flatten(1) @ down.flatten(1)).reshape(self.base.weight.shape)
+        delta = self.scale * up.flatten(1) @ down.flatten(1)
+        return delta.T if _transposed_linear(self.base) else delta.reshape(self.base.weight.shape)
 
     def _adapter(self, x: Tensor, task: str) -> Tensor:
-        if isinstance(self.base, nn.Linear):
+        if isinstance(self.base, nn.Linear) or _transposed_linear(self.base):
             return F.linear(F.linear(x, self.down[task]), self.up[task])
         conv = _CONV[type(self.base)]
         base = self.base
@@ -200,15 +211,16 @@ class LoRASplit(nn.Module):
             for layer, old in zip(layers, previous):
                 layer.active = old
 
-    def forward(self, x: Any, task: str | None = None) -> Any:
-        """The model's outputs, each task through its own adapter; with ``task``, that task's alone."""
+    def forward(self, *args: Any, task: str | None = None, **kwargs: Any) -> Any:
+        """The model's outputs (called with the model's own arguments, masks included), each task through its own
+        adapter; with ``task``, that task's alone."""
         if task is not None:
             with self.task(task):
-                return self.model(x)[task]
+                return self.model(*args, **kwargs)[task]
         out = {}
         for t in self.tasks:
             with self.task(t):
-                out[t] = self.model(x)[t]
+                out[t] = self.model(*args, **kwargs)[t]
         return out
 
     def adapter_parameters(self, task: str | None = None) -> list[nn.Parameter]:
@@ -264,8 +276,8 @@ class LoRASplit(nn.Module):
 
 
 def adaptable(module: nn.Module) -> bool:
-    """Whether :class:`LoRALayer` can adapt ``module``: a plain ``nn.Linear``, or an ``nn.ConvNd`` with
-    ``groups=1`` and zero padding.
+    """Whether :class:`LoRALayer` can adapt ``module``: a plain ``nn.Linear``, Hugging Face's ``Conv1D``, or an
+    ``nn.ConvNd`` with ``groups=1`` and zero padding.
 
     Subclasses are left out on purpose: ``MultiheadAttention``'s ``out_proj`` (a ``Linear`` subclass) has its
     weight read directly by its parent, so wrapping it would break the parent.
@@ -274,7 +286,7 @@ def adaptable(module: nn.Module) -> bool:
     >>> adaptable(nn.Linear(2, 2)), adaptable(nn.Conv2d(4, 4, 3, groups=2)), adaptable(nn.ReLU())
     (True, False, False)
     """
-    if type(module) is nn.Linear:
+    if type(module) is nn.Linear or _transposed_linear(module):
         return True
     return type(module) in _CONV and module.groups == 1 and module.padding_mode == "zeros"
 
@@ -282,7 +294,7 @@ def adaptable(module: nn.Module) -> bool:
 def _chosen(in_backbone: list[tuple[str, nn.Module]], targets: str | Sequence[str | type] | None) -> list[str]:
     """Paths of the backbone layers that ``targets`` selects (see :func:`lora_split`)."""
     if targets is None:
-        return [n for n, m in in_backbone if type(m) is nn.Linear]
+        return [n for n, m in in_backbone if type(m) is nn.Linear or _transposed_linear(m)]
     if targets == "all":
         return [n for n, m in in_backbone if adaptable(m)]
     targets = [targets] if isinstance(targets, str) else list(targets)
@@ -313,7 +325,7 @@ def lora_split(
         targets: which layers to adapt: module paths in ``model`` (e.g. ``["backbone.0", "backbone.2"]``), a
             tuple of layer types (e.g. ``(nn.Conv2d,)``; layers of those types that LoRA cannot adapt are left out,
             see :func:`adaptable`), or ``"all"`` (every adaptable Linear and Conv layer); default: every plain
-            ``nn.Linear`` in the backbone.
+            ``nn.Linear`` (and Hugging Face ``Conv1D``) in the backbone.
 
     The whole backbone is frozen (also layers that get no adapter); heads keep training. Train with one optimizer
     over ``split.trainable_parameters()``; the base weights stay bit-identical.

@@ -54,14 +54,24 @@ def backbone_blocks(model: nn.Module, blocks: Sequence[str] | None = None) -> li
 
     Args:
         model: a model following the convention.
-        blocks: paths of the blocks in ``model`` (e.g. ``["backbone.stem", "backbone.layer1"]``), needed when the
-            backbone is neither an ``nn.Sequential`` nor an ``nn.ModuleList``. Applied in turn, the blocks must
-            compute the backbone's output.
+        blocks: paths of the blocks in ``model`` (e.g. ``["backbone.stem", "backbone.layer1"]``). Without them the
+            blocks are the children of an ``nn.Sequential`` or ``nn.ModuleList`` backbone; for any other backbone,
+            its stack of layers (the ``nn.ModuleList`` holding the most parameters: a transformer's encoder
+            layers) with each of its layers a block, and the modules before and after it (embeddings, final norm,
+            pooler) blocks of their own, in the order they were registered.
 
     >>> import torch.nn as nn
     >>> net = MultiTaskNet(nn.ModuleList([nn.Linear(2, 2)]), {"a": nn.Linear(2, 1)})
     >>> backbone_blocks(net, ["backbone.0"])[0][0]
     'backbone.0'
+    >>> class Encoder(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.embed = nn.Embedding(5, 4)
+    ...         self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+    ...         self.norm = nn.LayerNorm(4)
+    >>> [path for path, _ in backbone_blocks(MultiTaskNet(Encoder(), {"a": nn.Identity()}))]
+    ['backbone.embed', 'backbone.layers.0', 'backbone.layers.1', 'backbone.norm']
     """
     backbone, _ = check_convention(model)
     if blocks is not None:
@@ -74,12 +84,37 @@ def backbone_blocks(model: nn.Module, blocks: Sequence[str] | None = None) -> li
             except AttributeError as err:
                 raise ValueError(f"block path {path!r} is not a submodule of {type(model).__name__}") from err
         return out
-    if not isinstance(backbone, (nn.Sequential, nn.ModuleList)):
+    if isinstance(backbone, (nn.Sequential, nn.ModuleList)):
+        return [(f"backbone.{name}", module) for name, module in backbone.named_children()]
+    stack = _layer_stack(backbone)
+    if stack is None:
         raise TypeError(
-            f"{type(model).__name__}.backbone is a {type(backbone).__name__}: pass blocks=[...] with the paths of "
-            "its blocks in execution order (e.g. ['backbone.stem', 'backbone.layer1', ...])"
+            f"{type(model).__name__}.backbone is a {type(backbone).__name__} with no stack of layers (nn.ModuleList): "
+            "pass blocks=[...] with the paths of its blocks in execution order (e.g. ['backbone.stem', "
+            "'backbone.layer1', ...])"
         )
-    return [(f"backbone.{name}", module) for name, module in backbone.named_children()]
+    return _around(backbone, "backbone", stack)
+
+
+def _layer_stack(backbone: nn.Module) -> str | None:
+    """Path (in ``backbone``) of its ``nn.ModuleList`` holding the most parameters, or ``None``."""
+    stacks = [(sum(p.numel() for p in m.parameters()), name) for name, m in backbone.named_modules()
+              if isinstance(m, nn.ModuleList) and len(m) > 0]
+    return max(stacks, key=lambda s: s[0])[1] if stacks else None
+
+
+def _around(module: nn.Module, prefix: str, stack: str) -> list[tuple[str, nn.Module]]:
+    """``module``'s children as blocks, the one that leads to ``stack`` opened up, down to its layers."""
+    out: list[tuple[str, nn.Module]] = []
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}"
+        if name == stack:
+            out.extend((f"{path}.{i}", layer) for i, layer in child.named_children())
+        elif stack.startswith(name + "."):
+            out.extend(_around(child, path, stack[len(name) + 1:]))
+        else:
+            out.append((path, child))
+    return out
 
 
 def run_backbone(backbone: nn.Module, x: Any) -> Any:
