@@ -55,7 +55,7 @@ __all__ = [
 #: Width of every time-series figure, in inches (at 100 dpi: the width of the HTML report's column).
 WIDTH = 11.0
 #: Most columns of the layer heat-map: longer runs are binned by training step.
-MAX_COLUMNS = 400
+MAX_COLUMNS = 200
 #: Most layers labelled on the layer figures (above that, every k-th).
 MAX_LABELS = 40
 NO_PAIR = "no measured step carried two tasks together: no pair to compare"
@@ -68,21 +68,33 @@ def _figure(height: float, rows: int = 1, width: float = WIDTH) -> tuple[Figure,
 
 
 def _say(ax: Axes, text: str) -> None:
-    """An empty panel that says why it is empty."""
+    """A figure of one empty panel, made short, that says why it is empty."""
     ax.set_axis_off()
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=11, color="0.35", wrap=True)
+    ax.figure.set_size_inches(ax.figure.get_figwidth(), 0.8)
 
 
 def _smooth(steps: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """A moving mean over about 1/50 of the steps spanned (at least one step)."""
-    width = max(1, int(steps[-1] - steps[0] + 1) // 50)
+    """A moving mean over about 1/30 of the steps spanned (at least one step)."""
+    width = max(1, int(steps[-1] - steps[0] + 1) // 30)
     return window_means(steps, values, width)
+
+
+def _log_if_wide(ax: Axes, values: np.ndarray) -> None:
+    """A log scale when the positive values span more than a factor of 30, so that small tasks stay visible."""
+    positive = values[np.isfinite(values) & (values > 0)]
+    if positive.size and positive.max() > 30 * positive.min():
+        ax.set_yscale("log")
 
 
 def _series(ax: Axes, steps: np.ndarray, values: np.ndarray, label: str, color: object) -> None:
     """Raw values as a thin line, and their moving mean on top when the run is long enough to need it."""
     long = len(values) > 60
-    ax.plot(steps, values, color=color, lw=0.8, alpha=0.35 if long else 1.0, label=None if long else label)
+    sparse = len(values) < 60 and len(values) < int(steps[-1] - steps[0] + 1) // 2  # gaps: show the points
+    ax.plot(
+        steps, values, color=color, lw=0.8, alpha=0.35 if long else 1.0, label=None if long else label,
+        marker="o" if sparse else None, ms=2.5,
+    )
     if long:
         ax.plot(steps, _smooth(steps, values), color=color, lw=1.8, label=f"{label} (moving mean)")
 
@@ -125,7 +137,7 @@ def cancellation_and_update(run: Aligned) -> Figure:
     top.set_ylabel("cancellation")
     top.set_title("Magnitude cancellation 1 - |sum w_i g_i| / sum w_i |g_i| (share of the gradient lost)")
     _series(bottom, run.steps, run.update_norm, "update norm", _color(0))
-    bottom.set_yscale("log")
+    _log_if_wide(bottom, run.update_norm)
     bottom.set_ylabel("|update|")
     bottom.set_xlabel("training step")
     bottom.set_title("Norm of the update sqrt(w^T G w) on the shared parameters")
@@ -143,7 +155,7 @@ def norms_and_alignment(run: Aligned) -> Figure:
         aligned = here & run.multi
         if aligned.any():
             _series(bottom, run.steps[aligned], run.alignment[aligned, k], task, _color(k))
-    top.set_yscale("log")
+    _log_if_wide(top, run.task_norms)
     top.set_ylabel("|g_i|")
     top.set_title("Gradient norm of each task on the shared parameters")
     top.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, frameon=False)
@@ -219,7 +231,10 @@ def layer_heatmap(run: Aligned, profile: Profile | None) -> Figure:
     if profile is not None and profile.branch_point is not None:
         k = order.index(profile.branch_point)
         ax.axhline(k - 0.5, color="k", lw=1.5, ls="--")
-        ax.text(edges[0], k - 0.5, f" branch point: {profile.branch_point}", va="bottom", fontsize=9)
+        ax.text(
+            edges[0], k - 0.5, f" branch point: {profile.branch_point} ", va="bottom", fontsize=9,
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 1.5},
+        )
     ax.set_xlabel("training step")
     ax.set_title("Lowest pair cosine per layer and step (red: conflict, blue: agreement, grey: not measured)")
     fig.colorbar(mesh, ax=ax, label="cosine", fraction=0.03, pad=0.01)
