@@ -4,7 +4,7 @@ nothing it measured. It needs nothing beyond the standard library.
 Each line is the step's :meth:`~gradconflict.ConflictReport.to_dict` with the schema version in front
 (``{"schema": 1, "step": ..., ...}``): the format of :meth:`gradconflict.History.to_jsonl`, which
 ``History.from_jsonl`` and the command line (``gradconflict report``, ``gradconflict advise``) read back.
-``docs/sinks.md`` lists every field.
+``docs/integrations.md`` lists every field.
 
 >>> import json, tempfile, torch
 >>> from gradconflict import ConflictReport
