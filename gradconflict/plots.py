@@ -103,6 +103,29 @@ def _color(k: int) -> object:
     return colormaps["tab10"](k % 10)
 
 
+def _legend(ax: Axes) -> None:
+    """The legend outside the panel, on its right."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, frameon=False)
+
+
+def _cosine_scale(ax: Axes, line_at: float) -> None:
+    """A cosine's [-1, 1] axis with a dashed line where conflict starts."""
+    ax.axhline(line_at, color="0.3", lw=1, ls="--")
+    ax.set_ylim(-1.05, 1.05)
+
+
+def _note(ax: Axes, text: str) -> None:
+    """Text in the middle of a panel (of a figure with other panels) that has nothing to draw."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.35")
+
+
+def _labels(ax: Axes, ylabel: str, title: str, xlabel: str = "") -> None:
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+
+
 def pair_cosines(run: Aligned) -> Figure:
     """The cosine of each pair of tasks over training, on the steps that carried both (conflict below the dashed
     line at the run's threshold ``S``). The first line of each pair holds the raw values."""
@@ -115,12 +138,9 @@ def pair_cosines(run: Aligned) -> Figure:
     for k, (i, j) in enumerate(pairs):
         both = run.together[:, i, j]
         _series(ax, run.steps[both], run.cosine[both, i, j], f"{run.tasks[i]}/{run.tasks[j]}", _color(k))
-    ax.axhline(run.threshold, color="0.3", lw=1, ls="--")
-    ax.set_ylim(-1.05, 1.05)
-    ax.set_ylabel("cosine")
-    ax.set_xlabel("training step")
-    ax.set_title("Pairwise cosine of the task gradients (below the dashed line: conflict)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, frameon=False)
+    _cosine_scale(ax, run.threshold)
+    _labels(ax, "cosine", "Pairwise cosine of the task gradients (below the dashed line: conflict)", "training step")
+    _legend(ax)
     return fig
 
 
@@ -131,17 +151,16 @@ def cancellation_and_update(run: Aligned) -> Figure:
     if run.multi.any():
         _series(top, run.steps[run.multi], run.cancellation[run.multi], "cancellation", _color(3))
         top.set_ylim(-0.02, 1.02)
-        top.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, frameon=False)
+        _legend(top)
     else:
-        top.text(0.5, 0.5, NO_PAIR, ha="center", va="center", transform=top.transAxes, color="0.35")
-    top.set_ylabel("cancellation")
-    top.set_title("Magnitude cancellation 1 - |sum w_i g_i| / sum w_i |g_i| (share of the gradient lost)")
+        _note(top, NO_PAIR)
+    _labels(
+        top, "cancellation", "Magnitude cancellation 1 - |sum w_i g_i| / sum w_i |g_i| (share of the gradient lost)"
+    )
     _series(bottom, run.steps, run.update_norm, "update norm", _color(0))
     _log_if_wide(bottom, run.update_norm)
-    bottom.set_ylabel("|update|")
-    bottom.set_xlabel("training step")
-    bottom.set_title("Norm of the update sqrt(w^T G w) on the shared parameters")
-    bottom.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, frameon=False)
+    _labels(bottom, "|update|", "Norm of the update sqrt(w^T G w) on the shared parameters", "training step")
+    _legend(bottom)
     return fig
 
 
@@ -156,18 +175,17 @@ def norms_and_alignment(run: Aligned) -> Figure:
         if aligned.any():
             _series(bottom, run.steps[aligned], run.alignment[aligned, k], task, _color(k))
     _log_if_wide(top, run.task_norms)
-    top.set_ylabel("|g_i|")
-    top.set_title("Gradient norm of each task on the shared parameters")
-    top.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, frameon=False)
+    _labels(top, "|g_i|", "Gradient norm of each task on the shared parameters")
+    _legend(top)
     if run.multi.any():
-        bottom.axhline(0.0, color="0.3", lw=1, ls="--")
-        bottom.set_ylim(-1.05, 1.05)
-        bottom.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, frameon=False)
+        _cosine_scale(bottom, 0.0)
+        _legend(bottom)
     else:
-        bottom.text(0.5, 0.5, NO_PAIR, ha="center", va="center", transform=bottom.transAxes, color="0.35")
-    bottom.set_ylabel("alignment")
-    bottom.set_xlabel("training step")
-    bottom.set_title("Alignment of each task with the update (below 0: the step raises that task's loss)")
+        _note(bottom, NO_PAIR)
+    _labels(
+        bottom, "alignment", "Alignment of each task with the update (below 0: the step raises that task's loss)",
+        "training step",
+    )
     return fig
 
 

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from gradconflict import ConflictReport, LayerReport
+from gradconflict import ConflictMonitor, ConflictReport, LayerReport
 
 # Three tasks: norms 2, 3 and 1; cos(a, b) = -2 / 6, cos(a, c) = 0, cos(b, c) = 3 / 3 = 1.
 GRAM = torch.tensor([[4.0, -2.0, 0.0], [-2.0, 9.0, 3.0], [0.0, 3.0, 1.0]], dtype=torch.float64)
@@ -53,3 +53,25 @@ def oracle_cosine(model: TwoHeads, losses: dict[str, torch.Tensor]) -> float:
     params = list(model.backbone.parameters())
     g = [torch.cat([t.reshape(-1) for t in torch.autograd.grad(losses[k], params, retain_graph=True)]) for k in "ab"]
     return float(g[0] @ g[1] / (g[0].norm() * g[1].norm()))
+
+
+def monitored_run(sink, steps: int = 3) -> list[float]:
+    """Train :class:`TwoHeads` (float64) for ``steps`` steps with ``sink`` on the monitor, checking at each step
+    that ``.grad`` is the plain loop's; returns the oracle cosine of each step."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        model, twin = TwoHeads(), TwoHeads()
+        twin.load_state_dict(model.state_dict())
+        expected = []
+        with ConflictMonitor(model, shared=model.backbone, sinks=[sink]) as monitor:
+            for _ in range(steps):
+                x, y = torch.randn(16, 3), torch.randn(16, 1)
+                losses = model.losses(x, y)
+                expected.append(oracle_cosine(model, losses))
+                monitor.backward(losses)
+                sum(twin.losses(x, y).values()).backward()
+                for p, q in zip(model.parameters(), twin.parameters()):
+                    assert torch.equal(p.grad, q.grad)  # the sink changes nothing in training
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return expected

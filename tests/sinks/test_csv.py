@@ -7,9 +7,9 @@ import csv
 import pytest
 import torch
 
-from gradconflict import ConflictMonitor, ConflictReport
+from gradconflict import ConflictReport
 from gradconflict.sinks import CSVSink
-from tests.sinks.helpers import TwoHeads, known_report, oracle_cosine
+from tests.sinks.helpers import known_report, monitored_run
 
 
 def read(path):
@@ -56,22 +56,6 @@ def test_layer_columns_on_request(tmp_path):
 
 
 def test_a_monitored_run_writes_the_oracle_cosine_and_trains_as_the_plain_loop(tmp_path):
-    torch.set_default_dtype(torch.float64)
-    try:
-        model, twin = TwoHeads(), TwoHeads()
-        twin.load_state_dict(model.state_dict())
-        monitor = ConflictMonitor(model, shared=model.backbone, sinks=[CSVSink(tmp_path / "run.csv")])
-        expected = []
-        for _ in range(3):
-            x, y = torch.randn(16, 3), torch.randn(16, 1)
-            losses = model.losses(x, y)
-            expected.append(oracle_cosine(model, losses))
-            monitor.backward(losses)
-            sum(twin.losses(x, y).values()).backward()
-            for p, q in zip(model.parameters(), twin.parameters()):
-                assert torch.equal(p.grad, q.grad)  # the sink changes nothing in training
-        monitor.close()
-    finally:
-        torch.set_default_dtype(torch.float32)
+    expected = monitored_run(CSVSink(tmp_path / "run.csv"))
     written = [float(r["cos/a-b"]) for r in read(tmp_path / "run.csv")]
     assert written == pytest.approx(expected, rel=1e-9)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradconflict import ConflictMonitor, ConflictReport
+from gradconflict import ConflictReport
 from gradconflict.sinks import TensorBoardSink
-from tests.sinks.helpers import TOP, TwoHeads, expected_cosine, known_report, oracle_cosine
+from tests.sinks.helpers import TOP, expected_cosine, known_report, monitored_run
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -51,17 +51,7 @@ def test_a_writer_of_the_loop_is_flushed_not_closed(tmp_path):
 
 
 def test_a_monitored_run_logs_the_oracle_cosine(tmp_path):
-    torch.set_default_dtype(torch.float64)
-    try:
-        model = TwoHeads()
-        expected = []
-        with ConflictMonitor(model, shared=model.backbone, sinks=[TensorBoardSink(tmp_path, image_every=2)]) as m:
-            for _ in range(3):
-                losses = model.losses(torch.randn(16, 3), torch.randn(16, 1))
-                expected.append(oracle_cosine(model, losses))
-                m.backward(losses)
-    finally:
-        torch.set_default_dtype(torch.float32)
+    expected = monitored_run(TensorBoardSink(tmp_path, image_every=2))
     events = read(tmp_path)
     assert [e.value for e in events.Scalars("conflict/cos/a-b")] == pytest.approx(expected, rel=1e-6)
     assert [e.step for e in events.Images("conflict/cosine")] == [0, 2]

@@ -6,11 +6,9 @@ import json
 import struct
 
 import pytest
-import torch
 
-from gradconflict import ConflictMonitor
 from gradconflict.sinks import WandbSink
-from tests.sinks.helpers import TwoHeads, known_report, oracle_cosine
+from tests.sinks.helpers import known_report, monitored_run
 
 wandb = pytest.importorskip("wandb")
 
@@ -68,18 +66,10 @@ def test_an_offline_run_holds_each_step_at_its_step(offline):
 
 
 def test_a_monitored_run_logs_the_oracle_cosine(offline):
-    torch.set_default_dtype(torch.float64)
     run = wandb.init(project="gradconflict-test", mode="offline")
     try:
-        model = TwoHeads()
-        expected = []
-        with ConflictMonitor(model, shared=model.backbone, sinks=[WandbSink(run, layers=True)]) as monitor:
-            for _ in range(3):
-                losses = model.losses(torch.randn(16, 3), torch.randn(16, 1))
-                expected.append(oracle_cosine(model, losses))
-                monitor.backward(losses)
+        expected = monitored_run(WandbSink(run, layers=True))
     finally:
-        torch.set_default_dtype(torch.float32)
         run.finish()
     rows = logged_rows(offline)
     assert [r["conflict/cos/a-b"] for r in rows] == pytest.approx(expected, rel=1e-9)
