@@ -301,8 +301,10 @@ def _matrix(ax: Axes, values: np.ndarray, tasks: Sequence[str], norm: TwoSlopeNo
     if T <= 12:
         for i in range(T):
             for j in range(T):
-                text = "n/a" if np.isnan(values[i, j]) else format(values[i, j], fmt)
-                ax.text(j, i, text, ha="center", va="center", fontsize=9)
+                value = values[i, j]
+                text = "n/a" if np.isnan(value) else format(value, fmt)
+                dark = not np.isnan(value) and abs(value) >= 0.6  # a saturated cell: white text stays readable
+                ax.text(j, i, text, ha="center", va="center", fontsize=9, color="white" if dark else "black")
     return image
 
 
