@@ -44,7 +44,7 @@ def _report(args: argparse.Namespace) -> int:
 
     history = History.from_jsonl(args.history)
     reports = history.reports
-    if not any(not r.skipped for r in reports):
+    if all(r.skipped for r in reports):
         print(f"{args.history}: no measured step", file=sys.stderr)
         return 1
     advice = advise(reports)

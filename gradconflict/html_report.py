@@ -35,6 +35,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gradconflict import __version__
 from gradconflict.diagnosis.advice import Advice, advise
 from gradconflict.diagnosis.affinity import mean_transference, normalized
 from gradconflict.diagnosis.aligned import align
@@ -248,7 +249,8 @@ def _comparison(result: ComparisonResult) -> str:
     return _table(header, rows) + notes
 
 
-def _prepare(run: Run, advice: Advice | None) -> tuple[Any, Advice, RunSummary, dict[str, Any]]:
+def _prepare(run: Run, advice: Advice | None) -> tuple[Advice, RunSummary, dict[str, Any]]:
+    """The advice (computed when not given), the summary and the figures of a run."""
     try:
         from gradconflict.plots import run_figures
     except ImportError as err:
@@ -260,7 +262,7 @@ def _prepare(run: Run, advice: Advice | None) -> tuple[Any, Advice, RunSummary, 
     advice = advice if advice is not None else advise(aligned)
     summary = summarize_run(reports, profile=advice.profile)
     affinity = normalized(mean_transference(aligned))
-    return aligned, advice, summary, run_figures(aligned, advice, affinity)
+    return advice, summary, run_figures(aligned, advice, affinity)
 
 
 def render_html(
@@ -285,15 +287,13 @@ def render_html(
     """
     from gradconflict.plots import figure_to_png
 
-    _, advice, summary, figures = _prepare(run, advice)
+    advice, summary, figures = _prepare(run, advice)
     pngs = {name: figure_to_png(fig) for name, fig in figures.items()}
     if png_dir is not None:
         folder = Path(png_dir)
         folder.mkdir(parents=True, exist_ok=True)
         for name, png in pngs.items():
             (folder / f"{name}.png").write_bytes(png)
-    from gradconflict import __version__
-
     made = time.strftime("%Y-%m-%d %H:%M")
     meta = f"{_e(source)} · " if source else ""
     sections = [
