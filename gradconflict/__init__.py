@@ -1,31 +1,70 @@
 """gradconflict: measure how the tasks of a multi-task model fight over their shared backbone, diagnose
 whether to split it, and carry out the split.
 
+``import gradconflict`` loads what a training loop needs (the monitor, its reports and history, the JSONL sink)
+and nothing more: the diagnosis (scipy), the split toolkit, the plots (matplotlib) and the dashboard sinks' own
+libraries load on first use, e.g. when ``gradconflict.advise`` is first read.
+
 >>> from gradconflict import ConflictMonitor, ConflictReport, History
+>>> import gradconflict
+>>> gradconflict.advise.__module__
+'gradconflict.diagnosis.advice'
 """
 
 from __future__ import annotations
 
-from gradconflict.diagnosis import Advice, Signal, Thresholds, advise, advise_from_jsonl
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from gradconflict.engine import PerformanceWarning, is_measuring
 from gradconflict.history import History
 from gradconflict.monitor import ConflictMonitor, MeasurementWarning
 from gradconflict.report import ConflictReport, LayerReport
 from gradconflict.sinks import JSONLSink
-from gradconflict.split import (
-    BranchedNet,
-    ComparisonResult,
-    LoRASplit,
-    MultiTaskNet,
-    SplitEvaluation,
-    branch,
-    compare,
-    delta_m,
-    evaluate_split,
-    lora_split,
-)
+
+if TYPE_CHECKING:
+    from gradconflict.diagnosis import Advice, Signal, Thresholds, advise, advise_from_jsonl
+    from gradconflict.split import (
+        BranchedNet,
+        ComparisonResult,
+        LoRASplit,
+        MultiTaskNet,
+        SplitEvaluation,
+        branch,
+        compare,
+        delta_m,
+        evaluate_split,
+        lora_split,
+    )
 
 __version__ = "0.1.0"
+
+#: Public names loaded on first use, and the module that holds each.
+_LAZY = {
+    **dict.fromkeys(["Advice", "Signal", "Thresholds", "advise", "advise_from_jsonl"], "gradconflict.diagnosis"),
+    **dict.fromkeys(
+        [
+            "BranchedNet", "ComparisonResult", "LoRASplit", "MultiTaskNet", "SplitEvaluation", "branch", "compare",
+            "delta_m", "evaluate_split", "lora_split",
+        ],
+        "gradconflict.split",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name of the diagnosis or the split toolkit on first use (PEP 562)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradconflict' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later reads skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "Advice",

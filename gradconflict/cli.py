@@ -2,20 +2,28 @@
 
 Saved histories may hold steps that carry different tasks (partial labels, round-robin training): ``report``
 then says which tasks and pairs the measured steps carried, and ``advise`` judges each pair on the steps that
-carried both (see :mod:`gradconflict.diagnosis`).
+carried both (see :mod:`gradconflict.diagnosis`). Output piped into a reader that stops early (``| head``) ends
+the command quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from gradconflict.report import ConflictReport
+__all__ = ["build_parser", "main"]
 
-__all__ = ["main"]
+DESCRIPTION = """\
+Measure how the tasks of a multi-task model fight over their shared backbone, and whether to split it.
+
+  gradconflict demo                          train, monitor, diagnose and compare splits on offline data
+  gradconflict report RUN.jsonl              summarise a saved run (add -o report.html for the HTML report)
+  gradconflict advise RUN.jsonl              should the backbone be split, where, into which groups?
+
+RUN.jsonl is a history written by History.to_jsonl() or a JSONLSink (the demo writes one).
+"""
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -29,44 +37,36 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _coverage(reports: Sequence[ConflictReport]) -> list[str]:
-    """Lines on which tasks the measured steps carried, when some step lacked some task (else none)."""
-    from gradconflict.diagnosis.aligned import align, no_pair_reason
-
-    aligned = align(reports)
-    if bool(aligned.present.all()):
-        return []
-    counts, tasks, S = aligned.pair_counts(), aligned.tasks, aligned.num_steps
-    lines = [
-        "tasks (measured steps carrying each): " + ", ".join(f"{t} {counts[k, k]}" for k, t in enumerate(tasks))
-        + f" of {S}"
-    ]
-    if len(tasks) > 1:
-        pairs = [f"{a}/{b} {counts[i, j]}" for i, a in enumerate(tasks) for j, b in enumerate(tasks) if i < j]
-        lines.append(
-            f"pairs measured together: {', '.join(pairs)} of {S}; {int(aligned.multi.sum())} of {S} measured steps "
-            "carried two tasks or more"
-        )
-    why = no_pair_reason(aligned)
-    if why is not None and len(tasks) > 1:
-        lines.append(f"warning: {why}")
-    return lines
-
-
 def _report(args: argparse.Namespace) -> int:
+    from gradconflict.diagnosis import advise
     from gradconflict.history import History
+    from gradconflict.run_summary import summarize_run
 
     history = History.from_jsonl(args.history)
     reports = history.reports
-    measured = [r for r in reports if not r.skipped]
-    if not measured:
-        print(f"{args.history}: no measured step")
+    if all(r.skipped for r in reports):
+        print(f"{args.history}: no measured step", file=sys.stderr)
         return 1
-    for r in reports[:: max(1, len(reports) // args.lines)]:
-        print(r.summary())
-    for line in _coverage(measured):
-        print(line)
-    print(f"{len(measured)} measured steps of {len(reports)}; last: {measured[-1].summary()}")
+    advice = advise(reports)
+    print(f"{args.history}: {summarize_run(reports, profile=advice.profile).text()}")
+    if args.lines > 0:
+        print("\nsteps:")
+        for r in reports[:: max(1, -(-len(reports) // args.lines))]:
+            print("  " + r.summary())
+    groups = " | ".join("[" + ", ".join(g) + "]" for g in advice.groups)
+    where = f", branch point {advice.branch_point}" if advice.branch_point is not None else ""
+    print(f"\nadvice: {advice.verdict}{where}, groups {groups} (gradconflict advise {args.history}: the evidence)")
+    if args.output is not None or args.png is not None:
+        from gradconflict.html_report import render_html, write_html
+
+        source = os.path.basename(args.history)
+        if args.output is not None:
+            path = write_html(reports, args.output, advice=advice, source=source, png_dir=args.png)
+            print(f"report: {path}")
+        else:
+            render_html(reports, advice=advice, source=source, png_dir=args.png)
+        if args.png is not None:
+            print(f"figures: {args.png}/*.png")
     return 0
 
 
@@ -88,24 +88,48 @@ def _advise(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``gradconflict`` command."""
-    parser = argparse.ArgumentParser(prog="gradconflict", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="monitor, diagnose and compare splits of a multi-task model (offline digits)")
+    from gradconflict import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="gradconflict", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser(
+        "demo",
+        help="monitor, diagnose and compare splits of a multi-task model (offline digits)",
+        description="Train a three-task model on offline digits under a ConflictMonitor, print the report and the "
+        "split advice, run the comparison experiment, and save the history, the advice, the comparison and the "
+        "HTML report in the output folder.",
+    )
     demo.add_argument("--quick", action="store_true", help="a shorter run (under a minute)")
     demo.add_argument("--steps", type=int, default=None, help="monitored steps (default 400, 150 quick)")
     demo.add_argument(
         "--compare-steps", type=int, default=None, help="steps per compared variant (default 200, 60 quick; 0: none)"
     )
     demo.add_argument("--out", default="gradconflict-run", help="output folder (default: gradconflict-run)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
-    report = sub.add_parser("report", help="summarise a saved history (JSONL)")
-    report.add_argument("history", help="a history written by History.to_jsonl (e.g. gradconflict-run/history.jsonl)")
-    report.add_argument("--lines", type=int, default=10, help="about how many steps to show")
+    report = sub.add_parser(
+        "report",
+        help="summarise a saved run; -o writes the HTML report",
+        description="Summarise a saved run: steps and tasks, the mean and trend of the conflict, each pair's mean "
+        "cosine and persistence, each task's norm and alignment, the layer profile and the advice. With -o, also "
+        "write one self-contained HTML page with the figures; with --png, each figure as a PNG file.",
+    )
+    report.add_argument("history", help="a history written by History.to_jsonl or a JSONLSink (e.g. run.jsonl)")
+    report.add_argument("-o", "--output", metavar="HTML", default=None, help="write the HTML report to this file")
+    report.add_argument("--png", metavar="DIR", default=None, help="write each figure to this folder as a PNG")
+    report.add_argument("--lines", type=int, default=0, help="also show about this many steps' one-line summaries")
     report.set_defaults(func=_report)
-    advise = sub.add_parser("advise", help="should the backbone be split? advice from a saved history (JSONL)")
-    advise.add_argument("history", help="a history written by History.to_jsonl")
+    advise = sub.add_parser(
+        "advise",
+        help="should the backbone be split? advice from a saved run",
+        description="Diagnose a saved run: the four warning signals with their evidence, the layer profile and "
+        "branch point, the task groups, and the comparison experiment to run next.",
+    )
+    advise.add_argument("history", help="a history written by History.to_jsonl or a JSONLSink")
     advise.add_argument("--json", action="store_true", help="print the advice as JSON")
     advise.add_argument(
         "--threshold", action="append", default=[], metavar="NAME=VALUE", help="override one threshold (repeatable)"
@@ -115,10 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``gradconflict`` console script and of ``python -m gradconflict``."""
+    """Entry point of the ``gradconflict`` console script and of ``python -m gradconflict``.
+
+    >>> main(["report", "no-such-run.jsonl"])       # the error goes to stderr, the status says it
+    2
+    """
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, ImportError) as err:
         print(f"gradconflict {args.command}: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader stopped early (`gradconflict report RUN.jsonl | head`): end quietly, as Unix tools do. Output
+        # still buffered for the closed pipe goes to /dev/null, so the interpreter's own flush at exit is silent.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, the status of a Unix tool stopped by a closed pipe

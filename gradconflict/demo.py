@@ -7,7 +7,8 @@ features; frozen, so it cannot absorb anything) and its target is -1 for every c
 non-negative (post-ReLU) features can reach, so its gradient pushes every shared feature down, away from what the
 digit tasks need. Every step goes through :meth:`ConflictMonitor.backward`. Then the demo prints the final report, the
 split advice, runs the comparison experiment (shared, independent, LoRA, branched at the advised point) with a
-small budget, prints its table, and saves the history (JSONL), the advice and the comparison (JSON).
+small budget, prints its table, and saves the history (JSONL), the advice and the comparison (JSON) and the HTML
+report (``report.html``, which needs matplotlib).
 """
 
 from __future__ import annotations
@@ -171,13 +172,13 @@ def run_demo(
             progress=progress,
         )
         echo(result.comparison.to_markdown())
-    result.files = _save(result, Path(out_dir))
+    result.files = _save(result, Path(out_dir), echo)
     result.seconds = time.perf_counter() - started
     echo(f"\nsaved: {', '.join(str(p) for p in result.files.values())}   ({result.seconds:.0f} s)")
     return result
 
 
-def _save(result: DemoResult, out_dir: Path) -> dict[str, Path]:
+def _save(result: DemoResult, out_dir: Path, echo: Any) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"history": result.monitor.history.to_jsonl(out_dir / "history.jsonl")}
     files["advice"] = out_dir / "advice.json"
@@ -185,6 +186,15 @@ def _save(result: DemoResult, out_dir: Path) -> dict[str, Path]:
     if result.comparison is not None:
         files["comparison"] = out_dir / "comparison.json"
         files["comparison"].write_text(json.dumps(result.comparison.to_dict(), indent=2), encoding="utf-8")
+    try:
+        from gradconflict.html_report import write_html
+
+        files["report"] = write_html(
+            result.monitor.history, out_dir / "report.html", advice=result.advice, comparison=result.comparison,
+            title="gradconflict demo", source="overlaid digits and a conflicting synthetic task",
+        )
+    except ImportError as err:  # the rest of the run is still worth saving
+        echo(f"\nreport.html not written: {err}")
     return files
 
 

@@ -22,7 +22,7 @@ __all__ = ["CHECKPOINT_NODE", "OPAQUE_NODES", "Graph", "depends_on", "leaves_of"
 #: segment's own nodes only exist while its backward recomputes it.
 CHECKPOINT_NODE = "CheckpointFunctionBackward"
 
-#: Nodes whose inside the monitor cannot see or batch: a ``torch.compile``d region's backward runs as one
+#: Nodes whose inside the monitor cannot see or batch: a ``torch.compile``'d region's backward runs as one
 #: compiled function, which refuses to run under ``vmap``.
 OPAQUE_NODES = frozenset({"CompiledFunctionBackward"})
 

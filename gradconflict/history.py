@@ -219,9 +219,10 @@ class History:
         self._records.append(record)
         if not record.skip_reason:
             self._unfolded.append(record)
+        report = record.report() if self.sinks else None  # one host-side report for every sink (metrics cached)
         for sink in list(self.sinks):
             try:
-                sink.write(record.report())
+                sink.write(report)
             except Exception as err:  # a failing sink must never stop training
                 self.sinks.remove(sink)
                 warnings.warn(f"gradconflict: sink {sink!r} failed and is dropped: {err}", RuntimeWarning, stacklevel=4)
@@ -310,7 +311,10 @@ class History:
         """Collect what is pending and close the sinks."""
         self._collect(wait=True)
         for sink in self.sinks:
-            sink.close()
+            try:
+                sink.close()
+            except Exception as err:  # closing must not fail the run either
+                warnings.warn(f"gradconflict: sink {sink!r} failed to close: {err}", RuntimeWarning, stacklevel=2)
 
     # ------------------------------------------------------------------------------------------ exporting
     def rows(self) -> list[dict[str, Any]]:
@@ -363,7 +367,10 @@ class History:
             if not line.strip():
                 continue
             try:
-                history.append(ConflictReport.from_dict(json.loads(line)))
+                data = json.loads(line)
+                newer = isinstance(data, dict) and isinstance(data.get("schema"), int) and data["schema"] > SCHEMA
+                if not newer:
+                    history.append(ConflictReport.from_dict(data))
             except (KeyError, ValueError, TypeError) as err:
                 if number == len(lines) and isinstance(err, json.JSONDecodeError):
                     break  # the run stopped while writing its last line
@@ -371,6 +378,11 @@ class History:
                     f"{path}:{number} is not a gradconflict history line ({err}); "
                     "write histories with History.to_jsonl() or a JSONLSink"
                 ) from err
+            if newer:
+                raise ValueError(
+                    f"{path}:{number} was written with history schema {data['schema']}, newer than the schema this "
+                    f"gradconflict reads ({SCHEMA}): upgrade gradconflict to read it"
+                )
         return history
 
     # ------------------------------------------------------------------------------------------ state

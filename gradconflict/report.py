@@ -129,20 +129,52 @@ class _GramMetrics:
         """``sqrt(lambda_max / lambda_min)`` of ``G``; ``inf`` for linearly dependent gradients."""
         return metrics.condition_number(self.gram)
 
-    def _metrics_dict(self) -> dict[str, Any]:
-        return {
-            "gram": _plain(self.gram),
-            "task_norms": _plain(self.task_norms),
-            "cosine": _plain(self.cosine),
-            "conflict_pairs": [list(p) for p in self.conflict_pairs],
-            "conflict_fraction": _plain(self.conflict_fraction),
-            "magnitude_similarity": _plain(self.magnitude_similarity),
-            "update_norm": _plain(self.update_norm),
-            "cancellation": _plain(self.cancellation),
-            "alignment": _plain(self.alignment),
-            "condition_number": _plain(self.condition_number),
-            "zero_norm_tasks": self.zero_norm_tasks,
+
+
+
+def _metrics_dicts(items: Sequence[_GramMetrics]) -> list[dict[str, Any]]:
+    """Every quantity of several Grams as plain Python (what ``to_dict`` writes), computed a batch at a time: one
+    batch per task list, dtype, device and threshold, so a step with many layers costs a few batched operations
+    and one host copy per quantity rather than a dozen small operations per layer. The numbers are those of each
+    item's own properties (the same functions, in the same precision; a batched product may round the last bit
+    differently)."""
+    out: list[dict[str, Any]] = [{} for _ in items]
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for k, item in enumerate(items):
+        groups.setdefault((item.tasks, item.gram.dtype, item.gram.device, item.threshold), []).append(k)
+    for (tasks, _, _, threshold), index in groups.items():
+        G = torch.stack([items[k].gram for k in index])
+        w = torch.stack([items[k].weights for k in index])
+        plain = {
+            "gram": _plain(G),
+            "task_norms": _plain(metrics.task_norms(G)),
+            "cosine": _plain(metrics.cosine(G)),
+            "conflict_fraction": _plain(metrics.conflict_fraction(G, threshold)),
+            "magnitude_similarity": _plain(metrics.magnitude_similarity(G)),
+            "update_norm": _plain(metrics.update_norm(G, w)),
+            "cancellation": _plain(metrics.cancellation(G, w)),
+            "alignment": _plain(metrics.alignment(G, w)),
+            "condition_number": _plain(metrics.condition_number(G)),
         }
+        pairs: list[list[list[str]]] = [[] for _ in index]
+        for b, i, j in metrics.conflict_pairs(G, threshold).nonzero().tolist():
+            pairs[b].append([tasks[i], tasks[j]])
+        zero = metrics.zero_norm_tasks(G).tolist()
+        for b, k in enumerate(index):
+            out[k] = {
+                "gram": plain["gram"][b],
+                "task_norms": plain["task_norms"][b],
+                "cosine": plain["cosine"][b],
+                "conflict_pairs": pairs[b],
+                "conflict_fraction": plain["conflict_fraction"][b],
+                "magnitude_similarity": plain["magnitude_similarity"][b],
+                "update_norm": plain["update_norm"][b],
+                "cancellation": plain["cancellation"][b],
+                "alignment": plain["alignment"][b],
+                "condition_number": plain["condition_number"][b],
+                "zero_norm_tasks": [t for t, z in zip(tasks, zero[b]) if z],
+            }
+    return out
 
 
 class LayerReport(_GramMetrics):
@@ -177,7 +209,10 @@ class LayerReport(_GramMetrics):
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python view of this layer: Gram, metrics, size and route."""
-        return {"name": self.name, "num_params": self.num_params, "route": self.route, **self._metrics_dict()}
+        return self._with_metrics(_metrics_dicts([self])[0])
+
+    def _with_metrics(self, values: dict[str, Any]) -> dict[str, Any]:
+        return {"name": self.name, "num_params": self.num_params, "route": self.route, **values}
 
 
 class ConflictReport(_GramMetrics):
@@ -292,7 +327,11 @@ class ConflictReport(_GramMetrics):
         }
         if self.skipped:
             return head
-        return {**head, **self._metrics_dict(), "layers": {k: v.to_dict() for k, v in self.layers.items()}}
+        mine, *layers = _metrics_dicts([self, *self.layers.values()])  # every layer in one batch
+        return {
+            **head, **mine,
+            "layers": {k: v._with_metrics(d) for (k, v), d in zip(self.layers.items(), layers)},
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ConflictReport:

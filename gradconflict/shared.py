@@ -2,7 +2,7 @@
 
 The shared parameters are given (a module, or a list of parameters) or discovered: at a step that carries two or
 more tasks, the parameters that receive gradient from at least two of them. They are read from the autograd
-graph; through a ``torch.compile``d region, whose graph hides which task uses what, from the gradients' being
+graph; through a ``torch.compile``'d region, whose graph hides which task uses what, from the gradients' being
 non-zero. A step with a single task never fixes them (every parameter it reaches would look shared). Parameters
 that start requiring grad later (unfrozen mid-run) trigger a new discovery, whose result is added; frozen
 parameters are left out of every step.

@@ -1,4 +1,5 @@
-"""The command line: demo (quick) and report, through main() and as `python -m gradconflict`."""
+"""The command line: demo (quick), report (text, HTML, PNG) and advise, through main() and as
+`python -m gradconflict`; --version, plain help text, and a reader that stops early."""
 
 from __future__ import annotations
 
@@ -19,8 +20,12 @@ def test_demo_then_report(tmp_path, capsys):
     assert json.loads((tmp_path / "advice.json").read_text())["verdict"]
     history = tmp_path / "history.jsonl"
     assert len(history.read_text().splitlines()) == 30
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 7 and "<h2>Comparison experiment</h2>" in page
     assert main(["report", str(history)]) == 0
-    assert "30 measured steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "30 steps (30 measured, 0 skipped), steps 0 to 29; tasks contrary, left, right" in out
+    assert "left/right" in out and "layer conflict profile" in out and "advice: " in out
 
 
 def test_report_on_missing_file_is_a_clear_error(tmp_path, capsys):
@@ -70,7 +75,10 @@ def test_report_and_advise_on_partial_steps(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tasks (measured steps carrying each): a 12, b 12, c 3 of 12" in out
     assert "pairs measured together: a/b 12, a/c 3, b/c 3 of 12" in out
-    assert out.splitlines()[-1].startswith("12 measured steps of 12")
+    # each pair over the steps that carried both: a/b at cosine -0.8 on all 12, a/c and b/c at +0.6 on 3
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line[:3] in ("a/b", "a/c", "b/c")}
+    assert rows["a/b"][:3] == ["12", "-0.800", "100%"] and rows["a/c"][:3] == ["3", "+0.600", "0%"]
+    assert rows["b/c"][:3] == ["3", "+0.600", "0%"]
     assert main(["advise", str(path)]) == 0
     out = capsys.readouterr().out
     assert "verdict" in out and "a and b conflict (cosine < 0) on 100% of 12 measured steps" in out
@@ -92,3 +100,64 @@ def test_report_and_advise_on_round_robin_steps(tmp_path, capsys):
     assert data["verdict"] == "keep_shared" and data["groups"] == [["a", "b", "c"]]
     assert "could not be measured" in data["reason"]
     assert [s["status"] for s in data["signals"]] == ["n/a"] * 4
+
+
+def test_report_writes_the_html_page_and_the_figures(tmp_path, capsys):
+    path = _partial_history(tmp_path / "partial.jsonl")
+    html, figures = tmp_path / "out" / "report.html", tmp_path / "figures"
+    assert main(["report", str(path), "-o", str(html), "--png", str(figures)]) == 0
+    assert f"report: {html}" in capsys.readouterr().out
+    assert "pairs measured together: a/b 12, a/c 3, b/c 3 of 12" in html.read_text()
+    names = sorted(p.name for p in figures.glob("*.png"))
+    assert names == sorted(f"{n}.png" for n in ("cosines", "cancellation", "norms", "layers", "profile",
+                                                "mean_cosine", "affinity"))
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in figures.glob("*.png"))
+    only = tmp_path / "only-png"
+    assert main(["report", str(path), "--png", str(only)]) == 0  # figures without the page
+    assert len(list(only.glob("*.png"))) == 7
+
+
+def test_report_of_a_round_robin_run_writes_a_page_that_says_what_was_not_measured(tmp_path, capsys):
+    path = _partial_history(tmp_path / "rr.jsonl", round_robin=True)
+    assert main(["report", str(path), "-o", str(tmp_path / "rr.html")]) == 0
+    page = (tmp_path / "rr.html").read_text()
+    assert "no measured step carried two tasks together" in page and "Keep the backbone shared" in page
+
+
+def test_version_matches_the_installed_package(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out.strip() == f"gradconflict {version('gradconflict')}"
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["report"], ["advise"]])
+def test_help_is_plain_text(command, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert exit.value.code == 0 and "usage: gradconflict" in out
+    for markup in ("``", ":class:", ":func:", ":mod:", ":meth:", ":attr:"):
+        assert markup not in out
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    """`gradconflict report RUN.jsonl --lines 1200 | head -1`: about twice what a pipe holds, so the command
+    writes into a closed pipe once the reader has gone."""
+    import torch
+
+    from gradconflict import ConflictReport, History
+
+    history = History(max_history=None)
+    for s in range(1200):
+        history.append(ConflictReport("ab", torch.tensor([[1.0, -0.1], [-0.1, 1.0]]), step=s))
+    path = history.to_jsonl(tmp_path / "long.jsonl")
+    command = [sys.executable, "-m", "gradconflict", "report", str(path), "--lines", "1200"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = process.stdout.readline()
+    process.stdout.close()  # the reader goes away, as `head -1` does
+    err = process.stderr.read()
+    process.stderr.close()
+    assert process.wait(timeout=120) == 141
+    assert first.startswith(str(path).encode()) and err == b""

@@ -1,4 +1,5 @@
-"""The README's quickstart and every example script run as written."""
+"""The README's quickstart, every page of the docs and every example script run as written; the docs name no file
+outside the repository."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ def python_blocks(path: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
 
 
-@pytest.mark.parametrize("doc", ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))])
+#: The pages a reader runs code from: the README and every page of the docs but the index (which shows the README).
+PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md") if p.name != "index.md")]
+
+
+@pytest.mark.parametrize("doc", PAGES)
 def test_markdown_python_blocks_run(doc, tmp_path, monkeypatch):
     """Plain blocks run in order in one namespace, as a reader runs them; ``>>>`` blocks are doctests."""
     monkeypatch.chdir(tmp_path)
@@ -38,3 +43,13 @@ def test_examples_run(script, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [script])
     runpy.run_path(str(ROOT / "examples" / script), run_name="__main__")
+
+
+def test_the_docs_point_to_nothing_outside_the_repository():
+    """The docs and the code carry everything a user needs: no page or docstring points to a design document
+    that is not in the repository."""
+    texts = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "gradconflict").rglob("*.py")]
+    for path in texts:
+        text = path.read_text(encoding="utf-8")
+        for pointer in ("DESIGN.md", "../shared", "the document", "seed document"):
+            assert pointer not in text, f"{path.relative_to(ROOT)} points to {pointer!r}"

@@ -75,6 +75,33 @@ def test_a_failing_sink_warns_once_and_is_dropped():
     assert len(history) == 2 and history.sinks == []
 
 
+class Recording:
+    def __init__(self):
+        self.reports, self.closed = [], False
+
+    def write(self, report):
+        self.reports.append(report)
+
+    def close(self):
+        self.closed = True
+
+
+class FailsToClose(Recording):
+    def close(self):
+        raise OSError("disk gone")
+
+
+def test_every_sink_gets_the_same_host_side_report_and_a_failing_close_only_warns():
+    first, second, last = Recording(), FailsToClose(), Recording()
+    history = History(sinks=[first, second, last])
+    history.append(report(0, -0.5))
+    assert first.reports[0] is second.reports[0] is last.reports[0]  # built once, its metrics computed once
+    assert first.reports[0].gram.device.type == "cpu"
+    with pytest.warns(RuntimeWarning, match="failed to close: disk gone"):
+        history.close()
+    assert first.closed and last.closed
+
+
 def test_jsonl_round_trip_and_a_corrupt_line_is_named(tmp_path):
     history = History()
     for s in range(3):
@@ -87,6 +114,9 @@ def test_jsonl_round_trip_and_a_corrupt_line_is_named(tmp_path):
     lines = path.read_text().splitlines()
     path.write_text("\n".join([lines[0], "{not json", lines[2]]) + "\n")
     with pytest.raises(ValueError, match=r"run.jsonl:2 is not a gradconflict history line"):
+        History.from_jsonl(path)
+    path.write_text(lines[0] + "\n" + lines[1].replace('"schema": 1', '"schema": 99') + "\n")
+    with pytest.raises(ValueError, match=r"run.jsonl:2 was written with history schema 99.*upgrade gradconflict"):
         History.from_jsonl(path)
 
 

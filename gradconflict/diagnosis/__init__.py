@@ -3,7 +3,7 @@ where, and into which task groups?", with the evidence shown.
 
 - :mod:`~gradconflict.diagnosis.aligned`: the measured steps on one task order (sorted names), as numpy arrays.
 - :mod:`~gradconflict.diagnosis.trends`: series, EMA, sliding windows, trend test over training steps.
-- :mod:`~gradconflict.diagnosis.signals`: the four warning signals of DESIGN.md section 1.
+- :mod:`~gradconflict.diagnosis.signals`: the four warning signals that the shared backbone has become a compromise.
 - :mod:`~gradconflict.diagnosis.profile`: the layer conflict profile and the branch point.
 - :mod:`~gradconflict.diagnosis.affinity`: inter-task affinity (first-order transference, exact lookahead).
 - :mod:`~gradconflict.diagnosis.groups`: task groups by affinity.

@@ -1,5 +1,5 @@
-"""The four warning signals of DESIGN.md section 1, each a :class:`Signal` with a value, a threshold, a status
-and one sentence of evidence a person can check.
+"""The four warning signals that a shared backbone has become a compromise, each a :class:`Signal` with a value,
+a threshold, a status and one sentence of evidence a person can check.
 
 1. :func:`diverging_objectives`: task pairs whose gradients conflict on most steps, and magnitude cancellation.
 2. :func:`heavy_heads`: heads large or deep relative to the backbone, rewriting its features (linear CKA).

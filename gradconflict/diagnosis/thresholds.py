@@ -17,12 +17,12 @@ Where a default comes from (see ``docs/diagnosis.md`` for the discussion):
   a negative cosine half of the time, so a pair that conflicts on at least half the steps conflicts as often
   as chance or more (``split``); a quarter is an early warning (``watch``).
 - ``cancellation_*``: two equal-norm orthogonal gradients lose ``1 - 1/sqrt(2) ~ 0.29`` of their magnitude
-  (DESIGN.md section 2's magnitude cancellation); two at cosine 0.6 lose about 0.1.
+  (the magnitude cancellation ``1 - sqrt(w^T G w) / sum_i w_i n_i``); two at cosine 0.6 lose about 0.1.
 - ``head_*`` and ``cka_*``: heuristics. Linear CKA is Kornblith et al. (2019); a head whose last hidden layer
   has CKA below 0.4 with the backbone output keeps little of the backbone's representation.
 - ``against_*``: the share of steps whose combined update raises some task's loss to first order (an
   alignment ``a_i < 0``); heuristics on the same scale as persistence.
-- ``eval_tolerance``: the document's example of a zero-sum evaluation is "+2% for A, -1.5% for B"; changes
+- ``eval_tolerance``: a typical zero-sum evaluation reads "+2% for A, -1.5% for B"; changes
   smaller than 1% (relative, as LibMTL's Delta-m) are treated as noise.
 - ``transfer_*``: TAG (Fifty et al., 2021) treats negative inter-task affinity as the signal to separate
   tasks; here normalised by the task's own self-affinity, so -0.1 means a step on task ``i`` raises task

@@ -6,7 +6,7 @@ Gram, and they are dropped at once (with the inputs the tap recorded). Shared pa
 materialised (T gradients each) and their Gram taken. Nothing is written to ``.grad``: the monitor lets autograd
 do that afterwards.
 
-Where the batched backward cannot run (a ``torch.compile``d region, or a torch op whose batched backward fails),
+Where the batched backward cannot run (a ``torch.compile``'d region, or a torch op whose batched backward fails),
 the engine measures with the per-task loop instead, exactly, and warns once.
 """
 

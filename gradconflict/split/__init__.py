@@ -1,4 +1,4 @@
-"""Carry out and judge the split of a shared multi-task backbone: the user's three steps, one call each.
+"""Carry out and judge the split of a shared multi-task backbone: the three steps of splitting, one call each.
 
 1. :func:`compare`: the comparison experiment (all shared, fully independent, per-task LoRA, branched).
 2. :func:`lora_split`: the logical split, one LoRA adapter per task on a frozen backbone.

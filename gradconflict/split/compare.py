@@ -7,12 +7,12 @@ the same step budget and exactly the same batches in the same order:
 - ``independent``: one copy of the model per task, each trained on its own loss alone for the whole budget.
 - ``lora``: the shared model after ``split_fraction`` of the budget (default half), backbone frozen, then one
   LoRA adapter per task on every Linear and Conv layer LoRA supports (and the heads) trained for the rest: the
-  document's step 2 at equal total budget.
+  logical split, at equal total budget.
 - ``branched``: the same shared model at the same point, branched at ``branch_at`` into ``groups``, then every
-  copy trained for the rest: the document's step 3 at equal total budget.
+  copy trained for the rest: the physical split, at equal total budget.
 
 Splitting a partly trained shared model (rather than training the split architectures from scratch) answers
-the user's question, "should *this* model be split now?", and gives lora a trained backbone to adapt. The first
+the question a team asks, "should *this* model be split now?", and gives lora a trained backbone to adapt. The first
 pass over ``train_data`` is recorded and replayed to every variant, so shuffling loaders cannot give the
 variants different orders.
 """

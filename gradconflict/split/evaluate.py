@@ -1,4 +1,4 @@
-"""Post-split evaluation: judge a split on the document's three criteria, each with the warning it can raise.
+"""Post-split evaluation: judge a split on three criteria, each with the warning it can raise.
 
 - **convergence**: each task's loss falls at least as smoothly after the split (the share of steps where its
   smoothed loss rises does not grow by more than ``tolerance``).
@@ -34,7 +34,7 @@ from gradconflict.split.result import ComparisonResult, VariantRecord
 
 __all__ = ["Criterion", "SplitEvaluation", "evaluate_split"]
 
-#: What each criterion's failure means (DESIGN.md section 1).
+#: What each criterion's failure means.
 WARNINGS = {
     "convergence": "the loss still oscillates after the split: the trouble is the data, not the sharing",
     "ceiling": "no task moved: the model's capacity was not the limit, so splitting was not the cure",

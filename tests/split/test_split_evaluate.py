@@ -35,7 +35,7 @@ def test_histories_smoother_and_lower_pass_cost_is_not_measurable():
     assert "convergence: held" in text and "cost: n/a" in text
 
 
-def test_failures_carry_the_documents_warnings():
+def test_failures_carry_their_warnings():
     smooth = {"a": [1.0, 0.9, 0.8, 0.7], "b": [1.0, 0.9, 0.8, 0.7]}
     bumpy = {"a": [1.0, 1.5, 0.9, 1.6], "b": [1.0, 1.4, 0.9, 1.5]}
     before = _record("shared", smooth, {"a": 0.5, "b": 0.5})

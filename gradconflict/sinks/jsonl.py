@@ -1,8 +1,10 @@
-"""Sinks: where each measured step goes as soon as it is collected, besides the in-memory history.
+"""The JSONL sink: one JSON line per step, appended and flushed as it is collected, so a run that crashes loses
+nothing it measured. It needs nothing beyond the standard library.
 
-:class:`JSONLSink` appends one JSON line per step (the schema of :meth:`gradconflict.History.to_jsonl`) and
-flushes it, so a run that crashes loses nothing it measured; ``History.from_jsonl`` and the command line read
-the file back.
+Each line is the step's :meth:`~gradconflict.ConflictReport.to_dict` with the schema version in front
+(``{"schema": 1, "step": ..., ...}``): the format of :meth:`gradconflict.History.to_jsonl`, which
+``History.from_jsonl`` and the command line (``gradconflict report``, ``gradconflict advise``) read back.
+``docs/integrations.md`` lists every field.
 
 >>> import json, tempfile, torch
 >>> from gradconflict import ConflictReport
@@ -10,8 +12,9 @@ the file back.
 >>> sink = JSONLSink(path)
 >>> sink.write(ConflictReport(("a", "b"), torch.eye(2), step=3))
 >>> sink.close()
->>> json.loads(open(path).readline())["step"]
-3
+>>> line = json.loads(open(path).readline())
+>>> line["schema"], line["step"], line["cosine"]
+(1, 3, [[1.0, 0.0], [0.0, 1.0]])
 """
 
 from __future__ import annotations
@@ -26,12 +29,16 @@ __all__ = ["JSONLSink"]
 
 
 class JSONLSink:
-    """Appends each step to a JSONL file as it is measured, and flushes it.
+    """Appends each step to a JSONL file as it is collected, and flushes it.
 
     Args:
         path: the file (its folder is created). An existing file is appended to, so a resumed run continues it;
             ``overwrite=True`` starts it afresh.
         overwrite: truncate the file first.
+
+    >>> import tempfile
+    >>> JSONLSink(tempfile.mkdtemp() + "/runs/a.jsonl").path.name
+    'a.jsonl'
     """
 
     def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
