@@ -23,6 +23,7 @@ from gradconflict.split import (
     delta_m,
     evaluate_split,
     lora_split,
+    split_gains,
 )
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __all__ = [
     "delta_m",
     "evaluate_split",
     "lora_split",
+    "split_gains",
     "ConflictMonitor",
     "ConflictReport",
     "History",

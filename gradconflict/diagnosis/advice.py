@@ -233,6 +233,47 @@ class Advice:
             }
         return _json_ready(out)
 
+    def summary(self) -> str:
+        """The verdict and the evidence behind it in a few lines: the uncertainty, which layers conflict and how
+        persistently, the branch point and Recon's layers, and which warning about what a split cannot cure
+        applies.
+
+        >>> import torch
+        >>> from gradconflict import ConflictReport
+        >>> fight = ConflictReport("ab", torch.tensor([[1.0, -0.9], [-0.9, 1.0]]), losses=torch.ones(2))
+        >>> print(advise([fight] * 8).summary().splitlines()[1][:62])
+        how persistent: tasks a/b conflict on 100% of 8 measured steps
+        """
+        lines = [f"verdict: {self.verdict} ({self.uncertainty})"]
+        diverging = self.signal("diverging_objectives")
+        decisive = diverging.details.get("decisive")
+        if decisive is not None:
+            where = "the whole backbone" if decisive["layer"] is None else decisive["layer"]
+            lines.append(
+                f"how persistent: tasks {decisive['pair']} conflict on {decisive['persistence']:.0%} of "
+                f"{decisive['steps']} measured steps on {where} (conflict rate {decisive['rate']:.0%} against 50% for "
+                f"unrelated gradients; {decisive['steps'] / decisive['tau']:.0f} effective steps)"
+            )
+        if self.profile is not None:
+            conflicting = [lp.name for lp in self.profile.layers if lp.status == "conflict"]
+            lines.append(
+                "layers in persistent conflict: " + (", ".join(conflicting) if conflicting else "none")
+                + (f"; branch point {self.branch_point} (duplicates {self.duplicated_share:.0%} of the backbone)"
+                   if self.branch_point is not None else "")
+            )
+        if self.recon is not None and self.recon.layers:
+            lines.append(f"Recon's top-{self.recon.k} layers: {', '.join(self.recon.layers)}")
+        lines.append("groups: " + " | ".join("[" + ", ".join(g) + "]" for g in self.groups))
+        warnings = [s for s in self.signals if s.name in ("oscillating_conflict", "ceiling")]
+        lines += [f"warning {s.name} [{s.status}]: {s.evidence}" for s in warnings if s.status != "n/a"]
+        if all(s.status == "n/a" for s in warnings) or not any(s.status != "ok" for s in warnings):
+            lines.append(
+                "warnings: the conflict does not oscillate at chance"
+                + ("; no comparison experiment yet (run the next step)" if self.signal("ceiling").status == "n/a"
+                   else "")
+            )
+        return "\n".join(lines)
+
     def __str__(self) -> str:
         lines = [f"verdict: {self.verdict} ({self.uncertainty})"]
         if self.branch_point is not None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradconflict.diagnosis.aligned import Run, align
-from gradconflict.diagnosis.stats import PersistenceTests, persistence_tests, signs
+from gradconflict.diagnosis.stats import PersistenceTests, persistence_tests
 
 __all__ = ["ConflictTests", "conflict_tests"]
 
@@ -42,6 +42,8 @@ class ConflictTests:
         by_layer: one :class:`~gradconflict.diagnosis.stats.PersistenceTests` (``[P]``) per layer.
         mean_cosine: ``[P]`` each pair's mean cosine on the whole backbone (NaN: never measured together).
         layer_mean_cosine: ``[L, P]`` the same per layer.
+        layer_scores: ``[L]`` Recon's S-conflict score of each layer over the run (conflicting pairs summed over
+            steps, :func:`gradconflict.metrics.conflict_pairs`).
         threshold: the conflict cosine ``S``.
         alpha: the significance level the undetermined pairs' ``steps_needed`` were computed for.
         step_gap: training steps between consecutive measured steps (``k`` under ``every=k``).
@@ -54,6 +56,7 @@ class ConflictTests:
     by_layer: list[PersistenceTests]
     mean_cosine: np.ndarray
     layer_mean_cosine: np.ndarray
+    layer_scores: np.ndarray
     threshold: float
     alpha: float
     step_gap: int
@@ -68,14 +71,10 @@ class ConflictTests:
         return self.by_layer[self.layers.index(name)]
 
 
-def _pair_series(cosine: np.ndarray, pairs: list[tuple[int, int]], threshold: float) -> tuple[np.ndarray, ...]:
-    """``(signs, present, mean cosine)`` of the pairs of ``cosine`` ``[S, ..., T, T]``: ``[S, ..., P]`` each."""
+def _pair_cosines(cosine: np.ndarray, pairs: list[tuple[int, int]]) -> np.ndarray:
+    """``cosine`` ``[S, ..., T, T]`` -> the pairs' cosines ``[S, ..., P]`` (NaN where not measured)."""
     i, j = (np.array(x, dtype=np.int64) for x in zip(*pairs)) if pairs else (np.zeros(0, int), np.zeros(0, int))
-    values = cosine[..., i, j]
-    present = ~np.isnan(values)
-    with np.errstate(invalid="ignore"):
-        mean = np.where(present.any(0), np.nansum(values, 0) / np.maximum(present.sum(0), 1), np.nan)
-    return signs(values, threshold), present, mean
+    return cosine[..., i, j]
 
 
 def conflict_tests(history: Run, threshold: float | None = None, alpha: float = 0.05) -> ConflictTests:
@@ -86,25 +85,24 @@ def conflict_tests(history: Run, threshold: float | None = None, alpha: float = 
     T, L = len(aligned.tasks), len(aligned.layers)
     pairs = [(i, j) for i in range(T) for j in range(i + 1, T)]
     P, n = len(pairs), aligned.num_steps
-    whole_sign, whole_present, whole_mean = _pair_series(aligned.cosine, pairs, S)
-    layer_sign = np.zeros((n, L, P), dtype=np.int8)
-    layer_present = np.zeros((n, L, P), dtype=bool)
-    layer_mean = np.full((L, P), np.nan)
-    for layers, cosine, _ in aligned.layer_blocks(S):
-        layer_sign[:, layers], layer_present[:, layers], layer_mean[layers] = _pair_series(cosine, pairs, S)
+    layer_cosine = np.full((n, L, P), np.nan)
+    scores = np.zeros(L, dtype=np.int64)
+    for layers, cosine, conflicts in aligned.layer_blocks(S):
+        layer_cosine[:, layers] = _pair_cosines(cosine, pairs)
+        scores[layers] = conflicts.sum((0, 2, 3))
     family = persistence_tests(
-        np.concatenate([whole_sign, layer_sign.reshape(n, L * P)], axis=1),
-        np.concatenate([whole_present, layer_present.reshape(n, L * P)], axis=1),
-        alpha,
+        np.concatenate([_pair_cosines(aligned.cosine, pairs), layer_cosine.reshape(n, L * P)], axis=1), S, alpha
     )
+    by_layer = [family.take(slice(P + k * P, P + (k + 1) * P)) for k in range(L)]
     return ConflictTests(
         tasks=aligned.tasks,
         pairs=pairs,
         layers=aligned.layers,
         whole=family.take(slice(0, P)),
-        by_layer=[family.take(slice(P + k * P, P + (k + 1) * P)) for k in range(L)],
-        mean_cosine=whole_mean,
-        layer_mean_cosine=layer_mean,
+        by_layer=by_layer,
+        mean_cosine=family.mean_cosine[:P],
+        layer_mean_cosine=np.array([t.mean_cosine for t in by_layer]).reshape(L, P),
+        layer_scores=scores,
         threshold=S,
         alpha=alpha,
         step_gap=aligned.step_gap,

@@ -81,18 +81,17 @@ def worst_pair(persistence: np.ndarray, mean_cosine: np.ndarray) -> tuple[int, i
     return int(i[best]), int(j[best])
 
 
-def worst_test(tests: PersistenceTests, mean_cosine: np.ndarray) -> int:
+def worst_test(tests: PersistenceTests) -> int:
     """The position of the pair whose conflict is the most significant: the lowest adjusted p-value, then the
     highest conflict rate, then the lowest mean cosine; pairs never measured come last (0 without pairs).
 
     >>> from gradconflict.diagnosis.stats import persistence_tests
-    >>> t = persistence_tests(np.array([[1, -1], [1, 1], [-1, 1]]), np.ones((3, 2), dtype=bool))
-    >>> worst_test(t, np.array([0.1, -0.2]))
+    >>> worst_test(persistence_tests(np.array([[-0.1, -0.5], [-0.1, -0.5], [0.2, 0.3]])))   # same counts
     1
     """
     if not len(tests.steps):
         return 0
-    p, r = tests.p_adjusted, tests.rate
+    p, r, mean_cosine = tests.p_adjusted, tests.rate, tests.mean_cosine
     keys = (
         np.where(np.isnan(mean_cosine), np.inf, mean_cosine),
         np.where(np.isnan(r), np.inf, -r),
@@ -105,7 +104,7 @@ def layer_status(tests: PersistenceTests, alpha: float) -> LayerStatus:
     """A layer's status from its pairs' tests (see the module docstring).
 
     >>> from gradconflict.diagnosis.stats import persistence_tests
-    >>> layer_status(persistence_tests(np.array([[-1]] * 12), np.ones((12, 1), dtype=bool)), 0.05)
+    >>> layer_status(persistence_tests(np.array([[0.5]] * 12)), 0.05)
     'agree'
     """
     measured = tests.steps > 0
@@ -277,9 +276,7 @@ def layer_profile(
     tests = tests if tests is not None else conflict_tests(aligned, th.conflict_cosine, th.alpha)
     T = len(aligned.tasks)
     iu = np.triu_indices(T, 1)
-    score = np.zeros(len(aligned.layers), dtype=np.int64)
-    for layers, _, conflicts in aligned.layer_blocks(th.conflict_cosine):
-        score[layers] = conflicts.sum((0, 2, 3))
+    score = tests.layer_scores
     steps = aligned.layer_present.sum(0)
     index = {n: k for k, n in enumerate(aligned.layers)}
     profiles = []
@@ -300,7 +297,7 @@ def layer_profile(
             LayerProfile(
                 name=name, num_params=int(aligned.layer_params[k]), steps=int(steps[k]), score=int(score[k]),
                 persistence=persistence, mean_cosine=mean_cosine, together=together, tests=t,
-                status=layer_status(t, th.alpha), worst=worst_test(t, tests.layer_mean_cosine[k]),
+                status=layer_status(t, th.alpha), worst=worst_test(t),
             )
         )
     branch = branch_point(profiles)

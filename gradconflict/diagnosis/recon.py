@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradconflict.diagnosis.aligned import Run, align
+from gradconflict.diagnosis.aligned import Aligned, Run, align
 
 __all__ = ["ReconSelection", "recon_layers", "recon_scores"]
 
@@ -55,6 +55,22 @@ class ReconSelection:
     threshold: float
 
 
+def _scores(aligned: Aligned, S: float, window: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(scores [L], mean cosine over the pairs [L], the steps scored)`` in one pass over the layers."""
+    first, last = window if window is not None else (-np.inf, np.inf)
+    inside = (aligned.steps >= first) & (aligned.steps <= last)
+    T = len(aligned.tasks)
+    upper = np.triu(np.ones((T, T), dtype=bool), 1)
+    scores = np.zeros(len(aligned.layers), dtype=np.int64)
+    mean = np.zeros(len(aligned.layers))
+    for layers, cosine, conflicts in aligned.layer_blocks(S):
+        scores[layers] = conflicts[inside].sum((0, 2, 3))
+        measured = upper & ~np.isnan(cosine[inside])
+        total, count = np.where(measured, cosine[inside], 0.0).sum((0, 2, 3)), measured.sum((0, 2, 3))
+        mean[layers] = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+    return scores, mean, aligned.steps[inside]
+
+
 def recon_scores(
     history: Run, threshold: float | None = None, window: tuple[int, int] | None = None
 ) -> dict[str, int]:
@@ -62,11 +78,7 @@ def recon_scores(
     training step, inclusive; default: every measured step). ``threshold`` defaults to the run's ``S``."""
     aligned = align(history)
     S = aligned.threshold if threshold is None else float(threshold)
-    first, last = window if window is not None else (-np.inf, np.inf)
-    inside = (aligned.steps >= first) & (aligned.steps <= last)
-    scores = np.zeros(len(aligned.layers), dtype=np.int64)
-    for layers, _, conflicts in aligned.layer_blocks(S):
-        scores[layers] = conflicts[inside].sum((0, 2, 3))
+    scores, _, _ = _scores(aligned, S, window)
     return {name: int(v) for name, v in zip(aligned.layers, scores)}
 
 
@@ -80,18 +92,8 @@ def recon_layers(
         raise ValueError(f"k must be a non-negative number of layers, got {k}")
     aligned = align(history)
     S = aligned.threshold if threshold is None else float(threshold)
-    scores = recon_scores(aligned, S, window)
-    first, last = window if window is not None else (-np.inf, np.inf)
-    inside = (aligned.steps >= first) & (aligned.steps <= last)
-    T = len(aligned.tasks)
-    upper = np.triu(np.ones((T, T), dtype=bool), 1)
-    mean = np.zeros(len(aligned.layers))
-    for layers, cosine, _ in aligned.layer_blocks(S):
-        measured = upper & ~np.isnan(cosine[inside])
-        total, count = np.where(measured, cosine[inside], 0.0).sum((0, 2, 3)), measured.sum((0, 2, 3))
-        mean[layers] = np.where(count > 0, total / np.maximum(count, 1), 0.0)
-    order = sorted(range(len(aligned.layers)), key=lambda n: (-scores[aligned.layers[n]], mean[n], n))
-    chosen = [aligned.layers[n] for n in order if scores[aligned.layers[n]] > 0][:k]
-    steps = aligned.steps[inside]
+    scores, mean, steps = _scores(aligned, S, window)
+    order = sorted(range(len(aligned.layers)), key=lambda n: (-scores[n], mean[n], n))
+    chosen = [aligned.layers[n] for n in order if scores[n] > 0][:k]
     span = (int(steps[0]), int(steps[-1])) if len(steps) else (0, -1)
-    return ReconSelection(chosen, scores, k, span, S)
+    return ReconSelection(chosen, {name: int(v) for name, v in zip(aligned.layers, scores)}, k, span, S)

@@ -50,6 +50,7 @@ from gradconflict.diagnosis.aligned import Aligned, Run, align, masked_mean, no_
 from gradconflict.diagnosis.evaluations import EvalTable, Pairs
 from gradconflict.diagnosis.heads import head_stats
 from gradconflict.diagnosis.persistence import ConflictTests, conflict_tests
+from gradconflict.diagnosis.profile import order_layers
 from gradconflict.diagnosis.stats import CHANCE, SMALL_EFFECT, PersistenceTests, rate_at_effect, signs
 from gradconflict.diagnosis.thresholds import Thresholds
 from gradconflict.diagnosis.trends import series, trend
@@ -225,7 +226,7 @@ def diverging_objectives(
     if persistent:
         decisive = min(persistent, key=lambda f: (float(f.tests.p_adjusted[0]), -float(f.tests.rate[0])))
         status: Status = "split"
-        layers = list(dict.fromkeys(f.layer for f in persistent if f.layer is not None))
+        layers = order_layers(f.layer for f in persistent if f.layer is not None)
         evidence = f"{_describe(decisive, tests)}: a persistent conflict"
         if layers:
             evidence += f"; layers in persistent conflict: {', '.join(layers)} ({len(layers)} of {len(tests.layers)})"

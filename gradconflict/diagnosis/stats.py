@@ -6,10 +6,14 @@ cosine is as likely to be positive as negative, conflict as often as they agree:
 The *conflict rate* ``r = conflicts / (conflicts + agreements)`` is judged against it:
 
 - **persistent**: ``r`` is significantly above 1/2 (one-sided binomial test, Benjamini-Hochberg over every pair
-  and layer tested together) *and* at least a small effect, Cohen's ``h = 2 asin sqrt(r) - 2 asin sqrt(1/2) >=
-  0.2`` (Cohen, 1988), i.e. ``r >= 0.6``: on long runs a 52% rate is significant but not worth a split.
-- **ruled out**: ``r`` is significantly below that small effect (one-sided test of ``r >= 0.6``): the pair does not
-  conflict persistently, whatever more steps would show.
+  and layer tested together), by at least a small effect both in how often and in how much the gradients
+  conflict (Cohen, 1988): ``h = 2 asin sqrt(r) - 2 asin sqrt(1/2) >= 0.2``, i.e. ``r >= 0.6``, and a mean cosine
+  (a correlation of the two gradients) of at most ``-0.1``. On long runs a 52% rate is significant but not worth
+  a split, and two gradients that are nearly orthogonal (a mean cosine of -0.03) barely slow each other down,
+  however often the sign comes out negative.
+- **ruled out**: ``r`` is significantly below that small effect (one-sided test of ``r >= 0.6``), or the mean
+  cosine significantly above ``-0.1`` (one-sided t-test): the pair does not conflict persistently, whatever more
+  steps would show.
 - **at chance** (the conflict *oscillates*): ``r`` is significantly within ``0.4 < r < 0.6`` (two one-sided
   tests, TOST): conflicts and agreements alternate like a coin, which points to the data (label noise, small
   batches), not to the shared capacity.
@@ -23,8 +27,8 @@ binomial test with non-integer counts (the regularised incomplete beta function)
 needs nothing special: the series holds the measured steps, whose autocorrelation is what is estimated (thinner
 sampling gives less autocorrelation per measured step).
 
->>> signs = np.array([[1], [1], [1], [1], [1], [-1], [1], [1], [1], [1], [1], [1]])   # 11 conflicts, 1 agreement
->>> t = persistence_tests(signs, np.ones_like(signs, dtype=bool))
+>>> cosine = np.array([[-0.5]] * 5 + [[0.5]] + [[-0.5]] * 6)   # 11 conflicts, 1 agreement
+>>> t = persistence_tests(cosine)
 >>> int(t.conflicts[0]), int(t.agreements[0]), round(float(t.p_conflict[0]), 4)   # P(X >= 11 | 12, 1/2)
 (11, 1, 0.0032)
 >>> bool(t.persistent(0.05)[0])
@@ -41,6 +45,7 @@ from scipy import special, stats
 
 __all__ = [
     "CHANCE",
+    "SMALL_CORRELATION",
     "SMALL_EFFECT",
     "PersistenceTests",
     "autocorrelation_time",
@@ -55,6 +60,8 @@ __all__ = [
 CHANCE = 0.5
 #: Cohen's (1988) "small" effect size for a proportion, ``h = 2 asin sqrt(r) - 2 asin sqrt(1/2)``.
 SMALL_EFFECT = 0.2
+#: Cohen's (1988) "small" correlation: a cosine (the correlation of two gradients) of magnitude 0.1.
+SMALL_CORRELATION = 0.1
 
 
 def effect_size(rate: np.ndarray | float) -> np.ndarray:
@@ -147,6 +154,8 @@ class PersistenceTests:
         p_agreement: one-sided p-value of "agrees more often than chance".
         p_ruled_out: one-sided p-value of "conflicts less often than a small effect above chance".
         p_chance: p-value of "the rate is within the small-effect band around 1/2" (TOST).
+        mean_cosine: the mean cosine over the steps the pair was measured on (NaN: never).
+        p_weak: one-sided p-value of "the mean cosine is above -0.1" (a conflict weaker than small).
         steps_needed: measured steps (carrying the pair) to add, about, for an undetermined pair to be settled at
             its current rate (0 when settled; ``inf`` when no number would do).
     """
@@ -160,6 +169,8 @@ class PersistenceTests:
     p_agreement: np.ndarray
     p_ruled_out: np.ndarray
     p_chance: np.ndarray
+    mean_cosine: np.ndarray
+    p_weak: np.ndarray
     steps_needed: np.ndarray
 
     @property
@@ -180,19 +191,22 @@ class PersistenceTests:
         return PersistenceTests(**{k: v[index] for k, v in self.__dict__.items()})
 
     def persistent(self, alpha: float) -> np.ndarray:
-        """Significantly more conflicts than chance (adjusted) and at least a small effect (``r >= 0.6``)."""
+        """Significantly more conflicts than chance (adjusted), by at least a small effect in frequency
+        (``r >= 0.6``) and in magnitude (mean cosine ``<= -0.1``)."""
         with np.errstate(invalid="ignore"):
-            return (self.p_adjusted < alpha) & (self.rate >= rate_at_effect(SMALL_EFFECT))
+            strong = self.mean_cosine <= -SMALL_CORRELATION
+            return (self.p_adjusted < alpha) & (self.rate >= rate_at_effect(SMALL_EFFECT)) & strong
 
     def agreeing(self, alpha: float) -> np.ndarray:
         """Significantly more agreements than conflicts (raw p-value: "every pair agrees" is a joint claim)."""
         return self.p_agreement < alpha
 
     def ruled_out(self, alpha: float) -> np.ndarray:
-        """Significantly fewer conflicts than a small effect above chance: not a persistent conflict. A pair
-        measured only inside the dead zone (no conflict, no agreement) is ruled out too."""
+        """Significantly fewer conflicts than a small effect above chance, or a mean cosine significantly above
+        -0.1: not a persistent conflict. A pair measured only inside the dead zone (no conflict, no agreement) is
+        ruled out too."""
         never = (self.steps > 0) & (self.conflicts + self.agreements == 0)
-        return (self.p_ruled_out < alpha) | never
+        return (self.p_ruled_out < alpha) | (self.p_weak < alpha) | never
 
     def at_chance(self, alpha: float) -> np.ndarray:
         """The rate is significantly within the small-effect band around 1/2: the conflict oscillates."""
@@ -203,19 +217,22 @@ class PersistenceTests:
         return (self.steps > 0) & ~self.persistent(alpha) & ~self.ruled_out(alpha)
 
 
-def persistence_tests(sign: np.ndarray, present: np.ndarray, alpha: float = 0.05) -> PersistenceTests:
-    """Test ``K`` sign series at once: ``sign`` and ``present`` are ``[S, K]`` (steps in order; see :func:`signs`);
-    each series is read over the steps where it is present."""
-    sign = np.asarray(sign)
-    present = np.asarray(present, dtype=bool)
-    K = sign.shape[1]
+def persistence_tests(cosine: np.ndarray, threshold: float = 0.0, alpha: float = 0.05) -> PersistenceTests:
+    """Test ``K`` series at once: ``cosine`` is ``[S, K]``, the pair's cosine on each measured step in step order
+    (NaN where the pair was not measured); each series is read over the steps where it was measured, with
+    :func:`signs` at ``threshold`` (``S``)."""
+    cosine = np.asarray(cosine, dtype=np.float64)
+    present = ~np.isnan(cosine)
+    sign = signs(cosine, threshold)
+    K = cosine.shape[1]
     steps = present.sum(0)
     conflicts = ((sign > 0) & present).sum(0)
     agreements = ((sign < 0) & present).sum(0)
-    tau = np.ones(K)
+    tau, tau_cosine = np.ones(K), np.ones(K)
     for k in range(K):
         if steps[k] >= 3:
             tau[k] = autocorrelation_time(sign[present[:, k], k])
+            tau_cosine[k] = autocorrelation_time(cosine[present[:, k], k])
     c, m = conflicts / tau, (conflicts + agreements) / tau
     high, low = rate_at_effect(SMALL_EFFECT), rate_at_effect(-SMALL_EFFECT)
     measured = m > 0
@@ -226,24 +243,70 @@ def persistence_tests(sign: np.ndarray, present: np.ndarray, alpha: float = 0.05
     p_agreement = np.where(measured, binomial_tail(c, m, CHANCE, upper=False), 1.0)
     p_ruled_out = np.where(measured, binomial_tail(c, m, high, upper=False), 1.0)
     p_chance = np.where(measured, np.maximum(p_ruled_out, binomial_tail(c, m, low, upper=True)), 1.0)
+    mean, p_weak = _weaker_than_small(cosine, present, steps, tau_cosine)
     tests = PersistenceTests(
-        steps, conflicts, agreements, tau, p_conflict, p_adjusted, p_agreement, p_ruled_out, p_chance, np.zeros(K)
+        steps, conflicts, agreements, tau, p_conflict, p_adjusted, p_agreement, p_ruled_out, p_chance, mean, p_weak,
+        np.zeros(K),
     )
-    return PersistenceTests(**{**tests.__dict__, "steps_needed": _steps_needed(tests, alpha)})
+    return PersistenceTests(**{**tests.__dict__, "steps_needed": _steps_needed(tests, cosine, tau_cosine, alpha)})
 
 
-def _steps_needed(t: PersistenceTests, alpha: float) -> np.ndarray:
-    """Measured steps to add for each undetermined series to be settled if its rate held (normal approximation
-    of the one-sided test, effective steps converted back through ``tau`` and the share of ties)."""
-    z = float(stats.norm.ppf(1 - alpha))
-    r = t.rate
-    high = rate_at_effect(SMALL_EFFECT)
+def _moments(cosine: np.ndarray, present: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (``ddof=1``) of each series over its measured steps (NaN where undefined)."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        towards_conflict = (z * math.sqrt(CHANCE * (1 - CHANCE)) / (r - CHANCE)) ** 2  # r >= high: significance
-        towards_ruled_out = z**2 * r * (1 - r) / (high - r) ** 2  # r < high: below the small effect
-        effective = np.where(r >= high, towards_conflict, towards_ruled_out)
+        mean = np.where(steps > 0, np.where(present, cosine, 0.0).sum(0) / np.maximum(steps, 1), np.nan)
+        square = np.where(present, (cosine - mean) ** 2, 0.0).sum(0)
+        sd = np.where(steps > 1, np.sqrt(square / np.maximum(steps - 1, 1)), np.nan)
+    return mean, sd
+
+
+def _weaker_than_small(
+    cosine: np.ndarray, present: np.ndarray, steps: np.ndarray, tau: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each series' mean cosine and the one-sided p-value of "the mean is above -0.1" (a t-test on ``steps /
+    tau`` effective steps; a constant series is decided by its value)."""
+    mean, sd = _moments(cosine, present, steps)
+    n = steps / tau
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = (mean + SMALL_CORRELATION) / (sd / np.sqrt(n))
+        p = stats.t.sf(t, np.maximum(n - 1, 1))
+    constant = (steps > 1) & (sd == 0)
+    p = np.where(constant, np.where(mean > -SMALL_CORRELATION, 0.0, 1.0), p)
+    return mean, np.where(steps > 1, p, 1.0)
+
+
+#: The effective numbers of steps :func:`_steps_needed` tries, from 1 to ten million.
+_EFFECTIVE_GRID = np.geomspace(1.0, 1e7, 481)
+
+
+def _first_passing(p: np.ndarray, alpha: float) -> np.ndarray:
+    """``[K, G]`` p-values over :data:`_EFFECTIVE_GRID` -> the first effective size with ``p < alpha`` (inf)."""
+    passing = p < alpha
+    return np.where(passing.any(1), _EFFECTIVE_GRID[np.argmax(passing, axis=1)], np.inf)
+
+
+def _steps_needed(t: PersistenceTests, cosine: np.ndarray, tau_cosine: np.ndarray, alpha: float) -> np.ndarray:
+    """Measured steps to add for each undetermined series to be settled if its statistics held: the fewest over
+    the ways it could settle (persistent; ruled out by its rate; ruled out by its mean cosine). For the rate, the
+    smallest effective size at which the same rate passes the (continuous) binomial test, at the level the family's
+    adjustment currently asks of this series (``alpha`` times its raw over adjusted p-value); for the mean cosine,
+    the normal approximation of the t-test. Effective steps are converted back through ``tau`` (and the share of
+    ties for the rate)."""
+    z = float(stats.norm.ppf(1 - alpha))
+    r = np.nan_to_num(t.rate, nan=0.0)[:, None]
+    high = rate_at_effect(SMALL_EFFECT)
+    n = _EFFECTIVE_GRID[None, :]
+    _, sd = _moments(cosine, ~np.isnan(cosine), t.steps)
+    margin = t.mean_cosine + SMALL_CORRELATION
+    with np.errstate(invalid="ignore", divide="ignore"):
         decided_share = (t.conflicts + t.agreements) / np.maximum(t.steps, 1)
-        total = effective * t.tau / np.where(decided_share > 0, decided_share, np.nan)
-    needed = np.ceil(np.maximum(total - t.steps, 1.0))
-    needed = np.where(np.isfinite(needed), needed, np.inf)
+        per_step = t.tau / np.where(decided_share > 0, decided_share, np.nan)
+        can_persist = (t.rate >= high) & (margin <= 0)
+        level = alpha * np.where(t.p_adjusted > 0, np.nan_to_num(t.p_conflict / t.p_adjusted, nan=1.0), 1.0)
+        tails = binomial_tail(r * n, n, CHANCE, True)
+        persistent = np.where(can_persist, _first_passing(tails / level[:, None] * alpha, alpha), np.inf)
+        by_rate = np.where(t.rate < high, _first_passing(binomial_tail(r * n, n, high, False), alpha), np.inf)
+        by_magnitude = np.where(margin > 0, (z * sd / margin) ** 2 * tau_cosine, np.inf)
+        total = np.fmin(np.fmin(persistent, by_rate) * per_step, by_magnitude)
+    needed = np.ceil(np.maximum(np.nan_to_num(total, nan=np.inf) - t.steps, 1.0))
     return np.where(t.undetermined(alpha), needed, 0.0)

@@ -68,15 +68,15 @@ def test_lora_split_when_signals_alarm_without_a_branch_depth(make_report, make_
 
 
 def test_thresholds_override_and_errors(make_report, make_pair):
-    run = _run(make_report, make_pair, top_cos=-0.05, bottom_cos=-0.05)
-    assert advise(run).verdict == "physical_split"  # PCGrad's S = 0
-    relaxed = {"conflict_cosine": -0.1}  # Recon's S: every cosine falls in the dead zone
+    run = _run(make_report, make_pair, top_cos=-0.15, bottom_cos=0.0)
+    assert (advise(run).verdict, advise(run).branch_point) == ("physical_split", "body.1")  # PCGrad's S = 0
+    relaxed = {"conflict_cosine": -0.2}  # a stricter S: every cosine falls in the dead zone
     assert advise(run, thresholds=relaxed).verdict == "keep_shared"
     assert advise(run, thresholds=relaxed).reason.startswith("no signal says split")
     assert advise(run, thresholds=Thresholds(**relaxed)).verdict == "keep_shared"
-    # S defaults to the threshold the run was measured with (ConflictMonitor(threshold=-0.1)).
+    # S defaults to the threshold the run was measured with (ConflictMonitor(threshold=-0.2)).
     for r in run:
-        r.threshold = -0.1
+        r.threshold = -0.2
     assert advise(run).verdict == "keep_shared"
     assert advise(run, thresholds={"conflict_cosine": 0.0}).verdict == "physical_split"
     assert advise(run, thresholds=Thresholds()).verdict == "physical_split"

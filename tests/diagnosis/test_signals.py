@@ -44,10 +44,14 @@ def test_diverging_objectives_statuses(make_report, make_pair):
     # A pair at chance level (conflicting on every other step) is ruled out, however many steps.
     coin = diverging_objectives(_run(make_report, [make_pair(c) for c in [-0.3, 0.3] * 40]))
     assert coin.status == "ok"
-    # Recon's S = -0.1 puts the cosines of -0.05 in the dead zone: no conflict to test.
+    # Negative on every step, but by a cosine of -0.05: nearly orthogonal gradients, weaker than a small
+    # correlation (0.1), barely slow each other down: ruled out. Recon's S = -0.1 leaves nothing to test at all.
     mild = _run(make_report, [make_pair(-0.05)] * 30)
-    assert diverging_objectives(mild).status == "split"
+    assert diverging_objectives(mild).status == "ok"
     assert diverging_objectives(mild, Thresholds(conflict_cosine=-0.1)).status == "ok"
+    clear = _run(make_report, [make_pair(-0.3)] * 30)
+    assert diverging_objectives(clear).status == "split"
+    assert diverging_objectives(clear, Thresholds(conflict_cosine=-0.5)).status == "ok"
     json.dumps(s.to_dict())
 
 
