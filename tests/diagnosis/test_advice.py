@@ -280,3 +280,72 @@ def test_lookahead_tasks_are_matched_by_name(make_report, make_pair):
     assert risk.details["tasks"] == ["a", "b"]  # sorted, whatever order the closure returned
     with pytest.raises(ValueError, match=r"no loss for task\(s\) \['b'\]"):
         advise(run, model=model, backbone=model[0], lookahead=lambda: {"a": losses()["a"]})
+
+
+def _localized(make_report, make_pair, steps=30):
+    """The issue's example: the lower layers agree strongly (and dominate the whole backbone's Gram), the top
+    block conflicts on almost every step."""
+    run = []
+    for s in range(steps):
+        top = make_pair(-0.8 if s % 10 else 0.3)
+        lower = make_pair(0.95, norms=(4.0, 4.0))
+        layers = {"net.0": (lower, 100), "net.1": (lower, 100), "net.2": (top, 10)}
+        run.append(make_report(lower * 2 + top, step=s, layers=layers))
+    return run
+
+
+def test_conflict_confined_to_the_top_drives_the_verdict(make_report, make_pair):
+    advice = advise(_localized(make_report, make_pair))
+    assert advice.signal("diverging_objectives").details["persistence"] == {"a/b": 0.0}  # the whole backbone is calm
+    assert (advice.verdict, advice.branch_point, advice.groups) == ("physical_split", "net.2", [["a"], ["b"]])
+    assert [lp.status for lp in advice.profile.layers] == ["agree", "agree", "conflict"]
+    assert advice.recon.layers == ["net.2"]
+    # The next step branches where the profile says, with the advice's groups, not at the lowest layer.
+    assert "branch_at='net.2'" in advice.next_step and "groups=[['a'], ['b']]" in advice.next_step
+    assert advice.duplicated_share == pytest.approx(10 / 210)
+    summary = advice.summary()
+    assert "layers in persistent conflict: net.2; branch point net.2" in summary and "decided" in summary
+
+
+def test_verdict_branch_groups_and_next_step_agree(make_report, make_pair, make_gram):
+    trading = [{"a": 0.80, "b": 0.70}, {"a": 0.83, "b": 0.68}, {"a": 0.80, "b": 0.71}]
+    runs = {
+        "localized": (_localized(make_report, make_pair), {}),
+        "calm": (_run(make_report, make_pair, top_cos=0.6), {}),
+        "zero-sum": (_run(make_report, make_pair, top_cos=0.6),
+                     {"evaluations": trading, "directions": {"a": "max", "b": "max"}}),
+        "whole": (_run(make_report, make_pair, top_cos=-0.9, bottom_cos=-0.9), {}),
+    }
+    seen = set()
+    for name, (run, kwargs) in runs.items():
+        advice = advise(run, **kwargs)
+        seen.add(advice.verdict)
+        assert (advice.branch_point is not None) == (advice.verdict == "physical_split"), name
+        if advice.profile is not None and advice.verdict == "physical_split":
+            assert advice.branch_point == advice.profile.branch_point, name
+        assert (len(advice.groups) > 1) == (advice.verdict != "keep_shared"), name
+        assert sorted(t for g in advice.groups for t in g) == ["a", "b"], name
+        assert f"branch_at={advice.branch_point!r}" in advice.next_step, name
+        variant = {"keep_shared": "'independent')", "lora_split": "'lora')", "physical_split": "'branched')"}
+        assert variant[advice.verdict] in advice.next_step, name
+    assert seen == {"keep_shared", "lora_split", "physical_split"}
+
+
+def test_a_comparison_without_gain_overrides_the_gradients(make_report, make_pair):
+    from gradconflict.split import ComparisonResult, VariantRecord
+
+    def rec(name, a):
+        return VariantRecord(name, {"a": [1.0], "b": [1.0]}, [(1, {"a": a, "b": a})], {"a": "min", "b": "min"})
+
+    flat = [ComparisonResult({"shared": rec("shared", s), "branched": rec("branched", s * 0.99)}, ["a", "b"], 1, 0,
+                             branch_at="net.2") for s in (1.0, 0.9, 1.1)]
+    run = _localized(make_report, make_pair)
+    advice = advise(run, comparison=flat)
+    assert advice.verdict == "keep_shared" and advice.branch_point is None
+    assert "capacity was not the limit" in advice.reason and "although diverging_objectives" in advice.reason
+    assert advice.uncertainty.decided and "comparison" in advice.uncertainty.statement
+    lifted = [ComparisonResult({"shared": rec("shared", s), "branched": rec("branched", s * 0.5)}, ["a", "b"], 1, 0,
+                               branch_at="net.2") for s in (1.0, 0.9, 1.1)]
+    confirmed = advise(run, comparison=lifted)
+    assert (confirmed.verdict, confirmed.branch_point) == ("physical_split", "net.2")
+    assert confirmed.signal("ceiling").status == "split"
