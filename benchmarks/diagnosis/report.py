@@ -39,6 +39,13 @@ class Outcome:
         return block_of(self.advice.final.branch_point) == self.truth.branch
 
     @property
+    def economical_ok(self) -> bool | None:
+        """Whether the advice's branch block is also the cheapest that wins (``None``: no winning branch)."""
+        if self.truth.branch is None or self.truth.economical is None:
+            return None
+        return block_of(self.advice.final.branch_point) == self.truth.economical
+
+    @property
     def recon_ok(self) -> bool | None:
         """Whether Recon's top-K layers all lie at or above the truth's branch block (and there is one)."""
         if self.truth.branch is None:
@@ -104,6 +111,8 @@ def markdown(outcomes: Sequence[Outcome], *, command: str, seconds: float, machi
         f"| verdict at the first look (before following a request for more steps) | "
         f"{_share([o.first_ok for o in outcomes])} |",
         f"| branch point names the truth's block (problems that split) | {_share([o.branch_ok for o in split])} |",
+        "| branch point is also the cheapest block that wins (the highest within two spreads of the best branch) | "
+        f"{_share([o.economical_ok for o in split])} |",
         f"| Recon's top-K layers all at or above the truth's block (problems that split) | "
         f"{_share([o.recon_ok for o in split])} |",
         f"| groups as constructed (problems that split) | "
@@ -130,10 +139,10 @@ def markdown(outcomes: Sequence[Outcome], *, command: str, seconds: float, machi
         "",
         "## Problems",
         "",
-        "Truth: the verdict and branch block of what splitting did; `best` is the largest mean Delta-m% of a split "
-        "variant over shared (percent, positive: better) and `spread` the shared model's seed-to-seed standard "
-        "deviation; a variant counts when it is ahead on every seed by more than two spreads. Advice: the final "
-        "reading, its uncertainty, and Recon's top-K layers.",
+        "Truth: the verdict and branch block of what splitting did (and, when another one, the cheapest block that "
+        "wins); `best` is the largest mean Delta-m% of a split variant over shared (percent, positive: better) and "
+        "`spread` the shared model's seed-to-seed standard deviation; a variant counts when it is ahead on every "
+        "seed by more than two spreads. Advice: the final reading, its uncertainty, and Recon's top-K layers.",
         "",
         "| problem | construction | truth | best / spread | advice | uncertainty | Recon top-K | groups | ok |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -147,7 +156,9 @@ def markdown(outcomes: Sequence[Outcome], *, command: str, seconds: float, machi
         ok = "yes" if o.verdict_ok and o.branch_ok in (True, None) else "**no**"
         out.append(
             f"| {o.spec.name} | {_verdict_cell(o.spec.expected_verdict, o.spec.expected_branch)} | "
-            f"{_verdict_cell(t.verdict, t.branch)} | {best.variant} {best.mean:+.1f} / {t.spread:.1f} | "
+            f"{_verdict_cell(t.verdict, t.branch)}"
+            f"{f' (cheapest: {t.economical})' if t.economical not in (None, t.branch) else ''} | "
+            f"{best.variant} {best.mean:+.1f} / {t.spread:.1f} | "
             f"{_verdict_cell(a.verdict, block_of(a.branch_point))}{note} | "
             f"{'decided' if a.uncertainty.decided else 'provisional'}"
             f"{'' if a.uncertainty.p_value is None else f', p = {a.uncertainty.p_value:.1g}'} | {recon} | "

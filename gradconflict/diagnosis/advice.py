@@ -348,6 +348,17 @@ def _uncertainty(verdict_from: str, diverging: Signal, aligned: Aligned, tests: 
     return Uncertainty(True, "every pair's conflict rate is significantly below a persistent conflict's (60%)")
 
 
+def _first_layer(profile: Profile | None, branch: str | None) -> int | None:
+    """The position in the profile of the first layer at ``branch`` (a layer's name, or a block's path whose layers
+    start with it), or ``None``."""
+    if profile is None or branch is None:
+        return None
+    for k, lp in enumerate(profile.layers):
+        if lp.name == branch or lp.name.startswith(branch + "."):
+            return k
+    return None
+
+
 def _groups(
     verdict: Verdict, tasks: list[str], affinity: np.ndarray, th: Thresholds, max_groups: int | None
 ) -> tuple[list[list[str]], Grouping]:
@@ -497,12 +508,12 @@ def advise(
             f"; tasks {', '.join(never)} were never measured together (their affinity counts as neutral in the "
             "grouping): measure steps that carry every task to judge them"
         )
+    start = _first_layer(profile, branch) if verdict == "physical_split" else None
     if exact is not None:
         order = [list(exact[0]).index(t) for t in tasks]
         affinity = normalized(np.asarray(exact[1], dtype=np.float64))[np.ix_(order, order)]
-    elif verdict == "physical_split" and profile is not None and branch in [lp.name for lp in profile.layers]:
-        names = [lp.name for lp in profile.layers]
-        affinity = normalized(mean_transference(aligned, lr, layers=names[names.index(branch) :]))
+    elif profile is not None and start is not None:
+        affinity = normalized(mean_transference(aligned, lr, layers=[lp.name for lp in profile.layers[start:]]))
     else:
         affinity = normalized(mean_transference(aligned, lr))
     groups, grouping = _groups(verdict, tasks, affinity, th, max_groups)
@@ -515,10 +526,9 @@ def advise(
         k = recon_k if recon_k is not None else sum(lp.status == "conflict" for lp in profile.layers)
         recon = recon_layers(aligned, k, threshold=th.conflict_cosine, window=recon_window)
     share = 0.0
-    if verdict == "physical_split" and profile is not None and branch in [lp.name for lp in profile.layers]:
-        names = [lp.name for lp in profile.layers]
+    if profile is not None and start is not None:
         total = sum(lp.num_params for lp in profile.layers)
-        share = sum(lp.num_params for lp in profile.layers[names.index(branch) :]) / total if total else 0.0
+        share = sum(lp.num_params for lp in profile.layers[start:]) / total if total else 0.0
     return Advice(
         verdict=verdict,
         branch_point=branch,
