@@ -48,10 +48,10 @@ import torch
 from torch import Tensor, nn
 
 from gradconflict.diagnosis.affinity import lookahead_transference, mean_transference, normalized
-from gradconflict.diagnosis.aligned import Aligned, Run, align, no_pair_reason
+from gradconflict.diagnosis.aligned import Run, align, no_pair_reason
 from gradconflict.diagnosis.evaluations import Pairs
 from gradconflict.diagnosis.groups import Grouping, group_tasks
-from gradconflict.diagnosis.persistence import ConflictTests, conflict_tests
+from gradconflict.diagnosis.persistence import conflict_tests
 from gradconflict.diagnosis.profile import Profile, layer_profile
 from gradconflict.diagnosis.recon import ReconSelection, recon_layers
 from gradconflict.diagnosis.signals import (
@@ -310,9 +310,8 @@ class Advice:
         return "\n".join(lines)
 
 
-def _uncertainty(verdict_from: str, diverging: Signal, aligned: Aligned, tests: ConflictTests | None) -> Uncertainty:
-    """How settled the verdict is, from what decided it."""
-    gap = aligned.step_gap
+def _uncertainty(verdict_from: str, diverging: Signal, gap: int) -> Uncertainty:
+    """How settled the verdict is, from what decided it (``gap``: training steps between measured steps)."""
     if verdict_from == "ceiling":
         return Uncertainty(True, "measured: the comparison experiment over several seeds decided it")
     if verdict_from == "diverging":
@@ -536,7 +535,7 @@ def advise(
         signals=signals,
         next_step=next_step_code(verdict, branch, code_groups),
         reason=reason,
-        uncertainty=_uncertainty(decided_by, diverging, aligned, tests),
+        uncertainty=_uncertainty(decided_by, diverging, aligned.step_gap),
         duplicated_share=share,
         profile=profile,
         recon=recon,

@@ -2,8 +2,8 @@ import json
 
 import numpy as np
 import pytest
-from scipy import stats
 import torch
+from scipy import stats
 from torch import nn
 
 from gradconflict.diagnosis import (

@@ -51,7 +51,8 @@ def test_per_task_averaging_is_libmtls_count_improvement():
 
 def test_delta_m_one_metric_per_task_and_one_direction_for_all():
     # a: lower is better, 0.8 vs 1.0 -> +20%; b: higher is better, 0.45 vs 0.5 -> -10%; c: lower, 2.2 vs 2 -> -10%
-    value = delta_m({"a": 0.8, "b": 0.45, "c": 2.2}, {"a": 1.0, "b": 0.5, "c": 2.0}, {"a": "min", "b": "max", "c": "min"})
+    directions = {"a": "min", "b": "max", "c": "min"}
+    value = delta_m({"a": 0.8, "b": 0.45, "c": 2.2}, {"a": 1.0, "b": 0.5, "c": 2.0}, directions)
     assert value == pytest.approx((20.0 - 10.0 - 10.0) / 3)
     assert delta_m({"a": 0.9, "b": 0.6}, {"a": 1.0, "b": 0.5}, "min") == pytest.approx((10.0 - 20.0) / 2)
     assert delta_m({"a": 1.0}, {"a": 1.0}, "max") == 0.0
