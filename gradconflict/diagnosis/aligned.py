@@ -206,6 +206,18 @@ class Aligned:
         return np.where(self.multi, worst, np.nan)
 
     @cached_property
+    def task_norms(self) -> np.ndarray:
+        """``[S, T]`` each task's gradient norm ``sqrt(G_ii)`` (:func:`gradconflict.metrics.task_norms`), NaN where
+        the task is absent."""
+        return np.where(self.present, metrics.task_norms(self._carried[0]).numpy(), np.nan)
+
+    @cached_property
+    def update_norm(self) -> np.ndarray:
+        """``[S]`` norm of the step's update ``sqrt(w^T G w)`` over the tasks it carried
+        (:func:`gradconflict.metrics.update_norm`); defined on every measured step."""
+        return metrics.update_norm(*self._carried).numpy()
+
+    @cached_property
     def cancellation(self) -> np.ndarray:
         """``[S]`` magnitude cancellation ``1 - sqrt(w^T G w) / sum_i w_i n_i`` over the step's tasks
         (:func:`gradconflict.metrics.cancellation`); NaN on steps with fewer than two tasks."""

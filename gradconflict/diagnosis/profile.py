@@ -46,7 +46,7 @@ from torch import nn
 
 from gradconflict.diagnosis.aligned import Run, align
 from gradconflict.diagnosis.persistence import ConflictTests, conflict_tests
-from gradconflict.diagnosis.stats import PersistenceTests
+from gradconflict.diagnosis.stats import SMALL_EFFECT, PersistenceTests, rate_at_effect
 from gradconflict.diagnosis.thresholds import Thresholds
 
 __all__ = [
@@ -208,6 +208,12 @@ class Profile:
     duplicated_share: float
     alpha: float
     step_gap: int = 1
+
+    @property
+    def threshold(self) -> float:
+        """The smallest conflict rate that can count as persistent (Cohen's small effect above chance, 0.6): a
+        layer's worst pair conflicts persistently only from there, and only when significant and strong enough."""
+        return rate_at_effect(SMALL_EFFECT)
 
     def layer(self, name: str) -> LayerProfile:
         """The profile of one layer."""

@@ -38,6 +38,7 @@ steps that was when some steps lacked one of them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -90,8 +91,8 @@ class Signal:
     Attributes:
         name: ``diverging_objectives``, ``heavy_heads``, ``zero_sum`` or ``single_point_of_risk``.
         value: the headline number (``None`` when it could not be measured).
-        threshold: the value from which the signal says ``split`` (see :class:`Thresholds`); ``None`` for a
-            signal that never says split (the oscillation warning).
+        threshold: the value from which the signal says ``split`` (see :class:`Thresholds`); NaN when there is
+            none (the oscillation warning never says split; the ceiling has none without a spread to judge by).
         status: ``"ok"``, ``"watch"``, ``"split"``, or ``"n/a"`` when an input is missing.
         evidence: one sentence a person can check.
         details: the numbers behind the evidence (plain Python, JSON-ready).
@@ -99,21 +100,22 @@ class Signal:
 
     name: str
     value: float | None
-    threshold: float | None
+    threshold: float
     status: Status
     evidence: str
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-Python view."""
+        """Plain-Python view (a missing threshold is ``None``)."""
         return {
-            "name": self.name, "value": self.value, "threshold": self.threshold, "status": self.status,
+            "name": self.name, "value": self.value, "threshold": _finite_or_none(self.threshold),
+            "status": self.status,
             "evidence": self.evidence, "details": self.details,
         }
 
     def __str__(self) -> str:
         value = "-" if self.value is None else f"{self.value:.3g}"
-        split = "" if self.threshold is None else f" (split at {self.threshold:.3g})"
+        split = f" (split at {self.threshold:.3g})" if math.isfinite(self.threshold) else ""
         return f"[{self.status:>5}] {self.name} = {value}{split}: {self.evidence}"
 
 
@@ -121,7 +123,7 @@ def _pair_names(tasks: Sequence[str], i: int, j: int) -> str:
     return f"{tasks[i]}/{tasks[j]}"
 
 
-def _not_available(name: str, threshold: float | None, why: str) -> Signal:
+def _not_available(name: str, threshold: float, why: str) -> Signal:
     return Signal(name, None, threshold, "n/a", why)
 
 
@@ -309,7 +311,7 @@ def oscillating_conflict(
     aligned = align(history)
     why = no_pair_reason(aligned)
     if why is not None:
-        return _not_available(name, None, why)
+        return _not_available(name, math.nan, why)
     tests = tests if tests is not None else conflict_tests(aligned, th.conflict_cosine, th.alpha)
     whole = tests.whole
     persistent_somewhere = whole.persistent(th.alpha).copy()
@@ -325,7 +327,7 @@ def oscillating_conflict(
     }
     if not oscillating.any():
         return Signal(
-            name, None, None, "ok",
+            name, None, math.nan, "ok",
             "no pair's conflict oscillates at chance level on the whole backbone (each is persistent, ruled out "
             "as agreeing, or not settled yet)",
             details,
@@ -340,7 +342,7 @@ def oscillating_conflict(
     )
     if len(details["oscillating"]) > 1:
         evidence += f"; oscillating pairs: {', '.join(details['oscillating'])}"
-    return Signal(name, float(whole.rate[p]), None, "watch", evidence, details)
+    return Signal(name, float(whole.rate[p]), math.nan, "watch", evidence, details)
 
 
 def _flip_rates(aligned: Aligned, tests: ConflictTests) -> np.ndarray:
@@ -368,14 +370,14 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
     name = "ceiling"
     if comparison is None:
         return _not_available(
-            name, None,
+            name, math.nan,
             "no comparison experiment given (run the advice's next step, compare() over a few seeds, and pass "
             "comparison=[...] to check whether splitting lifts a ceiling)",
         )
     results = [comparison] if isinstance(comparison, ComparisonResult) else list(comparison)
     gains = split_gains(results)
     if not gains:
-        return _not_available(name, None, "the comparison holds no split variant besides shared")
+        return _not_available(name, math.nan, "the comparison holds no split variant besides shared")
     best = max(gains.values(), key=lambda g: g.mean)
     spread = best.spread
     described = "; ".join(
@@ -393,7 +395,7 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
     if len(results) < 2:
         status: Status = "watch" if best.mean > 0 else "ok"
         evidence = f"{head}; with one seed there is no spread to judge by: run compare() over a few more seeds"
-        return Signal(name, best.mean, None, status, evidence, details)
+        return Signal(name, best.mean, math.nan, status, evidence, details)
     limit = 2 * spread
     if details["winners"]:
         evidence = (

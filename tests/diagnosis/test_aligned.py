@@ -64,6 +64,8 @@ def test_aligned_metrics_equal_the_torch_metrics_step_by_step(make_gram):
         P = torch.tensor(back)
         assert A.cosine[s] == pytest.approx(r.cosine[P][:, P].numpy(), abs=1e-12)
         assert A.cancellation[s] == pytest.approx(float(r.cancellation), abs=1e-12)
+        assert A.update_norm[s] == pytest.approx(float(r.update_norm), abs=1e-12)
+        assert A.task_norms[s] == pytest.approx(r.task_norms[P].numpy(), abs=1e-12)
         assert A.alignment[s] == pytest.approx(r.alignment[P].numpy(), abs=1e-12)
         for S in (0.0, -0.3):
             mask = metrics.conflict_pairs(r.gram[P][:, P], S).numpy()
