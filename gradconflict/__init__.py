@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         delta_m,
         evaluate_split,
         lora_split,
+        split_gains,
     )
 
 __version__ = "0.1.0"
@@ -45,7 +46,7 @@ _LAZY = {
     **dict.fromkeys(
         [
             "BranchedNet", "ComparisonResult", "LoRASplit", "MultiTaskNet", "SplitEvaluation", "branch", "compare",
-            "delta_m", "evaluate_split", "lora_split",
+            "delta_m", "evaluate_split", "lora_split", "split_gains",
         ],
         "gradconflict.split",
     ),
@@ -78,6 +79,7 @@ __all__ = [
     "delta_m",
     "evaluate_split",
     "lora_split",
+    "split_gains",
     "ConflictMonitor",
     "ConflictReport",
     "History",

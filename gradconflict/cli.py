@@ -82,7 +82,7 @@ def _advise(args: argparse.Namespace) -> int:
             raise ValueError(f"--threshold takes NAME=VALUE, got {item!r}")
         thresholds[name] = float(value)
     advice = advise_from_jsonl(args.history, thresholds=thresholds or None)
-    print(json.dumps(advice.to_dict(), indent=2) if args.json else advice)
+    print(json.dumps(advice.to_dict(), indent=2) if args.json else advice.summary() if args.brief else advice)
     return 0
 
 
@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     advise.add_argument("history", help="a history written by History.to_jsonl or a JSONLSink")
     advise.add_argument("--json", action="store_true", help="print the advice as JSON")
+    advise.add_argument(
+        "--brief", action="store_true", help="print the verdict and the evidence behind it in a few lines"
+    )
     advise.add_argument(
         "--threshold", action="append", default=[], metavar="NAME=VALUE", help="override one threshold (repeatable)"
     )

@@ -7,8 +7,9 @@ features; frozen, so it cannot absorb anything) and its target is -1 for every c
 non-negative (post-ReLU) features can reach, so its gradient pushes every shared feature down, away from what the
 digit tasks need. Every step goes through :meth:`ConflictMonitor.backward`. Then the demo prints the final report, the
 split advice, runs the comparison experiment (shared, independent, LoRA, branched at the advised point) with a
-small budget, prints its table, and saves the history (JSONL), the advice and the comparison (JSON) and the HTML
-report (``report.html``, which needs matplotlib).
+small budget, prints its table, reads the comparison back into the advice (the ceiling warning), and saves the
+history (JSONL), the advice and the comparison (JSON) and the HTML report (``report.html``, which needs
+matplotlib).
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ def run_demo(
     advice = monitor.advise(probe=test.x[:256])
     result = DemoResult(monitor, metrics, advice, None, {}, 0.0)
     echo(describe(result))
-    echo("\nadvice:\n" + str(advice))
+    echo("\nadvice, the evidence in brief:\n" + advice.summary())
+    echo("\nadvice in full:\n" + str(advice))
     if compare_steps > 0:
         echo(f"\ncomparison experiment: {compare_steps} steps per variant")
         stream = train.batches(batch_size, seed=seed + 1)
@@ -172,6 +174,9 @@ def run_demo(
             progress=progress,
         )
         echo(result.comparison.to_markdown())
+        result.advice = monitor.advise(probe=test.x[:256], comparison=result.comparison)
+        echo("\nthe advice, read again with the comparison (one seed: run more seeds to judge the spread):\n"
+             + result.advice.summary())
     result.files = _save(result, Path(out_dir), echo)
     result.seconds = time.perf_counter() - started
     echo(f"\nsaved: {', '.join(str(p) for p in result.files.values())}   ({result.seconds:.0f} s)")

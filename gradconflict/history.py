@@ -10,7 +10,11 @@ averages fold the collected steps in batches of :data:`FOLD_BATCH` (and whenever
 few microseconds a step. A step whose Gram is not finite is kept as skipped and never enters the averages.
 
 Tasks are tracked by name: steps may carry different tasks, in any order. Reading ``history[k]`` gives a
-:class:`~gradconflict.ConflictReport` with CPU tensors.
+:class:`~gradconflict.ConflictReport` with CPU tensors; :meth:`History.stacked` gives the kept steps as stacked
+tensors, one block per layout, without building a report per step.
+
+Besides the moving averages of :data:`EMA_QUANTITIES`, the history keeps GradVac's cosine EMA of every task pair,
+over the whole shared backbone (:attr:`History.gradvac`) and per layer (:attr:`History.gradvac_layers`).
 
 >>> import torch
 >>> from gradconflict import ConflictReport
@@ -30,7 +34,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -41,7 +45,7 @@ from gradconflict.report import ConflictReport, LayerReport
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["EMA_QUANTITIES", "History", "Sink", "worst_cosine"]
+__all__ = ["EMA_QUANTITIES", "History", "Sink", "Stacked", "worst_cosine"]
 
 #: Version of the compact state (:meth:`History.state_dict`) and of each line a JSONL history holds.
 SCHEMA = 1
@@ -70,6 +74,27 @@ def worst_cosine(report: ConflictReport) -> Tensor:
         return torch.full((), math.nan, dtype=report.gram.dtype, device=report.gram.device)
     iu = torch.triu_indices(T, T, 1, device=report.gram.device)
     return report.cosine[iu[0], iu[1]].min()
+
+
+class Stacked(NamedTuple):
+    """The kept measured steps that share one layout, stacked (what :meth:`History.stacked` returns).
+
+    Attributes:
+        tasks: the task names, in the order of every T-sized axis.
+        layers: ``(layer name, shared parameter entries)`` of each layer, in order.
+        threshold: the conflict cosine ``S`` the steps were measured with.
+        has_losses: whether the steps recorded their losses (NaN otherwise).
+        steps: ``[N]`` training step of each row.
+        packed: ``[N, 2 T + (L + 1) T T]``, each row: weights ``[T]``, losses ``[T]``, the Gram ``[T, T]`` and each
+            layer's Gram ``[T, T]``, flattened, in the Grams' own precision.
+    """
+
+    tasks: tuple[str, ...]
+    layers: tuple[tuple[str, int], ...]
+    threshold: float
+    has_losses: bool
+    steps: Tensor
+    packed: Tensor
 
 
 @dataclass(frozen=True)
@@ -137,11 +162,21 @@ class History:
         ema_decay: weight of the past in each EMA (``ema = decay * ema + (1 - decay) * value``), per measured step.
         max_history: keep at most this many steps (the oldest are dropped); ``None`` keeps all.
         sinks: objects with ``write(report)`` and ``close()`` that receive each step as it is collected.
+        gradvac_beta: GradVac's EMA rate ``beta`` (weight of the new cosine), for :attr:`gradvac`; the paper uses
+            0.01.
     """
 
-    def __init__(self, ema_decay: float = 0.9, max_history: int | None = 10_000, sinks: Iterable[Sink] = ()) -> None:
+    def __init__(
+        self,
+        ema_decay: float = 0.9,
+        max_history: int | None = 10_000,
+        sinks: Iterable[Sink] = (),
+        gradvac_beta: float = 0.01,
+    ) -> None:
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if not 0.0 < gradvac_beta <= 1.0:
+            raise ValueError(f"gradvac_beta must be in (0, 1], got {gradvac_beta}")
         if max_history is not None and (not isinstance(max_history, int) or max_history < 1):
             raise ValueError(f"max_history must be a positive integer or None, got {max_history!r}")
         self.ema_decay = ema_decay
@@ -152,6 +187,8 @@ class History:
         self._layouts: dict[_Layout, _Layout] = {}
         self._unfolded: list[_Record] = []  # admitted steps not yet in the moving averages
         self._ema: dict[str, float] = {}
+        self.gradvac_beta = gradvac_beta
+        self._gradvac: dict[str, dict[str, float]] = {}  # "" (the whole backbone) or a layer -> pair -> phi
         self.steps_seen = 0
 
     # ------------------------------------------------------------------------------------------ appending
@@ -242,20 +279,23 @@ class History:
 
     def _fold_run(self, layout: _Layout, records: list[_Record]) -> None:
         T = len(layout.tasks)
-        packed = torch.stack([r.packed[: 2 * T + T * T] for r in records]).double()
-        w, G = packed[:, :T], packed[:, 2 * T :].reshape(-1, T, T)
+        packed = torch.stack([r.packed for r in records]).double()
+        w, grams = packed[:, :T], packed[:, 2 * T :].reshape(len(records), -1, T, T)  # the Gram, then each layer's
+        G = grams[:, 0]
         columns: dict[str, list[float]] = {
             "cancellation": metrics.cancellation(G, w).tolist(),
             "update_norm": metrics.update_norm(G, w).tolist(),
         }
         if T > 1:  # pair quantities only exist with two tasks or more
-            C = metrics.cosine(G)
             i, j = torch.triu_indices(T, T, 1)
-            pairs = C[:, i, j]
+            cosines = metrics.cosine(grams)[:, :, i, j]  # [N, 1 + L, pairs]: the whole backbone, then each layer
+            pairs = cosines[:, 0]
             columns["conflict_fraction"] = metrics.conflict_fraction(G, layout.threshold).tolist()
             columns["worst_cosine"] = pairs.amin(1).tolist()
-            for k, (a, b) in enumerate(zip(i.tolist(), j.tolist())):
-                columns["cosine/" + "/".join(sorted((layout.tasks[a], layout.tasks[b])))] = pairs[:, k].tolist()
+            names = ["/".join(sorted((layout.tasks[a], layout.tasks[b]))) for a, b in zip(i.tolist(), j.tolist())]
+            for k, name in enumerate(names):
+                columns["cosine/" + name] = pairs[:, k].tolist()
+            self._fold_gradvac(layout, names, cosines)
         d = self.ema_decay
         for key, values in columns.items():
             ema = self._ema.get(key)
@@ -263,7 +303,54 @@ class History:
                 ema = value if ema is None else d * ema + (1 - d) * value
             self._ema[key] = ema  # type: ignore[assignment]
 
+    def _fold_gradvac(self, layout: _Layout, pairs: list[str], cosines: Tensor) -> None:
+        """GradVac's EMA (Wang et al., ICLR 2021, Sec. 3.2, Eq. 3): ``phi <- (1 - beta) phi + beta cos``, from 0.
+
+        ``cosines`` is ``[N, 1 + L, P]`` (the whole backbone, then each layer). Folding ``N`` steps at once:
+        ``phi_N = (1 - beta)^N phi_0 + sum_k beta (1 - beta)^(N - 1 - k) cos_k``.
+        """
+        beta, N = self.gradvac_beta, cosines.shape[0]
+        weights = beta * (1 - beta) ** torch.arange(N - 1, -1, -1, dtype=cosines.dtype)
+        folded = torch.einsum("n,nlp->lp", weights, cosines).tolist()
+        for where, row in zip(["", *(name for name, _, _ in layout.layers)], folded):
+            phi = self._gradvac.setdefault(where, {})
+            for pair, value in zip(pairs, row):
+                phi[pair] = (1 - beta) ** N * phi.get(pair, 0.0) + value
+
     # ------------------------------------------------------------------------------------------ reading
+    @property
+    def gradvac(self) -> dict[str, float]:
+        """GradVac's EMA of each task pair's cosine over the whole shared backbone, ``{"a/b": phi}`` (names
+        sorted): ``phi_ij <- (1 - beta) phi_ij + beta cos(g_i, g_j)`` on every measured step that carried both
+        tasks, starting from ``phi_ij = 0`` (Wang et al., "Gradient Vaccine", ICLR 2021, Sec. 3.2, Eq. 3; ``beta``
+        is ``gradvac_beta``). The cosines are those of the gradients as trained; GradVac itself measures them
+        after adjusting ``g_i``, so under GradVac training the two differ."""
+        self._collect(wait=True)
+        return dict(self._gradvac.get("", {}))
+
+    @property
+    def gradvac_layers(self) -> dict[str, dict[str, float]]:
+        """GradVac's EMA per layer (its per-layer granularity): ``{layer: {"a/b": phi}}``, as :attr:`gradvac`
+        over each layer's parameters."""
+        self._collect(wait=True)
+        return {k: dict(v) for k, v in self._gradvac.items() if k}
+
+    def stacked(self) -> list[Stacked]:
+        """The kept measured (not skipped) steps, one :class:`Stacked` block per layout (tasks in the same order,
+        the same layers), each in step order: the records as stored, without building a report per step."""
+        self._collect(wait=True)
+        blocks: dict[_Layout, list[_Record]] = {}
+        for record in self._records:
+            if not record.skip_reason:
+                blocks.setdefault(record.layout, []).append(record)
+        return [
+            Stacked(
+                lay.tasks, tuple((name, n) for name, n, _ in lay.layers), lay.threshold, lay.has_losses,
+                torch.tensor([r.step for r in records], dtype=torch.int64), torch.stack([r.packed for r in records]),
+            )
+            for lay, records in blocks.items()
+        ]
+
     @property
     def ema(self) -> dict[str, float]:
         """Exponential moving averages over every measured step so far: each of :data:`EMA_QUANTITIES` and each
@@ -304,6 +391,7 @@ class History:
         self._collect(wait=True)
         self._records.clear()
         self._ema.clear()
+        self._gradvac.clear()
         self._unfolded.clear()
         self.steps_seen = 0
 
@@ -397,6 +485,8 @@ class History:
             "max_history": self.max_history,
             "steps_seen": self.steps_seen,
             "ema": dict(self._ema),
+            "gradvac_beta": self.gradvac_beta,
+            "gradvac": {k: dict(v) for k, v in self._gradvac.items()},
             "layouts": [
                 {
                     "tasks": list(lay.tasks),
@@ -439,6 +529,8 @@ class History:
             maxlen=self.max_history,
         )
         self._ema = dict(state["ema"])
+        self.gradvac_beta = state.get("gradvac_beta", self.gradvac_beta)
+        self._gradvac = {k: dict(v) for k, v in state.get("gradvac", {}).items()}
         self.steps_seen = state["steps_seen"]
 
 

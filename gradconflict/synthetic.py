@@ -1,45 +1,47 @@
 """Controlled multi-task regression problems whose answer to "should we split, where, into which groups?" is
-known by construction. Used by the tests of :mod:`gradconflict.diagnosis`, and by users and the demo to see what
-each diagnosis looks like.
+fixed by construction, before any run. Used by the tests of :mod:`gradconflict.diagnosis`, by the diagnosis
+benchmark (``benchmarks/diagnosis/``, the whole :data:`FAMILY`), and by users and the demo to see what each
+diagnosis looks like.
 
-Every problem has the same small model: a backbone of four ``Linear`` + ``Tanh`` blocks (``nn.Sequential``,
-layers ``backbone.0``, ``backbone.2``, ``backbone.4``, ``backbone.6``) and one head per task. The heads are
-*fixed readouts*, identical across tasks and frozen: a head cannot absorb a difference between two targets (a
-trainable linear head could simply learn ``-1`` for a negated target), so whatever the targets ask of the
-network, they ask of the shared backbone. The inputs are ``x = [x_main, x_side]``; ``x_main`` enters at the
-bottom, ``x_side`` is concatenated to the features just before ``backbone.4`` (only the top two layers see it).
+Every problem has the same kind of model (:class:`MultiTaskMLP`): a backbone of ``depth`` blocks, each a
+``Linear`` (``backbone.k.linear``) and a ``Tanh``, and one frozen linear readout per task as its head, so that
+whatever the targets ask of the network, they ask of the shared backbone. The input is ``x = [x_main, x_side]``:
+``x_main`` enters at the bottom; ``x_side`` enters at block ``side_at`` only, through its own ``Linear``
+(``backbone.k.side``), and the blocks from there up have no ``Tanh`` (so the lower blocks' Jacobian does not
+depend on the side input, and nothing below ``side_at`` can see it). The backbone is an ``nn.Sequential`` of
+blocks passing ``(features, x)`` along, so :func:`~gradconflict.split.branch` and
+:func:`~gradconflict.split.compare` work on it as on any model.
 
-Targets use ``f_k(x) = sin(u_k . x_main)`` with orthonormal directions ``u_k`` (so different ``f_k`` are
-orthogonal functions of the input) and ``v(x) = s . x_side`` (``|s| = 1``):
+Targets are built from ``f_k(x) = sin(2 u_k . x_main)`` (``u_k`` orthonormal, so different ``f_k`` are orthogonal
+functions of the input) and ``v_k(x) = 1.2 sin(w_k . x_side)``, plus label noise: each task's own (``noise``) and
+one draw shared by every task (``shared_noise``, a part of the labels nobody can learn, which keeps the lower
+layers' gradients agreeing for the whole run).
 
-======================  =======================================================  ==========================
-kind                    targets                                                  truth
-======================  =======================================================  ==========================
-``"aligned"``           every task: ``f_0``                                      keep shared, one group
-``"opposed"``           task ``k``: ``(-1)^k f_0``                               split at ``backbone.0``,
-                                                                                 groups by sign
-``"orthogonal"``        task ``k``: ``f_k``                                      split, one group per task
-``"top_conflict"``      ``f_0 + e +/- v``; ``e`` a noise shared by both tasks    split at ``backbone.4``
-``"two_groups"``        tasks 0, 1: ``f_0``; tasks 2, 3: ``-f_0``                groups ``[[a, b], [c, d]]``
-======================  =======================================================  ==========================
+What decides the answer, by construction and independently of any threshold of the library:
 
-In ``"top_conflict"`` the two tasks agree on ``f_0`` and on the shared label noise ``e`` (which keeps the
-agreeing gradient alive on the lower layers for the whole run) and disagree only on ``v``, a function of the
-side input that only the layers from ``backbone.4`` up can see. Those top blocks are linear (no ``Tanh``), so
-the lower layers' Jacobian does not depend on the side input and ``v`` reaches them only as batch noise: the
-conflict lives in the top layers.
+- **readouts**: ``"shared"``, the same readout vector for every task: the shared backbone can only output one
+  function, so tasks whose targets differ compete for it (sharing is capacity-limited, and the difference is what
+  a split recovers); ``"distinct"``: orthogonal readouts, so a wide enough backbone serves every task at once
+  (capacity is not the limit: keep shared).
+- **where the targets differ**: in a function of ``x_main`` (everywhere: the conflict starts at the bottom,
+  ``backbone.0``), or only in a function of ``x_side`` (the conflict starts at block ``side_at``: the blocks below
+  cannot see it), or nowhere.
+- **how strongly, against the noise**: a difference far below the label noise is not worth a split (the data is
+  the limit).
 
 >>> p = make_problem("two_groups", seed=0)
->>> sorted(p.model(p.x[:3])), p.expected_groups
-(['a', 'b', 'c', 'd'], [['a', 'b'], ['c', 'd']])
+>>> sorted(p.model(p.x[:3])), p.expected_groups, p.expected_branch
+(['a', 'b', 'c', 'd'], [['a', 'b'], ['c', 'd']], 'backbone.0')
+>>> len(FAMILY) >= 24
+True
 """
 
 from __future__ import annotations
 
 import string
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,84 +49,171 @@ from torch import Tensor, nn
 
 from gradconflict.monitor import ConflictMonitor
 
-__all__ = ["KINDS", "MultiTaskMLP", "Problem", "make_problem", "suppression_readout"]
-
-#: The kinds of problem :func:`make_problem` builds.
-KINDS = ("aligned", "opposed", "orthogonal", "top_conflict", "two_groups")
+__all__ = [
+    "FAMILY",
+    "KINDS",
+    "MultiTaskMLP",
+    "Problem",
+    "Spec",
+    "Target",
+    "build_problem",
+    "make_problem",
+    "suppression_readout",
+]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+Verdict = Literal["keep_shared", "lora_split", "physical_split"]
+
+
+class Block(nn.Module):
+    """One backbone block: ``act(linear(h) + side(x_side))``, passing ``(features, x)`` along.
+
+    The first block reads ``x_main`` from a plain input tensor; ``side`` (``None`` on most blocks) reads the side
+    input, which only the block ``side_at`` does.
+    """
+
+    def __init__(self, d_in: int, width: int, d_main: int, side: int, activation: bool) -> None:
+        super().__init__()
+        self.d_main = d_main
+        self.linear = nn.Linear(d_in, width)
+        self.side = nn.Linear(side, width, bias=False) if side else None
+        self.act = nn.Tanh() if activation else nn.Identity()
+
+    def forward(self, state: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(features, x)`` -> ``(next features, x)``."""
+        h, x = (state[..., : self.d_main], state) if isinstance(state, Tensor) else state
+        out = self.linear(h)
+        if self.side is not None:
+            out = out + self.side(x[..., self.d_main :])
+        return self.act(out), x
+
+
+class Readout(nn.Module):
+    """A frozen linear readout of the backbone's features: ``r . h`` (a head that cannot learn)."""
+
+    def __init__(self, vector: Tensor) -> None:
+        super().__init__()
+        self.linear = nn.Linear(vector.numel(), 1, bias=False)
+        with torch.no_grad():
+            self.linear.weight.copy_(vector.reshape(1, -1))
+        self.linear.weight.requires_grad_(False)
+
+    def forward(self, state: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        """The readout of the features, ``[batch]``."""
+        h = state[0] if isinstance(state, tuple) else state
+        return self.linear(h).squeeze(-1)
 
 
 class MultiTaskMLP(nn.Module):
-    """A shared MLP backbone with a side input joining before block ``side_at``, and one fixed readout per task.
+    """A shared MLP backbone of :class:`Block` s and one frozen :class:`Readout` per task (see the module docstring).
 
     Args:
-        tasks: task names.
-        d_main: size of the main input (read by the first layer).
-        d_side: size of the side input (concatenated before backbone block ``side_at``; 0 for none).
+        readouts: task -> readout vector (``[width]``).
+        d_main: size of the main input (read by the first block).
+        d_side: size of the side input (read by block ``side_at``; ignored when ``side_at`` is ``None``).
         width: hidden width.
-        depth: number of ``Linear`` + ``Tanh`` blocks.
-        side_at: index of the block that first sees the side input.
-        linear_top: blocks from ``side_at`` up have no ``Tanh`` (an ``nn.Identity`` in its place), so that the
-            side input reaches the output linearly and the lower layers' Jacobian does not depend on it.
+        depth: number of blocks.
+        side_at: the block that reads the side input; the blocks from there up have no ``Tanh``.
         generator: seeds the initialisation.
     """
 
     def __init__(
         self,
-        tasks: list[str],
+        readouts: dict[str, Tensor],
         *,
         d_main: int = 4,
         d_side: int = 2,
-        width: int = 16,
+        width: int = 32,
         depth: int = 4,
-        side_at: int = 2,
-        linear_top: bool = False,
+        side_at: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         self.d_main, self.d_side, self.side_at = d_main, d_side, side_at
-        layers: list[nn.Module] = []
-        for k in range(depth):
-            d_in = d_main if k == 0 else width
-            act = nn.Identity() if linear_top and k >= side_at else nn.Tanh()
-            layers += [nn.Linear(d_in + (d_side if k == side_at else 0), width), act]
-        self.backbone = nn.Sequential(*layers)
-        readout = torch.randn(width, generator=generator) / width**0.5
-        self.heads = nn.ModuleDict({t: nn.Linear(width, 1, bias=False) for t in tasks})
+        self.backbone = nn.Sequential(*[
+            Block(
+                d_main if k == 0 else width, width, d_main, d_side if k == side_at else 0,
+                activation=side_at is None or k < side_at,
+            )
+            for k in range(depth)
+        ])
         with torch.no_grad():
-            for p in self.parameters():
+            for p in self.backbone.parameters():
                 # Seeded, so that the same seed gives the same model whatever the global RNG state.
                 p.copy_(torch.empty_like(p).uniform_(-1, 1, generator=generator) / p.shape[-1] ** 0.5)
-            for head in self.heads.values():
-                head.weight.copy_(readout)
-                head.weight.requires_grad_(False)  # fixed readout: a head cannot absorb a target's sign
+        self.heads = nn.ModuleDict({t: Readout(r) for t, r in readouts.items()})
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Outputs ``{task: prediction of shape [batch]}`` for inputs ``x = [x_main, x_side]``."""
-        main, side = x[..., : self.d_main], x[..., self.d_main :]
-        h = main
-        for index, module in enumerate(self.backbone):
-            if index == 2 * self.side_at and self.d_side:
-                h = torch.cat([h, side], dim=-1)
-            h = module(h)
-        return {t: head(h).squeeze(-1) for t, head in self.heads.items()}
+        state = self.backbone(x)
+        return {t: head(state) for t, head in self.heads.items()}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One task's target: ``sum_k main[k] f_k(x_main) + sum_k side[k] v_k(x_side)`` plus the problem's noise."""
+
+    main: tuple[float, ...] = (1.0,)
+    side: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A problem of the family, with its answer fixed by construction before any run.
+
+    Attributes:
+        name: a short name.
+        targets: one :class:`Target` per task (tasks ``a``, ``b``, ...).
+        readouts: ``"shared"`` (one readout for every task: sharing is capacity-limited) or ``"distinct"``
+            (orthogonal readouts: the backbone can serve every task).
+        side_at: the block that reads the side input (``None``: no side input).
+        noise: standard deviation of each task's own label noise.
+        shared_noise: standard deviation of the label noise common to every task.
+        expected_verdict: the verdict the construction calls for.
+        expected_branch: the block path from which the backbone should become task-specific (``None``: no split).
+        expected_groups: the task groups the construction calls for.
+        why: the construction's argument for that answer.
+        width: hidden width of the backbone.
+        depth: number of blocks.
+    """
+
+    name: str
+    targets: tuple[Target, ...]
+    readouts: Literal["shared", "distinct"]
+    side_at: int | None
+    noise: float
+    shared_noise: float
+    expected_verdict: Verdict
+    expected_branch: str | None
+    expected_groups: tuple[tuple[str, ...], ...]
+    why: str
+    width: int = 32
+    depth: int = 4
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names, ``a``, ``b``, ..."""
+        return list(string.ascii_lowercase[: len(self.targets)])
 
 
 @dataclass
 class Problem:
-    """A multi-task problem with its model, data and the known answer.
+    """A multi-task problem with its model, data and the answer fixed by construction.
 
     Attributes:
-        kind: one of :data:`KINDS`.
+        kind: the problem's name (a :data:`KINDS` entry or a :data:`FAMILY` spec's name).
         model: the :class:`MultiTaskMLP` (``.backbone``, ``.heads``; ``model(x)`` -> ``{task: output}``).
-        x: all inputs, ``[n, d_main + d_side]``.
+        x: training inputs, ``[n, d_main + d_side]``.
         targets: ``{task: [n] tensor}``.
         loss_fns: ``{task: (output, target) -> scalar loss}`` (mean squared error).
         expected_verdict: the advice's verdict the problem is built to produce.
         expected_groups: the task groups the problem is built to have.
-        expected_branch: the layer from which the backbone should become task-specific (``None``: no split).
+        expected_branch: the block from which the backbone should become task-specific (``None``: no split).
         seed: the seed of the data, the model and :meth:`batches`.
+        eval_x: held-out inputs (fresh noise: what a split can and cannot recover).
+        eval_targets: held-out targets.
+        spec: the :class:`Spec` it was built from.
+        factory: builds a fresh copy of the untrained model (same initialisation for a given seed).
     """
 
     kind: str
@@ -136,6 +225,10 @@ class Problem:
     expected_groups: list[list[str]]
     expected_branch: str | None
     seed: int = 0
+    eval_x: Tensor | None = None
+    eval_targets: dict[str, Tensor] = field(default_factory=dict)
+    spec: Spec | None = None
+    factory: Callable[[int], MultiTaskMLP] | None = None
 
     @property
     def tasks(self) -> list[str]:
@@ -173,78 +266,163 @@ class Problem:
         return monitor
 
 
-def _task_names(n: int) -> list[str]:
-    return list(string.ascii_lowercase[:n])
+def _target(*main: float, side: tuple[float, ...] = ()) -> Target:
+    return Target(tuple(main), side)
 
 
-def make_problem(
-    kind: str,
+def _spec(
+    name: str,
+    targets: list[Target],
+    verdict: Verdict,
+    why: str,
     *,
-    n_tasks: int | None = None,
-    seed: int = 0,
-    n: int = 512,
-    d_main: int = 4,
-    d_side: int = 2,
-    width: int = 16,
-    noise: float = 2.0,
-) -> Problem:
-    """Build a controlled problem of the given ``kind`` (see the module docstring for the table of kinds).
+    readouts: Literal["shared", "distinct"] = "shared",
+    side_at: int | None = None,
+    noise: float = 0.1,
+    shared_noise: float = 0.0,
+    groups: list[list[str]] | None = None,
+) -> Spec:
+    tasks = list(string.ascii_lowercase[: len(targets)])
+    if verdict == "keep_shared":
+        expected_groups = [tasks]
+    else:
+        expected_groups = groups if groups is not None else [[t] for t in tasks]
+    branch = None if verdict == "keep_shared" else f"backbone.{side_at or 0}"
+    return Spec(
+        name, tuple(targets), readouts, side_at, noise, shared_noise, verdict, branch,
+        tuple(tuple(g) for g in expected_groups), why,
+    )
 
-    Args:
-        kind: one of :data:`KINDS`.
-        n_tasks: number of tasks; defaults to 4 for ``"two_groups"`` (the only value it takes), 2 for
-            ``"top_conflict"`` (likewise) and 2 otherwise. ``"orthogonal"`` takes at most ``d_main``.
-        seed: seeds data, initialisation and batches: the same seed gives the same problem.
-        n: number of samples.
-        d_main: size of the main input.
-        d_side: size of the side input.
-        width: hidden width of the backbone.
-        noise: standard deviation of the shared label noise of ``"top_conflict"``.
+
+_V1 = (0.0, 1.0)  # shorthand for the second side function, v_1
+_SHARED_SIDE = 1.0  # the shared label noise that keeps the lower layers agreeing in the upper-conflict problems
+
+#: The diagnosis benchmark's problems, each with its answer fixed by construction (see the module docstring).
+FAMILY: tuple[Spec, ...] = (
+    # --- no conflict: keep shared
+    _spec("aligned-2", [_target(1), _target(1)], "keep_shared", "both tasks want the same function"),
+    _spec("aligned-3", [_target(1)] * 3, "keep_shared", "all three tasks want the same function"),
+    _spec("aligned-noisy", [_target(1), _target(1)], "keep_shared", "same function, heavy label noise: the data is "
+          "the limit, and sharing pools it", noise=1.0),
+    _spec("noise-only-3", [_target(1)] * 3, "keep_shared", "same function, each task its own noise: differences "
+          "are noise only", noise=0.7),
+    _spec("aligned-side", [_target(1, side=(1.0,))] * 2, "keep_shared", "same function of both inputs",
+          side_at=2, shared_noise=_SHARED_SIDE),
+    _spec("distinct-orthogonal-2", [_target(1), _target(0, 1)], "keep_shared", "different functions, but each task "
+          "reads its own direction of a wide backbone: capacity is not the limit", readouts="distinct"),
+    _spec("distinct-opposed-2", [_target(1), _target(-1)], "keep_shared", "opposite targets read through "
+          "orthogonal readouts: the backbone serves both at once", readouts="distinct"),
+    _spec("distinct-orthogonal-3", [_target(1), _target(0, 1), _target(0, 0, 1)], "keep_shared", "three different "
+          "functions through orthogonal readouts", readouts="distinct"),
+    _spec("distinct-upper-2", [_target(1, side=(1.0,)), _target(1, side=(-1.0,))], "keep_shared", "opposite side "
+          "functions through orthogonal readouts", readouts="distinct", side_at=2, shared_noise=_SHARED_SIDE),
+    _spec("faint-bottom-2", [_target(1), _target(1, 0.05)], "keep_shared", "the targets differ by 5% of a function, "
+          "far below the label noise: not worth a split", noise=0.3),
+    _spec("faint-upper-2", [_target(1, side=(0.05,)), _target(1, side=(-0.05,))], "keep_shared", "the side "
+          "functions differ by a tenth of the label noise", side_at=3, noise=0.3, shared_noise=_SHARED_SIDE),
+    # --- conflict everywhere (in a function of the main input): split at the bottom
+    _spec("opposed-2", [_target(1), _target(-1)], "physical_split", "opposite targets through one readout"),
+    _spec("orthogonal-2", [_target(1), _target(0, 1)], "physical_split", "orthogonal targets through one readout"),
+    _spec("angle-60-2", [_target(1), _target(0.5, 0.866)], "physical_split", "targets 60 degrees apart through one "
+          "readout: a weaker conflict"),
+    _spec("orthogonal-3", [_target(1), _target(0, 1), _target(0, 0, 1)], "physical_split", "three orthogonal "
+          "targets through one readout"),
+    _spec("opposed-noisy-2", [_target(1), _target(-1)], "physical_split", "opposite targets, noise well below the "
+          "difference", noise=0.7),
+    _spec("one-vs-rest-3", [_target(1), _target(1), _target(-1)], "physical_split", "c wants the opposite of a "
+          "and b", groups=[["a", "b"], ["c"]]),
+    _spec("one-vs-rest-4", [_target(1), _target(1), _target(1), _target(0, 1)], "physical_split", "d wants "
+          "another function than a, b, c", groups=[["a", "b", "c"], ["d"]]),
+    _spec("two-groups-4", [_target(1), _target(1), _target(-1), _target(-1)], "physical_split", "a, b want f and "
+          "c, d want -f", groups=[["a", "b"], ["c", "d"]]),
+    # --- conflict in the upper layers only (in a function of the side input): split where it enters
+    _spec("upper-2", [_target(1, side=(1.0,)), _target(1, side=(-1.0,))], "physical_split", "the tasks agree on "
+          "the main input and want opposite functions of the side input, seen from block 2 up", side_at=2,
+          shared_noise=_SHARED_SIDE),
+    _spec("upper-2-weak", [_target(1, side=(0.4,)), _target(1, side=(-0.4,))], "physical_split", "as upper-2, "
+          "with a difference 0.4 times as large", side_at=2, shared_noise=_SHARED_SIDE),
+    _spec("upper-3", [_target(1, side=(1.0,)), _target(1, side=(-1.0,))], "physical_split", "opposite side "
+          "functions, seen by the top block only", side_at=3, shared_noise=_SHARED_SIDE),
+    _spec("upper-3-weak", [_target(1, side=(0.4,)), _target(1, side=(-0.4,))], "physical_split", "as upper-3, "
+          "with a difference 0.4 times as large", side_at=3, shared_noise=_SHARED_SIDE),
+    _spec("upper-3-orthogonal", [_target(1, side=(1.0,)), _target(1, side=_V1)], "physical_split", "orthogonal "
+          "side functions, seen by the top block only", side_at=3, shared_noise=_SHARED_SIDE),
+    _spec("upper-2-noisy", [_target(1, side=(1.0,)), _target(1, side=(-1.0,))], "physical_split", "as upper-2 "
+          "with more label noise, still well below the difference", side_at=2, noise=0.5,
+          shared_noise=_SHARED_SIDE),
+    _spec("upper-2-one-vs-rest", [_target(1, side=(1.0,)), _target(1, side=(1.0,)), _target(1, side=(-1.0,))],
+          "physical_split", "c wants the opposite side function of a and b, seen from block 2 up", side_at=2,
+          shared_noise=_SHARED_SIDE, groups=[["a", "b"], ["c"]]),
+    _spec("upper-3-two-groups", [_target(1, side=(1.0,))] * 2 + [_target(1, side=(-1.0,))] * 2,
+          "physical_split", "a, b and c, d want opposite side functions, seen by the top block only", side_at=3,
+          shared_noise=_SHARED_SIDE, groups=[["a", "b"], ["c", "d"]]),
+)
+
+_BY_NAME = {spec.name: spec for spec in FAMILY}
+
+#: Named problems for examples and tests (each an alias of a :data:`FAMILY` spec).
+KINDS: dict[str, str] = {
+    "aligned": "aligned-2",
+    "opposed": "opposed-2",
+    "orthogonal": "orthogonal-2",
+    "top_conflict": "upper-3",
+    "two_groups": "two-groups-4",
+}
+
+
+def build_problem(spec: Spec, seed: int = 0, *, n: int = 1024, d_main: int = 4, d_side: int = 2) -> Problem:
+    """Draw the data of ``spec`` (``n`` training and ``n`` held-out samples) and build its model, all seeded by
+    ``seed``: the same seed gives the same problem and the same initialisation (:attr:`Problem.factory` builds a
+    fresh untrained copy for a model seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    tasks = spec.tasks
+    x = torch.randn(2 * n, d_main + d_side, generator=gen)
+    main, side = x[:, :d_main], x[:, d_main:]
+    U = torch.linalg.qr(torch.randn(d_main, d_main, generator=gen))[0].T
+    W = torch.linalg.qr(torch.randn(d_side, d_side, generator=gen))[0].T
+    f = [torch.sin(2.0 * main @ U[k]) for k in range(d_main)]
+    v = [1.2 * torch.sin(side @ W[k]) for k in range(d_side)]
+    common = spec.shared_noise * torch.randn(2 * n, generator=gen)
+    ys = {}
+    for task, target in zip(tasks, spec.targets):
+        y = sum(c * f[k] for k, c in enumerate(target.main)) + sum(c * v[k] for k, c in enumerate(target.side))
+        ys[task] = y + common + spec.noise * torch.randn(2 * n, generator=gen)
+    if spec.readouts == "shared":
+        r = torch.randn(spec.width, generator=gen)
+        readouts = {t: 3 * r / r.norm() for t in tasks}
+    else:
+        Q = torch.linalg.qr(torch.randn(spec.width, len(tasks), generator=gen))[0]
+        readouts = {t: 3 * Q[:, k] for k, t in enumerate(tasks)}
+    side_at = spec.side_at
+
+    def factory(model_seed: int = seed) -> MultiTaskMLP:
+        return MultiTaskMLP(
+            readouts, d_main=d_main, d_side=d_side, width=spec.width, depth=spec.depth, side_at=side_at,
+            generator=torch.Generator().manual_seed(10_000 + model_seed),
+        )
+
+    return Problem(
+        kind=spec.name, model=factory(seed), x=x[:n], targets={t: y[:n] for t, y in ys.items()},
+        loss_fns=dict.fromkeys(tasks, F.mse_loss), expected_verdict=spec.expected_verdict,
+        expected_groups=[list(g) for g in spec.expected_groups], expected_branch=spec.expected_branch, seed=seed,
+        eval_x=x[n:], eval_targets={t: y[n:] for t, y in ys.items()}, spec=spec, factory=factory,
+    )
+
+
+def make_problem(kind: str, *, seed: int = 0, **kwargs: Any) -> Problem:
+    """The problem called ``kind``: a :data:`KINDS` alias or a :data:`FAMILY` spec's name (see
+    :func:`build_problem` for ``seed`` and the sizes in ``kwargs``).
 
     >>> p = make_problem("opposed", seed=1)
     >>> p.tasks, p.expected_verdict, p.expected_branch
     (['a', 'b'], 'physical_split', 'backbone.0')
-    >>> bool(torch.equal(p.targets["a"], -p.targets["b"]))
-    True
+    >>> make_problem("upper-2").expected_branch          # the side input enters at block 2
+    'backbone.2'
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    fixed = {"two_groups": 4, "top_conflict": 2}
-    if kind in fixed and n_tasks not in (None, fixed[kind]):
-        raise ValueError(f"kind {kind!r} has exactly {fixed[kind]} tasks, got n_tasks={n_tasks}")
-    T = n_tasks if n_tasks is not None else fixed.get(kind, 2)
-    if T < 1 or (kind == "orthogonal" and T > d_main):
-        raise ValueError(f"n_tasks={T} is out of range for kind {kind!r} (orthogonal needs n_tasks <= d_main)")
-    gen = torch.Generator().manual_seed(seed)
-    tasks = _task_names(T)
-    x = torch.randn(n, d_main + d_side, generator=gen)
-    main, side = x[:, :d_main], x[:, d_main:]
-    # Orthonormal directions: sin(u_k . x) for different k are orthogonal functions of a Gaussian input.
-    U = torch.linalg.qr(torch.randn(d_main, d_main, generator=gen))[0].T * 1.5
-    f = [torch.sin(main @ U[k]) for k in range(d_main)]
-    branch: str | None = "backbone.0"
-    verdict = "physical_split"
-    if kind == "aligned":
-        ys, groups, branch, verdict = [f[0]] * T, [tasks], None, "keep_shared"
-    elif kind == "opposed":
-        ys = [f[0] * (-1) ** k for k in range(T)]
-        groups = [g for g in (tasks[0::2], tasks[1::2]) if g]
-    elif kind == "orthogonal":
-        ys, groups = f[:T], [[t] for t in tasks]
-    elif kind == "top_conflict":
-        direction = torch.randn(d_side, generator=gen)
-        v = side @ (direction / direction.norm())
-        shared = f[0] + noise * torch.randn(n, generator=gen)
-        ys, groups, branch = [shared + v, shared - v], [["a"], ["b"]], "backbone.4"
-    else:
-        ys, groups = [f[0], f[0], -f[0], -f[0]], [["a", "b"], ["c", "d"]]
-    model = MultiTaskMLP(
-        tasks, d_main=d_main, d_side=d_side, width=width, linear_top=kind == "top_conflict", generator=gen
-    )
-    return Problem(
-        kind=kind, model=model, x=x, targets=dict(zip(tasks, ys)), loss_fns=dict.fromkeys(tasks, F.mse_loss),
-        expected_verdict=verdict, expected_groups=groups, expected_branch=branch, seed=seed,
-    )
+    name = KINDS.get(kind, kind)
+    if name not in _BY_NAME:
+        raise ValueError(f"kind must be one of {sorted(KINDS)} or a FAMILY name {sorted(_BY_NAME)}, got {kind!r}")
+    return build_problem(_BY_NAME[name], seed, **kwargs)
 
 
 def suppression_readout(width: int) -> nn.Linear:

@@ -48,6 +48,9 @@ def test_advise_on_a_saved_history(tmp_path, capsys):
     assert "verdict" in capsys.readouterr().out.lower()
     assert main(["advise", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["verdict"] in {"keep_shared", "lora_split", "physical_split"}
+    assert main(["advise", str(path), "--brief"]) == 0
+    brief = capsys.readouterr().out
+    assert brief.startswith("verdict: ") and "layers in persistent conflict:" in brief
     assert main(["advise", str(path), "--threshold", "nonsense"]) == 2
 
 
@@ -99,7 +102,7 @@ def test_report_and_advise_on_round_robin_steps(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert data["verdict"] == "keep_shared" and data["groups"] == [["a", "b", "c"]]
     assert "could not be measured" in data["reason"]
-    assert [s["status"] for s in data["signals"]] == ["n/a"] * 4
+    assert [s["status"] for s in data["signals"]] == ["n/a"] * 6
 
 
 def test_report_writes_the_html_page_and_the_figures(tmp_path, capsys):

@@ -131,3 +131,54 @@ def test_state_dict_round_trip():
     assert [r.to_dict() for r in again] == [r.to_dict() for r in history]
     with pytest.raises(ValueError, match="schema"):
         again.load_state_dict({"schema": 99})
+
+
+def test_gradvac_ema_per_pair_and_per_layer_starts_at_zero():
+    # GradVac (Wang et al., ICLR 2021, Sec. 3.2, Eq. 3): phi <- (1 - beta) phi + beta cos, phi(0) = 0. By hand with
+    # beta = 0.01 and the cosines 0.5, -0.5, 1.0: 0.005, then 0.99 * 0.005 - 0.005, then 0.99 * that + 0.01.
+    history = History(gradvac_beta=0.01)
+    for s, c in enumerate([0.5, -0.5, 1.0]):
+        history.append(report(s, c, layers=2))
+    phi = 0.0
+    for c in [0.5, -0.5, 1.0]:
+        phi = 0.99 * phi + 0.01 * c
+    assert phi == pytest.approx(0.0099505)
+    assert history.gradvac == {"a/b": pytest.approx(phi)}
+    assert history.gradvac_layers == {"l0": {"a/b": pytest.approx(phi)}, "l1": {"a/b": pytest.approx(phi)}}
+    # A pair first measured later starts from 0 too; the order of the tasks in a step does not matter.
+    history.append(report(3, -1.0, tasks=("c", "a")))
+    assert history.gradvac["a/c"] == pytest.approx(-0.01) and history.gradvac["a/b"] == pytest.approx(phi)
+
+
+def test_gradvac_ema_folded_in_batches_equals_step_by_step_and_survives_a_resume():
+    cosines = [0.3 * ((-1) ** s) + 0.1 * s / 100 for s in range(150)]  # more than one batch of folded steps
+    history = History(gradvac_beta=0.5)
+    for s, c in enumerate(cosines):
+        history.append(report(s, c))
+    phi = 0.0
+    for c in cosines:
+        phi = 0.5 * phi + 0.5 * c
+    assert history.gradvac["a/b"] == pytest.approx(phi)
+    again = History()
+    again.load_state_dict(history.state_dict())
+    assert again.gradvac == history.gradvac and again.gradvac_beta == 0.5
+    with pytest.raises(ValueError, match="gradvac_beta"):
+        History(gradvac_beta=0.0)
+
+
+def test_stacked_gives_the_kept_measured_steps_per_layout():
+    history = History()
+    history.append(report(0, 0.5, layers=2))
+    history.append(report(1, -0.5, tasks=("b", "a"), layers=2))
+    history.append(ConflictReport(("a", "b"), torch.tensor([[math.inf, 0.0], [0.0, 1.0]]), step=2))  # skipped
+    history.append(report(3, 0.25, layers=2))
+    blocks = history.stacked()
+    assert [(b.tasks, b.steps.tolist()) for b in blocks] == [(("a", "b"), [0, 3]), (("b", "a"), [1])]
+    first = blocks[0]
+    assert first.layers == (("l0", 3), ("l1", 3)) and first.has_losses and first.threshold == 0.0
+    T = 2
+    for row, step in zip(first.packed, first.steps.tolist()):
+        rebuilt = history[[r.step for r in history].index(step)]
+        torch.testing.assert_close(row[2 * T : 2 * T + T * T].reshape(T, T), rebuilt.gram)
+        torch.testing.assert_close(row[2 * T + T * T :].reshape(2, T, T)[1], rebuilt.layers["l1"].gram)
+        torch.testing.assert_close(row[T : 2 * T], rebuilt.losses)

@@ -30,10 +30,15 @@ SECTIONS = [
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
-    """A two-task problem whose top layers conflict, trained 40 steps with every step streamed to disk."""
+    """A two-task problem whose top block conflicts (its side path, by construction), trained 80 steps with every
+    step streamed to disk: enough for the conflict's persistence to be decided."""
     path = tmp_path_factory.mktemp("run") / "run.jsonl"
-    make_problem("top_conflict", seed=0).train(40, sinks=[JSONLSink(path)])
+    make_problem("top_conflict", seed=0).train(80, sinks=[JSONLSink(path)])
     return History.from_jsonl(path)
+
+
+#: the layer the problem's conflict sits in: the side path of its top block (``synthetic``'s "upper-3")
+TOP = "backbone.3.side"
 
 
 class Page(HTMLParser):
@@ -103,10 +108,10 @@ def test_the_tables_hold_the_numbers_of_the_reports(recorded):
     page = Page(render_html(recorded))
     steps, values = pair_values(recorded, "a", "b")
     row = next(r for r in page.rows if r[0] == "a/b")
-    assert row[1] == str(len(steps)) == "40"
+    assert row[1] == str(len(steps)) == "80"
     assert row[2] == f"{np.mean(values):+.3f}" and row[3] == f"{np.mean(np.array(values) < 0):.0%}"
-    layer = next(r for r in page.rows if r[0] == "backbone.4")  # the problem's conflicting top layer
-    _, top = pair_values(recorded, "a", "b", layer="backbone.4")
+    layer = next(r for r in page.rows if r[0] == TOP)  # the problem's conflicting top layer
+    _, top = pair_values(recorded, "a", "b", layer=TOP)
     assert layer[4] == f"{np.mean(np.array(top) < 0):.2f}"
     assert any(r[-1] == "branch point" for r in page.rows)
 
@@ -119,7 +124,7 @@ def test_the_verdict_and_the_evidence_are_those_of_the_advice(recorded):
     assert f'class="verdict {advice.verdict}"' in text
     for signal in advice.signals:
         assert signal.name in text
-    assert "from gradconflict import compare" in text  # the next step, as code
+    assert "from gradconflict import advise, compare" in text  # the next step, as code
 
 
 @pytest.mark.parametrize("kind", ["partial", "round_robin"])

@@ -35,7 +35,8 @@ with gradconflict.ConflictMonitor(model, sinks=[gradconflict.JSONLSink({str(tmp_
 
 
 def test_every_public_name_is_reachable_and_loads_its_part_on_first_use():
-    assert _loaded_after("from gradconflict import advise") == ["scipy", "gradconflict.diagnosis"]
+    # the diagnosis reads comparison results and metric directions from the split toolkit: it loads it too
+    assert _loaded_after("from gradconflict import advise") == ["scipy", "gradconflict.diagnosis", "gradconflict.split"]
     for name in gradconflict.__all__:
         assert getattr(gradconflict, name) is not None
     assert set(gradconflict.__all__) <= set(dir(gradconflict))

@@ -3,8 +3,12 @@ where, and into which task groups?", with the evidence shown.
 
 - :mod:`~gradconflict.diagnosis.aligned`: the measured steps on one task order (sorted names), as numpy arrays.
 - :mod:`~gradconflict.diagnosis.trends`: series, EMA, sliding windows, trend test over training steps.
-- :mod:`~gradconflict.diagnosis.signals`: the four warning signals that the shared backbone has become a compromise.
+- :mod:`~gradconflict.diagnosis.stats`: is a pair's conflict persistent, or chance? (tests against a coin).
+- :mod:`~gradconflict.diagnosis.persistence`: those tests for every pair, on the whole backbone and per layer.
+- :mod:`~gradconflict.diagnosis.signals`: the four warning signals and the two warnings about what a split
+  cannot cure.
 - :mod:`~gradconflict.diagnosis.profile`: the layer conflict profile and the branch point.
+- :mod:`~gradconflict.diagnosis.recon`: Recon's top-K conflicting layers.
 - :mod:`~gradconflict.diagnosis.affinity`: inter-task affinity (first-order transference, exact lookahead).
 - :mod:`~gradconflict.diagnosis.groups`: task groups by affinity.
 - :mod:`~gradconflict.diagnosis.advice`: :func:`advise` and :class:`Advice`.
@@ -19,38 +23,49 @@ single one (round-robin training); pair statistics are taken over the steps that
 
 from __future__ import annotations
 
-from gradconflict.diagnosis.advice import Advice, advise, advise_from_jsonl, next_step_code
+from gradconflict.diagnosis.advice import Advice, Uncertainty, advise, advise_from_jsonl, next_step_code
 from gradconflict.diagnosis.affinity import lookahead_transference, mean_transference, normalized
 from gradconflict.diagnosis.aligned import Aligned, align
 from gradconflict.diagnosis.evaluations import EvalTable
 from gradconflict.diagnosis.groups import Grouping, group_tasks
 from gradconflict.diagnosis.heads import HeadStats, head_stats, linear_cka
+from gradconflict.diagnosis.persistence import ConflictTests, conflict_tests
 from gradconflict.diagnosis.profile import LayerProfile, Profile, layer_profile, order_layers
+from gradconflict.diagnosis.recon import ReconSelection, recon_layers, recon_scores
 from gradconflict.diagnosis.signals import (
     Signal,
+    ceiling,
     diverging_objectives,
     heavy_heads,
+    oscillating_conflict,
     single_point_of_risk,
     zero_sum,
 )
+from gradconflict.diagnosis.stats import PersistenceTests, persistence_tests
 from gradconflict.diagnosis.thresholds import Thresholds
 from gradconflict.diagnosis.trends import QuantitySummary, Trend, ema, series, summarize, trend, window_means
 
 __all__ = [
     "Advice",
     "Aligned",
+    "ConflictTests",
     "EvalTable",
     "Grouping",
     "HeadStats",
     "LayerProfile",
+    "PersistenceTests",
     "Profile",
     "QuantitySummary",
+    "ReconSelection",
     "Signal",
     "Thresholds",
     "Trend",
+    "Uncertainty",
     "advise",
     "advise_from_jsonl",
     "align",
+    "ceiling",
+    "conflict_tests",
     "diverging_objectives",
     "ema",
     "group_tasks",
@@ -63,6 +78,10 @@ __all__ = [
     "next_step_code",
     "normalized",
     "order_layers",
+    "oscillating_conflict",
+    "persistence_tests",
+    "recon_layers",
+    "recon_scores",
     "series",
     "single_point_of_risk",
     "summarize",

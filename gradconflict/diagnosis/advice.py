@@ -1,15 +1,23 @@
 """The answer to "should we split the shared backbone, where, and into which task groups?", with the evidence.
 
 :func:`advise` reads a run's history (and, optionally, the model, a probe batch, an evaluation table, an exact
-lookahead) and returns an :class:`Advice`:
+lookahead, the results of the comparison experiment) and returns an :class:`Advice`:
 
-- ``physical_split``: the tasks' objectives diverge (signal 1 says ``split``) and the layer profile finds a
-  depth from which the layers conflict: copy the backbone from ``branch_point`` up, one copy per task group.
+- ``physical_split``: some pair of tasks conflicts persistently (signal 1 says ``split``), on the whole backbone
+  or only on some layers, and the layer profile finds the depth from which the layers conflict: copy the
+  backbone from ``branch_point`` up, one copy per task group. A conflict confined to the upper layers is reason
+  enough, however calm the whole backbone looks.
 - ``lora_split``: some signal says ``split`` but there is no consistent depth to branch at (or the trouble is
   heavy heads, zero-sum evaluations or negative transference rather than diverging gradients): freeze the
   shared backbone and train one LoRA adapter per group.
-- ``keep_shared``: no signal says ``split`` (or the conflict could not be measured: no step carried two tasks
-  together, as in round-robin training; the reason says so and what to measure).
+- ``keep_shared``: no signal says ``split``; or the comparison experiment shows that no split lifts a ceiling
+  beyond the seeds' spread (capacity was not the limit), whatever the gradients say; or the conflict could not
+  be measured (no step carried two tasks together, as in round-robin training; the reason says what to measure).
+
+Verdict, branch point, groups and next step agree: the groups come from the affinity through the layers from
+the branch point up (what the branches would share), and the next step runs exactly the split advised. The
+:class:`Uncertainty` says how settled the verdict is: the p-value of the persistent conflict behind a split, or
+"not enough steps yet: measure about N more".
 
 Tasks are tracked by name: the diagnosis works on the sorted union of the task names over the measured steps
 (:mod:`~gradconflict.diagnosis.aligned`), so the order of the losses dict never changes the advice, and steps
@@ -20,11 +28,11 @@ sorted order, and the groups are sorted by their first task.
 >>> from gradconflict import ConflictReport, LayerReport
 >>> fight, agree = torch.tensor([[1.0, -0.8], [-0.8, 1.0]]), torch.tensor([[1.0, 0.9], [0.9, 1.0]])
 >>> layers = {"top": LayerReport("top", "ab", fight, num_params=10),
-...           "bottom": LayerReport("bottom", "ab", agree * 0.1, num_params=10)}
->>> run = [ConflictReport("ab", fight + agree * 0.1, losses=torch.ones(2), layers=layers, step=s) for s in range(8)]
->>> advice = advise(run, layer_order=["bottom", "top"])
->>> advice.verdict, advice.branch_point, advice.groups
-('physical_split', 'top', [['a'], ['b']])
+...           "bottom": LayerReport("bottom", "ab", agree * 3, num_params=10)}
+>>> run = [ConflictReport("ab", fight + agree * 3, losses=torch.ones(2), layers=layers, step=s) for s in range(12)]
+>>> advice = advise(run, layer_order=["bottom", "top"])    # the whole backbone agrees; the top layer does not
+>>> advice.verdict, advice.branch_point, advice.groups, advice.uncertainty.decided
+('physical_split', 'top', [['a'], ['b']], True)
 """
 
 from __future__ import annotations
@@ -36,27 +44,39 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from gradconflict.diagnosis.affinity import lookahead_transference, mean_transference, normalized
 from gradconflict.diagnosis.aligned import Run, align, no_pair_reason
 from gradconflict.diagnosis.evaluations import Pairs
 from gradconflict.diagnosis.groups import Grouping, group_tasks
+from gradconflict.diagnosis.persistence import conflict_tests
 from gradconflict.diagnosis.profile import Profile, layer_profile
+from gradconflict.diagnosis.recon import ReconSelection, recon_layers
 from gradconflict.diagnosis.signals import (
     Signal,
+    ceiling,
     diverging_objectives,
     heavy_heads,
+    oscillating_conflict,
     single_point_of_risk,
     zero_sum,
 )
 from gradconflict.diagnosis.thresholds import Thresholds
 from gradconflict.diagnosis.trends import QuantitySummary, summarize
 from gradconflict.history import History
+from gradconflict.split.result import ComparisonResult
 
-__all__ = ["Advice", "advise", "advise_from_jsonl", "next_step_code"]
+__all__ = ["Advice", "Uncertainty", "advise", "advise_from_jsonl", "next_step_code"]
 
 Verdict = Literal["keep_shared", "lora_split", "physical_split"]
+
+_VARIANTS: dict[str, tuple[str, ...]] = {
+    "physical_split": ("shared", "independent", "branched"),
+    "lora_split": ("shared", "independent", "lora"),
+    "keep_shared": ("shared", "independent"),
+}
 
 
 def _json_ready(value: Any) -> Any:
@@ -70,30 +90,58 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def next_step_code(verdict: Verdict, branch_at: str | None, groups: Sequence[Sequence[str]]) -> str:
-    """Python code running the split toolkit's comparison experiment for this advice.
+def next_step_code(verdict: Verdict, branch_at: str | None, groups: Sequence[Sequence[str]], seeds: int = 3) -> str:
+    """Python code running the comparison experiment that checks this advice over ``seeds`` seeds, then reading
+    its outcome back into the advice (the ``ceiling`` signal: did a split beat shared beyond the seeds' spread?).
 
-    >>> print(next_step_code("physical_split", "backbone.4", [["a"], ["b"]]).splitlines()[-2])
-                     eval_data=None, metrics=None, branch_at='backbone.4', groups=[['a'], ['b']], seed=0)
+    >>> print(next_step_code("physical_split", "backbone.4", [["a"], ["b"]]).splitlines()[-5])
+                branch_at='backbone.4', groups=[['a'], ['b']], seed=seed)
     """
     why = {
         "physical_split": f"the shared model against one backbone copy per group, branching at {branch_at!r}",
         "lora_split": "the shared model against a frozen shared backbone with one LoRA adapter per group",
-        "keep_shared": "the shared model against fully independent models,\n# to confirm that no task's "
-        "ceiling rises when trained alone",
+        "keep_shared": "the shared model against fully independent models, to confirm that no task's\n# ceiling "
+        "rises when trained alone",
     }[verdict]
     return "\n".join([
         "import torch",
-        "from gradconflict import compare",
+        "from gradconflict import advise, compare",
         "",
-        f"# Compares {why}.",
-        "# model_factory: () -> a fresh model; loss_fns: {task: (output, target) -> loss}; train_data: your batches.",
-        "result = compare(model_factory, loss_fns, train_data, steps=200,",
-        "                 optimizer_factory=lambda params: torch.optim.Adam(params, lr=1e-3),",
-        f"                 eval_data=None, metrics=None, branch_at={branch_at!r}, "
-        f"groups={[list(g) for g in groups]!r}, seed=0)",
-        "print(result.to_markdown())",
+        f"# Compares {why}, over {seeds} seeds.",
+        "# model_factory: () -> a fresh model; loss_fns: {task: (output, target) -> loss}; train_data: your batches;",
+        "# eval_data: held-out batches; metrics: {task: (fn, 'max' | 'min')} (default: each task's loss).",
+        "results = [",
+        "    compare(model_factory, loss_fns, train_data, steps=200,",
+        "            optimizer_factory=lambda params: torch.optim.Adam(params, lr=1e-3),",
+        f"            eval_data=eval_data, metrics=None, variants={_VARIANTS[verdict]!r},",
+        f"            branch_at={branch_at!r}, groups={[list(g) for g in groups]!r}, seed=seed)",
+        f"    for seed in range({seeds})",
+        "]",
+        "print(results[0].to_markdown())",
+        "print(advise(history, comparison=results))  # did a split beat shared beyond the seeds' spread?",
     ])
+
+
+@dataclass(frozen=True)
+class Uncertainty:
+    """How settled a verdict is.
+
+    Attributes:
+        decided: False when more measured steps could still change the verdict (or nothing could be measured).
+        statement: one sentence: what settles the verdict, or what to measure.
+        p_value: the adjusted p-value of the persistent conflict behind a split (``None`` otherwise).
+        steps_needed: measured steps to add, about, before the verdict is settled (``None`` when decided).
+        training_steps_needed: the same in training steps (``steps_needed`` times ``k`` under ``every=k``).
+    """
+
+    decided: bool
+    statement: str
+    p_value: float | None = None
+    steps_needed: int | None = None
+    training_steps_needed: int | None = None
+
+    def __str__(self) -> str:
+        return ("decided: " if self.decided else "provisional: ") + self.statement
 
 
 @dataclass
@@ -104,12 +152,15 @@ class Advice:
         verdict: ``"keep_shared"``, ``"lora_split"`` or ``"physical_split"``.
         branch_point: the layer from which the backbone becomes task-specific (``physical_split`` only).
         groups: the task groups that should share a backbone (copy or adapter); one group for ``keep_shared``.
-        signals: the four :class:`~gradconflict.diagnosis.signals.Signal`.
+        signals: the :class:`~gradconflict.diagnosis.signals.Signal` s: the four warning signals, then the two
+            warnings about what a split cannot cure (oscillating conflict, an unmoved ceiling).
         next_step: Python code running the comparison experiment that checks this advice.
         reason: one sentence on why this verdict.
+        uncertainty: how settled the verdict is (:class:`Uncertainty`).
         duplicated_share: share of the profiled backbone parameters a physical split at ``branch_point``
             duplicates (0 otherwise).
         profile: the layer conflict profile (``None`` when the reports have no layers).
+        recon: Recon's top-K layers next to the branch point (``None`` without layers).
         grouping: the task grouping search (best partition per number of groups, with scores).
         trends: a summary (mean, EMA, windows, trend) of each aggregated quantity.
     """
@@ -120,8 +171,10 @@ class Advice:
     signals: list[Signal]
     next_step: str
     reason: str
+    uncertainty: Uncertainty
     duplicated_share: float = 0.0
     profile: Profile | None = None
+    recon: ReconSelection | None = None
     grouping: Grouping | None = None
     trends: dict[str, QuantitySummary] = field(default_factory=dict)
 
@@ -135,11 +188,16 @@ class Advice:
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python (JSON-ready) view; a value that could not be measured (NaN: a pair never measured
         together) is ``None``."""
+        u = self.uncertainty
         out: dict[str, Any] = {
             "verdict": self.verdict,
             "branch_point": self.branch_point,
             "groups": self.groups,
             "reason": self.reason,
+            "uncertainty": {
+                "decided": u.decided, "statement": u.statement, "p_value": u.p_value,
+                "steps_needed": u.steps_needed, "training_steps_needed": u.training_steps_needed,
+            },
             "duplicated_share": self.duplicated_share,
             "signals": [s.to_dict() for s in self.signals],
             "next_step": self.next_step,
@@ -152,14 +210,21 @@ class Advice:
         if self.profile is not None:
             out["profile"] = {
                 "branch_point": self.profile.branch_point,
-                "threshold": self.profile.threshold,
+                "alpha": self.profile.alpha,
                 "layers": [
                     {"name": lp.name, "num_params": lp.num_params, "steps": lp.steps, "score": lp.score,
-                     "worst_persistence": lp.worst_persistence, "persistence": lp.persistence.tolist(),
-                     "mean_cosine": lp.mean_cosine.tolist(),
-                     "together": None if lp.together is None else lp.together.tolist()}
+                     "status": lp.status, "worst_persistence": lp.worst_persistence,
+                     "persistence": lp.persistence.tolist(), "mean_cosine": lp.mean_cosine.tolist(),
+                     "together": None if lp.together is None else lp.together.tolist(),
+                     "p_adjusted": None if lp.tests is None else lp.tests.p_adjusted.tolist(),
+                     "tau": None if lp.tests is None else lp.tests.tau.tolist()}
                     for lp in self.profile.layers
                 ],
+            }
+        if self.recon is not None:
+            out["recon"] = {
+                "layers": self.recon.layers, "scores": self.recon.scores, "k": self.recon.k,
+                "window": list(self.recon.window),
             }
         if self.grouping is not None:
             out["grouping"] = {
@@ -168,8 +233,49 @@ class Advice:
             }
         return _json_ready(out)
 
+    def summary(self) -> str:
+        """The verdict and the evidence behind it in a few lines: the uncertainty, which layers conflict and how
+        persistently, the branch point and Recon's layers, and which warning about what a split cannot cure
+        applies.
+
+        >>> import torch
+        >>> from gradconflict import ConflictReport
+        >>> fight = ConflictReport("ab", torch.tensor([[1.0, -0.9], [-0.9, 1.0]]), losses=torch.ones(2))
+        >>> print(advise([fight] * 8).summary().splitlines()[1][:62])
+        how persistent: tasks a/b conflict on 100% of 8 measured steps
+        """
+        lines = [f"verdict: {self.verdict} ({self.uncertainty})"]
+        diverging = self.signal("diverging_objectives")
+        decisive = diverging.details.get("decisive")
+        if decisive is not None:
+            where = "the whole backbone" if decisive["layer"] is None else decisive["layer"]
+            lines.append(
+                f"how persistent: tasks {decisive['pair']} conflict on {decisive['persistence']:.0%} of "
+                f"{decisive['steps']} measured steps on {where} (conflict rate {decisive['rate']:.0%} against 50% for "
+                f"unrelated gradients; {decisive['steps'] / decisive['tau']:.0f} effective steps)"
+            )
+        if self.profile is not None:
+            conflicting = [lp.name for lp in self.profile.layers if lp.status == "conflict"]
+            lines.append(
+                "layers in persistent conflict: " + (", ".join(conflicting) if conflicting else "none")
+                + (f"; branch point {self.branch_point} (duplicates {self.duplicated_share:.0%} of the backbone)"
+                   if self.branch_point is not None else "")
+            )
+        if self.recon is not None and self.recon.layers:
+            lines.append(f"Recon's top-{self.recon.k} layers: {', '.join(self.recon.layers)}")
+        lines.append("groups: " + " | ".join("[" + ", ".join(g) + "]" for g in self.groups))
+        warnings = [s for s in self.signals if s.name in ("oscillating_conflict", "ceiling")]
+        lines += [f"warning {s.name} [{s.status}]: {s.evidence}" for s in warnings if s.status != "n/a"]
+        if all(s.status == "n/a" for s in warnings) or not any(s.status != "ok" for s in warnings):
+            lines.append(
+                "warnings: the conflict does not oscillate at chance"
+                + ("; no comparison experiment yet (run the next step)" if self.signal("ceiling").status == "n/a"
+                   else "")
+            )
+        return "\n".join(lines)
+
     def __str__(self) -> str:
-        lines = [f"verdict: {self.verdict}"]
+        lines = [f"verdict: {self.verdict} ({self.uncertainty})"]
         if self.branch_point is not None:
             lines.append(
                 f"branch point: {self.branch_point} (duplicates {self.duplicated_share:.0%} of the profiled "
@@ -179,8 +285,15 @@ class Advice:
         lines += [f"why: {self.reason}", "", "signals:"]
         lines += [f"  {s}" for s in self.signals]
         if self.profile is not None:
-            lines += ["", "layer conflict profile (bottom to top):"]
+            lines += ["", "layer conflict profile (bottom to top; p: persistent conflict against chance):"]
             lines += ["  " + row for row in self.profile.table().splitlines()]
+        if self.recon is not None:
+            lines += [
+                "",
+                f"Recon's top-{self.recon.k} layers (S-conflict score over steps {self.recon.window[0]}.."
+                f"{self.recon.window[1]}): " + (", ".join(f"{n} ({self.recon.scores[n]})" for n in self.recon.layers)
+                                                or "none"),
+            ]
         if self.grouping is not None:
             lines += ["", f"task groups ({self.grouping.method} search; score per number of groups):"]
             lines += [
@@ -197,6 +310,66 @@ class Advice:
         return "\n".join(lines)
 
 
+def _uncertainty(verdict_from: str, diverging: Signal, gap: int) -> Uncertainty:
+    """How settled the verdict is, from what decided it (``gap``: training steps between measured steps)."""
+    if verdict_from == "ceiling":
+        return Uncertainty(True, "measured: the comparison experiment over several seeds decided it")
+    if verdict_from == "diverging":
+        d = diverging.details["decisive"]
+        where = "the whole backbone" if d["layer"] is None else d["layer"]
+        return Uncertainty(
+            True,
+            f"tasks {d['pair'].replace('/', ' and ')} conflict persistently on {where} (p = {d['p_adjusted']:.2g}, "
+            f"adjusted over {diverging.details['tests']} pair tests)",
+            p_value=d["p_adjusted"],
+        )
+    if verdict_from == "heuristics":
+        return Uncertainty(True, "by the heuristic thresholds of the signals that say split (see their evidence)")
+    if diverging.status == "n/a":
+        return Uncertainty(False, f"the conflict could not be measured: {diverging.evidence}")
+    undetermined = diverging.details.get("undetermined") or []
+    if undetermined:
+        d = diverging.details["decisive"]
+        needed = d["steps_needed"]
+        where = "the whole backbone" if d["layer"] is None else d["layer"]
+        if needed is None:  # no number of steps would settle it at this rate
+            return Uncertainty(False, f"tasks {d['pair']} on {where} sit on the edge of a persistent conflict")
+        n = int(needed)
+        return Uncertainty(
+            False,
+            f"not enough steps yet: measure about {n} more steps"
+            + (f" ({n * gap} training steps at every={gap})" if gap > 1 else "")
+            + f" to tell whether tasks {d['pair'].replace('/', ' and ')} conflict persistently on {where} "
+            f"({d['persistence']:.0%} of {d['steps']} steps so far)",
+            steps_needed=n,
+            training_steps_needed=n * gap,
+        )
+    return Uncertainty(True, "every pair's conflict rate is significantly below a persistent conflict's (60%)")
+
+
+def _first_layer(profile: Profile | None, branch: str | None) -> int | None:
+    """The position in the profile of the first layer at ``branch`` (a layer's name, or a block's path whose layers
+    start with it), or ``None``."""
+    if profile is None or branch is None:
+        return None
+    for k, lp in enumerate(profile.layers):
+        if lp.name == branch or lp.name.startswith(branch + "."):
+            return k
+    return None
+
+
+def _groups(
+    verdict: Verdict, tasks: list[str], affinity: np.ndarray, th: Thresholds, max_groups: int | None
+) -> tuple[list[list[str]], Grouping]:
+    grouping = group_tasks(
+        affinity, tasks, max_groups=max_groups, tolerance=th.group_tolerance,
+        min_groups=2 if verdict != "keep_shared" else 1,
+    )
+    if verdict == "keep_shared":
+        return [tasks], grouping
+    return (grouping.groups if len(grouping.groups) > 1 else [[t] for t in tasks]), grouping
+
+
 def advise(
     history: Run,
     *,
@@ -205,12 +378,16 @@ def advise(
     backbone: nn.Module | None = None,
     probe: Any = None,
     evaluations: Sequence[Mapping[str, float]] | Any = None,
-    higher_is_better: Mapping[str, bool] | None = None,
+    directions: Mapping[str, str] | None = None,
     evaluation_pairs: Pairs = "consecutive",
     layer_order: Sequence[str] | None = None,
     thresholds: Thresholds | Mapping[str, Any] | None = None,
     lr: float = 1.0,
     lookahead: Callable[[], Mapping[str, Tensor]] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    comparison: ComparisonResult | Sequence[ComparisonResult] | None = None,
+    recon_k: int | None = None,
+    recon_window: tuple[int, int] | None = None,
     max_groups: int | None = None,
     ema_decay: float = 0.9,
 ) -> Advice:
@@ -226,18 +403,24 @@ def advise(
             :class:`~gradconflict.diagnosis.aligned.Aligned`).
         model: the model, for the layer order and, with ``.heads``/``.backbone``, the heavy-heads signal.
         heads: task -> head module (default ``model.heads``).
-        backbone: the backbone module (default ``model.backbone``).
+        backbone: the backbone module (default ``model.backbone``); also the shared parameters of the lookahead.
         probe: a batch for ``model(probe)``: measures how much each head rewrites the backbone's features.
         evaluations: per-task metrics across evaluations or runs (list of dicts or DataFrame) for signal 3.
-        higher_is_better: direction of each evaluation metric (default: every column, higher is better).
+        directions: ``{metric: "max" | "min"}``, the direction of each evaluation metric (required with
+            ``evaluations``: no metric is assumed to be higher-is-better).
         evaluation_pairs: ``"consecutive"`` (evaluations over time) or ``"all"`` (unordered runs).
         layer_order: layer names bottom to top (default: order in ``model.named_modules()``, else natural).
         thresholds: a :class:`Thresholds` (used as is) or a dict of overrides of the defaults; with a dict (or
             ``None``) that does not set ``conflict_cosine``, ``S`` is the threshold the reports were measured
             with (``ConflictMonitor(threshold=...)``, 0 by default).
-        lr: step size of the first-order transference ``lr G_ij / L_j`` (and of the exact lookahead).
-        lookahead: a closure returning ``{task: loss}`` of ``model`` on one fixed batch: computes the exact
-            lookahead transference for signal 4 and the grouping (needs ``model``).
+        lr: step size of the first-order transference ``lr G_ij / L_j`` (and of the exact lookahead's SGD step).
+        lookahead: a closure returning ``{task: loss}`` of ``model`` on one fixed batch: computes TAG's exact
+            lookahead transference on the shared parameters for signal 4 and the grouping (needs ``model``).
+        optimizer: the run's optimizer, for the lookahead's step (TAG steps with the run's optimizer).
+        comparison: the comparison experiment's results (:func:`~gradconflict.split.compare`, one per seed): the
+            ``ceiling`` signal, which overrides the gradients when no split beat shared beyond the seeds' spread.
+        recon_k: how many layers Recon's selection names (default: the layers in persistent conflict).
+        recon_window: first and last training step whose measurements Recon scores (default: all).
         max_groups: most task groups considered (default: the number of tasks).
         ema_decay: per-step decay of the EMAs in :attr:`Advice.trends`.
     """
@@ -252,41 +435,53 @@ def advise(
     exact = None
     if lookahead is not None:
         if model is None:
-            raise ValueError("lookahead= needs model= (the lookahead steps the model's parameters)")
-        exact = lookahead_transference(model, lookahead, lr)
+            raise ValueError("lookahead= needs model= (the lookahead steps the model's shared parameters)")
+        exact = lookahead_transference(model, lookahead, lr, shared=backbone, optimizer=optimizer)
         missing = sorted(set(tasks) - set(exact[0]))
         if missing:
             raise ValueError(f"the lookahead closure returned no loss for task(s) {missing} of the history")
+    tests = conflict_tests(aligned, th.conflict_cosine, th.alpha)
     signals = [
-        diverging_objectives(aligned, th),
+        diverging_objectives(aligned, th, tests=tests),
         heavy_heads(model=model, heads=heads, backbone=backbone, probe=probe, thresholds=th),
-        zero_sum(aligned, evaluations=evaluations, higher_is_better=higher_is_better, pairs=evaluation_pairs,
-                 thresholds=th),
+        zero_sum(aligned, evaluations=evaluations, directions=directions, pairs=evaluation_pairs, thresholds=th),
         single_point_of_risk(aligned, lr=lr, lookahead=exact, thresholds=th),
+        oscillating_conflict(aligned, th, tests=tests),
+        ceiling(comparison),
     ]
-    profile = layer_profile(aligned, model=model, layer_order=layer_order, thresholds=th) if aligned.layers else None
-    if exact is not None:
-        order = [list(exact[0]).index(t) for t in tasks]
-        affinity = normalized(np.asarray(exact[1], dtype=np.float64))[np.ix_(order, order)]
-    else:
-        affinity = normalized(mean_transference(aligned, lr))
-    grouping = group_tasks(affinity, tasks, max_groups=max_groups, tolerance=th.group_tolerance)
-    unmeasured = no_pair_reason(aligned) if len(tasks) > 1 else None
-    counts = aligned.pair_counts()
-    never = [f"{a}/{b}" for k, a in enumerate(tasks) for m, b in enumerate(tasks) if k < m and counts[k, m] == 0]
-
-    diverging = signals[0]
-    alarms = [s.name for s in signals if s.status == "split"]
-    branch = None
-    if diverging.status == "split" and profile is not None and profile.branch_point is not None:
-        verdict: Verdict = "physical_split"
-        branch = profile.branch_point
+    diverging, measured_ceiling = signals[0], signals[5]
+    profile = (
+        layer_profile(aligned, model=model, layer_order=layer_order, thresholds=th, tests=tests)
+        if aligned.layers else None
+    )
+    branch = profile.branch_point if profile is not None else None
+    alarms = [s.name for s in signals[:4] if s.status == "split"]
+    seeds = measured_ceiling.details.get("seeds", 0)
+    verdict: Verdict
+    if measured_ceiling.status == "ok" and seeds > 1:
+        verdict, branch, decided_by = "keep_shared", None, "ceiling"
+        reason = measured_ceiling.evidence
+        if alarms:
+            reason += f" (although {', '.join(alarms)} say(s) split)"
+    elif diverging.status == "split" and branch is not None:
+        verdict, decided_by = "physical_split", "diverging"
         reason = (
-            f"the objectives diverge ({diverging.evidence.split(';')[0]}) and the layers conflict from "
-            f"{branch} up: give each task group its own copy of the backbone from there"
+            f"{diverging.evidence.split(': a persistent conflict')[0]}: the layers conflict persistently from "
+            f"{branch} up; give each task group its own copy of the backbone from there"
         )
+    elif measured_ceiling.status == "split":
+        winners = measured_ceiling.details["winners"]
+        decided_by = "ceiling"
+        if "branched" in winners and measured_ceiling.details["branch_at"] is not None:
+            verdict, branch = "physical_split", str(measured_ceiling.details["branch_at"])
+        elif "independent" in winners and profile is not None and profile.layers:
+            verdict, branch = "physical_split", profile.layers[0].name
+        else:
+            verdict, branch = "lora_split", None
+        reason = measured_ceiling.evidence
     elif alarms:
-        verdict = "lora_split"
+        verdict, branch = "lora_split", None
+        decided_by = "diverging" if alarms == ["diverging_objectives"] else "heuristics"
         where = (
             "no consistent depth to branch at"
             if "diverging_objectives" in alarms
@@ -297,9 +492,14 @@ def advise(
             "per group"
         )
     else:
-        verdict = "keep_shared"
-        watching = [s.name for s in signals if s.status == "watch"]
+        verdict, branch, decided_by = "keep_shared", None, "none"
+        watching = [s.name for s in signals if s.status == "watch" and s.name != "oscillating_conflict"]
         reason = "no signal says split" + (f"; keep an eye on {', '.join(watching)}" if watching else "")
+        if signals[4].status == "watch":
+            reason += f"; {signals[4].evidence.split(': the conflict oscillates, ')[-1]}: the conflict oscillates"
+    unmeasured = no_pair_reason(aligned) if len(tasks) > 1 else None
+    counts = aligned.pair_counts()
+    never = [f"{a}/{b}" for k, a in enumerate(tasks) for m, b in enumerate(tasks) if k < m and counts[k, m] == 0]
     if unmeasured is not None:
         reason += f"; but that says little: {unmeasured}"
     elif never:
@@ -307,24 +507,38 @@ def advise(
             f"; tasks {', '.join(never)} were never measured together (their affinity counts as neutral in the "
             "grouping): measure steps that carry every task to judge them"
         )
+    start = _first_layer(profile, branch) if verdict == "physical_split" else None
+    if exact is not None:
+        order = [list(exact[0]).index(t) for t in tasks]
+        affinity = normalized(np.asarray(exact[1], dtype=np.float64))[np.ix_(order, order)]
+    elif profile is not None and start is not None:
+        affinity = normalized(mean_transference(aligned, lr, layers=[lp.name for lp in profile.layers[start:]]))
+    else:
+        affinity = normalized(mean_transference(aligned, lr))
+    groups, grouping = _groups(verdict, tasks, affinity, th, max_groups)
     if verdict == "keep_shared":
-        groups = [tasks]
+        code_groups: list[list[str]] = [[t] for t in tasks]  # the check: fully independent models
     else:
-        groups = grouping.groups if len(grouping.groups) > 1 else [[t] for t in tasks]
-    if verdict == "keep_shared" and profile is not None and profile.layers:
-        branch_at: str | None = profile.layers[0].name  # the check: fully independent models
-        code_groups: list[list[str]] = [[t] for t in tasks]
-    else:
-        branch_at, code_groups = branch, groups
+        code_groups = groups
+    recon = None
+    if profile is not None:
+        k = recon_k if recon_k is not None else sum(lp.status == "conflict" for lp in profile.layers)
+        recon = recon_layers(aligned, k, threshold=th.conflict_cosine, window=recon_window)
+    share = 0.0
+    if profile is not None and start is not None:
+        total = sum(lp.num_params for lp in profile.layers)
+        share = sum(lp.num_params for lp in profile.layers[start:]) / total if total else 0.0
     return Advice(
         verdict=verdict,
         branch_point=branch,
         groups=groups,
         signals=signals,
-        next_step=next_step_code(verdict, branch_at, code_groups),
+        next_step=next_step_code(verdict, branch, code_groups),
         reason=reason,
-        duplicated_share=profile.duplicated_share if branch is not None and profile is not None else 0.0,
+        uncertainty=_uncertainty(decided_by, diverging, aligned.step_gap),
+        duplicated_share=share,
         profile=profile,
+        recon=recon,
         grouping=grouping,
         trends=summarize(aligned, decay=ema_decay, threshold=th.conflict_cosine),
     )

@@ -39,7 +39,7 @@ restricted to the tasks each step carried:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradconflict import metrics
 from gradconflict.history import History
 from gradconflict.report import ConflictReport
 
@@ -54,10 +55,7 @@ __all__ = ["Aligned", "Reports", "Run", "align", "masked_mean", "measured_report
 
 Reports = History | Iterable[ConflictReport]
 
-#: Relative tolerance below which a task's squared gradient norm counts as zero (as in :mod:`gradconflict.metrics`).
-_ZERO_RTOL = 1e-12
-_TINY = float(np.finfo(np.float64).tiny)
-#: Numbers per block of layers in :meth:`Aligned.layer_pair_stats` (a few float64 temporaries of this size).
+#: Numbers per block of layers in :meth:`Aligned.layer_blocks` (a few float64 temporaries of this size).
 _BLOCK = 1 << 22
 
 
@@ -85,21 +83,15 @@ def _pairs_present(present: np.ndarray) -> np.ndarray:
     return present[..., :, None] & present[..., None, :]
 
 
-def _norms_and_live(G: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Task norms (0 where absent) and the mask of present tasks with a non-zero gradient."""
-    d = np.where(present, np.diagonal(G, axis1=-2, axis2=-1), 0.0)
-    largest = np.where(present, d, -np.inf).max(-1, keepdims=True) if d.shape[-1] else d
-    live = present & (d > np.maximum(_ZERO_RTOL * largest, _TINY))
-    return np.sqrt(np.clip(d, 0.0, None)), live
+def _carried(G: np.ndarray, present: np.ndarray) -> Tensor:
+    """The Grams as float64 tensors restricted to the tasks each step carried: an absent task's row and column are
+    0, so :mod:`gradconflict.metrics` sees it as a zero-norm task (cosine 0, never conflicting, no weight)."""
+    return torch.from_numpy(np.where(_pairs_present(present), G, 0.0).astype(np.float64, copy=False))
 
 
 def _cosine(G: np.ndarray, present: np.ndarray) -> np.ndarray:
     """:func:`gradconflict.metrics.cosine` over the last two axes, NaN where a task is absent."""
-    n, live = _norms_and_live(G, present)
-    denom = n[..., :, None] * n[..., None, :]
-    with np.errstate(invalid="ignore"):
-        C = np.where(_pairs_present(live), G / np.where(denom > 0, denom, 1.0), 0.0).clip(-1.0, 1.0)
-    return np.where(_pairs_present(present), C, np.nan)
+    return np.where(_pairs_present(present), metrics.cosine(_carried(G, present)).numpy(), np.nan)
 
 
 def _upper(T: int) -> np.ndarray:
@@ -177,10 +169,17 @@ class Aligned:
             "measured steps"
         )
 
+    @cached_property
+    def step_gap(self) -> int:
+        """The median number of training steps between consecutive measured steps (``k`` under ``every=k``)."""
+        return max(1, int(np.median(np.diff(self.steps)))) if self.num_steps > 1 else 1
+
     # ------------------------------------------------------------------------------------------ run level
     @cached_property
-    def _norms_live(self) -> tuple[np.ndarray, np.ndarray]:
-        return _norms_and_live(self.gram, self.present)
+    def _carried(self) -> tuple[Tensor, Tensor]:
+        # The Grams and weights of the tasks each step carried, absent tasks as zero-norm tasks of weight 0.
+        w = torch.from_numpy(np.where(self.present, self.weights, 0.0))
+        return _carried(self.gram, self.present), w
 
     @cached_property
     def cosine(self) -> np.ndarray:
@@ -188,12 +187,9 @@ class Aligned:
         return _cosine(self.gram, self.present)
 
     def conflicts(self, threshold: float = 0.0) -> np.ndarray:
-        """``[S, T, T]`` upper-triangular mask of conflicting pairs: both carried, both with a non-zero gradient,
-        and ``C_ij < threshold`` (:func:`gradconflict.metrics.conflict_pairs`)."""
-        live = self._norms_live[1]
-        with np.errstate(invalid="ignore"):
-            below = self.cosine < threshold
-        return below & _pairs_present(live) & _upper(len(self.tasks))
+        """``[S, T, T]`` upper-triangular mask of conflicting pairs (:func:`gradconflict.metrics.conflict_pairs`:
+        ``C_ij < threshold``, both tasks with a non-zero gradient), over the tasks each step carried."""
+        return metrics.conflict_pairs(self._carried[0], threshold).numpy()
 
     def conflict_fraction(self, threshold: float = 0.0) -> np.ndarray:
         """``[S]`` share of the step's pairs that conflict; NaN on steps with fewer than two tasks."""
@@ -210,87 +206,64 @@ class Aligned:
         return np.where(self.multi, worst, np.nan)
 
     @cached_property
-    def _update(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        # (G w over the present tasks, sqrt(w^T G w), sum_i w_i n_i), absent tasks counting as 0.
-        G = np.where(_pairs_present(self.present), self.gram, 0.0)
-        w = np.where(self.present, self.weights, 0.0)
-        Gw = np.einsum("sij,sj->si", G, w)
-        u = np.sqrt(np.clip(np.einsum("si,si->s", w, Gw), 0.0, None))
-        return Gw, u, (w * self._norms_live[0]).sum(1)
-
-    @cached_property
     def task_norms(self) -> np.ndarray:
         """``[S, T]`` each task's gradient norm ``sqrt(G_ii)`` (:func:`gradconflict.metrics.task_norms`), NaN where
         the task is absent."""
-        return np.where(self.present, self._norms_live[0], np.nan)
+        return np.where(self.present, metrics.task_norms(self._carried[0]).numpy(), np.nan)
 
     @cached_property
     def update_norm(self) -> np.ndarray:
         """``[S]`` norm of the step's update ``sqrt(w^T G w)`` over the tasks it carried
         (:func:`gradconflict.metrics.update_norm`); defined on every measured step."""
-        return self._update[1]
+        return metrics.update_norm(*self._carried).numpy()
 
     @cached_property
     def cancellation(self) -> np.ndarray:
         """``[S]`` magnitude cancellation ``1 - sqrt(w^T G w) / sum_i w_i n_i`` over the step's tasks
         (:func:`gradconflict.metrics.cancellation`); NaN on steps with fewer than two tasks."""
-        _, u, total = self._update
-        value = np.where(total > 0, np.clip(1.0 - u / np.where(total > 0, total, 1.0), 0.0, 1.0), 0.0)
-        return np.where(self.multi, value, np.nan)
+        return np.where(self.multi, metrics.cancellation(*self._carried).numpy(), np.nan)
 
     @cached_property
     def alignment(self) -> np.ndarray:
         """``[S, T]`` cosine of each task's gradient with the step's update (:func:`gradconflict.metrics.alignment`);
         NaN where the task is absent or the step carried fewer than two tasks."""
-        Gw, u, _ = self._update
-        n, live = self._norms_live
-        denom = n * u[:, None]
-        ok = (denom > 0) & live
-        value = np.where(ok, Gw / np.where(denom > 0, denom, 1.0), 0.0).clip(-1.0, 1.0)
-        return np.where(self.present & self.multi[:, None], value, np.nan)
+        return np.where(self.present & self.multi[:, None], metrics.alignment(*self._carried).numpy(), np.nan)
 
-    def transference(self, lr: float = 1.0) -> np.ndarray:
+    def transference(self, lr: float = 1.0, layers: Sequence[int] | None = None) -> np.ndarray:
         """``[S, T, T]`` first-order transference ``lr G_ij / L_j`` (:func:`gradconflict.metrics.transference`;
-        ``L = 1`` for a report saved without losses), NaN where a task is absent."""
-        L = np.where(self.has_losses[:, None], self.losses, 1.0)
-        L = np.where(L != 0, L, 1.0)
-        return lr * self.gram / L[:, None, :]
+        ``L = 1`` for a report saved without losses), NaN where a task is absent. With ``layers`` (positions in
+        :attr:`layers`), ``G`` is the sum of those layers' Grams, and steps that carried none of them are NaN."""
+        present = self.present
+        if layers is None:
+            G = self._carried[0]
+        else:
+            on = self.layer_present[:, layers]
+            G = torch.from_numpy(np.where(on[:, :, None, None], self.layer_gram[:, layers], 0.0).sum(1))
+            present = present & on.any(1)[:, None]
+            G = _carried(G.numpy(), present)
+        L = np.where(self.has_losses[:, None] & present, self.losses, 1.0)
+        Z = metrics.transference(G, torch.from_numpy(L), lr).numpy()
+        return np.where(_pairs_present(present), Z, np.nan)
 
     # ------------------------------------------------------------------------------------------ layers
     def layer_cosine(self, layers: slice = slice(None)) -> np.ndarray:
         """``[S, L', T, T]`` the pairwise cosines of the layers ``layers`` (all by default; float64), NaN where the
         layer or a task is absent. Computed on each call: take a slice of layers on long runs."""
-        G = self.layer_gram[:, layers].astype(np.float64)
         present = self.layer_present[:, layers, None] & self.present[:, None, :]
-        return _cosine(G, present)
+        return _cosine(self.layer_gram[:, layers], present)
 
-    def layer_pair_stats(self, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(together, conflicts, cosine_sum)``, each ``[L, T, T]``: per layer, the steps that carried both tasks
-        on it (the diagonal: that carried the task), how many of them the pair conflicted on (upper triangle, as
-        :meth:`conflicts`), and the sum of its cosines over them.
-
-        Computed a block of layers at a time, so the temporaries stay near ``_BLOCK`` numbers whatever the length
-        of the run and the number of layers.
-        """
+    def layer_blocks(self, threshold: float = 0.0) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+        """``(layers, cosines, conflicts)`` for consecutive blocks of layers: :meth:`layer_cosine` of that slice and
+        its ``[S, L', T, T]`` conflict masks (as :meth:`conflicts`). The temporaries stay near ``_BLOCK`` numbers
+        whatever the length of the run and the number of layers."""
         S, L, T = self.num_steps, len(self.layers), len(self.tasks)
-        together = np.zeros((L, T, T), dtype=np.int64)
-        conflicts = np.zeros((L, T, T), dtype=np.int64)
-        cosine_sum = np.zeros((L, T, T))
-        upper = _upper(T)
         block = max(1, _BLOCK // max(1, S * T * T))
         for start in range(0, L, block):
-            layers = slice(start, start + block)
-            G = self.layer_gram[:, layers].astype(np.float64)
+            layers = slice(start, min(start + block, L))
             present = self.layer_present[:, layers, None] & self.present[:, None, :]
-            both = _pairs_present(present)
-            C = _cosine(G, present)
-            live = _norms_and_live(G, present)[1]
-            with np.errstate(invalid="ignore"):
-                below = C < threshold
-            together[layers] = both.sum(0)
-            conflicts[layers] = (below & _pairs_present(live) & upper).sum(0)
-            cosine_sum[layers] = np.where(both, C, 0.0).sum(0)
-        return together, conflicts, cosine_sum
+            G = _carried(self.layer_gram[:, layers], present)
+            cosine = np.where(_pairs_present(present), metrics.cosine(G).numpy(), np.nan)
+            yield layers, cosine, metrics.conflict_pairs(G, threshold).numpy()
 
 
 Run = Reports | Aligned
@@ -316,22 +289,93 @@ def _stack(tensors: Sequence[Tensor], wide: bool = True) -> np.ndarray:
     # One stack and one host copy per group of steps: float64, or with wide=False the tensors' own precision
     # (float32 below float64).
     stacked = torch.stack([t.detach() for t in tensors]).cpu()
-    return stacked.to(torch.float64 if wide or stacked.dtype == torch.float64 else torch.float32).numpy()
+    return _host(stacked, wide)
+
+
+def _host(tensor: Tensor, wide: bool = True) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    return tensor.to(torch.float64 if wide or tensor.dtype == torch.float64 else torch.float32).numpy()
+
+
+@dataclass
+class _Block:
+    """Steps that share one layout, as host arrays: what :func:`align` scatters into the run's arrays."""
+
+    rows: list[int]  # positions in the sorted steps
+    tasks: tuple[str, ...]
+    layers: tuple[tuple[str, int], ...]
+    weights: np.ndarray  # [N, T]
+    losses: np.ndarray | None  # [N, T]
+    gram: np.ndarray  # [N, T, T]
+    layer_gram: np.ndarray  # [N, L, T, T], the Grams' own precision
+
+
+def _blocks_of_history(history: History) -> tuple[list[int], list[float], list[_Block]]:
+    """The steps, thresholds and layout blocks of a History, read from its stacked records."""
+    stacked = history.stacked()
+    steps = [int(s) for b in stacked for s in b.steps.tolist()]
+    order = sorted(range(len(steps)), key=steps.__getitem__)
+    position = {k: n for n, k in enumerate(order)}
+    blocks, offset, thresholds = [], 0, []
+    for b in stacked:
+        N, T = len(b.steps), len(b.tasks)
+        grams = b.packed[:, 2 * T :].reshape(N, -1, T, T)
+        blocks.append(_Block(
+            rows=[position[offset + k] for k in range(N)], tasks=b.tasks, layers=b.layers,
+            weights=_host(b.packed[:, :T]), losses=_host(b.packed[:, T : 2 * T]) if b.has_losses else None,
+            gram=_host(grams[:, 0]), layer_gram=_host(grams[:, 1:], wide=False),
+        ))
+        thresholds += [b.threshold] * N
+        offset += N
+    return [steps[k] for k in order], [thresholds[k] for k in order], blocks
+
+
+def _blocks_of_reports(history: Iterable[ConflictReport]) -> tuple[list[int], list[float], list[_Block]]:
+    """The steps, thresholds and layout blocks of any iterable of reports (grouped by tasks and layers)."""
+    reports = measured_reports(history)
+    groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[int]] = {}
+    for k, r in enumerate(reports):
+        groups.setdefault((tuple(r.tasks), tuple(r.layers)), []).append(k)
+    blocks = []
+    for (names, layer_names), rows in groups.items():
+        group = [reports[k] for k in rows]
+        layer_gram = (
+            _stack([r.layers[n].gram for r in group for n in layer_names], wide=False).reshape(
+                len(group), len(layer_names), len(names), len(names)
+            )
+            if layer_names
+            else np.zeros((len(group), 0, len(names), len(names)), dtype=np.float32)
+        )
+        losses = None
+        if any(r.losses is not None for r in group):
+            losses = np.stack([
+                _host(r.losses.reshape(-1)) if r.losses is not None else np.full(len(names), np.nan) for r in group
+            ])
+        blocks.append(_Block(
+            rows=rows, tasks=names,
+            layers=tuple((n, group[-1].layers[n].num_params) for n in layer_names),
+            weights=_stack([r.weights for r in group]), losses=losses, gram=_stack([r.gram for r in group]),
+            layer_gram=layer_gram,
+        ))
+    return [r.step for r in reports], [r.threshold for r in reports], blocks
 
 
 def align(history: Run) -> Aligned:
     """The measured steps of ``history`` (a :class:`~gradconflict.History`, any iterable of reports, or an
     :class:`Aligned`, returned as is) on the sorted union of their task names.
 
-    Reports with the same tasks (in the same order) and layers are stacked together, so the cost is a few numpy
-    operations per distinct layout, not per step.
+    A History is read through :meth:`~gradconflict.History.stacked` (no report object per step); reports with the
+    same tasks (in the same order) and layers are stacked together. Either way the cost is a few numpy operations
+    per distinct layout, not per step.
     """
     if isinstance(history, Aligned):
         return history
-    reports = measured_reports(history)
-    tasks = tuple(sorted({t for r in reports for t in r.tasks}))
-    layers = tuple(dict.fromkeys(n for r in reports for n in r.layers))
-    S, T, L = len(reports), len(tasks), len(layers)
+    steps, thresholds, blocks = (
+        _blocks_of_history(history) if isinstance(history, History) else _blocks_of_reports(history)
+    )
+    tasks = tuple(sorted({t for b in blocks for t in b.tasks}))
+    layers = tuple(dict.fromkeys(n for b in sorted(blocks, key=lambda b: min(b.rows)) for n, _ in b.layers))
+    S, T, L = len(steps), len(tasks), len(layers)
     task_index = {t: k for k, t in enumerate(tasks)}
     layer_index = {n: k for k, n in enumerate(layers)}
     present = np.zeros((S, T), dtype=bool)
@@ -339,45 +383,33 @@ def align(history: Run) -> Aligned:
     weights = np.full((S, T), np.nan)
     losses = np.full((S, T), np.nan)
     has_losses = np.zeros(S, dtype=bool)
-    # The layer Grams are the bulk: kept in their own precision (float32 for float32 models).
-    layer_gram = np.full((S, L, T, T), np.nan, dtype=np.float32)
+    wide = any(b.layer_gram.dtype == np.float64 for b in blocks)  # the layer Grams are the bulk: own precision
+    layer_gram = np.full((S, L, T, T), np.nan, dtype=np.float64 if wide else np.float32)
     layer_present = np.zeros((S, L), dtype=bool)
     layer_params = np.zeros(L, dtype=np.int64)
-
-    groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[int]] = {}
-    for k, r in enumerate(reports):
-        groups.setdefault((tuple(r.tasks), tuple(r.layers)), []).append(k)
-    for (names, layer_names), positions in groups.items():
-        group = [reports[k] for k in positions]
-        s = np.asarray(positions)
-        t = np.array([task_index[n] for n in names], dtype=np.int64)
+    last_seen = np.full(L, -1)
+    for b in blocks:
+        s = np.asarray(b.rows)
+        t = np.array([task_index[n] for n in b.tasks], dtype=np.int64)
         present[s[:, None], t[None, :]] = True
-        gram[s[:, None, None], t[None, :, None], t[None, None, :]] = _stack([r.gram for r in group])
-        weights[s[:, None], t[None, :]] = _stack([r.weights for r in group])
-        with_losses = [k for k, r in enumerate(group) if r.losses is not None]
-        if with_losses:
-            rows = s[with_losses]
-            has_losses[rows] = True
-            losses[rows[:, None], t[None, :]] = _stack([group[k].losses.reshape(-1) for k in with_losses])
-        if layer_names:
-            lay = np.array([layer_index[n] for n in layer_names], dtype=np.int64)
-            stacked = _stack([r.layers[n].gram for r in group for n in layer_names], wide=False)
-            if stacked.dtype != layer_gram.dtype:
-                layer_gram = layer_gram.astype(np.float64)
-            stacked = stacked.reshape(len(group), len(layer_names), len(names), len(names))
+        gram[s[:, None, None], t[None, :, None], t[None, None, :]] = b.gram
+        weights[s[:, None], t[None, :]] = b.weights
+        if b.losses is not None:
+            recorded = ~np.isnan(b.losses).all(1)
+            has_losses[s[recorded]] = True
+            losses[s[recorded][:, None], t[None, :]] = b.losses[recorded]
+        if b.layers:
+            lay = np.array([layer_index[n] for n, _ in b.layers], dtype=np.int64)
             index = (s[:, None, None, None], lay[None, :, None, None], t[None, None, :, None], t[None, None, None, :])
-            layer_gram[index] = stacked
+            layer_gram[index] = b.layer_gram
             layer_present[s[:, None], lay[None, :]] = True
-    found: set[str] = set()
-    for r in reversed(reports):  # each layer's size as the last step carrying it reported it
-        for n in r.layers.keys() - found:
-            layer_params[layer_index[n]] = r.layers[n].num_params
-            found.add(n)
-        if len(found) == L:
-            break
+            latest = int(s.max())
+            for k, (_, n) in zip(lay, b.layers):  # each layer's size as the last step carrying it reported it
+                if latest > last_seen[k]:
+                    layer_params[k], last_seen[k] = n, latest
     return Aligned(
         tasks=tasks,
-        steps=np.array([r.step for r in reports], dtype=np.int64),
+        steps=np.array(steps, dtype=np.int64),
         present=present,
         gram=gram,
         weights=weights,
@@ -387,5 +419,5 @@ def align(history: Run) -> Aligned:
         layer_gram=layer_gram,
         layer_present=layer_present,
         layer_params=layer_params,
-        threshold=reports[0].threshold if reports else 0.0,
+        threshold=thresholds[0] if thresholds else 0.0,
     )

@@ -78,12 +78,19 @@ def _as_groups(labels: Sequence[int], tasks: Sequence[str]) -> list[list[str]]:
 
 
 def group_tasks(
-    affinity: np.ndarray, tasks: Sequence[str], *, max_groups: int | None = None, tolerance: float = 0.05
+    affinity: np.ndarray,
+    tasks: Sequence[str],
+    *,
+    max_groups: int | None = None,
+    tolerance: float = 0.05,
+    min_groups: int = 1,
 ) -> Grouping:
-    """Best partition of ``tasks`` into 1..``max_groups`` groups under ``affinity`` (``N_ij``: i onto j).
+    """Best partition of ``tasks`` into ``min_groups``..``max_groups`` groups under ``affinity`` (``N_ij``: i onto
+    j); ``by_count`` still holds the best partition for every number of groups.
 
     Among the partitions scoring within ``tolerance`` of the best one, the one with the fewest groups wins
-    (sharing is the default), then the higher score. A NaN affinity (a pair never measured together) counts as
+    (sharing is the default), then the higher score. ``min_groups=2`` asks for a split (when the diagnosis has
+    decided to split, the question is only into which groups). A NaN affinity (a pair never measured together) counts as
     0: no evidence either way. Groups keep the order of ``tasks`` (pass them sorted, as
     :func:`~gradconflict.diagnosis.advise` does, for groups that do not depend on the order of the losses dict).
     """
@@ -107,7 +114,8 @@ def group_tasks(
     for k in sorted(set(counts.tolist())):
         best = int(np.flatnonzero(counts == k)[np.argmax(scores[counts == k])])
         by_count[k] = (_as_groups(labels[best].tolist(), tasks), float(scores[best]))
-    top = max(score for _, score in by_count.values())
-    k = min(k for k, (_, score) in by_count.items() if score >= top - tolerance)
+    allowed = {k: v for k, v in by_count.items() if k >= min(min_groups, max(by_count))}
+    top = max(score for _, score in allowed.values())
+    k = min(k for k, (_, score) in allowed.items() if score >= top - tolerance)
     groups, score = by_count[k]
     return Grouping(groups, score, by_count, method)

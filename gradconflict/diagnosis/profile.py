@@ -1,24 +1,37 @@
-"""Layer conflict profile: where in the backbone the tasks conflict, and the depth to branch at.
+"""Layer conflict profile: where in the backbone the tasks conflict persistently, and the depth to branch at.
 
 For each shared layer ``l`` (bottom to top) the profile keeps Recon's S-conflict score (the number of task pairs
-with ``C^(l)_ij < S``, summed over the measured steps), each pair's persistence (share of steps it conflicts)
-and mean cosine on that layer. A layer *conflicts* when its worst pair's persistence reaches
-``Thresholds.layer_conflict``. The recommended branch point is the shallowest conflicting layer from which the
-layers up to the top conflict on average: from there on the layers should become task-specific.
+with ``C^(l)_ij < S``, summed over the measured steps), each pair's persistence (share of steps it conflicts),
+mean cosine, and the test of its conflict against chance (:mod:`~gradconflict.diagnosis.stats`; one
+Benjamini-Hochberg family with the whole backbone's pairs, :mod:`~gradconflict.diagnosis.persistence`). Each layer
+gets a status from its pairs:
 
-Tasks are tracked by name, in sorted order (:mod:`~gradconflict.diagnosis.aligned`): a pair's persistence and
-mean cosine are taken over the steps that carried both tasks on that layer (:attr:`LayerProfile.together`), and
-a pair never measured together has NaN. A layer on which no pair was ever measured (every step carried one
-task) has no worst persistence (NaN) and takes no part in the choice of the branch point.
+- ``"conflict"``: some pair conflicts persistently (significantly more often than chance, by at least a small
+  effect);
+- ``"undetermined"``: no pair yet, but some pair might with more steps;
+- ``"agree"``: every pair agrees significantly more often than it conflicts;
+- ``"oscillating"``: no pair conflicts persistently and some pair's conflict is at chance level (it comes and
+  goes like a coin: the data, not the capacity);
+- ``"calm"``: every pair is ruled out, without a clearer pattern;
+- ``"n/a"``: no pair was measured on the layer.
+
+The **branch point** is the shallowest ``"conflict"`` layer, unless every layer above it agrees (conflict
+confined below agreeing layers gives no branch point): from there on the layers should become task-specific. A
+layer above it that conflicts less is still duplicated (its input already carries the conflict).
+
+Tasks are tracked by name, in sorted order (:mod:`~gradconflict.diagnosis.aligned`): a pair's statistics are
+taken over the steps that carried both tasks on that layer (:attr:`LayerProfile.together`); a pair never measured
+together has NaN.
 
 >>> import torch
 >>> from gradconflict import ConflictReport, LayerReport
 >>> agree, fight = torch.tensor([[1.0, 0.5], [0.5, 1.0]]), torch.tensor([[1.0, -0.5], [-0.5, 1.0]])
 >>> layers = {"top": LayerReport("top", "ab", fight, num_params=10),
 ...           "bottom": LayerReport("bottom", "ab", agree, num_params=30)}
->>> p = layer_profile([ConflictReport("ab", agree + fight, layers=layers)], layer_order=["bottom", "top"])
->>> p.branch_point, p.duplicated_share
-('top', 0.25)
+>>> run = [ConflictReport("ab", agree + fight, layers=layers, step=s) for s in range(12)]
+>>> p = layer_profile(run, layer_order=["bottom", "top"])
+>>> [(lp.name, lp.status) for lp in p.layers], p.branch_point, p.duplicated_share
+([('bottom', 'agree'), ('top', 'conflict')], 'top', 0.25)
 """
 
 from __future__ import annotations
@@ -26,14 +39,29 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from torch import nn
 
 from gradconflict.diagnosis.aligned import Run, align
+from gradconflict.diagnosis.persistence import ConflictTests, conflict_tests
+from gradconflict.diagnosis.stats import SMALL_EFFECT, PersistenceTests, rate_at_effect
 from gradconflict.diagnosis.thresholds import Thresholds
 
-__all__ = ["LayerProfile", "Profile", "branch_point", "layer_profile", "order_layers", "worst_pair"]
+__all__ = [
+    "LayerProfile",
+    "LayerStatus",
+    "Profile",
+    "branch_point",
+    "layer_profile",
+    "layer_status",
+    "order_layers",
+    "worst_pair",
+    "worst_test",
+]
+
+LayerStatus = Literal["conflict", "undetermined", "agree", "oscillating", "calm", "n/a"]
 
 
 def worst_pair(persistence: np.ndarray, mean_cosine: np.ndarray) -> tuple[int, int]:
@@ -51,6 +79,44 @@ def worst_pair(persistence: np.ndarray, mean_cosine: np.ndarray) -> tuple[int, i
     p, c = persistence[i, j], mean_cosine[i, j]
     best = np.lexsort((np.where(np.isnan(c), np.inf, c), np.where(np.isnan(p), np.inf, -p)))[0]
     return int(i[best]), int(j[best])
+
+
+def worst_test(tests: PersistenceTests) -> int:
+    """The position of the pair whose conflict is the most significant: the lowest adjusted p-value, then the
+    highest conflict rate, then the lowest mean cosine; pairs never measured come last (0 without pairs).
+
+    >>> from gradconflict.diagnosis.stats import persistence_tests
+    >>> worst_test(persistence_tests(np.array([[-0.1, -0.5], [-0.1, -0.5], [0.2, 0.3]])))   # same counts
+    1
+    """
+    if not len(tests.steps):
+        return 0
+    p, r, mean_cosine = tests.p_adjusted, tests.rate, tests.mean_cosine
+    keys = (
+        np.where(np.isnan(mean_cosine), np.inf, mean_cosine),
+        np.where(np.isnan(r), np.inf, -r),
+        np.where(np.isnan(p), np.inf, p),
+    )
+    return int(np.lexsort(keys)[0])
+
+
+def layer_status(tests: PersistenceTests, alpha: float) -> LayerStatus:
+    """A layer's status from its pairs' tests (see the module docstring).
+
+    >>> from gradconflict.diagnosis.stats import persistence_tests
+    >>> layer_status(persistence_tests(np.array([[0.5]] * 12)), 0.05)
+    'agree'
+    """
+    measured = tests.steps > 0
+    if not measured.any():
+        return "n/a"
+    if tests.persistent(alpha).any():
+        return "conflict"
+    if tests.undetermined(alpha).any():
+        return "undetermined"
+    if tests.agreeing(alpha)[measured].all():
+        return "agree"
+    return "oscillating" if tests.at_chance(alpha).any() else "calm"
 
 
 def _natural_key(name: str) -> list[tuple[int, int | str]]:
@@ -91,12 +157,16 @@ class LayerProfile:
         name: layer name.
         num_params: shared parameter entries in the layer.
         steps: measured steps that include this layer.
-        score: Recon's S-conflict score: conflicting pairs summed over steps.
+        score: Recon's S-conflict score over the run: conflicting pairs summed over steps.
         persistence: T x T (upper triangle; 0 below it) share of the steps carrying both tasks on which the pair
             conflicts; NaN for a pair never measured together.
         mean_cosine: T x T mean cosine of each pair over the steps carrying both tasks (NaN: never together).
         together: T x T number of steps that carried both tasks on this layer (the diagonal: that carried the
             task); ``None`` when unknown.
+        tests: each pair's test against chance (pairs ``i < j`` in row order; see
+            :mod:`~gradconflict.diagnosis.stats`).
+        status: the layer's status (see the module docstring).
+        worst: the position in ``tests`` of the pair whose conflict is the most significant.
     """
 
     name: str
@@ -106,6 +176,9 @@ class LayerProfile:
     persistence: np.ndarray
     mean_cosine: np.ndarray
     together: np.ndarray | None = None
+    tests: PersistenceTests | None = None
+    status: LayerStatus = "n/a"
+    worst: int = 0
 
     @property
     def worst_persistence(self) -> float:
@@ -125,38 +198,68 @@ class Profile:
         layers: one :class:`LayerProfile` per layer, bottom to top.
         branch_point: the layer from which the backbone should become task-specific, or ``None``.
         duplicated_share: share of the profiled parameters at and above the branch point (0 without one).
-        threshold: the layer-conflict threshold used.
+        alpha: the significance level of the tests.
+        step_gap: training steps between consecutive measured steps.
     """
 
     tasks: tuple[str, ...]
     layers: list[LayerProfile]
     branch_point: str | None
     duplicated_share: float
-    threshold: float
+    alpha: float
+    step_gap: int = 1
+
+    @property
+    def threshold(self) -> float:
+        """The smallest conflict rate that can count as persistent (Cohen's small effect above chance, 0.6): a
+        layer's worst pair conflicts persistently only from there, and only when significant and strong enough."""
+        return rate_at_effect(SMALL_EFFECT)
+
+    def layer(self, name: str) -> LayerProfile:
+        """The profile of one layer."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer {name!r} in the profile; the layers are {[lp.name for lp in self.layers]}")
 
     def table(self) -> str:
-        """A plain-text table, bottom layer first: parameters, score, worst persistence and worst pair (``-`` on
-        a layer where no pair was measured together)."""
-        lines = [f"{'layer':<28} {'params':>9} {'score':>7} {'worst pair':<16} {'persist':>7} {'mean cos':>8}"]
+        """A plain-text table, bottom layer first: parameters, Recon's score, the pair whose conflict is the
+        most significant with its persistence, mean cosine and adjusted p-value, and the layer's status (``-`` on a
+        layer where no pair was measured together)."""
+        head = f"{'layer':<28} {'params':>9} {'score':>7} {'worst pair':<16} {'persist':>7} {'mean cos':>8}"
+        lines = [f"{head} {'p (adj.)':>9}  status"]
+        pairs = [(i, j) for i in range(len(self.tasks)) for j in range(i + 1, len(self.tasks))]
         for layer in self.layers:
-            i, j = worst_pair(layer.persistence, layer.mean_cosine)
-            measured = len(self.tasks) > 1 and not np.isnan(layer.persistence[i, j])
-            pair = f"{self.tasks[i]}/{self.tasks[j]}" if measured else "-"
-            persist = f"{layer.worst_persistence:>7.2f}" if measured else f"{'-':>7}"
-            cos = f"{float(layer.mean_cosine[i, j]):>+8.2f}" if measured else f"{'-':>8}"
+            measured = bool(pairs) and layer.tests is not None and layer.tests.steps[layer.worst] > 0
+            if measured:
+                i, j = pairs[layer.worst]
+                pair = f"{self.tasks[i]}/{self.tasks[j]}"
+                persist, cos = f"{float(layer.persistence[i, j]):>7.2f}", f"{float(layer.mean_cosine[i, j]):>+8.2f}"
+                p = f"{float(layer.tests.p_adjusted[layer.worst]):>9.2g}"
+            else:
+                pair, persist, cos, p = "-", f"{'-':>7}", f"{'-':>8}", f"{'-':>9}"
             mark = "  <- branch" if layer.name == self.branch_point else ""
-            lines.append(f"{layer.name:<28} {layer.num_params:>9} {layer.score:>7} {pair:<16} {persist} {cos}{mark}")
+            lines.append(
+                f"{layer.name:<28} {layer.num_params:>9} {layer.score:>7} {pair:<16} {persist} {cos} {p}  "
+                f"{layer.status}{mark}"
+            )
         return "\n".join(lines)
 
 
-def branch_point(layers: Sequence[LayerProfile], threshold: float) -> str | None:
-    """The shallowest layer that conflicts (worst persistence >= ``threshold``) and from which the layers up
-    to the top conflict on average; ``None`` when there is no such layer. ``layers`` go bottom to top. Layers
-    on which no pair was measured (NaN worst persistence) are left out of the averages."""
-    worst = np.array([layer.worst_persistence for layer in layers], dtype=np.float64)
-    measured = ~np.isnan(worst)
+def branch_point(layers: Sequence[LayerProfile]) -> str | None:
+    """The shallowest layer whose status is ``"conflict"``, unless every layer above it agrees; ``None`` when
+    there is no such layer. ``layers`` go bottom to top.
+
+    >>> def lp(name, status):
+    ...     return LayerProfile(name, 1, 1, 0, np.zeros((2, 2)), np.zeros((2, 2)), status=status)
+    >>> branch_point([lp("a", "agree"), lp("b", "conflict"), lp("c", "undetermined")])
+    'b'
+    >>> branch_point([lp("a", "conflict"), lp("b", "agree")]) is None     # confined below agreeing layers
+    True
+    """
     for k, layer in enumerate(layers):
-        if measured[k] and worst[k] >= threshold and float(worst[k:][measured[k:]].mean()) >= threshold:
+        above = [lp.status for lp in layers[k + 1 :]]
+        if layer.status == "conflict" and not (above and all(s == "agree" for s in above)):
             return layer.name
     return None
 
@@ -167,40 +270,46 @@ def layer_profile(
     model: nn.Module | None = None,
     layer_order: Sequence[str] | None = None,
     thresholds: Thresholds | None = None,
+    tests: ConflictTests | None = None,
 ) -> Profile:
     """The :class:`Profile` of the measured steps of a run (layers ordered by :func:`order_layers`; tasks in
-    sorted order, each pair over the steps that carried both tasks)."""
+    sorted order, each pair over the steps that carried both tasks). ``tests`` are the run's
+    :func:`~gradconflict.diagnosis.persistence.conflict_tests`, computed here when not given."""
     th = thresholds or Thresholds()
     aligned = align(history)
     if not aligned.num_steps:
         raise ValueError("the history has no measured step: nothing to profile")
-    tasks = aligned.tasks
-    T = len(tasks)
-    together, conflicts, cosine_sum = aligned.layer_pair_stats(th.conflict_cosine)  # each [L, T, T]
-    upper = np.triu(np.ones((T, T), dtype=bool), 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        persistence = np.where(upper, np.where(together > 0, conflicts / together, np.nan), 0.0)
-        mean_cosine = np.where(together > 0, cosine_sum / together, np.nan)
+    tests = tests if tests is not None else conflict_tests(aligned, th.conflict_cosine, th.alpha)
+    T = len(aligned.tasks)
+    iu = np.triu_indices(T, 1)
+    score = tests.layer_scores
     steps = aligned.layer_present.sum(0)
     index = {n: k for k, n in enumerate(aligned.layers)}
-    names = order_layers(aligned.layers, model=model, layer_order=layer_order)
-    profiles = [
-        LayerProfile(
-            name=name,
-            num_params=int(aligned.layer_params[k]),
-            steps=int(steps[k]),
-            score=int(conflicts[k].sum()),
-            persistence=persistence[k],
-            mean_cosine=mean_cosine[k],
-            together=together[k],
+    profiles = []
+    for name in order_layers(aligned.layers, model=model, layer_order=layer_order):
+        k = index[name]
+        t = tests.by_layer[k]
+        together = np.zeros((T, T), dtype=np.int64)
+        together[iu] = t.steps
+        together = together + together.T
+        present = aligned.layer_present[:, k, None] & aligned.present
+        np.fill_diagonal(together, present.sum(0))
+        persistence, mean_cosine = np.zeros((T, T)), np.full((T, T), np.nan)
+        persistence[iu] = t.persistence
+        mean_cosine[iu] = tests.layer_mean_cosine[k]
+        mean_cosine.T[iu] = tests.layer_mean_cosine[k]
+        np.fill_diagonal(mean_cosine, np.where(together.diagonal() > 0, 1.0, np.nan))
+        profiles.append(
+            LayerProfile(
+                name=name, num_params=int(aligned.layer_params[k]), steps=int(steps[k]), score=int(score[k]),
+                persistence=persistence, mean_cosine=mean_cosine, together=together, tests=t,
+                status=layer_status(t, th.alpha), worst=worst_test(t),
+            )
         )
-        for name in names
-        for k in (index[name],)
-    ]
-    branch = branch_point(profiles, th.layer_conflict)
+    branch = branch_point(profiles)
     total = sum(p.num_params for p in profiles)
     above = 0
     if branch is not None:
         start = [p.name for p in profiles].index(branch)
         above = sum(p.num_params for p in profiles[start:])
-    return Profile(tasks, profiles, branch, above / total if total else 0.0, th.layer_conflict)
+    return Profile(aligned.tasks, profiles, branch, above / total if total else 0.0, th.alpha, aligned.step_gap)

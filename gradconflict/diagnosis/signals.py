@@ -1,13 +1,23 @@
-"""The four warning signals that a shared backbone has become a compromise, each a :class:`Signal` with a value,
-a threshold, a status and one sentence of evidence a person can check.
+"""The warning signals, each a :class:`Signal` with a value, a threshold, a status and one sentence of evidence a
+person can check.
 
-1. :func:`diverging_objectives`: task pairs whose gradients conflict on most steps, and magnitude cancellation.
+The four signals that the shared backbone is in trouble:
+
+1. :func:`diverging_objectives`: task pairs whose gradients conflict persistently (significantly more often than
+   unrelated gradients would, see :mod:`~gradconflict.diagnosis.stats`), on the whole backbone or on some layers.
 2. :func:`heavy_heads`: heads large or deep relative to the backbone, rewriting its features (linear CKA).
 3. :func:`zero_sum`: steps whose update works against some task; evaluations that trade one task for another.
 4. :func:`single_point_of_risk`: negative transference, a step for one task raising another's loss.
 
-A signal whose input is missing (no model for the heads, a single task, no step that carried two tasks
-together) has status ``"n/a"`` and its evidence says what to pass or to measure.
+And the two warnings about what a split cannot cure:
+
+5. :func:`oscillating_conflict`: conflict that comes and goes like a coin points to the data (label noise, small
+   batches), not to the shared capacity; after a split, the same reading of the split model's run.
+6. :func:`ceiling`: a ceiling that does not move when the tasks are split (the comparison experiment, over
+   seeds) means capacity was not the limit.
+
+A signal whose input is missing (no model for the heads, a single task, no step that carried two tasks together,
+no comparison) has status ``"n/a"`` and its evidence says what to pass or to measure.
 
 Tasks are tracked by name (:mod:`~gradconflict.diagnosis.aligned`): pairs are named ``"a/b"`` with the names
 sorted, each pair statistic is taken over the steps that carried both tasks, and the evidence says on how many
@@ -16,10 +26,10 @@ steps that was when some steps lacked one of them.
 >>> import torch
 >>> from gradconflict import ConflictReport
 >>> fight = ConflictReport("ab", torch.tensor([[1.0, -0.9], [-0.9, 1.0]]), losses=torch.ones(2))
->>> s = diverging_objectives([fight] * 5)
+>>> s = diverging_objectives([fight] * 8)
 >>> s.status, s.value
 ('split', 1.0)
->>> single_point_of_risk([fight] * 5).status
+>>> single_point_of_risk([fight] * 8).status
 'split'
 >>> alone = [ConflictReport(t, torch.ones(1, 1), step=s) for s, t in enumerate("abab")]   # round-robin
 >>> diverging_objectives(alone).status
@@ -28,6 +38,7 @@ steps that was when some steps lacked one of them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -39,15 +50,20 @@ from gradconflict.diagnosis.affinity import mean_transference, normalized
 from gradconflict.diagnosis.aligned import Aligned, Run, align, masked_mean, no_pair_reason
 from gradconflict.diagnosis.evaluations import EvalTable, Pairs
 from gradconflict.diagnosis.heads import head_stats
-from gradconflict.diagnosis.profile import worst_pair
+from gradconflict.diagnosis.persistence import ConflictTests, conflict_tests
+from gradconflict.diagnosis.profile import order_layers
+from gradconflict.diagnosis.stats import CHANCE, SMALL_EFFECT, PersistenceTests, rate_at_effect, signs
 from gradconflict.diagnosis.thresholds import Thresholds
 from gradconflict.diagnosis.trends import series, trend
+from gradconflict.split.result import ComparisonResult, split_gains
 
 __all__ = [
     "STATUSES",
     "Signal",
+    "ceiling",
     "diverging_objectives",
     "heavy_heads",
+    "oscillating_conflict",
     "single_point_of_risk",
     "worst_status",
     "zero_sum",
@@ -75,7 +91,8 @@ class Signal:
     Attributes:
         name: ``diverging_objectives``, ``heavy_heads``, ``zero_sum`` or ``single_point_of_risk``.
         value: the headline number (``None`` when it could not be measured).
-        threshold: the value from which the signal says ``split`` (see :class:`Thresholds`).
+        threshold: the value from which the signal says ``split`` (see :class:`Thresholds`); NaN when there is
+            none (the oscillation warning never says split; the ceiling has none without a spread to judge by).
         status: ``"ok"``, ``"watch"``, ``"split"``, or ``"n/a"`` when an input is missing.
         evidence: one sentence a person can check.
         details: the numbers behind the evidence (plain Python, JSON-ready).
@@ -89,15 +106,17 @@ class Signal:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-Python view."""
+        """Plain-Python view (a missing threshold is ``None``)."""
         return {
-            "name": self.name, "value": self.value, "threshold": self.threshold, "status": self.status,
+            "name": self.name, "value": self.value, "threshold": _finite_or_none(self.threshold),
+            "status": self.status,
             "evidence": self.evidence, "details": self.details,
         }
 
     def __str__(self) -> str:
         value = "-" if self.value is None else f"{self.value:.3g}"
-        return f"[{self.status:>5}] {self.name} = {value} (split at {self.threshold:g}): {self.evidence}"
+        split = f" (split at {self.threshold:.3g})" if math.isfinite(self.threshold) else ""
+        return f"[{self.status:>5}] {self.name} = {value}{split}: {self.evidence}"
 
 
 def _pair_names(tasks: Sequence[str], i: int, j: int) -> str:
@@ -135,61 +154,260 @@ def _pair_steps(aligned: Aligned) -> str:
     return f" ({n} of the {total} measured steps carried two tasks or more)" if n < total else ""
 
 
-def diverging_objectives(history: Run, thresholds: Thresholds | None = None) -> Signal:
-    """Signal 1: the persistence of conflicting pairs (per pair, the share of the measured steps carrying both
-    tasks on which ``C_ij < S``) and the mean magnitude cancellation (over the steps carrying two tasks or more).
+@dataclass(frozen=True)
+class _Finding:
+    """One pair on the whole backbone (``layer`` None) or on one layer, with its test."""
 
-    ``split`` when the worst pair's persistence reaches ``persistence_split`` and the mean cancellation
-    ``cancellation_split``; ``watch`` when either reaches its ``watch`` level or when the conflict fraction
-    rises significantly over training (Mann-Kendall at ``trend_alpha``). ``n/a`` when no measured step carried
-    two tasks together.
+    layer: str | None
+    pair: int
+    tests: PersistenceTests  # the pair's slice of the family (its adjustment kept)
+
+    @property
+    def where(self) -> str:
+        return "the whole backbone" if self.layer is None else self.layer
+
+
+def _findings(tests: ConflictTests) -> list[_Finding]:
+    out = [_Finding(None, p, tests.whole.take([p])) for p in range(len(tests.pairs))]
+    for name, layer in zip(tests.layers, tests.by_layer):
+        out += [_Finding(name, p, layer.take([p])) for p in range(len(tests.pairs))]
+    return out
+
+
+def _describe(f: _Finding, tests: ConflictTests) -> str:
+    t = f.tests
+    n, c, tau = int(t.steps[0]), int(t.conflicts[0]), float(t.tau[0])
+    return (
+        f"tasks {tests.pair_name(f.pair).replace('/', ' and ')} conflict (cosine < {tests.threshold:g}) on "
+        f"{c / max(n, 1):.0%} of {n} measured steps on {f.where} (p = {float(t.p_adjusted[0]):.2g} against "
+        f"{CHANCE:.0%} for unrelated gradients, adjusted over the {_family_size(tests)} pair tests; "
+        f"{n / tau:.0f} effective steps)"
+    )
+
+
+def _family_size(tests: ConflictTests) -> int:
+    return int((tests.whole.steps > 0).sum() + sum(int((t.steps > 0).sum()) for t in tests.by_layer))
+
+
+def _more_steps(needed: float, gap: int) -> str:
+    """``"measure about 60 more steps"`` (with the training steps at ``every=k``)."""
+    n = int(needed)
+    return f"measure about {n} more steps" + (f" (about {n * gap} training steps at every={gap})" if gap > 1 else "")
+
+
+def diverging_objectives(
+    history: Run, thresholds: Thresholds | None = None, *, tests: ConflictTests | None = None
+) -> Signal:
+    """Signal 1: does some pair of tasks conflict persistently, on the whole backbone or on some layers?
+
+    Each pair's conflict rate on the whole backbone and on every layer is tested against chance (the 50% of two
+    unrelated gradients; :mod:`~gradconflict.diagnosis.stats`, one adjusted family): a conflict confined to a few
+    layers counts as much as one over the whole backbone. The value is the persistence (share of measured steps in
+    conflict) of the decisive pair; the threshold, the smallest rate that counts (Cohen's small effect, 60%).
+
+    ``split`` when some pair conflicts persistently; ``watch`` when some pair might with more steps (the evidence
+    says about how many), or when the conflict fraction rises significantly over training (Mann-Kendall at
+    ``alpha``); ``ok`` when every pair is ruled out. ``n/a`` when no measured step carried two tasks together.
+    ``tests`` are the run's :func:`~gradconflict.diagnosis.persistence.conflict_tests` (computed when not given).
+    The mean magnitude cancellation is reported as evidence, not judged: it depends on the norms.
     """
     th = thresholds or Thresholds()
     name = "diverging_objectives"
     aligned = align(history)
+    threshold = rate_at_effect(SMALL_EFFECT)
     why = no_pair_reason(aligned)
     if why is not None:
-        return _not_available(name, th.persistence_split, why)
-    tasks = aligned.tasks
-    together = aligned.together
-    counts = together.sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        persistence = np.where(counts > 0, aligned.conflicts(th.conflict_cosine).sum(0) / counts, np.nan)
-    mean_cosine = masked_mean(aligned.cosine, together)
-    i, j = worst_pair(persistence, mean_cosine)
-    worst = float(persistence[i, j])
+        return _not_available(name, threshold, why)
+    tests = tests if tests is not None else conflict_tests(aligned, th.conflict_cosine, th.alpha)
+    findings = [f for f in _findings(tests) if f.tests.steps[0] > 0]
+    persistent = [f for f in findings if f.tests.persistent(th.alpha)[0]]
+    undetermined = [f for f in findings if f.tests.undetermined(th.alpha)[0]]
     cancellation = float(aligned.cancellation[aligned.multi].mean())
     t = trend(*series(aligned, "conflict_fraction", th.conflict_cosine))
-    rising = t.rising(th.trend_alpha)
-    if worst >= th.persistence_split and cancellation >= th.cancellation_split:
+    rising = t.rising(th.alpha)
+    if persistent:
+        decisive = min(persistent, key=lambda f: (float(f.tests.p_adjusted[0]), -float(f.tests.rate[0])))
         status: Status = "split"
-    elif worst >= th.persistence_watch or cancellation >= th.cancellation_watch or rising:
+        layers = order_layers(f.layer for f in persistent if f.layer is not None)
+        evidence = f"{_describe(decisive, tests)}: a persistent conflict"
+        if layers:
+            evidence += f"; layers in persistent conflict: {', '.join(layers)} ({len(layers)} of {len(tests.layers)})"
+    elif undetermined:
+        decisive = min(undetermined, key=lambda f: float(f.tests.steps_needed[0]))
         status = "watch"
+        evidence = (
+            f"no pair conflicts persistently yet; the closest: {_describe(decisive, tests)}; not enough steps yet: "
+            f"{_more_steps(float(decisive.tests.steps_needed[0]), tests.step_gap)} to tell"
+        )
     else:
-        status = "ok"
-    evidence = (
-        f"tasks {tasks[i]} and {tasks[j]} conflict (cosine < {th.conflict_cosine:g}) on {worst:.0%} of "
-        f"{int(counts[i, j])} measured steps{_coverage(aligned, i, j)}; the mean magnitude cancellation is "
-        f"{cancellation:.2f}{_pair_steps(aligned)}; the conflict fraction "
+        decisive = max(findings, key=lambda f: float(np.nan_to_num(f.tests.rate[0], nan=-1.0)))
+        status = "watch" if rising else "ok"
+        evidence = (
+            f"no pair conflicts persistently: every pair's conflict rate is significantly below {threshold:.0%} "
+            f"(the most frequent: {_describe(decisive, tests)})"
+        )
+    i, j = tests.pairs[decisive.pair]
+    whole = tests.whole
+    evidence += (
+        f"; the mean magnitude cancellation is {cancellation:.2f}{_pair_steps(aligned)}; the conflict fraction "
         f"{'rises' if rising else 'does not rise significantly'} over training "
         f"(Theil-Sen slope {t.slope:+.2g}/step, Mann-Kendall p = {t.p_value:.2g})"
     )
-    others = [(a, b) for a, b in zip(*np.triu_indices(len(tasks), 1)) if (a, b) != (i, j)]
-    fewer = [f"{_pair_names(tasks, a, b)} {counts[a, b]}" for a, b in others if 0 < counts[a, b] < aligned.num_steps]
-    never = [_pair_names(tasks, a, b) for a, b in others if counts[a, b] == 0]
+    counts = aligned.pair_counts()
+    others = [(a, b) for a, b in tests.pairs if (a, b) != (i, j)]
+    fewer = [
+        f"{_pair_names(aligned.tasks, a, b)} {counts[a, b]}" for a, b in others if 0 < counts[a, b] < aligned.num_steps
+    ]
+    never = [_pair_names(aligned.tasks, a, b) for a, b in others if counts[a, b] == 0]
+    evidence += _coverage(aligned, i, j)
     if fewer:
         evidence += f"; pairs measured together on fewer steps: {', '.join(fewer)} of {aligned.num_steps}"
     if never:
         evidence += f"; never measured together: {', '.join(never)}"
+    persistence = np.zeros((len(aligned.tasks),) * 2)
+    persistence[tuple(np.array(tests.pairs).T)] = whole.persistence
     details = {
-        "persistence": _by_pair(aligned, persistence),
+        "persistence": _by_pair(aligned, np.where(counts > 0, persistence, np.nan)),
         "together": _by_pair(aligned, counts),
+        "decisive": _finding_dict(decisive, tests),
+        "persistent": [_finding_dict(f, tests) for f in persistent],
+        "undetermined": [_finding_dict(f, tests) for f in undetermined],
+        "tests": _family_size(tests),
         "mean_cancellation": cancellation,
         "conflict_trend": {"slope": t.slope, "tau": t.tau, "p_value": t.p_value, "rising": rising},
         "steps": aligned.num_steps,
         "steps_with_pairs": int(aligned.multi.sum()),
     }
-    return Signal(name, worst, th.persistence_split, status, evidence, details)
+    value = float(decisive.tests.persistence[0])
+    return Signal(name, value, threshold, status, evidence, details)
+
+
+def _finding_dict(f: _Finding, tests: ConflictTests) -> dict[str, Any]:
+    t = f.tests
+    return {
+        "layer": f.layer, "pair": tests.pair_name(f.pair), "steps": int(t.steps[0]), "conflicts": int(t.conflicts[0]),
+        "agreements": int(t.agreements[0]), "rate": _finite_or_none(float(t.rate[0])),
+        "persistence": _finite_or_none(float(t.persistence[0])), "tau": float(t.tau[0]),
+        "p_value": _finite_or_none(float(t.p_conflict[0])), "p_adjusted": _finite_or_none(float(t.p_adjusted[0])),
+        "steps_needed": _finite_or_none(float(t.steps_needed[0])),
+    }
+
+
+def oscillating_conflict(
+    history: Run, thresholds: Thresholds | None = None, *, tests: ConflictTests | None = None
+) -> Signal:
+    """Warning 5: conflict that keeps oscillating points to the data, not to the shared capacity.
+
+    A pair whose conflict rate on the whole backbone is significantly within the band around chance (40-60%,
+    Cohen's small effect; :mod:`~gradconflict.diagnosis.stats`) and that conflicts persistently on no layer
+    flips between conflict and agreement like a coin: what drives it is the noise of the batches and the labels,
+    which a split does not remove. On the run of a model *after* a split, the same reading says that the conflict
+    kept oscillating after the split. The value is the conflict rate of the oscillating pair that conflicts most;
+    its details give each pair's flip rate (the share of consecutive measured steps whose sign changes: about 50%
+    for a coin). This warning never says ``split``: ``watch`` when some pair oscillates, ``ok`` otherwise.
+    """
+    th = thresholds or Thresholds()
+    name = "oscillating_conflict"
+    aligned = align(history)
+    why = no_pair_reason(aligned)
+    if why is not None:
+        return _not_available(name, math.nan, why)
+    tests = tests if tests is not None else conflict_tests(aligned, th.conflict_cosine, th.alpha)
+    whole = tests.whole
+    persistent_somewhere = whole.persistent(th.alpha).copy()
+    for layer in tests.by_layer:
+        persistent_somewhere |= layer.persistent(th.alpha)
+    oscillating = whole.at_chance(th.alpha) & ~persistent_somewhere
+    flips = _flip_rates(aligned, tests)
+    names = [tests.pair_name(p) for p in range(len(tests.pairs))]
+    details = {
+        "oscillating": [n for n, o in zip(names, oscillating) if o],
+        "rate": {n: _finite_or_none(float(r)) for n, r in zip(names, whole.rate)},
+        "flip_rate": {n: _finite_or_none(float(f)) for n, f in zip(names, flips)},
+    }
+    if not oscillating.any():
+        return Signal(
+            name, None, math.nan, "ok",
+            "no pair's conflict oscillates at chance level on the whole backbone (each is persistent, ruled out "
+            "as agreeing, or not settled yet)",
+            details,
+        )
+    p = int(np.argmax(np.where(oscillating, whole.rate, -1.0)))
+    evidence = (
+        f"tasks {names[p].replace('/', ' and ')} conflict on {float(whole.persistence[p]):.0%} of "
+        f"{int(whole.steps[p])} measured steps, within chance of the {CHANCE:.0%} of unrelated gradients "
+        f"(p = {float(whole.p_chance[p]):.2g}), and their sign flips on {flips[p]:.0%} of consecutive steps: the "
+        "conflict oscillates, which points to the data (label noise, small batches), not to the shared capacity; "
+        "splitting would not cure it"
+    )
+    if len(details["oscillating"]) > 1:
+        evidence += f"; oscillating pairs: {', '.join(details['oscillating'])}"
+    return Signal(name, float(whole.rate[p]), math.nan, "watch", evidence, details)
+
+
+def _flip_rates(aligned: Aligned, tests: ConflictTests) -> np.ndarray:
+    """Per pair, the share of consecutive measured steps (both not tied) whose conflict sign changes."""
+    out = np.full(len(tests.pairs), np.nan)
+    for p, (i, j) in enumerate(tests.pairs):
+        s = signs(aligned.cosine[:, i, j], tests.threshold)
+        s = s[s != 0]
+        if len(s) > 1:
+            out[p] = float((s[1:] != s[:-1]).mean())
+    return out
+
+
+def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) -> Signal:
+    """Warning 6: did splitting lift a ceiling? Read from the comparison experiment
+    (:func:`~gradconflict.split.compare`, one result per seed): the Delta-m% of each split variant (independent,
+    lora, branched) against the shared model of the same seed, and whether it beats shared beyond the seeds'
+    spread (:func:`~gradconflict.split.split_gains`).
+
+    ``split`` when some split variant does (the value: its mean gain; the threshold: two spreads); ``ok`` when
+    none does: the ceiling did not move, so the model's capacity was not the limit and splitting is not the cure.
+    With one seed there is no spread to judge by: ``watch`` when a split variant is ahead, and the evidence asks
+    for more seeds. ``n/a`` without a comparison.
+    """
+    name = "ceiling"
+    if comparison is None:
+        return _not_available(
+            name, math.nan,
+            "no comparison experiment given (run the advice's next step, compare() over a few seeds, and pass "
+            "comparison=[...] to check whether splitting lifts a ceiling)",
+        )
+    results = [comparison] if isinstance(comparison, ComparisonResult) else list(comparison)
+    gains = split_gains(results)
+    if not gains:
+        return _not_available(name, math.nan, "the comparison holds no split variant besides shared")
+    best = max(gains.values(), key=lambda g: g.mean)
+    spread = best.spread
+    described = "; ".join(
+        f"{g.variant} {g.mean:+.1f}% ({', '.join(f'{x:+.1f}' for x in g.per_seed)})" for g in gains.values()
+    )
+    details = {
+        "gains": {g.variant: {"mean": g.mean, "per_seed": g.per_seed, "beyond": g.beyond} for g in gains.values()},
+        "spread": _finite_or_none(spread),
+        "seeds": len(results),
+        "branch_at": results[0].branch_at,
+        "groups": results[0].groups,
+        "winners": [g.variant for g in gains.values() if g.beyond],
+    }
+    head = f"Delta-m% against shared over {len(results)} seed(s): {described}"
+    if len(results) < 2:
+        status: Status = "watch" if best.mean > 0 else "ok"
+        evidence = f"{head}; with one seed there is no spread to judge by: run compare() over a few more seeds"
+        return Signal(name, best.mean, math.nan, status, evidence, details)
+    limit = 2 * spread
+    if details["winners"]:
+        evidence = (
+            f"{head}; {', '.join(details['winners'])} beat(s) shared beyond the seeds' spread (two spreads: "
+            f"{limit:.1f}%): splitting lifts the ceiling"
+        )
+        return Signal(name, best.mean, limit, "split", evidence, details)
+    evidence = (
+        f"{head}; no split variant beats shared beyond the seeds' spread (two spreads: {limit:.1f}%): the ceiling "
+        "did not move, so capacity was not the limit and splitting is not the cure"
+    )
+    return Signal(name, best.mean, limit, "ok", evidence, details)
 
 
 def heavy_heads(
@@ -253,14 +471,15 @@ def zero_sum(
     history: Run,
     *,
     evaluations: Sequence[Mapping[str, float]] | Any = None,
-    higher_is_better: Mapping[str, bool] | None = None,
+    directions: Mapping[str, str] | None = None,
     pairs: Pairs = "consecutive",
     thresholds: Thresholds | None = None,
 ) -> Signal:
     """Signal 3: at gradient level, the share of the measured steps carrying two tasks or more whose combined
-    update works against some task (``alignment_i < 0``, the value); at evaluation level (with ``evaluations``,
-    see :class:`~gradconflict.diagnosis.evaluations.EvalTable`), the share of changes that trade one task for
-    another, and the Pareto front. The status is the worse of the two levels.
+    update works against some task (``alignment_i < 0``, the value); at evaluation level (with ``evaluations``
+    and the ``directions`` of their metrics, ``{metric: "max" | "min"}``, see
+    :class:`~gradconflict.diagnosis.evaluations.EvalTable`), the share of changes that trade one task for another,
+    and the Pareto front. The status is the worse of the two levels.
 
     Without a step carrying two tasks, the gradient level is not measured (the value is ``None``): the signal is
     ``n/a``, or the evaluation level alone when ``evaluations`` are given.
@@ -296,7 +515,7 @@ def zero_sum(
     else:
         evidence = f"gradient level not measured: {why}"
     if evaluations is not None:
-        table = EvalTable.from_rows(evaluations, higher_is_better)
+        table = EvalTable.from_rows(evaluations, directions or {})
         traded = table.trade_off_share(th.eval_tolerance, pairs)
         front = table.pareto_front()
         status = worst_status(status, _grade(traded, th.zero_sum_watch, th.zero_sum_split))

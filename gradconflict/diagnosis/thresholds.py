@@ -4,32 +4,30 @@ Nothing in :mod:`gradconflict.diagnosis` compares against a number that is not a
 them with ``dataclasses.replace`` or by passing a dict to :func:`~gradconflict.diagnosis.advise`:
 
 >>> t = Thresholds(conflict_cosine=-0.1)        # Recon's stricter conflict threshold
->>> t.conflict_cosine, t.persistence_split
-(-0.1, 0.5)
->>> Thresholds.from_mapping({"layer_conflict": 0.6}).layer_conflict
-0.6
+>>> t.conflict_cosine, t.alpha
+(-0.1, 0.05)
+>>> Thresholds.from_mapping({"alpha": 0.01}).alpha
+0.01
 
 Where a default comes from (see ``docs/diagnosis.md`` for the discussion):
 
 - ``conflict_cosine`` (``S``): PCGrad (Yu et al., 2020) calls two gradients conflicting when their cosine is
-  negative (``S = 0``); Recon (Guangyuan et al., 2023) uses ``S`` in ``[-0.1, 0]``.
-- ``persistence_*`` and ``layer_conflict``: two unrelated gradients (independent, isotropic directions) have
-  a negative cosine half of the time, so a pair that conflicts on at least half the steps conflicts as often
-  as chance or more (``split``); a quarter is an early warning (``watch``).
-- ``cancellation_*``: two equal-norm orthogonal gradients lose ``1 - 1/sqrt(2) ~ 0.29`` of their magnitude
-  (the magnitude cancellation ``1 - sqrt(w^T G w) / sum_i w_i n_i``); two at cosine 0.6 lose about 0.1.
+  negative (``S = 0``); Recon (Shi et al., ICLR 2023) uses ``S`` in ``[-0.1, 0]``.
+- ``alpha``: the significance level of every test (the persistence of a conflict against chance, Benjamini-
+  Hochberg adjusted, see :mod:`~gradconflict.diagnosis.stats`; the Mann-Kendall trend test): the conventional 5%.
+  There is no cut-off on the persistence or the cancellation themselves: a conflict counts when it is
+  significantly more frequent than chance by at least Cohen's small effect.
 - ``head_*`` and ``cka_*``: heuristics. Linear CKA is Kornblith et al. (2019); a head whose last hidden layer
   has CKA below 0.4 with the backbone output keeps little of the backbone's representation.
 - ``against_*``: the share of steps whose combined update raises some task's loss to first order (an
   alignment ``a_i < 0``); heuristics on the same scale as persistence.
-- ``eval_tolerance``: a typical zero-sum evaluation reads "+2% for A, -1.5% for B"; changes
+- ``eval_tolerance``: a zero-sum evaluation looks like "+2% for task A, -1.5% for task B"; changes
   smaller than 1% (relative, as LibMTL's Delta-m) are treated as noise.
 - ``transfer_*``: TAG (Fifty et al., 2021) treats negative inter-task affinity as the signal to separate
   tasks; here normalised by the task's own self-affinity, so -0.1 means a step on task ``i`` raises task
   ``j``'s loss by a tenth of what a step on ``j`` itself lowers it.
 - ``group_tolerance``: partitions whose score is within this of the best are ties, and the fewest groups win
   (prefer sharing).
-- ``trend_alpha``: the conventional 5% significance level of the Mann-Kendall (Kendall tau) trend test.
 """
 
 from __future__ import annotations
@@ -44,14 +42,11 @@ __all__ = ["Thresholds"]
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Thresholds of the four signals, the layer profile, the task grouping and the trend test.
+    """Thresholds of the signals, the tests, the task grouping.
 
     Attributes:
         conflict_cosine: a pair conflicts when its cosine is below this (``S``).
-        persistence_watch: share of measured steps a pair conflicts, from which signal 1 is ``watch``.
-        persistence_split: the same, from which signal 1 can be ``split``.
-        cancellation_watch: mean magnitude cancellation from which signal 1 is at least ``watch``.
-        cancellation_split: mean magnitude cancellation that, with a persistent pair, makes signal 1 ``split``.
+        alpha: significance level of every test (persistence against chance, adjusted; trend).
         head_ratio_watch: head-to-backbone parameter ratio from which signal 2 is ``watch``.
         head_ratio_split: head-to-backbone parameter ratio from which signal 2 is ``split`` (with rewriting).
         head_depth_watch: number of parametrised layers in a head from which signal 2 is ``watch``.
@@ -64,16 +59,11 @@ class Thresholds:
         zero_sum_split: the same, from which ``split``.
         transfer_watch: normalised affinity below which signal 4 is ``watch``.
         transfer_split: normalised affinity below which signal 4 is ``split``.
-        layer_conflict: per-layer persistence of the worst pair from which a layer counts as conflicting.
         group_tolerance: partitions scoring within this of the best are ties; the fewest groups win.
-        trend_alpha: significance level of the trend test.
     """
 
     conflict_cosine: float = 0.0
-    persistence_watch: float = 0.25
-    persistence_split: float = 0.5
-    cancellation_watch: float = 0.1
-    cancellation_split: float = 0.29
+    alpha: float = 0.05
     head_ratio_watch: float = 0.5
     head_ratio_split: float = 1.0
     head_depth_watch: int = 3
@@ -86,9 +76,7 @@ class Thresholds:
     zero_sum_split: float = 0.5
     transfer_watch: float = 0.0
     transfer_split: float = -0.1
-    layer_conflict: float = 0.5
     group_tolerance: float = 0.05
-    trend_alpha: float = 0.05
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | Thresholds | None) -> Thresholds:

@@ -17,7 +17,7 @@ from gradconflict.split.evaluate import Criterion, SplitEvaluation, evaluate_spl
 from gradconflict.split.lora import LoRALayer, LoRASplit, lora_split
 from gradconflict.split.measures import Smoothness, delta_m, smoothness
 from gradconflict.split.model import MultiTaskNet
-from gradconflict.split.result import ComparisonResult, VariantRecord
+from gradconflict.split.result import ComparisonResult, SplitGain, VariantRecord, split_gains
 
 __all__ = [
     "VARIANTS",
@@ -29,6 +29,7 @@ __all__ = [
     "MultiTaskNet",
     "Smoothness",
     "SplitEvaluation",
+    "SplitGain",
     "VariantRecord",
     "branch",
     "compare",
@@ -36,4 +37,5 @@ __all__ = [
     "evaluate_split",
     "lora_split",
     "smoothness",
+    "split_gains",
 ]

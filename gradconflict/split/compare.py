@@ -7,9 +7,9 @@ the same step budget and exactly the same batches in the same order:
 - ``independent``: one copy of the model per task, each trained on its own loss alone for the whole budget.
 - ``lora``: the shared model after ``split_fraction`` of the budget (default half), backbone frozen, then one
   LoRA adapter per task on every Linear and Conv layer LoRA supports (and the heads) trained for the rest: the
-  logical split, at equal total budget.
+  logical split at equal total budget.
 - ``branched``: the same shared model at the same point, branched at ``branch_at`` into ``groups``, then every
-  copy trained for the rest: the physical split, at equal total budget.
+  copy trained for the rest: the physical split at equal total budget.
 
 Splitting a partly trained shared model (rather than training the split architectures from scratch) answers
 the question a team asks, "should *this* model be split now?", and gives lora a trained backbone to adapt. The first
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from gradconflict.split.branch import branch
 from gradconflict.split.costs import latency_ms, saved_activation_bytes, state_bytes, synchronize
 from gradconflict.split.lora import lora_split
+from gradconflict.split.measures import Direction, check_direction
 from gradconflict.split.model import check_convention, count_parameters
 from gradconflict.split.result import ComparisonResult, VariantRecord
 
@@ -42,6 +43,8 @@ VARIANTS = ("shared", "independent", "lora", "branched")
 
 LossFn = Callable[[Any, Any], Tensor]
 MetricFn = Callable[[Any, Any], float]
+#: ``{task: (fn, "max" | "min")}`` (one metric per task, named after it) or ``{task: {metric: (fn, direction)}}``.
+MetricSpec = Mapping[str, tuple[MetricFn, str] | Mapping[str, tuple[MetricFn, str]]]
 Batch = tuple[Any, Mapping[str, Any]]
 
 
@@ -112,7 +115,7 @@ class _Experiment:
         loss_fns: Mapping[str, LossFn],
         batches: list[Batch],
         eval_batches: list[Batch],
-        metrics: Mapping[str, tuple[MetricFn, str]],
+        metrics: dict[str, dict[str, tuple[MetricFn, Direction]]],
         eval_steps: set[int],
         optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
         device: torch.device,
@@ -178,9 +181,10 @@ class _Experiment:
         else:
             run.memory_bytes += state_bytes(member.model, member.optimizer) + activations
 
-    def evaluate(self, members: list[_Member]) -> dict[str, float]:
-        """Each task's metric, averaged over the evaluation batches (weighted by batch size)."""
-        totals, seen = dict.fromkeys(self.tasks, 0.0), dict.fromkeys(self.tasks, 0)
+    def evaluate(self, members: list[_Member]) -> dict[str, dict[str, float]]:
+        """Each task's metrics, averaged over the evaluation batches (weighted by batch size)."""
+        totals = {t: dict.fromkeys(self.metrics[t], 0.0) for t in self.tasks}
+        seen = dict.fromkeys(self.tasks, 0)
         for member in members:
             was_training = member.model.training
             member.model.eval()
@@ -189,10 +193,11 @@ class _Experiment:
                     out = member.model(x)
                     for task in member.tasks:
                         n = _batch_size(targets[task])
-                        totals[task] += float(self.metrics[task][0](out[task], targets[task])) * n
+                        for name, (fn, _) in self.metrics[task].items():
+                            totals[task][name] += float(fn(out[task], targets[task])) * n
                         seen[task] += n
             member.model.train(was_training)
-        return {t: totals[t] / seen[t] for t in self.tasks}
+        return {t: {k: v / seen[t] for k, v in totals[t].items()} for t in self.tasks}
 
     def record(self, name: str, members: list[_Member], run: _Run, start: int) -> VariantRecord:
         """Close a variant's run: its costs, measured on the trained members."""
@@ -203,7 +208,7 @@ class _Experiment:
             name=name,
             losses=run.losses,
             evals=run.evals,
-            directions={t: self.metrics[t][1] for t in self.tasks},
+            directions={t: {k: d for k, (_, d) in self.metrics[t].items()} for t in self.tasks},
             params=sum(count_parameters(m.model, m.tasks) for m in members),
             step_ms=1e3 * statistics.median(timed),  # a busy machine adds spikes to steps, not to the median
             latency_ms=sum(latency_ms(m.model, x) for m in members),
@@ -231,6 +236,29 @@ def _progress_bar(enabled: bool, total: int, name: str) -> Any:
     return _NoBar()
 
 
+def _metric_spec(
+    metrics: MetricSpec | None, loss_fns: Mapping[str, LossFn]
+) -> dict[str, dict[str, tuple[Any, Direction]]]:
+    """``{task: {metric: (fn, direction)}}`` from either form (default: each task's loss, ``"min"``)."""
+    if metrics is None:
+        return {t: {"loss": (fn, "min")} for t, fn in loss_fns.items()}
+    missing = [t for t in loss_fns if t not in metrics]
+    if missing:
+        raise ValueError(f"metrics= gives no metric for tasks {missing}: give {{task: (fn, 'max' | 'min')}} for each")
+    spec: dict[str, dict[str, tuple[Any, Direction]]] = {}
+    for task in loss_fns:
+        given = metrics[task]
+        named = dict(given) if isinstance(given, Mapping) else {task: given}
+        if not named:
+            raise ValueError(f"metrics[{task!r}] is empty: give at least one (fn, 'max' | 'min')")
+        spec[task] = {}
+        for name, pair in named.items():
+            if not (isinstance(pair, tuple) and len(pair) == 2 and callable(pair[0])):
+                raise ValueError(f"metric {name!r} of task {task!r} must be (fn, 'max' | 'min'), got {pair!r}")
+            spec[task][name] = (pair[0], check_direction(pair[1], f"metric {name!r} of task {task!r}"))
+    return spec
+
+
 def compare(
     model_factory: Callable[[], nn.Module] | nn.Module,
     loss_fns: Mapping[str, LossFn],
@@ -238,7 +266,7 @@ def compare(
     steps: int = 200,
     optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
     eval_data: Iterable[Batch] | None = None,
-    metrics: Mapping[str, tuple[MetricFn, str]] | None = None,
+    metrics: MetricSpec | None = None,
     branch_at: int | str | None = None,
     groups: Sequence[Sequence[str]] | None = None,
     seed: int = 0,
@@ -261,7 +289,8 @@ def compare(
         optimizer_factory: ``params -> optimizer``; default Adam with lr 1e-3. Lora and branched get a fresh
             optimizer when they split.
         eval_data: batches to evaluate on; default ``train_data`` (one pass).
-        metrics: task -> ``(fn(output, target) -> float, "max" | "min")``; default each task's loss, ``"min"``.
+        metrics: task -> ``(fn(output, target) -> float, "max" | "min")``, or task -> ``{name: (fn, direction)}``
+            for several metrics per task; default each task's loss (named ``"loss"``, ``"min"``).
         branch_at: the branch point for the branched variant (a block index or path, as in
             :func:`~gradconflict.split.branch`); without it that variant is skipped, with a note.
         groups: task groups for the branched variant; default one branch per task.
@@ -317,7 +346,7 @@ def compare(
         loss_fns,
         batches,
         eval_batches,
-        metrics or {t: (loss_fns[t], "min") for t in tasks},
+        _metric_spec(metrics, loss_fns),
         {round(steps * k / evals) for k in range(1, evals + 1)} - {0},
         optimizer_factory or (lambda params: torch.optim.Adam(params, lr=1e-3)),
         device,
@@ -362,4 +391,8 @@ def compare(
         exp.train(name, members, run, split_step, steps)
         records[name] = exp.record(name, members, run, split_step)
     ordered = {v: records[v] for v in variants if v in records}
-    return ComparisonResult(ordered, tasks, steps=steps, split_step=split_step, notes=notes)
+    return ComparisonResult(
+        ordered, tasks, steps=steps, split_step=split_step, notes=notes,
+        branch_at=branch_at if "branched" in ordered else None,
+        groups=[list(g) for g in (groups or [[t] for t in tasks])] if "branched" in ordered else None,
+    )

@@ -2,7 +2,8 @@
 
 - **convergence**: each task's loss falls at least as smoothly after the split (the share of steps where its
   smoothed loss rises does not grow by more than ``tolerance``).
-- **ceiling**: at least one task beats the best it reached before the split.
+- **ceiling**: at least one task beats what it reached before the split (compare() records: the task's metrics at
+  each variant's checkpoint, the same evaluation step for every task of a variant).
 - **cost**: parameters, inference latency and training memory each grow by at most ``max_cost_ratio``.
 
 ``before`` and ``after`` are :class:`~gradconflict.History` objects (their per-step task losses are used) or
@@ -29,7 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from gradconflict.history import History
-from gradconflict.split.measures import smoothed, smoothness
+from gradconflict.split.measures import smoothed, smoothness, task_improvement
 from gradconflict.split.result import ComparisonResult, VariantRecord
 
 __all__ = ["Criterion", "SplitEvaluation", "evaluate_split"]
@@ -153,16 +154,23 @@ def _convergence(before: _Side, after: _Side, tasks: list[str], span: int, toler
 
 def _ceiling(before: _Side, after: _Side, tasks: list[str], span: int) -> Criterion:
     if before.record is not None and after.record is not None:
-        what = "best evaluated metric"
-        b_best, a_best, directions = before.record.best(), after.record.best(), after.record.directions
+        what = "metrics at each side's final evaluation (mean change over a task's metrics)"
+        b_step, b_metrics = before.record.final()
+        a_step, a_metrics = after.record.final()
+        directions = before.record.directions
+        gains = {t: task_improvement(a_metrics, b_metrics, directions, t) for t in tasks}
+        parts = "; ".join(
+            f"{t} " + ", ".join(f"{k} {b_metrics[t][k]:.4g} -> {a_metrics[t][k]:.4g}" for k in b_metrics[t])
+            for t in tasks
+        )
     else:  # histories carry training losses only: compare their smoothed minima
         what = "lowest smoothed training loss"
         # the lowest point of the moving average: a training loss's best, robust to one lucky batch
         b_best = {t: min(smoothed(before.losses[t], span), default=math.inf) for t in tasks}
         a_best = {t: min(smoothed(after.losses[t], span), default=math.inf) for t in tasks}
-        directions = dict.fromkeys(tasks, "min")
-    moved = [t for t in tasks if (a_best[t] > b_best[t] if directions[t] == "max" else a_best[t] < b_best[t])]
-    parts = "; ".join(f"{t} {b_best[t]:.4g} -> {a_best[t]:.4g}" for t in tasks)
+        gains = {t: b_best[t] - a_best[t] for t in tasks}
+        parts = "; ".join(f"{t} {b_best[t]:.4g} -> {a_best[t]:.4g}" for t in tasks)
+    moved = [t for t in tasks if gains[t] > 0]
     verdict = f"{', '.join(moved)} beat the shared ceiling" if moved else "no task beat its shared ceiling"
     return Criterion("ceiling", bool(moved), f"{what}, before -> after: {parts}; {verdict}.", WARNINGS["ceiling"])
 

@@ -1,7 +1,12 @@
 """Pure measures for judging a split: Delta-m% against a baseline, and how smoothly a loss curve falls.
 
->>> round(delta_m({"a": 0.9, "b": 0.5}, {"a": 1.0, "b": 0.4}, {"a": True, "b": False}), 3)
-17.5
+One convention for the direction of a metric across the library: ``"max"`` (higher is better: accuracy, mIoU)
+or ``"min"`` (lower is better: a loss, an error). Every improvement it reports is signed so that **positive means
+better** than the baseline (as LibMTL's ``count_improvement``; Nash-MTL and others print the opposite sign, where
+lower is better).
+
+>>> round(delta_m({"a": 0.9, "b": 0.5}, {"a": 1.0, "b": 0.4}, {"a": "max", "b": "min"}), 3)
+-17.5
 >>> smoothness([3.0, 2.0, 1.0, 0.5]).rise_share
 0.0
 """
@@ -11,52 +16,149 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-__all__ = ["Smoothness", "delta_m", "smoothed", "smoothness", "task_improvement"]
+__all__ = [
+    "DIRECTIONS",
+    "Direction",
+    "Smoothness",
+    "check_direction",
+    "delta_m",
+    "nested",
+    "nested_directions",
+    "relative_improvement",
+    "smoothed",
+    "smoothness",
+    "task_improvement",
+]
+
+Direction = Literal["max", "min"]
+#: The two directions a metric can improve in: ``"max"`` (higher is better) and ``"min"`` (lower is better).
+DIRECTIONS: tuple[Direction, ...] = ("max", "min")
+
+#: ``{task: value}`` (one metric per task, named after the task) or ``{task: {metric: value}}``.
+Metrics = Mapping[str, float] | Mapping[str, Mapping[str, float]]
+#: One direction for every metric, one per task, or one per task and metric.
+Directions = str | Mapping[str, str] | Mapping[str, Mapping[str, str]]
 
 
-def task_improvement(value: float, base: float, lower_is_better: bool) -> float:
-    """One task's signed relative change in percent, ``(-1)^l (M - B) / B * 100``: positive means better.
+def check_direction(direction: str, what: str = "a metric") -> Direction:
+    """``direction`` if it is ``"max"`` or ``"min"``, else a ``ValueError`` naming ``what``.
 
-    >>> round(task_improvement(0.8, 1.0, lower_is_better=True), 6)
-    20.0
+    >>> check_direction("min")
+    'min'
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(
+            f"the direction of {what} must be 'max' (higher is better) or 'min' (lower is better), got {direction!r}"
+        )
+    return direction  # type: ignore[return-value]
+
+
+def nested(values: Metrics) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` from either form of :data:`Metrics` (a bare value is the task's one metric,
+    named after the task).
+
+    >>> nested({"seg": 0.4, "depth": {"abs": 0.6, "rel": 0.2}})
+    {'seg': {'seg': 0.4}, 'depth': {'abs': 0.6, 'rel': 0.2}}
+    """
+    return {
+        t: {k: float(x) for k, x in v.items()} if isinstance(v, Mapping) else {t: float(v)} for t, v in values.items()
+    }
+
+
+def nested_directions(
+    directions: Directions, like: Mapping[str, Mapping[str, float]]
+) -> dict[str, dict[str, Direction]]:
+    """The direction of every metric of ``like`` (``{task: {metric: value}}``) from one direction for all, one per
+    task, or one per task and metric; ``ValueError`` for a missing or unknown one.
+
+    >>> nested_directions({"depth": "min", "seg": {"miou": "max"}}, {"depth": {"abs": 0.6}, "seg": {"miou": 0.4}})
+    {'depth': {'abs': 'min'}, 'seg': {'miou': 'max'}}
+    """
+    out: dict[str, dict[str, Direction]] = {}
+    for task, metrics in like.items():
+        given = directions if isinstance(directions, str) else directions.get(task)
+        if given is None:
+            raise ValueError(f"no direction for task {task!r}: give 'max' or 'min' for each task (or each metric)")
+        out[task] = {}
+        for metric in metrics:
+            d = given if isinstance(given, str) else given.get(metric)
+            if d is None:
+                raise ValueError(f"no direction for metric {metric!r} of task {task!r}: give 'max' or 'min'")
+            out[task][metric] = check_direction(d, f"metric {metric!r} of task {task!r}")
+    return out
+
+
+def relative_improvement(value: float, base: float, direction: str) -> float:
+    """One metric's signed relative change in percent, ``+-(M - B) / |B| * 100``: positive means better, with
+    ``+`` for ``"max"`` and ``-`` for ``"min"``. The absolute value of the baseline keeps the sign meaningful
+    for a negative baseline (a log-likelihood, a score below zero).
+
+    >>> round(relative_improvement(0.8, 1.0, "min"), 6), round(relative_improvement(-1.5, -1.0, "max"), 6)
+    (20.0, -50.0)
     """
     if base == 0:
         raise ValueError("the baseline metric is 0: a relative improvement over it is undefined")
-    sign = -1.0 if lower_is_better else 1.0
-    return sign * (value - base) / base * 100.0
+    sign = 1.0 if check_direction(direction) == "max" else -1.0
+    return sign * (value - base) / abs(base) * 100.0
+
+
+def task_improvement(metrics: Metrics, baseline: Metrics, directions: Directions, task: str) -> float:
+    """One task's improvement over ``baseline`` in percent: the mean of :func:`relative_improvement` over the
+    task's metrics (positive: better).
+
+    >>> new, base = {"seg": {"miou": 40.0, "acc": 66.0}}, {"seg": {"miou": 38.0, "acc": 64.0}}
+    >>> round(task_improvement(new, base, "max", "seg"), 3)     # (2 / 38 + 2 / 64) / 2
+    4.194
+    """
+    values, bases = nested(metrics), nested(baseline)
+    signs = nested_directions(directions, {task: values[task]})
+    terms = [relative_improvement(v, bases[task][k], signs[task][k]) for k, v in values[task].items()]
+    return sum(terms) / len(terms)
 
 
 def delta_m(
-    metrics: Mapping[str, float] | Sequence[float],
-    baseline: Mapping[str, float] | Sequence[float],
-    lower_is_better: Mapping[str, bool] | Sequence[bool] | bool,
+    metrics: Metrics,
+    baseline: Metrics,
+    directions: Directions,
+    *,
+    average: Literal["metric", "task"] = "metric",
 ) -> float:
-    """Delta-m% (Maninis et al. 2019): the mean over tasks of :func:`task_improvement`.
+    """Delta-m% (Maninis et al., CVPR 2019), positive when ``metrics`` beat ``baseline`` on average.
 
-    ``(100 / T) sum_t (-1)^{l_t} (M_t - B_t) / B_t`` with ``l_t = 1`` where lower is better. Positive: the
-    model beats the baseline (usually independent single-task models) on average.
+    ``average="metric"``: the mean over every metric of every task of :func:`relative_improvement`,
+    ``(100 / K) sum_k +-(M_k - B_k) / |B_k|`` (Maninis et al.; Nash-MTL's and most papers' tables, with the
+    opposite sign). ``average="task"``: first the mean over each task's metrics, then over tasks, so that a task
+    with many metrics does not outweigh the others (LibMTL's ``count_improvement``; Recon).
 
     Args:
-        metrics: each task's metric ``M_t`` (a mapping task -> value, or a sequence in task order).
-        baseline: each task's baseline ``B_t``, keyed or ordered like ``metrics``.
-        lower_is_better: per task (mapping or sequence), or one bool for all tasks.
+        metrics: each task's metrics, ``{task: value}`` or ``{task: {metric: value}}``.
+        baseline: the baseline's (usually single-task models), in the same form and with the same keys.
+        directions: ``"max"`` or ``"min"`` for all, per task (``{task: "min"}``) or per metric.
+        average: ``"metric"`` or ``"task"``.
 
-    >>> delta_m([1.0, 2.0], [2.0, 2.0], True)
-    25.0
+    >>> m = {"seg": {"miou": 40.0, "acc": 66.0}, "depth": {"abs": 0.5}}
+    >>> b = {"seg": {"miou": 38.0, "acc": 64.0}, "depth": {"abs": 0.6}}
+    >>> d = {"seg": "max", "depth": "min"}
+    >>> round(delta_m(m, b, d), 3), round(delta_m(m, b, d, average="task"), 3)
+    (8.352, 10.43)
     """
-    if isinstance(metrics, Mapping):
-        if not isinstance(baseline, Mapping) or set(baseline) != set(metrics):
-            raise ValueError("metrics and baseline must be mappings over the same tasks")
-        keys = list(metrics)
-        values, bases = [metrics[k] for k in keys], [baseline[k] for k in keys]
-        lower = [lower_is_better if isinstance(lower_is_better, bool) else lower_is_better[k] for k in keys]
-    else:
-        values, bases = list(metrics), list(baseline)
-        lower = [lower_is_better] * len(values) if isinstance(lower_is_better, bool) else list(lower_is_better)
-    if not values or len(bases) != len(values) or len(lower) != len(values):
-        raise ValueError("metrics, baseline and lower_is_better must cover the same, non-empty set of tasks")
-    return sum(task_improvement(v, b, low) for v, b, low in zip(values, bases, lower)) / len(values)
+    values, bases = nested(metrics), nested(baseline)
+    if not values or set(values) != set(bases) or any(set(values[t]) != set(bases[t]) for t in values):
+        raise ValueError(
+            f"metrics and baseline must hold the same, non-empty tasks and metrics: {values} vs {bases}"
+        )
+    signs = nested_directions(directions, values)
+    if average not in ("metric", "task"):
+        raise ValueError(f"average must be 'metric' or 'task', got {average!r}")
+    per_task = {
+        t: [relative_improvement(values[t][k], bases[t][k], signs[t][k]) for k in values[t]] for t in values
+    }
+    if average == "task":
+        return sum(sum(v) / len(v) for v in per_task.values()) / len(per_task)
+    flat = [x for v in per_task.values() for x in v]
+    return sum(flat) / len(flat)
 
 
 @dataclass(frozen=True)

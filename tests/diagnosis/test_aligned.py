@@ -64,6 +64,8 @@ def test_aligned_metrics_equal_the_torch_metrics_step_by_step(make_gram):
         P = torch.tensor(back)
         assert A.cosine[s] == pytest.approx(r.cosine[P][:, P].numpy(), abs=1e-12)
         assert A.cancellation[s] == pytest.approx(float(r.cancellation), abs=1e-12)
+        assert A.update_norm[s] == pytest.approx(float(r.update_norm), abs=1e-12)
+        assert A.task_norms[s] == pytest.approx(r.task_norms[P].numpy(), abs=1e-12)
         assert A.alignment[s] == pytest.approx(r.alignment[P].numpy(), abs=1e-12)
         for S in (0.0, -0.3):
             mask = metrics.conflict_pairs(r.gram[P][:, P], S).numpy()
@@ -145,13 +147,17 @@ def test_layer_grams_keep_their_precision_and_blocks_change_nothing(make_gram, m
     A = align(run)
     assert A.layer_gram.dtype == np.float32 and A.gram.dtype == np.float64
     assert A.layer_gram[1, 2] == pytest.approx(run[1].layers["l2"].gram.numpy())
-    together, conflicts, cosines = A.layer_pair_stats(0.0)
-    assert together[0].tolist() == [[5, 5, 2], [5, 5, 2], [2, 2, 2]]
-    expected = sum(r.layers["l3"].cosine.double().numpy()[0, 1] for r in run)
-    assert cosines[3, 0, 1] == pytest.approx(expected)
+    cosines = A.layer_cosine()
+    assert np.isnan(cosines[0, 3, 2]).all() and cosines[1, 3] == pytest.approx(run[1].layers["l3"].cosine.numpy())
     monkeypatch.setattr(module, "_BLOCK", 1)  # one layer per block
-    for mine, ref in zip(A.layer_pair_stats(0.0), (together, conflicts, cosines)):
-        assert np.array_equal(mine, ref)
+    blocks = list(A.layer_blocks(0.0))
+    assert [b for b, _, _ in blocks] == [slice(k, k + 1) for k in range(4)]
+    np.testing.assert_array_equal(np.concatenate([c for _, c, _ in blocks], axis=1), cosines)
+    for s, r in enumerate(run):  # the conflict masks are metrics.conflict_pairs of each layer, by name
+        keep = [("abc".index(t)) for t in r.tasks]
+        for k, (_, _, conflicts) in enumerate(blocks):
+            mask = metrics.conflict_pairs(r.layers[f"l{k}"].gram.double(), 0.0).numpy()
+            assert conflicts[s, 0][np.ix_(keep, keep)].tolist() == mask.tolist()
     wide = run + [ConflictReport("ab", torch.eye(2, dtype=torch.float64), step=9,
                                  layers={"l0": LayerReport("l0", "ab", torch.eye(2, dtype=torch.float64))})]
     assert align(wide).layer_gram.dtype == np.float64

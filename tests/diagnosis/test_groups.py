@@ -64,3 +64,11 @@ def test_unknown_affinity_counts_as_neutral():
     assert g.groups == [["a", "b"], ["c"]]
     assert g.by_count[2] == ([["a", "b"], ["c"]], pytest.approx((0.6 + 0.6 + 0.0) / 3))
     assert g.by_count[1][1] == pytest.approx((0.3 + 0.3 + 0.0) / 3)
+
+
+def test_min_groups_asks_for_a_split():
+    # Every pair helps a little: sharing wins; asked for a split, the best partition with two groups or more.
+    N = np.array([[1.0, 0.3, 0.1], [0.3, 1.0, 0.1], [0.1, 0.1, 1.0]])
+    assert group_tasks(N, ["a", "b", "c"]).groups == [["a", "b", "c"]]
+    split = group_tasks(N, ["a", "b", "c"], min_groups=2)
+    assert split.groups == [["a", "b"], ["c"]] and split.by_count[1][0] == [["a", "b", "c"]]

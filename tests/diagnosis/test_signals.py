@@ -1,36 +1,70 @@
 import json
 
+import numpy as np
 import pytest
 import torch
+from scipy import stats
 from torch import nn
 
-from gradconflict.diagnosis import Thresholds, diverging_objectives, heavy_heads, single_point_of_risk, zero_sum
+from gradconflict.diagnosis import (
+    Thresholds,
+    ceiling,
+    diverging_objectives,
+    heavy_heads,
+    oscillating_conflict,
+    single_point_of_risk,
+    zero_sum,
+)
 from gradconflict.diagnosis.signals import STATUSES, worst_status
+from gradconflict.split import ComparisonResult, VariantRecord
 
 
 def _run(make_report, grams, **kw):
     return [make_report(G, step=s, **kw) for s, G in enumerate(grams)]
 
 
+def _spread(conflicts, steps, fight, calm):
+    """``steps`` values, ``conflicts`` of them ``fight`` spread evenly, the others ``calm``."""
+    return [fight if int((k + 1) * conflicts / steps) > int(k * conflicts / steps) else calm for k in range(steps)]
+
+
 def test_diverging_objectives_statuses(make_report, make_pair):
-    aligned = diverging_objectives(_run(make_report, [make_pair(0.8)] * 10))
-    assert aligned.status == "ok" and aligned.value == 0.0 and aligned.threshold == 0.5
-    # Opposed on 6 of 10 steps: persistent, and the magnitude cancels.
-    mixed = [make_pair(-0.9)] * 6 + [make_pair(0.2)] * 4
+    aligned = diverging_objectives(_run(make_report, [make_pair(0.8)] * 20))
+    assert aligned.status == "ok" and aligned.value == 0.0 and "no pair conflicts persistently" in aligned.evidence
+    # Opposed on 24 of 30 steps, spread evenly: P(X >= 24 | 30, 1/2) is far below 5% -> a persistent conflict.
+    mixed = _spread(24, 30, make_pair(-0.9), make_pair(0.2))
     s = diverging_objectives(_run(make_report, mixed))
-    assert s.status == "split" and s.value == pytest.approx(0.6)
-    assert "60% of 10 measured steps" in s.evidence and "cancellation" in s.evidence
-    assert s.details["persistence"] == {"a/b": pytest.approx(0.6)}
-    # Slightly negative cosines with equal norms lose more than orthogonal gradients would (0.29): split at
-    # PCGrad's S = 0; Recon's S = -0.1 no longer counts the pair, the cancellation alone says watch.
-    mild = _run(make_report, [make_pair(-0.05)] * 10)
-    assert diverging_objectives(mild).status == "split"
-    assert diverging_objectives(mild, Thresholds(conflict_cosine=-0.1)).status == "watch"
-    assert diverging_objectives(mild, Thresholds(conflict_cosine=-0.1, cancellation_watch=0.5)).status == "ok"
-    # Persistent but unequal norms: little is lost, watch.
-    lopsided = _run(make_report, [make_pair(-0.05, norms=(1.0, 4.0))] * 10)
-    assert diverging_objectives(lopsided).status == "watch"
+    assert s.status == "split" and s.value == pytest.approx(0.8)
+    assert "80% of 30 measured steps on the whole backbone" in s.evidence and "persistent conflict" in s.evidence
+    assert s.details["persistence"] == {"a/b": pytest.approx(0.8)}
+    assert s.details["decisive"]["p_value"] == pytest.approx(stats.binomtest(24, 30, 0.5, alternative="greater").pvalue)
+    # The same rate on 5 steps is not evidence yet: watch, with the number of steps still needed.
+    few = diverging_objectives(_run(make_report, _spread(4, 5, make_pair(-0.9), make_pair(0.2))))
+    assert few.status == "watch" and "not enough steps yet: measure about" in few.evidence
+    # A pair at chance level (conflicting on every other step) is ruled out, however many steps.
+    coin = diverging_objectives(_run(make_report, [make_pair(c) for c in [-0.3, 0.3] * 40]))
+    assert coin.status == "ok"
+    # Negative on every step, but by a cosine of -0.05: nearly orthogonal gradients, weaker than a small
+    # correlation (0.1), barely slow each other down: ruled out. Recon's S = -0.1 leaves nothing to test at all.
+    mild = _run(make_report, [make_pair(-0.05)] * 30)
+    assert diverging_objectives(mild).status == "ok"
+    assert diverging_objectives(mild, Thresholds(conflict_cosine=-0.1)).status == "ok"
+    clear = _run(make_report, [make_pair(-0.3)] * 30)
+    assert diverging_objectives(clear).status == "split"
+    assert diverging_objectives(clear, Thresholds(conflict_cosine=-0.5)).status == "ok"
     json.dumps(s.to_dict())
+
+
+def test_conflict_confined_to_a_layer_drives_signal_one(make_report, make_pair):
+    # The whole backbone agrees (the bottom layer dominates its Gram); the top layer conflicts on every step.
+    run = []
+    for step in range(20):
+        top, bottom = make_pair(-0.8), make_pair(0.9, norms=(3.0, 3.0))
+        run.append(make_report(top + bottom, step=step, layers={"top": (top, 5), "bottom": (bottom, 50)}))
+    s = diverging_objectives(run)
+    assert s.status == "split" and s.details["decisive"]["layer"] == "top"
+    assert s.details["persistence"] == {"a/b": 0.0}  # the whole backbone never conflicts
+    assert "on top" in s.evidence and "layers in persistent conflict: top (1 of 2)" in s.evidence
 
 
 def test_diverging_objectives_rising_conflict_is_watched(make_report, make_pair):
@@ -38,6 +72,39 @@ def test_diverging_objectives_rising_conflict_is_watched(make_report, make_pair)
     s = diverging_objectives(_run(make_report, grams))
     assert s.details["conflict_trend"]["rising"] and s.status == "watch"
     assert "rises" in s.evidence
+
+
+def test_oscillating_conflict_points_to_the_data(make_report, make_pair):
+    rng = np.random.default_rng(0)
+    coin = _run(make_report, [make_pair(float(c)) for c in rng.permutation([-0.4, 0.4] * 100)])  # 50%, shuffled
+    s = oscillating_conflict(coin)
+    assert s.status == "watch" and np.isnan(s.threshold) and "points to the data" in s.evidence
+    assert s.to_dict()["threshold"] is None
+    assert s.details["oscillating"] == ["a/b"] and 0.35 < s.details["flip_rate"]["a/b"] < 0.65
+    persistent = oscillating_conflict(_run(make_report, [make_pair(-0.5)] * 40))
+    assert persistent.status == "ok" and persistent.details["oscillating"] == []
+    assert oscillating_conflict(_run(make_report, [make_pair(0.5)] * 40)).status == "ok"  # agreeing
+
+
+def test_ceiling_reads_the_comparison_over_seeds():
+    def rec(name, a):
+        return VariantRecord(name, {"a": [1.0]}, [(1, {"a": a})], {"a": "min"})
+
+    def runs(branched):
+        return [
+            ComparisonResult({"shared": rec("shared", s), "branched": rec("branched", b)}, ["a"], 1, 0,
+                             branch_at="backbone.2")
+            for s, b in zip([1.0, 0.9, 1.1], branched)
+        ]
+
+    lifted = ceiling(runs([0.5, 0.45, 0.55]))
+    assert lifted.status == "split" and lifted.details["winners"] == ["branched"]
+    assert lifted.details["branch_at"] == "backbone.2" and lifted.value == pytest.approx(50.0)
+    flat = ceiling(runs([0.99, 0.89, 1.09]))  # 1% better: within the seeds' spread (10%)
+    assert flat.status == "ok" and "capacity was not the limit" in flat.evidence
+    one = ceiling(runs([0.5, 0.45, 0.55])[0])
+    assert one.status == "watch" and "one seed" in one.evidence
+    assert ceiling(None).status == "n/a"
 
 
 def test_signals_not_available_without_inputs(make_report):
@@ -84,10 +151,15 @@ def test_zero_sum_gradient_and_evaluation_levels(make_report, make_pair):
     calm = _run(make_report, [make_pair(0.3)] * 10)
     assert zero_sum(calm).status == "ok"
     trading = [{"a": 0.80, "b": 0.70}, {"a": 0.82, "b": 0.69}, {"a": 0.80, "b": 0.71}]
-    s = zero_sum(calm, evaluations=trading)
+    both_max = {"a": "max", "b": "max"}
+    s = zero_sum(calm, evaluations=trading, directions=both_max)
     assert s.status == "split" and s.details["evaluation_trade_off_share"] == 1.0 and "Pareto" in s.evidence
     improving = [{"a": 0.80, "b": 0.70}, {"a": 0.82, "b": 0.72}, {"a": 0.84, "b": 0.74}]
-    assert zero_sum(calm, evaluations=improving).status == "ok"
+    assert zero_sum(calm, evaluations=improving, directions=both_max).status == "ok"
+    # The same table with b an error (lower is better): every change is a trade-off.
+    assert zero_sum(calm, evaluations=improving, directions={"a": "max", "b": "min"}).status == "split"
+    with pytest.raises(ValueError, match="give the direction of each evaluation metric"):
+        zero_sum(calm, evaluations=improving)
 
 
 def test_single_point_of_risk(make_report, make_pair):
@@ -131,7 +203,7 @@ def test_round_robin_signals_are_not_available(make_cut, make_gram):
         assert "monitor.measure(losses) on a batch with all tasks every k steps" in signal.evidence
     # The evaluation level of signal 3 does not need gradients: it is still judged.
     trading = [{"a": 0.80, "b": 0.70}, {"a": 0.83, "b": 0.68}, {"a": 0.80, "b": 0.71}]
-    s = zero_sum(run, evaluations=trading)
+    s = zero_sum(run, evaluations=trading, directions={"a": "max", "b": "max"})
     assert s.status == "split" and s.value is None and s.details["evaluation_trade_off_share"] == 1.0
     assert s.evidence.startswith("gradient level not measured: no measured step carried two tasks together")
 

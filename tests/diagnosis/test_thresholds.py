@@ -7,7 +7,7 @@ from gradconflict.diagnosis import Thresholds
 
 def test_defaults_are_documented_and_frozen():
     t = Thresholds()
-    assert t.conflict_cosine == 0.0 and t.persistence_split == 0.5 and t.layer_conflict == 0.5
+    assert t.conflict_cosine == 0.0 and t.alpha == 0.05
     with pytest.raises(dataclasses.FrozenInstanceError):
         t.conflict_cosine = -0.1  # type: ignore[misc]
     doc = Thresholds.__doc__ or ""
@@ -17,7 +17,7 @@ def test_defaults_are_documented_and_frozen():
 
 def test_from_mapping_overrides_and_rejects_typos():
     assert Thresholds.from_mapping(None) == Thresholds()
-    t = Thresholds(trend_alpha=0.01)
+    t = Thresholds(alpha=0.01)
     assert Thresholds.from_mapping(t) is t
     assert Thresholds.from_mapping({"conflict_cosine": -0.1}).conflict_cosine == -0.1
     with pytest.raises(ValueError, match="conflict_cosin"):

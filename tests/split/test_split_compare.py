@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from torch import nn
 
-from gradconflict.split import ComparisonResult, MultiTaskNet, VariantRecord, compare
+from gradconflict.split import ComparisonResult, MultiTaskNet, VariantRecord, compare, split_gains
 
 from .helpers import MSE, batches, mlp_net
 
@@ -22,6 +23,7 @@ def test_compare_runs_every_variant_and_tabulates_them():
     assert list(res.variants) == ["shared", "independent", "lora", "branched"]
     assert [(r["variant"], r["task"]) for r in res.rows][:3] == [("shared", "a"), ("shared", "b"), ("independent", "a")]
     assert res.split_step == 6 and res["lora"].start == 6 and res["shared"].start == 0
+    assert res.branch_at == 2 and res.groups == [["a"], ["b"]]
     for rec in res.variants.values():
         assert all(len(v) == 12 for v in rec.losses.values())
         assert [s for s, _ in rec.evals] == [4, 8, 12]
@@ -82,15 +84,52 @@ def test_branched_without_a_point_is_skipped_with_a_note_and_a_model_can_be_pass
     assert res.delta_m == {} and "Note: branched skipped" in res.to_markdown()
 
 
-def test_custom_metrics_and_directions():
+def test_custom_metrics_several_per_task_and_directions():
     def accuracy_like(out, target):
         return float(-(out - target).abs().mean())
 
-    metrics = {"a": (accuracy_like, "max"), "b": (MSE["b"], "min")}
+    def mse(out, target):
+        return float((out - target).pow(2).mean())
+
+    metrics = {"a": {"closeness": (accuracy_like, "max"), "mse": (mse, "min")}, "b": (mse, "min")}
     res = _run(variants=("shared", "independent"), metrics=metrics)
     rec = res["shared"]
-    assert rec.directions == {"a": "max", "b": "min"}
-    assert rec.best()["a"] == max(m["a"] for _, m in rec.evals)
+    assert rec.directions == {"a": {"closeness": "max", "mse": "min"}, "b": {"b": "min"}}
+    assert [(r["task"], r["metric"]) for r in res.rows[:3]] == [("a", "closeness"), ("a", "mse"), ("b", "b")]
+    step, final = rec.final()
+    assert step == 12 and set(final["a"]) == {"closeness", "mse"}
+    # Delta-m% vs independent, by hand from the two final checkpoints, averaged per metric.
+    base = res["independent"].final()[1]
+    terms = [
+        (final["a"]["closeness"] - base["a"]["closeness"]) / abs(base["a"]["closeness"]),
+        -(final["a"]["mse"] - base["a"]["mse"]) / base["a"]["mse"],
+        -(final["b"]["b"] - base["b"]["b"]) / base["b"]["b"],
+    ]
+    assert res.delta_m["shared"] == pytest.approx(100 * sum(terms) / 3)
+    assert dataclasses.replace(res, average="task").delta_m["shared"] == pytest.approx(
+        100 * ((terms[0] + terms[1]) / 2 + terms[2]) / 2
+    )
+    with pytest.raises(ValueError, match="'max' \\(higher is better\\) or 'min'"):
+        _run(variants=("shared",), metrics={"a": (mse, "lower"), "b": (mse, "min")})
+    with pytest.raises(ValueError, match="no metric for tasks \\['b'\\]"):
+        _run(variants=("shared",), metrics={"a": (mse, "min")})
+
+
+def test_delta_m_reads_one_checkpoint_per_variant():
+    # Each task peaks at a different evaluation, but no checkpoint has both peaks: the best checkpoint by Delta-m%
+    # is a real model, not each task's best at its own step (which would report +12.5% here).
+    def rec(name, evals):
+        return VariantRecord(name, {"a": [1.0], "b": [1.0]}, evals, {"a": "min", "b": "min"})
+
+    single = rec("independent", [(1, {"a": 1.0, "b": 1.0}), (2, {"a": 1.0, "b": 1.0})])
+    shared = rec("shared", [(1, {"a": 0.75, "b": 1.5}), (2, {"a": 1.5, "b": 0.75})])
+    res = ComparisonResult({"shared": shared, "independent": single}, ["a", "b"], steps=2, split_step=0)
+    assert res.delta_m["shared"] == pytest.approx((-50.0 + 25.0) / 2)  # the final checkpoint
+    best = dataclasses.replace(res, select="best")
+    assert best.checkpoints["shared"][0] == 1 and best.delta_m["shared"] == pytest.approx(-12.5)
+    per_task_best = (25.0 + 25.0) / 2  # what picking each task's best at its own step would claim
+    assert best.delta_m["shared"] < 0 < per_task_best
+    assert {r["step"] for r in best.rows if r["variant"] == "shared"} == {1}
 
 
 def test_bad_arguments_are_explained():
@@ -121,7 +160,33 @@ def test_ceiling_broken_and_delta_m_from_records():
     assert res.delta_m["shared"] == pytest.approx((-25.0 + 0.0) / 2)
     assert res.delta_m["lora"] == pytest.approx((-37.5 + 20.0) / 2)
     frame = res.to_dataframe()
-    assert frame.loc[("lora", "b"), "beats_shared"] and frame.loc[("shared", "a"), "beats_shared"] is None
+    assert frame.loc[("lora", "b", "b"), "beats_shared"] and frame.loc[("shared", "a", "a"), "beats_shared"] is None
+    assert "Δm% vs independent (positive: better; final checkpoint; averaged per metric)" in res.to_markdown()
+
+
+def test_split_gains_over_seeds():
+    def rec(name, a):
+        return VariantRecord(name, {"a": [1.0]}, [(1, {"a": a})], {"a": "min"})
+
+    # The shared model moves 1.0 -> 1.1 -> 0.9 across seeds: its spread is the standard deviation of its own
+    # Delta-m% against its mean over the seeds (10%, 0%, -10%: 10%).
+    shared = [1.0, 0.9, 1.1]
+    big = [0.5, 0.45, 0.55]  # 50% better on every seed
+    small = [0.95, 0.855, 1.045]  # 5% better on every seed: within two spreads
+    mixed = [0.5, 0.95, 1.2]  # ahead on two seeds of three
+    runs = [
+        ComparisonResult(
+            {"shared": rec("shared", s), "big": rec("big", b), "small": rec("small", m), "mixed": rec("mixed", x)},
+            ["a"], steps=1, split_step=0,
+        )
+        for s, b, m, x in zip(shared, big, small, mixed)
+    ]
+    gains = split_gains(runs)
+    assert gains["big"].per_seed == pytest.approx([50.0, 50.0, 50.0]) and gains["big"].spread == pytest.approx(10.0)
+    assert gains["big"].beyond is True and gains["small"].beyond is False and gains["mixed"].beyond is False
+    assert split_gains(runs[:1])["big"].beyond is None  # one seed: no spread to judge by
+    with pytest.raises(ValueError, match="no 'shared' variant"):
+        split_gains([ComparisonResult({"big": rec("big", 0.5)}, ["a"], steps=1, split_step=0)])
 
 
 def test_compare_on_a_small_cnn_with_batchnorm():

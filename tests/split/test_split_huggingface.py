@@ -190,7 +190,7 @@ def test_lora_split_adapts_linear_and_gpt2_conv1d_layers(family):
 
 def test_compare_runs_the_advices_own_next_step_on_bert():
     """Two aligned tasks: the advice keeps the backbone shared and its next step checks that against independent
-    models, passing the first measured layer as branch_at; compare takes it as it is."""
+    models; compare runs that step's arguments as they are, on BERT."""
     model, batch = model_and_batch("bert", n=16)
     target = batch["input_ids"][:, :1].float() / 40
     targets = {"a": target, "b": 2 * target}
@@ -203,14 +203,15 @@ def test_compare_runs_the_advices_own_next_step_on_bert():
             opt.step()
             opt.zero_grad()
     advice = monitor.advise()
-    found = re.search(r"branch_at=(.*?), groups=(.*?), seed", advice.next_step)
-    branch_at, groups = ast.literal_eval(found.group(1)), ast.literal_eval(found.group(2))
-    assert branch_at is not None and branch_at.startswith("backbone.")
+    found = re.search(r"variants=(.*?),\s*branch_at=(.*?), groups=(.*?), seed", advice.next_step, flags=re.S)
+    variants, branch_at, groups = (ast.literal_eval(found.group(k)) for k in (1, 2, 3))
+    assert advice.verdict == "keep_shared" and variants == ("shared", "independent")
 
     def factory():
         return model_and_batch("bert")[0]
 
     data = [(batch, targets)]
-    result = compare(factory, losses, data, steps=4, branch_at=branch_at, groups=groups, progress=False, evals=1)
-    assert list(result.variants) == ["shared", "independent", "lora", "branched"]
-    assert all(len(result.history["branched"][t]) == 4 for t in targets)
+    result = compare(factory, losses, data, steps=4, variants=variants, branch_at=branch_at, groups=groups,
+                     progress=False, evals=1)
+    assert list(result.variants) == list(variants)
+    assert all(len(result.history["independent"][t]) == 4 for t in targets)

@@ -1,0 +1,104 @@
+"""Ground truth: what splitting actually does on a problem, measured with ``compare()`` over several seeds.
+
+For each seed, one ``compare()`` run trains the shared model, fully independent models, per-task LoRA adapters and
+the backbone branched at the bottom block; one more run per higher block branches there (the shared phase before
+the split is the same run, same seed, same batches, so its records join the first run's). Every variant is read
+at its final evaluation on held-out data (fresh label noise), and ``split_gains`` pairs it with the shared model of
+the same seed: a split counts as better only when it is ahead on every seed and its mean Delta-m% exceeds two
+standard deviations of the shared model's own seed-to-seed variation ("beyond the seeds' spread").
+
+The truth's verdict: ``physical_split`` when a branched variant (or the fully independent models, a branch at the
+bottom) beats shared, ``lora_split`` when only the adapters do, ``keep_shared`` when nothing does. Its branch point:
+the block the construction names when branching there beats shared; otherwise the highest block that does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from gradconflict.split import ComparisonResult, SplitGain, compare, split_gains
+from gradconflict.synthetic import Problem, Spec, build_problem
+
+#: Training budget of every variant (steps), the shared phase before lora and branched split (half), batch size.
+STEPS, BATCH = 400, 64
+LR = 3e-3
+
+
+@dataclass
+class Truth:
+    """What splitting did on one problem."""
+
+    verdict: str
+    branch: str | None
+    gains: dict[str, SplitGain]
+    spread: float
+    economical: str | None  # the highest block whose gain is within two spreads of the best branch's
+    confirmed: bool  # the construction's branch point beats shared
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def branch_name(block: str) -> str:
+    return f"branched@{block}"
+
+
+def _batches(problem: Problem, seed: int) -> list:
+    stream = problem.batches(BATCH, seed=1000 + seed)
+    return [next(stream) for _ in range(STEPS)]
+
+
+def seed_result(spec: Spec, seed: int) -> ComparisonResult:
+    """One seed's comparison: shared, independent, lora and a branch at every block, joined in one result."""
+    problem = build_problem(spec, 0)  # the problem's data is fixed; the seed moves the initialisation and the order
+    groups = [list(g) for g in spec.expected_groups] if spec.expected_verdict != "keep_shared" else None
+
+    def factory() -> torch.nn.Module:
+        assert problem.factory is not None
+        return problem.factory(seed)
+
+    options = dict(
+        steps=STEPS, optimizer_factory=lambda params: torch.optim.Adam(params, lr=LR),
+        eval_data=[(problem.eval_x, problem.eval_targets)], groups=groups, seed=seed, progress=False, evals=4,
+    )
+    data = _batches(problem, seed)
+    first = compare(factory, problem.loss_fns, data, branch_at="backbone.0", **options)
+    variants = {name: first[name] for name in ("shared", "independent", "lora")}
+    variants[branch_name("backbone.0")] = first["branched"]
+    for k in range(1, spec.depth):
+        block = f"backbone.{k}"
+        variants[branch_name(block)] = compare(
+            factory, problem.loss_fns, data, branch_at=block, variants=("branched",), **options
+        )["branched"]
+    return ComparisonResult(variants, problem.tasks, steps=STEPS, split_step=first.split_step)
+
+
+def truth(spec: Spec, seeds: int) -> Truth:
+    """The measured truth of one problem over ``seeds`` seeds."""
+    results = [seed_result(spec, s) for s in range(seeds)]
+    gains = split_gains(results)
+    spread = next(iter(gains.values())).spread
+    winners = [name for name, g in gains.items() if g.beyond]
+    branches = [name for name in gains if name.startswith("branched@")]
+    won = [b for b in branches if b in winners]
+    if won or "independent" in winners:
+        verdict = "physical_split"
+    elif "lora" in winners:
+        verdict = "lora_split"
+    else:
+        verdict = "keep_shared"
+    constructed = branch_name(spec.expected_branch) if spec.expected_branch else None
+    confirmed = constructed in won if constructed else False
+    branch = None
+    if verdict == "physical_split":
+        if confirmed:
+            branch = spec.expected_branch
+        elif won:
+            branch = won[-1].split("@", 1)[1]
+        else:
+            branch = "backbone.0"  # only the fully independent models won: the full split
+    best = max((gains[b].mean for b in branches), default=float("nan"))
+    close = [b for b in branches if gains[b].mean >= best - 2 * spread and gains[b].beyond]
+    economical = close[-1].split("@", 1)[1] if close else None
+    return Truth(verdict, branch, gains, spread, economical, confirmed)
