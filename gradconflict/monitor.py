@@ -36,6 +36,7 @@ from gradconflict.history import History, Sink
 from gradconflict.report import ConflictReport, LayerReport
 from gradconflict.shared import SharedParameters, gram_dtype, layer_names
 from gradconflict.tasks import TaskLosses, task_losses
+from gradconflict.weighting import StepWeights, WeightingSpec
 
 if TYPE_CHECKING:
     from gradconflict.diagnosis import Advice
@@ -190,6 +191,7 @@ class ConflictMonitor:
         self._layer_of, self._module_name = layer_names(inner)
         self._plan: Plan | None = None
         self._buffers = BufferGuard(inner)
+        self._weighting = StepWeights()
         token = id(self)
         _ACTIVE[token] = (weakref.ref(inner), ids)
         self._release = weakref.finalize(self, _shut, token, self.engine, self.history)
@@ -209,7 +211,8 @@ class ConflictMonitor:
         return not self._release.alive
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs: the step count, the shared parameters and the history (with its averages).
+        """What a resumed run needs: the step count, the shared parameters, the history (with its averages) and the
+        weighting's state (its random generator or warm start, and the last weights).
 
         Plain Python values and CPU tensors: save it with ``torch.save`` next to the model's checkpoint.
         """
@@ -218,6 +221,7 @@ class ConflictMonitor:
             "step": self.step,
             "shared": self.shared_parameters,
             "history": self.history.state_dict(),
+            "weighting": self._weighting.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -227,24 +231,37 @@ class ConflictMonitor:
             raise ValueError(f"not a ConflictMonitor state (schema {state.get('schema')!r}, expected {STATE_SCHEMA})")
         self._shared.load(state["shared"])
         self.history.load_state_dict(state["history"])
+        self._weighting.load_state_dict(state.get("weighting", {}))
         self.step = int(state["step"])
         self._micro, self._accumulated, self._plan = 0, None, None
         self.engine.arm(self._taps_wanted())
 
     # ------------------------------------------------------------------------------------------ steps
     def backward(
-        self, losses: Mapping[Hashable, Tensor], weights: Mapping[Hashable, object] | None = None
+        self,
+        losses: Mapping[Hashable, Tensor],
+        weights: Mapping[Hashable, object] | None = None,
+        *,
+        weighting: WeightingSpec | None = None,
     ) -> ConflictReport | None:
         """Replace ``(sum_i w_i L_i).backward()``: measure the step, then let autograd fill ``.grad`` as it would.
 
         ``losses`` maps task names to scalar losses; ``weights`` (default 1 each) maps the same names to numbers or
         scalar tensors (a tensor that requires grad receives its gradient, like a learned task weight).
 
+        ``weighting`` (a method name such as ``"upgrad"``, a :class:`~gradconflict.weighting.Weighting`, a
+        ``(gram, losses) -> weights`` function or a TorchJD ``Weighting``) makes the update conflict-aware: the
+        shared parameters get ``sum_i lambda_i w_i g_i`` with ``lambda`` from this step's Gram (the last measured
+        step's on an unmeasured one), each task's own parameters the gradient of ``w_i L_i``, and the report's
+        ``weights`` are ``lambda_i w_i``. Pass the same name or object at every step (it keeps its state); see
+        :mod:`gradconflict.weighting`.
+
         Returns this step's :class:`~gradconflict.ConflictReport`; ``None`` on a step that ``every`` leaves
         unmeasured (a plain backward) and on every micro-batch but the last of an accumulation group.
         """
         self._check_open()
         batch = task_losses(losses, weights)
+        self._weighting.select(weighting, self.accumulation_steps)
         measured = self.step % self.every == 0
         if self.accumulation_steps > 1:
             return self._micro_batch(batch, measured)
@@ -257,12 +274,18 @@ class ConflictMonitor:
         return report
 
     def measure(
-        self, losses: Mapping[Hashable, Tensor], weights: Mapping[Hashable, object] | None = None
+        self,
+        losses: Mapping[Hashable, Tensor],
+        weights: Mapping[Hashable, object] | None = None,
+        *,
+        weighting: WeightingSpec | None = None,
     ) -> ConflictReport:
         """The same report as :meth:`backward`, leaving ``.grad`` untouched and the graph alive for your own
-        backward. Counts as one step."""
+        backward. Counts as one step; with ``weighting``, the report's ``weights`` are the ones the method gives
+        (``lambda_i w_i``) and the method's state advances as in :meth:`backward`."""
         self._check_open()
         batch = task_losses(losses, weights)
+        self._weighting.select(weighting, self.accumulation_steps)
         report = self._measured(batch, write=False)
         self._advance()
         return report
@@ -280,10 +303,15 @@ class ConflictMonitor:
         self.engine.arm(self._taps_wanted())
 
     def _write_grads(self, batch: TaskLosses) -> None:
-        """``.grad`` by autograd's own backward of ``sum_i w_i L_i`` (scaled by the GradScaler, if any)."""
-        total = batch.total()
-        try:
+        """``.grad`` by autograd's own backward of ``sum_i w_i L_i`` (scaled by the GradScaler, if any), the shared
+        part of each task's gradient scaled by the weighting's ``lambda_i`` when one is active."""
+
+        def run(total: Tensor) -> None:
             (total if self.scaler is None else self.scaler.scale(total)).backward()
+
+        try:
+            shared = None if self._plan is None else self._plan.shared
+            self._weighting.backward(batch, run, shared, self._shared.names)
         except RuntimeError as err:
             if _graph_freed(err):
                 raise RuntimeError(_FREED) from err
@@ -411,12 +439,12 @@ class ConflictMonitor:
         if isinstance(plan, str):
             if write:
                 self._write_grads(batch)
-            return self._skipped(batch.names, step, plan, losses, weights)
+            return self._skipped(batch.names, step, plan, losses, self._weighting.effective(batch))
         outcome = self._engine_call(lambda: self.engine.measure(self._roots(batch), plan))
         if isinstance(outcome, str):
             if write:
                 self._write_grads(batch)
-            return self._skipped(batch.names, step, outcome, losses, weights)
+            return self._skipped(batch.names, step, outcome, losses, self._weighting.effective(batch))
         measurement: Measurement = outcome
         measurement.gram = self._unscale(measurement.gram, 2)
         for entry in measurement.layers.values():
@@ -425,6 +453,7 @@ class ConflictMonitor:
         if self.on_nonfinite != "propagate":
             bad_loss, bad_grad = self._nonfinite(batch, measurement.gram.diagonal())
             reason, write = self._verdict(step, bad_loss, bad_grad, write)
+        weights = self._weighting.effective(batch) if reason else self._weighting.update(batch, measurement.gram)
         if write:
             self._write_grads(batch)
         if reason:
