@@ -46,7 +46,9 @@ def check_weights(name: str, weights: Any, tasks: list[str]) -> Tensor:
             raise ValueError(f"weighting {name!r} returned no weight for task(s) {missing}; the tasks are {tasks}")
         weights = [weights[t] for t in tasks]
     try:
-        vector = torch.as_tensor(weights).detach().to(device="cpu", dtype=torch.float64)
+        # numbers straight to float64 (through torch's default float32 they would lose digits)
+        vector = torch.as_tensor(weights, dtype=None if isinstance(weights, Tensor) else torch.float64)
+        vector = vector.detach().to(device="cpu", dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(
             f"weighting {name!r} returned {type(weights).__name__}, not T = {len(tasks)} numbers: return a tensor, "

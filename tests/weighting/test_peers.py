@@ -19,8 +19,11 @@ autojac = pytest.importorskip("torchjd.autojac")
 
 TOL = 1e-6
 
-# cvxpy under the Nash-MTL solver: ECOS's accuracy notes on ill-posed steps
-pytestmark = pytest.mark.filterwarnings("ignore:Solution may be inaccurate")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Solution may be inaccurate"),  # cvxpy under TorchJD's own Nash-MTL
+    pytest.mark.filterwarnings("ignore:.*not DPP"),
+    pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching"),
+]
 
 
 def test_every_named_method_has_a_reference():
