@@ -70,11 +70,19 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def next_step_code(verdict: Verdict, branch_at: str | None, groups: Sequence[Sequence[str]]) -> str:
+def next_step_code(
+    verdict: Verdict, branch_at: str | None, groups: Sequence[Sequence[str]], conflict: bool = False
+) -> str:
     """Python code running the split toolkit's comparison experiment for this advice.
+
+    With ``conflict`` (the diagnosis found the task gradients diverging, not only heavy heads or zero-sum
+    evaluations), the experiment also trains the shared model with conflict-aware updates (``weightings=``, see
+    :mod:`gradconflict.weighting`): the cheaper cure, if it lifts the tasks as far as the split does.
 
     >>> print(next_step_code("physical_split", "backbone.4", [["a"], ["b"]]).splitlines()[-2])
                      eval_data=None, metrics=None, branch_at='backbone.4', groups=[['a'], ['b']], seed=0)
+    >>> print(next_step_code("physical_split", "backbone.4", [["a"], ["b"]], conflict=True).splitlines()[-2])
+                     weightings=["upgrad", "pcgrad"])
     """
     why = {
         "physical_split": f"the shared model against one backbone copy per group, branching at {branch_at!r}",
@@ -82,18 +90,28 @@ def next_step_code(verdict: Verdict, branch_at: str | None, groups: Sequence[Seq
         "keep_shared": "the shared model against fully independent models,\n# to confirm that no task's "
         "ceiling rises when trained alone",
     }[verdict]
-    return "\n".join([
+    call = f"branch_at={branch_at!r}, groups={[list(g) for g in groups]!r}, seed=0"
+    close = ',\n                 weightings=["upgrad", "pcgrad"])' if conflict else ")"
+    lines = [
         "import torch",
         "from gradconflict import compare",
         "",
         f"# Compares {why}.",
         "# model_factory: () -> a fresh model; loss_fns: {task: (output, target) -> loss}; train_data: your batches.",
+    ]
+    if conflict:
+        lines += [
+            "# The gradients conflict: shared+upgrad and shared+pcgrad train the shared model with conflict-aware",
+            "# updates, the cheaper cure if they do as well as the split ('upgrad' needs pip install",
+            "# 'gradconflict[weighting]'; 'pcgrad' and 'mgda' do not).",
+        ]
+    lines += [
         "result = compare(model_factory, loss_fns, train_data, steps=200,",
         "                 optimizer_factory=lambda params: torch.optim.Adam(params, lr=1e-3),",
-        f"                 eval_data=None, metrics=None, branch_at={branch_at!r}, "
-        f"groups={[list(g) for g in groups]!r}, seed=0)",
+        f"                 eval_data=None, metrics=None, {call}{close}",
         "print(result.to_markdown())",
-    ])
+    ]
+    return "\n".join(lines)
 
 
 @dataclass
@@ -321,7 +339,7 @@ def advise(
         branch_point=branch,
         groups=groups,
         signals=signals,
-        next_step=next_step_code(verdict, branch_at, code_groups),
+        next_step=next_step_code(verdict, branch_at, code_groups, conflict=diverging.status == "split"),
         reason=reason,
         duplicated_share=profile.duplicated_share if branch is not None and profile is not None else 0.0,
         profile=profile,
