@@ -234,3 +234,23 @@ def test_no_weighting_changes_nothing():
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a.grad, b.grad)
     assert report.weights.tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.filterwarnings("ignore::gradconflict.engine.PerformanceWarning")
+@pytest.mark.filterwarnings("ignore:Using `torch.compile\\(module\\)` when there are global hooks")
+def test_a_compiled_model_gets_the_weighted_update_and_is_told_about_its_heads():
+    """Inside a compiled region autograd cannot tell the heads apart: they get the combination too, and the
+    warning says so. The shared parameters get sum_i lambda_i g_i."""
+    torch.manual_seed(0)
+    model, x = FAMILIES["mlp"](3)
+    twin = copy.deepcopy(model)
+    rule = {"t0": 0.5, "t1": 0.0, "t2": 1.5}
+    compiled = torch.compile(model)
+    with ConflictMonitor(compiled) as monitor:
+        with pytest.warns(WeightingWarning, match="heads.t.*compiled region"):
+            monitor.backward(losses_of(compiled(x)), weighting=lambda gram, losses: rule)
+    losses = losses_of(twin(x))
+    backbone = list(twin.backbone.parameters())
+    grads = {t: torch.autograd.grad(losses[t], backbone, retain_graph=True) for t in TASKS}
+    for k, p in enumerate(model.backbone.parameters()):
+        assert torch.allclose(p.grad, sum(rule[t] * grads[t][k] for t in TASKS), rtol=1e-5, atol=1e-7)

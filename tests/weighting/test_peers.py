@@ -65,9 +65,13 @@ def _model_step(family: str, T: int):
     return model.double(), x.double() if x.is_floating_point() else x
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-@pytest.mark.parametrize("family", ["mlp", "cnn", "transformer", "deep_heads"])
-def test_monitored_steps_equal_torchjd_mtl_backward(name, family):
+STEP_CASES = [(f, m) for f in ("mlp", "transformer", "deep_heads") for m in sorted(METHODS)] + [
+    ("cnn", "upgrad"), ("cnn", "pcgrad"),  # BatchNorm: the Gram and the routing do not depend on the method
+]
+
+
+@pytest.mark.parametrize(("family", "name"), STEP_CASES)
+def test_monitored_steps_equal_torchjd_mtl_backward(family, name):
     """Three consecutive steps (the stateful methods carry their state across them): ``.grad`` of every
     parameter after ``monitor.backward(..., weighting=name)`` equals ``mtl_backward`` + ``jac_to_grad`` with
     TorchJD's aggregator."""
