@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -19,32 +20,37 @@ from tests.zoo import FAMILIES, losses_of
 WORLD = 2
 
 
-def _weighted_ddp_step(rank: int, init_file: str) -> None:
+def _in_process_group(rank: int, init_file: str, check: Callable[[int], None]) -> None:
+    """Run ``check(rank)`` on one of ``WORLD`` gloo ranks, then leave the group."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        torch.manual_seed(0)
-        model, x = FAMILIES["mlp"](3)
-        alone = copy.deepcopy(model)
-        ddp = DDP(model)
-        torch.manual_seed(100 + rank)  # each rank its own batch
-        batch = torch.randn_like(x)
-        with ConflictMonitor(ddp) as monitor:
-            report = monitor.backward(losses_of(ddp(batch)), weighting="mgda")
-        with ConflictMonitor(alone) as monitor:  # the same rank's weighted step without DDP
-            alone_report = monitor.backward(losses_of(alone(batch)), weighting="mgda")
-        assert torch.equal(report.weights, alone_report.weights)
-        for (name, p), q in zip(model.named_parameters(), alone.parameters()):
-            mean = q.grad.clone()
-            dist.all_reduce(mean)
-            assert torch.allclose(p.grad, mean / WORLD, rtol=1e-6, atol=1e-9), name
-            other = p.grad.clone()
-            dist.broadcast(other, src=0)
-            assert torch.equal(p.grad, other), name  # the ranks agree
+        check(rank)
     finally:
         dist.destroy_process_group()
+
+
+def _weighted_ddp_step(rank: int) -> None:
+    torch.manual_seed(0)
+    model, x = FAMILIES["mlp"](3)
+    alone = copy.deepcopy(model)
+    ddp = DDP(model)
+    torch.manual_seed(100 + rank)  # each rank its own batch
+    batch = torch.randn_like(x)
+    with ConflictMonitor(ddp) as monitor:
+        report = monitor.backward(losses_of(ddp(batch)), weighting="mgda")
+    with ConflictMonitor(alone) as monitor:  # the same rank's weighted step without DDP
+        alone_report = monitor.backward(losses_of(alone(batch)), weighting="mgda")
+    assert torch.equal(report.weights, alone_report.weights)
+    for (name, p), q in zip(model.named_parameters(), alone.parameters()):
+        mean = q.grad.clone()
+        dist.all_reduce(mean)
+        assert torch.allclose(p.grad, mean / WORLD, rtol=1e-6, atol=1e-9), name
+        other = p.grad.clone()
+        dist.broadcast(other, src=0)
+        assert torch.equal(p.grad, other), name  # the ranks agree
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
 def test_ddp_averages_each_ranks_weighted_update(tmp_path):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_weighted_ddp_step, args=(str(tmp_path / "init"),), nprocs=WORLD, join=True)
+    mp.spawn(_in_process_group, args=(str(tmp_path / "init"), _weighted_ddp_step), nprocs=WORLD, join=True)
