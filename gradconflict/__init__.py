@@ -1,7 +1,7 @@
 """gradconflict: measure how the tasks of a multi-task model fight over their shared backbone, diagnose
 whether to split it, and carry out the split.
 
->>> from gradconflict import ConflictMonitor, ConflictReport, History
+>>> from gradconflict import ConflictMonitor, ConflictReport, History, Weighting
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from gradconflict.split import (
     evaluate_split,
     lora_split,
 )
+from gradconflict.weighting import Weighting, WeightingError, WeightingWarning
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,9 @@ __all__ = [
     "PerformanceWarning",
     "Signal",
     "Thresholds",
+    "Weighting",
+    "WeightingError",
+    "WeightingWarning",
     "__version__",
     "advise",
     "advise_from_jsonl",

@@ -37,7 +37,7 @@ class WeightingWarning(RuntimeWarning):
     those of the last measured step (see :mod:`gradconflict.weighting`)."""
 
 
-def check_weights(name: str, weights: Any, tasks: list[str]) -> Tensor:
+def _check_weights(name: str, weights: Any, tasks: list[str]) -> Tensor:
     """``weights`` (a tensor or sequence in task order, or a dict by task name) as a float64 host vector of length
     ``len(tasks)``; ``ValueError`` naming the weighting when it is not that, or not finite."""
     if isinstance(weights, Mapping):
@@ -92,7 +92,7 @@ class Weighting(ABC):
         gram = gram.detach().to(device="cpu", dtype=torch.float64)
         if gram.shape != (len(tasks), len(tasks)):
             raise ValueError(f"gram has shape {tuple(gram.shape)} for {len(tasks)} tasks; expected a T x T Gram")
-        return check_weights(self.name, self.weights(gram, losses), tasks)
+        return _check_weights(self.name, self.weights(gram, losses), tasks)
 
     @abstractmethod
     def weights(self, gram: Tensor, losses: Mapping[str, float]) -> Any:

@@ -77,6 +77,12 @@ class NashMTL(Weighting):
         max_norm: largest norm of the update (0: no clipping); the authors' default, 1.
         update_weights_every: solve every this many calls (the authors' default, 1).
         optim_niter: most convex approximations per solve (the authors' default, 20).
+
+    >>> import torch
+    >>> G = torch.tensor([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64)   # orthogonal: alpha_i = 1 / |g_i|
+    >>> alpha = NashMTL(max_norm=0.0)(G, {"a": 0.0, "b": 0.0})
+    >>> [round(a, 3) for a in alpha.tolist()]
+    [1.0, 0.5]
     """
 
     name = "nash-mtl"

@@ -27,7 +27,11 @@ INSTALL = "pip install 'gradconflict[weighting]'"
 
 
 def torchjd(method: str) -> ModuleType:
-    """``torchjd.aggregation``, or an ``ImportError`` saying that ``method`` needs the extra."""
+    """``torchjd.aggregation``, or an ``ImportError`` saying that ``method`` needs the extra.
+
+    >>> torchjd("UPGrad").UPGradWeighting.__name__
+    'UPGradWeighting'
+    """
     try:
         import torchjd.aggregation as aggregation
     except ImportError as err:

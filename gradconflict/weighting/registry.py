@@ -54,6 +54,9 @@ def make_weighting(spec: WeightingSpec) -> Weighting:
     :class:`~gradconflict.weighting.Weighting` is used as is (so its state carries over between calls); a TorchJD
     ``Weighting`` or weighted aggregator is wrapped in a :class:`~gradconflict.weighting.TorchJDWeighting`; any
     other callable is a ``(gram, losses) -> weights`` function.
+
+    >>> make_weighting("Aligned_MTL").name, make_weighting(lambda gram, losses: [1.0] * len(losses)).name
+    ('aligned-mtl', '<lambda>')
     """
     if isinstance(spec, Weighting):
         return spec

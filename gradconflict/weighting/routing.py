@@ -41,7 +41,16 @@ def _children(node: Any) -> list[Any]:
 def owners(roots: Sequence[Any]) -> dict[Any, int]:
     """For every node below ``roots`` (autograd nodes, one per task): the index of the only root that reaches it,
     or :data:`COMMON`. One walk per root, stopped where it meets nodes already known; a node found shared passes
-    that on to everything below it once."""
+    that on to everything below it once.
+
+    >>> import torch
+    >>> w = torch.ones(1, requires_grad=True)
+    >>> h = w * 2
+    >>> a, b = h * 3, h * 4
+    >>> owner = owners([a.grad_fn, b.grad_fn])
+    >>> owner[a.grad_fn], owner[b.grad_fn], owner[h.grad_fn] == COMMON
+    (0, 1, True)
+    """
     owner: dict[Any, int] = {}
 
     def share(node: Any) -> None:

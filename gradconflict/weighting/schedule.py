@@ -40,6 +40,11 @@ class StepWeights:
     step's ``lambda`` when it carries the same tasks, and otherwise trains with the plain weighted sum (and says
     so once). The update on the shared parameters is ``sum_i lambda_i w_i g_i``; each task's own parameters
     get the gradient of ``w_i L_i`` (see :mod:`gradconflict.weighting.routing`).
+
+    >>> steps = StepWeights()
+    >>> steps.select("pcgrad")
+    >>> steps.state_dict()["method"], steps.active
+    ('pcgrad', True)
     """
 
     def __init__(self) -> None:
