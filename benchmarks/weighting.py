@@ -20,7 +20,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,7 +61,9 @@ def _features_and_losses(model: MultiTask, x: Tensor, targets: dict[str, Tensor]
     return h, list(task_losses({k: head(h) for k, head in model.heads.items()}, targets).values())
 
 
-def build(kind: str, method: str | None, model: MultiTask, x: Tensor, targets: dict[str, Tensor]) -> Callable:
+def build(
+    kind: str, method: str | None, model: MultiTask, x: Tensor, targets: dict[str, Tensor]
+) -> tuple[Callable[[], object], Callable[[], None]]:
     """Route ``kind`` with ``method`` (``None``: no weighting) on ``model``: ``(one step, closer)``."""
     T = len(targets)
     if kind == "plain":
@@ -121,28 +123,35 @@ def build(kind: str, method: str | None, model: MultiTask, x: Tensor, targets: d
 
 @dataclass
 class Row:
+    """One method: its routes' median times (with the plain and the measured step of the same round-robin), their
+    spreads, and each route's shared ``.grad`` error against autojac's."""
+
     method: str
-    ms: dict[str, float]
-    spread: dict[str, float]
-    err: dict[str, float]
-    notes: list[str]
+    ms: dict[str, float] = field(default_factory=dict)
+    spread: dict[str, float] = field(default_factory=dict)
+    err: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def ratio(self, kind: str, to: str = "plain") -> float:
+        return self.ms.get(kind, float("nan")) / self.ms.get(to, float("nan"))
 
 
 def _shared_grad(model: MultiTask) -> Tensor:
     return torch.cat([p.grad.flatten() for p in shared_params(model)])
 
 
-def run_config(wl: Workload, T: int, methods: list[str], args: argparse.Namespace) -> tuple[dict, list[Row]]:
+def run_config(wl: Workload, T: int, methods: list[str], args: argparse.Namespace) -> tuple[int, list[Row]]:
+    """Each method's routes, checked against autojac after a first step, then timed round-robin with the plain
+    and the measured step (one round-robin per method: few routes, so many repetitions each)."""
     base = wl.model(T)
     x, targets = wl.data(T)
-    routes: dict[str, tuple[MultiTask, Callable, Callable]] = {}
-    for key, (kind, method) in {"plain": ("plain", None), "gc": ("gc", None)}.items():
+    baselines = {}
+    for kind in ("plain", "measured"):
         model = copy.deepcopy(base)
-        routes[key] = (model, *build(kind, method, model, x, targets))
+        baselines[kind] = (model, *build("gc" if kind == "measured" else kind, None, model, x, targets))
     rows, failed = [], 0
     for method in methods:
-        row = Row(method, {}, {}, {}, [])
-        reference = None
+        row, routes, reference = Row(method), dict(baselines), None
         for kind in ("autojac", "gc", "autogram", "naive"):
             model = copy.deepcopy(base)
             try:
@@ -162,55 +171,45 @@ def run_config(wl: Workload, T: int, methods: list[str], args: argparse.Namespac
                 reference = grad
             elif reference is not None:
                 row.err[kind] = float((grad - reference).norm() / reference.norm().clamp_min(1e-30))
-            routes[f"{kind}:{method}"] = (model, step, closer)
+            routes[kind] = (model, step, closer)
+        if not args.smoke:
+            times = round_robin(
+                {k: r[1] for k, r in routes.items()}, warmup=args.warmup, reps=args.reps, device=torch.device("cpu"),
+                before={k: (lambda m=r[0]: m.zero_grad(set_to_none=True)) for k, r in routes.items()},
+                budget_s=args.budget, min_reps=5,
+            )
+            for kind, ts in times.items():
+                row.ms[kind], row.spread[kind] = median(ts) * 1e3, spread(ts)
+        for kind, route in routes.items():
+            if kind not in baselines:
+                route[2]()
         rows.append(row)
-    if not args.smoke:
-        times = round_robin(
-            {k: r[1] for k, r in routes.items()}, warmup=args.warmup, reps=args.reps, device=torch.device("cpu"),
-            before={k: (lambda m=r[0]: m.zero_grad(set_to_none=True)) for k, r in routes.items()},
-            budget_s=args.budget, min_reps=5,
-        )
-        for row in rows:
-            for kind in KINDS:
-                ts = times.get(f"{kind}:{row.method}")
-                if ts:
-                    row.ms[kind], row.spread[kind] = median(ts) * 1e3, spread(ts)
-        base_ms = {k: median(times[k]) * 1e3 for k in ("plain", "gc")}
-    else:
-        base_ms = {}
-    for r in routes.values():
-        r[2]()
-    return {"base": base_ms, "failed": failed}, rows
+    for route in baselines.values():
+        route[2]()
+    return failed, rows
 
 
 def _f(v: float | None, spec: str) -> str:
     return "-" if v is None or v != v else format(v, spec)
 
 
-def table(base: dict[str, float], rows: list[Row]) -> list[str]:
-    plain, measured = base["plain"], base["gc"]
+def table(rows: list[Row]) -> list[str]:
     lines = [
-        f"plain step {plain:.2f} ms; measured step without a weighting {measured:.2f} ms = {measured / plain:.2f} x "
-        "plain.",
-        "",
-        "| method | gradconflict x plain | x measured step | TorchJD autojac x plain | TorchJD autogram x plain "
-        "| naive loop x plain | gc / autojac | gc / autogram | gc / naive | shared .grad rel err vs autojac "
-        "(gc, autogram, naive) | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| method | plain ms | measured x plain | gradconflict x plain | x measured | TorchJD autojac x plain "
+        "| TorchJD autogram x plain | naive loop x plain | gc / autojac | gc / autogram | gc / naive "
+        "| plain spread | shared .grad rel err vs autojac (gc, autogram, naive) | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
-        ms = r.ms
-        gc = ms.get("gc", float("nan"))
         errs = ", ".join(_f(r.err.get(k), ".1e") for k in ("gc", "autogram", "naive"))
-        note = "; ".join(r.notes + (["random task orders differ between routes (T > 2)"] if r.method == "pcgrad"
-                                    else []))
+        notes = r.notes + (["random task orders differ between routes"] if r.method == "pcgrad" else [])
         lines.append(
-            f"| {r.method} | {_f(gc / plain, '.2f')} | {_f(gc / measured, '.2f')} "
-            f"| {_f(ms.get('autojac', float('nan')) / plain, '.2f')} "
-            f"| {_f(ms.get('autogram', float('nan')) / plain, '.2f')} "
-            f"| {_f(ms.get('naive', float('nan')) / plain, '.2f')} "
-            f"| {_f(gc / ms.get('autojac', float('nan')), '.2f')} | {_f(gc / ms.get('autogram', float('nan')), '.2f')} "
-            f"| {_f(gc / ms.get('naive', float('nan')), '.2f')} | {errs} | {note} |"
+            f"| {r.method} | {_f(r.ms.get('plain'), '.2f')} | {_f(r.ratio('measured'), '.2f')} "
+            f"| {_f(r.ratio('gc'), '.2f')} | {_f(r.ratio('gc', 'measured'), '.2f')} "
+            f"| {_f(r.ratio('autojac'), '.2f')} | {_f(r.ratio('autogram'), '.2f')} | {_f(r.ratio('naive'), '.2f')} "
+            f"| {_f(r.ratio('gc', 'autojac'), '.2f')} | {_f(r.ratio('gc', 'autogram'), '.2f')} "
+            f"| {_f(r.ratio('gc', 'naive'), '.2f')} | {_f(100 * r.spread.get('plain', float('nan')), '.0f')}% "
+            f"| {errs} | {'; '.join(notes)} |"
         )
     return lines
 
@@ -222,8 +221,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", type=int, default=None, help="numbers of tasks (default 4 16; smoke 3)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--warmup", type=int, default=2, help="discarded repetitions")
-    p.add_argument("--reps", type=int, default=15, help="max timed repetitions")
-    p.add_argument("--budget", type=float, default=60.0, help="seconds of timed repetitions per config (about)")
+    p.add_argument("--reps", type=int, default=21, help="max timed repetitions")
+    p.add_argument("--budget", type=float, default=20.0, help="seconds of timed repetitions per method (about)")
     p.add_argument("--output", type=Path, default=HERE / "WEIGHTING.md", help="where the Markdown report goes")
     return p.parse_args(argv)
 
@@ -240,15 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         wl = table_[name]
         for T in tasks:
-            info, rows = run_config(wl, T, args.methods, args)
-            failed += info["failed"]
+            config_failed, rows = run_config(wl, T, args.methods, args)
+            failed += config_failed
             worst = max((e for r in rows for k, e in r.err.items() if not (r.method == "pcgrad" and T > 2)),
                         default=0.0)
-            print(f"{wl.name} T={T}: {info['failed']} failed route(s), worst shared .grad rel err {worst:.1e}")
+            print(f"{wl.name} T={T}: {config_failed} failed route(s), worst shared .grad rel err {worst:.1e}")
             if args.smoke:
                 failed += worst > SMOKE_TOL
                 continue
-            sections += [f"### {wl.name}, T={T}: {wl.description}", "", *table(info["base"], rows), ""]
+            sections += [f"### {wl.name}, T={T}: {wl.description}", "", *table(rows), ""]
     if args.smoke:
         return int(failed > 0)
     command = " ".join(["python -m benchmarks.weighting", *argv])
@@ -266,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         "## Routes",
         "",
         "Each route is one full training step of the same model and batch on its own copy (forward included, "
-        "`zero_grad(set_to_none=True)` untimed before each call), timed round-robin with the plain step "
-        "(`sum(losses).backward()`) and the measured step without a weighting; medians after warm-up. "
+        "`zero_grad(set_to_none=True)` untimed before each call). Each method's four routes are timed round-robin "
+        "with the plain step (`sum(losses).backward()`) and the measured step without a weighting "
+        "(`monitor.backward(losses)`), one round-robin per method; medians after warm-up, ratios within a row. "
         "gradconflict, autojac and the naive loop give each head its own task's gradient; autogram scales it by "
         "the task's weight. The rel err column compares the backbone's `.grad` with autojac's after each route's "
         "first step (float32).",
