@@ -5,7 +5,7 @@ whether to split it, and carry out the split.
 and nothing more: the diagnosis (scipy), the split toolkit, the plots (matplotlib) and the dashboard sinks' own
 libraries load on first use, e.g. when ``gradconflict.advise`` is first read.
 
->>> from gradconflict import ConflictMonitor, ConflictReport, History
+>>> from gradconflict import ConflictMonitor, ConflictReport, History, Weighting
 >>> import gradconflict
 >>> gradconflict.advise.__module__
 'gradconflict.diagnosis.advice'
@@ -21,6 +21,7 @@ from gradconflict.history import History
 from gradconflict.monitor import ConflictMonitor, MeasurementWarning
 from gradconflict.report import ConflictReport, LayerReport
 from gradconflict.sinks import JSONLSink
+from gradconflict.weighting import Weighting, WeightingError, WeightingWarning
 
 if TYPE_CHECKING:
     from gradconflict.diagnosis import Advice, Signal, Thresholds, advise, advise_from_jsonl
@@ -89,6 +90,9 @@ __all__ = [
     "PerformanceWarning",
     "Signal",
     "Thresholds",
+    "Weighting",
+    "WeightingError",
+    "WeightingWarning",
     "__version__",
     "advise",
     "advise_from_jsonl",

@@ -37,6 +37,7 @@ from gradconflict.history import History, Sink
 from gradconflict.report import ConflictReport, LayerReport
 from gradconflict.shared import SharedParameters, gram_dtype, layer_names
 from gradconflict.tasks import TaskLosses, task_losses
+from gradconflict.weighting import StepWeights, WeightingSpec
 
 if TYPE_CHECKING:
     from gradconflict.diagnosis import Advice
@@ -227,6 +228,7 @@ class ConflictMonitor:
         self._layer_of, self._module_name = layer_names(inner)
         self._plan: Plan | None = None
         self._buffers = BufferGuard(inner)
+        self._weighting = StepWeights()
         token = id(self)
         _ACTIVE[token] = (weakref.ref(inner), ids)
         self._release = weakref.finalize(self, _shut, token, self.engine, self.history)
@@ -265,7 +267,9 @@ class ConflictMonitor:
         return not self._release.alive
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs: the step count, the shared parameters and the history (with its averages).
+        """What a resumed run needs: the step count, the shared parameters, the history (with its averages), the
+        weighting's state (its random generator or warm start, and the last weights) and the engine's strategy
+        choices (so that they are not timed again).
 
         Plain Python values and CPU tensors: save it with ``torch.save`` next to the model's checkpoint.
         """
@@ -274,6 +278,8 @@ class ConflictMonitor:
             "step": self.step,
             "shared": self.shared_parameters,
             "history": self.history.state_dict(),
+            "weighting": self._weighting.state_dict(),
+            "strategy_choices": self.engine.state_dict() if hasattr(self.engine, "state_dict") else [],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -283,6 +289,9 @@ class ConflictMonitor:
             raise ValueError(f"not a ConflictMonitor state (schema {state.get('schema')!r}, expected {STATE_SCHEMA})")
         self._shared.load(state["shared"])
         self.history.load_state_dict(state["history"])
+        self._weighting.load_state_dict(state.get("weighting", {}))
+        if hasattr(self.engine, "load_state_dict"):
+            self.engine.load_state_dict(state.get("strategy_choices", []))
         self.step = int(state["step"])
         self._micro, self._accumulated, self._plan = 0, None, None
         self.engine.arm(self._taps_wanted())
@@ -294,6 +303,7 @@ class ConflictMonitor:
         weights: Mapping[Hashable, object] | None = None,
         *,
         backward_fn: Callable[[], object] | None = None,
+        weighting: WeightingSpec | None = None,
     ) -> ConflictReport | None:
         """Replace ``(sum_i w_i L_i).backward()``: measure the step, then let autograd fill ``.grad`` as it would.
 
@@ -304,11 +314,24 @@ class ConflictMonitor:
         a training framework passes its own backward of its own loss (scaled, divided for accumulation, with
         extra terms), called once per call at the point where the monitor would write.
 
+        ``weighting`` (a method name such as ``"upgrad"``, a :class:`~gradconflict.weighting.Weighting`, a
+        ``(gram, losses) -> weights`` function or a TorchJD ``Weighting``) makes the update conflict-aware: the
+        shared parameters get ``sum_i lambda_i w_i g_i`` with ``lambda`` from this step's Gram (the last measured
+        step's on an unmeasured one), each task's own parameters the gradient of ``w_i L_i``, and the report's
+        ``weights`` are ``lambda_i w_i``. Pass the same name or object at every step (it keeps its state); see
+        :mod:`gradconflict.weighting`.
+
         Returns this step's :class:`~gradconflict.ConflictReport`; ``None`` on a step that ``every`` leaves
         unmeasured (a plain backward) and on every micro-batch but the last of an accumulation group.
         """
         self._check_open()
         batch = task_losses(losses, weights)
+        if backward_fn is not None and weighting is not None:
+            raise ValueError(
+                "weighting= routes each task's gradient through the monitor's own backward; it cannot be combined "
+                "with backward_fn= (a framework's own backward)"
+            )
+        self._weighting.select(weighting, self.accumulation_steps)
         write = backward_fn or (lambda: self._write_grads(batch))
         if self.accumulation_steps > 1:
             return self._micro_batch(batch, write)
@@ -321,12 +344,18 @@ class ConflictMonitor:
         return report
 
     def measure(
-        self, losses: Mapping[Hashable, Tensor], weights: Mapping[Hashable, object] | None = None
+        self,
+        losses: Mapping[Hashable, Tensor],
+        weights: Mapping[Hashable, object] | None = None,
+        *,
+        weighting: WeightingSpec | None = None,
     ) -> ConflictReport:
         """The same report as :meth:`backward`, leaving ``.grad`` untouched and the graph alive for your own
-        backward. Counts as one step."""
+        backward. Counts as one step; with ``weighting``, the report's ``weights`` are the ones the method gives
+        (``lambda_i w_i``) and the method's state advances as in :meth:`backward`."""
         self._check_open()
         batch = task_losses(losses, weights)
+        self._weighting.select(weighting, self.accumulation_steps)
         report = self._measured(batch, None)
         self._advance()
         return report
@@ -369,10 +398,15 @@ class ConflictMonitor:
         self.engine.arm(self._taps_wanted())
 
     def _write_grads(self, batch: TaskLosses) -> None:
-        """``.grad`` by autograd's own backward of ``sum_i w_i L_i`` (scaled by the GradScaler, if any)."""
-        total = batch.total()
-        try:
+        """``.grad`` by autograd's own backward of ``sum_i w_i L_i`` (scaled by the GradScaler, if any), the shared
+        part of each task's gradient scaled by the weighting's ``lambda_i`` when one is active."""
+
+        def run(total: Tensor) -> None:
             (total if self.scaler is None else self.scaler.scale(total)).backward()
+
+        try:
+            shared = None if self._plan is None else self._plan.shared
+            self._weighting.backward(batch, run, shared, self._shared.names)
         except RuntimeError as err:
             if _graph_freed(err):
                 raise RuntimeError(_FREED) from err
@@ -514,13 +548,13 @@ class ConflictMonitor:
         if isinstance(plan, str):
             if write is not None:
                 write()
-            return self._skipped(batch.names, step, plan, losses, weights)
+            return self._skipped(batch.names, step, plan, losses, self._weighting.effective(batch))
         reduction = None if self._sync is None else self._sync.reduction(step)
         outcome = self._engine_call(lambda: self.engine.measure(self._roots(batch), plan, reduction))
         if isinstance(outcome, str):
             if write is not None:
                 write()
-            return self._skipped(batch.names, step, outcome, losses, weights)
+            return self._skipped(batch.names, step, outcome, losses, self._weighting.effective(batch))
         measurement: Measurement = outcome
         measurement.gram = self._unscale(measurement.gram, 2)
         for entry in measurement.layers.values():
@@ -530,6 +564,8 @@ class ConflictMonitor:
             bad_loss, bad_grad = self._nonfinite(batch, measurement.gram.diagonal())
             reason, keep = self._verdict(step, bad_loss, bad_grad, write is not None)
             write = write if keep else None
+        # the weighting's lambda from this step's Gram, before the backward that applies it
+        weights = self._weighting.effective(batch) if reason else self._weighting.update(batch, measurement.gram)
         if write is not None:
             write()
         if reason:

@@ -403,3 +403,10 @@ def test_representation_engine_needs_an_output_and_no_micro_batches():
         losses = {t: head(torch.ones(1, 12)).sum() + 0 * w.sum() for t, head in model.heads.items()}
         with pytest.raises(ValueError, match="found no output of the shared module"):
             monitor.backward(losses)
+
+
+def test_a_weighting_needs_the_monitors_own_backward():
+    model, x = FAMILIES["mlp"](2)
+    with ConflictMonitor(model) as monitor, pytest.raises(ValueError, match="backward_fn"):
+        monitor.backward(losses_of(model(x)), weighting="mgda", backward_fn=lambda: None)
+    assert all(p.grad is None for p in model.parameters())

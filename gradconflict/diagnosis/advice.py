@@ -90,12 +90,24 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def next_step_code(verdict: Verdict, branch_at: str | None, groups: Sequence[Sequence[str]], seeds: int = 3) -> str:
+def next_step_code(
+    verdict: Verdict,
+    branch_at: str | None,
+    groups: Sequence[Sequence[str]],
+    seeds: int = 3,
+    conflict: bool = False,
+) -> str:
     """Python code running the comparison experiment that checks this advice over ``seeds`` seeds, then reading
     its outcome back into the advice (the ``ceiling`` signal: did a split beat shared beyond the seeds' spread?).
 
-    >>> print(next_step_code("physical_split", "backbone.4", [["a"], ["b"]]).splitlines()[-5])
-                branch_at='backbone.4', groups=[['a'], ['b']], seed=seed)
+    With ``conflict`` (the diagnosis found the task gradients diverging, not only heavy heads or zero-sum
+    evaluations), the experiment also trains the shared model with conflict-aware updates (``weightings=``, see
+    :mod:`gradconflict.weighting`): the cheaper cure, if it lifts the tasks as far as the split does.
+
+    >>> print(next_step_code("physical_split", "backbone.4", [["a"], ["b"]]).splitlines()[-6])
+                branch_at='backbone.4', groups=[['a'], ['b']],
+    >>> print(next_step_code("physical_split", "backbone.4", [["a"], ["b"]], conflict=True).splitlines()[-5])
+                weightings=["upgrad", "pcgrad"], seed=seed)
     """
     why = {
         "physical_split": f"the shared model against one backbone copy per group, branching at {branch_at!r}",
@@ -103,23 +115,33 @@ def next_step_code(verdict: Verdict, branch_at: str | None, groups: Sequence[Seq
         "keep_shared": "the shared model against fully independent models, to confirm that no task's\n# ceiling "
         "rises when trained alone",
     }[verdict]
-    return "\n".join([
+    lines = [
         "import torch",
         "from gradconflict import advise, compare",
         "",
         f"# Compares {why}, over {seeds} seeds.",
         "# model_factory: () -> a fresh model; loss_fns: {task: (output, target) -> loss}; train_data: your batches;",
         "# eval_data: held-out batches; metrics: {task: (fn, 'max' | 'min')} (default: each task's loss).",
+    ]
+    if conflict:
+        lines += [
+            "# The gradients conflict: shared+upgrad and shared+pcgrad train the shared model with conflict-aware",
+            "# updates, the cheaper cure if they do as well as the split ('upgrad' needs pip install",
+            "# 'gradconflict[weighting]'; 'pcgrad' and 'mgda' do not).",
+        ]
+    lines += [
         "results = [",
         "    compare(model_factory, loss_fns, train_data, steps=200,",
         "            optimizer_factory=lambda params: torch.optim.Adam(params, lr=1e-3),",
         f"            eval_data=eval_data, metrics=None, variants={_VARIANTS[verdict]!r},",
-        f"            branch_at={branch_at!r}, groups={[list(g) for g in groups]!r}, seed=seed)",
+        f"            branch_at={branch_at!r}, groups={[list(g) for g in groups]!r},",
+        '            weightings=["upgrad", "pcgrad"], seed=seed)' if conflict else "            seed=seed)",
         f"    for seed in range({seeds})",
         "]",
         "print(results[0].to_markdown())",
         "print(advise(history, comparison=results))  # did a split beat shared beyond the seeds' spread?",
-    ])
+    ]
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -533,7 +555,7 @@ def advise(
         branch_point=branch,
         groups=groups,
         signals=signals,
-        next_step=next_step_code(verdict, branch, code_groups),
+        next_step=next_step_code(verdict, branch, code_groups, conflict=diverging.status == "split"),
         reason=reason,
         uncertainty=_uncertainty(decided_by, diverging, aligned.step_gap),
         duplicated_share=share,

@@ -202,6 +202,20 @@ class TappedEngine:
         self._loop_reason: str | None = None
         self._opaque = False  # the model runs compiled: taps would never fire inside it
 
+    def state_dict(self) -> list[dict[str, Any]]:
+        """The strategy choices made so far (plain data), so that a resumed run does not time them again."""
+        return [
+            {"tasks": key[0], "shapes": [list(s) for s in key[1]], "strategy": c.strategy, "seconds": dict(c.seconds)}
+            for key, c in self.choices.items()
+        ]
+
+    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.choices = {
+            (d["tasks"], tuple(tuple(s) for s in d["shapes"])): Choice(d["strategy"], dict(d["seconds"]))
+            for d in state
+        }
+
     def arm(self, on: bool) -> None:
         """Tap the coming forwards, or not (never with ``strategy="loop"``, which needs no tap; with ``"auto"``
         the taps stay, so that the step's shape, read from them, stays what its choice was made for)."""

@@ -10,6 +10,10 @@ the same step budget and exactly the same batches in the same order:
   logical split at equal total budget.
 - ``branched``: the same shared model at the same point, branched at ``branch_at`` into ``groups``, then every
   copy trained for the rest: the physical split at equal total budget.
+- ``shared+<method>`` (one per entry of ``weightings=``): the shared model for the whole budget, each step's
+  update made conflict-aware by that method (``ConflictMonitor.backward(..., weighting=method)``: see
+  :mod:`gradconflict.weighting`). The cheaper answer to conflict: if it lifts the tasks as far as a split does,
+  no split is needed.
 
 Splitting a partly trained shared model (rather than training the split architectures from scratch) answers
 the question a team asks, "should *this* model be split now?", and gives lora a trained backbone to adapt. The first
@@ -30,12 +34,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradconflict.monitor import ConflictMonitor
 from gradconflict.split.branch import branch
 from gradconflict.split.costs import latency_ms, saved_activation_bytes, state_bytes, synchronize
 from gradconflict.split.lora import lora_split
 from gradconflict.split.measures import Direction, check_direction
 from gradconflict.split.model import check_convention, count_parameters
 from gradconflict.split.result import ComparisonResult, VariantRecord
+from gradconflict.weighting import Weighting, WeightingSpec, make_weighting
 
 __all__ = ["VARIANTS", "compare"]
 
@@ -55,6 +61,8 @@ class _Member:
     model: nn.Module
     tasks: list[str]
     optimizer: torch.optim.Optimizer
+    monitor: ConflictMonitor | None = None  # with a weighting: the monitor whose backward applies it
+    weighting: Weighting | None = None
 
 
 @dataclass
@@ -166,7 +174,10 @@ class _Experiment:
         out = member.model(x)
         losses = [self.loss_fns[t](out[t], targets[t]) for t in member.tasks]
         member.optimizer.zero_grad(set_to_none=True)
-        sum(losses).backward()
+        if member.monitor is None:
+            sum(losses).backward()
+        else:
+            member.monitor.backward(dict(zip(member.tasks, losses)), weighting=member.weighting)
         member.optimizer.step()
         synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -277,6 +288,7 @@ def compare(
     lora_rank: int = 8,
     evals: int = 5,
     blocks: Sequence[str] | None = None,
+    weightings: Sequence[WeightingSpec] = (),
 ) -> ComparisonResult:
     """Run the comparison experiment (see the module docstring for what each variant is) and tabulate it.
 
@@ -302,6 +314,9 @@ def compare(
         lora_rank: the adapters' rank.
         evals: number of evaluations over the run (the best and final metrics are read from them).
         blocks: block paths, for backbones that are not ``nn.Sequential`` / ``nn.ModuleList`` (for branching).
+        weightings: conflict-aware updates to try on the shared model, each a variant ``shared+<name>``: method
+            names (``"upgrad"``, ``"pcgrad"``, ...) or weightings (see :mod:`gradconflict.weighting`). Each step of
+            such a variant is a measured step, so its step time includes the measurement.
 
     >>> import torch, torch.nn as nn
     >>> from gradconflict.split import MultiTaskNet
@@ -325,6 +340,9 @@ def compare(
     tasks = list(loss_fns)
     if not tasks:
         raise ValueError("loss_fns is empty: give one loss function per task")
+    methods = {f"shared+{m.name}": m for m in map(make_weighting, weightings)}  # unknown names fail before training
+    if len(methods) != len(weightings):
+        raise ValueError(f"weightings names a method twice: {[str(w) for w in weightings]}")
 
     def make() -> nn.Module:
         torch.manual_seed(seed)  # same initialisation for every variant
@@ -378,6 +396,16 @@ def compare(
         torch.manual_seed(seed)
         exp.train("independent", members, run, 0, steps)
         records["independent"] = exp.record("independent", members, run, 0)
+    for name, method in methods.items():
+        run, model = fresh_run(), make()
+        member = exp.member(model, tasks)
+        member.monitor, member.weighting = ConflictMonitor(model, shared=model.backbone), method
+        torch.manual_seed(seed)
+        try:
+            exp.train(name, [member], run, 0, steps)
+        finally:
+            member.monitor.close()
+        records[name] = exp.record(name, [member], run, 0)
     for name in want_split:
         assert checkpoint is not None
         model, run = copy.deepcopy(checkpoint[0]), copy.deepcopy(checkpoint[1])
@@ -390,7 +418,8 @@ def compare(
         members = [exp.member(split, tasks)]
         exp.train(name, members, run, split_step, steps)
         records[name] = exp.record(name, members, run, split_step)
-    ordered = {v: records[v] for v in variants if v in records}
+    order = [v for v in variants if v == "shared"] + list(methods) + [v for v in variants if v != "shared"]
+    ordered = {v: records[v] for v in order if v in records}
     return ComparisonResult(
         ordered, tasks, steps=steps, split_step=split_step, notes=notes,
         branch_at=branch_at if "branched" in ordered else None,

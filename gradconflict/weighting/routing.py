@@ -1,0 +1,110 @@
+"""One ordinary backward that gives the shared parameters ``sum_i lambda_i w_i g_i`` and every task's own
+parameters (its head) the gradient of its own loss ``w_i L_i``, as TorchJD's ``mtl_backward`` and the methods'
+reference code do.
+
+The autograd graph below the losses splits in two: the nodes that only one task's loss reaches (its head) and
+the nodes that two or more reach (the shared part). Every path from a loss to a shared parameter enters the
+shared part through exactly one edge leaving that task's own nodes; a hook on those edges multiplies the
+gradient that crosses them by ``lambda_i``. So a single backward of ``sum_i w_i L_i`` (through autograd's own
+engine: tensor hooks, post-accumulate hooks, DDP's reducer and GradScaler see an ordinary backward) leaves
+``w_i`` times the head gradient in head ``i`` and ``sum_i lambda_i w_i g_i`` in every shared parameter.
+
+>>> import torch
+>>> from gradconflict.tasks import task_losses
+>>> shared, head = torch.ones(1, requires_grad=True), torch.ones(1, requires_grad=True)
+>>> z = 2 * shared
+>>> batch = task_losses({"a": (z * head).sum(), "b": z.sum()})
+>>> _ = weighted_backward(batch, [0.5, 0.0], lambda total: total.backward())
+>>> shared.grad, head.grad          # shared: 0.5 * d(z * head)/d shared + 0 * dz/d shared; head: its own gradient
+(tensor([1.]), tensor([2.]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from gradconflict.tasks import TaskLosses
+
+__all__ = ["COMMON", "owners", "weighted_backward"]
+
+#: The owner of a node that two or more tasks' losses reach.
+COMMON = -1
+
+
+def _children(node: Any) -> list[Any]:
+    return [child for child, _ in node.next_functions if child is not None]
+
+
+def owners(roots: Sequence[Any]) -> dict[Any, int]:
+    """For every node below ``roots`` (autograd nodes, one per task): the index of the only root that reaches it,
+    or :data:`COMMON`. One walk per root, stopped where it meets nodes already known; a node found shared passes
+    that on to everything below it once.
+
+    >>> import torch
+    >>> w = torch.ones(1, requires_grad=True)
+    >>> h = w * 2
+    >>> a, b = h * 3, h * 4
+    >>> owner = owners([a.grad_fn, b.grad_fn])
+    >>> owner[a.grad_fn], owner[b.grad_fn], owner[h.grad_fn] == COMMON
+    (0, 1, True)
+    """
+    owner: dict[Any, int] = {}
+
+    def share(node: Any) -> None:
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            if owner.get(current) != COMMON:
+                owner[current] = COMMON
+                stack.extend(_children(current))
+
+    for task, root in enumerate(roots):
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            seen = owner.get(node)
+            if seen is None:
+                owner[node] = task
+                stack.extend(_children(node))
+            elif seen != task and seen != COMMON:
+                share(node)
+    return owner
+
+
+def _scaler(edges: list[int], scale: float) -> Callable[[tuple[Any, ...], tuple[Any, ...]], tuple[Any, ...]]:
+    """A node hook scaling the gradients its node sends along ``edges`` (indices into ``next_functions``)."""
+
+    def hook(grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(g * scale if k in edges and g is not None else g for k, g in enumerate(grad_inputs))
+
+    return hook
+
+
+def weighted_backward(batch: TaskLosses, scales: Sequence[float], run: Callable[[Tensor], None]) -> list[Tensor]:
+    """Run ``run(total)`` (e.g. ``total.backward()``) on ``total = sum_i w_i L_i`` with task ``i``'s gradient
+    multiplied by ``scales[i]`` wherever it enters a part of the graph that another task also reaches.
+
+    Each loss first passes through its own view, so that a task always owns at least one node (two tasks may
+    share a loss tensor). Returns the leaves (parameters) in the shared part, for the caller to check that they
+    are the ones it meant to weight.
+    """
+    views = [loss.view_as(loss) for loss in batch.losses]
+    total = TaskLosses(batch.names, views, batch.weights).total()
+    owner = owners([view.grad_fn for view in views])
+    handles = []
+    try:
+        for node, task in owner.items():
+            if task == COMMON:
+                continue
+            edges = [k for k, (child, _) in enumerate(node.next_functions) if owner.get(child) == COMMON]
+            if edges:
+                handles.append(node.register_hook(_scaler(edges, float(scales[task]))))
+        run(total)
+    finally:
+        for handle in handles:
+            handle.remove()
+    leaves = (getattr(node, "variable", None) for node, task in owner.items() if task == COMMON)
+    return [leaf for leaf in leaves if leaf is not None]
