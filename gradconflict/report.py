@@ -24,20 +24,11 @@ import torch
 from torch import Tensor
 
 from gradconflict import metrics
+from gradconflict.strict_json import strict
 
 __all__ = ["ConflictReport", "LayerReport"]
 
 
-def _plain(x: Tensor) -> Any:
-    """A tensor as nested Python floats; ``inf`` and ``nan`` become ``None`` so the result is strict JSON."""
-    values = x.detach().double().cpu().tolist()
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, list):
-            return [clean(u) for u in v]
-        return v if math.isfinite(v) else None
-
-    return clean(values)
 
 
 class _GramMetrics:
@@ -146,15 +137,15 @@ def _metrics_dicts(items: Sequence[_GramMetrics]) -> list[dict[str, Any]]:
         G = torch.stack([items[k].gram for k in index])
         w = torch.stack([items[k].weights for k in index])
         plain = {
-            "gram": _plain(G),
-            "task_norms": _plain(metrics.task_norms(G)),
-            "cosine": _plain(metrics.cosine(G)),
-            "conflict_fraction": _plain(metrics.conflict_fraction(G, threshold)),
-            "magnitude_similarity": _plain(metrics.magnitude_similarity(G)),
-            "update_norm": _plain(metrics.update_norm(G, w)),
-            "cancellation": _plain(metrics.cancellation(G, w)),
-            "alignment": _plain(metrics.alignment(G, w)),
-            "condition_number": _plain(metrics.condition_number(G)),
+            "gram": strict(G),
+            "task_norms": strict(metrics.task_norms(G)),
+            "cosine": strict(metrics.cosine(G)),
+            "conflict_fraction": strict(metrics.conflict_fraction(G, threshold)),
+            "magnitude_similarity": strict(metrics.magnitude_similarity(G)),
+            "update_norm": strict(metrics.update_norm(G, w)),
+            "cancellation": strict(metrics.cancellation(G, w)),
+            "alignment": strict(metrics.alignment(G, w)),
+            "condition_number": strict(metrics.condition_number(G)),
         }
         pairs: list[list[list[str]]] = [[] for _ in index]
         for b, i, j in metrics.conflict_pairs(G, threshold).nonzero().tolist():
@@ -322,8 +313,8 @@ class ConflictReport(_GramMetrics):
             "approximate": self.approximate,
             "tasks": list(self.tasks),
             "threshold": self.threshold,
-            "weights": _plain(torch.as_tensor(self.weights)),
-            "losses": None if self.losses is None else _plain(self.losses),
+            "weights": strict(torch.as_tensor(self.weights)),
+            "losses": None if self.losses is None else strict(self.losses),
         }
         if self.skipped:
             return head

@@ -19,12 +19,7 @@ GRAD_RTOL = 1e-12
 GRAM_RTOL = 1e-9
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -37,7 +37,6 @@ sorted order, and the groups are sorted by their first task.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +66,7 @@ from gradconflict.diagnosis.thresholds import Thresholds
 from gradconflict.diagnosis.trends import QuantitySummary, summarize
 from gradconflict.history import History
 from gradconflict.split.result import ComparisonResult
+from gradconflict.strict_json import strict
 
 __all__ = ["Advice", "Uncertainty", "advise", "advise_from_jsonl", "next_step_code"]
 
@@ -79,15 +79,6 @@ _VARIANTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _json_ready(value: Any) -> Any:
-    """``value`` with every non-finite float (a pair never measured together) replaced by ``None``."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    return value
 
 
 def next_step_code(
@@ -253,7 +244,7 @@ class Advice:
                 "method": self.grouping.method,
                 "by_count": {str(k): {"groups": g, "score": s} for k, (g, s) in self.grouping.by_count.items()},
             }
-        return _json_ready(out)
+        return strict(out)
 
     def summary(self) -> str:
         """The verdict and the evidence behind it in a few lines: the uncertainty, which layers conflict and how

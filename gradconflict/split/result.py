@@ -31,6 +31,7 @@ from gradconflict.split.measures import (
     smoothness,
     task_improvement,
 )
+from gradconflict.strict_json import strict
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -121,7 +122,7 @@ class VariantRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python view (JSON-ready; non-finite numbers become ``None``)."""
-        return _plain(
+        return strict(
             {
                 "name": self.name, "losses": self.losses, "evals": [[s, m] for s, m in self.evals],
                 "directions": self.directions, "params": self.params, "step_ms": self.step_ms,
@@ -130,14 +131,6 @@ class VariantRecord:
         )
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 @dataclass(repr=False)
@@ -272,7 +265,7 @@ class ComparisonResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python view: rows, Delta-m% per variant, broken ceilings, settings, notes and each record."""
-        return _plain(
+        return strict(
             {
                 "tasks": self.tasks, "steps": self.steps, "split_step": self.split_step, "notes": self.notes,
                 "select": self.select, "baseline": self.baseline, "average": self.average,
