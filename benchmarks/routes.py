@@ -80,6 +80,7 @@ class Route:
     closers: list[Callable[[], None]] = field(default_factory=list)
     note: str = ""
     describe: Callable[[], str] | None = None  # more note, read after the timed runs
+    trial_calls: int = 0  # calls that time strategies (gradconflict's auto): run before the memory probe
 
     def zero_grad(self) -> None:
         self.model.zero_grad(set_to_none=True)
@@ -113,16 +114,17 @@ def floor(model: MultiTask, x: Tensor, targets: dict[str, Tensor]) -> Route:
     T = len(targets)
     first = next(m for m in model.backbone.modules() if any(True for _ in m.parameters(recurse=False)))
     params = [p for p in model.parameters() if p.requires_grad]
-    eye = torch.eye(T, dtype=x.dtype, device=x.device)
+    dtype = params[0].dtype  # not x's: token ids are integers
+    eye = torch.eye(T, dtype=dtype, device=x.device)
     closers = []
-    if isinstance(first, (nn.Linear, nn.modules.conv._ConvNd)):
-        anchor = torch.zeros((), dtype=x.dtype, device=x.device, requires_grad=True)
+    if isinstance(first, (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)):
+        anchor = torch.zeros((), dtype=dtype, device=x.device, requires_grad=True)
         handle = first.register_forward_hook(lambda mod, args, out: out + anchor)
         closers.append(handle.remove)
         inp, note = x, f"anchor on the output of the first layer ({type(first).__name__})"
     else:  # e.g. attention first: its input projection needs its output gradients too, so go down to x
         anchor = inp = x.detach().requires_grad_(True)
-        note = f"anchor = the input x (the first layer, {type(first).__name__}, is not a plain Linear/Conv)"
+        note = f"anchor = the input x (the first layer, {type(first).__name__}, is not a plain Linear/Conv/Embedding)"
 
     def step() -> None:
         stacked = _stack(task_losses(model(inp), targets))
@@ -232,7 +234,8 @@ def _gc(key: str, **kwargs: object) -> Callable[[MultiTask, Tensor, dict[str, Te
             chosen = {c["strategy"] for c in monitor.plan["choices"] if c["strategy"]}
             return f"strategy chosen: {', '.join(sorted(chosen))}" if chosen else ""
 
-        return Route(key, model, step, closers=[monitor.close], describe=describe)
+        trials = 2 if kwargs.get("strategy", "auto") == "auto" else 0
+        return Route(key, model, step, closers=[monitor.close], describe=describe, trial_calls=trials)
 
     return build
 
@@ -252,7 +255,7 @@ def gc_every10(model: MultiTask, x: Tensor, targets: dict[str, Tensor]) -> Route
                 gram = report.gram
         return gram
 
-    return Route("gc-every10", model, step, steps_per_call=10, closers=[monitor.close])
+    return Route("gc-every10", model, step, steps_per_call=10, closers=[monitor.close], trial_calls=2)
 
 
 def gc_repr(model: MultiTask, x: Tensor, targets: dict[str, Tensor]) -> Route:
@@ -293,6 +296,11 @@ def reference(base: MultiTask, x: Tensor, targets: dict[str, Tensor]) -> tuple[T
         torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True, materialize_grads=True)
         for loss in losses.values()
     ]
-    J = torch.stack([torch.cat([g.reshape(-1) for g in grads[:n]]) for grads in per_task])
+    # G_ij summed parameter by parameter: stacking J would hold a second float64 copy of T gradients (GPT-2, T=8)
+    T = len(per_task)
+    gram = torch.zeros(T, T, dtype=torch.float64)
+    for k in range(n):
+        rows = torch.stack([grads[k].reshape(-1) for grads in per_task])
+        gram += (rows @ rows.T).cpu()
     total = [sum(grads[k] for grads in per_task) for k in range(len(params))]
-    return J @ J.T, total
+    return gram, total

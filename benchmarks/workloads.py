@@ -164,6 +164,11 @@ WORKLOADS: dict[str, Workload] = {
         Workload("mlp-b64", mlp, (64, 512), "MLP 4x512 (ReLU), input 512, B=64", ghost=True),
         Workload("mlp-b512", mlp, (512, 512), "MLP 4x512 (ReLU), input 512, B=512"),
         Workload(
+            "wide-linear", lambda t: mlp(t, width=2048, depth=8, d_in=2048), (16, 2048),
+            "MLP 8x2048 (ReLU), input 2048, B=16: the peak-memory case (34M shared parameters, small activations)",
+            ghost=True,
+        ),
+        Workload(
             "transformer", transformer, (16, 128, 256),
             "Transformer encoder, 4 layers, d=256, 4 heads, FF 1024, dropout 0, seq 128, B=16, mean-pool",
             heavy=True,
