@@ -234,7 +234,7 @@ def _gc(key: str, **kwargs: object) -> Callable[[MultiTask, Tensor, dict[str, Te
             chosen = {c["strategy"] for c in monitor.plan["choices"] if c["strategy"]}
             return f"strategy chosen: {', '.join(sorted(chosen))}" if chosen else ""
 
-        trials = 2 if kwargs.get("strategy", "auto") == "auto" else 0
+        trials = 4 if kwargs.get("strategy", "auto") == "auto" else 0  # 2 trial steps per candidate
         return Route(key, model, step, closers=[monitor.close], describe=describe, trial_calls=trials)
 
     return build
@@ -255,7 +255,7 @@ def gc_every10(model: MultiTask, x: Tensor, targets: dict[str, Tensor]) -> Route
                 gram = report.gram
         return gram
 
-    return Route("gc-every10", model, step, steps_per_call=10, closers=[monitor.close], trial_calls=2)
+    return Route("gc-every10", model, step, steps_per_call=10, closers=[monitor.close], trial_calls=4)
 
 
 def gc_repr(model: MultiTask, x: Tensor, targets: dict[str, Tensor]) -> Route:

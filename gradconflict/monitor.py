@@ -245,7 +245,7 @@ class ConflictMonitor:
     @property
     def plan(self) -> dict[str, Any]:
         """How the engine measures: its strategy setting and, per shape of step (number of tasks, tapped layers'
-        input shapes), the strategy chosen and the seconds each candidate took on its trial step.
+        input shapes), the strategy chosen, each candidate's best time over its trial steps, and how many it ran.
 
         >>> import torch.nn as nn
         >>> ConflictMonitor(nn.Linear(2, 2), engine="reference").plan
@@ -256,7 +256,10 @@ class ConflictMonitor:
             "engine": self.engine.name,
             "strategy": getattr(self.engine, "strategy", "loop" if self.engine.name == "reference" else "batched"),
             "choices": [
-                {"tasks": key[0], "shapes": list(key[1]), "strategy": c.strategy, "seconds": dict(c.seconds)}
+                {
+                    "tasks": key[0], "shapes": list(key[1]), "strategy": c.strategy,
+                    "seconds": dict(c.seconds), "runs": dict(c.runs),
+                }
                 for key, c in choices.items()
             ],
         }

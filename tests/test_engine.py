@@ -141,15 +141,39 @@ def test_subclass_with_its_own_forward_and_two_monitors_stay_exact():
 def test_auto_strategy_times_both_candidates_then_keeps_the_faster():
     model, x = FAMILIES["cnn"](3)
     with ConflictMonitor(model, shared=model.backbone) as monitor:
-        reports = [monitor.measure(losses_of(model(x))) for _ in range(4)]
+        reports = [monitor.measure(losses_of(model(x))) for _ in range(6)]
         ref = reference(model, losses_of(model(x)))
         (choice,) = monitor.plan["choices"]
-    assert [r.strategy for r in reports[:2]] == ["batched", "loop"]
-    assert set(choice["seconds"]) == {"batched", "loop"}
+    assert [r.strategy for r in reports[:4]] == ["batched", "loop", "batched", "loop"]
+    assert choice["runs"] == {"batched": 2, "loop": 2}
     fastest = min(choice["seconds"], key=choice["seconds"].get)
-    assert choice["strategy"] == fastest and [r.strategy for r in reports[2:]] == [fastest, fastest]
+    assert choice["strategy"] == fastest and [r.strategy for r in reports[4:]] == [fastest, fastest]
     for r in reports:  # every strategy is exact
         assert rel_err(r.gram, ref.gram) <= RTOL
+
+
+def test_auto_strategy_judges_each_candidate_by_its_faster_run(monkeypatch):
+    """A cold first batched step (10 s here) must not hand the choice to a loop that is slower once warm."""
+    from types import SimpleNamespace
+
+    import gradconflict.engine.tapped as tapped
+
+    durations = iter([10.0, 2.0, 1.0, 2.0])  # batched, loop, batched, loop
+    clock = {"now": 0.0, "started": False}
+
+    def perf_counter():
+        if clock["started"]:
+            clock["now"] += next(durations)
+        clock["started"] = not clock["started"]
+        return clock["now"]
+
+    monkeypatch.setattr(tapped, "time", SimpleNamespace(perf_counter=perf_counter))  # the engine's clock only
+    model, x = FAMILIES["mlp"](2)
+    with ConflictMonitor(model, shared=model.backbone) as monitor:
+        strategies = [monitor.measure(losses_of(model(x))).strategy for _ in range(5)]
+        (choice,) = monitor.plan["choices"]
+    assert strategies == ["batched", "loop", "batched", "loop", "batched"]
+    assert choice["seconds"] == {"batched": 1.0, "loop": 2.0} and choice["strategy"] == "batched"
 
 
 def test_the_loop_is_not_a_candidate_beyond_its_memory_budget_and_both_can_be_forced():
@@ -186,3 +210,18 @@ def test_math_attention_avoids_the_per_task_fallback_and_puts_the_flags_back():
     for a, b in zip(model.parameters(), twin.parameters()):
         assert rel_err(a.grad, b.grad) <= 1e-12
     assert rel_err(report.gram, expected.gram) <= RTOL
+
+
+def test_a_resumed_run_finishes_the_strategy_trial_where_it_stopped():
+    model, x = FAMILIES["mlp"](2)
+    with ConflictMonitor(model, shared=model.backbone) as first:
+        for _ in range(3):  # batched, loop, batched: one trial step left
+            first.measure(losses_of(model(x)))
+        state, plan = first.state_dict(), first.plan
+    with ConflictMonitor(model, shared=model.backbone) as resumed:
+        resumed.load_state_dict(state)
+        assert resumed.plan == plan
+        strategies = [resumed.measure(losses_of(model(x))).strategy for _ in range(2)]
+        (choice,) = resumed.plan["choices"]
+    assert strategies[0] == "loop" and choice["runs"] == {"batched": 2, "loop": 2}
+    assert strategies[1] == choice["strategy"] == min(choice["seconds"], key=choice["seconds"].get)
