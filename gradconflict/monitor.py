@@ -251,17 +251,10 @@ class ConflictMonitor:
         >>> ConflictMonitor(nn.Linear(2, 2), engine="reference").plan
         {'engine': 'reference', 'strategy': 'loop', 'choices': []}
         """
-        choices = getattr(self.engine, "choices", {})
         return {
             "engine": self.engine.name,
             "strategy": getattr(self.engine, "strategy", "loop" if self.engine.name == "reference" else "batched"),
-            "choices": [
-                {
-                    "tasks": key[0], "shapes": list(key[1]), "strategy": c.strategy,
-                    "seconds": dict(c.seconds), "runs": dict(c.runs),
-                }
-                for key, c in choices.items()
-            ],
+            "choices": self.engine.state_dict() if hasattr(self.engine, "state_dict") else [],
         }
 
     @property
@@ -282,7 +275,7 @@ class ConflictMonitor:
             "shared": self.shared_parameters,
             "history": self.history.state_dict(),
             "weighting": self._weighting.state_dict(),
-            "strategy_choices": self.engine.state_dict() if hasattr(self.engine, "state_dict") else [],
+            "strategy_choices": self.plan["choices"],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
