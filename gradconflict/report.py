@@ -29,8 +29,6 @@ from gradconflict.strict_json import strict
 __all__ = ["ConflictReport", "LayerReport"]
 
 
-
-
 class _GramMetrics:
     """The conflict quantities (see :mod:`gradconflict.metrics`), computed lazily from ``gram`` and ``weights``."""
 
@@ -121,8 +119,6 @@ class _GramMetrics:
         return metrics.condition_number(self.gram)
 
 
-
-
 def _metrics_dicts(items: Sequence[_GramMetrics]) -> list[dict[str, Any]]:
     """Every quantity of several Grams as plain Python (what ``to_dict`` writes), computed a batch at a time: one
     batch per task list, dtype, device and threshold, so a step with many layers costs a few batched operations
@@ -136,35 +132,24 @@ def _metrics_dicts(items: Sequence[_GramMetrics]) -> list[dict[str, Any]]:
     for (tasks, _, _, threshold), index in groups.items():
         G = torch.stack([items[k].gram for k in index])
         w = torch.stack([items[k].weights for k in index])
-        plain = {
+        pairs: list[list[list[str]]] = [[] for _ in index]
+        for b, i, j in metrics.conflict_pairs(G, threshold).nonzero().tolist():
+            pairs[b].append([tasks[i], tasks[j]])
+        columns = {  # in the order to_dict writes them
             "gram": strict(G),
             "task_norms": strict(metrics.task_norms(G)),
             "cosine": strict(metrics.cosine(G)),
+            "conflict_pairs": pairs,
             "conflict_fraction": strict(metrics.conflict_fraction(G, threshold)),
             "magnitude_similarity": strict(metrics.magnitude_similarity(G)),
             "update_norm": strict(metrics.update_norm(G, w)),
             "cancellation": strict(metrics.cancellation(G, w)),
             "alignment": strict(metrics.alignment(G, w)),
             "condition_number": strict(metrics.condition_number(G)),
+            "zero_norm_tasks": [[t for t, z in zip(tasks, row) if z] for row in metrics.zero_norm_tasks(G).tolist()],
         }
-        pairs: list[list[list[str]]] = [[] for _ in index]
-        for b, i, j in metrics.conflict_pairs(G, threshold).nonzero().tolist():
-            pairs[b].append([tasks[i], tasks[j]])
-        zero = metrics.zero_norm_tasks(G).tolist()
         for b, k in enumerate(index):
-            out[k] = {
-                "gram": plain["gram"][b],
-                "task_norms": plain["task_norms"][b],
-                "cosine": plain["cosine"][b],
-                "conflict_pairs": pairs[b],
-                "conflict_fraction": plain["conflict_fraction"][b],
-                "magnitude_similarity": plain["magnitude_similarity"][b],
-                "update_norm": plain["update_norm"][b],
-                "cancellation": plain["cancellation"][b],
-                "alignment": plain["alignment"][b],
-                "condition_number": plain["condition_number"][b],
-                "zero_norm_tasks": [t for t, z in zip(tasks, zero[b]) if z],
-            }
+            out[k] = {key: column[b] for key, column in columns.items()}
     return out
 
 
