@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from gradconflict.rules.base import Call, LayerGram, LayerRule, gram_of, register_rule
+from gradconflict.rules.base import Call, LayerGram, LayerRule, gram_of, materialised_gram, register_rule
 
 
 def ghost_is_cheaper(rows: int, d_in: int, d_out: int, tasks: int) -> bool:
@@ -41,16 +41,19 @@ class LinearRule(LayerRule):
         D = _rows([c.grads.reshape(T, -1, c.grads.shape[-1]) for c in calls], dim=1).to(dtype)
         return X, D
 
-    def per_task(
-        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
-    ) -> dict[str, Tensor]:
-        X, D = self._rows(calls, dtype)
+    @staticmethod
+    def _per_task(X: Tensor, D: Tensor, names: set[str]) -> dict[str, Tensor]:
         per_task = {}
         if "weight" in names:
             per_task["weight"] = D.transpose(1, 2) @ X  # T batched products: [T, d_out, d_in]
         if "bias" in names:
             per_task["bias"] = D.sum(1)
         return per_task
+
+    def per_task(
+        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+    ) -> dict[str, Tensor]:
+        return self._per_task(*self._rows(calls, dtype), names)
 
     def gram(self, module: nn.Module, calls: Sequence[Call], names: set[str], gram_dtype: torch.dtype) -> LayerGram:
         X, D = self._rows(calls, gram_dtype)
@@ -61,7 +64,8 @@ class LinearRule(LayerRule):
             if "bias" in names:
                 K += 1
             return LayerGram(gram_of(D.reshape(T, -1), (K @ D).reshape(T, -1)), "ghost")
-        return super().gram(module, calls, names, gram_dtype)
+        # the rows already stacked; a transposed weight (Conv1D below) has the same Gram
+        return materialised_gram(self._per_task(X, D, names), gram_dtype)
 
 
 @register_rule("transformers.pytorch_utils.Conv1D")
