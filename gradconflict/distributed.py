@@ -132,10 +132,11 @@ class Reduction:
     _blocks: dict[str, int] = field(default_factory=dict)
 
     def add(self, layer: str, rows: Tensor) -> None:
-        """Add one block of ``layer``: the T tasks' gradients of some of its parameters, ``[T, P]``, this rank's."""
+        """Add one block of ``layer``: the T tasks' gradients of some of its parameters, ``[T, P]``, this rank's.
+        ``rows`` is consumed (reduced in place): every caller hands over a tensor of its own."""
         if self.sync.mode == "exact":
             # All ranks reach the layers in the same order (the same model and graph), so the collectives match.
-            total = self.sync.mean(rows)
+            total = self.sync.all_reduce(rows).div_(self.sync.world)  # no parameter-sized copy
             gram = gram_of(total)
             self._grams[layer] = self._grams[layer] + gram if layer in self._grams else gram
             return
@@ -151,7 +152,7 @@ class Reduction:
         generator = torch.Generator(device=rows.device)
         generator.manual_seed((zlib.crc32(key.encode()) * 1_000_003 + self.step) % (2**63 - 1))
         buckets = torch.randint(k, (P,), generator=generator, device=rows.device)
-        signs = torch.randint(2, (P,), generator=generator, device=rows.device).to(rows.dtype) * 2 - 1
+        signs = torch.randint(2, (P,), generator=generator, device=rows.device).to(rows.dtype).mul_(2).sub_(1)
         return rows.new_zeros(T, k).index_add_(1, buckets, rows * signs)
 
     def grams(self) -> dict[str, Tensor]:

@@ -108,9 +108,10 @@ class StepWeights:
         """This measured step's weights from its Gram (read on the host): remembered for the steps that follow,
         and returned as ``lambda_i w_i``. A non-finite Gram or loss, or a method that fails (a
         :class:`WeightingError`), keeps the last weights."""
+        given = batch.weight_vector()
         if not self.active or self.method is None:
-            return batch.weight_vector()
-        user = batch.weight_vector().to(device="cpu", dtype=torch.float64)
+            return given
+        user = given.to(device="cpu", dtype=torch.float64)
         G = gram.detach().to(device="cpu", dtype=torch.float64)
         losses = batch.loss_vector().detach().to(device="cpu", dtype=torch.float64)
         if not (bool(torch.isfinite(G).all()) and bool(torch.isfinite(losses).all())):
@@ -126,7 +127,7 @@ class StepWeights:
                 self._warn(f"failed {err}", f"{err}; this step keeps the last weights")
                 return self.effective(batch)
         self._last = dict(zip(batch.names, scales.tolist()))
-        return (scales * user).to(batch.weight_vector().device)
+        return (scales * user).to(given.device)
 
     def backward(
         self,
