@@ -57,15 +57,17 @@ def tensor_scalars(report: ConflictReport, *, layers: bool = False) -> dict[str,
     T = len(tasks)
     i, j = torch.triu_indices(T, T, 1).tolist()
     pairs = [pair_key(tasks[a], tasks[b]) for a, b in zip(i, j)]
+    # the same pairs as indices on the report's device: indexing with Python lists would copy them there, waiting
+    upper = tuple(torch.triu_indices(T, T, 1, device=report.gram.device))
     out.update(update_norm=report.update_norm, condition_number=report.condition_number)
     out.update({f"norm/{t}": v for t, v in zip(tasks, report.task_norms.unbind())})
     if pairs:  # the pair quantities: only defined on a step that carried two tasks or more
-        C = report.cosine[i, j]
+        C = report.cosine[upper]
         out.update(conflict_fraction=report.conflict_fraction, cancellation=report.cancellation, worst_cosine=C.min())
         out.update({f"cos/{p}": v for p, v in zip(pairs, C.unbind())})
         out.update({f"alignment/{t}": v for t, v in zip(tasks, report.alignment.unbind())})
         if layers and report.layers:
-            out.update(_layer_scalars(report, pairs, i, j))
+            out.update(_layer_scalars(report, pairs, upper))
     return out
 
 
@@ -80,10 +82,10 @@ def scalars(report: ConflictReport, *, layers: bool = False) -> dict[str, float]
     return {k: v for k, v in zip(values, numbers) if math.isfinite(v)}
 
 
-def _layer_scalars(report: ConflictReport, pairs: list[str], i: list[int], j: list[int]) -> dict[str, Tensor]:
+def _layer_scalars(report: ConflictReport, pairs: list[str], upper: tuple[Tensor, ...]) -> dict[str, Tensor]:
     names = list(report.layers)
     G = torch.stack([report.layers[n].gram.double() for n in names])  # [L, T, T]: every layer in one batch
-    C = metrics.cosine(G)[:, i, j]
+    C = metrics.cosine(G)[(slice(None), *upper)]
     fraction = metrics.conflict_fraction(G, report.threshold)
     worst = C.amin(1)
     out: dict[str, Tensor] = {}
