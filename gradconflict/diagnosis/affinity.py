@@ -94,10 +94,12 @@ def _shared_parameters(model: nn.Module, shared: Iterable[nn.Parameter] | nn.Mod
 
 
 @contextmanager
-def _restored(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[Callable[[], None]]:
+def _restored(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> Iterator[tuple[Callable[[], None], Callable[[], None]]]:
     """Restore, on exit, everything a lookahead touches: parameters, gradients, buffers, module modes, the
-    optimizer's state and the RNG. Yields ``rewind``, which puts the RNG back (so that every loss evaluation
-    draws the same dropout masks)."""
+    optimizer's state and the RNG. Yields ``(rewind, restore)``: ``rewind`` puts the RNG back (so that every loss
+    evaluation draws the same dropout masks), ``restore`` puts everything back (between lookahead steps)."""
     params = list(model.parameters())
     if optimizer is not None:
         known = {id(p) for p in params}
@@ -115,9 +117,7 @@ def _restored(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iter
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
 
-    try:
-        yield rewind
-    finally:
+    def restore() -> None:
         with torch.no_grad():
             for p, v, g in zip(params, values, grads):
                 p.copy_(v)
@@ -127,8 +127,13 @@ def _restored(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iter
         for m, training in modes:
             m.training = training
         if optimizer is not None and state is not None:
-            optimizer.load_state_dict(state)
+            optimizer.load_state_dict(copy.deepcopy(state))  # a copy: the optimizer may keep the tensors it loads
         rewind()
+
+    try:
+        yield rewind, restore
+    finally:
+        restore()
 
 
 def lookahead_transference(
@@ -168,7 +173,7 @@ def lookahead_transference(
             raise ValueError(
                 f"{outside} shared parameter(s) are not in the optimizer's param_groups: pass the run's optimizer"
             )
-    with _restored(model, optimizer) as rewind:
+    with _restored(model, optimizer) as (rewind, restore):
         rewind()
         before = losses()
         tasks = list(before)
@@ -177,8 +182,6 @@ def lookahead_transference(
             torch.autograd.grad(before[t], params, retain_graph=k < len(tasks) - 1, allow_unused=True)
             for k, t in enumerate(tasks)
         ]
-        start = [p.detach().clone() for p in params]
-        state = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
         Z = np.zeros((len(tasks), len(tasks)))
         for i, g in enumerate(grads):
             with torch.no_grad():
@@ -197,9 +200,6 @@ def lookahead_transference(
             with torch.no_grad():
                 after = losses()
                 L1 = torch.stack([after[t].detach().reshape(()) for t in tasks]).double()
-                for p, v in zip(params, start):
-                    p.copy_(v)
-            if optimizer is not None and state is not None:
-                optimizer.load_state_dict(copy.deepcopy(state))
+            restore()  # the next task's step starts from the same parameters and optimizer state
             Z[i] = (1 - L1 / L0.where(L0 != 0, torch.ones_like(L0))).cpu().numpy()
     return tasks, Z
