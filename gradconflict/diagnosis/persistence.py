@@ -40,12 +40,9 @@ class ConflictTests:
         layers: layer names, in the order of :attr:`by_layer` (first appearance in the run).
         whole: the tests of the pairs on the whole shared backbone (``[P]``).
         by_layer: one :class:`~gradconflict.diagnosis.stats.PersistenceTests` (``[P]``) per layer.
-        mean_cosine: ``[P]`` each pair's mean cosine on the whole backbone (NaN: never measured together).
-        layer_mean_cosine: ``[L, P]`` the same per layer.
         layer_scores: ``[L]`` Recon's S-conflict score of each layer over the run (conflicting pairs summed over
             steps, :func:`gradconflict.metrics.conflict_pairs`).
         threshold: the conflict cosine ``S``.
-        alpha: the significance level the undetermined pairs' ``steps_needed`` were computed for.
         step_gap: training steps between consecutive measured steps (``k`` under ``every=k``).
     """
 
@@ -54,21 +51,14 @@ class ConflictTests:
     layers: tuple[str, ...]
     whole: PersistenceTests
     by_layer: list[PersistenceTests]
-    mean_cosine: np.ndarray
-    layer_mean_cosine: np.ndarray
     layer_scores: np.ndarray
     threshold: float
-    alpha: float
     step_gap: int
 
     def pair_name(self, p: int) -> str:
         """``"a/b"`` for the pair at position ``p``."""
         i, j = self.pairs[p]
         return f"{self.tasks[i]}/{self.tasks[j]}"
-
-    def layer(self, name: str) -> PersistenceTests:
-        """The tests of one layer."""
-        return self.by_layer[self.layers.index(name)]
 
 
 def _pair_cosines(cosine: np.ndarray, pairs: list[tuple[int, int]]) -> np.ndarray:
@@ -100,10 +90,7 @@ def conflict_tests(history: Run, threshold: float | None = None, alpha: float = 
         layers=aligned.layers,
         whole=family.take(slice(0, P)),
         by_layer=by_layer,
-        mean_cosine=family.mean_cosine[:P],
-        layer_mean_cosine=np.array([t.mean_cosine for t in by_layer]).reshape(L, P),
         layer_scores=scores,
         threshold=S,
-        alpha=alpha,
         step_gap=aligned.step_gap,
     )

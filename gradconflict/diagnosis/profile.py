@@ -199,7 +199,6 @@ class Profile:
         branch_point: the layer from which the backbone should become task-specific, or ``None``.
         duplicated_share: share of the profiled parameters at and above the branch point (0 without one).
         alpha: the significance level of the tests.
-        step_gap: training steps between consecutive measured steps.
     """
 
     tasks: tuple[str, ...]
@@ -207,20 +206,12 @@ class Profile:
     branch_point: str | None
     duplicated_share: float
     alpha: float
-    step_gap: int = 1
 
     @property
     def threshold(self) -> float:
         """The smallest conflict rate that can count as persistent (Cohen's small effect above chance, 0.6): a
         layer's worst pair conflicts persistently only from there, and only when significant and strong enough."""
         return rate_at_effect(SMALL_EFFECT)
-
-    def layer(self, name: str) -> LayerProfile:
-        """The profile of one layer."""
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(f"no layer {name!r} in the profile; the layers are {[lp.name for lp in self.layers]}")
 
     def table(self) -> str:
         """A plain-text table, bottom layer first: parameters, Recon's score, the pair whose conflict is the
@@ -296,8 +287,8 @@ def layer_profile(
         np.fill_diagonal(together, present.sum(0))
         persistence, mean_cosine = np.zeros((T, T)), np.full((T, T), np.nan)
         persistence[iu] = t.persistence
-        mean_cosine[iu] = tests.layer_mean_cosine[k]
-        mean_cosine.T[iu] = tests.layer_mean_cosine[k]
+        mean_cosine[iu] = t.mean_cosine
+        mean_cosine.T[iu] = t.mean_cosine
         np.fill_diagonal(mean_cosine, np.where(together.diagonal() > 0, 1.0, np.nan))
         profiles.append(
             LayerProfile(
@@ -312,4 +303,4 @@ def layer_profile(
     if branch is not None:
         start = [p.name for p in profiles].index(branch)
         above = sum(p.num_params for p in profiles[start:])
-    return Profile(aligned.tasks, profiles, branch, above / total if total else 0.0, th.alpha, aligned.step_gap)
+    return Profile(aligned.tasks, profiles, branch, above / total if total else 0.0, th.alpha)
