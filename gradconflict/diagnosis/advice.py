@@ -51,7 +51,7 @@ from gradconflict.diagnosis.aligned import Run, align, no_pair_reason
 from gradconflict.diagnosis.evaluations import Pairs
 from gradconflict.diagnosis.groups import Grouping, group_tasks
 from gradconflict.diagnosis.persistence import conflict_tests
-from gradconflict.diagnosis.profile import Profile, layer_profile
+from gradconflict.diagnosis.profile import Profile, layer_profile, share_from
 from gradconflict.diagnosis.recon import ReconSelection, recon_layers
 from gradconflict.diagnosis.signals import (
     Signal,
@@ -537,10 +537,7 @@ def advise(
     if profile is not None:
         k = recon_k if recon_k is not None else sum(lp.status == "conflict" for lp in profile.layers)
         recon = recon_layers(aligned, k, threshold=th.conflict_cosine, window=recon_window)
-    share = 0.0
-    if profile is not None and start is not None:
-        total = sum(lp.num_params for lp in profile.layers)
-        share = sum(lp.num_params for lp in profile.layers[start:]) / total if total else 0.0
+    share = 0.0 if profile is None else share_from(profile.layers, start)
     return Advice(
         verdict=verdict,
         branch_point=branch,

@@ -57,6 +57,7 @@ __all__ = [
     "layer_profile",
     "layer_status",
     "order_layers",
+    "share_from",
     "worst_pair",
     "worst_test",
 ]
@@ -298,9 +299,14 @@ def layer_profile(
             )
         )
     branch = branch_point(profiles)
-    total = sum(p.num_params for p in profiles)
-    above = 0
-    if branch is not None:
-        start = [p.name for p in profiles].index(branch)
-        above = sum(p.num_params for p in profiles[start:])
-    return Profile(aligned.tasks, profiles, branch, above / total if total else 0.0, th.alpha)
+    start = None if branch is None else [p.name for p in profiles].index(branch)
+    return Profile(aligned.tasks, profiles, branch, share_from(profiles, start), th.alpha)
+
+
+def share_from(layers: Sequence[LayerProfile], start: int | None) -> float:
+    """The share of the layers' parameters at and above position ``start`` (0 for ``None``): what a branch there
+    duplicates."""
+    total = sum(lp.num_params for lp in layers)
+    if start is None or not total:
+        return 0.0
+    return sum(lp.num_params for lp in layers[start:]) / total
