@@ -48,7 +48,8 @@ def _report(args: argparse.Namespace) -> int:
         print(f"{args.history}: no measured step", file=sys.stderr)
         return 1
     advice = advise(reports)
-    print(f"{args.history}: {summarize_run(reports, profile=advice.profile).text()}")
+    summary = summarize_run(reports, profile=advice.profile)
+    print(f"{args.history}: {summary.text()}")
     if args.lines > 0:
         print("\nsteps:")
         for r in reports[:: max(1, -(-len(reports) // args.lines))]:
@@ -61,10 +62,10 @@ def _report(args: argparse.Namespace) -> int:
 
         source = os.path.basename(args.history)
         if args.output is not None:
-            path = write_html(reports, args.output, advice=advice, source=source, png_dir=args.png)
+            path = write_html(reports, args.output, advice=advice, source=source, png_dir=args.png, summary=summary)
             print(f"report: {path}")
         else:
-            render_html(reports, advice=advice, source=source, png_dir=args.png)
+            render_html(reports, advice=advice, source=source, png_dir=args.png, summary=summary)
         if args.png is not None:
             print(f"figures: {args.png}/*.png")
     return 0

@@ -249,8 +249,10 @@ def _comparison(result: ComparisonResult) -> str:
     return _table(header, rows) + notes
 
 
-def _prepare(run: Run, advice: Advice | None) -> tuple[Advice, RunSummary, dict[str, Any]]:
-    """The advice (computed when not given), the summary and the figures of a run."""
+def _prepare(
+    run: Run, advice: Advice | None, summary: RunSummary | None
+) -> tuple[Advice, RunSummary, dict[str, Any]]:
+    """The advice and the summary (each computed when not given) and the figures of a run."""
     try:
         from gradconflict.plots import run_figures
     except ImportError as err:
@@ -260,7 +262,7 @@ def _prepare(run: Run, advice: Advice | None) -> tuple[Advice, RunSummary, dict[
     if not aligned.num_steps:
         raise ValueError("the run has no measured step: nothing to report (run some steps under a ConflictMonitor)")
     advice = advice if advice is not None else advise(aligned)
-    summary = summarize_run(reports, profile=advice.profile)
+    summary = summary if summary is not None else summarize_run(reports, profile=advice.profile)
     affinity = normalized(mean_transference(aligned))
     return advice, summary, run_figures(aligned, advice, affinity)
 
@@ -273,6 +275,7 @@ def render_html(
     title: str = "gradconflict report",
     source: str = "",
     png_dir: str | Path | None = None,
+    summary: RunSummary | None = None,
 ) -> str:
     """The report of ``run`` (a :class:`~gradconflict.History` or any iterable of reports) as one HTML string.
 
@@ -284,10 +287,11 @@ def render_html(
         title: the page's title.
         source: where the run came from (a file name), shown under the title.
         png_dir: also write each figure there as ``<name>.png``.
+        summary: the run's :func:`~gradconflict.run_summary.summarize_run`, when the caller has it already.
     """
     from gradconflict.plots import figure_to_png
 
-    advice, summary, figures = _prepare(run, advice)
+    advice, summary, figures = _prepare(run, advice, summary)
     pngs = {name: figure_to_png(fig) for name, fig in figures.items()}
     if png_dir is not None:
         folder = Path(png_dir)
@@ -334,10 +338,13 @@ def write_html(
     title: str = "gradconflict report",
     source: str = "",
     png_dir: str | Path | None = None,
+    summary: RunSummary | None = None,
 ) -> Path:
     """Write :func:`render_html`'s page to ``path`` (its folder is created); returns the path."""
     path = Path(path)
-    page = render_html(run, advice=advice, comparison=comparison, title=title, source=source, png_dir=png_dir)
+    page = render_html(
+        run, advice=advice, comparison=comparison, title=title, source=source, png_dir=png_dir, summary=summary
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path
