@@ -192,18 +192,15 @@ def norms_and_alignment(run: Aligned) -> Figure:
 def layer_worst_cosine(run: Aligned, order: Sequence[str]) -> np.ndarray:
     """``[L, S]``: on each layer of ``order`` and measured step, the lowest cosine over the pairs of tasks the
     step carried on that layer (NaN where it carried none)."""
-    index = {name: k for k, name in enumerate(run.layers)}
     T = len(run.tasks)
     upper = np.triu(np.ones((T, T), dtype=bool), 1)
-    out = np.full((len(order), run.num_steps), np.nan)
-    block = max(1, (1 << 22) // max(1, run.num_steps * T * T))
-    for start in range(0, len(order), block):
-        rows = [index[name] for name in order[start : start + block]]
-        C = run.layer_cosine(np.array(rows))  # [S, l, T, T]
+    worst = np.full((len(run.layers), run.num_steps), np.nan)
+    for layers, C, _ in run.layer_blocks():  # C: [S, l, T, T]
         pairs = upper & ~np.isnan(C)
-        worst = np.where(pairs, C, np.inf).min((2, 3))
-        out[start : start + len(rows)] = np.where(pairs.any((2, 3)), worst, np.nan).T
-    return out
+        lowest = np.where(pairs, C, np.inf).min((2, 3))
+        worst[layers] = np.where(pairs.any((2, 3)), lowest, np.nan).T
+    index = {name: k for k, name in enumerate(run.layers)}
+    return worst[[index[name] for name in order]]
 
 
 def _bin_steps(steps: np.ndarray, values: np.ndarray, columns: int) -> tuple[np.ndarray, np.ndarray]:
