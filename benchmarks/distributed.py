@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from benchmarks.timing import median, round_robin
 from benchmarks.workloads import WORKLOADS, task_losses
 from gradconflict import ConflictMonitor
-from gradconflict.distributed import sketch_std
+from gradconflict.measure.distributed import sketch_std
 
 WORLD = 2
 SKETCH_SIZES = (256, 1024, 4096, 16384)

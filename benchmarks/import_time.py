@@ -18,7 +18,7 @@ STATEMENTS = {
     "import gradconflict": ("import torch", "import gradconflict"),
     "+ diagnosis (scipy)": ("import torch, gradconflict", "import gradconflict.diagnosis"),
     "+ split toolkit": ("import torch, gradconflict", "import gradconflict.split"),
-    "+ plots (matplotlib)": ("import torch, gradconflict", "import gradconflict.plots"),
+    "+ plots (matplotlib)": ("import torch, gradconflict", "import gradconflict.reporting.plots"),
 }
 
 

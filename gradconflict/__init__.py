@@ -16,15 +16,20 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from gradconflict.engine import PerformanceWarning, is_measuring
-from gradconflict.history import History
+from gradconflict import _moved
+from gradconflict.measure.engine import PerformanceWarning, is_measuring
+from gradconflict.measure.report import ConflictReport, LayerReport
 from gradconflict.monitor import ConflictMonitor, MeasurementWarning
-from gradconflict.report import ConflictReport, LayerReport
-from gradconflict.sinks import JSONLSink
+from gradconflict.records.history import History
+from gradconflict.records.sinks import JSONLSink
 from gradconflict.weighting import Weighting, WeightingError, WeightingWarning
+
+_moved.install()
 
 if TYPE_CHECKING:
     from gradconflict.diagnosis import Advice, Signal, Thresholds, advise, advise_from_jsonl
+    from gradconflict.integrations.tensorboard import TensorBoardSink
+    from gradconflict.integrations.wandb import WandbSink
     from gradconflict.split import (
         BranchedNet,
         ComparisonResult,
@@ -51,6 +56,8 @@ _LAZY = {
         ],
         "gradconflict.split",
     ),
+    "TensorBoardSink": "gradconflict.integrations.tensorboard",
+    "WandbSink": "gradconflict.integrations.wandb",
 }
 
 
@@ -89,10 +96,12 @@ __all__ = [
     "MeasurementWarning",
     "PerformanceWarning",
     "Signal",
+    "TensorBoardSink",
     "Thresholds",
     "Weighting",
     "WeightingError",
     "WeightingWarning",
+    "WandbSink",
     "__version__",
     "advise",
     "advise_from_jsonl",

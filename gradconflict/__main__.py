@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from gradconflict.cli import main
+from gradconflict.apps.cli import main
 
 sys.exit(main())

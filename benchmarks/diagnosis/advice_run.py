@@ -16,7 +16,7 @@ import torch
 
 from gradconflict import ConflictMonitor
 from gradconflict.diagnosis import Advice, advise
-from gradconflict.synthetic import Spec, build_problem
+from gradconflict.fixtures.synthetic import Spec, build_problem
 
 from .truth import BATCH, LR, STEPS
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import gradconflict
-from gradconflict.synthetic import FAMILY, Spec
+from gradconflict.fixtures.synthetic import FAMILY, Spec
 
 from .advice_run import advice_run, block_of
 from .report import Outcome, markdown

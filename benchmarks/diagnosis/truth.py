@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gradconflict.fixtures.synthetic import Problem, Spec, build_problem
 from gradconflict.split import ComparisonResult, SplitGain, compare, split_gains
-from gradconflict.synthetic import Problem, Spec, build_problem
 
 #: Training budget of every variant (steps), the shared phase before lora and branched split (half), batch size.
 STEPS, BATCH = 400, 64

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradconflict._strict_json import strict
 from gradconflict.diagnosis.affinity import lookahead_transference, mean_transference, normalized
 from gradconflict.diagnosis.aligned import Run, align, no_pair_reason
 from gradconflict.diagnosis.evaluations import Pairs
@@ -64,9 +65,8 @@ from gradconflict.diagnosis.signals import (
 )
 from gradconflict.diagnosis.thresholds import Thresholds
 from gradconflict.diagnosis.trends import QuantitySummary, summarize
-from gradconflict.history import History
-from gradconflict.split.result import ComparisonResult
-from gradconflict.strict_json import strict
+from gradconflict.records.comparison import ComparisonResult
+from gradconflict.records.history import History
 
 __all__ = ["Advice", "Uncertainty", "advise", "advise_from_jsonl", "next_step_code"]
 

@@ -1,7 +1,7 @@
 """Inter-task affinity: how a step on task ``i`` changes task ``j``'s loss.
 
 First order, from the Grams already measured: TAG's transference ``Z_ij = lr G_ij / L_j``
-(:func:`gradconflict.metrics.transference`), averaged over the measured steps; with ``layers``, through those
+(:func:`gradconflict.measure.metrics.transference`), averaged over the measured steps; with ``layers``, through those
 layers' parameters only (the Gram summed over them: what a branch from there on would share). Exact, on request:
 TAG's lookahead (Fifty et al., "Efficiently Identifying Task Groupings for Multi-Task Learning", NeurIPS 2021,
 Eq. 1), :func:`lookahead_transference`: one step of the *shared* parameters on task ``i`` alone,

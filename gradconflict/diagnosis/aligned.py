@@ -6,7 +6,7 @@ measured report on one canonical task order, the **sorted** union of the task na
 the same run gives the same answer whatever the key order. A task a step did not carry has NaN in that step's
 rows and columns, and :attr:`Aligned.present` says which tasks each step carried.
 
-Every quantity is computed for all steps at once, NaN-aware, with the definitions of :mod:`gradconflict.metrics`
+Every quantity is computed for all steps at once, NaN-aware, with the definitions of :mod:`gradconflict.measure.metrics`
 restricted to the tasks each step carried:
 
 - a pair statistic (persistence, mean cosine, transference, the per-layer S-conflict score) is taken over the
@@ -47,9 +47,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradconflict import metrics
-from gradconflict.history import History
-from gradconflict.report import ConflictReport
+from gradconflict.measure import metrics
+from gradconflict.measure.report import ConflictReport
+from gradconflict.records.history import History
 
 __all__ = ["Aligned", "Reports", "Run", "align", "masked_mean", "measured_reports", "no_pair_reason"]
 
@@ -85,12 +85,12 @@ def _pairs_present(present: np.ndarray) -> np.ndarray:
 
 def _carried(G: np.ndarray, present: np.ndarray) -> Tensor:
     """The Grams as float64 tensors restricted to the tasks each step carried: an absent task's row and column are
-    0, so :mod:`gradconflict.metrics` sees it as a zero-norm task (cosine 0, never conflicting, no weight)."""
+    0, so :mod:`gradconflict.measure.metrics` sees it as a zero-norm task (cosine 0, never conflicting, no weight)."""
     return torch.from_numpy(np.where(_pairs_present(present), G, 0.0).astype(np.float64, copy=False))
 
 
 def _cosine(G: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """:func:`gradconflict.metrics.cosine` over the last two axes, NaN where a task is absent."""
+    """:func:`gradconflict.measure.metrics.cosine` over the last two axes, NaN where a task is absent."""
     return np.where(_pairs_present(present), metrics.cosine(_carried(G, present)).numpy(), np.nan)
 
 
@@ -183,12 +183,13 @@ class Aligned:
 
     @cached_property
     def cosine(self) -> np.ndarray:
-        """``[S, T, T]`` pairwise cosines (:func:`gradconflict.metrics.cosine`), NaN where a task is absent."""
+        """``[S, T, T]`` pairwise cosines (:func:`gradconflict.measure.metrics.cosine`), NaN where a task is absent."""
         return _cosine(self.gram, self.present)
 
     def conflicts(self, threshold: float = 0.0) -> np.ndarray:
-        """``[S, T, T]`` upper-triangular mask of conflicting pairs (:func:`gradconflict.metrics.conflict_pairs`:
-        ``C_ij < threshold``, both tasks with a non-zero gradient), over the tasks each step carried."""
+        """``[S, T, T]`` upper-triangular mask of conflicting pairs
+        (:func:`gradconflict.measure.metrics.conflict_pairs`: ``C_ij < threshold``, both tasks with a non-zero
+        gradient), over the tasks each step carried."""
         return metrics.conflict_pairs(self._carried[0], threshold).numpy()
 
     def conflict_fraction(self, threshold: float = 0.0) -> np.ndarray:
@@ -207,30 +208,31 @@ class Aligned:
 
     @cached_property
     def task_norms(self) -> np.ndarray:
-        """``[S, T]`` each task's gradient norm ``sqrt(G_ii)`` (:func:`gradconflict.metrics.task_norms`), NaN where
-        the task is absent."""
+        """``[S, T]`` each task's gradient norm ``sqrt(G_ii)`` (:func:`gradconflict.measure.metrics.task_norms`),
+        NaN where the task is absent."""
         return np.where(self.present, metrics.task_norms(self._carried[0]).numpy(), np.nan)
 
     @cached_property
     def update_norm(self) -> np.ndarray:
         """``[S]`` norm of the step's update ``sqrt(w^T G w)`` over the tasks it carried
-        (:func:`gradconflict.metrics.update_norm`); defined on every measured step."""
+        (:func:`gradconflict.measure.metrics.update_norm`); defined on every measured step."""
         return metrics.update_norm(*self._carried).numpy()
 
     @cached_property
     def cancellation(self) -> np.ndarray:
         """``[S]`` magnitude cancellation ``1 - sqrt(w^T G w) / sum_i w_i n_i`` over the step's tasks
-        (:func:`gradconflict.metrics.cancellation`); NaN on steps with fewer than two tasks."""
+        (:func:`gradconflict.measure.metrics.cancellation`); NaN on steps with fewer than two tasks."""
         return np.where(self.multi, metrics.cancellation(*self._carried).numpy(), np.nan)
 
     @cached_property
     def alignment(self) -> np.ndarray:
-        """``[S, T]`` cosine of each task's gradient with the step's update (:func:`gradconflict.metrics.alignment`);
-        NaN where the task is absent or the step carried fewer than two tasks."""
+        """``[S, T]`` cosine of each task's gradient with the step's update
+        (:func:`gradconflict.measure.metrics.alignment`); NaN where the task is absent or the step carried fewer
+        than two tasks."""
         return np.where(self.present & self.multi[:, None], metrics.alignment(*self._carried).numpy(), np.nan)
 
     def transference(self, lr: float = 1.0, layers: Sequence[int] | None = None) -> np.ndarray:
-        """``[S, T, T]`` first-order transference ``lr G_ij / L_j`` (:func:`gradconflict.metrics.transference`;
+        """``[S, T, T]`` first-order transference ``lr G_ij / L_j`` (:func:`gradconflict.measure.metrics.transference`;
         ``L = 1`` for a report saved without losses), NaN where a task is absent. With ``layers`` (positions in
         :attr:`layers`), ``G`` is the sum of those layers' Grams, and steps that carried none of them are NaN."""
         present = self.present

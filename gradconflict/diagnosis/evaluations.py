@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gradconflict.split.measures import Direction, check_direction
+from gradconflict.records.measures import Direction, check_direction
 
 __all__ = ["EvalTable"]
 

@@ -41,7 +41,7 @@ class ConflictTests:
         whole: the tests of the pairs on the whole shared backbone (``[P]``).
         by_layer: one :class:`~gradconflict.diagnosis.stats.PersistenceTests` (``[P]``) per layer.
         layer_scores: ``[L]`` Recon's S-conflict score of each layer over the run (conflicting pairs summed over
-            steps, :func:`gradconflict.metrics.conflict_pairs`).
+            steps, :func:`gradconflict.measure.metrics.conflict_pairs`).
         threshold: the conflict cosine ``S``.
         step_gap: training steps between consecutive measured steps (``k`` under ``every=k``).
     """

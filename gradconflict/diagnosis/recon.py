@@ -6,7 +6,7 @@ Algorithm 1) trains the shared network for a while, scores every shared layer ``
 iterations), and turns the ``K`` layers with the highest scores into task-specific layers, wherever they are in the
 network. The scores come from a chosen window of training (Recon uses its early part); here ``window`` selects the
 measured steps, and a pair counts on a step only when both tasks were measured on it and both have a non-zero
-gradient on the layer (:func:`gradconflict.metrics.conflict_pairs`).
+gradient on the layer (:func:`gradconflict.measure.metrics.conflict_pairs`).
 
 Unlike the single branch point (:mod:`~gradconflict.diagnosis.profile`), the selected layers need not be
 contiguous: it is Recon's answer, reported next to the branch point.

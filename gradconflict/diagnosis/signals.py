@@ -55,7 +55,7 @@ from gradconflict.diagnosis.profile import order_layers
 from gradconflict.diagnosis.stats import CHANCE, SMALL_EFFECT, PersistenceTests, rate_at_effect, signs
 from gradconflict.diagnosis.thresholds import Thresholds
 from gradconflict.diagnosis.trends import series, trend
-from gradconflict.split.result import ComparisonResult, split_gains
+from gradconflict.records.comparison import ComparisonResult, split_gains
 
 __all__ = [
     "STATUSES",

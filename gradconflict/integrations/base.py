@@ -34,8 +34,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from gradconflict.integrations.scalars import report_scalars
+from gradconflict.measure.report import ConflictReport
 from gradconflict.monitor import ConflictMonitor, MeasurementWarning
-from gradconflict.report import ConflictReport
 
 __all__ = ["FrameworkMonitor"]
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from gradconflict.report import ConflictReport
-from gradconflict.sinks.scalars import tensor_scalars
+from gradconflict.measure.report import ConflictReport
+from gradconflict.records.sinks.scalars import tensor_scalars
 
 __all__ = ["report_scalars"]
 
 
 def report_scalars(report: ConflictReport, *, layers: bool = True) -> dict[str, Tensor]:
     """The step's quantities as ``{"conflict/<key>": 0-dim tensor}`` (on the model's device: nothing waits for
-    it), with the keys of :mod:`gradconflict.sinks.scalars`, the ones a TensorBoard or W&B sink writes. A skipped
-    step has none."""
+    it), with the keys of :mod:`gradconflict.records.sinks.scalars`, the ones a TensorBoard or W&B sink writes.
+    A skipped step has none."""
     if report.skipped:
         return {}
     return {f"conflict/{k}": v for k, v in tensor_scalars(report, layers=layers).items()}

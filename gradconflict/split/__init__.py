@@ -11,13 +11,13 @@ Then :func:`evaluate_split` judges the split on the three criteria (convergence,
 
 from __future__ import annotations
 
+from gradconflict.records.comparison import ComparisonResult, SplitGain, VariantRecord, split_gains
+from gradconflict.records.measures import Smoothness, delta_m, smoothness
 from gradconflict.split.branch import BranchedNet, branch
 from gradconflict.split.compare import VARIANTS, compare
 from gradconflict.split.evaluate import Criterion, SplitEvaluation, evaluate_split
 from gradconflict.split.lora import LoRALayer, LoRASplit, lora_split
-from gradconflict.split.measures import Smoothness, delta_m, smoothness
 from gradconflict.split.model import MultiTaskNet
-from gradconflict.split.result import ComparisonResult, SplitGain, VariantRecord, split_gains
 
 __all__ = [
     "VARIANTS",

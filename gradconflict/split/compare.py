@@ -35,12 +35,12 @@ import torch
 from torch import Tensor, nn
 
 from gradconflict.monitor import ConflictMonitor
+from gradconflict.records.comparison import ComparisonResult, VariantRecord
+from gradconflict.records.measures import Direction, check_direction
 from gradconflict.split.branch import branch
 from gradconflict.split.costs import latency_ms, saved_activation_bytes, state_bytes, synchronize
 from gradconflict.split.lora import lora_split
-from gradconflict.split.measures import Direction, check_direction
 from gradconflict.split.model import check_convention, count_parameters
-from gradconflict.split.result import ComparisonResult, VariantRecord
 from gradconflict.weighting import Weighting, WeightingSpec, make_weighting
 
 __all__ = ["VARIANTS", "compare"]

@@ -29,9 +29,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gradconflict.history import History
-from gradconflict.split.measures import smoothed, smoothness, task_improvement
-from gradconflict.split.result import ComparisonResult, VariantRecord
+from gradconflict.records.comparison import ComparisonResult, VariantRecord
+from gradconflict.records.history import History
+from gradconflict.records.measures import smoothed, smoothness, task_improvement
 
 __all__ = ["Criterion", "SplitEvaluation", "evaluate_split"]
 

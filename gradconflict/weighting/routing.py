@@ -10,7 +10,7 @@ engine: tensor hooks, post-accumulate hooks, DDP's reducer and GradScaler see an
 ``w_i`` times the head gradient in head ``i`` and ``sum_i lambda_i w_i g_i`` in every shared parameter.
 
 >>> import torch
->>> from gradconflict.tasks import task_losses
+>>> from gradconflict.measure.tasks import task_losses
 >>> shared, head = torch.ones(1, requires_grad=True), torch.ones(1, requires_grad=True)
 >>> z = 2 * shared
 >>> batch = task_losses({"a": (z * head).sum(), "b": z.sum()})
@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import Tensor
 
-from gradconflict.tasks import TaskLosses
+from gradconflict.measure.tasks import TaskLosses
 
 __all__ = ["COMMON", "owners", "weighted_backward"]
 

@@ -2,7 +2,7 @@
 unmeasured and skipped steps reuse), the backward that applies them, and the state a resumed run needs.
 
 >>> import torch
->>> from gradconflict.tasks import task_losses
+>>> from gradconflict.measure.tasks import task_losses
 >>> x = torch.ones(2, requires_grad=True)
 >>> batch = task_losses({"a": x.sum(), "b": -x.sum()})
 >>> steps = StepWeights()
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradconflict.tasks import TaskLosses
+from gradconflict.measure.tasks import TaskLosses
 from gradconflict.weighting.base import Weighting, WeightingError, WeightingWarning
 from gradconflict.weighting.registry import WeightingSpec, make_weighting
 from gradconflict.weighting.routing import weighted_backward

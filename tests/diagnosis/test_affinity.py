@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradconflict import metrics
 from gradconflict.diagnosis import lookahead_transference, mean_transference, normalized
+from gradconflict.measure import metrics
 
 
 def test_mean_transference_is_the_mean_of_the_metric(make_report, make_pair):

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from gradconflict import ConflictReport, History, LayerReport, metrics
+from gradconflict import ConflictReport, History, LayerReport
+from gradconflict.measure import metrics
 from gradconflict.diagnosis import Aligned, align
 from gradconflict.diagnosis.aligned import masked_mean, no_pair_reason
 

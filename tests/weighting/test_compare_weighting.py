@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gradconflict.diagnosis import advise, next_step_code
-from gradconflict.report import ConflictReport
+from gradconflict.measure.report import ConflictReport
 from gradconflict.split import MultiTaskNet, compare
 
 

@@ -236,7 +236,7 @@ def test_no_weighting_changes_nothing():
     assert report.weights.tolist() == [1.0, 1.0, 1.0]
 
 
-@pytest.mark.filterwarnings("ignore::gradconflict.engine.PerformanceWarning")
+@pytest.mark.filterwarnings("ignore::gradconflict.measure.engine.PerformanceWarning")
 @pytest.mark.filterwarnings("ignore:Using `torch.compile\\(module\\)` when there are global hooks")
 def test_a_compiled_model_gets_the_weighted_update_and_is_told_about_its_heads():
     """Inside a compiled region autograd cannot tell the heads apart: they get the combination too, and the

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradconflict.tasks import task_losses
+from gradconflict.measure.tasks import task_losses
 from gradconflict.weighting.routing import COMMON, owners, weighted_backward
 from tests.zoo import FAMILIES, losses_of
 

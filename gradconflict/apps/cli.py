@@ -1,0 +1,162 @@
+"""The ``gradconflict`` command line: ``demo``, and ``report`` and ``advise`` on a saved history.
+
+Saved histories may hold steps that carry different tasks (partial labels, round-robin training): ``report``
+then says which tasks and pairs the measured steps carried, and ``advise`` judges each pair on the steps that
+carried both (see :mod:`gradconflict.diagnosis`). Output piped into a reader that stops early (``| head``) ends
+the command quietly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+DESCRIPTION = """\
+Measure how the tasks of a multi-task model fight over their shared backbone, and whether to split it.
+
+  gradconflict demo                          train, monitor, diagnose and compare splits on offline data
+  gradconflict report RUN.jsonl              summarise a saved run (add -o report.html for the HTML report)
+  gradconflict advise RUN.jsonl              should the backbone be split, where, into which groups?
+
+RUN.jsonl is a history written by History.to_jsonl() or a JSONLSink (the demo writes one).
+"""
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gradconflict.apps.demo import run_demo
+
+    steps = args.steps if args.steps is not None else (150 if args.quick else 400)
+    compare_steps = args.compare_steps if args.compare_steps is not None else (60 if args.quick else 200)
+    run_demo(
+        steps=steps, compare_steps=compare_steps, out_dir=args.out, seed=args.seed, progress=not args.no_progress
+    )
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from gradconflict.diagnosis import advise
+    from gradconflict.records.history import History
+    from gradconflict.reporting.summary import summarize_run
+
+    history = History.from_jsonl(args.history)
+    reports = history.reports
+    if all(r.skipped for r in reports):
+        print(f"{args.history}: no measured step", file=sys.stderr)
+        return 1
+    advice = advise(reports)
+    summary = summarize_run(reports, profile=advice.profile)
+    print(f"{args.history}: {summary.text()}")
+    if args.lines > 0:
+        print("\nsteps:")
+        for r in reports[:: max(1, -(-len(reports) // args.lines))]:
+            print("  " + r.summary())
+    groups = " | ".join("[" + ", ".join(g) + "]" for g in advice.groups)
+    where = f", branch point {advice.branch_point}" if advice.branch_point is not None else ""
+    print(f"\nadvice: {advice.verdict}{where}, groups {groups} (gradconflict advise {args.history}: the evidence)")
+    if args.output is not None or args.png is not None:
+        from gradconflict.reporting.html import render_html, write_html
+
+        source = os.path.basename(args.history)
+        if args.output is not None:
+            path = write_html(reports, args.output, advice=advice, source=source, png_dir=args.png, summary=summary)
+            print(f"report: {path}")
+        else:
+            render_html(reports, advice=advice, source=source, png_dir=args.png, summary=summary)
+        if args.png is not None:
+            print(f"figures: {args.png}/*.png")
+    return 0
+
+
+def _advise(args: argparse.Namespace) -> int:
+    import json
+
+    from gradconflict.diagnosis import advise_from_jsonl
+
+    thresholds = {}
+    for item in args.threshold:
+        name, _, value = item.partition("=")
+        if not value:
+            raise ValueError(f"--threshold takes NAME=VALUE, got {item!r}")
+        thresholds[name] = float(value)
+    advice = advise_from_jsonl(args.history, thresholds=thresholds or None)
+    print(json.dumps(advice.to_dict(), indent=2) if args.json else advice.summary() if args.brief else advice)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``gradconflict`` command."""
+    from gradconflict import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="gradconflict", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser(
+        "demo",
+        help="monitor, diagnose and compare splits of a multi-task model (offline digits)",
+        description="Train a three-task model on offline digits under a ConflictMonitor, print the report and the "
+        "split advice, run the comparison experiment, and save the history, the advice, the comparison and the "
+        "HTML report in the output folder.",
+    )
+    demo.add_argument("--quick", action="store_true", help="a shorter run (under a minute)")
+    demo.add_argument("--steps", type=int, default=None, help="monitored steps (default 400, 150 quick)")
+    demo.add_argument(
+        "--compare-steps", type=int, default=None, help="steps per compared variant (default 200, 60 quick; 0: none)"
+    )
+    demo.add_argument("--out", default="gradconflict-run", help="output folder (default: gradconflict-run)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(func=_demo)
+    report = sub.add_parser(
+        "report",
+        help="summarise a saved run; -o writes the HTML report",
+        description="Summarise a saved run: steps and tasks, the mean and trend of the conflict, each pair's mean "
+        "cosine and persistence, each task's norm and alignment, the layer profile and the advice. With -o, also "
+        "write one self-contained HTML page with the figures; with --png, each figure as a PNG file.",
+    )
+    report.add_argument("history", help="a history written by History.to_jsonl or a JSONLSink (e.g. run.jsonl)")
+    report.add_argument("-o", "--output", metavar="HTML", default=None, help="write the HTML report to this file")
+    report.add_argument("--png", metavar="DIR", default=None, help="write each figure to this folder as a PNG")
+    report.add_argument("--lines", type=int, default=0, help="also show about this many steps' one-line summaries")
+    report.set_defaults(func=_report)
+    advise = sub.add_parser(
+        "advise",
+        help="should the backbone be split? advice from a saved run",
+        description="Diagnose a saved run: the four warning signals with their evidence, the layer profile and "
+        "branch point, the task groups, and the comparison experiment to run next.",
+    )
+    advise.add_argument("history", help="a history written by History.to_jsonl or a JSONLSink")
+    advise.add_argument("--json", action="store_true", help="print the advice as JSON")
+    advise.add_argument(
+        "--brief", action="store_true", help="print the verdict and the evidence behind it in a few lines"
+    )
+    advise.add_argument(
+        "--threshold", action="append", default=[], metavar="NAME=VALUE", help="override one threshold (repeatable)"
+    )
+    advise.set_defaults(func=_advise)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gradconflict`` console script and of ``python -m gradconflict``.
+
+    >>> main(["report", "no-such-run.jsonl"])       # the error goes to stderr, the status says it
+    2
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        print(f"gradconflict {args.command}: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader stopped early (`gradconflict report RUN.jsonl | head`): end quietly, as Unix tools do. Output
+        # still buffered for the closed pipe goes to /dev/null, so the interpreter's own flush at exit is silent.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, the status of a Unix tool stopped by a closed pipe

@@ -1,0 +1,371 @@
+"""The default engine (``engine="auto"``): one vectorised VJP over the T task losses.
+
+``torch.func.vmap`` over ``torch.autograd.grad`` runs one backward for all T tasks at once. Each tapped module
+receives its ``[T, ...]`` output gradients as the backward reaches it; its layer rule turns them into the layer's
+Gram, and they are dropped at once (with the inputs the tap recorded). Shared parameters that no rule covers are
+materialised (T gradients each) and their Gram taken. Nothing is written to ``.grad``: the monitor lets autograd
+do that afterwards.
+
+Where the batched backward cannot run (a ``torch.compile``'d region, or a torch op whose batched backward fails),
+the engine measures with the per-task loop instead, exactly, and warns once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from gradconflict.measure.capture import Capture, task_batch
+from gradconflict.measure.checkpoint import measuring_segments
+from gradconflict.measure.engine.base import Accumulator, Measurement, Plan, warn_once
+from gradconflict.measure.engine.loop import loop_accumulate
+from gradconflict.measure.engine.segments import boundary_edges, segment_backward
+from gradconflict.measure.graph import Graph, walk_graph
+from gradconflict.measure.rules import Call
+from gradconflict.measure.rules.base import task_rows
+
+if TYPE_CHECKING:
+    from gradconflict.measure.distributed import Reduction
+
+__all__ = ["STRATEGIES", "Choice", "TappedEngine"]
+
+_FALLBACK = re.compile(r"batching rule for (\S+?)\.? ")
+
+
+class _Inexact(Exception):
+    """A module's calls were split over several recomputed segments: a rule cannot take them one at a time."""
+
+
+class _Pass(Accumulator):
+    """One batched backward: covers each tapped module by its rule, receives the taps' output gradients and
+    collects the materialised parameters' per-task gradients."""
+
+    def __init__(
+        self,
+        num_tasks: int,
+        plan: Plan,
+        capture: Capture,
+        device: torch.device,
+        cover: bool,
+        reduction: Reduction | None = None,
+    ) -> None:
+        super().__init__(num_tasks, plan, device, reduction)
+        self.capture = capture
+        self.cover = cover
+        self._pending: dict[nn.Module, tuple[list[Call], set[str]]] = {}
+        self._arrived: Counter[nn.Module] = Counter()
+        self._seen: set[int] = set()  # parameters met in an earlier part of this pass
+        self._parts: list[list[nn.Module]] = []  # modules covered by each open part (outer graph, segments)
+        self.calls: list[Call] = []
+
+    # -- parts: the outer graph, then each recomputed checkpoint segment ------------------------------------
+    def begin(self, graph: Graph, exclude: set[int]) -> list[Tensor]:
+        """Cover this part's modules by their rules; returns the anchors and the materialised shared leaves."""
+        shared = self.plan.shared
+        calls: dict[nn.Module, list[Call]] = {}
+        for call in graph.calls:
+            if call.owner is self.capture:  # another monitor's taps on the same model are not ours
+                self.calls.append(call)
+                if call.saved is not None and self.cover:  # not consumed by an earlier measurement of this graph
+                    calls.setdefault(call.module, []).append(call)
+        leaf = self.plan.leaf
+        claims = Counter(id(leaf(p)) for m, c in calls.items() for p in c[0].rule.params(m).values())
+        covered: set[int] = set()
+        part: list[nn.Module] = []
+        for module, module_calls in calls.items():
+            # A rule covers a parameter only when every use of it is one of this module's calls (tying and direct
+            # use go to the materialised route), and when no tensor hook changes its gradient.
+            names = {
+                name
+                for name, p in module_calls[0].rule.params(module).items()
+                if id(leaf(p)) in shared
+                and claims[id(leaf(p))] == 1
+                and graph.uses.get(id(leaf(p)), 0) == len(module_calls)
+                and not leaf(p)._backward_hooks
+            }
+            if names:
+                ids = {id(leaf(getattr(module, n))) for n in names}
+                if module in self._pending or ids & self._seen:
+                    raise _Inexact(self.plan.module_name.get(module, type(module).__name__))
+                self._pending[module] = (module_calls, names)
+                part.append(module)
+                covered |= ids
+        anchors = [t for t in graph.leaves if self.capture.is_anchor(t)]
+        generic = [t for t in graph.leaves if id(t) in shared and id(t) not in covered and id(t) not in exclude]
+        if {id(t) for t in generic} & self._seen:
+            raise _Inexact("a parameter used in several checkpointed segments")
+        self._seen |= covered | {id(t) for t in generic}
+        self._parts.append(part)
+        return anchors + generic
+
+    def end(self, requested: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        """A recomputed segment's gradients, seen inside the batched backward (vmapped)."""
+        self.finish(requested, [task_batch(g, self.num_tasks) for g in grads])
+
+    def finish(self, requested: Sequence[Tensor], per_task: Sequence[Tensor]) -> None:
+        """Add the materialised ``[T, ...]`` gradients (the anchors' are zero) and run the waiting rules."""
+        for leaf, g in zip(requested, per_task):
+            if not self.capture.is_anchor(leaf):
+                self.add_per_task(leaf, g)
+        for module in self._parts.pop():
+            if module in self._pending:  # a module whose calls did not all reach the backward
+                self._compute(module)
+
+    # -- taps ----------------------------------------------------------------------------------------------
+    def receive(self, call: Call, grads: Tensor) -> None:
+        """A tap's ``[T, ...]`` output gradients; the module's rule runs once all its calls have arrived."""
+        module = call.module
+        if module not in self._pending or call.saved is None:
+            return
+        call.grads = grads
+        self._arrived[module] += 1
+        if self._arrived[module] == len(self._pending[module][0]):
+            self._compute(module)
+
+    def _compute(self, module: nn.Module) -> None:
+        module_calls, names = self._pending.pop(module)
+        calls = [c for c in module_calls if c.grads is not None]
+        if calls:
+            rule, layer, dtype = calls[0].rule, self.plan.module_name[module], self.plan.gram_dtype
+            num_params = sum(self.plan.leaf(getattr(module, n)).numel() for n in names)
+            if self.reduction is None:
+                out = rule.gram(module, calls, names, dtype)
+                self.add_gram(layer, out.gram, num_params, out.route)
+            else:  # across processes: the per-task gradients themselves are reduced
+                self.add_rows(layer, task_rows(rule.per_task(module, calls, names, dtype), dtype), num_params,
+                              "materialised")
+        for c in module_calls:
+            c.release()  # free the recorded input and the [T, ...] output gradients as soon as the layer is done
+
+    def release(self) -> None:
+        """Drop what every tap of this step recorded, measured or not."""
+        for call in self.calls:
+            call.release()
+        self._pending.clear()
+
+
+Strategy = Literal["auto", "batched", "loop"]
+
+#: The strategies ``ConflictMonitor(strategy=...)`` accepts.
+STRATEGIES: tuple[str, ...] = ("auto", "batched", "loop")
+
+
+#: Trial steps per candidate strategy. The first run of each pays the process's cold start (allocations, kernel
+#: set-up: a CNN's first batched step takes about 10 times its later ones on CPU), so each candidate is judged by
+#: its faster run.
+TRIALS = 2
+
+
+@dataclass
+class Choice:
+    """The strategy measured fastest for one shape of step (T tasks, the tapped calls' input shapes).
+
+    Attributes:
+        strategy: ``"batched"`` or ``"loop"``, or ``None`` while the candidates are still being timed.
+        seconds: each candidate's best time over its trial steps so far.
+        runs: each candidate's trial steps so far.
+    """
+
+    strategy: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    runs: dict[str, int] = field(default_factory=dict)
+
+
+def _shape(saved: Any) -> tuple[int, ...]:
+    saved = saved[0] if isinstance(saved, tuple) else saved
+    return tuple(saved.shape) if isinstance(saved, Tensor) else ()
+
+
+class TappedEngine:
+    """The default engine: taps, one vectorised VJP, per-layer rules; or a per-task loop where that is faster.
+
+    With ``strategy="auto"``, the first measured steps of each new shape (number of tasks, tapped layers' input
+    shapes) alternate between the batched pass and the per-task loop, each timed on ``TRIALS`` steps, and the
+    one with the faster best run is kept for that shape (like ``cudnn.benchmark``). The loop is a candidate only
+    when its T copies of the shared gradients fit in ``loop_memory`` bytes. Both are exact; :attr:`choices`
+    records what was chosen and why.
+    """
+
+    name = "auto"
+    approximate = False
+
+    def __init__(
+        self, model: nn.Module, strategy: str = "auto", loop_memory: int = 512 * 2**20, math_attention: bool = False
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+        self.capture = Capture(model, math_attention)
+        self.strategy = strategy
+        self.loop_memory = loop_memory
+        self.choices: dict[tuple[Any, ...], Choice] = {}
+        self._warned: set[str] = set()
+        self._loop_reason: str | None = None
+        self._opaque = False  # the model runs compiled: taps would never fire inside it
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        """The strategy choices made so far (plain data), so that a resumed run does not time them again."""
+        return [
+            {
+                "tasks": key[0], "shapes": [list(s) for s in key[1]], "strategy": c.strategy,
+                "seconds": dict(c.seconds), "runs": dict(c.runs),
+            }
+            for key, c in self.choices.items()
+        ]
+
+    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.choices = {
+            (d["tasks"], tuple(tuple(s) for s in d["shapes"])): Choice(
+                d["strategy"], dict(d["seconds"]), dict(d.get("runs", dict.fromkeys(d["seconds"], TRIALS)))
+            )
+            for d in state
+        }
+
+    def arm(self, on: bool) -> None:
+        """Tap the coming forwards, or not (never with ``strategy="loop"``, which needs no tap; with ``"auto"``
+        the taps stay, so that the step's shape, read from them, stays what its choice was made for)."""
+        self.capture.arm(on and not self._opaque and self.strategy != "loop")
+
+    def restrict(self, shared: set[int]) -> None:
+        """Tap only the modules holding a shared parameter."""
+        self.capture.restrict(shared)
+
+    def close(self) -> None:
+        """Remove the hook."""
+        self.capture.close()
+
+    def measure(self, losses: Sequence[Tensor], plan: Plan, reduction: Reduction | None = None) -> Measurement:
+        """The per-layer Grams of one step; the graph stays alive for the backward that writes ``.grad``."""
+        acc, strategy = self._run(losses, plan, cover=True, reduction=reduction)
+        return acc.result(strategy)
+
+    def gradients(self, losses: Sequence[Tensor], plan: Plan) -> dict[int, tuple[Tensor, Tensor]]:
+        """Every shared parameter's per-task gradients from one batched backward (no layer rule)."""
+        acc, _ = self._run(losses, plan, cover=False)
+        return acc.gradients()
+
+    def _run(
+        self, losses: Sequence[Tensor], plan: Plan, cover: bool, reduction: Reduction | None = None
+    ) -> tuple[Accumulator, str]:
+        stacked = torch.stack([loss.reshape(()) for loss in losses])
+        graph = walk_graph([stacked])
+        reason = self._loop_reason
+        if graph.opaque:
+            reason = f"the graph holds {', '.join(sorted(graph.opaque))} (a torch.compile'd region)"
+            self._opaque = True
+            self.capture.arm(False)
+        if reason is None:
+            try:
+                strategy, choice = self._choose(graph, plan, len(losses))
+                if strategy == "loop":
+                    return self._timed(choice, "loop", lambda: loop_accumulate(losses, plan, graph, reduction))
+                return self._timed(choice, "batched", lambda: self._batched(stacked, graph, plan, cover, reduction))
+            except _Inexact as err:
+                reason = f"{err} is called in several checkpointed segments"
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as err:
+                if "second time" in str(err) or "has been freed" in str(err):
+                    raise
+                # A torch op whose batched backward fails (bf16 autocast through LayerNorm on CPU, in torch 2.13):
+                # measure this run with the per-task loop, which runs the same backward one task at a time.
+                reason = f"the batched backward failed in torch {torch.__version__} ({str(err).splitlines()[0]})"
+                self._loop_reason = reason
+        warn_once(
+            self._warned,
+            reason,
+            f"gradconflict: {reason}; measuring with one backward per task instead (exact, slower, and it holds "
+            "T copies of the shared gradients)",
+        )
+        return loop_accumulate(losses, plan, graph, reduction), "loop"
+
+    def _choose(self, graph: Graph, plan: Plan, T: int) -> tuple[str, Choice | None]:
+        """The strategy for this step, and the :class:`Choice` to time it into while it is still on trial."""
+        if self.strategy != "auto":
+            return self.strategy, None
+        taps = self.capture.taps
+        key = (T, tuple(_shape(c.saved) for c in graph.calls if c.owner is self.capture and taps(c.module)))
+        choice = self.choices.setdefault(key, Choice())
+        if choice.strategy is not None:
+            return choice.strategy, None
+        shared = sum(t.numel() * t.element_size() for t in graph.leaves if id(t) in plan.shared)
+        candidates = ["batched", "loop"] if T * shared <= self.loop_memory else ["batched"]
+        pending = [c for c in candidates if choice.runs.get(c, 0) < TRIALS]
+        if pending:  # the candidate with the fewest trial steps, batched first: they alternate
+            return min(pending, key=lambda c: choice.runs.get(c, 0)), choice
+        choice.strategy = min(choice.seconds, key=choice.seconds.__getitem__)
+        return choice.strategy, None
+
+    @staticmethod
+    def _timed(choice: Choice | None, strategy: str, run: Callable[[], Accumulator]) -> tuple[Accumulator, str]:
+        """Run one strategy, timing it when its ``choice`` is on trial (with a device sync, on those steps only)."""
+        if choice is None:
+            return run(), strategy
+        device_sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        device_sync()
+        start = time.perf_counter()
+        acc = run()
+        device_sync()
+        elapsed = time.perf_counter() - start
+        choice.seconds[strategy] = min(elapsed, choice.seconds.get(strategy, elapsed))
+        choice.runs[strategy] = choice.runs.get(strategy, 0) + 1
+        return acc, strategy
+
+    def _batched(
+        self, stacked: Tensor, graph: Graph, plan: Plan, cover: bool, reduction: Reduction | None
+    ) -> Accumulator:
+        T = stacked.shape[0]
+        current = _Pass(T, plan, self.capture, stacked.device, cover, reduction)
+        try:
+            inputs = current.begin(graph, set())
+            edges = boundary_edges(graph.checkpoints)
+            if inputs or edges:
+                requested: list[Any] = [*inputs, *edges]
+
+                def vjp(v: Tensor) -> tuple[Tensor, ...]:
+                    return torch.autograd.grad(stacked, requested, v, retain_graph=True, materialize_grads=True)
+
+                def handler(ctx: Any, grads: tuple[Tensor, ...]) -> tuple[Any, ...]:
+                    return segment_backward(ctx, grads, current, capture=self.capture)
+
+                self.capture.receiver = current
+                with measuring_segments(handler) if edges else contextlib.nullcontext():
+                    per_task = self._vmap(vjp, torch.eye(T, dtype=stacked.dtype, device=stacked.device))
+                current.finish(inputs, per_task[: len(inputs)])
+            return current
+        finally:
+            self.capture.receiver = None
+            current.release()
+
+    def _vmap(self, fn: Callable[[Tensor], tuple[Tensor, ...]], eye: Tensor) -> tuple[Tensor, ...]:
+        """``torch.func.vmap(fn)(eye)``, turning torch's per-op fallback warnings into one clear warning per op.
+
+        An op without a batching rule makes vmap loop over the T tasks for that op: exact, but that layer then
+        costs T backward passes. It must never happen silently.
+        """
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # "same": a checkpointed segment recomputed inside the pass draws its dropout masks once, as its forward did
+            out = torch.func.vmap(fn, randomness="same")(eye)
+        for w in caught:
+            match = _FALLBACK.search(str(w.message))
+            if match is None:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            else:
+                warn_once(
+                    self._warned,
+                    match.group(1),
+                    f"gradconflict: {match.group(1)} has no vmap batching rule in torch {torch.__version__}, so the "
+                    f"batched backward loops over the {eye.shape[0]} tasks for it (exact, but slower). On CPU this "
+                    "is the fused attention backward: use the math attention kernel or measure less often (every=k)",
+                )
+        return out

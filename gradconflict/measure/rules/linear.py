@@ -1,0 +1,82 @@
+"""``nn.Linear`` (any input rank): ghost Gram through the inputs' kernel, or the materialised weight gradients,
+whichever costs fewer operations."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from gradconflict.measure.rules.base import Call, LayerGram, LayerRule, gram_of, materialised_gram, register_rule
+
+
+def ghost_is_cheaper(rows: int, d_in: int, d_out: int, tasks: int) -> bool:
+    """Whether the ghost Gram ``<D_i, (X X^T) D_j>`` costs fewer multiply-adds than materialising the T weight
+    gradients ``D_i^T X`` and taking their Gram.
+
+    >>> ghost_is_cheaper(rows=64, d_in=512, d_out=512, tasks=4), ghost_is_cheaper(2048, 256, 256, 4)
+    (True, False)
+    """
+    ghost = rows * rows * d_in + tasks * rows * rows * d_out + tasks * tasks * rows * d_out
+    materialised = tasks * rows * d_in * d_out + tasks * tasks * d_in * d_out
+    return ghost < materialised
+
+
+def _rows(parts: list[Tensor], dim: int) -> Tensor:
+    """The rows of every call of a reused module, stacked (no copy for the usual single call)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+@register_rule(nn.Linear)
+class LinearRule(LayerRule):
+    """``y = x W^T + b``: the weight gradient of task ``i`` is ``D_i^T X`` over all input rows (of every call)."""
+
+    param_names = ("weight", "bias")
+
+    def _rows(self, calls: Sequence[Call], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The inputs ``X`` ``[N, d_in]`` and output gradients ``D`` ``[T, N, d_out]`` of every call, stacked."""
+        T = calls[0].grads.shape[0]
+        X = _rows([c.saved.reshape(-1, c.saved.shape[-1]) for c in calls], dim=0).to(dtype)
+        D = _rows([c.grads.reshape(T, -1, c.grads.shape[-1]) for c in calls], dim=1).to(dtype)
+        return X, D
+
+    @staticmethod
+    def _per_task(X: Tensor, D: Tensor, names: set[str]) -> dict[str, Tensor]:
+        per_task = {}
+        if "weight" in names:
+            per_task["weight"] = D.transpose(1, 2) @ X  # T batched products: [T, d_out, d_in]
+        if "bias" in names:
+            per_task["bias"] = D.sum(1)
+        return per_task
+
+    def per_task(
+        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+    ) -> dict[str, Tensor]:
+        return self._per_task(*self._rows(calls, dtype), names)
+
+    def gram(self, module: nn.Module, calls: Sequence[Call], names: set[str], gram_dtype: torch.dtype) -> LayerGram:
+        X, D = self._rows(calls, gram_dtype)
+        (N, d_in), (T, d_out) = X.shape, (D.shape[0], D.shape[-1])
+        if "weight" in names and ghost_is_cheaper(N, d_in, d_out, T):
+            # <D_i, (X X^T + 1) D_j>: the column of ones that the bias sees adds 1 to every kernel entry.
+            K = X @ X.T
+            if "bias" in names:
+                K += 1
+            return LayerGram(gram_of(D.reshape(T, -1), (K @ D).reshape(T, -1)), "ghost")
+        # the rows already stacked; a transposed weight (Conv1D below) has the same Gram
+        return materialised_gram(self._per_task(X, D, names), gram_dtype)
+
+
+@register_rule("transformers.pytorch_utils.Conv1D")
+class TransposedLinearRule(LinearRule):
+    """Hugging Face's ``Conv1D`` (GPT-2's projections): ``y = x W + b`` with ``W`` stored ``[d_in, d_out]``, a
+    Linear layer whose weight is transposed; the same Gram, the per-task weight gradients transposed."""
+
+    def per_task(
+        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+    ) -> dict[str, Tensor]:
+        per_task = super().per_task(module, calls, names, dtype)
+        if "weight" in per_task:
+            per_task["weight"] = per_task["weight"].transpose(1, 2)
+        return per_task

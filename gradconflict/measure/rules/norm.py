@@ -1,0 +1,108 @@
+"""Affine normalisation layers (LayerNorm, GroupNorm, BatchNorm, RMSNorm): ``y = x_hat * weight + bias``, so
+task ``i``'s gradients are ``sum D_i * x_hat`` and ``sum D_i`` over every axis but the parameter's. They are
+small, so they are materialised."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gradconflict.measure.rules.base import Call, LayerRule, register_rule
+
+
+class AffineNormRule(LayerRule):
+    """Shared logic; subclasses say how to normalise and where the parameter's axes are."""
+
+    param_names = ("weight", "bias")
+
+    def normalise(self, module: nn.Module, saved: Any, x: Tensor) -> Tensor:
+        """``x_hat``: the input normalised exactly as the module's forward did, without the affine part."""
+        raise NotImplementedError
+
+    def param_axes(self, module: nn.Module, ndim: int) -> tuple[int, ...]:
+        """Axes of the output that the parameter spans (the others are summed over)."""
+        return (1,)
+
+    def input_of(self, saved: Any) -> Tensor:
+        """The recorded input within what :meth:`save` kept."""
+        return saved
+
+    def per_task(
+        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+    ) -> dict[str, Tensor]:
+        per_task: dict[str, Tensor] = {}
+        for call in calls:
+            D = call.grads.to(dtype)
+            x = self.input_of(call.saved).to(dtype)
+            keep = self.param_axes(module, x.ndim)
+            summed = tuple(a + 1 for a in range(x.ndim) if a not in keep)
+            parts = {}
+            if "weight" in names:
+                parts["weight"] = (D * self.normalise(module, call.saved, x)).sum(summed)
+            if "bias" in names:
+                parts["bias"] = D.sum(summed)
+            for name, g in parts.items():
+                per_task[name] = per_task[name] + g if name in per_task else g
+        return per_task
+
+
+@register_rule(nn.LayerNorm)
+class LayerNormRule(AffineNormRule):
+    """``nn.LayerNorm``: the parameters span the trailing ``normalized_shape`` axes."""
+
+    def normalise(self, module: nn.Module, saved: Any, x: Tensor) -> Tensor:
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+
+    def param_axes(self, module: nn.Module, ndim: int) -> tuple[int, ...]:
+        return tuple(range(ndim - len(module.normalized_shape), ndim))
+
+
+@register_rule(nn.RMSNorm)
+class RMSNormRule(LayerNormRule):
+    """``nn.RMSNorm``: like LayerNorm, without centring and without a bias."""
+
+    param_names = ("weight",)
+
+    def normalise(self, module: nn.Module, saved: Any, x: Tensor) -> Tensor:
+        return F.rms_norm(x, module.normalized_shape, None, module.eps)
+
+
+@register_rule(nn.GroupNorm)
+class GroupNormRule(AffineNormRule):
+    """``nn.GroupNorm``: per-channel parameters (axis 1)."""
+
+    def normalise(self, module: nn.Module, saved: Any, x: Tensor) -> Tensor:
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
+
+
+@register_rule(nn.modules.batchnorm._BatchNorm)
+class BatchNormRule(AffineNormRule):
+    """``nn.BatchNorm1d/2d/3d``: batch statistics or running statistics, whichever the forward used.
+
+    The choice depends on the module's mode and its running statistics *at forward time*, so :meth:`save`
+    records them: a model switched to ``eval()`` before the backward, or a later forward that updates the
+    running statistics, does not change the result.
+    """
+
+    def accepts(self, module: nn.Module) -> bool:
+        # SyncBatchNorm normalises with statistics gathered across processes: leave it to autograd.
+        return not isinstance(module, nn.SyncBatchNorm)
+
+    def save(self, module: nn.Module, input: Tensor, output: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        if module.training or module.running_mean is None:
+            return input.detach(), None
+        return input.detach(), (module.running_mean.detach().clone(), module.running_var.detach().clone())
+
+    def input_of(self, saved: Any) -> Tensor:
+        return saved[0]
+
+    def normalise(self, module: nn.Module, saved: Any, x: Tensor) -> Tensor:
+        stats = saved[1]
+        if stats is None:
+            return F.batch_norm(x, None, None, None, None, True, 0.0, module.eps)
+        mean, var = stats
+        return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), None, None, False, 0.0, module.eps)

@@ -1,0 +1,539 @@
+"""The run's memory: each measured (or skipped) step's report, kept on the host in compact form, with moving
+averages folded in as steps arrive.
+
+A report arrives holding tensors on the model's device. :meth:`History.append` packs its numbers (weights,
+losses, the Gram and every layer's Gram) into one flat tensor and copies it to the host; on a GPU the copy is
+asynchronous and is collected once it has landed, so appending never waits for the device. Each collected step
+is handed to the sinks (a :class:`~gradconflict.records.sinks.JSONLSink` writes it to disk at once) and kept, up to
+``max_history`` steps (the oldest are dropped; the averages and the sinks cover the whole run); the moving
+averages fold the collected steps in batches of :data:`FOLD_BATCH` (and whenever they are read), which costs a
+few microseconds a step. A step whose Gram is not finite is kept as skipped and never enters the averages.
+
+Tasks are tracked by name: steps may carry different tasks, in any order. Reading ``history[k]`` gives a
+:class:`~gradconflict.ConflictReport` with CPU tensors; :meth:`History.stacked` gives the kept steps as stacked
+tensors, one block per layout, without building a report per step.
+
+Besides the moving averages of :data:`EMA_QUANTITIES`, the history keeps GradVac's cosine EMA of every task pair,
+over the whole shared backbone (:attr:`History.gradvac`) and per layer (:attr:`History.gradvac_layers`).
+
+>>> import torch
+>>> from gradconflict import ConflictReport
+>>> h = History(ema_decay=0.5)
+>>> for s, c in enumerate([1.0, -1.0]):
+...     h.append(ConflictReport(("a", "b"), torch.tensor([[1.0, c], [c, 1.0]]), step=s))
+>>> len(h), h.ema["conflict_fraction"], h.ema["cosine/a/b"]
+(2, 0.5, 0.0)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from gradconflict.measure import metrics
+from gradconflict.measure.report import ConflictReport, LayerReport
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["EMA_QUANTITIES", "History", "Sink", "Stacked", "worst_cosine"]
+
+#: Version of the compact state (:meth:`History.state_dict`) and of each line a JSONL history holds.
+SCHEMA = 1
+
+#: The run-level quantities whose exponential moving average is kept (besides each pair's ``cosine/a/b``).
+EMA_QUANTITIES = ("conflict_fraction", "cancellation", "worst_cosine", "update_norm")
+
+#: Steps folded into the moving averages at once (their quantities are computed as one batch).
+FOLD_BATCH = 64
+
+
+class Sink(Protocol):
+    """Where measured steps go as they are collected (see :mod:`gradconflict.records.sinks`)."""
+
+    def write(self, report: ConflictReport) -> None:
+        """Record one step (a host-side report)."""
+
+    def close(self) -> None:
+        """Flush and release."""
+
+
+def worst_cosine(report: ConflictReport) -> Tensor:
+    """The most negative pairwise cosine of a report (NaN when there is a single task: no pair)."""
+    T = len(report.tasks)
+    if T < 2:
+        return torch.full((), math.nan, dtype=report.gram.dtype, device=report.gram.device)
+    iu = torch.triu_indices(T, T, 1, device=report.gram.device)
+    return report.cosine[iu[0], iu[1]].min()
+
+
+class Stacked(NamedTuple):
+    """The kept measured steps that share one layout, stacked (what :meth:`History.stacked` returns).
+
+    Attributes:
+        tasks: the task names, in the order of every T-sized axis.
+        layers: ``(layer name, shared parameter entries)`` of each layer, in order.
+        threshold: the conflict cosine ``S`` the steps were measured with.
+        has_losses: whether the steps recorded their losses (NaN otherwise).
+        steps: ``[N]`` training step of each row.
+        packed: ``[N, 2 T + (L + 1) T T]``, each row: weights ``[T]``, losses ``[T]``, the Gram ``[T, T]`` and each
+            layer's Gram ``[T, T]``, flattened, in the Grams' own precision.
+    """
+
+    tasks: tuple[str, ...]
+    layers: tuple[tuple[str, int], ...]
+    threshold: float
+    has_losses: bool
+    steps: Tensor
+    packed: Tensor
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a run's steps share, kept once: the tasks, the layers, how the step was measured."""
+
+    tasks: tuple[str, ...]
+    layers: tuple[tuple[str, int, str], ...]  # (name, shared parameter entries, route)
+    engine: str
+    strategy: str
+    approximate: bool
+    threshold: float
+    has_losses: bool
+    sync: str = ""
+
+
+@dataclass
+class _Record:
+    """One step on the host: its layout, and weights, losses, Gram and layer Grams packed in one tensor."""
+
+    layout: _Layout
+    step: int
+    skip_reason: str
+    packed: Tensor
+
+    def report(self) -> ConflictReport:
+        lay, T = self.layout, len(self.layout.tasks)
+        weights, losses = self.packed[:T], self.packed[T : 2 * T]
+        if self.skip_reason:
+            return ConflictReport.skipped_step(
+                lay.tasks, self.step, self.skip_reason, losses if lay.has_losses else None, lay.engine, weights
+            )
+        grams = self.packed[2 * T :].view(-1, T, T)
+        layers = {
+            name: LayerReport(
+                name, lay.tasks, grams[k + 1], weights, num_params=n, route=route, threshold=lay.threshold
+            )
+            for k, (name, n, route) in enumerate(lay.layers)
+        }
+        return ConflictReport(
+            lay.tasks,
+            grams[0],
+            weights,
+            losses=losses if lay.has_losses else None,
+            layers=layers,
+            step=self.step,
+            engine=lay.engine,
+            strategy=lay.strategy,
+            approximate=lay.approximate,
+            threshold=lay.threshold,
+            sync=lay.sync,
+        )
+
+
+@dataclass
+class _Pending:
+    record: _Record
+    event: Any  # a CUDA event marking the end of the copy, or None when the record is already on the host
+
+
+class History:
+    """Every measured step's report, in order (the last ``max_history``), with moving averages of the whole run.
+
+    Args:
+        ema_decay: weight of the past in each EMA (``ema = decay * ema + (1 - decay) * value``), per measured step.
+        max_history: keep at most this many steps (the oldest are dropped); ``None`` keeps all.
+        sinks: objects with ``write(report)`` and ``close()`` that receive each step as it is collected.
+        gradvac_beta: GradVac's EMA rate ``beta`` (weight of the new cosine), for :attr:`gradvac`; the paper uses
+            0.01.
+    """
+
+    def __init__(
+        self,
+        ema_decay: float = 0.9,
+        max_history: int | None = 10_000,
+        sinks: Iterable[Sink] = (),
+        gradvac_beta: float = 0.01,
+    ) -> None:
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if not 0.0 < gradvac_beta <= 1.0:
+            raise ValueError(f"gradvac_beta must be in (0, 1], got {gradvac_beta}")
+        if max_history is not None and (not isinstance(max_history, int) or max_history < 1):
+            raise ValueError(f"max_history must be a positive integer or None, got {max_history!r}")
+        self.ema_decay = ema_decay
+        self.max_history = max_history
+        self.sinks = list(sinks)
+        self._records: deque[_Record] = deque(maxlen=max_history)
+        self._pending: deque[_Pending] = deque()
+        self._layouts: dict[_Layout, _Layout] = {}
+        self._unfolded: list[_Record] = []  # admitted steps not yet in the moving averages
+        self._ema: dict[str, float] = {}
+        self.gradvac_beta = gradvac_beta
+        self._gradvac: dict[str, dict[str, float]] = {}  # "" (the whole backbone) or a layer -> pair -> phi
+        self.steps_seen = 0
+
+    # ------------------------------------------------------------------------------------------ appending
+    def append(self, report: ConflictReport) -> None:
+        """Add one step's report. Nothing waits for the device: on a GPU the numbers are copied asynchronously
+        and folded in once they have landed (at the latest when the history is next read)."""
+        T = len(report.tasks)
+        # A skipped step has no Gram; its few numbers are copied as they are (it was decided on the host anyway).
+        device = torch.device("cpu") if report.skipped else report.gram.device
+        dtype = torch.float64 if report.skipped else report.gram.dtype
+        parts = [report.weights.detach().to(device=device, dtype=dtype).reshape(T)]
+        losses = report.losses
+        parts.append(
+            losses.detach().to(device=device, dtype=dtype).reshape(T)
+            if losses is not None
+            else torch.full((T,), math.nan, dtype=dtype, device=device)
+        )
+        names = tuple(report.layers)
+        if not report.skipped:
+            parts.append(report.gram.detach().reshape(-1))
+            parts += [report.layers[n].gram.detach().to(dtype).reshape(-1) for n in names]
+        layout = _Layout(
+            tuple(report.tasks),
+            tuple((n, report.layers[n].num_params, report.layers[n].route) for n in names),
+            report.engine,
+            report.strategy,
+            report.approximate,
+            report.threshold,
+            losses is not None,
+            report.sync,
+        )
+        layout = self._layouts.setdefault(layout, layout)
+        packed = torch.cat(parts)
+        event = None
+        if packed.device.type == "cuda":
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            packed = host
+        else:
+            packed = packed.cpu()
+        self._pending.append(_Pending(_Record(layout, report.step, report.skip_reason, packed), event))
+        self._collect(wait=False)
+
+    def _collect(self, wait: bool) -> None:
+        """Admit the steps whose copy has landed (all of them when ``wait``), and fold the moving averages once
+        a batch of steps is waiting (all of them when ``wait``)."""
+        while self._pending:
+            pending = self._pending[0]
+            if pending.event is not None:
+                if not wait and not pending.event.query():
+                    break
+                pending.event.synchronize()
+            self._pending.popleft()
+            self._admit(pending.record)
+        if self._unfolded and (wait or len(self._unfolded) >= FOLD_BATCH):
+            self._fold()
+
+    def _admit(self, record: _Record) -> None:
+        T = len(record.layout.tasks)
+        if not record.skip_reason and not bool(torch.isfinite(record.packed[2 * T :]).all()):
+            record.skip_reason = "non-finite gradients"
+        self.steps_seen += 1
+        self._records.append(record)
+        if not record.skip_reason:
+            self._unfolded.append(record)
+        report = record.report() if self.sinks else None  # one host-side report for every sink (metrics cached)
+        for sink in list(self.sinks):
+            try:
+                sink.write(report)
+            except Exception as err:  # a failing sink must never stop training
+                self.sinks.remove(sink)
+                warnings.warn(f"gradconflict: sink {sink!r} failed and is dropped: {err}", RuntimeWarning, stacklevel=4)
+
+    def _fold(self) -> None:
+        """Fold the waiting steps into the moving averages, in step order, computing their quantities for each
+        run of steps that share a layout at once."""
+        records, self._unfolded = self._unfolded, []
+        start = 0
+        while start < len(records):
+            layout = records[start].layout
+            stop = start
+            while stop < len(records) and records[stop].layout is layout:
+                stop += 1
+            self._fold_run(layout, records[start:stop])
+            start = stop
+
+    def _fold_run(self, layout: _Layout, records: list[_Record]) -> None:
+        T = len(layout.tasks)
+        packed = torch.stack([r.packed for r in records]).double()
+        w, grams = packed[:, :T], packed[:, 2 * T :].reshape(len(records), -1, T, T)  # the Gram, then each layer's
+        G = grams[:, 0]
+        columns: dict[str, list[float]] = {
+            "cancellation": metrics.cancellation(G, w).tolist(),
+            "update_norm": metrics.update_norm(G, w).tolist(),
+        }
+        if T > 1:  # pair quantities only exist with two tasks or more
+            i, j = torch.triu_indices(T, T, 1)
+            cosines = metrics.cosine(grams)[:, :, i, j]  # [N, 1 + L, pairs]: the whole backbone, then each layer
+            pairs = cosines[:, 0]
+            columns["conflict_fraction"] = metrics.conflict_fraction(G, layout.threshold).tolist()
+            columns["worst_cosine"] = pairs.amin(1).tolist()
+            names = ["/".join(sorted((layout.tasks[a], layout.tasks[b]))) for a, b in zip(i.tolist(), j.tolist())]
+            for k, name in enumerate(names):
+                columns["cosine/" + name] = pairs[:, k].tolist()
+            self._fold_gradvac(layout, names, cosines)
+        d = self.ema_decay
+        for key, values in columns.items():
+            ema = self._ema.get(key)
+            for value in values:
+                ema = value if ema is None else d * ema + (1 - d) * value
+            self._ema[key] = ema  # type: ignore[assignment]
+
+    def _fold_gradvac(self, layout: _Layout, pairs: list[str], cosines: Tensor) -> None:
+        """GradVac's EMA (Wang et al., ICLR 2021, Sec. 3.2, Eq. 3): ``phi <- (1 - beta) phi + beta cos``, from 0.
+
+        ``cosines`` is ``[N, 1 + L, P]`` (the whole backbone, then each layer). Folding ``N`` steps at once:
+        ``phi_N = (1 - beta)^N phi_0 + sum_k beta (1 - beta)^(N - 1 - k) cos_k``.
+        """
+        beta, N = self.gradvac_beta, cosines.shape[0]
+        weights = beta * (1 - beta) ** torch.arange(N - 1, -1, -1, dtype=cosines.dtype)
+        folded = torch.einsum("n,nlp->lp", weights, cosines).tolist()
+        for where, row in zip(["", *(name for name, _, _ in layout.layers)], folded):
+            phi = self._gradvac.setdefault(where, {})
+            for pair, value in zip(pairs, row):
+                phi[pair] = (1 - beta) ** N * phi.get(pair, 0.0) + value
+
+    # ------------------------------------------------------------------------------------------ reading
+    @property
+    def gradvac(self) -> dict[str, float]:
+        """GradVac's EMA of each task pair's cosine over the whole shared backbone, ``{"a/b": phi}`` (names
+        sorted): ``phi_ij <- (1 - beta) phi_ij + beta cos(g_i, g_j)`` on every measured step that carried both
+        tasks, starting from ``phi_ij = 0`` (Wang et al., "Gradient Vaccine", ICLR 2021, Sec. 3.2, Eq. 3; ``beta``
+        is ``gradvac_beta``). The cosines are those of the gradients as trained; GradVac itself measures them
+        after adjusting ``g_i``, so under GradVac training the two differ."""
+        self._collect(wait=True)
+        return dict(self._gradvac.get("", {}))
+
+    @property
+    def gradvac_layers(self) -> dict[str, dict[str, float]]:
+        """GradVac's EMA per layer (its per-layer granularity): ``{layer: {"a/b": phi}}``, as :attr:`gradvac`
+        over each layer's parameters."""
+        self._collect(wait=True)
+        return {k: dict(v) for k, v in self._gradvac.items() if k}
+
+    def stacked(self) -> list[Stacked]:
+        """The kept measured (not skipped) steps, one :class:`Stacked` block per layout (tasks in the same order,
+        the same layers), each in step order: the records as stored, without building a report per step."""
+        self._collect(wait=True)
+        blocks: dict[_Layout, list[_Record]] = {}
+        for record in self._records:
+            if not record.skip_reason:
+                blocks.setdefault(record.layout, []).append(record)
+        return [
+            Stacked(
+                lay.tasks, tuple((name, n) for name, n, _ in lay.layers), lay.threshold, lay.has_losses,
+                torch.tensor([r.step for r in records], dtype=torch.int64), torch.stack([r.packed for r in records]),
+            )
+            for lay, records in blocks.items()
+        ]
+
+    @property
+    def ema(self) -> dict[str, float]:
+        """Exponential moving averages over every measured step so far: each of :data:`EMA_QUANTITIES` and each
+        task pair's cosine (``"cosine/a/b"``, names sorted), over the steps that carried that pair."""
+        self._collect(wait=True)
+        return dict(self._ema)
+
+    @property
+    def reports(self) -> list[ConflictReport]:
+        """The kept steps' reports (CPU tensors), oldest first."""
+        self._collect(wait=True)
+        return [r.report() for r in self._records]
+
+    @property
+    def measured(self) -> list[ConflictReport]:
+        """The reports of the kept steps that were measured (not skipped)."""
+        return [r for r in self.reports if not r.skipped]
+
+    @property
+    def tasks(self) -> list[str]:
+        """Every task name met in the kept steps, in order of first appearance."""
+        self._collect(wait=True)
+        return list(dict.fromkeys(t for r in self._records for t in r.layout.tasks))
+
+    def __len__(self) -> int:
+        self._collect(wait=True)
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[ConflictReport]:
+        return iter(self.reports)
+
+    def __getitem__(self, index: int) -> ConflictReport:
+        self._collect(wait=True)
+        return self._records[index].report()
+
+    def reset(self) -> None:
+        """Forget every step and moving average."""
+        self._collect(wait=True)
+        self._records.clear()
+        self._ema.clear()
+        self._gradvac.clear()
+        self._unfolded.clear()
+        self.steps_seen = 0
+
+    def close(self) -> None:
+        """Collect what is pending and close the sinks."""
+        self._collect(wait=True)
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as err:  # closing must not fail the run either
+                warnings.warn(f"gradconflict: sink {sink!r} failed to close: {err}", RuntimeWarning, stacklevel=2)
+
+    # ------------------------------------------------------------------------------------------ exporting
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat row per step: step, skipped, losses, the scalar metrics, and each pair's cosine."""
+        rows = []
+        for r in self.reports:
+            row: dict[str, Any] = {"step": r.step, "skipped": r.skipped}
+            if r.losses is not None:
+                row.update({f"loss/{t}": float(v) for t, v in zip(r.tasks, r.losses.tolist())})
+            if not r.skipped:
+                row.update(
+                    conflict_fraction=float(r.conflict_fraction),
+                    cancellation=float(r.cancellation),
+                    update_norm=float(r.update_norm),
+                    worst_cosine=float(worst_cosine(r)),
+                    condition_number=float(r.condition_number),
+                )
+                row.update({f"alignment/{t}": v for t, v in zip(r.tasks, r.alignment.tolist())})
+                C = r.cosine.tolist()
+                for i, a in enumerate(r.tasks):
+                    for j in range(i + 1, len(r.tasks)):
+                        row["cosine/" + "/".join(sorted((a, r.tasks[j])))] = C[i][j]
+            rows.append(row)
+        return rows
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """The :meth:`rows` as a pandas DataFrame indexed by step (needs ``pip install pandas``)."""
+        try:
+            import pandas as pd
+        except ImportError as err:
+            raise ImportError("History.to_dataframe() needs pandas: pip install 'gradconflict[pandas]'") from err
+        return pd.DataFrame(self.rows()).set_index("step")
+
+    def to_jsonl(self, path: str | Path) -> Path:
+        """Write one JSON object per kept step (``ConflictReport.to_dict()``, layers included); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            for r in self.reports:
+                f.write(report_line(r))
+        return path
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path, ema_decay: float = 0.9, max_history: int | None = None) -> History:
+        """Read a history written by :meth:`to_jsonl` or a :class:`~gradconflict.records.sinks.JSONLSink` (the EMAs are
+        recomputed). A last line cut short by a crash is ignored; any other bad line is an error."""
+        history = cls(ema_decay=ema_decay, max_history=max_history)
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+                newer = isinstance(data, dict) and isinstance(data.get("schema"), int) and data["schema"] > SCHEMA
+                if not newer:
+                    history.append(ConflictReport.from_dict(data))
+            except (KeyError, ValueError, TypeError) as err:
+                if number == len(lines) and isinstance(err, json.JSONDecodeError):
+                    break  # the run stopped while writing its last line
+                raise ValueError(
+                    f"{path}:{number} is not a gradconflict history line ({err}); "
+                    "write histories with History.to_jsonl() or a JSONLSink"
+                ) from err
+            if newer:
+                raise ValueError(
+                    f"{path}:{number} was written with history schema {data['schema']}, newer than the schema this "
+                    f"gradconflict reads ({SCHEMA}): upgrade gradconflict to read it"
+                )
+        return history
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: the kept steps (compact), the moving averages and the settings."""
+        self._collect(wait=True)
+        layouts = list(dict.fromkeys(r.layout for r in self._records))
+        index = {lay: k for k, lay in enumerate(layouts)}
+        return {
+            "schema": SCHEMA,
+            "ema_decay": self.ema_decay,
+            "max_history": self.max_history,
+            "steps_seen": self.steps_seen,
+            "ema": dict(self._ema),
+            "gradvac_beta": self.gradvac_beta,
+            "gradvac": {k: dict(v) for k, v in self._gradvac.items()},
+            "layouts": [
+                {
+                    "tasks": list(lay.tasks),
+                    "layers": [list(x) for x in lay.layers],
+                    "engine": lay.engine,
+                    "strategy": lay.strategy,
+                    "approximate": lay.approximate,
+                    "threshold": lay.threshold,
+                    "has_losses": lay.has_losses,
+                    "sync": lay.sync,
+                }
+                for lay in layouts
+            ],
+            "records": [(index[r.layout], r.step, r.skip_reason, r.packed) for r in self._records],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (the sinks are kept; they are not replayed)."""
+        if state.get("schema") != SCHEMA:
+            raise ValueError(f"not a gradconflict History state (schema {state.get('schema')!r}, expected {SCHEMA})")
+        self._collect(wait=True)
+        self.ema_decay = state["ema_decay"]
+        self.max_history = state["max_history"]
+        layouts = [
+            _Layout(
+                tuple(d["tasks"]),
+                tuple((str(n), int(k), str(r)) for n, k, r in d["layers"]),
+                d["engine"],
+                d["strategy"],
+                d["approximate"],
+                d["threshold"],
+                d["has_losses"],
+                d.get("sync", ""),
+            )
+            for d in state["layouts"]
+        ]
+        self._layouts = {lay: lay for lay in layouts}
+        self._records = deque(
+            (_Record(layouts[k], step, reason, packed) for k, step, reason, packed in state["records"]),
+            maxlen=self.max_history,
+        )
+        self._ema = dict(state["ema"])
+        self.gradvac_beta = state.get("gradvac_beta", self.gradvac_beta)
+        self._gradvac = {k: dict(v) for k, v in state.get("gradvac", {}).items()}
+        self.steps_seen = state["steps_seen"]
+
+
+def report_line(report: ConflictReport) -> str:
+    """One JSON line for a report, with the schema version (what :meth:`History.to_jsonl` writes)."""
+    return json.dumps({"schema": SCHEMA, **report.to_dict()}, allow_nan=False) + "\n"

@@ -1,0 +1,8 @@
+"""Reporting: a run told to a person, as text, figures and one HTML page.
+
+Floor 8 of the package. :mod:`~gradconflict.reporting.summary` condenses a run, :mod:`~gradconflict.reporting.plots`
+draws it (matplotlib, loaded on first use) and :mod:`~gradconflict.reporting.html` writes the page. Text is
+rendered here, at the edge, from the structured records and advice below; nothing below parses it back.
+
+>>> from gradconflict.reporting import summary
+"""

@@ -1,0 +1,172 @@
+"""The HTML report: rendered from a run recorded to disk by a JSONLSink and read back, self-contained, its tables
+recomputed from the reports; partial and round-robin runs; and, where Debian's chromium is installed, looked at in
+a real headless browser."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+
+from gradconflict import History
+from gradconflict.fixtures.synthetic import make_problem
+from gradconflict.records.sinks import JSONLSink
+from gradconflict.reporting.html import render_html, write_html
+from tests.runs import drawn_run, pair_values
+
+pytest.importorskip("matplotlib")
+SECTIONS = [
+    "The run", "Pairwise cosines over time", "Cancellation and update norm", "Task norms and alignment",
+    "Conflict per layer over time", "Layer profile and branch point", "Affinity and task groups",
+    "Advice and evidence",
+]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """A two-task problem whose top block conflicts (its side path, by construction), trained 80 steps with every
+    step streamed to disk: enough for the conflict's persistence to be decided."""
+    path = tmp_path_factory.mktemp("run") / "run.jsonl"
+    make_problem("top_conflict", seed=0).train(80, sinks=[JSONLSink(path)])
+    return History.from_jsonl(path)
+
+
+#: the layer the problem's conflict sits in: the side path of its top block (``synthetic``'s "upper-3")
+TOP = "backbone.3.side"
+
+
+class Page(HTMLParser):
+    """Every tag, image source, link target and table row of a page; unbalanced tags are counted."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.open, self.sources, self.targets, self.rows, self.headings = [], [], [], [], []
+        self.unbalanced = 0
+        self._row, self._heading = None, None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag not in self.VOID:
+            self.open.append(tag)
+        if tag == "img":
+            self.sources.append(attrs["src"])
+        for key in ("href", "src"):
+            if key in attrs and tag != "img":
+                self.targets.append(attrs[key])
+        if tag == "tr":
+            self._row = []
+        if tag in ("td", "th") and self._row is not None:
+            self._row.append("")
+        if tag == "h2":
+            self._heading = ""
+
+    def handle_endtag(self, tag):
+        if tag in self.VOID:
+            return
+        if not self.open or self.open.pop() != tag:
+            self.unbalanced += 1
+        if tag == "tr":
+            self.rows.append(self._row)
+            self._row = None
+        if tag == "h2":
+            self.headings.append(self._heading)
+            self._heading = None
+
+    def handle_data(self, data):
+        if self._row is not None and self._row:
+            self._row[-1] += data
+        if self._heading is not None:
+            self._heading += data
+
+
+def test_the_page_is_self_contained_and_tells_the_whole_story(recorded, tmp_path):
+    path = write_html(recorded, tmp_path / "out" / "report.html", source="run.jsonl", png_dir=tmp_path / "png")
+    page = Page(path.read_text(encoding="utf-8"))
+    assert page.unbalanced == 0 and not page.open
+    assert page.headings == SECTIONS
+    assert page.targets == []  # no script, stylesheet or link to load
+    assert len(page.sources) == 7 and all(s.startswith("data:image/png;base64,") for s in page.sources)
+    from matplotlib import image
+
+    for source in page.sources:
+        pixels = image.imread(io.BytesIO(base64.b64decode(source.split(",", 1)[1])), format="png")
+        assert pixels.shape[0] > 50 and pixels.shape[1] > 200 and pixels.std() > 0.01
+    embedded = {base64.b64decode(s.split(",", 1)[1]) for s in page.sources}
+    assert {p.read_bytes() for p in (tmp_path / "png").glob("*.png")} == embedded
+
+
+def test_the_tables_hold_the_numbers_of_the_reports(recorded):
+    page = Page(render_html(recorded))
+    steps, values = pair_values(recorded, "a", "b")
+    row = next(r for r in page.rows if r[0] == "a/b")
+    assert row[1] == str(len(steps)) == "80"
+    assert row[2] == f"{np.mean(values):+.3f}" and row[3] == f"{np.mean(np.array(values) < 0):.0%}"
+    layer = next(r for r in page.rows if r[0] == TOP)  # the problem's conflicting top layer
+    _, top = pair_values(recorded, "a", "b", layer=TOP)
+    assert layer[4] == f"{np.mean(np.array(top) < 0):.2f}"
+    assert any(r[-1] == "branch point" for r in page.rows)
+
+
+def test_the_verdict_and_the_evidence_are_those_of_the_advice(recorded):
+    from gradconflict.diagnosis import advise
+
+    advice = advise(recorded)
+    text = render_html(recorded, advice=advice)
+    assert f'class="verdict {advice.verdict}"' in text
+    for signal in advice.signals:
+        assert signal.name in text
+    assert "from gradconflict import advise, compare" in text  # the next step, as code
+
+
+@pytest.mark.parametrize("kind", ["partial", "round_robin"])
+def test_partial_and_round_robin_runs(kind):
+    text = render_html(drawn_run(kind, steps=30))
+    assert "tasks (measured steps carrying each)" in text and text.count("data:image/png;base64,") == 7
+    if kind == "round_robin":
+        assert "no measured step carried two tasks together" in text
+        assert re.search(r"<td[^>]*>a/b</td><td[^>]*>0</td>", text)
+    else:
+        assert "pairs measured together: a/b 30, a/c 6, b/c 6 of 30" in text
+
+
+def test_an_empty_run_is_a_clear_error():
+    with pytest.raises(ValueError, match="no measured step"):
+        render_html([])
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_a_headless_browser_renders_the_page(recorded, tmp_path):
+    from gradconflict.diagnosis import advise
+
+    assert advise(recorded).verdict == "physical_split"  # the problem's truth: its top layers conflict
+    path = write_html(recorded, tmp_path / "report.html")
+    shot = tmp_path / "shot.png"
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    command = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={profile}", f"--screenshot={shot}", "--window-size=1400,3000", path.as_uri(),
+    ]
+    subprocess.run(command, capture_output=True, timeout=120, check=False)
+    from matplotlib import image
+
+    pixels = image.imread(shot)
+    assert pixels.shape[:2] == (3000, 1400)
+    ink = (pixels[..., :3] < 0.9).any(-1)  # anything darker than the page's near-white
+    assert ink.mean() > 0.05
+    # the verdict box of a physical split (its red left border) is drawn near the top of the page
+    red = (pixels[:400, :, 0] > 0.7) & (pixels[:400, :, 1] < 0.3) & (pixels[:400, :, 2] < 0.3)
+    assert red.sum() > 500

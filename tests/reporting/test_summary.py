@@ -1,0 +1,70 @@
+"""The run summary: each number recomputed from the reports' Grams with the definitions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gradconflict import ConflictReport
+from gradconflict.reporting.summary import summarize_run
+from tests.runs import drawn_run, pair_values
+
+
+@pytest.mark.parametrize("kind", ["full", "partial"])
+def test_pairs_are_taken_over_the_steps_that_carried_both(kind):
+    history = drawn_run(kind)
+    summary = summarize_run(history)
+    for pair in summary.pairs:
+        a, b = pair.name.split("/")
+        steps, values = pair_values(history, a, b)
+        assert pair.together == len(steps)
+        assert pair.mean_cosine == pytest.approx(np.mean(values), rel=1e-9)
+        assert pair.persistence == pytest.approx(np.mean(np.array(values) < 0), rel=1e-12)
+        last = values[len(values) - max(1, len(values) // 4):]
+        assert pair.last_cosine == pytest.approx(np.mean(last), rel=1e-9)
+
+
+def test_tasks_norms_and_alignment_follow_the_definitions():
+    history = drawn_run("partial")
+    summary = summarize_run(history)
+    norms = {t: [] for t in "abc"}
+    alignment = {t: [] for t in "abc"}
+    for r in history.measured:
+        G, w = r.gram.double().numpy(), r.weights.double().numpy()
+        update = math.sqrt(w @ G @ w)
+        for k, t in enumerate(r.tasks):
+            norms[t].append(math.sqrt(G[k, k]))
+            alignment[t].append((G @ w)[k] / (math.sqrt(G[k, k]) * update))  # cos(g_t, sum_i w_i g_i)
+    for row in summary.task_rows:
+        assert row.steps == len(norms[row.name])
+        assert row.mean_norm == pytest.approx(np.mean(norms[row.name]), rel=1e-9)
+        assert row.mean_alignment == pytest.approx(np.mean(alignment[row.name]), rel=1e-9)
+        assert row.against == pytest.approx(np.mean(np.array(alignment[row.name]) < 0))
+    assert summary.task_steps == (40, 40, 8) and summary.steps_with_pairs == 40 and summary.partial
+
+
+def test_counts_skips_and_the_profile():
+    history = drawn_run("full", steps=12)
+    history.append(ConflictReport.skipped_step(("a", "b"), 12, "non-finite loss"))
+    summary = summarize_run(history)
+    assert (summary.steps, summary.measured, summary.skipped) == (13, 12, {"non-finite loss": 1})
+    assert (summary.first_step, summary.last_step) == (0, 11) and not summary.partial
+    assert summary.profile is not None and summary.profile.branch_point == "enc.layer.2"  # conflict from there up
+    text = summary.text()
+    assert text.startswith("13 steps (12 measured, 1 skipped: 1 non-finite loss), steps 0 to 11")
+    assert "branch point: enc.layer.2" in text and "tasks (measured" not in text
+
+
+def test_a_round_robin_run_says_nothing_about_pairs():
+    summary = summarize_run(drawn_run("round_robin", steps=9))
+    assert summary.steps_with_pairs == 0 and summary.quantities == {}
+    assert all(p.together == 0 and math.isnan(p.mean_cosine) for p in summary.pairs)
+    assert "no measured step carried two tasks together" in summary.text()
+
+
+def test_no_measured_step_is_an_error():
+    with pytest.raises(ValueError, match="no measured step"):
+        summarize_run([ConflictReport.skipped_step("ab", 0, "non-finite loss", losses=torch.ones(2))])
