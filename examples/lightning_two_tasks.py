@@ -54,9 +54,9 @@ with warnings.catch_warnings():
     trainer.fit(TwoTasks(), data)
 
 with open(f"{trainer.logger.log_dir}/metrics.csv", newline="") as f:
-    rows = [row for row in csv.DictReader(f) if row.get("conflict/cos/sign-sum")]
+    rows = [row for row in csv.DictReader(f) if row.get("conflict/cos/sign/sum")]
 for row in rows:
-    print(f"step {row['step']:>2}: cos(sign, sum) {float(row['conflict/cos/sign-sum']):+.3f}, "
+    print(f"step {row['step']:>2}: cos(sign, sum) {float(row['conflict/cos/sign/sum']):+.3f}, "
           f"cancellation {float(row['conflict/cancellation']):.3f}")
 print("measured steps:", [r.step for r in callback.monitor.history.measured], "closed:", callback.monitor.closed)
 assert [int(row["step"]) for row in rows] == [9, 19, 29, 39] and callback.monitor.closed

@@ -35,6 +35,7 @@ __all__ = [
     "task_norms",
     "transference",
     "update_norm",
+    "worst_cosine",
     "zero_norm_tasks",
 ]
 
@@ -118,6 +119,26 @@ def conflict_fraction(G: Tensor, threshold: float = 0.0) -> Tensor:
     if T < 2:
         return torch.full(G.shape[:-2], float("nan"), dtype=G.dtype, device=G.device)
     return conflict_pairs(G, threshold).sum((-2, -1)).to(G.dtype) / (T * (T - 1) // 2)
+
+
+def worst_cosine(G: Tensor, carried: Tensor | None = None) -> Tensor:
+    """The worst pair cosine: the most negative ``C_ij`` over the pairs ``i < j`` (of the tasks ``carried``, a
+    ``[..., T]`` mask, when given: a step that lacked some tasks). NaN where there is no pair (fewer than two
+    tasks): with a single task there is nothing to compare.
+
+    >>> worst_cosine(torch.tensor([[1.0, -0.5, 0.0], [-0.5, 1.0, 0.2], [0.0, 0.2, 1.0]])).item()
+    -0.5
+    >>> worst_cosine(torch.eye(1)).isnan().item()
+    True
+    """
+    T = G.shape[-1]
+    k = torch.arange(T, device=G.device)
+    pairs = k[:, None] < k[None, :]
+    if carried is not None:
+        pairs = pairs & _outer(carried, carried)
+    pairs = pairs.expand(G.shape)
+    worst = torch.where(pairs, cosine(G), torch.inf).amin((-2, -1))
+    return torch.where(pairs.any(-1).any(-1), worst, torch.nan)
 
 
 def magnitude_similarity(G: Tensor) -> Tensor:

@@ -191,16 +191,10 @@ def norms_and_alignment(run: Aligned) -> Figure:
 
 def layer_worst_cosine(run: Aligned, order: Sequence[str]) -> np.ndarray:
     """``[L, S]``: on each layer of ``order`` and measured step, the lowest cosine over the pairs of tasks the
-    step carried on that layer (NaN where it carried none)."""
-    T = len(run.tasks)
-    upper = np.triu(np.ones((T, T), dtype=bool), 1)
-    worst = np.full((len(run.layers), run.num_steps), np.nan)
-    for layers, C, _ in run.layer_blocks():  # C: [S, l, T, T]
-        pairs = upper & ~np.isnan(C)
-        lowest = np.where(pairs, C, np.inf).min((2, 3))
-        worst[layers] = np.where(pairs.any((2, 3)), lowest, np.nan).T
+    step carried on that layer (:meth:`~gradconflict.diagnosis.aligned.Aligned.layer_worst_cosine`; NaN where it
+    carried none)."""
     index = {name: k for k, name in enumerate(run.layers)}
-    return worst[[index[name] for name in order]]
+    return run.layer_worst_cosine().T[[index[name] for name in order]]
 
 
 def _bin_steps(steps: np.ndarray, values: np.ndarray, columns: int) -> tuple[np.ndarray, np.ndarray]:

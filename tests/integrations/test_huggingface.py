@@ -140,11 +140,11 @@ def test_figures_join_the_trainers_log_at_its_logging_steps(tmp_path):
                     max_steps=6, logging_steps=2)
     reports = trainer.conflict_monitor.history.measured
     assert [r.step for r in reports] == [2, 4, 6]  # only the logged steps were measured
-    logged = [row for row in trainer.state.log_history if "conflict/cos/cls-reg" in row]
+    logged = [row for row in trainer.state.log_history if "conflict/cos/cls/reg" in row]
     assert [row["step"] for row in logged] == [2, 4, 6]
     for row, report in zip(logged, reports):
         assert "loss" in row  # the same log call as the training loss of that step
-        assert row["conflict/cos/cls-reg"] == pytest.approx(float(report.cosine[0, 1]))
+        assert row["conflict/cos/cls/reg"] == pytest.approx(float(report.cosine[0, 1]))
         assert row["conflict/cancellation"] == pytest.approx(float(report.cancellation))
         assert "conflict/layer/backbone.encoder.layer.1.output.dense/worst_cosine" in row
 

@@ -176,7 +176,7 @@ def test_logs_on_the_trainers_schedule_and_only_measures_logged_steps():
     assert [r.step for r in reports] == [3, 6]  # nothing else was measured
     for report, step in zip(reports, sorted(logged)):
         row = logged[step]
-        assert row["conflict/cos/a-b"] == pytest.approx(float(report.cosine[0, 1]))
+        assert row["conflict/cos/a/b"] == pytest.approx(float(report.cosine[0, 1]))
         assert row["conflict/cancellation"] == pytest.approx(float(report.cancellation))
         assert "conflict/layer/backbone.0/worst_cosine" in row
 
