@@ -38,22 +38,22 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from gradconflict.diagnosis import advise
+    from gradconflict.diagnosis import advise, align
     from gradconflict.records.history import History
     from gradconflict.reporting.summary import summarize_run
 
     history = History.from_jsonl(args.history)
-    reports = history.reports
-    if all(r.skipped for r in reports):
+    aligned = align(history)  # once: the advice, the summary and the HTML report read these arrays
+    if not aligned.num_steps:
         print(f"{args.history}: no measured step", file=sys.stderr)
         return 1
-    advice = advise(reports)
-    summary = summarize_run(reports, profile=advice.profile)
+    advice = advise(aligned)
+    summary = summarize_run(history, profile=advice.profile, aligned=aligned)
     print(f"{args.history}: {summary.text()}")
     if args.lines > 0:
         print("\nsteps:")
-        for r in reports[:: max(1, -(-len(reports) // args.lines))]:
-            print("  " + r.summary())
+        for k in range(0, len(history), max(1, -(-len(history) // args.lines))):
+            print("  " + history[k].summary())
     groups = " | ".join("[" + ", ".join(g) + "]" for g in advice.groups)
     where = f", branch point {advice.branch_point}" if advice.branch_point is not None else ""
     print(f"\nadvice: {advice.verdict}{where}, groups {groups} (gradconflict advise {args.history}: the evidence)")
@@ -62,10 +62,12 @@ def _report(args: argparse.Namespace) -> int:
 
         source = os.path.basename(args.history)
         if args.output is not None:
-            path = write_html(reports, args.output, advice=advice, source=source, png_dir=args.png, summary=summary)
+            path = write_html(
+                history, args.output, advice=advice, source=source, png_dir=args.png, summary=summary, aligned=aligned
+            )
             print(f"report: {path}")
         else:
-            render_html(reports, advice=advice, source=source, png_dir=args.png, summary=summary)
+            render_html(history, advice=advice, source=source, png_dir=args.png, summary=summary, aligned=aligned)
         if args.png is not None:
             print(f"figures: {args.png}/*.png")
     return 0

@@ -14,7 +14,7 @@ Where a default comes from (see ``docs/diagnosis.md`` for the discussion):
 - ``conflict_cosine`` (``S``): PCGrad (Yu et al., 2020) calls two gradients conflicting when their cosine is
   negative (``S = 0``); Recon (Shi et al., ICLR 2023) uses ``S`` in ``[-0.1, 0]``.
 - ``alpha``: the significance level of every test (the persistence of a conflict against chance, Benjamini-
-  Hochberg adjusted, see :mod:`~gradconflict.diagnosis.stats`; the Mann-Kendall trend test): the conventional 5%.
+  Hochberg adjusted, see :mod:`~gradconflict.diagnosis.persistence`; the Mann-Kendall trend test): the conventional 5%.
   There is no cut-off on the persistence or the cancellation themselves: a conflict counts when it is
   significantly more frequent than chance by at least Cohen's small effect.
 - ``head_*`` and ``cka_*``: heuristics. Linear CKA is Kornblith et al. (2019); a head whose last hidden layer

@@ -429,7 +429,7 @@ class ConflictMonitor:
         ids = {id(p) for p in shared} | {id(c) for c in copies.values()}
         if self._plan is None or self._plan.shared != ids:
             layer_of = self._layer_of | {id(c): self._layer_of[k] for k, c in copies.items() if k in self._layer_of}
-            self._plan = Plan(ids, layer_of, self._module_name, gram_dtype(shared), _unwrap(self.model), copies)
+            self._plan = Plan(ids, layer_of, self._module_name, gram_dtype(shared), copies)
             self.engine.restrict(ids)
         self._shared.check_dependence(batch.names, batch.losses, shared)
         return self._plan

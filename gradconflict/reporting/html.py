@@ -38,9 +38,10 @@ from typing import TYPE_CHECKING, Any
 from gradconflict import __version__
 from gradconflict.diagnosis.advice import Advice, advise
 from gradconflict.diagnosis.affinity import mean_transference, normalized
-from gradconflict.diagnosis.aligned import align
+from gradconflict.diagnosis.aligned import Aligned, align
 from gradconflict.measure.report import ConflictReport
 from gradconflict.records.history import History
+from gradconflict.records.pairs import pair_key
 from gradconflict.reporting.summary import QUANTITIES, RunSummary, summarize_run
 
 if TYPE_CHECKING:
@@ -205,8 +206,16 @@ def _tasks_table(summary: RunSummary) -> str:
 def _profile_table(advice: Advice) -> str:
     if advice.profile is None:
         return ""
-    rows = [line.split() for line in advice.profile.table().splitlines()[1:]]
-    body = [(r[0], *r[1:6], "branch point" if "<-" in r else "") for r in rows]
+    profile, body = advice.profile, []
+    for layer in profile.layers:
+        worst = profile.worst_pair(layer)
+        pair, persist, cos = "-", "-", "-"
+        if worst is not None:
+            i, j = worst
+            pair = pair_key(profile.tasks[i], profile.tasks[j])
+            persist, cos = f"{float(layer.persistence[i, j]):.2f}", f"{float(layer.mean_cosine[i, j]):+.2f}"
+        branch = "branch point" if layer.name == profile.branch_point else ""
+        body.append((layer.name, layer.num_params, layer.score, pair, persist, cos, branch))
     return _table(["layer", "parameters", "S-conflict score", "worst pair", "persistence", "mean cosine", ""], body)
 
 
@@ -250,19 +259,20 @@ def _comparison(result: ComparisonResult) -> str:
 
 
 def _prepare(
-    run: Run, advice: Advice | None, summary: RunSummary | None
+    run: Run, advice: Advice | None, summary: RunSummary | None, aligned: Aligned | None
 ) -> tuple[Advice, RunSummary, dict[str, Any]]:
-    """The advice and the summary (each computed when not given) and the figures of a run."""
+    """The advice and the summary (each computed when not given) and the figures of a run, aligned once (a
+    History is read through its stacked records, without a report per step)."""
     try:
         from gradconflict.reporting.plots import run_figures
     except ImportError as err:
         raise ImportError(f'the HTML report needs matplotlib ({err}): pip install "gradconflict[plots]"') from err
-    reports = run.reports if isinstance(run, History) else list(run)
-    aligned = align(reports)
+    run = run if isinstance(run, History) else list(run)
+    aligned = aligned if aligned is not None else align(run)
     if not aligned.num_steps:
         raise ValueError("the run has no measured step: nothing to report (run some steps under a ConflictMonitor)")
     advice = advice if advice is not None else advise(aligned)
-    summary = summary if summary is not None else summarize_run(reports, profile=advice.profile)
+    summary = summary if summary is not None else summarize_run(run, profile=advice.profile, aligned=aligned)
     affinity = normalized(mean_transference(aligned))
     return advice, summary, run_figures(aligned, advice, affinity)
 
@@ -276,6 +286,7 @@ def render_html(
     source: str = "",
     png_dir: str | Path | None = None,
     summary: RunSummary | None = None,
+    aligned: Aligned | None = None,
 ) -> str:
     """The report of ``run`` (a :class:`~gradconflict.History` or any iterable of reports) as one HTML string.
 
@@ -288,10 +299,11 @@ def render_html(
         source: where the run came from (a file name), shown under the title.
         png_dir: also write each figure there as ``<name>.png``.
         summary: the run's :func:`~gradconflict.reporting.summary.summarize_run`, when the caller has it already.
+        aligned: the run's :func:`~gradconflict.diagnosis.align`, when the caller has it already.
     """
     from gradconflict.reporting.plots import figure_to_png
 
-    advice, summary, figures = _prepare(run, advice, summary)
+    advice, summary, figures = _prepare(run, advice, summary, aligned)
     pngs = {name: figure_to_png(fig) for name, fig in figures.items()}
     if png_dir is not None:
         folder = Path(png_dir)
@@ -339,11 +351,13 @@ def write_html(
     source: str = "",
     png_dir: str | Path | None = None,
     summary: RunSummary | None = None,
+    aligned: Aligned | None = None,
 ) -> Path:
     """Write :func:`render_html`'s page to ``path`` (its folder is created); returns the path."""
     path = Path(path)
     page = render_html(
-        run, advice=advice, comparison=comparison, title=title, source=source, png_dir=png_dir, summary=summary
+        run, advice=advice, comparison=comparison, title=title, source=source, png_dir=png_dir, summary=summary,
+        aligned=aligned,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")

@@ -86,7 +86,7 @@ def test_long_runs_are_binned_by_training_step():
 def test_layer_profile_bars_are_the_worst_pair_persistence():
     history = drawn_run("full", steps=20)
     profile = layer_profile(history)
-    ax = plots.layer_profile(profile).axes[0]
+    ax = plots.layer_profile_figure(profile).axes[0]
     widths = [bar.get_width() for bar in ax.patches]
     for layer, width in zip(profile.layers, widths):
         _, values = pair_values(history, "a", "b", layer=layer.name)
@@ -114,7 +114,7 @@ def test_what_was_never_measured_is_said_not_drawn():
     assert NO_PAIR in texts(plots.cancellation_and_update(run))
     bare = align(drawn_run("full", steps=5, layers=False))
     assert any("carry no layers" in t for t in texts(plots.layer_heatmap(bare, None)))
-    assert any("carry no layers" in t for t in texts(plots.layer_profile(None)))
+    assert any("carry no layers" in t for t in texts(plots.layer_profile_figure(None)))
 
 
 def test_images_for_the_dashboards():

@@ -19,7 +19,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -152,8 +152,6 @@ class _Pass(Accumulator):
             call.release()
         self._pending.clear()
 
-
-Strategy = Literal["auto", "batched", "loop"]
 
 #: The strategies ``ConflictMonitor(strategy=...)`` accepts.
 STRATEGIES: tuple[str, ...] = ("auto", "batched", "loop")

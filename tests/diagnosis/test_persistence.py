@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from gradconflict.diagnosis.stats import (
+from gradconflict.diagnosis.persistence import (
     SMALL_EFFECT,
     autocorrelation_time,
     binomial_tail,
