@@ -77,6 +77,7 @@ from gradconflict.records.pairs import pair_key, pair_words
 __all__ = ["Advice", "Uncertainty", "advise", "advise_from_jsonl", "next_step_code"]
 
 Verdict = Literal["keep_shared", "lora_split", "physical_split"]
+DecidedBy = Literal["ceiling", "diverging", "heuristics", "none"]
 
 _VARIANTS: dict[str, tuple[str, ...]] = {
     "physical_split": ("shared", "independent", "branched"),
@@ -183,6 +184,9 @@ class Advice:
         recon: Recon's top-K layers next to the branch point (``None`` without layers).
         grouping: the task grouping search (best partition per number of groups, with scores).
         trends: a summary (mean, EMA, windows, trend) of each aggregated quantity.
+        decided_by: what decided the verdict: ``"ceiling"`` (the comparison experiment), ``"diverging"`` (a
+            persistent conflict, signal 1), ``"heuristics"`` (other signals that say split) or ``"none"`` (no
+            signal says split).
     """
 
     verdict: Verdict
@@ -197,6 +201,7 @@ class Advice:
     recon: ReconSelection | None = None
     grouping: Grouping | None = None
     trends: dict[str, QuantitySummary] = field(default_factory=dict)
+    decided_by: DecidedBy = "none"
 
     @property
     def by_name(self) -> dict[str, Signal]:
@@ -216,6 +221,7 @@ class Advice:
         u = self.uncertainty
         out: dict[str, Any] = {
             "verdict": self.verdict,
+            "decided_by": self.decided_by,
             "branch_point": self.branch_point,
             "groups": self.groups,
             "reason": self.reason,
@@ -333,7 +339,7 @@ class Advice:
         return "\n".join(lines)
 
 
-def _uncertainty(verdict_from: str, diverging: Signal, gap: int) -> Uncertainty:
+def _uncertainty(verdict_from: DecidedBy, diverging: Signal, gap: int) -> Uncertainty:
     """How settled the verdict is, from what decided it (``gap``: training steps between measured steps)."""
     if verdict_from == "ceiling":
         return Uncertainty(True, "measured: the comparison experiment over several seeds decided it")
@@ -483,6 +489,7 @@ def advise(
     alarms = [name for name in ALARMS if by_name[name].status == "split"]
     seeds = measured_ceiling.details.get("seeds", 0)
     verdict: Verdict
+    decided_by: DecidedBy
     if measured_ceiling.status == "ok" and seeds > 1:
         verdict, branch, decided_by = "keep_shared", None, "ceiling"
         reason = measured_ceiling.evidence
@@ -563,6 +570,7 @@ def advise(
         recon=recon,
         grouping=grouping,
         trends=summarize(aligned, decay=ema_decay, threshold=th.conflict_cosine),
+        decided_by=decided_by,
     )
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from scipy import stats
 
 from gradconflict.diagnosis.aligned import Aligned, Reports, Run, align, measured_reports
+from gradconflict.records.history import EMA_DECAY
 
 __all__ = [
     "QuantitySummary",
@@ -86,7 +87,7 @@ def series(history: Run, quantity: str, threshold: float = 0.0) -> tuple[np.ndar
     return aligned.steps[defined], values[defined].astype(np.float64)
 
 
-def ema(steps: np.ndarray, values: np.ndarray, decay: float = 0.9) -> np.ndarray:
+def ema(steps: np.ndarray, values: np.ndarray, decay: float = EMA_DECAY) -> np.ndarray:
     """Exponential moving average with ``decay`` per *training step*: a gap of ``k`` steps decays by
     ``decay**k``, so ``every=k`` sampling and skipped steps do not change the averaging horizon.
 
@@ -234,7 +235,7 @@ class QuantitySummary:
 
 
 def summarize(
-    history: Run, *, decay: float = 0.9, width: int | None = None, threshold: float = 0.0
+    history: Run, *, decay: float = EMA_DECAY, width: int | None = None, threshold: float = 0.0
 ) -> dict[str, QuantitySummary]:
     """A :class:`QuantitySummary` of each quantity of :func:`quantities` (tasks in sorted order), each over the
     steps where it is defined; a quantity defined on no step is left out (so the result is empty for a history

@@ -36,7 +36,7 @@ from gradconflict.measure.engine.base import Accumulator, measuring
 from gradconflict.measure.report import ConflictReport, LayerReport
 from gradconflict.measure.shared import SharedParameters, gram_dtype, layer_names
 from gradconflict.measure.tasks import TaskLosses, task_losses
-from gradconflict.records.history import History, Sink
+from gradconflict.records.history import EMA_DECAY, MAX_HISTORY, History, Sink
 from gradconflict.weighting import StepWeights, WeightingSpec
 
 if TYPE_CHECKING:
@@ -164,8 +164,8 @@ class ConflictMonitor:
         every: int = 1,
         threshold: float = 0.0,
         on_nonfinite: OnNonFinite = "raise",
-        ema_decay: float = 0.9,
-        max_history: int | None = 10_000,
+        ema_decay: float = EMA_DECAY,
+        max_history: int | None = MAX_HISTORY,
         accumulation_steps: int = 1,
         scaler: Any = None,
         sinks: Iterable[Sink] = (),

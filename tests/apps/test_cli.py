@@ -164,3 +164,25 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
     process.stderr.close()
     assert process.wait(timeout=120) == 141
     assert first.startswith(str(path).encode()) and err == b""
+
+
+def test_report_aligns_the_run_once(tmp_path, capsys, monkeypatch):
+    # The advice, the summary and the HTML page read one alignment of the saved history, made from its stacked
+    # records (no list of reports).
+    from gradconflict.diagnosis import aligned
+
+    path = _partial_history(tmp_path / "partial.jsonl")
+    calls = {"history": 0, "reports": 0}
+    by_history, by_reports = aligned._blocks_of_history, aligned._blocks_of_reports
+
+    def count(kind, real):
+        def counted(run):
+            calls[kind] += 1
+            return real(run)
+
+        return counted
+
+    monkeypatch.setattr(aligned, "_blocks_of_history", count("history", by_history))
+    monkeypatch.setattr(aligned, "_blocks_of_reports", count("reports", by_reports))
+    assert main(["report", str(path), "-o", str(tmp_path / "report.html")]) == 0
+    assert calls == {"history": 1, "reports": 0}
