@@ -30,6 +30,7 @@ from gradconflict.diagnosis import Advice
 from gradconflict.fixtures.datasets import MultiTaskData, overlaid_digits
 from gradconflict.fixtures.synthetic import suppression_readout
 from gradconflict.monitor import ConflictMonitor
+from gradconflict.records.pairs import pair_key
 from gradconflict.split import ComparisonResult, MultiTaskNet, compare
 
 __all__ = ["DemoResult", "run_demo"]
@@ -236,4 +237,4 @@ def _named(tasks: Any, values: Tensor) -> str:
 
 def _pairs(tasks: Any, C: Tensor) -> str:
     T = len(tasks)
-    return ", ".join(f"{tasks[i]}/{tasks[j]} {float(C[i, j]):+.3f}" for i in range(T) for j in range(i + 1, T))
+    return ", ".join(f"{pair_key(tasks[i], tasks[j])} {float(C[i, j]):+.3f}" for i in range(T) for j in range(i + 1, T))

@@ -376,8 +376,9 @@ class History:
     @property
     def gradvac(self) -> dict[str, float]:
         """GradVac's EMA of each task pair's cosine over the whole shared backbone, ``{pair_key(a, b): phi}``:
-        ``phi_ij <- (1 - beta) phi_ij + beta cos(g_i, g_j)`` on every measured step that carried both tasks, starting from ``phi_ij = 0`` (Wang et al., "Gradient Vaccine", ICLR 2021, Sec. 3.2, Eq. 3; ``beta``
-        is ``gradvac_beta``). The cosines are those of the gradients as trained; GradVac itself measures them
+        ``phi_ij <- (1 - beta) phi_ij + beta cos(g_i, g_j)`` on every measured step that carried both tasks,
+        starting from ``phi_ij = 0`` (Wang et al., "Gradient Vaccine", ICLR 2021, Sec. 3.2, Eq. 3; ``beta`` is
+        ``gradvac_beta``). The cosines are those of the gradients as trained; GradVac itself measures them
         after adjusting ``g_i``, so under GradVac training the two differ."""
         self._collect(wait=True)
         return dict(self._gradvac.get("", {}))

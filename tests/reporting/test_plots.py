@@ -122,3 +122,8 @@ def test_images_for_the_dashboards():
     assert "-0.25" in texts(fig)
     rgb = plots.figure_to_rgb(fig)
     assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.std() > 10
+
+
+def test_the_old_name_of_the_profile_figure_still_works_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="layer_profile_figure"):
+        assert plots.layer_profile is plots.layer_profile_figure
