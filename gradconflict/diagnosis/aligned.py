@@ -182,13 +182,13 @@ class Aligned:
         """``[S, T, T]`` pairwise cosines (:func:`gradconflict.measure.metrics.cosine`), NaN where a task is absent."""
         return _cosine(self.gram, self.present)
 
-    def conflicts(self, threshold: float = 0.0) -> np.ndarray:
+    def conflicts(self, threshold: float = metrics.CONFLICT_COSINE) -> np.ndarray:
         """``[S, T, T]`` upper-triangular mask of conflicting pairs
         (:func:`gradconflict.measure.metrics.conflict_pairs`: ``C_ij < threshold``, both tasks with a non-zero
         gradient), over the tasks each step carried."""
         return metrics.conflict_pairs(self._carried[0], threshold).numpy()
 
-    def conflict_fraction(self, threshold: float = 0.0) -> np.ndarray:
+    def conflict_fraction(self, threshold: float = metrics.CONFLICT_COSINE) -> np.ndarray:
         """``[S]`` share of the step's pairs that conflict; NaN on steps with fewer than two tasks."""
         t = self.present.sum(1)
         pairs = t * (t - 1) // 2
@@ -268,7 +268,7 @@ class Aligned:
             present = self.layer_present[:, layers, None] & self.present[:, None, :]
             yield layers, _carried(self.layer_gram[:, layers], present), present
 
-    def layer_blocks(self, threshold: float = 0.0) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    def layer_blocks(self, threshold: float = metrics.CONFLICT_COSINE) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
         """``(layers, cosines, conflicts)`` for consecutive blocks of layers: :meth:`layer_cosine` of that slice and
         its ``[S, L', T, T]`` conflict masks (as :meth:`conflicts`). The temporaries stay near ``_BLOCK`` numbers
         whatever the length of the run and the number of layers."""

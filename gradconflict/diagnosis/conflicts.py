@@ -26,6 +26,7 @@ import numpy as np
 
 from gradconflict.diagnosis.aligned import Run, align
 from gradconflict.diagnosis.persistence import PersistenceTests, persistence_tests
+from gradconflict.diagnosis.thresholds import ALPHA
 from gradconflict.records.pairs import pair_key
 
 __all__ = ["ConflictTests", "conflict_tests"]
@@ -78,7 +79,7 @@ def _pair_cosines(cosine: np.ndarray, pairs: list[tuple[int, int]]) -> np.ndarra
     return cosine[..., i, j]
 
 
-def conflict_tests(history: Run, threshold: float | None = None, alpha: float = 0.05) -> ConflictTests:
+def conflict_tests(history: Run, threshold: float | None = None, alpha: float = ALPHA) -> ConflictTests:
     """Test every pair's conflict against chance on the whole backbone and on each layer (see the module
     docstring). ``threshold`` defaults to the ``S`` the run was measured with."""
     aligned = align(history)

@@ -43,6 +43,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special, stats
 
+from gradconflict.diagnosis.thresholds import ALPHA
+from gradconflict.measure.metrics import CONFLICT_COSINE
+
 __all__ = [
     "CHANCE",
     "AT_CHANCE_RATE",
@@ -242,7 +245,9 @@ class PersistenceTests:
         return (self.steps > 0) & ~self.persistent(alpha) & ~self.ruled_out(alpha)
 
 
-def persistence_tests(cosine: np.ndarray, threshold: float = 0.0, alpha: float = 0.05) -> PersistenceTests:
+def persistence_tests(
+    cosine: np.ndarray, threshold: float = CONFLICT_COSINE, alpha: float = ALPHA
+) -> PersistenceTests:
     """Test ``K`` series at once: ``cosine`` is ``[S, K]``, the pair's cosine on each measured step in step order
     (NaN where the pair was not measured); each series is read over the steps where it was measured, with
     :func:`signs` at ``threshold`` (``S``)."""

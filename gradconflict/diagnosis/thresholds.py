@@ -37,7 +37,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Thresholds"]
+from gradconflict.measure.metrics import CONFLICT_COSINE
+
+__all__ = ["ALPHA", "Thresholds"]
+
+#: The significance level of every test of the diagnosis by default: the conventional 5%.
+ALPHA = 0.05
 
 
 @dataclass(frozen=True)
@@ -62,8 +67,8 @@ class Thresholds:
         group_tolerance: partitions scoring within this of the best are ties; the fewest groups win.
     """
 
-    conflict_cosine: float = 0.0
-    alpha: float = 0.05
+    conflict_cosine: float = CONFLICT_COSINE
+    alpha: float = ALPHA
     head_ratio_watch: float = 0.5
     head_ratio_split: float = 1.0
     head_depth_watch: int = 3

@@ -34,6 +34,7 @@ import numpy as np
 from scipy import stats
 
 from gradconflict.diagnosis.aligned import Aligned, Reports, Run, align, measured_reports
+from gradconflict.measure.metrics import CONFLICT_COSINE
 from gradconflict.records.history import EMA_DECAY
 
 __all__ = [
@@ -76,7 +77,7 @@ def _values(aligned: Aligned, quantity: str, threshold: float) -> tuple[np.ndarr
     raise ValueError(f"unknown quantity {quantity!r}; known: {quantities(aligned.tasks)}")
 
 
-def series(history: Run, quantity: str, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def series(history: Run, quantity: str, threshold: float = CONFLICT_COSINE) -> tuple[np.ndarray, np.ndarray]:
     """``(steps, values)`` of one quantity over the measured steps where it is defined (see :func:`quantities`
     for the names and the module docstring for where each is defined).
 
@@ -235,7 +236,7 @@ class QuantitySummary:
 
 
 def summarize(
-    history: Run, *, decay: float = EMA_DECAY, width: int | None = None, threshold: float = 0.0
+    history: Run, *, decay: float = EMA_DECAY, width: int | None = None, threshold: float = CONFLICT_COSINE
 ) -> dict[str, QuantitySummary]:
     """A :class:`QuantitySummary` of each quantity of :func:`quantities` (tasks in sorted order), each over the
     steps where it is defined; a quantity defined on no step is left out (so the result is empty for a history

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "CONFLICT_COSINE",
     "alignment",
     "cancellation",
     "condition_number",
@@ -38,6 +39,11 @@ __all__ = [
     "worst_cosine",
     "zero_norm_tasks",
 ]
+
+
+#: The cosine below which two task gradients conflict by default (``S``): PCGrad's (Yu et al., 2020), a negative
+#: cosine. The monitor, the reports and the diagnosis all default to it.
+CONFLICT_COSINE = 0.0
 
 
 def _tiny(G: Tensor) -> float:
@@ -90,7 +96,7 @@ def cosine(G: Tensor) -> Tensor:
     return C.clamp(-1.0, 1.0)
 
 
-def conflict_pairs(G: Tensor, threshold: float = 0.0) -> Tensor:
+def conflict_pairs(G: Tensor, threshold: float = CONFLICT_COSINE) -> Tensor:
     """Upper-triangular mask of conflicting pairs, ``C_ij < threshold`` for ``i < j``.
 
     Pairs involving a zero-norm task never conflict.
@@ -105,7 +111,7 @@ def conflict_pairs(G: Tensor, threshold: float = 0.0) -> Tensor:
     return (cosine(G) < threshold) & upper & _outer(live, live)
 
 
-def conflict_fraction(G: Tensor, threshold: float = 0.0) -> Tensor:
+def conflict_fraction(G: Tensor, threshold: float = CONFLICT_COSINE) -> Tensor:
     """Share of task pairs that conflict: ``#{i<j: C_ij < threshold} / (T(T-1)/2)``.
 
     NaN when ``T = 1``: with a single task there is no pair, and "no conflict" would be a claim nobody measured.

@@ -174,7 +174,7 @@ class LayerReport(_GramMetrics):
         *,
         num_params: int = 0,
         route: str = "",
-        threshold: float = 0.0,
+        threshold: float = metrics.CONFLICT_COSINE,
     ) -> None:
         self.name = name
         self.num_params = int(num_params)
@@ -227,7 +227,7 @@ class ConflictReport(_GramMetrics):
         engine: str = "reference",
         strategy: str = "",
         approximate: bool = False,
-        threshold: float = 0.0,
+        threshold: float = metrics.CONFLICT_COSINE,
         skip_reason: str = "",
         sync: str = "",
     ) -> None:

@@ -33,6 +33,7 @@ from gradconflict.measure.checkpoint import BufferGuard
 from gradconflict.measure.distributed import Sync
 from gradconflict.measure.engine import ENGINES, Engine, Measurement, Plan, make_engine
 from gradconflict.measure.engine.base import Accumulator, measuring
+from gradconflict.measure.metrics import CONFLICT_COSINE
 from gradconflict.measure.report import ConflictReport, LayerReport
 from gradconflict.measure.shared import SharedParameters, gram_dtype, layer_names
 from gradconflict.measure.tasks import TaskLosses, task_losses
@@ -162,7 +163,7 @@ class ConflictMonitor:
         *,
         engine: str = "auto",
         every: int = 1,
-        threshold: float = 0.0,
+        threshold: float = CONFLICT_COSINE,
         on_nonfinite: OnNonFinite = "raise",
         ema_decay: float = EMA_DECAY,
         max_history: int | None = MAX_HISTORY,
