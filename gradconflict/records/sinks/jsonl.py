@@ -29,7 +29,7 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any
 
 from gradconflict.measure.report import ConflictReport
 from gradconflict.records.history import SCHEMA, report_line
@@ -54,17 +54,18 @@ class JSONLSink:
     def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
         self.path = Path(path)
         self._mode = "w" if overwrite else "a"
-        self._file: TextIO | None = None  # opened at the first step: a rank that never writes never opens it
+        self._file: IO[str] | None = None  # opened at the first step: a rank that never writes never opens it
 
     def write(self, report: ConflictReport) -> None:
         """Append one step and flush."""
-        if self._file is None:
+        file = self._file
+        if file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self._mode == "a":
                 _truncate_cut_line(self.path)
-            self._file = self.path.open(self._mode, encoding="utf-8")
-        self._file.write(report_line(report))
-        self._file.flush()
+            file = self._file = open(self.path, self._mode, encoding="utf-8")  # noqa: SIM115 (closed by close())
+        file.write(report_line(report))
+        file.flush()
 
     def close(self) -> None:
         """Close the file."""
@@ -140,8 +141,8 @@ def read_reports(path: str | Path) -> Iterator[ConflictReport]:
                 data = json.loads(line)
             except json.JSONDecodeError as err:
                 warnings.warn(
-                    f"gradconflict: {path}, line {number} is not JSON ({err}), probably cut short by a crash: "
-                    "skipped",
+                    f"gradconflict: {path}, line {number} is not JSON ({err.msg} at column {err.colno}), probably cut "
+                    "short by a crash: skipped",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -175,16 +176,15 @@ def _report(data: Any, where: str) -> ConflictReport:
     if not isinstance(step, int) or isinstance(step, bool):
         raise bad(f"'step' must be an integer, got {step!r}")
 
-    def vector(key: str, value: Any, nullable: bool = False) -> None:
-        ok = isinstance(value, list) and len(value) == T
-        ok = ok and all(_number(v) or (nullable and v is None) for v in value)
-        if not ok:
+    # Shapes here; a value that is not a number fails in from_dict below, named by the same message.
+    def vector(key: str, value: Any) -> None:
+        if not (isinstance(value, list) and len(value) == T):
             raise bad(f"'{key}' must be a list of {T} numbers (one per task), got {value!r}")
 
     if data.get("weights") is not None:
         vector("weights", data["weights"])
     if data.get("losses"):
-        vector("losses", data["losses"], nullable=True)
+        vector("losses", data["losses"])
     if not data.get("skipped"):
         _matrix(data.get("gram"), T, "'gram'", bad)
         layers = data.get("layers", {})
@@ -200,14 +200,6 @@ def _report(data: Any, where: str) -> ConflictReport:
         raise bad(f"{type(err).__name__}: {err}") from err
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _matrix(value: Any, T: int, what: str, bad: Any) -> None:
-    if not (
-        isinstance(value, list)
-        and len(value) == T
-        and all(isinstance(row, list) and len(row) == T and all(_number(v) for v in row) for row in value)
-    ):
+    if not (isinstance(value, list) and len(value) == T and all(isinstance(r, list) and len(r) == T for r in value)):
         raise bad(f"{what} must be a {T} x {T} matrix of numbers (T = {T} tasks)")

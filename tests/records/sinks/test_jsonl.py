@@ -130,3 +130,13 @@ def test_a_line_of_the_wrong_schema_is_named_not_a_traceback(tmp_path, change, f
     path.write_text(good + json.dumps(data) + "\n")
     with pytest.raises(ValueError, match=rf"run.jsonl:2 is not a gradconflict history line: {re.escape(field)}"):
         History.from_jsonl(path)
+
+
+def test_a_number_that_is_not_a_number_is_named(tmp_path):
+    path = tmp_path / "run.jsonl"
+    good = report_line(ConflictReport(("a", "b"), torch.eye(2), step=0))
+    data = json.loads(good)
+    data["gram"][0][1] = "x"
+    path.write_text(good + json.dumps(data) + "\n")
+    with pytest.raises(ValueError, match=r"run.jsonl:2 is not a gradconflict history line: TypeError"):
+        History.from_jsonl(path)
