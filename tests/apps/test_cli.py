@@ -222,3 +222,20 @@ def test_a_run_cut_by_a_crash_is_reported_with_a_one_line_warning(tmp_path, caps
     )
     assert in_a_subprocess.returncode == 0 and in_a_subprocess.stdout.startswith("verdict: ")
     assert in_a_subprocess.stderr.splitlines() == [warning.replace("report", "advise", 1)]
+
+
+@pytest.mark.slow  # reads 10^5 JSONL lines (about 500 MB); the 10^6 row is benchmarks/long_run.py's
+def test_report_and_advise_on_a_hundred_thousand_steps(tmp_path):
+    """`gradconflict report` used to ask for 37 GiB here (every pairwise slope of the trend); its trends now use
+    bin means, and it reports the trend the run was built with (the conflict between a and b deepening)."""
+    from benchmarks.long_run import write_history
+
+    path = tmp_path / "long.jsonl"
+    write_history(path, 100_000, tasks=3, layers=4, distinct=200)
+    from gradconflict.diagnosis import advise_from_jsonl
+
+    advice = advise_from_jsonl(path)
+    worst = advice.trends["worst_cosine"].trend
+    assert (worst.n, worst.steps) == (2048, 100_000) and worst.falling(0.05)
+    done = subprocess.run([sys.executable, "-m", "gradconflict", "report", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith(f"{path}: 100000 steps (100000 measured, 0 skipped)")
