@@ -40,7 +40,9 @@ def _reports(tasks: int, layers: int, distinct: int, seed: int) -> list[str]:
             grams.append(J @ J.T)
         ls = {f"backbone.{n}": LayerReport(f"backbone.{n}", names, g, num_params=4096) for n, g in enumerate(grams)}
         losses = torch.rand(tasks, generator=generator, dtype=torch.float64)
-        report = ConflictReport(names, sum(grams), losses=losses, layers=ls, step=0, engine="tapped", strategy="batched")
+        report = ConflictReport(
+            names, torch.stack(grams).sum(0), losses=losses, layers=ls, step=0, engine="tapped", strategy="batched"
+        )
         lines.append(report_line(report))
     return lines
 
