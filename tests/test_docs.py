@@ -51,7 +51,7 @@ def _two_tasks(namespace: dict, out: str) -> None:
     assert sum(cosines[:20]) / 20 > 0.5 and max(cosines[-50:]) < -0.5
     line = next(x for x in out.splitlines() if x.startswith("mean cosine"))
     assert _numbers(line) == pytest.approx([round(sum(cosines[:20]) / 20, 2), round(sum(cosines[-50:]) / 50, 2)])
-    assert history.ema["conflict_fraction"] == pytest.approx(1.0)  # every recent step in conflict
+    assert history.ema["conflict_fraction"] >= 1 - 0.9**50  # the last 50 steps all in conflict (decay 0.9)
 
 
 def _ddp(namespace: dict, out: str) -> None:

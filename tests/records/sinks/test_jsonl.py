@@ -100,7 +100,7 @@ def test_a_process_killed_mid_line_then_resumed_loses_only_that_line(tmp_path):
     assert proc.returncode == -signal.SIGKILL and not path.read_text().endswith("\n")
     with pytest.warns(RuntimeWarning, match="line 3 is not JSON"):  # read as it was left: the cut line skipped
         assert [r.step for r in History.from_jsonl(path)] == [0, 1]
-    with pytest.warns(RuntimeWarning, match="cut short"):  # the documented resume: a sink on the same file
+    with pytest.warns(RuntimeWarning, match="cut short"):  # the resume docs/monitor.md shows: a sink on the same file
         resumed = JSONLSink(path)
         resumed.write(ConflictReport(("a", "b"), torch.eye(2), step=2))
     resumed.close()
