@@ -268,7 +268,9 @@ class Aligned:
             present = self.layer_present[:, layers, None] & self.present[:, None, :]
             yield layers, _carried(self.layer_gram[:, layers], present), present
 
-    def layer_blocks(self, threshold: float = metrics.CONFLICT_COSINE) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    def layer_blocks(
+        self, threshold: float = metrics.CONFLICT_COSINE
+    ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
         """``(layers, cosines, conflicts)`` for consecutive blocks of layers: :meth:`layer_cosine` of that slice and
         its ``[S, L', T, T]`` conflict masks (as :meth:`conflicts`). The temporaries stay near ``_BLOCK`` numbers
         whatever the length of the run and the number of layers."""
