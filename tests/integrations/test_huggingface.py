@@ -167,26 +167,26 @@ def test_layers_true_logs_each_shared_layer(tmp_path):
 
 
 def test_a_checkpoint_carries_the_monitor_and_a_resumed_run_goes_on(tmp_path):
-    """Checkpoints at steps 2 and 4; a run resumed from step 4 to 6 has the history of all six steps, and its
-    steps 5 and 6 measure what an uninterrupted run of six steps measures."""
+    """Checkpoints at steps 1 and 2; a run resumed from step 2 to 4 has the history of all four steps, and its
+    steps 3 and 4 measure what an uninterrupted run of four steps measures."""
     from gradconflict.integrations.huggingface import MONITOR_STATE_NAME
 
-    kwargs, constant = {"shared": "backbone"}, {"lr_scheduler_type": "constant", "save_steps": 2}
-    whole = train(ConflictTrainer, BertTwoTasks(dropout=0.0), tmp_path / "whole", trainer_kwargs=kwargs, max_steps=6,
+    kwargs, constant = {"shared": "backbone"}, {"lr_scheduler_type": "constant", "save_steps": 1}
+    whole = train(ConflictTrainer, BertTwoTasks(dropout=0.0), tmp_path / "whole", trainer_kwargs=kwargs, max_steps=4,
                   **constant)
-    first = train(ConflictTrainer, BertTwoTasks(dropout=0.0), tmp_path / "run", trainer_kwargs=kwargs, max_steps=4,
+    first = train(ConflictTrainer, BertTwoTasks(dropout=0.0), tmp_path / "run", trainer_kwargs=kwargs, max_steps=2,
                   save_strategy="steps", **constant)
-    saved = torch.load(tmp_path / "run" / "checkpoint-4" / MONITOR_STATE_NAME, weights_only=True)
+    saved = torch.load(tmp_path / "run" / "checkpoint-2" / MONITOR_STATE_NAME, weights_only=True)
     assert saved["step"] == first.conflict_monitor.state_dict()["step"]
-    assert (tmp_path / "run" / "checkpoint-2" / MONITOR_STATE_NAME).is_file()
+    assert (tmp_path / "run" / "checkpoint-1" / MONITOR_STATE_NAME).is_file()
     arguments = transformers.TrainingArguments(
         output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, learning_rate=1e-2, report_to="none",
-        use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True, logging_steps=1, max_steps=6, **constant,
+        use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True, logging_steps=1, max_steps=4, **constant,
     )
     resumed = ConflictTrainer(model=BertTwoTasks(dropout=0.0), args=arguments, train_dataset=dataset(), **kwargs)
-    resumed.train(resume_from_checkpoint=True)  # the last checkpoint: checkpoint-4
+    resumed.train(resume_from_checkpoint=True)  # the last checkpoint: checkpoint-2
     reports = resumed.conflict_monitor.history.measured
-    assert [r.step for r in reports] == [1, 2, 3, 4, 5, 6]
+    assert [r.step for r in reports] == [1, 2, 3, 4]
     expected = whole.conflict_monitor.history.measured
     for got, want in zip(reports, expected):
         torch.testing.assert_close(got.gram, want.gram, rtol=1e-4, atol=1e-7)
@@ -231,6 +231,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
                f"{out}-{rank}.pt")
 
 
+@pytest.mark.slow  # two processes that each import transformers and train twice: about a minute
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available in this build")
 def test_ddp_on_two_gloo_processes(tmp_path):
     """Under DDP each rank's .grad equals the plain Trainer's, and each rank reports the same Gram: that of the
