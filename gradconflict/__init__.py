@@ -14,6 +14,7 @@ libraries load on first use, e.g. when ``gradconflict.advise`` is first read.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
 from gradconflict import _moved
@@ -44,7 +45,15 @@ if TYPE_CHECKING:
         split_gains,
     )
 
-__version__ = "0.1.0"
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's, the one place it is written)."""
+    try:
+        return importlib.metadata.version("gradconflict")
+    except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 #: Public names loaded on first use, and the module that holds each.
 _LAZY = {

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="gradconflict-run", help="output folder (default: gradconflict-run)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (there is none anyway when output is not a terminal)"
+        "--no-progress", action="store_true", help="no progress bar (there is none when output is not a terminal)"
     )
     demo.add_argument(
         "-q", "--quiet", action="store_true", help="no progress bar and no per-step lines: the results only"
@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     advise = sub.add_parser(
         "advise",
         help="should the backbone be split? advice from a saved run",
-        description="Diagnose a saved run: the four warning signals with their evidence, the layer profile and "
+        description="Diagnose a saved run: the six signals (four warning signs, two warnings about what a split "
+        "cannot cure) with their evidence, the layer profile and "
         "branch point, the task groups, and the comparison experiment to run next.",
     )
     advise.add_argument("history", help="a history written by History.to_jsonl or a JSONLSink")

@@ -268,6 +268,13 @@ class ConflictReport(_GramMetrics):
             f"cancellation={float(self.cancellation):.3f}, layers={len(self.layers)})"
         )
 
+    def _repr_html_(self) -> str:
+        """The step as HTML tables for Jupyter, those of the HTML report
+        (:mod:`gradconflict.reporting.notebook`)."""
+        from gradconflict.reporting.notebook import report_html
+
+        return report_html(self)
+
     def summary(self) -> str:
         """One line a person can read in a training log."""
         if self.skipped:

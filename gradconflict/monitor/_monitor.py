@@ -456,7 +456,8 @@ class ConflictMonitor:
     def _failed(self, err: BaseException) -> str:
         reason = f"measurement failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         warnings.warn(
-            f"gradconflict: {reason}; the step was trained as usual and is recorded as skipped",
+            f"gradconflict: {reason}; the step was trained as usual and is recorded as skipped (if it recurs, "
+            "engine=\"reference\" measures with T plain backward passes)",
             MeasurementWarning,
             stacklevel=4,
         )

@@ -163,7 +163,8 @@ def test_layers_true_logs_each_shared_layer(tmp_path):
     layer = "backbone.encoder.layer.1.output.dense"
     key = f"conflict/layer/{layer}/worst_cosine"
     assert row[key] == pytest.approx(float(report.layers[layer].cosine[0, 1]))
-    assert len([k for k in row if k.startswith("conflict/layer/") and k.endswith("/worst_cosine")]) == len(report.layers)
+    worst = [k for k in row if k.startswith("conflict/layer/") and k.endswith("/worst_cosine")]
+    assert len(worst) == len(report.layers)
 
 
 def test_a_checkpoint_carries_the_monitor_and_a_resumed_run_goes_on(tmp_path):
@@ -226,9 +227,9 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     trainer = train(Inputs, BertTwoTasks(dropout=0.0), f"{out}-monitored", monitored,
                     trainer_kwargs={"shared": "backbone"}, **ddp)
     reports = trainer.conflict_monitor.history.measured
-    torch.save({"plain": plain.grads, "monitored": monitored.grads, "seen": trainer.seen, "world": trainer.args.world_size,
-                "grams": [r.gram for r in reports], "steps": [r.step for r in reports], "sync": reports[0].sync},
-               f"{out}-{rank}.pt")
+    saved = {"plain": plain.grads, "monitored": monitored.grads, "seen": trainer.seen, "world": trainer.args.world_size,
+             "grams": [r.gram for r in reports], "steps": [r.step for r in reports], "sync": reports[0].sync}
+    torch.save(saved, f"{out}-{rank}.pt")
 
 
 @pytest.mark.slow  # two processes that each import transformers and train twice: about a minute

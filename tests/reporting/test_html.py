@@ -1,6 +1,6 @@
 """The HTML report: rendered from a run recorded to disk by a JSONLSink and read back, self-contained, its tables
-recomputed from the reports; partial and round-robin runs; and looked at in a real headless browser (Debian's chromium: skipped where it is
-not installed, a failure in CI, whose .ci/run installs it)."""
+recomputed from the reports; partial and round-robin runs; and looked at in a real headless browser (Debian's
+chromium: skipped where it is not installed, a failure in CI, whose .ci/run installs it)."""
 
 from __future__ import annotations
 
