@@ -206,7 +206,8 @@ class ConflictReport(_GramMetrics):
         strategy: how the engine ran this step: ``"batched"`` (one vectorised backward), ``"loop"`` (one backward
             per task: the fallback for graphs the batched backward cannot run), ``"reference"``,
             ``"representation"`` or ``"accumulated"`` (micro-batches summed per task).
-        approximate: True when ``gram`` is an approximation (representation mode), not the exact Gram.
+        approximate: True when ``gram`` is an approximation, not the exact Gram (representation mode, or a
+            sketch across processes: ``sync="sketch"``).
         sync: across processes, what ``gram`` describes: ``"exact"`` or ``"sketch"`` (the global batch; a sketch
             is an unbiased estimate) or ``"local"`` (this rank's batch only); ``""`` in a single process.
         threshold: cosine below which a pair counts as conflicting (``S``).

@@ -524,7 +524,8 @@ class ConflictMonitor:
             step=step,
             engine=self.engine.name,
             strategy=measurement.strategy,
-            approximate=self.engine.approximate,
+            # a sketched Gram is an estimate of the exact one, as a representation-mode Gram is
+            approximate=self.engine.approximate or (self._sync is not None and self._sync.mode == "sketch"),
             threshold=self.threshold,
             sync="" if self._sync is None else self._sync.mode,
         )
