@@ -43,6 +43,7 @@ def test_examples_run(script, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [script])
     runpy.run_path(str(ROOT / "examples" / script), run_name="__main__")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing left in the working directory
 
 
 def test_the_docs_point_to_nothing_outside_the_repository():
