@@ -14,7 +14,8 @@ libraries load on first use, e.g. when ``gradconflict.advise`` is first read.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _installed_version
 from typing import TYPE_CHECKING, Any
 
 from gradconflict import _moved
@@ -45,11 +46,12 @@ if TYPE_CHECKING:
         split_gains,
     )
 
+
 def _version() -> str:
     """The installed distribution's version (pyproject.toml's, the one place it is written)."""
     try:
-        return importlib.metadata.version("gradconflict")
-    except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+        return _installed_version("gradconflict")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
         return "0+unknown"
 
 

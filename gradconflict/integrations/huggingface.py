@@ -51,7 +51,7 @@ class ConflictCheckpoint(transformers.TrainerCallback):
     ) -> None:
         """The Trainer has just written ``checkpoint-<step>/``: add the monitor's state to it."""
         monitor = None if self.framework is None else self.framework.monitor
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        folder = Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if monitor is not None and args.should_save and folder.is_dir():
             torch.save(monitor.state_dict(), folder / MONITOR_STATE_NAME)
 
