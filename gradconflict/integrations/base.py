@@ -136,7 +136,8 @@ class FrameworkMonitor:
                 self._warned = True
                 warnings.warn(
                     f"gradconflict: the training step returned no {self.task_losses_key!r} field, so nothing is "
-                    f"measured; return {{'loss': total, {self.task_losses_key!r}: {{task: loss, ...}}}}",
+                    f"measured; return {{'loss': total, {self.task_losses_key!r}: {{task: loss, ...}}}}, or name the "
+                    "field that holds them with task_losses_key=",
                     MeasurementWarning,
                     stacklevel=3,
                 )
