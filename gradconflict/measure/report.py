@@ -55,7 +55,8 @@ class _GramMetrics:
 
     @cached_property
     def weights(self) -> Tensor:
-        """The task weights ``w`` of the update (1 each when none were given), on the Gram's device."""
+        """The weights of the update applied, ``lambda_i * w_i``: the ``weights=`` given (1 each when none were)
+        times a conflict-aware method's ``lambda`` (1 without ``weighting=``), on the Gram's device."""
         gram = self._gram
         dtype, device = (torch.float64, None) if gram is None else (gram.dtype, gram.device)
         if self._weights is None:
