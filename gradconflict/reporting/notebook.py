@@ -18,8 +18,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-import torch
-
+from gradconflict.records.sinks.scalars import scalars
 from gradconflict.reporting.html import (
     TABLE_STYLE,
     _comparison,
@@ -102,13 +101,12 @@ def report_html(report: ConflictReport) -> str:
     )
     layers = ""
     if report.layers:
-        rows = []
-        for name, layer in report.layers.items():
-            # the diagonal (each task with itself) kept out of the minimum over the pairs
-            eye = torch.eye(T, dtype=layer.cosine.dtype, device=layer.cosine.device)
-            worst = float((layer.cosine + 2 * eye).min()) if T > 1 else None
-            rows.append((name, layer.num_params, layer.route, _fmt(worst, "+.3f"),
-                         _fmt(float(layer.conflict_fraction), ".0%")))
+        values = scalars(report, layers=True)  # the logged figures: each layer's worst cosine and conflict fraction
+        rows = [
+            (name, layer.num_params, layer.route, _fmt(values.get(f"layer/{name}/worst_cosine"), "+.3f"),
+             _fmt(values.get(f"layer/{name}/conflict_fraction"), ".0%"))
+            for name, layer in report.layers.items()
+        ]
         layers = _table(["layer", "parameters", "route", "worst pair cosine", "conflict fraction"], rows)
     return _cell(head + quantities + pairs + per_task + layers)
 
