@@ -40,7 +40,8 @@ def _demo(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else (150 if args.quick else 400)
     compare_steps = args.compare_steps if args.compare_steps is not None else (60 if args.quick else 200)
     run_demo(
-        steps=steps, compare_steps=compare_steps, out_dir=args.out, seed=args.seed, progress=not args.no_progress
+        steps=steps, compare_steps=compare_steps, out_dir=args.out, seed=args.seed,
+        progress=not (args.no_progress or args.quiet), log_every=None if args.quiet else 50,
     )
     return 0
 
@@ -154,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="gradconflict-run", help="output folder (default: gradconflict-run)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (there is none when output is not a terminal)"
+    )
+    demo.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bar and no per-step lines: the results only"
+    )
     demo.set_defaults(func=_demo)
     report = sub.add_parser(
         "report",
@@ -171,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     advise = sub.add_parser(
         "advise",
         help="should the backbone be split? advice from a saved run",
-        description="Diagnose a saved run: the four warning signals with their evidence, the layer profile and "
+        description="Diagnose a saved run: the six signals (four warning signs, two warnings about what a split "
+        "cannot cure) with their evidence, the layer profile and "
         "branch point, the task groups, and the comparison experiment to run next.",
     )
     advise.add_argument("history", help="a history written by History.to_jsonl or a JSONLSink")

@@ -107,7 +107,8 @@ def _progress(total: int, enabled: bool) -> Iterator[Any]:
 
         yield _Quiet()
         return
-    with tqdm(total=total, desc="training", unit="step", leave=False) as bar:
+    # disable=None: a bar only on a terminal; captured output and logs get no carriage-return soup.
+    with tqdm(total=total, desc="training", unit="step", leave=False, disable=None) as bar:
         yield bar
 
 
@@ -118,12 +119,15 @@ def run_demo(
     out_dir: str | Path = "gradconflict-run",
     seed: int = 0,
     progress: bool = True,
-    log_every: int = 50,
+    log_every: int | None = 50,
     echo: Any = print,
 ) -> DemoResult:
     """Train the demo model for ``steps`` steps under a :class:`ConflictMonitor`, print what it measured and
     the split advice, run the comparison experiment for ``compare_steps`` steps per variant (0 skips it), and
     save everything to ``out_dir``.
+
+    ``progress`` shows progress bars on a terminal (never in captured output or a log); ``log_every`` prints a
+    measured step's one-line summary every that many steps (``None``: none).
 
     >>> r = run_demo(steps=6, compare_steps=0, log_every=3, progress=False, out_dir=getfixture("tmp_path"),
     ...              echo=lambda s: None)
@@ -147,7 +151,7 @@ def run_demo(
             optimizer.step()
             optimizer.zero_grad()
             bar.update(1)
-            if report is not None and (step % log_every == 0 or step == steps - 1):
+            if report is not None and log_every is not None and (step % log_every == 0 or step == steps - 1):
                 say("  " + report.summary())
     model.eval()
     with torch.no_grad():

@@ -303,6 +303,13 @@ class Advice:
             )
         return "\n".join(lines)
 
+    def _repr_html_(self) -> str:
+        """The verdict box, the signals, the profile and the groups as HTML tables for Jupyter, those of the HTML report
+        (:mod:`gradconflict.reporting.notebook`)."""
+        from gradconflict.reporting.notebook import advice_html
+
+        return advice_html(self)
+
     def __str__(self) -> str:
         lines = [f"verdict: {self.verdict} ({self.uncertainty})"]
         if self.branch_point is not None:

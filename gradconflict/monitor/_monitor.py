@@ -457,7 +457,8 @@ class ConflictMonitor:
     def _failed(self, err: BaseException) -> str:
         reason = f"measurement failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         warnings.warn(
-            f"gradconflict: {reason}; the step was trained as usual and is recorded as skipped",
+            f"gradconflict: {reason}; the step was trained as usual and is recorded as skipped (if it recurs, "
+            "engine=\"reference\" measures with T plain backward passes)",
             MeasurementWarning,
             stacklevel=4,
         )
@@ -524,7 +525,8 @@ class ConflictMonitor:
             step=step,
             engine=self.engine.name,
             strategy=measurement.strategy,
-            approximate=self.engine.approximate,
+            # a sketched Gram is an estimate of the exact one, as a representation-mode Gram is
+            approximate=self.engine.approximate or (self._sync is not None and self._sync.mode == "sketch"),
             threshold=self.threshold,
             sync="" if self._sync is None else self._sync.mode,
         )

@@ -180,6 +180,13 @@ class ComparisonResult:
             f"split_step={self.split_step})"
         )
 
+    def _repr_html_(self) -> str:
+        """The comparison's table as HTML tables for Jupyter, those of the HTML report
+        (:mod:`gradconflict.reporting.notebook`)."""
+        from gradconflict.reporting.notebook import comparison_html
+
+        return comparison_html(self)
+
     def __str__(self) -> str:
         return self.to_markdown()
 

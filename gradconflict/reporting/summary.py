@@ -157,7 +157,7 @@ class RunSummary:
         lines = [
             f"{self.steps} steps ({self.measured} measured, {skipped} skipped{': ' + why if why else ''}), "
             f"steps {self.first_step} to {self.last_step}; tasks {', '.join(self.tasks)}; a pair conflicts when "
-            f"its cosine < {self.threshold:g}",
+            f"its cosine < {self.threshold:.3g}",
             *self.coverage(),
             "",
             f"{'over the run':<20} {'mean':>8} {'first 1/4':>10} {'last 1/4':>9} {'trend/step':>11} {'p':>7}",

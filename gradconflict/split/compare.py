@@ -243,7 +243,7 @@ def _progress_bar(enabled: bool, total: int, name: str) -> Any:
             from tqdm.auto import tqdm
         except ImportError:
             return _NoBar()
-        return tqdm(total=total, desc=f"compare: {name}", leave=False)
+        return tqdm(total=total, desc=f"compare: {name}", leave=False, disable=None)  # None: only on a terminal
     return _NoBar()
 
 
@@ -309,7 +309,7 @@ def compare(
         seed: seeds model construction, adapters and training; two runs with the same seed give the same losses
             and metrics (costs are wall-clock measurements and vary).
         variants: which of ``"shared"``, ``"independent"``, ``"lora"``, ``"branched"`` to run.
-        progress: show tqdm progress bars (if tqdm is installed).
+        progress: show tqdm progress bars (if tqdm is installed), on a terminal only.
         split_fraction: share of the budget trained shared before lora and branched split, in [0, 1).
         lora_rank: the adapters' rank.
         evals: number of evaluations over the run (the best and final metrics are read from them).

@@ -94,6 +94,13 @@ class SplitEvaluation:
         """Plain-Python view: each criterion's fields, and the lists of those that held and failed."""
         return {"criteria": [asdict(c) for c in self.criteria], "held": self.held, "failed": self.failed}
 
+    def _repr_html_(self) -> str:
+        """Each criterion as HTML tables for Jupyter, those of the HTML report
+        (:mod:`gradconflict.reporting.notebook`)."""
+        from gradconflict.reporting.notebook import evaluation_html
+
+        return evaluation_html(self)
+
     def __str__(self) -> str:
         lines = ["Split evaluation:"]
         for c in self.criteria:

@@ -13,9 +13,12 @@ from gradconflict.apps.cli import main
 
 
 def test_demo_then_report(tmp_path, capsys):
-    assert main(["demo", "--steps", "30", "--compare-steps", "12", "--out", str(tmp_path), "--no-progress"]) == 0
-    out = capsys.readouterr().out
+    assert main(["demo", "--steps", "30", "--compare-steps", "12", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
     assert "final report" in out and "conflict fraction" in out and "verdict" in out and "| variant |" in out
+    assert "\r" not in out + captured.err  # output that is not a terminal gets no progress bar
+    assert "  step 0: conflict" in out  # the per-step lines
     assert json.loads((tmp_path / "comparison.json").read_text())["rows"]
     assert json.loads((tmp_path / "advice.json").read_text())["verdict"]
     history = tmp_path / "history.jsonl"
@@ -26,6 +29,13 @@ def test_demo_then_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "30 steps (30 measured, 0 skipped), steps 0 to 29; tasks contrary, left, right" in out
     assert "left/right" in out and "layer conflict profile" in out and "advice: " in out
+
+
+def test_quiet_demo_prints_the_results_only(tmp_path, capsys):
+    assert main(["demo", "--steps", "6", "--compare-steps", "0", "--out", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "final report" in out and "saved: " in out
+    assert "step 0: conflict" not in out and "step 5: conflict" not in out
 
 
 def test_report_on_missing_file_is_a_clear_error(tmp_path, capsys):
