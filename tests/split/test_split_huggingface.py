@@ -14,9 +14,9 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from gradconflict import ConflictMonitor  # noqa: E402
-from gradconflict.split import BranchedNet, branch, compare, lora_split  # noqa: E402
+from gradconflict.split import BranchedNet, branch, compare, duplicated_share, lora_split  # noqa: E402
 from gradconflict.split.lora import LoRALayer  # noqa: E402
-from gradconflict.split.model import backbone_blocks  # noqa: E402
+from gradconflict.split.model import backbone_blocks, count_parameters  # noqa: E402
 
 WIDTH = 16
 
@@ -160,6 +160,14 @@ def test_the_advices_layer_name_branches_at_its_block():
     full = branch(model, at="backbone.embeddings.word_embeddings")  # the name the advice's next_step passes
     assert len(full.stem) == 0 and sorted(full.branches) == ["a", "b"]
     torch.testing.assert_close(full(batch)["a"], model(batch)["a"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_duplicated_share_is_what_branch_copies(family):
+    model, _ = model_and_batch(family)
+    at = f"{LAYERS[family]}.1.attention" if family != "gpt2" else f"{LAYERS[family]}.1.attn"  # a layer's path
+    added = count_parameters(branch(model, at=at)) - count_parameters(model)  # two groups: one more copy
+    assert duplicated_share(model, at) == pytest.approx(added / sum(p.numel() for p in model.backbone.parameters()))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
