@@ -339,7 +339,8 @@ class ComparisonResult:
         ceiling, directions = cps["shared"][1], self.variants["shared"].directions
         return {
             name: [
-                t for t in self.tasks if judge_gain([task_improvement(cp[1], ceiling, directions, t)]).beyond is not False
+                t for t in self.tasks
+                if judge_gain([task_improvement(cp[1], ceiling, directions, t)]).beyond is not False
             ]
             for name, cp in cps.items()
             if name != "shared"

@@ -35,7 +35,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gradconflict.records.comparison import GAIN_FLOOR, ComparisonResult, GainTest, VariantRecord, judge_gain, seeds_vary
+from gradconflict.records.comparison import (
+    GAIN_FLOOR,
+    ComparisonResult,
+    GainTest,
+    VariantRecord,
+    judge_gain,
+    seeds_vary,
+)
 from gradconflict.records.history import History
 from gradconflict.records.measures import relative_improvement, smoothed, smoothness, task_improvement
 
@@ -264,10 +271,9 @@ def _pairs(
     after: Run | str | Sequence[Run],
 ) -> tuple[list[Pair], bool]:
     """The (before, after) sides, one pair per seed, and whether the seeds varied (no two runs identical)."""
-    if isinstance(before, ComparisonResult) or (
-        isinstance(before, Sequence) and before and all(isinstance(r, ComparisonResult) for r in before)
-    ):
-        results: list[ComparisonResult] = [before] if isinstance(before, ComparisonResult) else list(before)  # type: ignore[list-item]
+    listed = list(before) if isinstance(before, Sequence) else [before]
+    results = [r for r in listed if isinstance(r, ComparisonResult)]
+    if results and len(results) == len(listed):
         if not isinstance(after, str):
             raise TypeError("with a ComparisonResult as `before`, pass `after` as a variant name, e.g. 'branched'")
         pairs = [(_side(r["shared"]), _side(r[after])) for r in results]

@@ -57,7 +57,8 @@ def _own_weights(module: nn.Module) -> list[tuple[str, str]]:
     """``(path under module, tensor name)`` of the weights LoRA adapts in ``module`` itself; for an
     ``nn.MultiheadAttention`` its input projections and its ``out_proj``."""
     if isinstance(module, nn.MultiheadAttention):
-        inputs = ["in_proj_weight"] if module._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        separate = ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        inputs = ["in_proj_weight"] if module._qkv_same_embed_dim else separate
         return [("", name) for name in inputs] + [("out_proj", "weight")]
     if _is_linear(module) or isinstance(module, (nn.modules.conv._ConvNd, nn.Embedding)):
         return [("", "weight")]
@@ -151,7 +152,7 @@ class LoRALayer(nn.Module):
         if self._owner is None:
             raise RuntimeError("this LoRALayer adapts no module: lora_split() attaches it")
         module, name = self._owner
-        base: Tensor = module.parametrizations[name].original
+        base = module.get_parameter(f"parametrizations.{name}.original")  # the frozen weight under the adapters
         return base
 
     def merge(self, task: str) -> None:
@@ -207,7 +208,7 @@ class LoRASplit(nn.Module):
         statistics, they would change the function every other task sees.
         """
         super().train(mode)
-        for module in self.model.backbone.modules():
+        for module in self.model.get_submodule("backbone").modules():
             if isinstance(module, nn.modules.batchnorm._NormBase):
                 module.eval()
         return self

@@ -42,7 +42,8 @@ def test_histories_smoother_and_lower_pass_cost_is_not_measurable():
     def seed(k: int):
         wobble = [1.0, 1.2, 0.9, 1.1, 0.95, 1.05] * 3
         before = _history({"a": [v + 0.01 * k for v in wobble], "b": [2.0, 1.9, 2.1, 1.8, 2.0, 1.9] * 3})
-        after = _history({"a": [1.0 - (0.03 + 0.001 * k) * i for i in range(18)], "b": [2.0 - 0.05 * i for i in range(18)]})
+        falling = [1.0 - (0.03 + 0.001 * k) * i for i in range(18)]
+        after = _history({"a": falling, "b": [2.0 - 0.05 * i for i in range(18)]})
         return before, after
 
     runs = [seed(k) for k in range(3)]
