@@ -107,8 +107,9 @@ def interleaved_ms(
 
     Round-robin, because a change in the machine's load then falls on every call alike instead of on whichever
     ran at that moment; the median, because a busy machine adds spikes; CPU time (``time.process_time``), because
-    it counts the work done rather than the time waited for a core. On CUDA the device is synchronised around
-    each call.
+    it counts the work done rather than the time waited for a core. On the CPU the calls run on one thread (the
+    thread count is restored after): the cost of the work itself, which a shared machine's load cannot
+    multiply through the thread pool. On CUDA the device is synchronised around each call.
 
     >>> t = interleaved_ms({"a": lambda: sum(range(1000)), "b": lambda: None}, repeats=3)
     >>> sorted(t), t["a"].wall >= 0
@@ -119,13 +120,21 @@ def interleaved_ms(
     device = device or torch.device("cpu")
     walls: dict[str, list[float]] = {name: [] for name in calls}
     cpus: dict[str, list[float]] = {name: [] for name in calls}
-    for round_ in range(repeats + 1):
-        for name, call in calls.items():
-            synchronize(device)
-            wall, cpu = time.perf_counter(), time.process_time()
-            call()
-            synchronize(device)
-            if round_:  # round 0 warms up
-                walls[name].append((time.perf_counter() - wall) * 1e3)
-                cpus[name].append((time.process_time() - cpu) * 1e3)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # one thread: idle pool threads spin for a core between calls, which on a loaded machine inflated both
+        # clocks of whichever call came next, several times over; one thread times the work alone
+        torch.set_num_threads(1)
+    try:
+        for round_ in range(repeats + 1):
+            for name, call in calls.items():
+                synchronize(device)
+                wall, cpu = time.perf_counter(), time.process_time()
+                call()
+                synchronize(device)
+                if round_:  # round 0 warms up
+                    walls[name].append((time.perf_counter() - wall) * 1e3)
+                    cpus[name].append((time.process_time() - cpu) * 1e3)
+    finally:
+        torch.set_num_threads(threads)
     return {name: Timing(statistics.median(walls[name]), statistics.median(cpus[name])) for name in calls}

@@ -12,6 +12,7 @@ from torch import nn
 
 from gradconflict.records.comparison import IdenticalSeedsWarning
 from gradconflict.split import ComparisonResult, MultiTaskNet, VariantRecord, compare, split_gains
+from gradconflict.split.costs import interleaved_ms
 
 from .helpers import MSE, batches, mlp_net
 
@@ -251,3 +252,19 @@ def test_compare_on_a_small_cnn_with_batchnorm():
     assert res["lora"].params > res["shared"].params  # adapters on both convolutions
     assert repr(res).startswith("ComparisonResult(variants=['shared'") and str(res) == res.to_markdown()
     assert repr(res["lora"]) == f"VariantRecord('lora', tasks=['a', 'b'], steps=6, params={res['lora'].params})"
+
+
+def test_costs_are_timed_round_robin_on_one_thread():
+    calls, threads = [], []
+
+    def call(name):
+        def run():
+            calls.append(name)
+            threads.append(torch.get_num_threads())
+        return run
+
+    before = torch.get_num_threads()
+    timings = interleaved_ms({"a": call("a"), "b": call("b")}, repeats=3)
+    assert calls == ["a", "b"] * 4  # a warm-up round, then three timed rounds, the variants in turn
+    assert set(threads) == {1} and torch.get_num_threads() == before  # the thread count is restored
+    assert set(timings) == {"a", "b"} and all(t.wall >= 0 and t.cpu >= 0 for t in timings.values())
