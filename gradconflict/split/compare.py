@@ -6,8 +6,8 @@ the same step budget and exactly the same batches in the same order:
 - ``shared``: one model, all tasks, the summed loss, for the whole budget.
 - ``independent``: one copy of the model per task, each trained on its own loss alone for the whole budget.
 - ``lora``: the shared model after ``split_fraction`` of the budget (default half), backbone frozen, then one
-  LoRA adapter per task on every Linear and Conv layer LoRA supports (and the heads) trained for the rest: the
-  logical split at equal total budget.
+  LoRA adapter per task on every weight LoRA adapts (``lora_split(..., targets="all")``) and the heads, trained
+  for the rest: the logical split at equal total budget.
 - ``branched``: the same shared model at the same point, branched at ``branch_at`` into ``groups``, then every
   copy trained for the rest: the physical split at equal total budget.
 - ``shared+<method>`` (one per entry of ``weightings=``): the shared model for the whole budget, each step's
