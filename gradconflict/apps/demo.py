@@ -14,6 +14,7 @@ matplotlib).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -165,7 +166,8 @@ def run_demo(
     if compare_steps > 0:
         echo(f"\ncomparison experiment: {compare_steps} steps per variant")
         stream = train.batches(batch_size, seed=seed + 1)
-        result.comparison = compare(
+        # one Delta-m% baseline for the table and the advice: the shared model, which the advice's gains are against
+        result.comparison = dataclasses.replace(compare(
             lambda: demo_model(in_features=data.x[0].numel(), seed=seed),
             LOSS_FNS,
             [next(stream) for _ in range(40)],
@@ -177,7 +179,7 @@ def run_demo(
             groups=advice.groups if len(advice.groups) > 1 else [[t] for t in tasks],
             seed=seed,
             progress=progress,
-        )
+        ), baseline="shared")
         echo(result.comparison.to_markdown())
         result.advice = monitor.advise(probe=test.x[:256], comparison=result.comparison)
         echo("\nthe advice, read again with the comparison (one seed: run more seeds to judge the spread):\n"
