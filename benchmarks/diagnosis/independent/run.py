@@ -1,0 +1,127 @@
+"""Run the independent benchmark: the truth (cached), the advice, and its section of ``benchmarks/DIAGNOSIS.md``.
+
+    nice -n 10 python -m benchmarks.diagnosis.independent.run               # truth where not cached, then advice
+    python -m benchmarks.diagnosis.independent.run --advice-only            # advice against the cached truth
+    python -m benchmarks.diagnosis.independent.run --advice-only --no-next-step --problems disjoint-inputs-2
+    python -m benchmarks.diagnosis.independent.run --truth-only --retruth   # measure the truth again
+
+Single-threaded torch. ``--jobs 2`` solves problems in parallel processes. See the package docstring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+import gradconflict
+
+from . import truth as truth_mod
+from .advice import AdviceOutcome, advise_problem
+from .problems import Problem, problems
+from .report import section, write_section
+
+DIAGNOSIS = Path(__file__).resolve().parents[2] / "DIAGNOSIS.md"
+
+
+def machine_line() -> str:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ()
+    return (
+        f"{platform.platform()}; python {platform.python_version()}; torch {torch.__version__}; "
+        f"{os.cpu_count()} logical cores, torch on 1 thread (load average {'/'.join(f'{x:.1f}' for x in load)}; "
+        "the machine is shared)"
+    )
+
+
+def _now() -> str:
+    return f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}"
+
+
+def _by_name(names: list[str]) -> dict[str, Problem]:
+    return {p.name: p for p in problems()}
+
+
+def _truth_job(name: str, seeds: int) -> truth_mod.Truth:
+    torch.set_num_threads(1)
+    return truth_mod.measure(_by_name([name])[name], seeds, log=lambda s: print(s, flush=True))
+
+
+def _advice_job(name: str, truth: truth_mod.Truth, next_step: bool) -> AdviceOutcome:
+    torch.set_num_threads(1)
+    outcome = advise_problem(_by_name([name])[name], truth, next_step)
+    f, a = outcome.first, outcome.after
+    print(
+        f"{name:30} truth {truth.verdict:15} {truth.economical or '-':11} | first {f.verdict:15} "
+        f"{f.block or '-':11} {'decided' if f.decided else 'provisional'} | after "
+        f"{(a.verdict + ' ' + (a.block or '-')) if a else (outcome.error or '-')[:60]} ({outcome.seconds:.0f} s)",
+        flush=True,
+    )
+    return outcome
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.diagnosis.independent.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", nargs="*", default=None, help="problem names (default: all)")
+    parser.add_argument("--seeds", type=int, default=4, help="seeds of the truth (default 4)")
+    parser.add_argument("--advice-only", action="store_true", help="use the cached truth; fail where it is stale")
+    parser.add_argument("--truth-only", action="store_true", help="measure (or refresh) the truth, no advice")
+    parser.add_argument("--retruth", action="store_true", help="measure the truth even where it is cached")
+    parser.add_argument("--no-next-step", action="store_true", help="score the first look only")
+    parser.add_argument("--jobs", type=int, default=1, help="problems in parallel processes (default 1)")
+    parser.add_argument("--output", default=str(DIAGNOSIS), help="the Markdown file whose section is written")
+    parser.add_argument("--cache", default=str(truth_mod.CACHE), help="the truth's JSON cache")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    every = {p.name: p for p in problems()}
+    unknown = sorted(set(args.problems or []) - set(every))
+    if unknown:
+        parser.error(f"unknown problems {unknown}; they are {sorted(every)}")
+    chosen = [n for n in every if args.problems is None or n in args.problems]
+    cache_path = Path(args.cache)
+    cache = truth_mod.load_cache(cache_path)
+    meta = truth_mod.load_meta(cache_path)
+    stale = [n for n in chosen if args.retruth or n not in cache or cache[n].fingerprint != every[n].fingerprint()
+             or cache[n].seeds != args.seeds]
+    pool = ProcessPoolExecutor(args.jobs) if args.jobs > 1 else None
+    mapper = pool.map if pool is not None else map
+    if stale:
+        if args.advice_only:
+            parser.error(f"no current cached truth for {stale}: run without --advice-only first")
+        started = time.perf_counter()
+        for name, t in zip(stale, mapper(_truth_job, stale, [args.seeds] * len(stale))):
+            cache[name] = t
+            truth_mod.save_cache(cache, meta, cache_path)
+        meta = {"date": _now(), "machine": machine_line(), "seeds": args.seeds,
+                "seconds": sum(t.seconds for t in cache.values()),
+                "command": "nice -n 10 python -m benchmarks.diagnosis.independent.run"}
+        truth_mod.save_cache(cache, meta, cache_path)
+        print(f"truth measured for {len(stale)} problems in {time.perf_counter() - started:.0f} s")
+    if args.truth_only:
+        return 0
+    started = time.perf_counter()
+    outcomes = list(mapper(_advice_job, chosen, [cache[n] for n in chosen], [not args.no_next_step] * len(chosen)))
+    seconds = time.perf_counter() - started
+    if pool is not None:
+        pool.shutdown()
+    command = "python -m benchmarks.diagnosis.independent.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    machine = [
+        f"- advice run: {_now()}; {machine_line()}",
+        f"- gradconflict {gradconflict.__version__} from {Path(gradconflict.__file__).resolve().parent}",
+    ]
+    text = section(every, cache, outcomes, command=command.strip(), machine=machine, advice_seconds=seconds,
+                   truth_meta=meta)
+    write_section(Path(args.output), text)
+    print(f"wrote {args.output} ({seconds:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
