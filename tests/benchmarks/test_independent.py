@@ -9,7 +9,7 @@ from scipy import stats
 pytest.importorskip("sklearn")
 
 from benchmarks.diagnosis.independent import truth as T  # noqa: E402
-from benchmarks.diagnosis.independent.advice import advise_problem, block_of  # noqa: E402
+from benchmarks.diagnosis.independent.advice import advise_problem, block_of, from_dict, scored, to_dict  # noqa: E402
 from benchmarks.diagnosis.independent.problems import KEEP, _c, conv, digit_problem, problems  # noqa: E402
 
 
@@ -76,7 +76,8 @@ def test_a_tiny_problem_runs_through_truth_and_advice():
     assert all(math.isfinite(j.mean) for j in truth.judged.values())
     again = T.Truth.from_dict(truth.to_dict())
     assert again.judged == truth.judged and again.groups == truth.groups
-    outcome = advise_problem(tiny, truth, next_step=True)
+    outcome = scored(advise_problem(tiny, next_step=True), truth)
     assert outcome.error is None, outcome.error
+    assert from_dict(to_dict(outcome)).first == outcome.first
     assert outcome.after is not None and outcome.scores["first_verdict"] in (True, False)
     assert outcome.scores["after_verdict"] in (True, False)

@@ -19,8 +19,7 @@ import inspect
 import io
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -159,8 +158,8 @@ def score(truth: Truth, reading: Reading | None) -> dict[str, bool | None]:
     }
 
 
-def advise_problem(problem: Problem, truth: Truth, next_step: bool = True) -> AdviceOutcome:
-    """First look and (with ``next_step``) the advice after running its next step, scored against ``truth``."""
+def advise_problem(problem: Problem, next_step: bool = True) -> AdviceOutcome:
+    """First look and (with ``next_step``) the advice after running its next step (scored later, by :func:`score`)."""
     started = time.perf_counter()
     monitor, model = monitored_run(problem)
     first_advice = advise(monitor.history, model=model)
@@ -172,11 +171,22 @@ def advise_problem(problem: Problem, truth: Truth, next_step: bool = True) -> Ad
         except Exception as err:  # a next step that does not run is a finding, not a crash of the benchmark
             error = f"{type(err).__name__}: {err}"
             traceback.print_exc()
-    outcome = AdviceOutcome(problem.name, first, after, error, time.perf_counter() - started)
-    first_scores, after_scores = score(truth, first), score(truth, after)
-    outcome.scores = {f"first_{k}": v for k, v in first_scores.items()}
-    outcome.scores |= {f"after_{k}": v for k, v in after_scores.items()}
+    return AdviceOutcome(problem.name, first, after, error, time.perf_counter() - started)
+
+
+def scored(outcome: AdviceOutcome, truth: Truth) -> AdviceOutcome:
+    """``outcome`` with its scores against ``truth`` (``first_*`` and ``after_*``)."""
+    outcome.scores = {f"first_{k}": v for k, v in score(truth, outcome.first).items()}
+    outcome.scores |= {f"after_{k}": v for k, v in score(truth, outcome.after).items()}
     return outcome
 
 
-Runner = Callable[[Problem, Truth], AdviceOutcome]
+def to_dict(outcome: AdviceOutcome) -> dict[str, Any]:
+    return {"name": outcome.name, "first": asdict(outcome.first),
+            "after": None if outcome.after is None else asdict(outcome.after),
+            "error": outcome.error, "seconds": outcome.seconds}
+
+
+def from_dict(d: dict[str, Any]) -> AdviceOutcome:
+    return AdviceOutcome(d["name"], Reading(**d["first"]), None if d["after"] is None else Reading(**d["after"]),
+                         d["error"], d["seconds"])

@@ -4,31 +4,37 @@
     python -m benchmarks.diagnosis.independent.run --advice-only            # advice against the cached truth
     python -m benchmarks.diagnosis.independent.run --advice-only --no-next-step --problems disjoint-inputs-2
     python -m benchmarks.diagnosis.independent.run --truth-only --retruth   # measure the truth again
+    python -m benchmarks.diagnosis.independent.run --report-only            # the report from the two caches
 
-Single-threaded torch. ``--jobs 2`` solves problems in parallel processes. See the package docstring.
+Single-threaded torch; ``--jobs 2`` solves problems in parallel processes. The truth is cached in ``truth.json``
+(keyed by each problem's fingerprint), the last advice run in ``advice.json`` (a run over some ``--problems``
+replaces their entries only); the report covers every problem with both. See the package docstring.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 
 import gradconflict
 
+from . import advice as advice_mod
 from . import truth as truth_mod
 from .advice import AdviceOutcome, advise_problem
 from .problems import Problem, problems
 from .report import section, write_section
 
 DIAGNOSIS = Path(__file__).resolve().parents[2] / "DIAGNOSIS.md"
+ADVICE = Path(__file__).resolve().parent / "advice.json"
 
 
 def machine_line() -> str:
@@ -53,12 +59,12 @@ def _truth_job(name: str, seeds: int) -> truth_mod.Truth:
     return truth_mod.measure(_by_name([name])[name], seeds, log=lambda s: print(s, flush=True))
 
 
-def _advice_job(name: str, truth: truth_mod.Truth, next_step: bool) -> AdviceOutcome:
+def _advice_job(name: str, next_step: bool) -> AdviceOutcome:
     torch.set_num_threads(1)
-    outcome = advise_problem(_by_name([name])[name], truth, next_step)
+    outcome = advise_problem(_by_name([name])[name], next_step)
     f, a = outcome.first, outcome.after
     print(
-        f"{name:30} truth {truth.verdict:15} {truth.economical or '-':11} | first {f.verdict:15} "
+        f"{name:30} first {f.verdict:15} "
         f"{f.block or '-':11} {'decided' if f.decided else 'provisional'} | after "
         f"{(a.verdict + ' ' + (a.block or '-')) if a else (outcome.error or '-')[:60]} ({outcome.seconds:.0f} s)",
         flush=True,
@@ -77,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-next-step", action="store_true", help="score the first look only")
     parser.add_argument("--jobs", type=int, default=1, help="problems in parallel processes (default 1)")
     parser.add_argument("--output", default=str(DIAGNOSIS), help="the Markdown file whose section is written")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from the two caches")
     parser.add_argument("--cache", default=str(truth_mod.CACHE), help="the truth's JSON cache")
+    parser.add_argument("--advice-cache", default=str(ADVICE), help="the last advice run's JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     every = {p.name: p for p in problems()}
@@ -92,34 +100,49 @@ def main(argv: list[str] | None = None) -> int:
              or cache[n].seeds != args.seeds]
     pool = ProcessPoolExecutor(args.jobs) if args.jobs > 1 else None
     mapper = pool.map if pool is not None else map
-    if stale:
-        if args.advice_only:
-            parser.error(f"no current cached truth for {stale}: run without --advice-only first")
+    if stale and (args.advice_only or args.report_only):
+        print(f"no current cached truth for {stale}: the report leaves them out (run without --advice-only)")
+    elif stale:
         started = time.perf_counter()
-        for name, t in zip(stale, mapper(_truth_job, stale, [args.seeds] * len(stale))):
+        if pool is None:
+            measured = ((name, _truth_job(name, args.seeds)) for name in stale)
+        else:
+            futures = {pool.submit(_truth_job, name, args.seeds): name for name in stale}
+            measured = ((futures[f], f.result()) for f in as_completed(futures))
+        for name, t in measured:  # saved as each problem is done, so an interrupted run keeps them
             cache[name] = t
             truth_mod.save_cache(cache, meta, cache_path)
         meta = {"date": _now(), "machine": machine_line(), "seeds": args.seeds,
                 "seconds": sum(t.seconds for t in cache.values()),
+                "cpu_seconds": sum(t.cpu_seconds for t in cache.values()),
                 "command": "nice -n 10 python -m benchmarks.diagnosis.independent.run"}
         truth_mod.save_cache(cache, meta, cache_path)
         print(f"truth measured for {len(stale)} problems in {time.perf_counter() - started:.0f} s")
     if args.truth_only:
         return 0
-    started = time.perf_counter()
-    outcomes = list(mapper(_advice_job, chosen, [cache[n] for n in chosen], [not args.no_next_step] * len(chosen)))
-    seconds = time.perf_counter() - started
+    advice_path = Path(args.advice_cache)
+    stored = json.loads(advice_path.read_text(encoding="utf-8")) if advice_path.exists() else {"problems": {}}
+    if not args.report_only:
+        started = time.perf_counter()
+        done = list(mapper(_advice_job, chosen, [not args.no_next_step] * len(chosen)))
+        seconds = time.perf_counter() - started
+        command = "python -m benchmarks.diagnosis.independent.run " + " ".join(
+            argv if argv is not None else sys.argv[1:])
+        run = {"date": _now(), "machine": machine_line(), "command": command.strip(), "seconds": seconds,
+               "gradconflict": f"{gradconflict.__version__} from {Path(gradconflict.__file__).resolve().parent}"}
+        for outcome in done:
+            stored["problems"][outcome.name] = {**advice_mod.to_dict(outcome), "run": run}
+        advice_path.write_text(json.dumps(stored, indent=1) + "\n", encoding="utf-8")
     if pool is not None:
         pool.shutdown()
-    command = "python -m benchmarks.diagnosis.independent.run " + " ".join(argv if argv is not None else sys.argv[1:])
-    machine = [
-        f"- advice run: {_now()}; {machine_line()}",
-        f"- gradconflict {gradconflict.__version__} from {Path(gradconflict.__file__).resolve().parent}",
-    ]
-    text = section(every, cache, outcomes, command=command.strip(), machine=machine, advice_seconds=seconds,
-                   truth_meta=meta)
+    names = [n for n in every if n in stored["problems"] and n in cache and n not in stale]
+    outcomes = [advice_mod.scored(advice_mod.from_dict(stored["problems"][n]), cache[n]) for n in names]
+    runs = {json.dumps(stored["problems"][n]["run"], sort_keys=True) for n in names}
+    machine = [f"- advice run: {r['date']}; `{r['command']}`; {r['seconds']:.0f} s; {r['machine']}; gradconflict "
+               f"{r['gradconflict']}" for r in map(json.loads, sorted(runs))]
+    text = section(every, cache, outcomes, machine=machine, truth_meta=meta)
     write_section(Path(args.output), text)
-    print(f"wrote {args.output} ({seconds:.0f} s)")
+    print(f"wrote {args.output} ({len(outcomes)} problems)")
     return 0
 
 
