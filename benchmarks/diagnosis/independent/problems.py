@@ -31,6 +31,9 @@ from gradconflict.split import MultiTaskNet
 
 #: Size of the held-out part of each data set (the rest trains).
 TEST_DIGITS, TEST_BREAST = 597, 169
+#: Every problem's training budget (Adam steps of 64 examples). Short, to fit the whole truth in a few CPU minutes
+#: on a shared machine: at this budget the models are not trained to convergence (see DIAGNOSIS.md).
+STEPS = 120
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class Problem:
     x_test: Tensor
     y_test: dict[str, Tensor]
     build: Callable[[torch.Generator | None], nn.Module]
-    steps: int = 200
+    steps: int = STEPS
     batch: int = 64
     lr: float = 3e-3
     backbone: str = "mlp"
@@ -313,7 +316,7 @@ def _builder(
 def digit_problem(
     name: str, construction: str, expected: tuple[str, str | None, list[list[str]]],
     tasks: list[tuple[Task, str, float]], backbone: str, make_backbone: Callable[[], nn.Sequential], width: int,
-    head_init: str = "free", steps: int = 200, lr: float = 3e-3,
+    head_init: str = "free", steps: int = STEPS, lr: float = 3e-3,
 ) -> Problem:
     """A digits problem: each task ``(Task, labelling, label-noise rate)`` (noise on the training labels and on
     the held-out ones alike: the user only ever sees noisy labels)."""
@@ -375,7 +378,7 @@ def _breast_noisy(name: str) -> Problem:
     return Problem(
         name, "breast-cancer diagnosis, and the same diagnosis with 30% of its labels flipped: the data is the "
         "limit, sharing pools it", (KEEP, None, [["diagnosis", "noisy"]]), tasks, x_tr, y_tr, x_te, y_te,
-        _builder(lambda: mlp(30, (32, 32, 16, 16)), 16, tasks), steps=150, backbone="mlp",
+        _builder(lambda: mlp(30, (32, 32, 16, 16)), 16, tasks), backbone="mlp",
     )
 
 
@@ -393,12 +396,12 @@ def problems() -> list[Problem]:
         digit_problem(
             "conv-compatible-2", "class and closed-loop of a digit through a conv net with room for both",
             (KEEP, None, [["class", "loop"]]), [(_c("class", 10), "class", 0), (_c("loop", 2), "loop", 0)],
-            "conv", lambda: conv((8, 16), 64, 32), 32, steps=150,
+            "conv", lambda: conv((8, 16), 64, 32), 32,
         ),
         digit_problem(
             "transformer-compatible-2", "class and parity of a digit through a small transformer over its rows",
             (KEEP, None, [["class", "parity"]]), [(_c("class", 10), "class", 0), (_c("parity", 2), "parity", 0)],
-            "transformer", lambda: transformer(16, 16), 16, steps=150,
+            "transformer", lambda: transformer(16, 16), 16,
         ),
         # --- label noise: the data is the limit
         _breast_noisy("breast-noisy-2"),
@@ -422,7 +425,7 @@ def problems() -> list[Problem]:
             "conv-too-narrow-2", "the class of a digit and its residue mod 3 through a 2-channel conv net with a "
             "3-feature top: no room for both", (PHYS, "backbone.0", [["class"], ["mod3"]]),
             [(_c("class", 10), "class", 0), (_c("mod3", 3), "mod3", 0)],
-            "conv", lambda: conv((2, 2), 8, 3), 3, steps=150,
+            "conv", lambda: conv((2, 2), 8, 3), 3,
         ),
         # --- group structure through a narrow top block (3-4 tasks)
         digit_problem(
@@ -438,19 +441,19 @@ def problems() -> list[Problem]:
             (PHYS, "backbone.3", [["p0", "p1", "p2"], ["loop"]]),
             [(_c("p0", 2), "parity", 0), (_c("p1", 2), "parity", 0.1), (_c("p2", 2), "parity", 0.2),
              (_c("loop", 2), "loop", 0)],
-            "transformer", lambda: transformer(16, 2), 2, steps=150,
+            "transformer", lambda: transformer(16, 2), 2,
         ),
         digit_problem(
             "conv-pair-single-3", "closed loop twice (0% and 15% label noise) and 5-or-more through a conv net "
             "with a 1-feature top: a pair and a single", (PHYS, "backbone.3", [["big"], ["loop", "loop2"]]),
             [(_c("loop", 2), "loop", 0), (_c("loop2", 2), "loop", 0.15), (_c("big", 2), "big", 0)],
-            "conv", lambda: conv((8, 16), 32, 1), 1, steps=150,
+            "conv", lambda: conv((8, 16), 32, 1), 1,
         ),
         digit_problem(
             "conv-opposed-pairs-4", "ink twice and negated ink twice (regressions with label noise 0.3) through one "
             "frozen readout: two opposed pairs", (PHYS, "backbone.0", [["a", "b"], ["c", "d"]]),
             [(_r("a"), "ink", 0.3), (_r("b"), "ink", 0.3), (_r("c"), "neg_ink", 0.3), (_r("d"), "neg_ink", 0.3)],
-            "conv", lambda: conv((8, 16), 32, 16), 16, head_init="frozen", steps=150,
+            "conv", lambda: conv((8, 16), 32, 16), 16, head_init="frozen",
         ),
         # --- late conflict: agree on a large common part first, then compete for the rest
         digit_problem(

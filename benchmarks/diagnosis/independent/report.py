@@ -132,6 +132,12 @@ def section(
         "Branch points are scored on the problems whose truth accepts a physical split; an advice without a branch "
         "point there is a miss.",
         "",
+        f"What splitting did agrees with what the problem was built for (verdict) on "
+        f"{_rate([problems[o.name].expected[0] in truths[o.name].verdicts for o in outcomes])}; budgets: "
+        + ", ".join(sorted({f'{problems[o.name].steps} steps' for o in outcomes}))
+        + " of Adam on batches of 64 (short, to keep the truth within minutes of CPU: the models are not trained "
+        "to convergence, and where the shared model learns slowly the split variants' head start counts).",
+        "",
         "### Problems",
         "",
         "| problem | backbone | tasks | built for | truth | best gain | groups (truth) | first look | groups "
@@ -149,7 +155,7 @@ def section(
             f"{_mark(s['first_acceptable_block'])} / {_mark(s['after_acceptable_block'])} | "
             f"{_mark(s['first_groups'])} |"
         )
-    variants = list(next(iter(truths.values())).judged)
+    variants = list(truths[outcomes[0].name].judged) if outcomes else []
     lines += [
         "",
         "### Gains over shared (mean Delta-m% over the seeds; * beats shared)",

@@ -99,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     stale = [n for n in chosen if args.retruth or n not in cache or cache[n].fingerprint != every[n].fingerprint()
              or cache[n].seeds != args.seeds]
     pool = ProcessPoolExecutor(args.jobs) if args.jobs > 1 else None
-    mapper = pool.map if pool is not None else map
     if stale and (args.advice_only or args.report_only):
         print(f"no current cached truth for {stale}: the report leaves them out (run without --advice-only)")
     elif stale:
@@ -123,22 +122,24 @@ def main(argv: list[str] | None = None) -> int:
     advice_path = Path(args.advice_cache)
     stored = json.loads(advice_path.read_text(encoding="utf-8")) if advice_path.exists() else {"problems": {}}
     if not args.report_only:
-        started = time.perf_counter()
-        done = list(mapper(_advice_job, chosen, [not args.no_next_step] * len(chosen)))
-        seconds = time.perf_counter() - started
         command = "python -m benchmarks.diagnosis.independent.run " + " ".join(
             argv if argv is not None else sys.argv[1:])
-        run = {"date": _now(), "machine": machine_line(), "command": command.strip(), "seconds": seconds,
+        run = {"date": _now(), "machine": machine_line(), "command": command.strip(),
                "gradconflict": f"{gradconflict.__version__} from {Path(gradconflict.__file__).resolve().parent}"}
-        for outcome in done:
+        next_step = not args.no_next_step
+        if pool is None:
+            done = (_advice_job(name, next_step) for name in chosen)
+        else:
+            done = (f.result() for f in as_completed([pool.submit(_advice_job, n, next_step) for n in chosen]))
+        for outcome in done:  # saved as each problem is done
             stored["problems"][outcome.name] = {**advice_mod.to_dict(outcome), "run": run}
-        advice_path.write_text(json.dumps(stored, indent=1) + "\n", encoding="utf-8")
+            advice_path.write_text(json.dumps(stored, indent=1) + "\n", encoding="utf-8")
     if pool is not None:
         pool.shutdown()
     names = [n for n in every if n in stored["problems"] and n in cache and n not in stale]
     outcomes = [advice_mod.scored(advice_mod.from_dict(stored["problems"][n]), cache[n]) for n in names]
     runs = {json.dumps(stored["problems"][n]["run"], sort_keys=True) for n in names}
-    machine = [f"- advice run: {r['date']}; `{r['command']}`; {r['seconds']:.0f} s; {r['machine']}; gradconflict "
+    machine = [f"- advice run: {r['date']}; `{r['command']}`; {r['machine']}; gradconflict "
                f"{r['gradconflict']}" for r in map(json.loads, sorted(runs))]
     text = section(every, cache, outcomes, machine=machine, truth_meta=meta)
     write_section(Path(args.output), text)
