@@ -95,7 +95,8 @@ def section(
         "bundled data (scikit-learn's digits and breast cancer), with MLP, conv and transformer backbones of four "
         "blocks and learnable heads, 2 to 4 tasks (see Constructions). The truth of each problem is measured by "
         "training every variant (shared, fully independent, per-task LoRA, branched at every block, and for 3+ "
-        "tasks every task partition at the economical block) with the benchmark's own training loop over "
+        "tasks every partition into two groups and one group per task, at the economical block) with the "
+        "benchmark's own training loop over "
         f"{truth_meta.get('seeds', '?')} seeds, the same batches per seed for every variant, and is cached in "
         "`benchmarks/diagnosis/independent/truth.json`; "
         "`python -m benchmarks.diagnosis.independent.run --advice-only` redoes only the advice side.",
@@ -119,8 +120,9 @@ def section(
         "### Machine",
         "",
         *machine,
-        f"- truth: {truth_meta.get('date', '?')}; per-problem times summed: {truth_meta.get('seconds', 0):.0f} s "
-        f"of wall time, {truth_meta.get('cpu_seconds', 0):.0f} s of CPU time "
+        f"- truth: {truth_meta.get('date', '?')}; {truth_meta.get('elapsed', 0):.0f} s elapsed with "
+        f"{truth_meta.get('jobs', 1)} parallel jobs; per problem, summed: {truth_meta.get('seconds', 0):.0f} s of "
+        f"wall time, {truth_meta.get('cpu_seconds', 0):.0f} s of CPU time "
         f"({truth_meta.get('machine', '?')}); `{truth_meta.get('command', '?')}`",
         "",
         "### Hit rates",

@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"date": _now(), "machine": machine_line(), "seeds": args.seeds,
                 "seconds": sum(t.seconds for t in cache.values()),
                 "cpu_seconds": sum(t.cpu_seconds for t in cache.values()),
-                "command": "nice -n 10 python -m benchmarks.diagnosis.independent.run"}
+                "elapsed": time.perf_counter() - started, "jobs": args.jobs,
+                "command": "nice -n 10 python -m benchmarks.diagnosis.independent.run "
+                + " ".join(argv if argv is not None else sys.argv[1:])}
         truth_mod.save_cache(cache, meta, cache_path)
         print(f"truth measured for {len(stale)} problems in {time.perf_counter() - started:.0f} s")
     if args.truth_only:
