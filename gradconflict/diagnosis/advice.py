@@ -11,7 +11,8 @@ lookahead, the results of the comparison experiment) and returns an :class:`Advi
   heavy heads, zero-sum evaluations or negative transference rather than diverging gradients): freeze the
   shared backbone and train one LoRA adapter per group.
 - ``keep_shared``: no signal says ``split``; or the comparison experiment shows that no split lifts a ceiling
-  beyond the seeds' spread (capacity was not the limit), whatever the gradients say; or the conflict could not
+  (no gain above the 1% floor in a paired test across seeds that vary: capacity was not the limit), whatever
+  the gradients say; or the conflict could not
   be measured (no step carried two tasks together, as in round-robin training; the reason says what to measure).
 
 Verdict, branch point, groups and next step agree: the groups come from the affinity through the layers from
@@ -58,6 +59,7 @@ from gradconflict.diagnosis.profile import Profile, layer_profile, share_from
 from gradconflict.diagnosis.recon import ReconSelection, recon_layers
 from gradconflict.diagnosis.signals import (
     ALARMS,
+    PairFinding,
     WARNINGS,
     Signal,
     ceiling,
@@ -96,7 +98,8 @@ def next_step_code(
     conflict: bool = False,
 ) -> str:
     """Python code running the comparison experiment that checks this advice over ``seeds`` seeds, then reading
-    its outcome back into the advice (the ``ceiling`` signal: did a split beat shared beyond the seeds' spread?).
+    its outcome back into the advice (the ``ceiling`` signal: did a split beat shared, by the paired test across
+    seeds?).
 
     With ``conflict`` (the diagnosis found the task gradients diverging, not only heavy heads or zero-sum
     evaluations), the experiment also trains the shared model with conflict-aware updates (``weightings=``, see
@@ -137,7 +140,7 @@ def next_step_code(
         f"    for seed in range({seeds})",
         "]",
         "print(results[0].to_markdown())",
-        "print(advise(history, comparison=results))  # did a split beat shared beyond the seeds' spread?",
+        "print(advise(history, comparison=results))  # did a split beat shared (paired test across seeds)?",
     ]
     return "\n".join(lines)
 
@@ -152,6 +155,11 @@ class Uncertainty:
         p_value: the adjusted p-value of the persistent conflict behind a split (``None`` otherwise).
         steps_needed: measured steps to add, about, before the verdict is settled (``None`` when decided).
         training_steps_needed: the same in training steps (``steps_needed`` times ``k`` under ``every=k``).
+        awaits: what would settle a provisional verdict: ``"steps"`` (more measured steps, for the persistence
+            tests), ``"comparison"`` (the comparison experiment over seeds that vary: ``next_step``); empty when
+            decided. A ``keep_shared`` with ``awaits == ("comparison",)`` is *provisional on capacity*: the
+            gradients show no persistent conflict, and only the comparison can tell whether the shared backbone is
+            too small for the tasks.
     """
 
     decided: bool
@@ -159,6 +167,7 @@ class Uncertainty:
     p_value: float | None = None
     steps_needed: int | None = None
     training_steps_needed: int | None = None
+    awaits: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return ("decided: " if self.decided else "provisional: ") + self.statement
@@ -228,6 +237,7 @@ class Advice:
             "uncertainty": {
                 "decided": u.decided, "statement": u.statement, "p_value": u.p_value,
                 "steps_needed": u.steps_needed, "training_steps_needed": u.training_steps_needed,
+                "awaits": list(u.awaits),
             },
             "duplicated_share": self.duplicated_share,
             "signals": [s.to_dict() for s in self.signals],
@@ -346,39 +356,69 @@ class Advice:
         return "\n".join(lines)
 
 
-def _uncertainty(verdict_from: DecidedBy, diverging: Signal, gap: int) -> Uncertainty:
-    """How settled the verdict is, from what decided it (``gap``: training steps between measured steps)."""
+def _more_steps(d: PairFinding, gap: int) -> Uncertainty | None:
+    """What the persistence test of the closest undetermined pair still asks for (``None`` when it is settled)."""
+    if d.outcome != "undetermined":
+        return None
+    if not math.isfinite(d.steps_needed):  # no number of steps would settle it at this rate
+        return Uncertainty(
+            False, f"tasks {pair_key(*d.pair)} on {d.where} sit on the edge of a persistent conflict",
+            awaits=("comparison",),
+        )
+    n = int(d.steps_needed)
+    return Uncertainty(
+        False,
+        f"not enough steps yet: measure about {n} more steps"
+        + (f" ({n * gap} training steps at every={gap})" if gap > 1 else "")
+        + f" to tell whether tasks {pair_words(*d.pair)} conflict persistently on {d.where} "
+        f"({d.persistence:.0%} of {d.steps} steps so far, {d.effective_steps:.1f} effective steps)",
+        steps_needed=n,
+        training_steps_needed=n * gap,
+        awaits=("steps", "comparison"),
+    )
+
+
+def _uncertainty(verdict_from: DecidedBy, diverging: Signal, alarms: Sequence[str], gap: int) -> Uncertainty:
+    """How settled the verdict is, from what decided it (``gap``: training steps between measured steps).
+
+    Decided only by the comparison over seeds that vary, or by the persistence tests on enough effective steps (a
+    persistent conflict behind a split); heuristic signals alone, an unsettled test, or gradients that show no
+    conflict (capacity is then unjudged) leave the verdict provisional, with what would settle it."""
     if verdict_from == "ceiling":
-        return Uncertainty(True, "measured: the comparison experiment over several seeds decided it")
+        return Uncertainty(True, "measured: the comparison experiment's paired test over seeds that vary decided it")
     d = diverging.finding
     if verdict_from == "diverging" and d is not None:
         return Uncertainty(
             True,
             f"tasks {pair_words(*d.pair)} conflict persistently on {d.where} (p = {d.p_adjusted:.2g}, adjusted over "
-            f"{d.family} pair tests)",
+            f"{d.family} pair tests, on {d.effective_steps:.0f} effective steps)",
             p_value=d.p_adjusted,
         )
-    if verdict_from == "heuristics":
-        return Uncertainty(True, "by the heuristic thresholds of the signals that say split (see their evidence)")
     if diverging.status == "n/a" or d is None:
-        return Uncertainty(False, f"the conflict could not be measured: {diverging.evidence}")
-    if d.outcome == "undetermined":  # the closest pair might still conflict persistently with more steps
-        if not math.isfinite(d.steps_needed):  # no number of steps would settle it at this rate
-            return Uncertainty(
-                False, f"tasks {pair_key(*d.pair)} on {d.where} sit on the edge of a persistent conflict"
-            )
-        n = int(d.steps_needed)
         return Uncertainty(
-            False,
-            f"not enough steps yet: measure about {n} more steps"
-            + (f" ({n * gap} training steps at every={gap})" if gap > 1 else "")
-            + f" to tell whether tasks {pair_words(*d.pair)} conflict persistently on {d.where} "
-            f"({d.persistence:.0%} of {d.steps} steps so far)",
-            steps_needed=n,
-            training_steps_needed=n * gap,
+            False, f"the conflict could not be measured: {diverging.evidence}", awaits=("steps", "comparison")
         )
+    more = _more_steps(d, gap)
+    if verdict_from == "heuristics":
+        statement = (
+            f"only heuristic thresholds say split ({', '.join(alarms)}), not a test: the comparison experiment "
+            "(next_step, over seeds that vary) confirms or rejects it"
+        )
+        if more is not None:
+            return Uncertainty(
+                False, f"{statement}; {more.statement}", steps_needed=more.steps_needed,
+                training_steps_needed=more.training_steps_needed, awaits=more.awaits,
+            )
+        return Uncertainty(False, statement, awaits=("comparison",))
+    if more is not None:
+        return more
     return Uncertainty(
-        True, f"every pair's conflict rate is significantly below a persistent conflict's ({PERSISTENT_RATE:.0%})"
+        False,
+        f"provisional on capacity: every pair's conflict rate is significantly below a persistent conflict's "
+        f"({PERSISTENT_RATE:.0%}) or its conflict weaker than small, so the gradients show no conflict; but "
+        "capacity (a backbone too small for the tasks) is invisible to gradients and only the comparison "
+        "experiment can judge it: run next_step (shared against independent)",
+        awaits=("comparison",),
     )
 
 
@@ -453,7 +493,8 @@ def advise(
             lookahead transference on the shared parameters for signal 4 and the grouping (needs ``model``).
         optimizer: the run's optimizer, for the lookahead's step (TAG steps with the run's optimizer).
         comparison: the comparison experiment's results (:func:`~gradconflict.split.compare`, one per seed): the
-            ``ceiling`` signal, which overrides the gradients when no split beat shared beyond the seeds' spread.
+            ``ceiling`` signal, which overrides the gradients when the paired test across seeds that vary finds no
+            split beating shared.
         recon_k: how many layers Recon's selection names (default: the layers in persistent conflict).
         recon_window: first and last training step whose measurements Recon scores (default: all).
         max_groups: most task groups considered (default: the number of tasks).
@@ -494,10 +535,9 @@ def advise(
     )
     branch = profile.branch_point if profile is not None else None
     alarms = [name for name in ALARMS if by_name[name].status == "split"]
-    seeds = measured_ceiling.details.get("seeds", 0)
     verdict: Verdict
     decided_by: DecidedBy
-    if measured_ceiling.status == "ok" and seeds > 1:
+    if measured_ceiling.status == "ok":  # a paired test over two seeds or more that vary found no gain
         verdict, branch, decided_by = "keep_shared", None, "ceiling"
         reason = measured_ceiling.evidence
         if alarms:
@@ -520,7 +560,7 @@ def advise(
         reason = measured_ceiling.evidence
     elif alarms:
         verdict, branch = "lora_split", None
-        decided_by = "diverging" if alarms == ["diverging_objectives"] else "heuristics"
+        decided_by = "diverging" if "diverging_objectives" in alarms else "heuristics"
         where = (
             "no consistent depth to branch at"
             if "diverging_objectives" in alarms
@@ -571,7 +611,7 @@ def advise(
         signals=signals,
         next_step=next_step_code(verdict, branch, code_groups, conflict=diverging.status == "split"),
         reason=reason,
-        uncertainty=_uncertainty(decided_by, diverging, aligned.step_gap),
+        uncertainty=_uncertainty(decided_by, diverging, alarms, aligned.step_gap),
         duplicated_share=share,
         profile=profile,
         recon=recon,

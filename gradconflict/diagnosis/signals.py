@@ -13,8 +13,8 @@ And the two warnings about what a split cannot cure:
 
 5. :func:`oscillating_conflict`: conflict that comes and goes like a coin points to the data (label noise, small
    batches), not to the shared capacity; after a split, the same reading of the split model's run.
-6. :func:`ceiling`: a ceiling that does not move when the tasks are split (the comparison experiment, over
-   seeds) means capacity was not the limit.
+6. :func:`ceiling`: a ceiling that does not move when the tasks are split (the comparison experiment, a paired
+   test across seeds) means capacity was not the limit.
 
 A signal whose input is missing (no model for the heads, a single task, no step that carried two tasks together,
 no comparison) has status ``"n/a"`` and its evidence says what to pass or to measure.
@@ -181,7 +181,7 @@ class Signal:
         name: one of :data:`SIGNALS`.
         value: the headline number (``None`` when it could not be measured).
         threshold: the value from which the signal says ``split`` (see :class:`Thresholds`); NaN when there is
-            none (the oscillation warning never says split; the ceiling has none without a spread to judge by).
+            none (the oscillation warning never says split; the ceiling's is the paired test's floor, 1%).
         status: ``"ok"``, ``"watch"``, ``"split"``, or ``"n/a"`` when an input is missing.
         evidence: one sentence a person can check, rendered from the fields (never parsed: read the fields).
         details: the numbers behind the evidence (plain Python, JSON-ready).
@@ -466,13 +466,17 @@ def _flip_rates(aligned: Aligned, tests: ConflictTests) -> np.ndarray:
 def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) -> Signal:
     """Warning 6: did splitting lift a ceiling? Read from the comparison experiment
     (:func:`~gradconflict.split.compare`, one result per seed): the Delta-m% of each split variant (independent,
-    lora, branched) against the shared model of the same seed, and whether it beats shared beyond the seeds'
-    spread (:func:`~gradconflict.split.split_gains`).
+    lora, branched) against the shared model of the same seed, judged by the one ceiling rule,
+    :func:`~gradconflict.records.comparison.judge_gain` (through :func:`~gradconflict.records.comparison.split_gains`):
+    a one-sided paired t-test across seeds that the mean gain exceeds a floor of
+    :data:`~gradconflict.records.comparison.GAIN_FLOOR` (1%).
 
-    ``split`` when some split variant does (the value: its mean gain; the threshold: two spreads); ``ok`` when
-    none does: the ceiling did not move, so the model's capacity was not the limit and splitting is not the cure.
-    With one seed there is no spread to judge by: ``watch`` when a split variant is ahead, and the evidence asks
-    for more seeds. ``n/a`` without a comparison.
+    ``split`` when the test confirms some split variant's gain above the floor (the value: the best mean gain;
+    the threshold: the floor; :attr:`Signal.p_value`: that variant's paired p-value); ``ok`` when it finds no
+    gain above the floor for any variant, on two seeds or more whose runs differ: the ceiling did not move, so the
+    model's capacity was not the limit and splitting is not the cure. ``watch`` when the comparison cannot tell:
+    one seed, seeds that changed nothing (``seeds_vary`` False: identical runs prove nothing), or a gain above the
+    floor the test cannot judge (``beyond`` None); the evidence says what to run. ``n/a`` without a comparison.
     """
     name = "ceiling"
     if comparison is None:
@@ -486,35 +490,57 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
     if not gains:
         return _not_available(name, math.nan, "the comparison holds no split variant besides shared")
     best = max(gains.values(), key=lambda g: g.mean)
-    spread = best.spread
+    floor = best.floor
     described = "; ".join(
-        f"{g.variant} {g.mean:+.1f}% ({', '.join(f'{x:+.1f}' for x in g.per_seed)})" for g in gains.values()
+        f"{g.variant} {g.mean:+.1f}% ({', '.join(f'{x:+.1f}' for x in g.per_seed)}"
+        + (f"; p = {g.p_value:.2g}" if math.isfinite(g.p_value) else "") + ")"
+        for g in gains.values()
     )
+    winners = [g.variant for g in gains.values() if g.beyond is True]
+    varied = all(g.seeds_vary for g in gains.values())
     details = {
-        "gains": {g.variant: {"mean": g.mean, "per_seed": g.per_seed, "beyond": g.beyond} for g in gains.values()},
-        "spread": _finite_or_none(spread),
+        "gains": {
+            g.variant: {"mean": g.mean, "per_seed": g.per_seed, "beyond": g.beyond, "p_value": _finite_or_none(g.p_value)}
+            for g in gains.values()
+        },
+        "spread": _finite_or_none(best.spread),
+        "floor": floor,
         "seeds": len(results),
+        "seeds_vary": varied,
         "branch_at": results[0].branch_at,
         "groups": results[0].groups,
-        "winners": [g.variant for g in gains.values() if g.beyond],
+        "winners": winners,
     }
-    head = f"Delta-m% against shared over {len(results)} seed(s): {described}"
-    if len(results) < 2:
-        status: Status = "watch" if best.mean > 0 else "ok"
-        evidence = f"{head}; with one seed there is no spread to judge by: run compare() over a few more seeds"
-        return Signal(name, best.mean, math.nan, status, evidence, details, statistic="delta_m")
-    limit = 2 * spread
-    if details["winners"]:
+    head = f"Delta-m% against the same seed's shared model over {len(results)} seed(s): {described}"
+    decisive = next((g for g in gains.values() if g.variant in winners), best)
+    status: Status
+    if winners:
+        status = "split"
         evidence = (
-            f"{head}; {', '.join(details['winners'])} beat(s) shared beyond the seeds' spread (two spreads: "
-            f"{limit:.1f}%): splitting lifts the ceiling"
+            f"{head}; {', '.join(winners)} beat(s) shared by more than {floor:g}% (one-sided paired t-test across "
+            "seeds): splitting lifts the ceiling"
         )
-        return Signal(name, best.mean, limit, "split", evidence, details, statistic="delta_m")
-    evidence = (
-        f"{head}; no split variant beats shared beyond the seeds' spread (two spreads: {limit:.1f}%): the ceiling "
-        "did not move, so capacity was not the limit and splitting is not the cure"
+    elif not varied or len(results) < 2:
+        status = "watch"
+        evidence = head + (
+            "; the seeds changed nothing (bit-identical runs), so they prove nothing: let compare(seed=...) reach "
+            "the model's initialisation and the data order, and rerun"
+            if not varied
+            else "; with one seed the paired test cannot judge: run compare() over a few more seeds"
+        )
+    elif any(g.beyond is None for g in gains.values()):
+        status = "watch"
+        evidence = f"{head}; the paired test cannot judge a gain above {floor:g}%: run more seeds"
+    else:
+        status = "ok"
+        evidence = (
+            f"{head}; no split variant beats shared by more than {floor:g}% (one-sided paired t-test across "
+            "seeds): the ceiling did not move, so capacity was not the limit and splitting is not the cure"
+        )
+    return Signal(
+        name, decisive.mean, floor, status, evidence, details, statistic="delta_m",
+        p_value=_finite_or_none(decisive.p_value),
     )
-    return Signal(name, best.mean, limit, "ok", evidence, details, statistic="delta_m")
 
 
 def heavy_heads(
