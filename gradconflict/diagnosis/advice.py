@@ -59,12 +59,15 @@ from gradconflict.diagnosis.profile import Profile, layer_profile, share_from
 from gradconflict.diagnosis.recon import ReconSelection, recon_layers
 from gradconflict.diagnosis.signals import (
     ALARMS,
-    PairFinding,
+    MAGNITUDE_WEIGHTINGS,
+    REWEIGHT,
     WARNINGS,
+    PairFinding,
     Signal,
     ceiling,
     diverging_objectives,
     heavy_heads,
+    magnitude_dominance,
     oscillating_conflict,
     oscillation_cause,
     single_point_of_risk,
@@ -96,6 +99,7 @@ def next_step_code(
     groups: Sequence[Sequence[str]],
     seeds: int = 3,
     conflict: bool = False,
+    reweight: bool = False,
 ) -> str:
     """Python code running the comparison experiment that checks this advice over ``seeds`` seeds, then reading
     its outcome back into the advice (the ``ceiling`` signal: did a split beat shared, by the paired test across
@@ -103,12 +107,15 @@ def next_step_code(
 
     With ``conflict`` (the diagnosis found the task gradients diverging, not only heavy heads or zero-sum
     evaluations), the experiment also trains the shared model with conflict-aware updates (``weightings=``, see
-    :mod:`gradconflict.weighting`): the cheaper cure, if it lifts the tasks as far as the split does.
+    :mod:`gradconflict.weighting`): the cheaper cure, if it lifts the tasks as far as the split does. With
+    ``reweight`` (one task's gradient dominates by its magnitude), it trains the shared model with the
+    magnitude-aware weightings (:data:`~gradconflict.diagnosis.signals.MAGNITUDE_WEIGHTINGS`) too, and a split
+    counts only if it beats them.
 
     >>> print(next_step_code("physical_split", "backbone.4", [["a"], ["b"]]).splitlines()[-6])
                 branch_at='backbone.4', groups=[['a'], ['b']],
     >>> print(next_step_code("physical_split", "backbone.4", [["a"], ["b"]], conflict=True).splitlines()[-5])
-                weightings=["upgrad", "pcgrad"], seed=seed)
+                weightings=['upgrad', 'pcgrad'], seed=seed)
     """
     why = {
         "physical_split": f"the shared model against one backbone copy per group, branching at {branch_at!r}",
@@ -124,11 +131,18 @@ def next_step_code(
         "# model_factory: () -> a fresh model; loss_fns: {task: (output, target) -> loss}; train_data: your batches;",
         "# eval_data: held-out batches; metrics: {task: (fn, 'max' | 'min')} (default: each task's loss).",
     ]
+    weightings = (["upgrad", "pcgrad"] if conflict else []) + (list(MAGNITUDE_WEIGHTINGS) if reweight else [])
     if conflict:
         lines += [
             "# The gradients conflict: shared+upgrad and shared+pcgrad train the shared model with conflict-aware",
             "# updates, the cheaper cure if they do as well as the split ('upgrad' needs pip install",
             "# 'gradconflict[weighting]'; 'pcgrad' and 'mgda' do not).",
+        ]
+    if reweight:
+        lines += [
+            "# One task's gradient dominates by its magnitude: " + " and ".join(MAGNITUDE_WEIGHTINGS),
+            "# give each task its part of the update (pip install 'gradconflict[weighting]'); a split counts only",
+            "# if it beats them.",
         ]
     lines += [
         "results = [",
@@ -136,7 +150,7 @@ def next_step_code(
         "            optimizer_factory=lambda params: torch.optim.Adam(params, lr=1e-3),",
         f"            eval_data=eval_data, metrics=None, variants={_VARIANTS[verdict]!r},",
         f"            branch_at={branch_at!r}, groups={[list(g) for g in groups]!r},",
-        '            weightings=["upgrad", "pcgrad"], seed=seed)' if conflict else "            seed=seed)",
+        f"            weightings={weightings!r}, seed=seed)" if weightings else "            seed=seed)",
         f"    for seed in range({seeds})",
         "]",
         "print(results[0].to_markdown())",
@@ -196,6 +210,9 @@ class Advice:
         decided_by: what decided the verdict: ``"ceiling"`` (the comparison experiment), ``"diverging"`` (a
             persistent conflict, signal 1), ``"heuristics"`` (other signals that say split) or ``"none"`` (no
             signal says split).
+        weighting: the update rule to train the shared model with (a :data:`gradconflict.weighting.METHODS`
+            name), when the comparison showed a re-weighted shared model beating shared and no split beating it;
+            else ``None``.
     """
 
     verdict: Verdict
@@ -211,6 +228,7 @@ class Advice:
     grouping: Grouping | None = None
     trends: dict[str, QuantitySummary] = field(default_factory=dict)
     decided_by: DecidedBy = "none"
+    weighting: str | None = None
 
     @property
     def by_name(self) -> dict[str, Signal]:
@@ -231,6 +249,7 @@ class Advice:
         out: dict[str, Any] = {
             "verdict": self.verdict,
             "decided_by": self.decided_by,
+            "weighting": self.weighting,
             "branch_point": self.branch_point,
             "groups": self.groups,
             "reason": self.reason,
@@ -524,11 +543,14 @@ def advise(
         single_point_of_risk(aligned, lr=lr, lookahead=exact, thresholds=th),
         oscillating_conflict(aligned, th, tests=tests),
         ceiling(comparison),
+        magnitude_dominance(aligned, th),
     ]
     by_name = {s.name: s for s in signals}
-    diverging, oscillating, measured_ceiling = (
-        by_name["diverging_objectives"], by_name["oscillating_conflict"], by_name["ceiling"]
+    diverging, oscillating, measured_ceiling, dominance = (
+        by_name["diverging_objectives"], by_name["oscillating_conflict"], by_name["ceiling"],
+        by_name["magnitude_dominance"],
     )
+    weighting = None
     profile = (
         layer_profile(aligned, model=model, layer_order=layer_order, thresholds=th, tests=tests)
         if aligned.layers else None
@@ -540,6 +562,7 @@ def advise(
     if measured_ceiling.status == "ok":  # a paired test over two seeds or more that vary found no gain
         verdict, branch, decided_by = "keep_shared", None, "ceiling"
         reason = measured_ceiling.evidence
+        weighting = measured_ceiling.details.get("weighting")
         if alarms:
             reason += f" (although {', '.join(alarms)} say(s) split)"
     elif diverging.status == "split" and branch is not None and diverging.finding is not None:
@@ -572,10 +595,19 @@ def advise(
         )
     else:
         verdict, branch, decided_by = "keep_shared", None, "none"
-        watching = [s.name for s in signals if s.status == "watch" and s.name != "oscillating_conflict"]
+        watching = [
+            s.name for s in signals if s.status == "watch" and s.name not in ("oscillating_conflict", *REWEIGHT)
+        ]
         reason = "no signal says split" + (f"; keep an eye on {', '.join(watching)}" if watching else "")
         if oscillating.status == "watch":
             reason += f"; {oscillation_cause(oscillating.pairs)}: the conflict oscillates"
+        if dominance.status == "watch":
+            dominated = ", ".join(pair_key(*p) for p in dominance.pairs)
+            reason += (
+                f"; but one task's gradient dominates by its magnitude ({dominated}): try a magnitude-aware "
+                f"weighting first ({', '.join(MAGNITUDE_WEIGHTINGS)}, in the next step's comparison), and split only "
+                "if the comparison shows a split beating it"
+            )
     unmeasured = no_pair_reason(aligned) if len(tasks) > 1 else None
     counts = aligned.pair_counts()
     never = [pair_key(a, b) for k, a in enumerate(tasks) for m, b in enumerate(tasks) if k < m and counts[k, m] == 0]
@@ -609,7 +641,9 @@ def advise(
         branch_point=branch,
         groups=groups,
         signals=signals,
-        next_step=next_step_code(verdict, branch, code_groups, conflict=diverging.status == "split"),
+        next_step=next_step_code(
+            verdict, branch, code_groups, conflict=diverging.status == "split", reweight=dominance.status == "watch"
+        ),
         reason=reason,
         uncertainty=_uncertainty(decided_by, diverging, alarms, aligned.step_gap),
         duplicated_share=share,
@@ -618,6 +652,7 @@ def advise(
         grouping=grouping,
         trends=summarize(aligned, decay=ema_decay, threshold=th.conflict_cosine),
         decided_by=decided_by,
+        weighting=weighting,
     )
 
 
