@@ -91,70 +91,98 @@ _VARIANTS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: The share of the best branch's gain a higher branch point must recover to be the economical one.
+RECOVERED_SHARE = 0.8
+#: The most branch points the next step compares (spread evenly from the conflict onset to the top).
+MAX_CANDIDATES = 4
 
 
 def next_step_code(
     verdict: Verdict,
-    branch_at: str | None,
+    branch_at: str | Sequence[str] | None,
     groups: Sequence[Sequence[str]],
     seeds: int = 3,
     conflict: bool = False,
     reweight: bool = False,
+    *,
+    steps: int | None = None,
+    lr: float | None = None,
 ) -> str:
-    """Python code running the comparison experiment that checks this advice over ``seeds`` seeds, then reading
-    its outcome back into the advice (the ``ceiling`` signal: did a split beat shared, by the paired test across
-    seeds?).
+    """Python code defining ``next_step(history, model_factory, loss_fns, train_data, eval_data, metrics, ...)``,
+    which runs the comparison experiment that checks this advice over ``seeds`` seeds and returns the advice with
+    its outcome read back (the ``ceiling`` signal: the paired test across seeds). Every input is an argument.
 
-    With ``conflict`` (the diagnosis found the task gradients diverging, not only heavy heads or zero-sum
-    evaluations), the experiment also trains the shared model with conflict-aware updates (``weightings=``, see
-    :mod:`gradconflict.weighting`): the cheaper cure, if it lifts the tasks as far as the split does. With
-    ``reweight`` (one task's gradient dominates by its magnitude), it trains the shared model with the
-    magnitude-aware weightings (:data:`~gradconflict.diagnosis.signals.MAGNITUDE_WEIGHTINGS`) too, and a split
-    counts only if it beats them.
+    ``branch_at``: one branch point, or the candidate blocks to compare (from the conflict onset up: the advice's
+    ``branch_point`` is then the highest block recovering :data:`RECOVERED_SHARE` of the best one's gain).
+    ``steps`` and ``lr`` (the monitored run's budget) become the defaults of the function's ``steps`` and ``lr``;
+    unknown, they are required arguments. Without ``eval_data`` (``None``), the function says that Delta-m is then
+    measured on the training loss. The shared model and fully independent models are always compared (capacity
+    is invisible to gradients). With ``conflict`` (diverging gradients), the shared model is also trained with
+    conflict-aware updates (``upgrad``, ``pcgrad``); with ``reweight`` (one task's gradient dominates by its
+    magnitude), with the magnitude-aware weightings (:data:`~gradconflict.diagnosis.signals.MAGNITUDE_WEIGHTINGS`):
+    the cheaper cures, which a split must beat.
 
-    >>> print(next_step_code("physical_split", "backbone.4", [["a"], ["b"]]).splitlines()[-6])
-                branch_at='backbone.4', groups=[['a'], ['b']],
-    >>> print(next_step_code("physical_split", "backbone.4", [["a"], ["b"]], conflict=True).splitlines()[-5])
-                weightings=['upgrad', 'pcgrad'], seed=seed)
+    >>> code = next_step_code("physical_split", ["backbone.2", "backbone.3"], [["a"], ["b"]], steps=400)
+    >>> print([line for line in code.splitlines() if "for branch_at" in line][0].strip())
+    for branch_at in ['backbone.2', 'backbone.3']
+    >>> print(code.splitlines()[3])
+    def next_step(history, model_factory, loss_fns, train_data, eval_data, metrics=None, *, lr, steps=400, seeds=3):
     """
+    points = [branch_at] if branch_at is None or isinstance(branch_at, str) else list(branch_at)
     why = {
-        "physical_split": f"the shared model against one backbone copy per group, branching at {branch_at!r}",
+        "physical_split": "the shared model against one backbone copy per group, branching at "
+        + (repr(points[0]) if len(points) == 1 else f"each of {points}"),
         "lora_split": "the shared model against a frozen shared backbone with one LoRA adapter per group",
-        "keep_shared": "the shared model against fully independent models, to confirm that no task's\n# ceiling "
-        "rises when trained alone",
+        "keep_shared": "the shared model against fully independent models (capacity is invisible to gradients)",
     }[verdict]
+    variants = _VARIANTS[verdict]
+    weightings = (["upgrad", "pcgrad"] if conflict else []) + (list(MAGNITUDE_WEIGHTINGS) if reweight else [])
+    required = ", ".join(name for name, known in (("lr", lr), ("steps", steps)) if known is None)
+    optional = ", ".join(
+        [f"lr={lr!r}"] * (lr is not None) + [f"steps={steps!r}"] * (steps is not None) + [f"seeds={seeds}"]
+    )
     lines = [
         "import torch",
         "from gradconflict import advise, compare",
         "",
-        f"# Compares {why}, over {seeds} seeds.",
-        "# model_factory: () -> a fresh model; loss_fns: {task: (output, target) -> loss}; train_data: your batches;",
-        "# eval_data: held-out batches; metrics: {task: (fn, 'max' | 'min')} (default: each task's loss).",
+        "def next_step(history, model_factory, loss_fns, train_data, eval_data, metrics=None, *, "
+        + (f"{required}, " if required else "") + f"{optional}):",
+        f'    """Compares {why}; returns advise(history, comparison=...).',
+        "",
+        "    history: the monitored run (monitor.history or a History); model_factory: () -> a fresh model whose",
+        "    initialisation follows the global seed; loss_fns: {task: (output, target) -> loss}; train_data and",
+        "    eval_data: re-iterable batches, eval_data held out; metrics: {task: (fn, 'max' | 'min')} (default:",
+        "    each task's loss on eval_data); lr and steps: the monitored run's optimizer and budget.",
     ]
-    weightings = (["upgrad", "pcgrad"] if conflict else []) + (list(MAGNITUDE_WEIGHTINGS) if reweight else [])
-    if conflict:
+    if weightings:
         lines += [
-            "# The gradients conflict: shared+upgrad and shared+pcgrad train the shared model with conflict-aware",
-            "# updates, the cheaper cure if they do as well as the split ('upgrad' needs pip install",
-            "# 'gradconflict[weighting]'; 'pcgrad' and 'mgda' do not).",
-        ]
-    if reweight:
-        lines += [
-            "# One task's gradient dominates by its magnitude: " + " and ".join(MAGNITUDE_WEIGHTINGS),
-            "# give each task its part of the update (pip install 'gradconflict[weighting]'); a split counts only",
-            "# if it beats them.",
+            "    The shared model is also trained with " + ", ".join(weightings) + ": cheaper cures than a split,",
+            "    which a split must beat ('upgrad', 'imtl-g', 'aligned-mtl' need pip install",
+            "    'gradconflict[weighting]').",
         ]
     lines += [
-        "results = [",
-        "    compare(model_factory, loss_fns, train_data, steps=200,",
-        "            optimizer_factory=lambda params: torch.optim.Adam(params, lr=1e-3),",
-        f"            eval_data=eval_data, metrics=None, variants={_VARIANTS[verdict]!r},",
-        f"            branch_at={branch_at!r}, groups={[list(g) for g in groups]!r},",
-        f"            weightings={weightings!r}, seed=seed)" if weightings else "            seed=seed)",
-        f"    for seed in range({seeds})",
-        "]",
-        "print(results[0].to_markdown())",
-        "print(advise(history, comparison=results))  # did a split beat shared (paired test across seeds)?",
+        '    """',
+        "    if eval_data is None:",
+        '        print("no held-out eval_data: Delta-m is measured on the training loss, which favours memorising")',
+        "    results = [",
+        "        compare(model_factory, loss_fns, train_data, steps=steps,",
+        "                optimizer_factory=lambda params: torch.optim.Adam(params, lr=lr),",
+        f"                eval_data=eval_data, metrics=metrics, variants={variants!r},",
+        "                branch_at=" + ("branch_at" if len(points) > 1 else repr(points[0]))
+        + f", groups={[list(g) for g in groups]!r},",
+        f"                weightings={weightings!r}, seed=seed, progress=False)",
+    ]
+    if len(points) > 1:
+        lines.append(f"        for branch_at in {points!r}")
+    lines += [
+        "        for seed in range(seeds)",
+        "    ]",
+        "    print(results[0].to_markdown())",
+        "    return advise(history, comparison=results)",
+        "",
+        "",
+        "# print(next_step(history, model_factory, loss_fns, train_data, eval_data"
+        + (", lr=..." if lr is None else "") + (", steps=..." if steps is None else "") + "))",
     ]
     return "\n".join(lines)
 
@@ -193,7 +221,10 @@ class Advice:
 
     Attributes:
         verdict: ``"keep_shared"``, ``"lora_split"`` or ``"physical_split"``.
-        branch_point: the layer from which the backbone becomes task-specific (``physical_split`` only).
+        branch_point: the economical block from which the backbone becomes task-specific (``physical_split``
+            only): with a comparison branched at several blocks, the highest block whose branched gain is confirmed
+            by the paired test and recovers at least :data:`RECOVERED_SHARE` (80%) of the best block's gain; without
+            one, :attr:`conflict_onset` (and ``next_step`` compares the candidate blocks from there up).
         groups: the task groups that should share a backbone (copy or adapter); one group for ``keep_shared``.
         signals: the :class:`~gradconflict.diagnosis.signals.Signal` s: the four warning signals, then the two
             warnings about what a split cannot cure (oscillating conflict, an unmoved ceiling). Look one up by
@@ -210,6 +241,8 @@ class Advice:
         decided_by: what decided the verdict: ``"ceiling"`` (the comparison experiment), ``"diverging"`` (a
             persistent conflict, signal 1), ``"heuristics"`` (other signals that say split) or ``"none"`` (no
             signal says split).
+        conflict_onset: the layer where the persistent conflict starts (the profile's branch point; ``None``
+            without one). Without a comparison branched at several blocks, ``branch_point`` is this layer.
         weighting: the update rule to train the shared model with (a :data:`gradconflict.weighting.METHODS`
             name), when the comparison showed a re-weighted shared model beating shared and no split beating it;
             else ``None``.
@@ -229,6 +262,7 @@ class Advice:
     trends: dict[str, QuantitySummary] = field(default_factory=dict)
     decided_by: DecidedBy = "none"
     weighting: str | None = None
+    conflict_onset: str | None = None
 
     @property
     def by_name(self) -> dict[str, Signal]:
@@ -251,6 +285,7 @@ class Advice:
             "decided_by": self.decided_by,
             "weighting": self.weighting,
             "branch_point": self.branch_point,
+            "conflict_onset": self.conflict_onset,
             "groups": self.groups,
             "reason": self.reason,
             "uncertainty": {
@@ -452,6 +487,72 @@ def _first_layer(profile: Profile | None, branch: str | None) -> int | None:
     return None
 
 
+def _block_paths(model: nn.Module | None) -> list[str] | None:
+    """The model's backbone blocks as :func:`~gradconflict.split.branch` reads them, bottom to top (``None``
+    without a model following the split tools' convention)."""
+    if model is None:
+        return None
+    # Lazily: the split floor sits above the diagnosis, and the blocks must be the ones branch() copies.
+    from gradconflict.split.model import backbone_blocks
+
+    try:
+        return [path for path, _ in backbone_blocks(model)]
+    except (TypeError, ValueError):
+        return None
+
+
+def _height(block: str, blocks: list[str] | None, profile: Profile | None) -> int:
+    """Position of a branch point, bottom to top: a block index, or the block (else the first profiled layer)
+    that a path names; -1 when unknown."""
+    if block.isdigit():
+        return int(block)
+    for k, path in enumerate(blocks or []):
+        if block == path or block.startswith(path + "."):
+            return k
+    k = _first_layer(profile, block)
+    return -1 if k is None else k
+
+
+def _economical(
+    by_block: Mapping[str, Mapping[str, Any]], blocks: list[str] | None, profile: Profile | None
+) -> str | None:
+    """The rule for the economical branch point: among the blocks whose branched gain the paired test confirms,
+    the highest one whose mean gain is at least :data:`RECOVERED_SHARE` of the best block's (``None`` without a
+    comparison branched at two blocks or more, or when no block's gain is confirmed)."""
+    confirmed = {b: v["mean"] for b, v in by_block.items() if v["beyond"] is True}
+    if len(by_block) < 2 or not confirmed:
+        return None
+    best = max(confirmed.values())
+    enough = [b for b, gain in confirmed.items() if gain >= RECOVERED_SHARE * best]
+    return max(enough, key=lambda b: _height(b, blocks, profile))
+
+
+def _candidates(onset: str, blocks: list[str] | None, profile: Profile | None) -> list[str]:
+    """Branch points to compare, from the conflict onset up: the model's blocks from the onset's (else the
+    profiled layers from the onset), at most :data:`MAX_CANDIDATES`, spread evenly with both ends kept."""
+    if blocks:
+        k = _height(onset, blocks, None)
+        above = blocks[k:] if k >= 0 else [onset]
+    else:
+        k = _first_layer(profile, onset)
+        above = [lp.name for lp in profile.layers[k:]] if profile is not None and k is not None else [onset]
+    keep = np.unique(np.linspace(0, len(above) - 1, min(MAX_CANDIDATES, len(above))).round().astype(int))
+    return [above[int(k)] for k in keep]
+
+
+def _duplicated_share(model: nn.Module | None, at: str | None) -> float | None:
+    """What :func:`~gradconflict.split.branch` copies when branching ``model`` at ``at`` (``None`` when it cannot
+    be counted: no model following the convention, or a branch point naming no block)."""
+    if model is None or at is None:
+        return None
+    from gradconflict.split.branch import duplicated_share  # lazily: the split floor sits above the diagnosis
+
+    try:
+        return duplicated_share(model, at=at)
+    except (TypeError, ValueError):
+        return None
+
+
 def _groups(
     verdict: Verdict, tasks: list[str], affinity: np.ndarray, th: Thresholds, max_groups: int | None
 ) -> tuple[list[list[str]], Grouping]:
@@ -608,6 +709,20 @@ def advise(
                 f"weighting first ({', '.join(MAGNITUDE_WEIGHTINGS)}, in the next step's comparison), and split only "
                 "if the comparison shows a split beating it"
             )
+    onset = profile.branch_point if profile is not None else None
+    blocks = _block_paths(model)
+    candidates: list[str] = []
+    if verdict == "physical_split" and branch is not None:
+        by_block = measured_ceiling.details.get("by_block") or {}
+        economical = _economical(by_block, blocks, profile)
+        if economical is not None:
+            branch = economical
+            reason += (
+                f"; the economical branch point is {economical}: the highest block whose branched gain recovers "
+                f"{RECOVERED_SHARE:.0%} of the best block's"
+            )
+        elif not by_block:
+            candidates = _candidates(branch, blocks, profile)
     unmeasured = no_pair_reason(aligned) if len(tasks) > 1 else None
     counts = aligned.pair_counts()
     never = [pair_key(a, b) for k, a in enumerate(tasks) for m, b in enumerate(tasks) if k < m and counts[k, m] == 0]
@@ -635,14 +750,18 @@ def advise(
     if profile is not None:
         k = recon_k if recon_k is not None else sum(lp.status == "conflict" for lp in profile.layers)
         recon = recon_layers(aligned, k, threshold=th.conflict_cosine, window=recon_window)
-    share = 0.0 if profile is None else share_from(profile.layers, start)
+    share = _duplicated_share(model, branch) if verdict == "physical_split" and blocks else None
+    if share is None:
+        share = 0.0 if profile is None else share_from(profile.layers, start)
     return Advice(
         verdict=verdict,
         branch_point=branch,
         groups=groups,
         signals=signals,
         next_step=next_step_code(
-            verdict, branch, code_groups, conflict=diverging.status == "split", reweight=dominance.status == "watch"
+            verdict, candidates if len(candidates) > 1 else branch, code_groups, conflict=diverging.status == "split",
+            reweight=dominance.status == "watch", steps=int(aligned.steps.max()) + 1,
+            lr=float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None,
         ),
         reason=reason,
         uncertainty=_uncertainty(decided_by, diverging, alarms, aligned.step_gap),
@@ -653,6 +772,7 @@ def advise(
         trends=summarize(aligned, decay=ema_decay, threshold=th.conflict_cosine),
         decided_by=decided_by,
         weighting=weighting,
+        conflict_onset=onset,
     )
 
 

@@ -501,6 +501,10 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
     Re-weighted shared models (``shared+<method>``, ``compare(weightings=...)``) are the cheaper cure: when one
     beats shared, a split counts only if it also beats that one (the same paired rule on the per-seed differences);
     otherwise the status is ``ok`` and ``details["weighting"]`` names the method to train the shared model with.
+
+    Results branched at several blocks (one ``compare(branch_at=...)`` per block and seed) are grouped by block:
+    ``details["by_block"]`` gives each block's branched gain (mean, per seed, paired test), and the status is read
+    on the seeds of the block that gains most (``details["branch_at"]``).
     """
     name = "ceiling"
     if comparison is None:
@@ -510,6 +514,18 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
             "comparison=[...] to check whether splitting lifts a ceiling)",
         )
     results = [comparison] if isinstance(comparison, ComparisonResult) else list(comparison)
+    by_block: dict[str, dict[str, Any]] = {}
+    points = list(dict.fromkeys(str(r.branch_at) for r in results if r.branch_at is not None))
+    if len(points) > 1:
+        # Branched at several blocks (one compare() per block and seed): judge each block on its own seeds, and
+        # read the other variants on the seeds of the block whose branch gains most.
+        for point in points:
+            gain = split_gains([r for r in results if str(r.branch_at) == point]).get("branched")
+            if gain is not None:
+                by_block[point] = {"mean": gain.mean, "per_seed": gain.per_seed, "beyond": gain.beyond,
+                                   "p_value": _finite_or_none(gain.p_value)}
+        top = max(by_block, key=lambda b: by_block[b]["mean"]) if by_block else points[0]
+        results = [r for r in results if str(r.branch_at) == top]
     every = split_gains(results)
     gains = {n: g for n, g in every.items() if not n.startswith("shared+")}
     reweighted = {n: g for n, g in every.items() if n.startswith("shared+")}
@@ -543,6 +559,7 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
         "groups": results[0].groups,
         "winners": winners,
         "weighting": None,
+        "by_block": by_block,
     }
     head = f"Delta-m% against the same seed's shared model over {len(results)} seed(s): {described(gains)}"
     if reweighted:

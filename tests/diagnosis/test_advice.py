@@ -145,10 +145,49 @@ def test_advise_from_jsonl_round_trip(tmp_path, make_report, make_pair):
 def test_next_step_code_is_valid_python():
     for verdict, variant in (("keep_shared", "independent"), ("lora_split", "lora"), ("physical_split", "branched")):
         code = next_step_code(verdict, "backbone.4", [["a", "b"], ["c"]])
-        ast.parse(code)
-        assert "compare(model_factory, loss_fns, train_data, steps=200" in code and f"'{variant}')" in code
-        assert "groups=[['a', 'b'], ['c']]" in code and "for seed in range(3)" in code
-        assert "advise(history, comparison=results)" in code
+        tree = ast.parse(code)
+        (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+        # every input is an argument, history included; the unknown budget is asked for (no default)
+        assert [a.arg for a in fn.args.args][:6] == [
+            "history", "model_factory", "loss_fns", "train_data", "eval_data", "metrics"
+        ]
+        assert [a.arg for a in fn.args.kwonlyargs] == ["lr", "steps", "seeds"] and fn.args.kw_defaults[0] is None
+        assert variant in _variants(code) and "independent" in _variants(code)
+        assert "groups=[['a', 'b'], ['c']]" in code and "advise(history, comparison=results)" in code
+    known = ast.parse(next_step_code("keep_shared", None, [["a"], ["b"]], steps=123, lr=0.01)).body[-1]
+    assert [ast.literal_eval(d) for d in known.args.kw_defaults] == [0.01, 123, 3]
+
+
+def test_next_step_runs_as_printed(capsys):
+    # Train a small two-task model under the monitor, then run the advice's next step exactly as printed.
+    from gradconflict import ConflictMonitor
+    from gradconflict.split import MultiTaskNet
+
+    def factory():
+        return MultiTaskNet(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8)),
+                            {"a": nn.Linear(8, 1), "b": nn.Linear(8, 1)})
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 3)
+    data = [(x, {"a": x[:, :1], "b": -x[:, :1]})]  # opposed targets
+    loss_fns = {t: (lambda out, y: (out - y).pow(2).mean()) for t in "ab"}
+    model = factory()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    with ConflictMonitor(model, max_history=None) as monitor:
+        for _ in range(12):
+            out = model(x)
+            opt.zero_grad()
+            monitor.backward({t: loss_fns[t](out[t], y) for t, y in data[0][1].items()})
+            opt.step()
+    advice = advise(monitor.history, model=model, optimizer=opt)
+    fn = ast.parse(advice.next_step).body[-1]
+    assert isinstance(fn, ast.FunctionDef)
+    assert [ast.literal_eval(d) for d in fn.args.kw_defaults][:2] == [0.01, 12]  # the monitored run's budget
+    namespace: dict = {}
+    exec(compile(advice.next_step, "<next_step>", "exec"), namespace)  # noqa: S102 - the printed code, as is
+    checked = namespace["next_step"](monitor.history, factory, loss_fns, data, None, steps=6, seeds=2)
+    assert isinstance(checked, Advice) and checked.signal("ceiling").status != "n/a"
+    assert "Delta-m is measured on the training loss" in capsys.readouterr().out  # no held-out data: said plainly
 
 
 def test_single_task_keeps_shared(make_report):
@@ -347,7 +386,7 @@ def test_verdict_branch_groups_and_next_step_agree(make_report, make_pair, make_
             assert advice.branch_point == advice.profile.branch_point, name
         assert (len(advice.groups) > 1) == (advice.verdict != "keep_shared"), name
         assert sorted(t for g in advice.groups for t in g) == ["a", "b"], name
-        assert f"branch_at={advice.branch_point!r}" in advice.next_step, name
+        assert repr(advice.branch_point) in advice.next_step, name
         variant = {"keep_shared": "'independent')", "lora_split": "'lora')", "physical_split": "'branched')"}
         assert variant[advice.verdict] in advice.next_step, name
     assert seen == {"keep_shared", "lora_split", "physical_split"}
@@ -530,3 +569,46 @@ def test_a_split_counts_only_if_it_beats_the_reweighting(make_report, make_pair)
     # Independent models gain 40% where the re-weighting gains 20%: the split wins.
     advice = advise(run, comparison=runs([0.6, 0.6], [0.8, 0.8]))
     assert advice.verdict == "physical_split" and advice.decided_by == "ceiling" and advice.weighting is None
+
+
+def test_economical_branch_point_from_a_comparison_at_several_blocks(make_report, make_pair):
+    def rec(name, v):
+        return VariantRecord(name, {"a": [1.0], "b": [1.0]}, [(1, {"a": v, "b": v})], {"a": "min", "b": "min"})
+
+    def runs(gains):  # {block: gain in percent}, the same on three varying seeds (shared 1.0, 1.2, 1.1)
+        return [ComparisonResult({"shared": rec("shared", s), "independent": rec("independent", s),
+                                  "branched": rec("branched", s * (1 - (g + 0.1 * k) / 100))},
+                                 ["a", "b"], 1, 0, branch_at=block, seed=k)
+                for block, g in gains.items() for k, s in enumerate([1.0, 1.2, 1.1])]
+
+    run = _run(make_report, make_pair, top_cos=-0.8, bottom_cos=-0.8)  # conflict from the bottom layer up
+    first = advise(run, layer_order=["body.0", "body.1"])
+    assert first.conflict_onset == "body.0" and first.branch_point == "body.0"
+    assert "for branch_at in ['body.0', 'body.1']" in first.next_step  # candidates from the onset up
+    # body.1 recovers 27 / 30 = 90% of the best gain: the economical branch point, above the onset.
+    high = advise(run, layer_order=["body.0", "body.1"], comparison=runs({"body.0": 30.0, "body.1": 27.0}))
+    assert (high.verdict, high.branch_point, high.conflict_onset) == ("physical_split", "body.1", "body.0")
+    # body.1 recovers 10 / 30 = 33%: the split stays at body.0.
+    low = advise(run, layer_order=["body.0", "body.1"], comparison=runs({"body.0": 30.0, "body.1": 10.0}))
+    assert low.branch_point == "body.0"
+
+
+def test_duplicated_share_matches_what_branch_copies():
+    from gradconflict import ConflictMonitor
+    from gradconflict.split import MultiTaskNet, branch
+
+    torch.manual_seed(0)
+    model = MultiTaskNet(nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 4), nn.Tanh(), nn.Linear(4, 4)),
+                         {"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)})
+    x = torch.randn(64, 3)
+    with ConflictMonitor(model, max_history=None) as monitor:
+        for _ in range(40):
+            out = model(x)
+            monitor.backward({"a": (out["a"] - x[:, :1]).pow(2).mean(), "b": (out["b"] + x[:, :1]).pow(2).mean()})
+            model.zero_grad()
+    advice = advise(monitor.history, model=model)
+    assert advice.verdict == "physical_split"
+    split = branch(model, advice.branch_point, advice.groups)
+    backbone = sum(p.numel() for p in model.backbone.parameters())
+    added = sum(p.numel() for p in split.parameters()) - sum(p.numel() for p in model.parameters())
+    assert advice.duplicated_share == pytest.approx(added / ((len(advice.groups) - 1) * backbone))
