@@ -53,7 +53,7 @@ from gradconflict.diagnosis.affinity import lookahead_transference, mean_transfe
 from gradconflict.diagnosis.aligned import Run, align, no_pair_reason
 from gradconflict.diagnosis.conflicts import conflict_tests
 from gradconflict.diagnosis.evaluations import Pairs
-from gradconflict.diagnosis.groups import Grouping, group_tasks
+from gradconflict.diagnosis.groups import Grouping, group_tasks, magnitude_free
 from gradconflict.diagnosis.persistence import CHANCE, PERSISTENT_RATE
 from gradconflict.diagnosis.profile import Profile, layer_profile, share_from
 from gradconflict.diagnosis.recon import ReconSelection, recon_layers
@@ -557,7 +557,7 @@ def _groups(
     verdict: Verdict, tasks: list[str], affinity: np.ndarray, th: Thresholds, max_groups: int | None
 ) -> tuple[list[list[str]], Grouping]:
     grouping = group_tasks(
-        affinity, tasks, max_groups=max_groups, tolerance=th.group_tolerance,
+        magnitude_free(affinity), tasks, max_groups=max_groups, tolerance=th.group_tolerance,
         min_groups=2 if verdict != "keep_shared" else 1,
     )
     if verdict == "keep_shared":
