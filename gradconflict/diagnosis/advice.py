@@ -115,18 +115,22 @@ def next_step_code(
     ``branch_at``: one branch point, or the candidate blocks to compare (from the conflict onset up: the advice's
     ``branch_point`` is then the highest block recovering :data:`RECOVERED_SHARE` of the best one's gain).
     ``steps`` and ``lr`` (the monitored run's budget) become the defaults of the function's ``steps`` and ``lr``;
-    unknown, they are required arguments. Without ``eval_data`` (``None``), the function says that Delta-m is then
-    measured on the training loss. The shared model and fully independent models are always compared (capacity
-    is invisible to gradients). With ``conflict`` (diverging gradients), the shared model is also trained with
-    conflict-aware updates (``upgrad``, ``pcgrad``); with ``reweight`` (one task's gradient dominates by its
-    magnitude), with the magnitude-aware weightings (:data:`~gradconflict.diagnosis.signals.MAGNITUDE_WEIGHTINGS`):
+    unknown (``None``), the printed call asks for them (``lr=...``) and the optimizer factory says what to pass.
+    The code ends by calling the function on the inputs it names. Without ``eval_data`` (``None``), the function
+    says that Delta-m is then measured on the training loss. The shared model and fully independent models are
+    always compared (capacity is invisible to gradients). With ``conflict`` (diverging gradients), the shared
+    model is also trained with conflict-aware updates (``upgrad``, ``pcgrad``); with ``reweight`` (one task's
+    gradient dominates by its magnitude), with the magnitude-aware weightings
+    (:data:`~gradconflict.diagnosis.signals.MAGNITUDE_WEIGHTINGS`):
     the cheaper cures, which a split must beat.
 
     >>> code = next_step_code("physical_split", ["backbone.2", "backbone.3"], [["a"], ["b"]], steps=400)
     >>> print([line for line in code.splitlines() if "for branch_at" in line][0].strip())
     for branch_at in ['backbone.2', 'backbone.3']
-    >>> print(code.splitlines()[3])
-    def next_step(history, model_factory, loss_fns, train_data, eval_data, metrics=None, *, lr, steps=400, seeds=3):
+    >>> print(code.splitlines()[3].split("*, ")[1])
+    lr=None, steps=400, seeds=3):
+    >>> print(code.splitlines()[-2])
+    advice = next_step(history, model_factory, loss_fns, train_data, eval_data, metrics, lr=...)
     """
     points = [branch_at] if branch_at is None or isinstance(branch_at, str) else list(branch_at)
     why = {
@@ -137,22 +141,18 @@ def next_step_code(
     }[verdict]
     variants = _VARIANTS[verdict]
     weightings = (["upgrad", "pcgrad"] if conflict else []) + (list(MAGNITUDE_WEIGHTINGS) if reweight else [])
-    required = ", ".join(name for name, known in (("lr", lr), ("steps", steps)) if known is None)
-    optional = ", ".join(
-        [f"lr={lr!r}"] * (lr is not None) + [f"steps={steps!r}"] * (steps is not None) + [f"seeds={seeds}"]
-    )
     lines = [
         "import torch",
         "from gradconflict import advise, compare",
         "",
-        "def next_step(history, model_factory, loss_fns, train_data, eval_data, metrics=None, *, "
-        + (f"{required}, " if required else "") + f"{optional}):",
+        f"def next_step(history, model_factory, loss_fns, train_data, eval_data, metrics=None, *, lr={lr!r}, "
+        f"steps={steps!r}, seeds={seeds}):",
         f'    """Compares {why}; returns advise(history, comparison=...).',
         "",
         "    history: the monitored run (monitor.history or a History); model_factory: () -> a fresh model whose",
         "    initialisation follows the global seed; loss_fns: {task: (output, target) -> loss}; train_data and",
         "    eval_data: re-iterable batches, eval_data held out; metrics: {task: (fn, 'max' | 'min')} (default:",
-        "    each task's loss on eval_data); lr and steps: the monitored run's optimizer and budget.",
+        "    each task's loss on eval_data); lr and steps: the monitored run's learning rate and budget.",
     ]
     if weightings:
         lines += [
@@ -164,9 +164,15 @@ def next_step_code(
         '    """',
         "    if eval_data is None:",
         '        print("no held-out eval_data: Delta-m is measured on the training loss, which favours memorising")',
+        "",
+        "    def optimizer_factory(params):",
+        "        if not isinstance(lr, (int, float)) or steps is None:  # lr=... in the call: asked for",
+        '            raise ValueError("pass lr= and steps=, the learning rate and the training steps of the "',
+        '                             "monitored run (the history does not record them)")',
+        "        return torch.optim.Adam(params, lr=lr)",
+        "",
         "    results = [",
-        "        compare(model_factory, loss_fns, train_data, steps=steps,",
-        "                optimizer_factory=lambda params: torch.optim.Adam(params, lr=lr),",
+        "        compare(model_factory, loss_fns, train_data, steps=steps, optimizer_factory=optimizer_factory,",
         f"                eval_data=eval_data, metrics=metrics, variants={variants!r},",
         "                branch_at=" + ("branch_at" if len(points) > 1 else repr(points[0]))
         + f", groups={[list(g) for g in groups]!r},",
@@ -181,8 +187,9 @@ def next_step_code(
         "    return advise(history, comparison=results)",
         "",
         "",
-        "# print(next_step(history, model_factory, loss_fns, train_data, eval_data"
-        + (", lr=..." if lr is None else "") + (", steps=..." if steps is None else "") + "))",
+        "advice = next_step(history, model_factory, loss_fns, train_data, eval_data, metrics"
+        + (", lr=..." if lr is None else "") + ")",
+        "print(advice)",
     ]
     return "\n".join(lines)
 

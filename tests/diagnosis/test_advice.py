@@ -151,10 +151,13 @@ def test_next_step_code_is_valid_python():
         assert [a.arg for a in fn.args.args][:6] == [
             "history", "model_factory", "loss_fns", "train_data", "eval_data", "metrics"
         ]
-        assert [a.arg for a in fn.args.kwonlyargs] == ["lr", "steps", "seeds"] and fn.args.kw_defaults[0] is None
+        assert [a.arg for a in fn.args.kwonlyargs] == ["lr", "steps", "seeds"]
+        assert [ast.literal_eval(d) for d in fn.args.kw_defaults] == [None, None, 3]  # the budget is asked for
+        assert "lr=..." in code.splitlines()[-2]
         assert variant in _variants(code) and "independent" in _variants(code)
         assert "groups=[['a', 'b'], ['c']]" in code and "advise(history, comparison=results)" in code
-    known = ast.parse(next_step_code("keep_shared", None, [["a"], ["b"]], steps=123, lr=0.01)).body[-1]
+    known = next(n for n in ast.parse(next_step_code("keep_shared", None, [["a"], ["b"]], steps=123, lr=0.01)).body
+                 if isinstance(n, ast.FunctionDef))
     assert [ast.literal_eval(d) for d in known.args.kw_defaults] == [0.01, 123, 3]
 
 
@@ -180,12 +183,13 @@ def test_next_step_runs_as_printed(capsys):
             monitor.backward({t: loss_fns[t](out[t], y) for t, y in data[0][1].items()})
             opt.step()
     advice = advise(monitor.history, model=model, optimizer=opt)
-    fn = ast.parse(advice.next_step).body[-1]
-    assert isinstance(fn, ast.FunctionDef)
+    fn = next(n for n in ast.parse(advice.next_step).body if isinstance(n, ast.FunctionDef))
     assert [ast.literal_eval(d) for d in fn.args.kw_defaults][:2] == [0.01, 12]  # the monitored run's budget
-    namespace: dict = {}
-    exec(compile(advice.next_step, "<next_step>", "exec"), namespace)  # noqa: S102 - the printed code, as is
-    checked = namespace["next_step"](monitor.history, factory, loss_fns, data, None, steps=6, seeds=2)
+    # The printed code, as is, with the inputs it names (eval_data None: no held-out data).
+    namespace = {"history": monitor.history, "model_factory": factory, "loss_fns": loss_fns, "train_data": data,
+                 "eval_data": None, "metrics": None}
+    exec(compile(advice.next_step, "<next_step>", "exec"), namespace)  # noqa: S102
+    checked = namespace["advice"]
     assert isinstance(checked, Advice) and checked.signal("ceiling").status != "n/a"
     assert "Delta-m is measured on the training loss" in capsys.readouterr().out  # no held-out data: said plainly
 
