@@ -38,13 +38,13 @@ if TYPE_CHECKING:
         LoRASplit,
         MultiTaskNet,
         SplitEvaluation,
-        branch,
-        compare,
         delta_m,
         evaluate_split,
         lora_split,
         split_gains,
     )
+    from gradconflict.split.branch import branch
+    from gradconflict.split.compare import compare
 
 
 def _version() -> str:
