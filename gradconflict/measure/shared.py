@@ -175,7 +175,12 @@ class SharedParameters:
 
     # ------------------------------------------------------------------------------------------ state
     def state(self) -> list[str]:
-        """The names of the discovered or given parameters (what a resumed run restores)."""
+        """The names of the shared parameters: the discovered or given ones (what a resumed run restores), or the
+        shared module's that require grad."""
+        if self.module is not None:
+            params = self._parameters(self.module)
+            self._name(params)
+            return [self.names[id(p)] for p in params]
         return [self.names[k] for k in self._found if k in self.names]
 
     def load(self, names: Sequence[str]) -> None:

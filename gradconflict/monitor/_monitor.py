@@ -36,7 +36,7 @@ from gradconflict.measure.distributed import Sync
 from gradconflict.measure.engine import Engine, make_engine
 from gradconflict.measure.report import ConflictReport
 from gradconflict.measure.shared import SharedParameters
-from gradconflict.measure.tasks import TaskLosses, task_losses
+from gradconflict.measure.tasks import task_losses
 from gradconflict.monitor._assemble import Assembler
 from gradconflict.monitor._attach import attach, unwrap
 from gradconflict.monitor._guard import NonFiniteGuard
@@ -153,11 +153,11 @@ class ConflictMonitor:
         release = attach(id(self), inner, allow_other_monitors)
         try:
             self._shared = SharedParameters(inner, shared)
+            self.history = History(ema_decay=ema_decay, max_history=max_history, sinks=sinks)
             options = {"strategy": strategy, "loop_memory": loop_memory, "math_attention": math_attention}
             module = shared if isinstance(shared, nn.Module) else None
             self.engine: Engine = make_engine(engine, inner, module, **(options if engine == "auto" else {}))
-            self.history = History(ema_decay=ema_decay, max_history=max_history, sinks=sinks)
-        except BaseException:
+        except BaseException:  # nothing is tapped yet
             release()
             raise
         self.every = every
@@ -168,8 +168,9 @@ class ConflictMonitor:
         self.step = start_step
         self._scaling = Scaling(scaler)
         self._weighting = StepWeights()
+        self._planner = Planner(inner, self._shared, self.engine, self._scaling)
         self._measuring = MeasuringPass(
-            Planner(inner, self._shared, self.engine, self._scaling),
+            self._planner,
             self.engine,
             self._scaling,
             NonFiniteGuard(on_nonfinite, scaler is not None, self._sync),
@@ -187,9 +188,7 @@ class ConflictMonitor:
     @property
     def shared_parameters(self) -> list[str]:
         """Names of the shared parameters (empty until discovered at a step with two or more tasks)."""
-        return self._shared.state() if self._shared.module is None else [
-            self._shared.names[id(p)] for p in self._shared.module.parameters() if p.requires_grad
-        ]
+        return self._shared.state()
 
     @property
     def plan(self) -> dict[str, Any]:
@@ -223,7 +222,7 @@ class ConflictMonitor:
         self._check_open()
         self.step = self._state.load(state)
         self._micro.reset()
-        self._measuring.planner.reset()
+        self._planner.reset()
         self.engine.arm(self._taps_wanted())
 
     # ------------------------------------------------------------------------------------------ steps
@@ -265,7 +264,7 @@ class ConflictMonitor:
                 "with backward_fn= (a framework's own backward)"
             )
         self._weighting.select(weighting, self.accumulation_steps)
-        write = backward_fn or functools.partial(self._write, batch)
+        write = backward_fn or functools.partial(write_grads, batch, self._scaling, self._weighting, self._planner)
         report = None
         if self.accumulation_steps > 1:
             if not self._micro.add(batch, self.step, self.step % self.every == 0, write):
@@ -330,10 +329,6 @@ class ConflictMonitor:
     def _advance(self) -> None:
         self.step += 1
         self.engine.arm(self._taps_wanted())
-
-    def _write(self, batch: TaskLosses) -> None:
-        plan = self._measuring.planner.plan
-        write_grads(batch, self._scaling, self._weighting, None if plan is None else plan.shared, self._shared.names)
 
     # ------------------------------------------------------------------------------------------ diagnosis
     def advise(self, **kwargs: Any) -> Advice:

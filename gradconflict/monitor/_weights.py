@@ -9,6 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from gradconflict.measure.tasks import TaskLosses
+from gradconflict.monitor._plan import Planner
 from gradconflict.monitor._scaling import Scaling
 from gradconflict.weighting import StepWeights
 
@@ -62,14 +63,13 @@ def weights_by_task(losses: Mapping[Hashable, Tensor], weights: Any) -> Mapping[
     return dict(zip(losses, values))
 
 
-def write_grads(
-    batch: TaskLosses, scaling: Scaling, weighting: StepWeights, shared: set[int] | None, names: Mapping[int, str]
-) -> None:
+def write_grads(batch: TaskLosses, scaling: Scaling, weighting: StepWeights, planner: Planner) -> None:
     """``.grad`` by autograd's own backward of ``sum_i w_i L_i`` (scaled, under a GradScaler), the shared part of
-    each task's gradient scaled by the weighting's ``lambda_i`` when one is active (``shared``: the measured
-    parameters' ids, ``names``: every parameter's name, for the weighting's warnings)."""
+    each task's gradient scaled by the weighting's ``lambda_i`` when one is active (the ``planner`` knows the
+    measured parameters, which the weighting's warnings tell apart from the others)."""
+    shared = None if planner.plan is None else planner.plan.shared
     try:
-        weighting.backward(batch, scaling.backward, shared, names)
+        weighting.backward(batch, scaling.backward, shared, planner.shared.names)
     except RuntimeError as err:
         if graph_freed(err):
             raise RuntimeError(FREED) from err
