@@ -26,7 +26,14 @@ FROZEN = "no shared parameter requires grad (is the backbone frozen?)"
 
 class DetachedTaskWarning(UserWarning):
     """A task's loss stopped reaching the shared parameters after earlier steps in which it did (a
-    ``.detach()`` on the way): it is measured as a task with a zero gradient there."""
+    ``.detach()`` on the way): it is measured as a task with a zero gradient there. Raised once per task.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("error", DetachedTaskWarning)  # stop the run instead of warning
+    ...     issubclass(DetachedTaskWarning, UserWarning)
+    True
+    """
 
 
 class Planner:
@@ -83,5 +90,5 @@ class Planner:
                     "from the backbone?): it is measured as a task with a zero gradient. Check the forward that "
                     "computes it",
                     DetachedTaskWarning,
-                    stacklevel=5,
+                    stacklevel=4,
                 )

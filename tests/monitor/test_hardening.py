@@ -11,8 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradconflict import ConflictMonitor, MeasurementWarning
-from gradconflict.monitor import DetachedTaskWarning
+from gradconflict import ConflictMonitor, DetachedTaskWarning, MeasurementWarning
 from tests.zoo import FAMILIES, MultiTask, linear_heads, losses_of
 
 
