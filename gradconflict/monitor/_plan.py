@@ -1,9 +1,9 @@
 """This step's plan: which parameters are measured, and which layer owns each.
 
 The shared set is read at every measured step (a module's parameters that require grad, or the discovered
-ones), so parameters added, removed, frozen or unfrozen mid-run are followed; the layer names are read again
-when a shared parameter is new to them (a LoRA adapter put into a monitored model), and the engine is told
-whenever the set changes.
+ones), so parameters added, removed, frozen or unfrozen mid-run are followed (a LoRA adapter put into a
+monitored model, or merged away); whenever the set changes, the layer names are read again and the engine is
+told.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Planner:
         copies = self.shared.leaves(shared)  # FSDP2: the graph holds unsharded copies of the parameters
         ids = {id(p) for p in shared} | {id(c) for c in copies.values()}
         if self.plan is None or self.plan.shared != ids:
-            if any(id(p) not in self._layer_of for p in shared):
+            if self.plan is not None:  # modules may have been added, removed or moved since
                 self._layer_of, self._module_name = layer_names(self.model)
             layer_of = self._layer_of | {id(c): self._layer_of[k] for k, c in copies.items() if k in self._layer_of}
             self.report_dtype = gram_dtype(shared)

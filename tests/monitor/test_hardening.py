@@ -298,6 +298,25 @@ def test_parameters_added_mid_run_are_measured_against_the_oracle(given):
     assert_same_grads(model, twin)
 
 
+@pytest.mark.parametrize("given", [False, True], ids=["discovered", "module"])
+def test_parameters_removed_mid_run_leave_the_shared_set(given):
+    torch.manual_seed(0)
+    model, x = FAMILIES["mlp"](2)
+    model.backbone[2] = _Adapter(model.backbone[2])
+    with ConflictMonitor(model, shared=model.backbone if given else None) as monitor:
+        monitor.backward(losses_of(model(x)))
+        assert "backbone.2.down.weight" in monitor.shared_parameters
+        model.backbone[2] = model.backbone[2].base  # the adapter merged away
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", MeasurementWarning)
+            losses = losses_of(model(x))
+            expected = oracle_gram(losses, list(model.backbone.parameters()))
+            report = monitor.backward(losses)
+        assert not [n for n in monitor.shared_parameters if ".down." in n or ".up." in n]
+    torch.testing.assert_close(report.gram.double(), expected, rtol=1e-5, atol=1e-9)
+    assert "backbone.2" in report.layers and "backbone.2.up" not in report.layers
+
+
 # ------------------------------------------------------------------------------------------ state
 def _corrupt(state: dict, field: str, value: object) -> dict:
     state = dict(state)
