@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradconflict import ConflictMonitor, DetachedTaskWarning, MeasurementWarning
+from gradconflict import ConflictMonitor, DetachedTaskWarning, MeasurementWarning, is_measuring
 from tests.zoo import FAMILIES, MultiTask, linear_heads, losses_of
 
 
@@ -90,6 +90,29 @@ def test_a_failure_anywhere_in_the_measuring_pass_trains_the_plain_step_and_warn
         assert all(r.skipped and r.skip_reason.startswith("measurement failed") for r in reports)
         assert monitor.step == 3 and len(monitor.history) == 3
     plain_step(twin, x)
+    assert_same_grads(model, twin)
+
+
+@pytest.mark.parametrize("engine", ["auto", "reference"])
+def test_a_hook_that_raises_inside_the_measuring_backward_trains_the_plain_step(engine):
+    torch.manual_seed(0)
+    model, x = FAMILIES["mlp"](2)
+    twin = copy.deepcopy(model)
+
+    def refuse_measurement(grad):
+        if is_measuring():
+            raise RuntimeError("this hook cannot run batched")
+        return grad
+
+    with ConflictMonitor(model, engine=engine) as monitor, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        h = model.backbone(x)
+        h.register_hook(refuse_measurement)
+        report = monitor.backward({t: head(h).pow(2).mean() for t, head in model.heads.items()})
+    assert MeasurementWarning in [w.category for w in caught]
+    assert report.skipped and report.skip_reason.startswith("measurement failed")
+    h = twin.backbone(x)
+    sum(head(h).pow(2).mean() for head in twin.heads.values()).backward()
     assert_same_grads(model, twin)
 
 
