@@ -71,7 +71,8 @@ class ConflictMonitor:
             (or leaving a ``with`` block, or when the monitor is garbage-collected).
         shared: the shared parameters: a module (its parameters that require grad, read at each step), an
             iterable of parameters, or ``None`` to discover them at the first step that carries two or more tasks,
-            as the parameters that receive gradient from two or more of them.
+            as the parameters that receive gradient from two or more of them (and again whenever the parameters
+            that require grad change: unfrozen, frozen, added or removed).
         engine: ``"auto"`` (one batched backward with per-layer rules, exact), ``"reference"`` (T separate
             backward passes, for checking) or ``"representation"`` (gradients at the output of ``shared``, which
             must then be a module: near free, approximate, and its reports say so).
@@ -90,7 +91,8 @@ class ConflictMonitor:
             Gram is that of the summed task gradients. Measured logical steps hold one copy of every shared
             parameter per task while they accumulate.
         scaler: a ``torch.amp.GradScaler``: ``.grad`` is written as ``scaler.scale(total).backward()`` would, the
-            Gram is measured on the scaled losses and reported unscaled.
+            Gram is measured on the scaled losses, accumulated and unscaled in float64 (exact at any scale) and
+            reported in the shared parameters' dtype.
         sinks: where each measured step goes as it is collected (e.g. ``[JSONLSink("run.jsonl")]``).
         allow_other_monitors: attach even if another open monitor taps the same model.
         sync: under ``torch.distributed`` (DDP, FSDP), how the ranks' measurements combine: ``"exact"`` (the
@@ -255,6 +257,16 @@ class ConflictMonitor:
 
         Returns this step's :class:`~gradconflict.ConflictReport`; ``None`` on a step that ``every`` leaves
         unmeasured (a plain backward) and on every micro-batch but the last of an accumulation group.
+
+        >>> import torch, torch.nn as nn
+        >>> heads = nn.ModuleDict({"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)})
+        >>> model = nn.ModuleDict({"backbone": nn.Linear(2, 4), "heads": heads})
+        >>> monitor = ConflictMonitor(model, shared=model.backbone)
+        >>> h = model.backbone(torch.randn(8, 2))
+        >>> report = monitor.backward({"a": heads["a"](h).mean(), "b": heads["b"](h).mean()}, weights=[1.0, 0.5])
+        >>> report.weights.tolist(), model.backbone.weight.grad is not None
+        ([1.0, 0.5], True)
+        >>> monitor.close()
         """
         self._check_open()
         batch = task_losses(losses, weights_by_task(losses, weights))
