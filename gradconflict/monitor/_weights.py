@@ -39,8 +39,8 @@ def weights_by_task(losses: Mapping[Hashable, Tensor], weights: Any) -> Mapping[
     >>> weights_by_task({"a": x, "b": 2 * x}, [1.0, 0.5])
     {'a': 1.0, 'b': 0.5}
     """
-    if weights is None or isinstance(weights, Mapping):
-        return weights
+    if weights is None or isinstance(weights, Mapping) or not isinstance(losses, Mapping):
+        return weights  # (losses that are not a dict are refused with their own message)
     if isinstance(weights, Tensor):
         if weights.dim() != 1:
             raise ValueError(
