@@ -14,6 +14,8 @@ libraries load on first use, e.g. when ``gradconflict.advise`` is first read.
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _installed_version
 from typing import TYPE_CHECKING, Any
 
 from gradconflict import _moved
@@ -44,7 +46,16 @@ if TYPE_CHECKING:
         split_gains,
     )
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's, the one place it is written)."""
+    try:
+        return _installed_version("gradconflict")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 #: Public names loaded on first use, and the module that holds each.
 _LAZY = {

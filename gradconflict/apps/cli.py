@@ -4,6 +4,10 @@ Saved histories may hold steps that carry different tasks (partial labels, round
 then says which tasks and pairs the measured steps carried, and ``advise`` judges each pair on the steps that
 carried both (see :mod:`gradconflict.diagnosis`). Output piped into a reader that stops early (``| head``) ends
 the command quietly.
+
+Whatever is wrong with the input (a missing file or a folder, a line of a foreign schema, an output path under a
+regular file, a bad option) is said in one line on stderr, and the command exits with status 2; a warning (a
+line cut short by a crash, skipped) is one line on stderr too.
 """
 
 from __future__ import annotations
@@ -11,7 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 __all__ = ["build_parser", "main"]
 
@@ -32,28 +40,31 @@ def _demo(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else (150 if args.quick else 400)
     compare_steps = args.compare_steps if args.compare_steps is not None else (60 if args.quick else 200)
     run_demo(
-        steps=steps, compare_steps=compare_steps, out_dir=args.out, seed=args.seed, progress=not args.no_progress
+        steps=steps, compare_steps=compare_steps, out_dir=args.out, seed=args.seed,
+        progress=not (args.no_progress or args.quiet), log_every=None if args.quiet else 50,
     )
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from gradconflict.diagnosis import advise
+    from gradconflict.diagnosis import advise, align
     from gradconflict.records.history import History
     from gradconflict.reporting.summary import summarize_run
 
+    for out in (args.output, args.png):
+        _check_writable(out)
     history = History.from_jsonl(args.history)
-    reports = history.reports
-    if all(r.skipped for r in reports):
+    aligned = align(history)  # once: the advice, the summary and the HTML report read these arrays
+    if not aligned.num_steps:
         print(f"{args.history}: no measured step", file=sys.stderr)
         return 1
-    advice = advise(reports)
-    summary = summarize_run(reports, profile=advice.profile)
+    advice = advise(aligned)
+    summary = summarize_run(history, profile=advice.profile, aligned=aligned)
     print(f"{args.history}: {summary.text()}")
     if args.lines > 0:
         print("\nsteps:")
-        for r in reports[:: max(1, -(-len(reports) // args.lines))]:
-            print("  " + r.summary())
+        for k in range(0, len(history), max(1, -(-len(history) // args.lines))):
+            print("  " + history[k].summary())
     groups = " | ".join("[" + ", ".join(g) + "]" for g in advice.groups)
     where = f", branch point {advice.branch_point}" if advice.branch_point is not None else ""
     print(f"\nadvice: {advice.verdict}{where}, groups {groups} (gradconflict advise {args.history}: the evidence)")
@@ -62,10 +73,12 @@ def _report(args: argparse.Namespace) -> int:
 
         source = os.path.basename(args.history)
         if args.output is not None:
-            path = write_html(reports, args.output, advice=advice, source=source, png_dir=args.png, summary=summary)
+            path = write_html(
+                history, args.output, advice=advice, source=source, png_dir=args.png, summary=summary, aligned=aligned
+            )
             print(f"report: {path}")
         else:
-            render_html(reports, advice=advice, source=source, png_dir=args.png, summary=summary)
+            render_html(history, advice=advice, source=source, png_dir=args.png, summary=summary, aligned=aligned)
         if args.png is not None:
             print(f"figures: {args.png}/*.png")
     return 0
@@ -85,6 +98,38 @@ def _advise(args: argparse.Namespace) -> int:
     advice = advise_from_jsonl(args.history, thresholds=thresholds or None)
     print(json.dumps(advice.to_dict(), indent=2) if args.json else advice.summary() if args.brief else advice)
     return 0
+
+
+def _check_writable(path: str | None) -> None:
+    """Refuse an output path that cannot be written (under a regular file) before the run is read, not after."""
+    if path is None:
+        return
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a folder")
+            return
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        return f"{err.filename}: {err.strerror[0].lower()}{err.strerror[1:]}"  # not Python's "[Errno 21] ..."
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+@contextmanager
+def _warnings_as_lines(command: str) -> Iterator[None]:
+    """Show each warning as one line on stderr (no source line): the command line's user reads no traceback."""
+
+    def show(
+        message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+    ) -> None:
+        text = str(message).removeprefix("gradconflict: ")
+        print(f"gradconflict {command}: warning: {text}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="gradconflict-run", help="output folder (default: gradconflict-run)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (there is none when output is not a terminal)"
+    )
+    demo.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bar and no per-step lines: the results only"
+    )
     demo.set_defaults(func=_demo)
     report = sub.add_parser(
         "report",
@@ -127,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     advise = sub.add_parser(
         "advise",
         help="should the backbone be split? advice from a saved run",
-        description="Diagnose a saved run: the four warning signals with their evidence, the layer profile and "
+        description="Diagnose a saved run: the six signals (four warning signs, two warnings about what a split "
+        "cannot cure) with their evidence, the layer profile and "
         "branch point, the task groups, and the comparison experiment to run next.",
     )
     advise.add_argument("history", help="a history written by History.to_jsonl or a JSONLSink")
@@ -150,13 +201,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        print(f"gradconflict {args.command}: {err}", file=sys.stderr)
-        return 2
+        with _warnings_as_lines(args.command):
+            return args.func(args)
     except BrokenPipeError:
         # The reader stopped early (`gradconflict report RUN.jsonl | head`): end quietly, as Unix tools do. Output
         # still buffered for the closed pipe goes to /dev/null, so the interpreter's own flush at exit is silent.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, the status of a Unix tool stopped by a closed pipe
+    except (OSError, ValueError, ImportError) as err:  # the input, the output path or an option: say which
+        print(f"gradconflict {args.command}: {_one_line(err)}", file=sys.stderr)
+        return 2

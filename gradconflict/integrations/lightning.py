@@ -108,7 +108,8 @@ class ConflictCallback(pl.Callback):
     plugin's loss scaler (``"16-mixed"``) the monitor's ``scaler``. Each measured step is logged with
     ``pl_module.log_dict(..., on_step=True, on_epoch=False)`` under the tags of
     :func:`~gradconflict.integrations.report_scalars` (``conflict/cos/<a>-<b>``, ``conflict/cancellation``, ...).
-    Under DDP each process measures its own batch and rank 0's logger writes its figures.
+    Under DDP each process measures its own micro-batch, every rank reports the global batch's Gram (with the
+    monitor's default ``sync="exact"``) and rank 0's logger writes it.
 
     Attributes:
         monitor: the :class:`~gradconflict.ConflictMonitor` of the current or last fit (closed when fitting ends;

@@ -48,7 +48,8 @@ class Assembler:
             step=step,
             engine=self.engine,
             strategy=measurement.strategy,
-            approximate=self.approximate,
+            # a sketched Gram is an estimate of the exact one, as a representation-mode Gram is
+            approximate=self.approximate or (self.sync is not None and self.sync.mode == "sketch"),
             threshold=self.threshold,
             sync="" if self.sync is None else self.sync.mode,
         )

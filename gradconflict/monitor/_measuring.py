@@ -98,7 +98,8 @@ class MeasuringPass:
         if reason not in self._warned:
             self._warned.add(reason)
             warnings.warn(
-                f"gradconflict: {reason}; the step was trained as usual and is recorded as skipped",
+                f"gradconflict: {reason}; the step was trained as usual and is recorded as skipped (if it recurs, "
+                'engine="reference" measures with T plain backward passes)',
                 MeasurementWarning,
                 stacklevel=5,
             )

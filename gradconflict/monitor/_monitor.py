@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from gradconflict.measure.checkpoint import BufferGuard
 from gradconflict.measure.distributed import Sync
 from gradconflict.measure.engine import Engine, make_engine
+from gradconflict.measure.metrics import CONFLICT_COSINE
 from gradconflict.measure.report import ConflictReport
 from gradconflict.measure.shared import SharedParameters
 from gradconflict.measure.tasks import task_losses
@@ -47,7 +48,7 @@ from gradconflict.monitor._plan import DetachedTaskWarning, Planner
 from gradconflict.monitor._scaling import Scaling
 from gradconflict.monitor._state import MonitorState
 from gradconflict.monitor._weights import weights_by_task, write_grads
-from gradconflict.records.history import History, Sink
+from gradconflict.records.history import EMA_DECAY, MAX_HISTORY, History, Sink
 from gradconflict.weighting import StepWeights, WeightingSpec
 
 if TYPE_CHECKING:
@@ -126,10 +127,10 @@ class ConflictMonitor:
         *,
         engine: str = "auto",
         every: int = 1,
-        threshold: float = 0.0,
+        threshold: float = CONFLICT_COSINE,
         on_nonfinite: OnNonFinite = "raise",
-        ema_decay: float = 0.9,
-        max_history: int | None = 10_000,
+        ema_decay: float = EMA_DECAY,
+        max_history: int | None = MAX_HISTORY,
         accumulation_steps: int = 1,
         scaler: Any = None,
         sinks: Iterable[Sink] = (),

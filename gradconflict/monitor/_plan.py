@@ -69,7 +69,7 @@ class Planner:
                 self._layer_of, self._module_name = layer_names(self.model)
             layer_of = self._layer_of | {id(c): self._layer_of[k] for k, c in copies.items() if k in self._layer_of}
             self.report_dtype = gram_dtype(shared)
-            self.plan = Plan(ids, layer_of, self._module_name, self.scaling.gram_dtype(shared), self.model, copies)
+            self.plan = Plan(ids, layer_of, self._module_name, self.scaling.gram_dtype(shared), copies)
             self.engine.restrict(ids)
         self.shared.check_dependence(batch.names, batch.losses, shared)
         self._params = shared

@@ -31,7 +31,7 @@ from torch import nn
 
 from gradconflict.split.model import backbone_blocks, check_convention
 
-__all__ = ["BranchedNet", "SharedBlock", "branch"]
+__all__ = ["BranchedNet", "SharedBlock", "branch", "duplicated_share"]
 
 
 class _Fork:
@@ -178,6 +178,32 @@ def _resolve_at(at: int | str, paths: list[str]) -> int:
                 return i
         raise ValueError(f"at={at!r} names no backbone block; the blocks are {paths}")
     raise TypeError(f"at must be a block index or a block path, got {type(at).__name__}")
+
+
+def duplicated_share(model: nn.Module, at: int | str, *, blocks: Sequence[str] | None = None) -> float:
+    """The share of the backbone's parameters that :func:`branch` ``(model, at=at, blocks=blocks)`` copies: what
+    each group beyond the first adds, as a share of the backbone (0: nothing copied; 1: the whole backbone).
+
+    It is what ``branch`` does, counted: every distinct backbone parameter outside the shared blocks below ``at``
+    (the blocks from ``at`` up, and any module no block names) is copied once per extra group, so a branched
+    model with ``g`` groups holds ``(g - 1) * share * backbone parameters`` more than ``model``. ``at`` is read as
+    ``branch`` reads it: a layer's path branches at its block, so the whole block counts.
+
+    >>> import torch.nn as nn
+    >>> from gradconflict.split import MultiTaskNet
+    >>> net = MultiTaskNet(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), {"a": nn.Linear(4, 1)})
+    >>> duplicated_share(net, at=1), duplicated_share(net, at="backbone.0.weight"), duplicated_share(net, at=2)
+    (0.5, 1.0, 0.0)
+    """
+    backbone, _ = check_convention(model)
+    paths = [p for p, _ in backbone_blocks(model, blocks)]
+    index = _resolve_at(at, paths)
+    shared = {id(p) for path in paths[:index] for p in model.get_submodule(path).parameters()}
+    params = {id(p): p.numel() for p in backbone.parameters()}  # distinct parameters: tied ones count once
+    total = sum(params.values())
+    if not total:
+        raise ValueError("the backbone has no parameters: there is nothing to share or copy")
+    return sum(n for key, n in params.items() if key not in shared) / total
 
 
 def branch(

@@ -13,9 +13,12 @@ from gradconflict.apps.cli import main
 
 
 def test_demo_then_report(tmp_path, capsys):
-    assert main(["demo", "--steps", "30", "--compare-steps", "12", "--out", str(tmp_path), "--no-progress"]) == 0
-    out = capsys.readouterr().out
+    assert main(["demo", "--steps", "30", "--compare-steps", "12", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
     assert "final report" in out and "conflict fraction" in out and "verdict" in out and "| variant |" in out
+    assert "\r" not in out + captured.err  # output that is not a terminal gets no progress bar
+    assert "  step 0: conflict" in out  # the per-step lines
     assert json.loads((tmp_path / "comparison.json").read_text())["rows"]
     assert json.loads((tmp_path / "advice.json").read_text())["verdict"]
     history = tmp_path / "history.jsonl"
@@ -26,6 +29,13 @@ def test_demo_then_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "30 steps (30 measured, 0 skipped), steps 0 to 29; tasks contrary, left, right" in out
     assert "left/right" in out and "layer conflict profile" in out and "advice: " in out
+
+
+def test_quiet_demo_prints_the_results_only(tmp_path, capsys):
+    assert main(["demo", "--steps", "6", "--compare-steps", "0", "--out", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "final report" in out and "saved: " in out
+    assert "step 0: conflict" not in out and "step 5: conflict" not in out
 
 
 def test_report_on_missing_file_is_a_clear_error(tmp_path, capsys):
@@ -164,3 +174,100 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
     process.stderr.close()
     assert process.wait(timeout=120) == 141
     assert first.startswith(str(path).encode()) and err == b""
+
+
+def _foreign(tmp_path, change):
+    """A two-line history whose second line is changed by ``change`` (a dict edit)."""
+    path = _partial_history(tmp_path / "run.jsonl")
+    first, second = path.read_text().splitlines()[:2]
+    data = json.loads(second)
+    change(data)
+    path.write_text(first + "\n" + json.dumps(data) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda d: d.update(layers=[1, 2]), "'layers' must be an object"),
+        (lambda d: d.update(gram=[[1.0]]), "'gram' must be a 2 x 2"),
+        (lambda d: d.update(weights=[1.0]), "'weights' must be a list"),
+    ],
+)
+@pytest.mark.parametrize("command", ["report", "advise"])
+def test_a_line_of_the_wrong_schema_is_one_line_and_status_2(tmp_path, capsys, change, says, command):
+    path = _foreign(tmp_path, change)
+    assert main([command, str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    line = f"gradconflict {command}: {tmp_path}/run.jsonl:2 is not a gradconflict history line: {says}"
+    assert captured.err.startswith(line)
+
+
+@pytest.mark.parametrize("command", ["report", "advise"])
+def test_a_folder_or_an_output_under_a_file_is_one_line_and_status_2(tmp_path, capsys, command):
+    assert main([command, str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"gradconflict {command}: {tmp_path}: is a directory\n"
+    path = _partial_history(tmp_path / "run.jsonl")
+    for option in ("-o", "--png"):
+        if command == "report":
+            assert main(["report", str(path), option, str(path / "sub" / "report.html")]) == 2
+            captured = capsys.readouterr()
+            assert captured.out == ""
+            said = f"cannot write {path}/sub/report.html: {path} is a file, not a folder"
+            assert captured.err == f"gradconflict report: {said}\n"
+
+
+def test_a_run_cut_by_a_crash_is_reported_with_a_one_line_warning(tmp_path, capsys):
+    path = _partial_history(tmp_path / "run.jsonl")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines[:5], lines[5][:30], *lines[6:]]) + "\n")
+    assert main(["report", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "11 steps (11 measured, 0 skipped)" in captured.out
+    warning, = captured.err.splitlines()
+    assert warning.startswith(f"gradconflict report: warning: {path}, line 6 is not JSON")
+    in_a_subprocess = subprocess.run(
+        [sys.executable, "-m", "gradconflict", "advise", str(path), "--brief"], capture_output=True, text=True
+    )
+    assert in_a_subprocess.returncode == 0 and in_a_subprocess.stdout.startswith("verdict: ")
+    assert in_a_subprocess.stderr.splitlines() == [warning.replace("report", "advise", 1)]
+
+
+@pytest.mark.slow  # reads 10^5 JSONL lines (about 500 MB); the 10^6 row is benchmarks/long_run.py's
+def test_report_and_advise_on_a_hundred_thousand_steps(tmp_path):
+    """`gradconflict report` used to ask for 37 GiB here (every pairwise slope of the trend); its trends now use
+    bin means, and it reports the trend the run was built with (the conflict between a and b deepening)."""
+    from benchmarks.long_run import write_history
+
+    path = tmp_path / "long.jsonl"
+    write_history(path, 100_000, tasks=3, layers=4, distinct=200)
+    from gradconflict.diagnosis import advise_from_jsonl
+
+    advice = advise_from_jsonl(path)
+    worst = advice.trends["worst_cosine"].trend
+    assert (worst.n, worst.steps) == (2048, 100_000) and worst.falling(0.05)
+    done = subprocess.run([sys.executable, "-m", "gradconflict", "report", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith(f"{path}: 100000 steps (100000 measured, 0 skipped)")
+
+
+def test_report_aligns_the_run_once(tmp_path, capsys, monkeypatch):
+    # The advice, the summary and the HTML page read one alignment of the saved history, made from its stacked
+    # records (no list of reports).
+    from gradconflict.diagnosis import aligned
+
+    path = _partial_history(tmp_path / "partial.jsonl")
+    calls = {"history": 0, "reports": 0}
+    by_history, by_reports = aligned._blocks_of_history, aligned._blocks_of_reports
+
+    def count(kind, real):
+        def counted(run):
+            calls[kind] += 1
+            return real(run)
+
+        return counted
+
+    monkeypatch.setattr(aligned, "_blocks_of_history", count("history", by_history))
+    monkeypatch.setattr(aligned, "_blocks_of_reports", count("reports", by_reports))
+    assert main(["report", str(path), "-o", str(tmp_path / "report.html")]) == 0
+    assert calls == {"history": 1, "reports": 0}

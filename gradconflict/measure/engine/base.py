@@ -89,7 +89,6 @@ class Plan:
         layer_of: parameter id -> the name of its layer (its owning module).
         module_name: module -> its layer name.
         gram_dtype: the dtype the Grams are accumulated in.
-        model: the model (its buffers are restored when a measurement recomputes a checkpointed forward).
         leaf_of: parameter id -> the tensor the autograd graph holds for it, where that is another tensor (an
             FSDP2 module's unsharded copy); ``shared`` and ``layer_of`` know both.
     """
@@ -98,7 +97,6 @@ class Plan:
     layer_of: dict[int, str]
     module_name: dict[nn.Module, str]
     gram_dtype: torch.dtype
-    model: nn.Module
     leaf_of: dict[int, Tensor] = field(default_factory=dict)
 
     def leaf(self, p: Tensor) -> Tensor:

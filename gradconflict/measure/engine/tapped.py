@@ -19,7 +19,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -153,8 +153,6 @@ class _Pass(Accumulator):
         self._pending.clear()
 
 
-Strategy = Literal["auto", "batched", "loop"]
-
 #: The strategies ``ConflictMonitor(strategy=...)`` accepts.
 STRATEGIES: tuple[str, ...] = ("auto", "batched", "loop")
 
@@ -284,7 +282,8 @@ class TappedEngine:
             self._warned,
             reason,
             f"gradconflict: {reason}; measuring with one backward per task instead (exact, slower, and it holds "
-            "T copies of the shared gradients)",
+            "T copies of the shared gradients). To choose this from the start, pass strategy=\"loop\" to the "
+            "ConflictMonitor; to pay for it less often, every=k",
         )
         return loop_accumulate(losses, plan, graph, reduction), "loop"
 
@@ -366,6 +365,7 @@ class TappedEngine:
                     match.group(1),
                     f"gradconflict: {match.group(1)} has no vmap batching rule in torch {torch.__version__}, so the "
                     f"batched backward loops over the {eye.shape[0]} tasks for it (exact, but slower). On CPU this "
-                    "is the fused attention backward: use the math attention kernel or measure less often (every=k)",
+                    "is the fused attention backward: pass math_attention=True to the ConflictMonitor (torch's math "
+                    "attention kernel in the measured forwards) or measure less often (every=k)",
                 )
         return out
