@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from gradconflict import _moved
 from gradconflict.measure.engine import PerformanceWarning, is_measuring
 from gradconflict.measure.report import ConflictReport, LayerReport
-from gradconflict.monitor import ConflictMonitor, MeasurementWarning
+from gradconflict.monitor import ConflictMonitor, DetachedTaskWarning, MeasurementWarning
 from gradconflict.records.history import History
 from gradconflict.records.sinks import JSONLSink
 from gradconflict.weighting import Weighting, WeightingError, WeightingWarning
@@ -38,13 +38,13 @@ if TYPE_CHECKING:
         LoRASplit,
         MultiTaskNet,
         SplitEvaluation,
-        branch,
-        compare,
         delta_m,
         evaluate_split,
         lora_split,
         split_gains,
     )
+    from gradconflict.split.branch import branch
+    from gradconflict.split.compare import compare
 
 
 def _version() -> str:
@@ -101,6 +101,7 @@ __all__ = [
     "split_gains",
     "ConflictMonitor",
     "ConflictReport",
+    "DetachedTaskWarning",
     "History",
     "JSONLSink",
     "LayerReport",
