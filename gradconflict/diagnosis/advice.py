@@ -516,8 +516,8 @@ def _height(block: str, blocks: list[str] | None, profile: Profile | None) -> in
     for k, path in enumerate(blocks or []):
         if block == path or block.startswith(path + "."):
             return k
-    k = _first_layer(profile, block)
-    return -1 if k is None else k
+    layer = _first_layer(profile, block)
+    return -1 if layer is None else layer
 
 
 def _economical(
@@ -541,8 +541,8 @@ def _candidates(onset: str, blocks: list[str] | None, profile: Profile | None) -
         k = _height(onset, blocks, None)
         above = blocks[k:] if k >= 0 else [onset]
     else:
-        k = _first_layer(profile, onset)
-        above = [lp.name for lp in profile.layers[k:]] if profile is not None and k is not None else [onset]
+        first = _first_layer(profile, onset)
+        above = [lp.name for lp in profile.layers[first:]] if profile is not None and first is not None else [onset]
     keep = np.unique(np.linspace(0, len(above) - 1, min(MAX_CANDIDATES, len(above))).round().astype(int))
     return [above[int(k)] for k in keep]
 

@@ -544,7 +544,7 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
     winners = [g.variant for g in gains.values() if g.beyond is True]
     varied = all(g.seeds_vary for g in every.values())
     cure = max((g for g in reweighted.values() if g.beyond is True), key=lambda g: g.mean, default=None)
-    details = {
+    details: dict[str, Any] = {
         "gains": {
             g.variant: {
                 "mean": g.mean, "per_seed": g.per_seed, "beyond": g.beyond, "p_value": _finite_or_none(g.p_value)
@@ -696,8 +696,8 @@ def magnitude_dominance(history: Run, thresholds: Thresholds | None = None) -> S
         )
         return Signal(
             name, median_gms[k], th.magnitude_gms, "watch", evidence, details, statistic="gms",
-            p_value=_finite_or_none(float(p_adjusted[k])), pairs=tuple(tuple(sorted((tasks[a], tasks[b]))) for a, b in
-                                                                     (pairs[q] for q in dominated)),  # type: ignore[misc]
+            p_value=_finite_or_none(float(p_adjusted[k])),
+            pairs=tuple(_sorted_pair(tasks, *pairs[q]) for q in dominated),
         )
     evidence = (
         f"no task's gradient dominates another's: the lowest median gradient magnitude similarity is "
@@ -705,7 +705,12 @@ def magnitude_dominance(history: Run, thresholds: Thresholds | None = None) -> S
         f"{th.magnitude_gms:g} on significantly more than half the steps); median shares of the update: {shares}"
     )
     return Signal(name, median_gms[worst], th.magnitude_gms, "ok", evidence, details, statistic="gms",
-                  pairs=(tuple(sorted((tasks[pairs[worst][0]], tasks[pairs[worst][1]]))),))  # type: ignore[arg-type]
+                  pairs=(_sorted_pair(tasks, *pairs[worst]),))
+
+
+def _sorted_pair(tasks: Sequence[str], i: int, j: int) -> tuple[str, str]:
+    a, b = sorted((tasks[i], tasks[j]))
+    return a, b
 
 
 def heavy_heads(
