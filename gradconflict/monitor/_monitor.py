@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from gradconflict.measure.attribution import sample_ids
 from gradconflict.measure.checkpoint import BufferGuard
 from gradconflict.measure.distributed import Sync
 from gradconflict.measure.engine import ENGINES, Engine, Measurement, Plan, make_engine
@@ -300,6 +301,7 @@ class ConflictMonitor:
         *,
         backward_fn: Callable[[], object] | None = None,
         weighting: WeightingSpec | None = None,
+        sample_ids: Any = None,
     ) -> ConflictReport | None:
         """Replace ``(sum_i w_i L_i).backward()``: measure the step, then let autograd fill ``.grad`` as it would.
 
@@ -317,11 +319,17 @@ class ConflictMonitor:
         ``weights`` are ``lambda_i w_i``. Pass the same name or object at every step (it keeps its state); see
         :mod:`gradconflict.weighting`.
 
+        ``sample_ids`` (a 1-D integer tensor or sequence, one id per example of the batch, e.g. dataset indices)
+        attributes the measured step's Gram to the examples: ``report.samples`` (a
+        :class:`~gradconflict.measure.attribution.SampleAttribution`) holds each example's contribution
+        ``<g_i^(n), g_j>`` and its within-example cosines. Dim 0 of every measured layer's input is the example.
+
         Returns this step's :class:`~gradconflict.ConflictReport`; ``None`` on a step that ``every`` leaves
         unmeasured (a plain backward) and on every micro-batch but the last of an accumulation group.
         """
         self._check_open()
         batch = task_losses(losses, weights)
+        ids = self._sample_ids(sample_ids)
         if backward_fn is not None and weighting is not None:
             raise ValueError(
                 "weighting= routes each task's gradient through the monitor's own backward; it cannot be combined "
@@ -335,7 +343,7 @@ class ConflictMonitor:
             write()
             self._advance()
             return None
-        report = self._measured(batch, write)
+        report = self._measured(batch, write, ids)
         self._advance()
         return report
 
@@ -345,14 +353,17 @@ class ConflictMonitor:
         weights: Mapping[Hashable, object] | None = None,
         *,
         weighting: WeightingSpec | None = None,
+        sample_ids: Any = None,
     ) -> ConflictReport:
         """The same report as :meth:`backward`, leaving ``.grad`` untouched and the graph alive for your own
         backward. Counts as one step; with ``weighting``, the report's ``weights`` are the ones the method gives
-        (``lambda_i w_i``) and the method's state advances as in :meth:`backward`."""
+        (``lambda_i w_i``) and the method's state advances as in :meth:`backward`; ``sample_ids`` as in
+        :meth:`backward`."""
         self._check_open()
         batch = task_losses(losses, weights)
+        ids = self._sample_ids(sample_ids)
         self._weighting.select(weighting, self.accumulation_steps)
-        report = self._measured(batch, None)
+        report = self._measured(batch, None, ids)
         self._advance()
         return report
 
@@ -380,6 +391,28 @@ class ConflictMonitor:
         report = self._close_group() if self._accumulated is not None else None
         self._advance()
         return report
+
+    def _sample_ids(self, ids: Any) -> Tensor | None:
+        """The checked ``sample_ids`` (``None`` when not given); a set-up that cannot attribute raises here, before
+        anything is computed."""
+        if ids is None:
+            return None
+        if not hasattr(self.engine, "attribute"):
+            raise ValueError(
+                f"sample_ids needs the default engine's per-layer pass; engine={self.engine.name!r} has none: use "
+                "engine='auto' (exact) to attribute the Gram to examples"
+            )
+        if self.accumulation_steps > 1:
+            raise ValueError(
+                "sample_ids is not supported with accumulation_steps > 1 yet: attribute single steps "
+                "(accumulation_steps=1), or call without sample_ids"
+            )
+        if self._sync is not None and self._sync.is_global:
+            raise ValueError(
+                f"sample_ids is not supported with sync={self._sync.mode!r} across processes yet: with "
+                "sync='local' each rank attributes its own examples against its own batch's gradients"
+            )
+        return sample_ids(ids)
 
     def _check_open(self) -> None:
         if self.closed:
@@ -505,7 +538,8 @@ class ConflictMonitor:
         return losses if self._sync is None or not self._sync.is_global else self._sync.mean(losses)
 
     def _report(
-        self, names: tuple[str, ...], measurement: Measurement, weights: Tensor, losses: Tensor, step: int
+        self, names: tuple[str, ...], measurement: Measurement, weights: Tensor, losses: Tensor, step: int,
+        ids: Tensor | None = None,
     ) -> ConflictReport:
         layers = {
             name: LayerReport(
@@ -527,6 +561,10 @@ class ConflictMonitor:
             threshold=self.threshold,
             sync="" if self._sync is None else self._sync.mode,
         )
+        if ids is not None and measurement.samples is not None:
+            samples = measurement.samples.result(ids, names)
+            # under a GradScaler the losses were scaled: so is every inner product, by the scale's square
+            report.samples = samples.scaled(self._unscale(samples.gram.new_ones(()), 2))
         self.history.append(report)
         return report
 
@@ -537,7 +575,9 @@ class ConflictMonitor:
         self.history.append(report)
         return report
 
-    def _measured(self, batch: TaskLosses, write: Callable[[], object] | None) -> ConflictReport:
+    def _measured(
+        self, batch: TaskLosses, write: Callable[[], object] | None, ids: Tensor | None = None
+    ) -> ConflictReport:
         """Measure one step, then write ``.grad`` (``write``, if any) unless the step is skipped or raised."""
         step, losses, weights = self.step, batch.loss_vector(), batch.weight_vector()
         plan = self._plan_for(batch)
@@ -546,7 +586,10 @@ class ConflictMonitor:
                 write()
             return self._skipped(batch.names, step, plan, losses, self._weighting.effective(batch))
         reduction = None if self._sync is None else self._sync.reduction(step)
-        outcome = self._engine_call(lambda: self.engine.measure(self._roots(batch), plan, reduction))
+        if ids is None:
+            outcome = self._engine_call(lambda: self.engine.measure(self._roots(batch), plan, reduction))
+        else:
+            outcome = self._engine_call(lambda: self.engine.attribute(self._roots(batch), plan, len(ids)))
         if isinstance(outcome, str):
             if write is not None:
                 write()
@@ -566,7 +609,7 @@ class ConflictMonitor:
             write()
         if reason:
             return self._skipped(batch.names, step, reason, losses, weights)
-        return self._report(batch.names, measurement, weights, self._global_losses(losses), step)
+        return self._report(batch.names, measurement, weights, self._global_losses(losses), step, ids)
 
     # ------------------------------------------------------------------------------------------ micro-batches
     def _micro_batch(self, batch: TaskLosses, write: Callable[[], object]) -> ConflictReport | None:

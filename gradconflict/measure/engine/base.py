@@ -8,7 +8,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -114,11 +114,13 @@ class LayerResult:
 
 @dataclass
 class Measurement:
-    """Per-layer Grams summing to ``gram``, and how the step was measured (``strategy``)."""
+    """Per-layer Grams summing to ``gram``, and how the step was measured (``strategy``); ``samples``, the
+    per-example attribution when one was asked for (:class:`gradconflict.measure.attribution.Attributor`)."""
 
     gram: Tensor
     layers: dict[str, LayerResult]
     strategy: str
+    samples: Any = None
 
 
 class Engine(Protocol):
