@@ -45,7 +45,7 @@ def sample_ids(ids: Any) -> Tensor:
     try:
         tensor = torch.as_tensor(ids).detach()
     except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"sample_ids must be a 1-D sequence of integers, one per example of the batch ({err})") from err
+        raise ValueError(f"sample_ids must be a 1-D sequence of integers, one per example ({err})") from err
     if tensor.ndim != 1:
         raise ValueError(
             "sample_ids must be a 1-D sequence of integers, one per example of the batch; "
