@@ -17,10 +17,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from gradconflict import _moved
+from gradconflict.measure.attribution import SampleAttribution
 from gradconflict.measure.engine import PerformanceWarning, is_measuring
 from gradconflict.measure.report import ConflictReport, LayerReport
 from gradconflict.monitor import ConflictMonitor, MeasurementWarning
 from gradconflict.records.history import History
+from gradconflict.records.samples import SampleTally
 from gradconflict.records.sinks import JSONLSink
 from gradconflict.weighting import Weighting, WeightingError, WeightingWarning
 
@@ -95,6 +97,8 @@ __all__ = [
     "LayerReport",
     "MeasurementWarning",
     "PerformanceWarning",
+    "SampleAttribution",
+    "SampleTally",
     "Signal",
     "TensorBoardSink",
     "Thresholds",

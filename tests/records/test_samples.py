@@ -85,6 +85,9 @@ def planted_problem(kind: str, seed: int) -> tuple[Tensor, Tensor, Tensor, Tenso
     return X, a, b, planted, "regression"
 
 
+LR = 0.1
+
+
 def precision_at_k(kind: str, seed: int, steps: int) -> float:
     torch.manual_seed(seed)
     X, target_a, target_b, planted, task = planted_problem(kind, seed)
@@ -92,7 +95,7 @@ def precision_at_k(kind: str, seed: int, steps: int) -> float:
     backbone = nn.Sequential(nn.Linear(X.shape[1], 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
     heads = nn.ModuleDict({"a": nn.Linear(64, classes[0]), "b": nn.Linear(64, classes[1])})
     model = nn.ModuleDict({"backbone": backbone, "heads": heads})
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1 if task == "classification" else 0.2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     loss = F.cross_entropy if task == "classification" else F.mse_loss
     tally = SampleTally()
     batches = torch.Generator().manual_seed(seed + 100)
