@@ -122,6 +122,40 @@ class SampleAttribution:
         a, b = (self.tasks.index(t) if isinstance(t, str) else t for t in (i, j))
         return self.contribution[:, a, b] + self.contribution[:, b, a]
 
+    def pairs(self) -> dict[tuple[str, str], tuple[Tensor, Tensor]]:
+        """Per pair of tasks ``(a, b)`` (in :attr:`tasks` order), each example's ``(push, agreement)``, ``[N]``
+        each: :meth:`pushes_apart`, and its own inner product ``<g_a^(n), g_b^(n)>`` divided by the batch's mean
+        of ``(|g_a^(m)|^2 + |g_b^(m)|^2) / 2`` (zero when that is zero). What the run's per-id aggregates add up
+        (:class:`gradconflict.records.samples.SampleTally`)."""
+        out = {}
+        T = len(self.tasks)
+        for i in range(T):
+            for j in range(i + 1, T):
+                scale = ((self.within[:, i, i] + self.within[:, j, j]) / 2).mean()
+                agreement = self.within[:, i, j] / scale if scale > 0 else torch.zeros_like(self.within[:, i, j])
+                out[(self.tasks[i], self.tasks[j])] = (self.pushes_apart(i, j), agreement)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python (JSON-ready) view for a step's record: the ids, the sum check, the parameters left out,
+        and each pair's per-example ``push`` and ``agreement`` (:meth:`pairs`), not the full ``[N, T, T]``."""
+        return {
+            "ids": self.ids.tolist(),
+            "residual": self.residual,
+            "omitted": sorted(self.omitted),
+            "pairs": [
+                {"pair": list(pair), "push": push.double().tolist(), "agreement": agreement.double().tolist()}
+                for pair, (push, agreement) in self.pairs().items()
+            ],
+        }
+
+    def to(self, device: torch.device | str) -> SampleAttribution:
+        """The same attribution with its tensors on ``device``."""
+        return replace(
+            self, ids=self.ids.to(device), contribution=self.contribution.to(device), within=self.within.to(device),
+            gram=self.gram.to(device),
+        )
+
     def scaled(self, factor: float | Tensor) -> SampleAttribution:
         """The same attribution with every inner product multiplied by ``factor`` (a loss scale's square)."""
         return replace(

@@ -311,10 +311,13 @@ class ConflictReport(_GramMetrics):
         if self.skipped:
             return head
         mine, *layers = _metrics_dicts([self, *self.layers.values()])  # every layer in one batch
-        return {
+        out = {
             **head, **mine,
             "layers": {k: v._with_metrics(d) for (k, v), d in zip(self.layers.items(), layers)},
         }
+        if self.samples is not None:
+            out["samples"] = self.samples.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ConflictReport:

@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from gradconflict.measure.attribution import sample_ids
 from gradconflict.measure.checkpoint import BufferGuard
 from gradconflict.measure.distributed import Sync
-from gradconflict.measure.engine import ENGINES, Engine, Measurement, Plan, make_engine
+from gradconflict.measure.engine import ENGINES, Engine, Measurement, Plan, TappedEngine, make_engine
 from gradconflict.measure.engine.base import Accumulator, measuring
 from gradconflict.measure.report import ConflictReport, LayerReport
 from gradconflict.measure.shared import SharedParameters, gram_dtype, layer_names
@@ -397,7 +397,7 @@ class ConflictMonitor:
         anything is computed."""
         if ids is None:
             return None
-        if not hasattr(self.engine, "attribute"):
+        if not isinstance(self.engine, TappedEngine):
             raise ValueError(
                 f"sample_ids needs the default engine's per-layer pass; engine={self.engine.name!r} has none: use "
                 "engine='auto' (exact) to attribute the Gram to examples"
@@ -589,7 +589,8 @@ class ConflictMonitor:
         if ids is None:
             outcome = self._engine_call(lambda: self.engine.measure(self._roots(batch), plan, reduction))
         else:
-            outcome = self._engine_call(lambda: self.engine.attribute(self._roots(batch), plan, len(ids)))
+            engine = cast(TappedEngine, self.engine)  # _sample_ids checked it
+            outcome = self._engine_call(lambda: engine.attribute(self._roots(batch), plan, len(ids)))
         if isinstance(outcome, str):
             if write is not None:
                 write()

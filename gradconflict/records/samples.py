@@ -33,6 +33,8 @@ it finds the planted examples best (``tests/records/test_samples.py``).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,27 +59,45 @@ class SampleTally:
         self._rows: dict[tuple[str, str], tuple[dict[int, int], Tensor]] = {}
 
     def add(self, samples: SampleAttribution) -> None:
-        """Add one step's attribution."""
+        """Add one step's attribution (one host copy of its per-pair rows)."""
         ids = samples.ids.tolist()
-        c, w = samples.contribution.detach().double().cpu(), samples.within.detach().double().cpu()
-        T = len(samples.tasks)
-        for i in range(T):
-            for j in range(i + 1, T):
-                push = c[:, i, j] + c[:, j, i]
-                scale = ((w[:, i, i] + w[:, j, j]) / 2).mean()
-                agreement = w[:, i, j] / scale if scale > 0 else torch.zeros_like(push)
-                values = torch.stack([torch.ones_like(push), push, (push < 0).double(), agreement], dim=1)
-                self._add((samples.tasks[i], samples.tasks[j]), ids, values)
+        for pair, (push, agreement) in samples.pairs().items():
+            self.add_pair(pair, ids, push.detach().double().cpu(), agreement.detach().double().cpu())
 
-    def _add(self, pair: tuple[str, str], ids: list[int], values: Tensor) -> None:
-        index, table = self._rows.get(pair, ({}, torch.zeros(0, len(_COLUMNS), dtype=torch.float64)))
+    def add_pair(self, pair: tuple[str, str], ids: list[int], push: Tensor, agreement: Tensor) -> None:
+        """Add one step's per-example ``push`` and ``agreement`` ``[N]`` for ``pair`` (as a saved step holds them,
+        :meth:`SampleAttribution.to_dict`)."""
+        values = torch.stack([torch.ones_like(push), push, (push < 0).double(), agreement], dim=1)
+        key = (pair[1], pair[0]) if (pair[1], pair[0]) in self._rows else (pair[0], pair[1])
+        index, table = self._rows.get(key, ({}, torch.zeros(0, len(_COLUMNS), dtype=torch.float64)))
         rows = [index.setdefault(i, len(index)) for i in ids]
         if len(index) > table.shape[0]:
             grown = torch.zeros(max(2 * table.shape[0], len(index), 64), len(_COLUMNS), dtype=torch.float64)
             grown[: table.shape[0]] = table
             table = grown
         table.index_add_(0, torch.tensor(rows, dtype=torch.long), values)
-        self._rows[pair] = (index, table)
+        self._rows[key] = (index, table)
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path) -> SampleTally:
+        """The tally of a saved run: every step of a history file (``JSONLSink``, ``History.to_jsonl``) that was
+        measured with ``sample_ids``."""
+        tally = cls()
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    data = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number} is not a JSON line ({err.msg})") from None
+                for entry in (data.get("samples") or {}).get("pairs", []):
+                    tally.add_pair(
+                        (entry["pair"][0], entry["pair"][1]), [int(i) for i in data["samples"]["ids"]],
+                        torch.tensor(entry["push"], dtype=torch.float64),
+                        torch.tensor(entry["agreement"], dtype=torch.float64),
+                    )
+        return tally
 
     def _pair(self, a: str, b: str) -> tuple[tuple[str, str], dict[int, int], Tensor]:
         for key in ((a, b), (b, a)):

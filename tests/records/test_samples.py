@@ -85,17 +85,14 @@ def planted_problem(kind: str, seed: int) -> tuple[Tensor, Tensor, Tensor, Tenso
     return X, a, b, planted, "regression"
 
 
-LR = 0.1
-
-
-def precision_at_k(kind: str, seed: int, steps: int) -> float:
+def precision_at_k(kind: str, seed: int, steps: int, lr: float) -> float:
     torch.manual_seed(seed)
     X, target_a, target_b, planted, task = planted_problem(kind, seed)
     classes = (10, 2) if task == "classification" else (1, 1)
     backbone = nn.Sequential(nn.Linear(X.shape[1], 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
     heads = nn.ModuleDict({"a": nn.Linear(64, classes[0]), "b": nn.Linear(64, classes[1])})
     model = nn.ModuleDict({"backbone": backbone, "heads": heads})
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     loss = F.cross_entropy if task == "classification" else F.mse_loss
     tally = SampleTally()
     batches = torch.Generator().manual_seed(seed + 100)
@@ -114,14 +111,58 @@ def precision_at_k(kind: str, seed: int, steps: int) -> float:
 
 def test_planted_subpopulation_is_found_quickly():
     torch.set_num_threads(1)
-    assert precision_at_k("subpopulation", seed=0, steps=100) >= 0.5
+    assert precision_at_k("subpopulation", seed=0, steps=100, lr=0.05) >= 0.5
+
+
+#: kind -> (learning rate, steps, floor). The sub-population is separable by its flag feature, so a large step
+#: fits both tasks on it within a few dozen steps and its conflict is gone (there is then nothing to find); the
+#: contradicting duplicates cannot be fitted, and their conflict only shows once the shared features have settled.
+PLANTED = {"subpopulation": (0.05, 300, 0.7), "duplicates": (0.2, 500, 0.7), "digits": (0.1, 300, 0.5)}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("kind", "floor"), [("subpopulation", 0.7), ("duplicates", 0.7), ("digits", 0.5)]
-)
-def test_planted_examples_are_found(kind: str, floor: float):
+@pytest.mark.parametrize("kind", sorted(PLANTED))
+def test_planted_examples_are_found(kind: str):
     torch.set_num_threads(1)
-    precision = sum(precision_at_k(kind, seed, steps=300) for seed in range(3)) / 3
+    lr, steps, floor = PLANTED[kind]
+    precision = sum(precision_at_k(kind, seed, steps, lr) for seed in range(3)) / 3
     assert precision >= floor, precision
+
+
+def test_history_sink_state_dict_and_cli_keep_the_tally(tmp_path, capsys):
+    from gradconflict import History, JSONLSink
+    from gradconflict.apps.cli import main
+
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+    heads = nn.ModuleDict({"a": nn.Linear(8, 1), "b": nn.Linear(8, 1)})
+    model = nn.ModuleDict({"backbone": backbone, "heads": heads})
+    path = tmp_path / "run.jsonl"
+    X, y = torch.randn(30, 4), torch.randn(30, 1)
+    direct = SampleTally()
+    with ConflictMonitor(model, shared=backbone, sinks=[JSONLSink(path)]) as monitor:
+        for step in range(6):
+            ids = torch.randint(0, 30, (10,))
+            h = backbone(X[ids])
+            losses = {"a": (heads["a"](h) - y[ids]).pow(2).mean(), "b": (heads["b"](h) + y[ids]).pow(2).mean()}
+            report = monitor.backward(losses, sample_ids=ids if step != 3 else None)  # one step not attributed
+            model.zero_grad()
+            if report.samples is not None:
+                direct.add(report.samples)
+        history = monitor.history
+    expected = direct.pair("a", "b")
+    assert history.samples.pair("a", "b") == expected
+    resumed = History()
+    resumed.load_state_dict(history.state_dict())
+    assert resumed.samples.pair("a", "b") == expected
+    saved = SampleTally.from_jsonl(path).pair("b", "a")
+    assert set(saved) == set(expected)
+    for i, stats in expected.items():
+        assert saved[i]["count"] == stats["count"]
+        assert saved[i]["push"] == pytest.approx(stats["push"], rel=1e-6, abs=1e-9)
+        assert saved[i]["agreement"] == pytest.approx(stats["agreement"], rel=1e-6, abs=1e-9)
+    assert main(["samples", str(path), "--pair", "a,b", "--top", "3"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [int(r.split()[0]) for r in rows] == direct.top("a", "b", k=3)
+    assert main(["samples", str(path), "--pair", "a"]) == 2
+    assert "two task names" in capsys.readouterr().err

@@ -4,11 +4,13 @@ come from one convolution backward in which the tasks are extra output channels.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 from gradconflict.measure.rules.base import EXAMPLE_CHUNK_BYTES, Call, LayerRule, register_rule
 
@@ -54,7 +56,7 @@ class ConvRule(LayerRule):
         )[1]  # [(g t c), C_in / g, *kernel]
         return rearrange(grads, "(g t c) ... -> t (g c) ...", g=g, t=D.shape[0])
 
-    def _per_example_weight_grads(self, module: nn.Module, x: Tensor, D: Tensor) -> Tensor:
+    def _per_example_weight_grads(self, module: _ConvNd, x: Tensor, D: Tensor) -> Tensor:
         """``[T, N, *weight.shape]``: each example's weight gradient for every task, from one convolution backward
         in which the examples are extra groups (example ``n``'s input channels only meet its own output
         channels), in chunks of examples to bound the memory of the result."""
@@ -79,10 +81,11 @@ class ConvRule(LayerRule):
     ) -> dict[str, Tensor]:
         per_example: dict[str, Tensor] = {}
         for call in calls:
+            assert call.grads is not None  # the batched backward reached this call
             D = call.grads.to(dtype)
             parts = {}
             if "weight" in names:
-                parts["weight"] = self._per_example_weight_grads(module, call.saved, D)
+                parts["weight"] = self._per_example_weight_grads(cast(_ConvNd, module), call.saved, D)
             if "bias" in names:
                 parts["bias"] = D.sum(tuple(range(3, D.ndim)))
             for name, g in parts.items():

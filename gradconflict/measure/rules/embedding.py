@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from einops import einsum
@@ -29,13 +30,14 @@ class EmbeddingRule(LayerRule):
         """Every id of every call, the unique ones with each position's index into them, and each call's output
         gradients ``[T, positions, dim]`` as autograd adds them into the table (divided by the id's count under
         ``scale_grad_by_freq``; ``padding_idx`` is left to the caller)."""
-        T, dim = calls[0].grads.shape[0], module.embedding_dim
+        embedding = cast(nn.Embedding, module)
         ids = torch.cat([c.saved.reshape(-1) for c in calls])
         unique, inverse = torch.unique(ids, return_inverse=True)
         grads, start = [], 0
         for call in calls:
-            D = call.grads.reshape(T, -1, dim).to(dtype)
-            if module.scale_grad_by_freq:
+            assert call.grads is not None  # the batched backward reached this call
+            D = call.grads.reshape(call.grads.shape[0], -1, embedding.embedding_dim).to(dtype)
+            if embedding.scale_grad_by_freq:
                 where = inverse[start : start + D.shape[1]]
                 counts = torch.bincount(where, minlength=unique.shape[0]).to(dtype)
                 D = D / counts[where][None, :, None]
@@ -77,8 +79,9 @@ class EmbeddingRule(LayerRule):
         unique, inverse, grads = self._positions(module, calls, dtype)
         T, U, N = grads[0].shape[0], unique.shape[0], calls[0].saved.shape[0]
         D = torch.cat(grads, dim=1)  # [T, P, dim], the positions of every call in order
-        if module.padding_idx is not None:
-            D = D.masked_fill((unique[inverse] == module.padding_idx)[None, :, None], 0)
+        padding_idx = cast(nn.Embedding, module).padding_idx
+        if padding_idx is not None:
+            D = D.masked_fill((unique[inverse] == padding_idx)[None, :, None], 0)
         example = torch.cat([torch.arange(N, device=D.device).repeat_interleave(c.saved[0].numel()) for c in calls])
         rows = D.new_zeros(T, U, D.shape[2]).index_add_(1, inverse, D)
         per_position = einsum(D, rows[:, inverse], "t p d, s p d -> p t s")

@@ -4,6 +4,7 @@ whichever costs fewer operations."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from einops import einsum, rearrange
@@ -83,7 +84,7 @@ class LinearRule(LayerRule):
         """The inputs ``[N, L, d_in]`` and output gradients ``[T, N, L, d_out]`` of every call, grouped by example
         (dim 0 of each call's input): example ``n``'s ``L`` rows are its rows in every call."""
         X = _rows([rearrange(c.saved, "n ... i -> n (...) i") for c in calls], dim=1).to(dtype)
-        D = _rows([rearrange(c.grads, "t n ... o -> t n (...) o") for c in calls], dim=2).to(dtype)
+        D = _rows([rearrange(cast(Tensor, c.grads), "t n ... o -> t n (...) o") for c in calls], dim=2).to(dtype)
         return X, D
 
     def attribute(
