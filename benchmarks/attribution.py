@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             res = run(table_[name], T, args)
             if not args.smoke:
                 sections += table(table_[name], T, res)
-                print("\n".join(sections[-(len(ROUTES) + 6):]), flush=True)
+                print("\n".join(sections[-(len(ROUTES) + 7):]), flush=True)
     if args.smoke:
         return 0
     text = "\n".join([

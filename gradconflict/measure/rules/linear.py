@@ -100,10 +100,11 @@ class LinearRule(LayerRule):
             return attribution_of(D.sum(2), "per-example")
         (N, L, d_in), (T, d_out) = X.shape, (D.shape[0], D.shape[-1])
         if ghost_is_cheaper(N * L, d_in, d_out, T):
-            K = einsum(X, X, "n l i, m k i -> n l m k")
+            rows = X.reshape(N * L, d_in)
+            K = rows @ rows.T  # the kernel over every row of the batch, as the Gram's ghost route forms it
             if bias:
                 K += 1
-            KD = einsum(K, D, "n l m k, t m k o -> t n l o")
+            KD = (K @ D.reshape(T, N * L, d_out)).reshape(D.shape)
             gram, route = gram_of(D.reshape(T, -1), KD.reshape(T, -1)), "ghost"
         else:
             per_task = self._per_task(X.reshape(-1, d_in), D.reshape(T, -1, d_out), names)
@@ -119,6 +120,9 @@ class LinearRule(LayerRule):
         """``[N, T, T]``: each example's own Gram, through its block of the kernel or its materialised weight
         gradients (in chunks of examples), whichever costs fewer operations."""
         (N, L, d_in), (T, d_out) = X.shape, (D.shape[0], D.shape[-1])
+        if L == 1:  # one row per example: its kernel is the number |x_n|^2 (+1)
+            norms = X.square().sum((1, 2)) + (1 if bias else 0)
+            return norms[:, None, None] * einsum(D, D, "t n l o, s n l o -> n t s")
         if ghost_is_cheaper(L, d_in, d_out, T):
             K = einsum(X, X, "n l i, n m i -> n l m")
             if bias:
