@@ -229,3 +229,14 @@ def test_bad_ids_and_unsupported_setups_are_refused():
         with ConflictMonitor(model, shared=model.backbone, **kwargs) as monitor:
             with pytest.raises(ValueError, match=match):
                 monitor.backward(losses_of(model(x)), sample_ids=range(x.shape[0]))
+
+
+def test_grad_scaler_is_divided_out_of_the_attribution():
+    model, x = FAMILIES["mlp"](2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    with ConflictMonitor(model, shared=model.backbone, scaler=scaler) as monitor:
+        report = monitor.backward(losses_of(model(x)), sample_ids=range(x.shape[0]))
+    plain = attributed(model, x, losses_of)
+    assert rel_err(report.samples.contribution, plain.samples.contribution) <= 1e-9
+    assert rel_err(report.samples.within, plain.samples.within) <= 1e-9
+    assert rel_err(report.samples.gram, report.gram) <= 1e-9
