@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 import torch
@@ -49,17 +49,17 @@ def build(
     ids = torch.arange(wl.batch)
     if route == "plain":
         def plain() -> None:
-            sum(task_losses(model(x), targets).values()).backward()
+            torch.stack(list(task_losses(model(x), targets).values())).sum().backward()
 
         return plain, lambda: None, model
     strategy = "batched" if route == "measured-batched" else "auto"
     monitor = ConflictMonitor(model, shared=model.backbone, strategy=strategy)
 
     def step() -> None:
-        losses = task_losses(model(x), targets)
+        losses: dict[Hashable, torch.Tensor] = {**task_losses(model(x), targets)}
         report = monitor.backward(losses, sample_ids=ids if route == "attributed" else None)
         if route == "attributed":
-            assert report.samples is not None and report.samples.residual < 1e-3
+            assert report is not None and report.samples is not None and report.samples.residual < 1e-3
 
     return step, monitor.close, model
 
