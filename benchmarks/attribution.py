@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,7 +56,7 @@ def build(
     monitor = ConflictMonitor(model, shared=model.backbone, strategy=strategy)
 
     def step() -> None:
-        losses: dict[Hashable, torch.Tensor] = {**task_losses(model(x), targets)}
+        losses = task_losses(model(x), targets)
         report = monitor.backward(losses, sample_ids=ids if route == "attributed" else None)
         if route == "attributed":
             assert report is not None and report.samples is not None and report.samples.residual < 1e-3
