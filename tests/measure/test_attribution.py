@@ -102,14 +102,26 @@ def test_embedding_scale_grad_by_freq_matches_oracle():
             self.emb = nn.Embedding(7, 5, scale_grad_by_freq=True)
 
         def forward(self, ids):
-            return self.emb(ids).tanh().sum(1)
+            self.out = self.emb(ids)
+            return self.out.tanh().sum(1)
 
     model, ids = MultiTask(Net(), linear_heads(5, 3)), torch.tensor([[1, 1, 2], [2, 3, 1], [6, 6, 6]])
-    # scale_grad_by_freq divides by an id's count in the whole batch, so the oracle's one-example forwards see
-    # other counts: check the sum and the per-example rows against the batch gradient instead.
     samples = attributed(model, ids, losses_of).samples
-    assert samples.residual <= RTOL
+    # scale_grad_by_freq divides by an id's count in the whole batch, so one-example forwards would see other
+    # counts: the oracle takes each task's gradient at the embedding's output from autograd and adds example n's
+    # positions into its own table, divided by the batch's counts, as the definition says.
+    losses = losses_of(model(ids))
+    counts = torch.bincount(ids.flatten(), minlength=7).double()
+    rows = []
+    for loss in losses.values():
+        (D,) = torch.autograd.grad(loss, model.backbone.out, retain_graph=True)
+        rows.append(torch.stack([
+            torch.zeros(7, 5).index_add_(0, ids[n], D[n] / counts[ids[n]][:, None]).flatten() for n in range(3)
+        ]))
+    J = torch.stack(rows)
     assert samples.omitted == {}
+    assert rel_err(samples.contribution, einsum(J, J.sum(1), "t n p, s p -> n t s")) <= RTOL
+    assert rel_err(samples.within, einsum(J, J, "t n p, s n p -> n t s")) <= RTOL
 
 
 class Attention(nn.Module):
