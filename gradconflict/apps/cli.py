@@ -41,30 +41,31 @@ def _demo(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else (150 if args.quick else 400)
     compare_steps = args.compare_steps if args.compare_steps is not None else (60 if args.quick else 200)
     run_demo(
-        steps=steps, compare_steps=compare_steps, out_dir=args.out, seed=args.seed, progress=not args.no_progress
+        steps=steps, compare_steps=compare_steps, out_dir=args.out, seed=args.seed,
+        progress=not (args.no_progress or args.quiet), log_every=None if args.quiet else 50,
     )
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from gradconflict.diagnosis import advise
+    from gradconflict.diagnosis import advise, align
     from gradconflict.records.history import History
     from gradconflict.reporting.summary import summarize_run
 
     for out in (args.output, args.png):
         _check_writable(out)
     history = History.from_jsonl(args.history)
-    reports = history.reports
-    if all(r.skipped for r in reports):
+    aligned = align(history)  # once: the advice, the summary and the HTML report read these arrays
+    if not aligned.num_steps:
         print(f"{args.history}: no measured step", file=sys.stderr)
         return 1
-    advice = advise(history)  # a History is aligned from its packed records, not from a report per step
-    summary = summarize_run(reports, profile=advice.profile)
+    advice = advise(aligned)
+    summary = summarize_run(history, profile=advice.profile, aligned=aligned)
     print(f"{args.history}: {summary.text()}")
     if args.lines > 0:
         print("\nsteps:")
-        for r in reports[:: max(1, -(-len(reports) // args.lines))]:
-            print("  " + r.summary())
+        for k in range(0, len(history), max(1, -(-len(history) // args.lines))):
+            print("  " + history[k].summary())
     groups = " | ".join("[" + ", ".join(g) + "]" for g in advice.groups)
     where = f", branch point {advice.branch_point}" if advice.branch_point is not None else ""
     print(f"\nadvice: {advice.verdict}{where}, groups {groups} (gradconflict advise {args.history}: the evidence)")
@@ -73,10 +74,12 @@ def _report(args: argparse.Namespace) -> int:
 
         source = os.path.basename(args.history)
         if args.output is not None:
-            path = write_html(reports, args.output, advice=advice, source=source, png_dir=args.png, summary=summary)
+            path = write_html(
+                history, args.output, advice=advice, source=source, png_dir=args.png, summary=summary, aligned=aligned
+            )
             print(f"report: {path}")
         else:
-            render_html(reports, advice=advice, source=source, png_dir=args.png, summary=summary)
+            render_html(history, advice=advice, source=source, png_dir=args.png, summary=summary, aligned=aligned)
         if args.png is not None:
             print(f"figures: {args.png}/*.png")
     return 0
@@ -182,7 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="gradconflict-run", help="output folder (default: gradconflict-run)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (there is none when output is not a terminal)"
+    )
+    demo.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bar and no per-step lines: the results only"
+    )
     demo.set_defaults(func=_demo)
     report = sub.add_parser(
         "report",
@@ -199,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     advise = sub.add_parser(
         "advise",
         help="should the backbone be split? advice from a saved run",
-        description="Diagnose a saved run: the four warning signals with their evidence, the layer profile and "
+        description="Diagnose a saved run: the six signals (four warning signs, two warnings about what a split "
+        "cannot cure) with their evidence, the layer profile and "
         "branch point, the task groups, and the comparison experiment to run next.",
     )
     advise.add_argument("history", help="a history written by History.to_jsonl or a JSONLSink")

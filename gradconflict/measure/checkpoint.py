@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointFunction, detach_variable, set_device_states
 
-from gradconflict.measure.graph import CHECKPOINT_NODE, walk_graph
+from gradconflict.measure.graph import walk_graph
 
 __all__ = ["BufferGuard", "measuring_segments", "recompute", "segment_leaves"]
 
@@ -109,11 +109,6 @@ def segment_leaves(node: Any, model: nn.Module) -> list[Tensor]:
     for inner in graph.checkpoints:
         found += segment_leaves(inner, model)
     return found
-
-
-def has_checkpoints(nodes: Sequence[Any]) -> bool:
-    """Whether any of ``nodes`` is a reentrant checkpoint."""
-    return any(type(n).__name__ == CHECKPOINT_NODE for n in nodes)
 
 
 class BufferGuard:

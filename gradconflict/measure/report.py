@@ -58,7 +58,8 @@ class _GramMetrics:
 
     @cached_property
     def weights(self) -> Tensor:
-        """The task weights ``w`` of the update (1 each when none were given), on the Gram's device."""
+        """The weights of the update applied, ``lambda_i * w_i``: the ``weights=`` given (1 each when none were)
+        times a conflict-aware method's ``lambda`` (1 without ``weighting=``), on the Gram's device."""
         gram = self._gram
         dtype, device = (torch.float64, None) if gram is None else (gram.dtype, gram.device)
         if self._weights is None:
@@ -177,7 +178,7 @@ class LayerReport(_GramMetrics):
         *,
         num_params: int = 0,
         route: str = "",
-        threshold: float = 0.0,
+        threshold: float = metrics.CONFLICT_COSINE,
     ) -> None:
         self.name = name
         self.num_params = int(num_params)
@@ -209,7 +210,8 @@ class ConflictReport(_GramMetrics):
         strategy: how the engine ran this step: ``"batched"`` (one vectorised backward), ``"loop"`` (one backward
             per task: the fallback for graphs the batched backward cannot run), ``"reference"``,
             ``"representation"`` or ``"accumulated"`` (micro-batches summed per task).
-        approximate: True when ``gram`` is an approximation (representation mode), not the exact Gram.
+        approximate: True when ``gram`` is an approximation, not the exact Gram (representation mode, or a
+            sketch across processes: ``sync="sketch"``).
         sync: across processes, what ``gram`` describes: ``"exact"`` or ``"sketch"`` (the global batch; a sketch
             is an unbiased estimate) or ``"local"`` (this rank's batch only); ``""`` in a single process.
         threshold: cosine below which a pair counts as conflicting (``S``).
@@ -232,7 +234,7 @@ class ConflictReport(_GramMetrics):
         engine: str = "reference",
         strategy: str = "",
         approximate: bool = False,
-        threshold: float = 0.0,
+        threshold: float = metrics.CONFLICT_COSINE,
         skip_reason: str = "",
         sync: str = "",
     ) -> None:
@@ -273,6 +275,13 @@ class ConflictReport(_GramMetrics):
             f"conflict_fraction={float(self.conflict_fraction):.3f}, "
             f"cancellation={float(self.cancellation):.3f}, layers={len(self.layers)})"
         )
+
+    def _repr_html_(self) -> str:
+        """The step as HTML tables for Jupyter, those of the HTML report
+        (:mod:`gradconflict.reporting.notebook`)."""
+        from gradconflict.reporting.notebook import report_html
+
+        return report_html(self)
 
     def summary(self) -> str:
         """One line a person can read in a training log."""

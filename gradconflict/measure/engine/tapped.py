@@ -19,7 +19,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from gradconflict.measure.attribution import Attributor
 from gradconflict.measure.capture import Capture, task_batch
 from gradconflict.measure.checkpoint import measuring_segments
-from gradconflict.measure.engine.base import Accumulator, Measurement, Plan, warn_once
+from gradconflict.measure.engine.base import Accumulator, Measurement, MeasurementRefused, Plan, warn_once
 from gradconflict.measure.engine.loop import loop_accumulate
 from gradconflict.measure.engine.segments import boundary_edges, segment_backward
 from gradconflict.measure.graph import Graph, walk_graph
@@ -159,8 +159,6 @@ class _Pass(Accumulator):
         self._pending.clear()
 
 
-Strategy = Literal["auto", "batched", "loop"]
-
 #: The strategies ``ConflictMonitor(strategy=...)`` accepts.
 STRATEGIES: tuple[str, ...] = ("auto", "batched", "loop")
 
@@ -290,7 +288,8 @@ class TappedEngine:
             self._warned,
             reason,
             f"gradconflict: {reason}; measuring with one backward per task instead (exact, slower, and it holds "
-            "T copies of the shared gradients)",
+            "T copies of the shared gradients). To choose this from the start, pass strategy=\"loop\" to the "
+            "ConflictMonitor; to pay for it less often, every=k",
         )
         return loop_accumulate(losses, plan, graph, reduction), "loop"
 
@@ -334,18 +333,22 @@ class TappedEngine:
         graph = walk_graph([stacked])
         if graph.opaque or self._opaque or self.strategy == "loop":
             why = "the model runs compiled (torch.compile)" if graph.opaque or self._opaque else "strategy='loop'"
-            raise ValueError(
+            raise MeasurementRefused(
                 f"sample_ids needs the batched pass's per-layer output gradients, and {why} leaves none: measure "
                 "the uncompiled model with strategy='auto' or 'batched', or call without sample_ids"
             )
         ours = [c for c in graph.calls if c.owner is self.capture and c.saved is not None]
         rows = {(c.saved[0] if isinstance(c.saved, tuple) else c.saved).shape[0] for c in ours}
         if ours and examples not in rows:
-            raise ValueError(
+            raise MeasurementRefused(
                 f"sample_ids has {examples} ids, but no measured layer's input has {examples} rows along dim 0 "
                 f"(they have {sorted(rows)}): pass one id per example of this batch"
             )
-        names = {id(plan.leaf(p)): n for n, p in plan.model.named_parameters()}
+        names = {
+            id(plan.leaf(p)): f"{layer}.{n}" if layer else n
+            for module, layer in plan.module_name.items()
+            for n, p in module.named_parameters(recurse=False)
+        }
         attribution = Attributor(examples, len(losses), plan.gram_dtype, stacked.device, names, plan.leaf)
         acc = self._batched(stacked, graph, plan, True, None, attribution)
         attribution.omit(
@@ -404,6 +407,7 @@ class TappedEngine:
                     match.group(1),
                     f"gradconflict: {match.group(1)} has no vmap batching rule in torch {torch.__version__}, so the "
                     f"batched backward loops over the {eye.shape[0]} tasks for it (exact, but slower). On CPU this "
-                    "is the fused attention backward: use the math attention kernel or measure less often (every=k)",
+                    "is the fused attention backward: pass math_attention=True to the ConflictMonitor (torch's math "
+                    "attention kernel in the measured forwards) or measure less often (every=k)",
                 )
         return out
