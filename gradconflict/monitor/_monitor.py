@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +38,7 @@ from gradconflict.measure.engine import Engine, TappedEngine, make_engine
 from gradconflict.measure.metrics import CONFLICT_COSINE
 from gradconflict.measure.report import ConflictReport
 from gradconflict.measure.shared import SharedParameters
-from gradconflict.measure.tasks import task_losses
+from gradconflict.measure.tasks import TaskKey, task_losses
 from gradconflict.monitor._assemble import Assembler
 from gradconflict.monitor._attach import attach, unwrap
 from gradconflict.monitor._guard import NonFiniteGuard
@@ -232,8 +232,8 @@ class ConflictMonitor:
     # ------------------------------------------------------------------------------------------ steps
     def backward(
         self,
-        losses: Mapping[Hashable, Tensor],
-        weights: Mapping[Hashable, object] | Sequence[object] | Tensor | None = None,
+        losses: Mapping[TaskKey, Tensor],
+        weights: Mapping[TaskKey, object] | Sequence[object] | Tensor | None = None,
         *,
         backward_fn: Callable[[], object] | None = None,
         weighting: WeightingSpec | None = None,
@@ -300,8 +300,8 @@ class ConflictMonitor:
 
     def measure(
         self,
-        losses: Mapping[Hashable, Tensor],
-        weights: Mapping[Hashable, object] | Sequence[object] | Tensor | None = None,
+        losses: Mapping[TaskKey, Tensor],
+        weights: Mapping[TaskKey, object] | Sequence[object] | Tensor | None = None,
         *,
         weighting: WeightingSpec | None = None,
         sample_ids: Any = None,
