@@ -19,10 +19,12 @@ from importlib.metadata import version as _installed_version
 from typing import TYPE_CHECKING, Any
 
 from gradconflict import _moved
+from gradconflict.measure.attribution import SampleAttribution
 from gradconflict.measure.engine import PerformanceWarning, is_measuring
 from gradconflict.measure.report import ConflictReport, LayerReport
 from gradconflict.monitor import ConflictMonitor, DetachedTaskWarning, MeasurementWarning
 from gradconflict.records.history import History
+from gradconflict.records.samples import SampleTally
 from gradconflict.records.sinks import JSONLSink
 from gradconflict.weighting import Weighting, WeightingError, WeightingWarning
 
@@ -107,6 +109,8 @@ __all__ = [
     "LayerReport",
     "MeasurementWarning",
     "PerformanceWarning",
+    "SampleAttribution",
+    "SampleTally",
     "Signal",
     "TensorBoardSink",
     "Thresholds",

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
+
+from torch import Tensor
 
 from gradconflict.measure.checkpoint import BufferGuard
 from gradconflict.measure.distributed import Sync
-from gradconflict.measure.engine import Engine, MeasurementRefused, Plan
+from gradconflict.measure.engine import Engine, Measurement, MeasurementRefused, Plan, TappedEngine
 from gradconflict.measure.engine.base import measuring
 from gradconflict.measure.report import ConflictReport
 from gradconflict.measure.tasks import TaskLosses
@@ -105,18 +107,24 @@ class MeasuringPass:
             )
         return reason
 
-    def step(self, batch: TaskLosses, step: int, write: Callable[[], object] | None) -> ConflictReport:
+    def step(
+        self, batch: TaskLosses, step: int, write: Callable[[], object] | None, ids: Tensor | None = None
+    ) -> ConflictReport:
         """Measure one step, then write ``.grad`` (``write``, if any) once, unless the step is skipped as
-        non-finite or raised; returns the recorded report."""
+        non-finite or raised; returns the recorded report. With ``ids`` (one per example), the step's Gram is
+        attributed to the examples too (``report.samples``)."""
         plan = self.plan(batch)
         if isinstance(plan, str):
             return self.fallback(batch, step, plan, write)
         dtype = self.planner.report_dtype
-        outcome = self.attempt(
-            lambda: self.scaling.unscale_measurement(
-                self.engine.measure(self.scaling.roots(batch), plan, self.reduction(step)), dtype
-            )
-        )
+
+        def measure() -> Measurement:
+            roots = self.scaling.roots(batch)
+            if ids is None:
+                return self.engine.measure(roots, plan, self.reduction(step))
+            return cast(TappedEngine, self.engine).attribute(roots, plan, len(ids))  # the monitor checked it
+
+        outcome = self.attempt(lambda: self.scaling.unscale_measurement(measure(), dtype))
         if isinstance(outcome, str):
             return self.fallback(batch, step, outcome, write)
         verdict = self.guard.check(batch, outcome.gram.diagonal(), step, write is not None)
@@ -131,6 +139,8 @@ class MeasuringPass:
         )
         if isinstance(report, str):
             return self.fallback(batch, step, report, write)
+        if ids is not None and outcome.samples is not None:
+            report.samples = self.scaling.unscale_samples(outcome.samples.result(ids, batch.names))
         if write is not None:
             write()
         return self.assembler.record(report)

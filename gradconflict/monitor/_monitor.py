@@ -25,19 +25,20 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
+from gradconflict.measure.attribution import sample_ids
 from gradconflict.measure.checkpoint import BufferGuard
 from gradconflict.measure.distributed import Sync
-from gradconflict.measure.engine import Engine, make_engine
+from gradconflict.measure.engine import Engine, TappedEngine, make_engine
 from gradconflict.measure.metrics import CONFLICT_COSINE
 from gradconflict.measure.report import ConflictReport
 from gradconflict.measure.shared import SharedParameters
-from gradconflict.measure.tasks import task_losses
+from gradconflict.measure.tasks import TaskKey, task_losses
 from gradconflict.monitor._assemble import Assembler
 from gradconflict.monitor._attach import attach, unwrap
 from gradconflict.monitor._guard import NonFiniteGuard
@@ -231,11 +232,12 @@ class ConflictMonitor:
     # ------------------------------------------------------------------------------------------ steps
     def backward(
         self,
-        losses: Mapping[Hashable, Tensor],
-        weights: Mapping[Hashable, object] | Sequence[object] | Tensor | None = None,
+        losses: Mapping[TaskKey, Tensor],
+        weights: Mapping[TaskKey, object] | Sequence[object] | Tensor | None = None,
         *,
         backward_fn: Callable[[], object] | None = None,
         weighting: WeightingSpec | None = None,
+        sample_ids: Any = None,
     ) -> ConflictReport | None:
         """Replace ``(sum_i w_i L_i).backward()``: measure the step, then let autograd fill ``.grad`` as it would.
 
@@ -256,6 +258,11 @@ class ConflictMonitor:
         ``weights`` are ``lambda_i w_i``. Pass the same name or object at every step (it keeps its state); see
         :mod:`gradconflict.weighting`.
 
+        ``sample_ids`` (a 1-D integer tensor or sequence, one id per example of the batch, e.g. dataset indices)
+        attributes the measured step's Gram to the examples: ``report.samples`` (a
+        :class:`~gradconflict.measure.attribution.SampleAttribution`) holds each example's contribution
+        ``<g_i^(n), g_j>`` and its within-example cosines. Dim 0 of every measured layer's input is the example.
+
         Returns this step's :class:`~gradconflict.ConflictReport`; ``None`` on a step that ``every`` leaves
         unmeasured (a plain backward) and on every micro-batch but the last of an accumulation group.
 
@@ -271,6 +278,7 @@ class ConflictMonitor:
         """
         self._check_open()
         batch = task_losses(losses, weights_by_task(losses, weights))
+        ids = self._sample_ids(sample_ids)
         if backward_fn is not None and weighting is not None:
             raise ValueError(
                 "weighting= routes each task's gradient through the monitor's own backward; it cannot be combined "
@@ -286,24 +294,26 @@ class ConflictMonitor:
         elif self.step % self.every != 0:
             write()
         else:
-            report = self._measuring.step(batch, self.step, write)
+            report = self._measuring.step(batch, self.step, write, ids)
         self._advance()
         return report
 
     def measure(
         self,
-        losses: Mapping[Hashable, Tensor],
-        weights: Mapping[Hashable, object] | Sequence[object] | Tensor | None = None,
+        losses: Mapping[TaskKey, Tensor],
+        weights: Mapping[TaskKey, object] | Sequence[object] | Tensor | None = None,
         *,
         weighting: WeightingSpec | None = None,
+        sample_ids: Any = None,
     ) -> ConflictReport:
         """The same report as :meth:`backward`, leaving ``.grad`` untouched and the graph alive for your own
         backward. Counts as one step; with ``weighting``, the report's ``weights`` are the ones the method gives
         (``lambda_i w_i``) and the method's state advances as in :meth:`backward`."""
         self._check_open()
         batch = task_losses(losses, weights_by_task(losses, weights))
+        ids = self._sample_ids(sample_ids)
         self._weighting.select(weighting, self.accumulation_steps)
-        report = self._measuring.step(batch, self.step, None)
+        report = self._measuring.step(batch, self.step, None, ids)
         self._advance()
         return report
 
@@ -330,6 +340,28 @@ class ConflictMonitor:
         report = self._micro.close(self.step)
         self._advance()
         return report
+
+    def _sample_ids(self, ids: Any) -> Tensor | None:
+        """The checked ``sample_ids`` (``None`` when not given); a set-up that cannot attribute raises here, before
+        anything is computed."""
+        if ids is None:
+            return None
+        if not isinstance(self.engine, TappedEngine):
+            raise ValueError(
+                f"sample_ids needs the default engine's per-layer pass; engine={self.engine.name!r} has none: use "
+                "engine='auto' (exact) to attribute the Gram to examples"
+            )
+        if self.accumulation_steps > 1:
+            raise ValueError(
+                "sample_ids is not supported with accumulation_steps > 1 yet: attribute single steps "
+                "(accumulation_steps=1), or call without sample_ids"
+            )
+        if self._sync is not None and self._sync.is_global:
+            raise ValueError(
+                f"sample_ids is not supported with sync={self._sync.mode!r} across processes yet: with "
+                "sync='local' each rank attributes its own examples against its own batch's gradients"
+            )
+        return sample_ids(ids)
 
     def _check_open(self) -> None:
         if self.closed:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradconflict.measure.attribution import SampleAttribution
 from gradconflict.measure.engine import Measurement
 from gradconflict.measure.shared import gram_dtype
 from gradconflict.measure.tasks import TaskLosses
@@ -54,6 +55,12 @@ class Scaling:
         for entry in measurement.layers.values():
             entry.gram = entry.gram.double() / squared
         return in_dtype(measurement, dtype)
+
+    def unscale_samples(self, samples: SampleAttribution) -> SampleAttribution:
+        """A step's attribution with every inner product divided by the squared scale."""
+        if self.scaler is None:
+            return samples
+        return samples.scaled((1 / self._scale(samples.gram.device) ** 2).to(samples.gram.dtype))
 
     def unscale_gradients(
         self, grads: dict[int, tuple[Tensor, Tensor]]

@@ -3,12 +3,12 @@ that writes ``.grad`` with them (weighted by a conflict-aware method's ``lambda`
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
 
-from gradconflict.measure.tasks import TaskLosses
+from gradconflict.measure.tasks import TaskKey, TaskLosses
 from gradconflict.monitor._plan import Planner
 from gradconflict.monitor._scaling import Scaling
 from gradconflict.weighting import StepWeights
@@ -27,7 +27,7 @@ def graph_freed(err: BaseException) -> bool:
     return "second time" in text or "have already been freed" in text
 
 
-def weights_by_task(losses: Mapping[Hashable, Tensor], weights: Any) -> Mapping[Hashable, object] | None:
+def weights_by_task(losses: Mapping[TaskKey, Tensor], weights: Any) -> Mapping[TaskKey, object] | None:
     """``weights`` as a mapping from the task keys of ``losses``.
 
     A mapping is taken as it is. A list, a tuple or a 1-dimensional tensor holds one weight per task in the

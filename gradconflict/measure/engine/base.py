@@ -120,11 +120,13 @@ class LayerResult:
 
 @dataclass
 class Measurement:
-    """Per-layer Grams summing to ``gram``, and how the step was measured (``strategy``)."""
+    """Per-layer Grams summing to ``gram``, and how the step was measured (``strategy``); ``samples``, the
+    per-example attribution when one was asked for (:class:`gradconflict.measure.attribution.Attributor`)."""
 
     gram: Tensor
     layers: dict[str, LayerResult]
     strategy: str
+    samples: Any = None
 
 
 class Engine(Protocol):
