@@ -1,0 +1,149 @@
+"""The warning :func:`ceiling` (signal 6): a ceiling the comparison experiment shows does not move when the tasks
+are split."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from gradconflict.diagnosis.signals.base import (
+    Signal,
+    Status,
+    _finite_or_none,
+    _not_available,
+)
+from gradconflict.records.comparison import ComparisonResult, judge_gain, split_gains
+
+
+def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) -> Signal:
+    """Warning 6: did splitting lift a ceiling? Read from the comparison experiment
+    (:func:`~gradconflict.split.compare`, one result per seed): the Delta-m% of each split variant (independent,
+    lora, branched) against the shared model of the same seed, judged by the one ceiling rule,
+    :func:`~gradconflict.records.comparison.judge_gain` (through :func:`~gradconflict.records.comparison.split_gains`):
+    a one-sided paired t-test across seeds that the mean gain exceeds a floor of
+    :data:`~gradconflict.records.comparison.GAIN_FLOOR` (1%).
+
+    ``split`` when the test confirms some split variant's gain above the floor (the value: the best mean gain;
+    the threshold: the floor; :attr:`Signal.p_value`: that variant's paired p-value); ``ok`` when it finds no
+    gain above the floor for any variant, on two seeds or more whose runs differ: the ceiling did not move, so the
+    model's capacity was not the limit and splitting is not the cure. ``watch`` when the comparison cannot tell:
+    one seed, seeds that changed nothing (``seeds_vary`` False: identical runs prove nothing), or a gain above the
+    floor the test cannot judge (``beyond`` None); the evidence says what to run. ``n/a`` without a comparison.
+
+    Re-weighted shared models (``shared+<method>``, ``compare(weightings=...)``) are the cheaper cure: when one
+    beats shared, a split counts only if it also beats that one (the same paired rule on the per-seed differences);
+    otherwise the status is ``ok`` and ``details["weighting"]`` names the method to train the shared model with.
+
+    Results branched at several blocks (one ``compare(branch_at=...)`` per block and seed) are grouped by block:
+    ``details["by_block"]`` gives each block's branched gain (mean, per seed, paired test), and the status is read
+    on the seeds of the block that gains most (``details["branch_at"]``).
+    """
+    name = "ceiling"
+    if comparison is None:
+        return _not_available(
+            name, math.nan,
+            "no comparison experiment given (run the advice's next step, compare() over a few seeds, and pass "
+            "comparison=[...] to check whether splitting lifts a ceiling)",
+        )
+    results = [comparison] if isinstance(comparison, ComparisonResult) else list(comparison)
+    by_block: dict[str, dict[str, Any]] = {}
+    points = list(dict.fromkeys(str(r.branch_at) for r in results if r.branch_at is not None))
+    if len(points) > 1:
+        # Branched at several blocks (one compare() per block and seed): judge each block on its own seeds, and
+        # read the other variants on the seeds of the block whose branch gains most.
+        for point in points:
+            gain = split_gains([r for r in results if str(r.branch_at) == point]).get("branched")
+            if gain is not None:
+                by_block[point] = {"mean": gain.mean, "per_seed": gain.per_seed, "beyond": gain.beyond,
+                                   "p_value": _finite_or_none(gain.p_value)}
+        top = max(by_block, key=lambda b: by_block[b]["mean"]) if by_block else points[0]
+        results = [r for r in results if str(r.branch_at) == top]
+    every = split_gains(results)
+    gains = {n: g for n, g in every.items() if not n.startswith("shared+")}
+    reweighted = {n: g for n, g in every.items() if n.startswith("shared+")}
+    if not gains:
+        return _not_available(name, math.nan, "the comparison holds no split variant besides shared")
+    best = max(gains.values(), key=lambda g: g.mean)
+    floor = best.floor
+
+    def described(group: Mapping[str, Any]) -> str:
+        return "; ".join(
+            f"{g.variant} {g.mean:+.1f}% ({', '.join(f'{x:+.1f}' for x in g.per_seed)}"
+            + (f"; p = {g.p_value:.2g}" if math.isfinite(g.p_value) else "") + ")"
+            for g in group.values()
+        )
+
+    winners = [g.variant for g in gains.values() if g.beyond is True]
+    varied = all(g.seeds_vary for g in every.values())
+    cure = max((g for g in reweighted.values() if g.beyond is True), key=lambda g: g.mean, default=None)
+    details: dict[str, Any] = {
+        "gains": {
+            g.variant: {
+                "mean": g.mean, "per_seed": g.per_seed, "beyond": g.beyond, "p_value": _finite_or_none(g.p_value)
+            }
+            for g in every.values()
+        },
+        "spread": _finite_or_none(best.spread),
+        "floor": floor,
+        "seeds": len(results),
+        "seeds_vary": varied,
+        "branch_at": results[0].branch_at,
+        "groups": results[0].groups,
+        "winners": winners,
+        "weighting": None,
+        "by_block": by_block,
+    }
+    head = f"Delta-m% against the same seed's shared model over {len(results)} seed(s): {described(gains)}"
+    if reweighted:
+        head += f"; re-weighted shared models: {described(reweighted)}"
+    decisive = next((g for g in gains.values() if g.variant in winners), best)
+    status: Status
+    if winners and cure is not None:
+        # A split counts only if it beats the cheaper cure too: the same paired rule on the per-seed differences.
+        split = gains[max(winners, key=lambda n: gains[n].mean)]
+        versus = judge_gain([a - b for a, b in zip(split.per_seed, cure.per_seed)], seeds_vary=varied)
+        details["split_over_weighting"] = {"variant": split.variant, "mean": versus.mean, "beyond": versus.beyond,
+                                           "p_value": _finite_or_none(versus.p_value)}
+        if versus.beyond is not True:
+            winners = []
+            details["winners"], details["weighting"] = [], cure.variant.removeprefix("shared+")
+    if winners:
+        status = "split"
+        evidence = (
+            f"{head}; {', '.join(winners)} beat(s) shared by more than {floor:g}% (one-sided paired t-test across "
+            "seeds)" + (f", and {cure.variant} too" if cure is not None else "") + ": splitting lifts the ceiling"
+        )
+    elif not varied or len(results) < 2:
+        status = "watch"
+        evidence = head + (
+            "; the seeds changed nothing (bit-identical runs), so they prove nothing: let compare(seed=...) reach "
+            "the model's initialisation and the data order, and rerun"
+            if not varied
+            else "; with one seed the paired test cannot judge: run compare() over a few more seeds"
+        )
+    elif cure is not None:
+        status = "ok"
+        details["weighting"] = cure.variant.removeprefix("shared+")
+        evidence = (
+            f"{head}; {cure.variant} beats shared by more than {floor:g}% and no split beats it (one-sided paired "
+            f"t-tests across seeds): keep the backbone shared and train it with {details['weighting']}"
+        )
+    elif any(g.beyond is None for g in gains.values()):
+        status = "watch"
+        evidence = f"{head}; the paired test cannot judge a gain above {floor:g}%: run more seeds"
+    else:
+        status = "ok"
+        evidence = (
+            f"{head}; no split variant beats shared by more than {floor:g}% (one-sided paired t-test across "
+            "seeds): the ceiling did not move, so capacity was not the limit and splitting is not the cure"
+        )
+    return Signal(
+        name, decisive.mean, floor, status, evidence, details, statistic="delta_m",
+        p_value=_finite_or_none(decisive.p_value),
+    )
+
+
+#: The weightings the advice offers first against dominating magnitudes: IMTL-G (Liu et al., 2021) and
+#: Aligned-MTL (Senushkin et al., 2023) both equalise the tasks' contributions to the update, whatever their scale
+#: (names of :data:`gradconflict.weighting.METHODS`; both need ``pip install 'gradconflict[weighting]'``).
