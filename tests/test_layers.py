@@ -40,7 +40,7 @@ LAZY_UPWARD = {
     # loads the reporting floor only when a notebook displays one.
     ("gradconflict.measure.report", "gradconflict.reporting"),
     ("gradconflict.records.comparison", "gradconflict.reporting"),
-    ("gradconflict.diagnosis.advice", "gradconflict.reporting"),
+    ("gradconflict.diagnosis.advice_types", "gradconflict.reporting"),
     # The advice counts the duplicated share and the candidate branch points on the blocks branch() copies
     # (split.model.backbone_blocks, split.branch.duplicated_share), so that the advice and the split agree.
     ("gradconflict.diagnosis.advice", "gradconflict.split"),
