@@ -20,15 +20,20 @@ final evaluation (``select="final"``, the default) or the evaluation with the be
 from __future__ import annotations
 
 import math
-import statistics
-import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from scipy import stats
-
 from gradconflict._strict_json import strict
+from gradconflict.records.gains import (
+    GAIN_ALPHA,
+    GAIN_FLOOR,
+    GainTest,
+    IdenticalSeedsWarning,
+    SplitGain,
+    judge_gain,
+    seeds_vary,
+    split_gains,
+)
 from gradconflict.records.measures import (
     Direction,
     Smoothness,
@@ -60,93 +65,6 @@ __all__ = [
 Evaluation = dict[str, dict[str, float]]
 Select = Literal["final", "best"]
 Average = Literal["metric", "task"]
-
-#: The smallest gain that counts, in percent (Delta-m% points, or a task's mean relative improvement): a split
-#: that lifts the tasks by less is not worth its copies, however consistent, and a difference in the fourth digit
-#: is no gain.
-GAIN_FLOOR = 1.0
-#: The level of the one-sided paired test of :func:`judge_gain`.
-GAIN_ALPHA = 0.05
-
-
-class IdenticalSeedsWarning(UserWarning):
-    """Runs meant as different seeds are bit-identical: the seed reaches neither the model nor the data (a model
-    factory that seeds itself, fixed batches), so they measure no seed-to-seed variation."""
-
-
-@dataclass(frozen=True)
-class GainTest:
-    """The ceiling rule's verdict on one gain measured over seeds (see :func:`judge_gain`).
-
-    Attributes:
-        per_seed: the gain on each seed, in percent (positive: the split is better).
-        mean: their mean.
-        p_value: the one-sided paired t-test's p-value for "the mean gain exceeds ``floor``" (NaN: not tested).
-        floor: the smallest gain that counts.
-        alpha: the test's level.
-        seeds_vary: False when the seeds changed nothing (identical runs): their agreement proves nothing.
-        beyond: True: a gain beyond the floor, confirmed by the test; False: no gain beyond the floor;
-            ``None``: cannot tell (one seed above the floor, or seeds that change nothing).
-
-    >>> judge_gain([25.5, 26.0, 29.4]).beyond
-    True
-    """
-
-    per_seed: list[float]
-    mean: float
-    p_value: float
-    floor: float
-    alpha: float
-    seeds_vary: bool
-    beyond: bool | None
-
-
-def judge_gain(
-    per_seed: Sequence[float], *, floor: float = GAIN_FLOOR, alpha: float = GAIN_ALPHA, seeds_vary: bool = True
-) -> GainTest:
-    """The one ceiling rule: does a split (or any variant) beat the shared model?
-
-    ``per_seed`` holds one paired gain per seed, in percent: the variant against the shared model of the *same*
-    seed, trained on the same batches (Delta-m% for a model, a task's mean relative improvement for one task).
-    The rule:
-
-    - the mean gain must exceed ``floor`` (:data:`GAIN_FLOOR`, 1%): a smaller gain never counts (``False``);
-    - and a one-sided one-sample t-test of the per-seed gains against the floor (H0: mean gain <= floor, the
-      paired test of the two variants' seed-by-seed results) must reject at ``alpha`` (:data:`GAIN_ALPHA`,
-      0.05), on at least two seeds whose runs differ: then ``True``; if it does not reject, ``False``.
-    - ``None`` (cannot tell) when the mean exceeds the floor but there is one seed only, or the seeds change
-      nothing (``seeds_vary=False``: the caller found the runs of different seeds bit-identical, see
-      :func:`seeds_vary`). Identical runs have no spread, and would make any gain look certain.
-
-    Three seeds that agree (+25.5, +26.0, +29.4%) pass; so do +60.7, +35.3, +18.4% (p = 0.047); a gain
-    that is large on one seed and negative on the others does not.
-
-    >>> t = judge_gain([60.7, 35.3, 18.4])
-    >>> t.beyond, round(t.p_value, 3)
-    (True, 0.047)
-    >>> judge_gain([40.0, -5.0, -3.0]).beyond, judge_gain([0.0004, 0.0003, 0.0005]).beyond
-    (False, False)
-    >>> judge_gain([12.0]).beyond, judge_gain([12.0, 12.5, 12.2], seeds_vary=False).beyond  # one seed; identical runs
-    (None, None)
-    """
-    values = [float(v) for v in per_seed]
-    if not values or not all(math.isfinite(v) for v in values):
-        raise ValueError(f"judge_gain needs one finite gain per seed, got {values}")
-    mean = statistics.fmean(values)
-    p_value = math.nan
-    if mean <= floor:
-        beyond: bool | None = False
-    elif len(values) < 2 or not seeds_vary:
-        beyond = None
-    else:
-        if len(set(values)) == 1:
-            p_value = 0.0  # the same gain on every seed: the t statistic is infinite
-        else:
-            with warnings.catch_warnings():  # nearly equal gains: scipy warns of precision, the verdict stands
-                warnings.simplefilter("ignore", RuntimeWarning)
-                p_value = float(stats.ttest_1samp(values, floor, alternative="greater").pvalue)
-        beyond = p_value < alpha
-    return GainTest(values, mean, p_value, floor, alpha, seeds_vary, beyond)
 
 
 @dataclass(repr=False)
@@ -448,103 +366,3 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value + 0.0:.4g}" if math.isfinite(value) else "-"  # + 0.0 turns -0.0 into 0.0
     return str(value)
-
-
-@dataclass(frozen=True)
-class SplitGain:
-    """How much one variant beats the shared model, paired seed by seed, judged by :func:`judge_gain`.
-
-    Attributes:
-        variant: the variant's name.
-        per_seed: its Delta-m% against the shared model of the same seed (same data order and initialisation).
-        mean: the mean of ``per_seed``.
-        spread: the standard deviation of the shared model's own Delta-m% across seeds (against its mean over the
-            seeds): how much a model moves from seed to seed (NaN with one seed). Shown, not judged by.
-        beyond: :attr:`GainTest.beyond`: True when the paired test confirms a gain above the floor, False when
-            there is none, ``None`` when one seed, or seeds that change nothing, cannot tell.
-        p_value: the paired test's p-value (NaN: not tested).
-        floor: the smallest gain that counts (:data:`GAIN_FLOOR`).
-        seeds_vary: False when runs of different seeds were bit-identical (see :class:`IdenticalSeedsWarning`).
-    """
-
-    variant: str
-    per_seed: list[float]
-    mean: float
-    spread: float
-    beyond: bool | None
-    p_value: float = math.nan
-    floor: float = GAIN_FLOOR
-    seeds_vary: bool = True
-
-
-def _mean_evaluation(evaluations: Sequence[Evaluation]) -> Evaluation:
-    return {
-        t: {k: statistics.fmean(e[t][k] for e in evaluations) for k in evaluations[0][t]} for t in evaluations[0]
-    }
-
-
-def _same_run(a: VariantRecord, b: VariantRecord) -> bool:
-    """Whether two records hold bit-identical training losses and evaluations."""
-    return a.losses == b.losses and a.evals == b.evals
-
-
-def seeds_vary(results: Sequence[ComparisonResult]) -> bool:
-    """False when two of ``results`` (one per seed) share a seed or hold bit-identical shared runs: the seed
-    changed nothing (a model factory that seeds itself, with fixed batches), so the runs measure no spread.
-
-    >>> rec = VariantRecord("shared", {"a": [1.0]}, [(1, {"a": 0.5})], {"a": "min"})
-    >>> seeds_vary([ComparisonResult({"shared": rec}, ["a"], 1, 0) for _ in range(2)])
-    False
-    """
-    seeds = [r.seed for r in results if r.seed is not None]
-    if len(set(seeds)) < len(seeds):
-        return False
-    runs = [r["shared"] for r in results if "shared" in r.variants]
-    return not any(_same_run(a, b) for i, a in enumerate(runs) for b in runs[i + 1:])
-
-
-def split_gains(results: Sequence[ComparisonResult], *, floor: float = GAIN_FLOOR) -> dict[str, SplitGain]:
-    """Each variant's gain over ``"shared"`` across ``results`` (one :class:`ComparisonResult` per seed, each with
-    a ``"shared"`` variant): Delta-m% of its checkpoint against the same seed's shared checkpoint, judged by the
-    one ceiling rule, :func:`judge_gain` (a one-sided paired t-test against ``floor``). Each result's ``select``
-    and ``average`` apply.
-
-    Runs of different seeds that are bit-identical (or results that share a seed) are flagged: an
-    :class:`IdenticalSeedsWarning`, ``seeds_vary=False`` and ``beyond=None`` unless the gain is under the floor.
-
-    >>> def rec(name, seed, value):
-    ...     return VariantRecord(name, {"a": [1.0]}, [(1, {"a": value + 0.01 * seed})], {"a": "min"})
-    >>> runs = [ComparisonResult({"shared": rec("shared", s, 1.0), "branched": rec("branched", s, 0.5)}, ["a"], 1, 0)
-    ...         for s in range(3)]
-    >>> g = split_gains(runs)["branched"]
-    >>> [round(x, 1) for x in g.per_seed], round(g.spread, 2), g.beyond, g.p_value < 0.001
-    ([50.0, 49.5, 49.0], 0.99, True, True)
-    """
-    if not results:
-        raise ValueError("split_gains needs at least one ComparisonResult (one per seed)")
-    missing = [k for k, r in enumerate(results) if "shared" not in r.variants]
-    if missing:
-        raise ValueError(f"results {missing} have no 'shared' variant: the gains are measured against it")
-    varied = seeds_vary(results)
-    if len(results) > 1 and not varied:
-        warnings.warn(
-            "the comparison's seeds changed nothing: two results share a seed or hold bit-identical shared runs "
-            "(does the model factory seed itself? are the batches fixed?), so they show no spread and prove no "
-            "gain; let compare(seed=...) reach the model (no torch.manual_seed inside the factory) and the data",
-            IdenticalSeedsWarning,
-            stacklevel=2,
-        )
-    cps = [r.checkpoints for r in results]
-    shared = [cp["shared"][1] for cp in cps]
-    directions = results[0]["shared"].directions
-    average = results[0].average
-    center = _mean_evaluation(shared)
-    own = [delta_m(s, center, directions, average=average) for s in shared]
-    spread = statistics.stdev(own) if len(own) > 1 else math.nan
-    names = [n for n in results[0].variants if n != "shared" and all(n in r.variants for r in results)]
-    out = {}
-    for name in names:
-        per_seed = [delta_m(cp[name][1], s, directions, average=average) for cp, s in zip(cps, shared)]
-        test = judge_gain(per_seed, floor=floor, seeds_vary=varied)
-        out[name] = SplitGain(name, test.per_seed, test.mean, spread, test.beyond, test.p_value, floor, test.seeds_vary)
-    return out
