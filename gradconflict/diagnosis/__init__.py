@@ -6,12 +6,13 @@ where, and into which task groups?", with the evidence shown.
 - :mod:`~gradconflict.diagnosis.persistence`: is a pair's conflict persistent, or chance? (tests against a coin).
 - :mod:`~gradconflict.diagnosis.conflicts`: those tests for every pair, on the whole backbone and per layer.
 - :mod:`~gradconflict.diagnosis.signals`: the four warning signals and the two warnings about what a split
-  cannot cure.
+  cannot cure (a package: one module per family of signals over a shared base).
 - :mod:`~gradconflict.diagnosis.profile`: the layer conflict profile and the branch point.
 - :mod:`~gradconflict.diagnosis.recon`: Recon's top-K conflicting layers.
 - :mod:`~gradconflict.diagnosis.affinity`: inter-task affinity (first-order transference, exact lookahead).
 - :mod:`~gradconflict.diagnosis.groups`: task groups by affinity.
-- :mod:`~gradconflict.diagnosis.advice`: :func:`advise` and :class:`Advice`.
+- :mod:`~gradconflict.diagnosis.advice`: :func:`advise`; :mod:`~gradconflict.diagnosis.advice_types` holds
+  :class:`Advice` and :class:`Uncertainty`, :mod:`~gradconflict.diagnosis.next_step` the next step's code.
 - :mod:`~gradconflict.diagnosis.thresholds`: every threshold, with its source.
 
 Tasks are tracked by name: every part works on the sorted union of the task names over the measured steps, so

@@ -4,7 +4,8 @@ Floor 3 of the package. :class:`~gradconflict.records.history.History` keeps the
 typed accessors), :mod:`~gradconflict.records.pairs` names task pairs, :mod:`~gradconflict.records.sinks`
 writes each step as it happens, and :mod:`~gradconflict.records.comparison` with
 :mod:`~gradconflict.records.measures` holds the outcome of a comparison experiment (Delta-m, smoothness,
-ceilings). The diagnosis reads these records and nothing else.
+ceilings), judged by :mod:`~gradconflict.records.gains` (the gain test). The diagnosis reads these records and
+nothing else.
 
 >>> from gradconflict.records import History, JSONLSink
 """
