@@ -191,8 +191,10 @@ class Accumulator:
         return self.layers[layer]
 
     def add_per_task(self, leaf: Tensor, grads: Tensor, task: int | None = None) -> None:
-        """Add materialised gradients of ``leaf``: all tasks' (``[T, *leaf.shape]``) or one ``task``'s."""
-        grads = grads.to(self.plan.gram_dtype)
+        """Add materialised gradients of ``leaf``: all tasks' (``[T, *leaf.shape]``) or one ``task``'s. A sparse
+        gradient (``nn.Embedding(sparse=True)`` on the per-task loop) is made dense: the loop's memory budget
+        already counts T dense copies."""
+        grads = (grads.to_dense() if grads.is_sparse else grads).to(self.plan.gram_dtype)
         key = id(leaf)
         if key not in self._per_task:
             shape = (self.num_tasks, *leaf.shape)

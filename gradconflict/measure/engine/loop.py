@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from gradconflict.measure.capture import RetainedGrads
 from gradconflict.measure.checkpoint import measuring_segments
 from gradconflict.measure.engine.base import Accumulator, Measurement, Plan
 from gradconflict.measure.engine.segments import boundary_edges, segment_backward
@@ -69,6 +70,9 @@ class ReferenceEngine:
     name = "reference"
     approximate = False
 
+    def __init__(self) -> None:
+        self.retained = RetainedGrads()
+
     def arm(self, on: bool) -> None:
         """Nothing to prepare."""
 
@@ -77,14 +81,17 @@ class ReferenceEngine:
 
     def measure(self, losses: Sequence[Tensor], plan: Plan, reduction: Reduction | None = None) -> Measurement:
         """The per-layer Grams from T separate backward passes."""
-        result = loop_accumulate(losses, plan, reduction=reduction).result("reference")
+        with self.retained.kept():
+            result = loop_accumulate(losses, plan, reduction=reduction).result("reference")
         for entry in result.layers.values():
             entry.routes = {"reference"}
         return result
 
     def gradients(self, losses: Sequence[Tensor], plan: Plan) -> dict[int, tuple[Tensor, Tensor]]:
         """Every shared parameter's per-task gradients, from T separate backward passes."""
-        return loop_accumulate(losses, plan).gradients()
+        with self.retained.kept():
+            return loop_accumulate(losses, plan).gradients()
 
     def close(self) -> None:
-        """Nothing to remove."""
+        """Stop noting retained activations."""
+        self.retained.close()
