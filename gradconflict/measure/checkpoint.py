@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradconflict.measure.graph import walk_graph
 
-__all__ = ["BufferGuard", "measuring_segments", "recompute", "segment_leaves"]
+__all__ = ["BufferGuard", "measuring_segments", "recompute", "segment_leaves", "segment_module"]
 
 SegmentHandler = Callable[[Any, tuple[Tensor, ...]], tuple[Tensor | None, ...]]
 
@@ -92,6 +92,14 @@ def recompute(ctx: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     return detached, (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
 
 
+def segment_module(node: Any) -> nn.Module | None:
+    """The module a reentrant checkpoint's segment runs (``checkpoint(block, x)``, ``checkpoint(block.__call__,
+    x)``, or a ``functools.partial`` of one), or ``None`` for any other function."""
+    run = node.run_function
+    owner = run if isinstance(run, nn.Module) else getattr(run, "__self__", getattr(run, "func", None))
+    return owner if isinstance(owner, nn.Module) else None
+
+
 def segment_leaves(node: Any, model: nn.Module) -> list[Tensor]:
     """The leaves (parameters) a reentrant checkpoint's segment uses.
 
@@ -99,9 +107,8 @@ def segment_leaves(node: Any, model: nn.Module) -> list[Tensor]:
     models do) uses that module's parameters. Any other function is recomputed once, with the RNG and the
     model's buffers left as they were, and its graph walked (nested checkpoints included).
     """
-    run = node.run_function
-    owner = run if isinstance(run, nn.Module) else getattr(run, "__self__", getattr(run, "func", None))
-    if isinstance(owner, nn.Module):
+    owner = segment_module(node)
+    if owner is not None:
         return [p for p in owner.parameters() if p.requires_grad]
     with BufferGuard(model):
         inputs, outputs = recompute(node)

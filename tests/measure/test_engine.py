@@ -73,7 +73,7 @@ def test_wide_layers_take_the_ghost_route_and_tied_weights_the_generic_one():
     model, x = FAMILIES["tied_weights"](3)
     with ConflictMonitor(model, shared=model.backbone) as monitor:
         report = monitor.measure(losses_of(model(x)))
-    assert report.layers["backbone.emb"].route == "materialised"
+    assert report.layers["backbone.emb"].route == "autograd"
 
 
 def test_float32_model_gives_float32_gram_close_to_float64():
@@ -135,7 +135,7 @@ def test_subclass_with_its_own_forward_and_two_monitors_stay_exact():
         ref = reference(model, losses)
     for r in (report, other):
         assert rel_err(r.gram, ref.gram) <= RTOL
-        assert r.layers["backbone.2"].route == "materialised"
+        assert r.layers["backbone.2"].route == "autograd"
 
 
 def test_auto_strategy_times_both_candidates_then_keeps_the_faster():

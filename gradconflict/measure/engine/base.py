@@ -214,7 +214,8 @@ class Accumulator:
     def result(self, strategy: str) -> Measurement:
         """The step's measurement: the materialised parameters' Grams added, every layer summed."""
         for leaf, per_task in self._per_task.values():
-            self.add_rows(self.plan.layer_of[id(leaf)], per_task.flatten(1), leaf.numel(), "materialised")
+            # "autograd": per-task gradients asked of autograd (no rule covers them, or the per-task loop ran)
+            self.add_rows(self.plan.layer_of[id(leaf)], per_task.flatten(1), leaf.numel(), "autograd")
         self._per_task.clear()
         if self.reduction is not None:
             for layer, gram in self.reduction.grams().items():

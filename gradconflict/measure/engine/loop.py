@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from gradconflict.measure.capture import RetainedGrads
-from gradconflict.measure.checkpoint import measuring_segments
+from gradconflict.measure.checkpoint import BufferGuard, measuring_segments
 from gradconflict.measure.engine.base import Accumulator, Measurement, Plan
 from gradconflict.measure.engine.segments import boundary_edges, segment_backward
 from gradconflict.measure.graph import Graph, walk_graph
@@ -55,7 +55,9 @@ def loop_accumulate(
             def handler(ctx: Any, grads: tuple[Tensor, ...], segments: _TaskSegments = segments) -> tuple[Any, ...]:
                 return segment_backward(ctx, grads, segments, capture=None)
 
-            with measuring_segments(handler) if edges else contextlib.nullcontext():
+            # Each task's pass recomputes the checkpointed segments from the buffers the step's own backward will
+            # see (a spectral norm's vectors, running statistics): what one task's recomputation moved is put back.
+            with measuring_segments(handler) if edges else contextlib.nullcontext(), BufferGuard(plan.model):
                 grads = torch.autograd.grad(
                     loss, [*leaves, *edges], retain_graph=True, allow_unused=True, materialize_grads=True
                 )
