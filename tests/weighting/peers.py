@@ -82,5 +82,6 @@ def no_common_descent(J: Tensor) -> bool:
     return residual <= 1e-8 * rho
 
 
-def relative_error(a: Tensor, b: Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+def relative_error(a: Tensor, b: Tensor, floor: float = 1e-300) -> float:
+    """``|a - b| / |b|``; ``floor`` bounds the denominator below (an update that is 0 up to rounding)."""
+    return float((a - b).norm() / b.norm().clamp_min(floor))
