@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from gradconflict import ConflictMonitor
 from gradconflict.measure.checkpoint import BufferGuard
 from tests.measure.test_memory import peak_bytes
+from tests.zoo import backward_reference
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -43,20 +44,6 @@ def oracle_gram(losses: dict[str, torch.Tensor], shared: list[torch.Tensor]) -> 
             loss, shared, retain_graph=True, allow_unused=True, materialize_grads=True)])
         for loss in losses.values()
     ]
-    J = torch.stack(rows)
-    return J @ J.T
-
-
-def per_task_backward_gram(model: nn.Module, run, shared_of) -> torch.Tensor:
-    """The Gram from T plain backward passes, each on a fresh copy of ``model`` (``run(copy) -> losses``): no
-    autograd.grad, so it holds for reentrant checkpoints too, and each copy starts from the same buffers."""
-    rows = []
-    for t in run(copy.deepcopy(model)):
-        twin = copy.deepcopy(model)
-        run(twin)[t].backward()
-        rows.append(torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).to_dense().flatten() for p in shared_of(twin)
-        ]))
     J = torch.stack(rows)
     return J @ J.T
 
@@ -115,7 +102,7 @@ def test_reparametrised_weights_train_exactly_like_a_plain_loop(kind, engine, st
         for _ in range(4):
             x, y = torch.randn(12, 5), torch.randn(12, 1)
             if checkpointed:  # autograd.grad refuses reentrant checkpoints: T plain backward passes on copies
-                expected_gram = per_task_backward_gram(
+                expected_gram = backward_reference(
                     twin, lambda m, x=x, y=y: m(x.clone(), y), lambda m: m.backbone.parameters()
                 )
             losses = model(x.clone(), y)
