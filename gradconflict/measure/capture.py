@@ -31,8 +31,9 @@ import functools
 import inspect
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -161,7 +162,8 @@ class GlobalForwardHook:
         quantisation and adapter libraries do) must not run before the hook sees the module's own output."""
         if not self._handles:
             handle = register_module_forward_hook(self._hook, with_kwargs=True)
-            nn_module._global_forward_hooks.move_to_end(handle.id, last=False)
+            hooks = cast("OrderedDict[int, Any]", nn_module._global_forward_hooks)
+            hooks.move_to_end(handle.id, last=False)
             self._handles.append(handle)
 
     def remove(self) -> None:
@@ -312,7 +314,11 @@ def _retain_grad(self: Tensor) -> None:
     _ORIGINAL_RETAIN_GRAD(self)
     if not self.is_leaf:
         key = id(self)
-        _retaining[key] = weakref.ref(self, lambda _, key=key: _retaining.pop(key, None))
+
+        def forget(_: object, key: int = key) -> None:
+            _retaining.pop(key, None)
+
+        _retaining[key] = weakref.ref(self, forget)
 
 
 class RetainedGrads:
@@ -340,7 +346,7 @@ class RetainedGrads:
         global _retain_users
         with _retain_lock:
             if _retain_users == 0:
-                torch.Tensor.retain_grad = _retain_grad  # type: ignore[method-assign]
+                torch.Tensor.retain_grad = _retain_grad  # type: ignore[method-assign,assignment]
             _retain_users += 1
         self._finalizer = weakref.finalize(self, RetainedGrads._release)
 
