@@ -57,7 +57,8 @@ def _type_checking(node: ast.AST) -> bool:
 
 
 def imports_of(path: pathlib.Path) -> list[tuple[str, bool, int]]:
-    """(imported module, imported lazily (in a function or for type checking only), line) of every ``gradconflict`` import in ``path``."""
+    """(imported module, imported lazily (in a function or for type checking only), line) of every
+    ``gradconflict`` import in ``path``."""
     tree = ast.parse(path.read_text())
     found = []
 

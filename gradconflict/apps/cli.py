@@ -4,6 +4,10 @@ Saved histories may hold steps that carry different tasks (partial labels, round
 then says which tasks and pairs the measured steps carried, and ``advise`` judges each pair on the steps that
 carried both (see :mod:`gradconflict.diagnosis`). Output piped into a reader that stops early (``| head``) ends
 the command quietly.
+
+Whatever is wrong with the input (a missing file or a folder, a line of a foreign schema, an output path under a
+regular file, a bad option) is said in one line on stderr, and the command exits with status 2; a warning (a
+line cut short by a crash, skipped) is one line on stderr too.
 """
 
 from __future__ import annotations
@@ -11,7 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 __all__ = ["build_parser", "main"]
 
@@ -42,12 +50,14 @@ def _report(args: argparse.Namespace) -> int:
     from gradconflict.records.history import History
     from gradconflict.reporting.summary import summarize_run
 
+    for out in (args.output, args.png):
+        _check_writable(out)
     history = History.from_jsonl(args.history)
     reports = history.reports
     if all(r.skipped for r in reports):
         print(f"{args.history}: no measured step", file=sys.stderr)
         return 1
-    advice = advise(reports)
+    advice = advise(history)  # a History is aligned from its packed records, not from a report per step
     summary = summarize_run(reports, profile=advice.profile)
     print(f"{args.history}: {summary.text()}")
     if args.lines > 0:
@@ -85,6 +95,38 @@ def _advise(args: argparse.Namespace) -> int:
     advice = advise_from_jsonl(args.history, thresholds=thresholds or None)
     print(json.dumps(advice.to_dict(), indent=2) if args.json else advice.summary() if args.brief else advice)
     return 0
+
+
+def _check_writable(path: str | None) -> None:
+    """Refuse an output path that cannot be written (under a regular file) before the run is read, not after."""
+    if path is None:
+        return
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a folder")
+            return
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        return f"{err.filename}: {err.strerror[0].lower()}{err.strerror[1:]}"  # not Python's "[Errno 21] ..."
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+@contextmanager
+def _warnings_as_lines(command: str) -> Iterator[None]:
+    """Show each warning as one line on stderr (no source line): the command line's user reads no traceback."""
+
+    def show(
+        message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+    ) -> None:
+        text = str(message).removeprefix("gradconflict: ")
+        print(f"gradconflict {command}: warning: {text}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,13 +192,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        print(f"gradconflict {args.command}: {err}", file=sys.stderr)
-        return 2
+        with _warnings_as_lines(args.command):
+            return args.func(args)
     except BrokenPipeError:
         # The reader stopped early (`gradconflict report RUN.jsonl | head`): end quietly, as Unix tools do. Output
         # still buffered for the closed pipe goes to /dev/null, so the interpreter's own flush at exit is silent.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, the status of a Unix tool stopped by a closed pipe
+    except (OSError, ValueError, ImportError) as err:  # the input, the output path or an option: say which
+        print(f"gradconflict {args.command}: {_one_line(err)}", file=sys.stderr)
+        return 2

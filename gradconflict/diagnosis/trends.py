@@ -4,6 +4,12 @@ Everything is indexed by the training step of each report, not by its position i
 with ``every=k`` and skipped steps only make the series sparser: an EMA decays per training step, a window
 spans a number of training steps, and the trend is a slope per training step.
 
+The trend of a long series is fitted on the means of :data:`TREND_POINTS` bins of consecutive measured steps (equal
+counts), not on every step: Theil-Sen takes every pair of points, ``n (n - 1) / 2`` slopes (37 GiB for 100,000
+steps). Its slope, confidence interval and Mann-Kendall p-value are all those of the bin means, with ``n`` the number
+of means the fit used (:attr:`Trend.n`; :attr:`Trend.steps` the steps behind them). A bin mean over neighbouring
+steps also averages out most of their autocorrelation, which the test (as Mann-Kendall does) assumes absent.
+
 Tasks are tracked by name (the sorted union of the task names, see :mod:`~gradconflict.diagnosis.aligned`), and a
 quantity's series only holds the steps where it is defined: pair quantities (conflict fraction, cancellation,
 worst cosine, alignment) need a step that carried two tasks or more, and ``alignment/<task>`` a step that
@@ -39,7 +45,9 @@ __all__ = [
     "QuantitySummary",
     "Reports",
     "Run",
+    "TREND_POINTS",
     "Trend",
+    "binned",
     "ema",
     "measured_reports",
     "quantities",
@@ -49,6 +57,10 @@ __all__ = [
     "trend",
     "window_means",
 ]
+
+
+#: The most points a trend is fitted on (Theil-Sen's slopes: 2 million, 16 MB); a longer series is binned.
+TREND_POINTS = 2048
 
 
 def quantities(tasks: Sequence[str]) -> list[str]:
@@ -126,7 +138,9 @@ class Trend:
         high: upper bound of the slope's 95% confidence interval.
         tau: Kendall's tau between step and value (the Mann-Kendall statistic, normalised).
         p_value: two-sided p-value of the Mann-Kendall test of no monotonic trend.
-        n: number of points.
+        n: number of points the slope and the test used: the measured steps, or the :func:`binned` means of a
+            series longer than :data:`TREND_POINTS`.
+        steps: number of measured steps behind those points (``n`` unless binned).
     """
 
     slope: float
@@ -135,6 +149,7 @@ class Trend:
     tau: float
     p_value: float
     n: int
+    steps: int = 0
 
     def rising(self, alpha: float) -> bool:
         """True when the quantity increases significantly (``tau > 0`` and ``p_value < alpha``)."""
@@ -194,22 +209,45 @@ def theil_sen(x: np.ndarray, y: np.ndarray, alpha: float = 0.95) -> tuple[float,
     return slope, low, high
 
 
+def binned(steps: np.ndarray, values: np.ndarray, bins: int = TREND_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean step, mean value)`` of ``bins`` runs of consecutive points of (nearly) equal count, in order; the
+    points as they are when there are ``bins`` or fewer. Bin ``k`` holds the points ``k n // bins`` to
+    ``(k + 1) n // bins - 1``.
+
+    >>> binned(np.arange(6), np.array([0.0, 2.0, 4.0, 6.0, 8.0, 10.0]), bins=3)
+    (array([0.5, 2.5, 4.5]), array([1., 5., 9.]))
+    """
+    n = len(values)
+    x, y = np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    if n <= bins:
+        return x, y
+    starts = np.arange(bins) * n // bins
+    counts = np.diff(np.append(starts, n))
+    return np.add.reduceat(x, starts) / counts, np.add.reduceat(y, starts) / counts
+
+
 def trend(steps: np.ndarray, values: np.ndarray) -> Trend:
     """Theil-Sen slope (:func:`theil_sen`, as ``scipy.stats.theilslopes``) and Mann-Kendall test
-    (``scipy.stats.kendalltau``).
+    (``scipy.stats.kendalltau``), on the points as they are up to :data:`TREND_POINTS` of them, on the means of
+    that many bins of consecutive points (:func:`binned`) beyond: slope, interval and p-value are all the fit's
+    on the same points.
 
     Fewer than three points, or a series constant up to floating-point rounding (``np.allclose``), give a flat
     trend with ``p_value = 1``.
 
     >>> trend(np.arange(5), np.ones(5)).p_value
     1.0
+    >>> t = trend(np.arange(100_000), np.linspace(0.0, 1.0, 100_000))      # 2048 means of about 49 steps each
+    >>> t.n, t.steps, round(t.slope * 100_000, 3), t.rising(0.05)
+    (2048, 100000, 1.0, True)
     """
     n = len(values)
     if n < 3 or np.allclose(values, values[0]):
-        return Trend(0.0, 0.0, 0.0, 0.0, 1.0, n)
-    slope, low, high = theil_sen(steps, values)
-    tau, p = stats.kendalltau(steps, values)
-    return Trend(float(slope), float(low), float(high), float(tau), float(p), n)
+        return Trend(0.0, 0.0, 0.0, 0.0, 1.0, n, n)
+    x, y = binned(steps, values)
+    slope, low, high = theil_sen(x, y)
+    tau, p = stats.kendalltau(x, y)
+    return Trend(float(slope), float(low), float(high), float(tau), float(p), len(y), n)
 
 
 @dataclass(frozen=True)

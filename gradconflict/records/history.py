@@ -448,29 +448,14 @@ class History:
     @classmethod
     def from_jsonl(cls, path: str | Path, ema_decay: float = 0.9, max_history: int | None = None) -> History:
         """Read a history written by :meth:`to_jsonl` or a :class:`~gradconflict.records.sinks.JSONLSink` (the EMAs are
-        recomputed). A last line cut short by a crash is ignored; any other bad line is an error."""
+        recomputed), one line at a time. A line that is not JSON (cut short by a crash) is skipped with a
+        ``RuntimeWarning`` naming its line number; a JSON line that is not a history step is a ``ValueError``
+        naming the line and the field (:func:`~gradconflict.records.sinks.jsonl.read_reports`)."""
+        from gradconflict.records.sinks.jsonl import read_reports  # the sink module imports this one
+
         history = cls(ema_decay=ema_decay, max_history=max_history)
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-                newer = isinstance(data, dict) and isinstance(data.get("schema"), int) and data["schema"] > SCHEMA
-                if not newer:
-                    history.append(ConflictReport.from_dict(data))
-            except (KeyError, ValueError, TypeError) as err:
-                if number == len(lines) and isinstance(err, json.JSONDecodeError):
-                    break  # the run stopped while writing its last line
-                raise ValueError(
-                    f"{path}:{number} is not a gradconflict history line ({err}); "
-                    "write histories with History.to_jsonl() or a JSONLSink"
-                ) from err
-            if newer:
-                raise ValueError(
-                    f"{path}:{number} was written with history schema {data['schema']}, newer than the schema this "
-                    f"gradconflict reads ({SCHEMA}): upgrade gradconflict to read it"
-                )
+        for report in read_reports(path):
+            history.append(report)
         return history
 
     # ------------------------------------------------------------------------------------------ state

@@ -164,3 +164,78 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
     process.stderr.close()
     assert process.wait(timeout=120) == 141
     assert first.startswith(str(path).encode()) and err == b""
+
+
+def _foreign(tmp_path, change):
+    """A two-line history whose second line is changed by ``change`` (a dict edit)."""
+    path = _partial_history(tmp_path / "run.jsonl")
+    first, second = path.read_text().splitlines()[:2]
+    data = json.loads(second)
+    change(data)
+    path.write_text(first + "\n" + json.dumps(data) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda d: d.update(layers=[1, 2]), "'layers' must be an object"),
+        (lambda d: d.update(gram=[[1.0]]), "'gram' must be a 2 x 2"),
+        (lambda d: d.update(weights=[1.0]), "'weights' must be a list"),
+    ],
+)
+@pytest.mark.parametrize("command", ["report", "advise"])
+def test_a_line_of_the_wrong_schema_is_one_line_and_status_2(tmp_path, capsys, change, says, command):
+    path = _foreign(tmp_path, change)
+    assert main([command, str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    line = f"gradconflict {command}: {tmp_path}/run.jsonl:2 is not a gradconflict history line: {says}"
+    assert captured.err.startswith(line)
+
+
+@pytest.mark.parametrize("command", ["report", "advise"])
+def test_a_folder_or_an_output_under_a_file_is_one_line_and_status_2(tmp_path, capsys, command):
+    assert main([command, str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"gradconflict {command}: {tmp_path}: is a directory\n"
+    path = _partial_history(tmp_path / "run.jsonl")
+    for option in ("-o", "--png"):
+        if command == "report":
+            assert main(["report", str(path), option, str(path / "sub" / "report.html")]) == 2
+            captured = capsys.readouterr()
+            assert captured.out == ""
+            said = f"cannot write {path}/sub/report.html: {path} is a file, not a folder"
+            assert captured.err == f"gradconflict report: {said}\n"
+
+
+def test_a_run_cut_by_a_crash_is_reported_with_a_one_line_warning(tmp_path, capsys):
+    path = _partial_history(tmp_path / "run.jsonl")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines[:5], lines[5][:30], *lines[6:]]) + "\n")
+    assert main(["report", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "11 steps (11 measured, 0 skipped)" in captured.out
+    warning, = captured.err.splitlines()
+    assert warning.startswith(f"gradconflict report: warning: {path}, line 6 is not JSON")
+    in_a_subprocess = subprocess.run(
+        [sys.executable, "-m", "gradconflict", "advise", str(path), "--brief"], capture_output=True, text=True
+    )
+    assert in_a_subprocess.returncode == 0 and in_a_subprocess.stdout.startswith("verdict: ")
+    assert in_a_subprocess.stderr.splitlines() == [warning.replace("report", "advise", 1)]
+
+
+@pytest.mark.slow  # reads 10^5 JSONL lines (about 500 MB); the 10^6 row is benchmarks/long_run.py's
+def test_report_and_advise_on_a_hundred_thousand_steps(tmp_path):
+    """`gradconflict report` used to ask for 37 GiB here (every pairwise slope of the trend); its trends now use
+    bin means, and it reports the trend the run was built with (the conflict between a and b deepening)."""
+    from benchmarks.long_run import write_history
+
+    path = tmp_path / "long.jsonl"
+    write_history(path, 100_000, tasks=3, layers=4, distinct=200)
+    from gradconflict.diagnosis import advise_from_jsonl
+
+    advice = advise_from_jsonl(path)
+    worst = advice.trends["worst_cosine"].trend
+    assert (worst.n, worst.steps) == (2048, 100_000) and worst.falling(0.05)
+    done = subprocess.run([sys.executable, "-m", "gradconflict", "report", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith(f"{path}: 100000 steps (100000 measured, 0 skipped)")

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from gradconflict import ConflictReport, History, LayerReport
-from gradconflict.measure import metrics
 from gradconflict.diagnosis import Aligned, align
 from gradconflict.diagnosis.aligned import masked_mean, no_pair_reason
+from gradconflict.measure import metrics
 
 
 def _permuted(G, order):

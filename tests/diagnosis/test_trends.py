@@ -122,3 +122,34 @@ def test_theil_sen_equals_scipy(ties):
     expected = stats.theilslopes(y, x)
     assert theil_sen(x, y) == (expected.slope, expected.low_slope, expected.high_slope)
     assert theil_sen(x[::-1], y[::-1]) == theil_sen(x, y)  # the order of the points does not matter
+
+
+def test_a_long_series_is_fitted_on_bin_means_with_statistics_of_those_means():
+    from scipy import stats
+
+    from gradconflict.diagnosis.trends import TREND_POINTS
+
+    rng = np.random.default_rng(5)
+    n = 5 * TREND_POINTS + 7
+    steps = np.sort(rng.choice(20 * n, n, replace=False))  # sparse, uneven sampling
+    values = 1e-5 * steps + rng.normal(0, 1, n)
+    # The reference: bin k holds the points k n // B to (k + 1) n // B - 1, averaged by a plain loop.
+    edges = [k * n // TREND_POINTS for k in range(TREND_POINTS + 1)]
+    x = np.array([sum(steps[a:b]) / (b - a) for a, b in zip(edges, edges[1:])])
+    y = np.array([sum(values[a:b]) / (b - a) for a, b in zip(edges, edges[1:])])
+    fit, test = stats.theilslopes(y, x), stats.kendalltau(x, y)
+    t = trend(steps, values)
+    assert (t.n, t.steps) == (TREND_POINTS, n)
+    assert t.slope == pytest.approx(fit.slope, rel=1e-12)
+    assert (t.low, t.high) == pytest.approx((fit.low_slope, fit.high_slope), rel=1e-12)
+    assert (t.tau, t.p_value) == pytest.approx((test.statistic, test.pvalue), rel=1e-9)
+    short = trend(steps[:TREND_POINTS], values[:TREND_POINTS])  # up to TREND_POINTS: every point as it is
+    assert (short.n, short.steps) == (TREND_POINTS, TREND_POINTS)
+    assert short.slope == stats.theilslopes(values[:TREND_POINTS], steps[:TREND_POINTS]).slope
+
+
+def test_a_flat_noisy_long_series_shows_no_trend():
+    rng = np.random.default_rng(0)
+    steps = np.arange(200_000)
+    t = trend(steps, rng.normal(0, 1, steps.size))
+    assert t.n == 2048 and t.p_value > 0.05 and t.low < 0 < t.high

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -17,6 +18,7 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * 4096 / 2**20
 
 
+@pytest.mark.slow  # about 9 minutes on 2 loaded cores: `python -m pytest -m slow`
 def test_ten_thousand_monitored_steps_keep_memory_flat():
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8))

@@ -102,7 +102,7 @@ def test_every_sink_gets_the_same_host_side_report_and_a_failing_close_only_warn
     assert first.closed and last.closed
 
 
-def test_jsonl_round_trip_and_a_corrupt_line_is_named(tmp_path):
+def test_jsonl_round_trip_a_cut_line_is_skipped_and_a_foreign_line_is_named(tmp_path):
     history = History()
     for s in range(3):
         history.append(report(s, -0.2 * s, layers=2))
@@ -112,8 +112,11 @@ def test_jsonl_round_trip_and_a_corrupt_line_is_named(tmp_path):
     for a, b in zip(loaded, history):
         torch.testing.assert_close(a.layers["l1"].gram, b.layers["l1"].gram.double())
     lines = path.read_text().splitlines()
-    path.write_text("\n".join([lines[0], "{not json", lines[2]]) + "\n")
-    with pytest.raises(ValueError, match=r"run.jsonl:2 is not a gradconflict history line"):
+    path.write_text("\n".join([lines[0], lines[1][:50], lines[2]]) + "\n")  # a line cut short, in mid-file
+    with pytest.warns(RuntimeWarning, match=r"line 2 is not JSON"):
+        assert [r.step for r in History.from_jsonl(path)] == [0, 2]
+    path.write_text("\n".join([lines[0], '{"step": 1}', lines[2]]) + "\n")  # JSON, but not a history step
+    with pytest.raises(ValueError, match=r"run.jsonl:2 is not a gradconflict history line: 'tasks'"):
         History.from_jsonl(path)
     path.write_text(lines[0] + "\n" + lines[1].replace('"schema": 1', '"schema": 99') + "\n")
     with pytest.raises(ValueError, match=r"run.jsonl:2 was written with history schema 99.*upgrade gradconflict"):

@@ -6,6 +6,11 @@ Each line is the step's :meth:`~gradconflict.ConflictReport.to_dict` with the sc
 ``History.from_jsonl`` and the command line (``gradconflict report``, ``gradconflict advise``) read back.
 ``docs/integrations.md`` lists every field.
 
+A run killed mid-write (a full disk, ``kill -9``) leaves its last line cut short. A sink that resumes the file
+first truncates it to its last complete line, with a warning, so the run goes on after a whole line; and
+:func:`read_reports`, which every reader uses, skips a line that is not JSON with a warning naming its line
+number, so a cut line left in the middle by an older resume costs that line, not the run.
+
 >>> import json, tempfile, torch
 >>> from gradconflict import ConflictReport
 >>> path = tempfile.mkdtemp() + "/run.jsonl"
@@ -19,21 +24,26 @@ Each line is the step's :meth:`~gradconflict.ConflictReport.to_dict` with the sc
 
 from __future__ import annotations
 
+import json
+import os
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TextIO
+from typing import IO, Any
 
 from gradconflict.measure.report import ConflictReport
-from gradconflict.records.history import report_line
+from gradconflict.records.history import SCHEMA, report_line
 
-__all__ = ["JSONLSink"]
+__all__ = ["JSONLSink", "read_reports"]
 
 
 class JSONLSink:
     """Appends each step to a JSONL file as it is collected, and flushes it.
 
     Args:
-        path: the file (its folder is created). An existing file is appended to, so a resumed run continues it;
-            ``overwrite=True`` starts it afresh.
+        path: the file (its folder is created). An existing file is appended to, so a resumed run continues it
+            (after truncating a last line cut short by a crash, with a warning); ``overwrite=True`` starts it
+            afresh.
         overwrite: truncate the file first.
 
     >>> import tempfile
@@ -44,15 +54,18 @@ class JSONLSink:
     def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
         self.path = Path(path)
         self._mode = "w" if overwrite else "a"
-        self._file: TextIO | None = None  # opened at the first step: a rank that never writes never opens it
+        self._file: IO[str] | None = None  # opened at the first step: a rank that never writes never opens it
 
     def write(self, report: ConflictReport) -> None:
         """Append one step and flush."""
-        if self._file is None:
+        file = self._file
+        if file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open(self._mode, encoding="utf-8")
-        self._file.write(report_line(report))
-        self._file.flush()
+            if self._mode == "a":
+                _truncate_cut_line(self.path)
+            file = self._file = open(self.path, self._mode, encoding="utf-8")  # noqa: SIM115 (closed by close())
+        file.write(report_line(report))
+        file.flush()
 
     def close(self) -> None:
         """Close the file."""
@@ -61,3 +74,132 @@ class JSONLSink:
 
     def __repr__(self) -> str:
         return f"JSONLSink({str(self.path)!r})"
+
+
+def _truncate_cut_line(path: Path) -> None:
+    """Cut a file that does not end with a newline back to its last complete line (a line cut short by a crash),
+    with a warning: appending after it would leave the cut line in the middle of the file."""
+    try:
+        f = path.open("r+b")
+    except FileNotFoundError:
+        return
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        if end == 0:
+            return
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return
+        # Walk back in blocks to the last newline: a cut line is one line, so this reads a few kB.
+        keep, block = 0, 1 << 16
+        position = end
+        while position > 0:
+            start = max(0, position - block)
+            f.seek(start)
+            chunk = f.read(position - start)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            position = start
+        f.truncate(keep)
+    warnings.warn(
+        f"gradconflict: {path} ended with a line cut short (the previous run stopped while writing it): "
+        f"truncated it to its last complete line, dropping {end - keep} bytes, before appending",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def read_reports(path: str | Path) -> Iterator[ConflictReport]:
+    """The reports of a JSONL history, in file order, read one line at a time.
+
+    A line that is not JSON (cut short by a crash) is skipped with a :class:`RuntimeWarning` that names its line
+    number. A JSON line that is not a history step, a Gram of the wrong size, or a line of a newer schema is an
+    error: a ``ValueError`` naming the line and the field, since that file was not written by gradconflict (or
+    needs a newer one). Blank lines are ignored.
+
+    >>> import tempfile, torch, warnings
+    >>> path = tempfile.mkdtemp() + "/run.jsonl"
+    >>> sink = JSONLSink(path)
+    >>> for s in range(3):
+    ...     sink.write(ConflictReport(("a", "b"), torch.eye(2), step=s))
+    >>> sink.close()
+    >>> lines = open(path).read().splitlines()
+    >>> _ = open(path, "w").write("\\n".join([lines[0], lines[1][:40], lines[2]]) + "\\n")
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     steps = [r.step for r in read_reports(path)]
+    >>> steps, "line 2" in str(caught[0].message)
+    ([0, 2], True)
+    """
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as err:
+                warnings.warn(
+                    f"gradconflict: {path}, line {number} is not JSON ({err.msg} at column {err.colno}), probably cut "
+                    "short by a crash: skipped",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                continue
+            yield _report(data, f"{path}:{number}")
+
+
+def _report(data: Any, where: str) -> ConflictReport:
+    """One line's report, after checking every field :meth:`ConflictReport.from_dict` reads: a wrong field is a
+    ``ValueError`` that names it, never an error deep inside the diagnosis."""
+
+    def bad(what: str) -> ValueError:
+        return ValueError(
+            f"{where} is not a gradconflict history line: {what}; write histories with History.to_jsonl() or a "
+            "JSONLSink"
+        )
+
+    if not isinstance(data, Mapping):
+        raise bad(f"a JSON {type(data).__name__}, not an object")
+    schema = data.get("schema")
+    if isinstance(schema, int) and schema > SCHEMA:
+        raise ValueError(
+            f"{where} was written with history schema {schema}, newer than the schema this gradconflict reads "
+            f"({SCHEMA}): upgrade gradconflict to read it"
+        )
+    tasks = data.get("tasks")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise bad(f"'tasks' must be a non-empty list of names, got {tasks!r}")
+    T = len(tasks)
+    step = data.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise bad(f"'step' must be an integer, got {step!r}")
+
+    # Shapes here; a value that is not a number fails in from_dict below, named by the same message.
+    def vector(key: str, value: Any) -> None:
+        if not (isinstance(value, list) and len(value) == T):
+            raise bad(f"'{key}' must be a list of {T} numbers (one per task), got {value!r}")
+
+    if data.get("weights") is not None:
+        vector("weights", data["weights"])
+    if data.get("losses"):
+        vector("losses", data["losses"])
+    if not data.get("skipped"):
+        _matrix(data.get("gram"), T, "'gram'", bad)
+        layers = data.get("layers", {})
+        if not isinstance(layers, Mapping):
+            raise bad(f"'layers' must be an object {{layer name: layer}}, got a {type(layers).__name__}")
+        for name, layer in layers.items():
+            if not isinstance(layer, Mapping):
+                raise bad(f"layer {name!r} must be an object, got a {type(layer).__name__}")
+            _matrix(layer.get("gram"), T, f"the 'gram' of layer {name!r}", bad)
+    try:
+        return ConflictReport.from_dict(data)
+    except (KeyError, ValueError, TypeError) as err:
+        raise bad(f"{type(err).__name__}: {err}") from err
+
+
+def _matrix(value: Any, T: int, what: str, bad: Any) -> None:
+    if not (isinstance(value, list) and len(value) == T and all(isinstance(r, list) and len(r) == T for r in value)):
+        raise bad(f"{what} must be a {T} x {T} matrix of numbers (T = {T} tasks)")
