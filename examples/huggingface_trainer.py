@@ -52,9 +52,9 @@ with tempfile.TemporaryDirectory() as output_dir:
     trainer = ConflictTrainer(model=TwoTaskBert(), args=args, train_dataset=dataset, shared="backbone")
     trainer.train()
 
-logged = [row for row in trainer.state.log_history if "conflict/cos/parity-share" in row]
+logged = [row for row in trainer.state.log_history if "conflict/cos/parity/share" in row]
 for row in logged:
-    print(f"step {row['step']:>2}: loss {row['loss']:.3f}, cos(parity, share) {row['conflict/cos/parity-share']:+.3f}, "
+    print(f"step {row['step']:>2}: loss {row['loss']:.3f}, cos(parity, share) {row['conflict/cos/parity/share']:+.3f}, "
           f"cancellation {row['conflict/cancellation']:.3f}")
 advice = trainer.conflict_monitor.advise()
 print(f"\nadvice: {advice.verdict} ({advice.reason})")

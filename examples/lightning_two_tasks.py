@@ -6,11 +6,15 @@ The three changes (marked ``# gradconflict`` below): ``ConflictMonitorMixin`` fi
 ``log_every_n_steps=10`` the callback measures exactly the steps Lightning logs (every 10th; the others cost
 nothing) and logs them with ``self.log``, so they reach every logger the trainer has: here a ``CSVLogger``, whose
 ``metrics.csv`` the script reads back to show the pairwise cosine and the cancellation at steps 9, 19, 29, 39.
+The logs go to the folder ``--out`` names, or to a temporary one that is removed at the end.
 
-Run: python examples/lightning_two_tasks.py   (pip install "gradconflict[lightning]"; a few seconds on a CPU)
+Run: python examples/lightning_two_tasks.py [--out DIR]   (pip install "gradconflict[lightning]"; a few seconds on
+a CPU)
 """
 
+import argparse
 import csv
+import tempfile
 import warnings
 
 import lightning.pytorch as pl
@@ -41,22 +45,28 @@ class TwoTasks(ConflictMonitorMixin, pl.LightningModule):  # gradconflict: the m
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--out", default=None, help="folder for the trainer's logs (default: a temporary one)")
+args, _ = parser.parse_known_args()
+
 torch.manual_seed(0)
 x = torch.randn(1280, 8)
 data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True), (x[:, :1] > 0).float()), batch_size=32)
 callback = ConflictCallback(shared="backbone")  # gradconflict: the callback
-trainer = pl.Trainer(
-    max_steps=40, log_every_n_steps=10, callbacks=[callback], logger=CSVLogger("lightning-logs", name="two-tasks"),
-    accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-)
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    trainer.fit(TwoTasks(), data)
-
-with open(f"{trainer.logger.log_dir}/metrics.csv", newline="") as f:
-    rows = [row for row in csv.DictReader(f) if row.get("conflict/cos/sign-sum")]
+with tempfile.TemporaryDirectory() as scratch:
+    out = args.out or scratch
+    trainer = pl.Trainer(
+        max_steps=40, log_every_n_steps=10, callbacks=[callback], logger=CSVLogger(out, name="two-tasks"),
+        default_root_dir=out, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(TwoTasks(), data)
+    with open(f"{trainer.logger.log_dir}/metrics.csv", newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("conflict/cos/sign/sum")]
 for row in rows:
-    print(f"step {row['step']:>2}: cos(sign, sum) {float(row['conflict/cos/sign-sum']):+.3f}, "
+    print(f"step {row['step']:>2}: cos(sign, sum) {float(row['conflict/cos/sign/sum']):+.3f}, "
           f"cancellation {float(row['conflict/cancellation']):.3f}")
 print("measured steps:", [r.step for r in callback.monitor.history.measured], "closed:", callback.monitor.closed)
 assert [int(row["step"]) for row in rows] == [9, 19, 29, 39] and callback.monitor.closed

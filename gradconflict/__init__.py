@@ -14,13 +14,17 @@ libraries load on first use, e.g. when ``gradconflict.advise`` is first read.
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _installed_version
 from typing import TYPE_CHECKING, Any
 
 from gradconflict import _moved
+from gradconflict.measure.attribution import SampleAttribution
 from gradconflict.measure.engine import PerformanceWarning, is_measuring
 from gradconflict.measure.report import ConflictReport, LayerReport
-from gradconflict.monitor import ConflictMonitor, MeasurementWarning
+from gradconflict.monitor import ConflictMonitor, DetachedTaskWarning, MeasurementWarning
 from gradconflict.records.history import History
+from gradconflict.records.samples import SampleTally
 from gradconflict.records.sinks import JSONLSink
 from gradconflict.weighting import Weighting, WeightingError, WeightingWarning
 
@@ -36,15 +40,24 @@ if TYPE_CHECKING:
         LoRASplit,
         MultiTaskNet,
         SplitEvaluation,
-        branch,
-        compare,
         delta_m,
         evaluate_split,
         lora_split,
         split_gains,
     )
+    from gradconflict.split.branch import branch
+    from gradconflict.split.compare import compare
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's, the one place it is written)."""
+    try:
+        return _installed_version("gradconflict")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 #: Public names loaded on first use, and the module that holds each.
 _LAZY = {
@@ -90,11 +103,14 @@ __all__ = [
     "split_gains",
     "ConflictMonitor",
     "ConflictReport",
+    "DetachedTaskWarning",
     "History",
     "JSONLSink",
     "LayerReport",
     "MeasurementWarning",
     "PerformanceWarning",
+    "SampleAttribution",
+    "SampleTally",
     "Signal",
     "TensorBoardSink",
     "Thresholds",

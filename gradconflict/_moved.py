@@ -51,6 +51,7 @@ MOVED: dict[str, str] = {
     "gradconflict.run_summary": "gradconflict.reporting.summary",
     "gradconflict.plots": "gradconflict.reporting.plots",
     "gradconflict.html_report": "gradconflict.reporting.html",
+    "gradconflict.diagnosis.stats": "gradconflict.diagnosis.persistence",
     "gradconflict.cli": "gradconflict.apps.cli",
     "gradconflict.demo": "gradconflict.apps.demo",
     "gradconflict.synthetic": "gradconflict.fixtures.synthetic",

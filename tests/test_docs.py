@@ -111,6 +111,7 @@ def test_examples_run_and_do_what_they_say(script, tmp_path, monkeypatch, capsys
     monkeypatch.setattr(sys, "argv", [script])
     namespace = runpy.run_path(str(ROOT / "examples" / script), run_name="__main__")
     EXAMPLES[script](namespace, capsys.readouterr().out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing left in the working directory
 
 
 def test_the_docs_point_to_nothing_outside_the_repository():

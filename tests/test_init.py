@@ -1,8 +1,9 @@
 """``import gradconflict`` stays light: the diagnosis, split toolkit, plots and dashboard libraries load on first
-use, and every public name is still there."""
+use, and every public name is still there; the version is the installed package's."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 
@@ -48,3 +49,15 @@ def test_every_public_name_is_reachable_and_loads_its_part_on_first_use():
 def test_an_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="has no attribute 'nonsense'"):
         gradconflict.nonsense  # noqa: B018
+
+
+def test_the_version_is_the_installed_packages(capsys):
+    """Written once, in pyproject.toml: the package reads it from its metadata (CI's .ci/package checks that an
+    installed wheel reports the version its name carries)."""
+    installed = importlib.metadata.version("gradconflict")
+    assert gradconflict.__version__ == installed
+    from gradconflict.apps.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--version"])
+    assert capsys.readouterr().out.strip() == f"gradconflict {installed}"

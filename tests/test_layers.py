@@ -36,6 +36,12 @@ FLOORS = (
 LAZY_UPWARD = {
     # monitor.advise() is a shortcut for gradconflict.advise(monitor.history, model=monitor.model).
     ("gradconflict.monitor._monitor", "gradconflict.diagnosis"),
+    # Jupyter shows an object through its own _repr_html_: each of these draws the HTML report's tables for it, and
+    # loads the reporting floor only when a notebook displays one.
+    ("gradconflict.measure.report", "gradconflict.reporting"),
+    ("gradconflict.records.comparison", "gradconflict.reporting"),
+    ("gradconflict.diagnosis.advice", "gradconflict.reporting"),
+    ("gradconflict.split.evaluate", "gradconflict.reporting"),
 }
 
 

@@ -24,6 +24,7 @@ import gradconflict
 from gradconflict.fixtures.synthetic import FAMILY, Spec
 
 from .advice_run import advice_run, block_of
+from .independent.report import kept_section
 from .report import Outcome, markdown
 from .truth import truth
 
@@ -77,10 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             outcomes.append(outcome)
     seconds = time.perf_counter() - started
     command = "python -m benchmarks.diagnosis.run " + " ".join(argv if argv is not None else sys.argv[1:])
-    Path(args.output).write_text(
-        markdown(outcomes, command=command.strip(), seconds=seconds, machine=machine(), seeds=args.seeds),
-        encoding="utf-8",
-    )
+    text = markdown(outcomes, command=command.strip(), seconds=seconds, machine=machine(), seeds=args.seeds)
+    Path(args.output).write_text(text + kept_section(Path(args.output)), encoding="utf-8")
     print(f"wrote {args.output} ({seconds:.0f} s)")
     return 0
 

@@ -1,4 +1,4 @@
-"""The ``gradconflict`` command line: ``demo``, and ``report`` and ``advise`` on a saved history.
+"""The ``gradconflict`` command line: ``demo``, and ``report``, ``advise`` and ``samples`` on a saved history.
 
 Saved histories may hold steps that carry different tasks (partial labels, round-robin training): ``report``
 then says which tasks and pairs the measured steps carried, and ``advise`` judges each pair on the steps that
@@ -29,6 +29,7 @@ Measure how the tasks of a multi-task model fight over their shared backbone, an
   gradconflict demo                          train, monitor, diagnose and compare splits on offline data
   gradconflict report RUN.jsonl              summarise a saved run (add -o report.html for the HTML report)
   gradconflict advise RUN.jsonl              should the backbone be split, where, into which groups?
+  gradconflict samples RUN.jsonl --pair a,b  the examples that carry the conflict between tasks a and b
 
 RUN.jsonl is a history written by History.to_jsonl() or a JSONLSink (the demo writes one).
 """
@@ -40,30 +41,31 @@ def _demo(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else (150 if args.quick else 400)
     compare_steps = args.compare_steps if args.compare_steps is not None else (60 if args.quick else 200)
     run_demo(
-        steps=steps, compare_steps=compare_steps, out_dir=args.out, seed=args.seed, progress=not args.no_progress
+        steps=steps, compare_steps=compare_steps, out_dir=args.out, seed=args.seed,
+        progress=not (args.no_progress or args.quiet), log_every=None if args.quiet else 50,
     )
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from gradconflict.diagnosis import advise
+    from gradconflict.diagnosis import advise, align
     from gradconflict.records.history import History
     from gradconflict.reporting.summary import summarize_run
 
     for out in (args.output, args.png):
         _check_writable(out)
     history = History.from_jsonl(args.history)
-    reports = history.reports
-    if all(r.skipped for r in reports):
+    aligned = align(history)  # once: the advice, the summary and the HTML report read these arrays
+    if not aligned.num_steps:
         print(f"{args.history}: no measured step", file=sys.stderr)
         return 1
-    advice = advise(history)  # a History is aligned from its packed records, not from a report per step
-    summary = summarize_run(reports, profile=advice.profile)
+    advice = advise(aligned)
+    summary = summarize_run(history, profile=advice.profile, aligned=aligned)
     print(f"{args.history}: {summary.text()}")
     if args.lines > 0:
         print("\nsteps:")
-        for r in reports[:: max(1, -(-len(reports) // args.lines))]:
-            print("  " + r.summary())
+        for k in range(0, len(history), max(1, -(-len(history) // args.lines))):
+            print("  " + history[k].summary())
     groups = " | ".join("[" + ", ".join(g) + "]" for g in advice.groups)
     where = f", branch point {advice.branch_point}" if advice.branch_point is not None else ""
     print(f"\nadvice: {advice.verdict}{where}, groups {groups} (gradconflict advise {args.history}: the evidence)")
@@ -72,10 +74,12 @@ def _report(args: argparse.Namespace) -> int:
 
         source = os.path.basename(args.history)
         if args.output is not None:
-            path = write_html(reports, args.output, advice=advice, source=source, png_dir=args.png, summary=summary)
+            path = write_html(
+                history, args.output, advice=advice, source=source, png_dir=args.png, summary=summary, aligned=aligned
+            )
             print(f"report: {path}")
         else:
-            render_html(reports, advice=advice, source=source, png_dir=args.png, summary=summary)
+            render_html(history, advice=advice, source=source, png_dir=args.png, summary=summary, aligned=aligned)
         if args.png is not None:
             print(f"figures: {args.png}/*.png")
     return 0
@@ -129,6 +133,35 @@ def _warnings_as_lines(command: str) -> Iterator[None]:
         yield
 
 
+def _samples(args: argparse.Namespace) -> int:
+    from gradconflict.records.samples import SampleTally
+
+    a, comma, b = args.pair.partition(",")
+    if not comma or not a or not b or "," in b:
+        raise ValueError(f"--pair takes two task names separated by a comma (--pair seg,depth), got {args.pair!r}")
+    tally = SampleTally.from_jsonl(args.history)
+    if not tally.pairs:
+        print(f"{args.history}: no step was measured with sample_ids (monitor.backward(losses, sample_ids=ids))",
+              file=sys.stderr)
+        return 1
+    try:
+        stats = tally.pair(a, b)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    top = tally.top(a, b, k=args.top, by=args.by)
+    negative = sum(min(0.0, s["push"]) * s["count"] for s in stats.values())
+    carried = sum(min(0.0, stats[i]["push"]) * stats[i]["count"] for i in top)
+    share = f"{carried / negative:.0%}" if negative < 0 else "none"
+    fraction = len(top) / len(stats)
+    print(f"{args.history}: {len(stats)} ids attributed for ({a}, {b}); the {len(top)} below ({fraction:.1%} of "
+          f"them) carry {share} of the negative inner product between {a} and {b}")
+    print(f"{'id':>12} {'steps':>6} {'agreement':>10} {'push':>11} {'apart':>6}")
+    for i in top:
+        s = stats[i]
+        print(f"{i:>12} {s['count']:>6} {s['agreement']:>10.3f} {s['push']:>11.3e} {s['apart']:>6.0%}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``gradconflict`` command."""
     from gradconflict import __version__
@@ -152,7 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="gradconflict-run", help="output folder (default: gradconflict-run)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (there is none when output is not a terminal)"
+    )
+    demo.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bar and no per-step lines: the results only"
+    )
     demo.set_defaults(func=_demo)
     report = sub.add_parser(
         "report",
@@ -169,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     advise = sub.add_parser(
         "advise",
         help="should the backbone be split? advice from a saved run",
-        description="Diagnose a saved run: the four warning signals with their evidence, the layer profile and "
+        description="Diagnose a saved run: the six signals (four warning signs, two warnings about what a split "
+        "cannot cure) with their evidence, the layer profile and "
         "branch point, the task groups, and the comparison experiment to run next.",
     )
     advise.add_argument("history", help="a history written by History.to_jsonl or a JSONLSink")
@@ -181,6 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold", action="append", default=[], metavar="NAME=VALUE", help="override one threshold (repeatable)"
     )
     advise.set_defaults(func=_advise)
+    samples = sub.add_parser(
+        "samples",
+        help="the examples that carry a pair's conflict, from a run measured with sample_ids",
+        description="Rank the example ids of a saved run (steps measured with monitor.backward(losses, "
+        "sample_ids=ids)) by how much they carry the conflict between two tasks: lowest mean within-example "
+        "agreement first (see docs/attribution.md), with each id's steps, mean push (its part in 2 G_ab) and how "
+        "often it pushed the pair apart.",
+    )
+    samples.add_argument("history", help="a history written by History.to_jsonl or a JSONLSink")
+    samples.add_argument("--pair", required=True, metavar="A,B", help="the two tasks, e.g. --pair seg,depth")
+    samples.add_argument("--top", type=int, default=50, help="how many ids to list (default 50)")
+    samples.add_argument(
+        "--by", choices=("agreement", "push", "apart"), default="agreement", help="the ranking (default agreement)"
+    )
+    samples.set_defaults(func=_samples)
     return parser
 
 

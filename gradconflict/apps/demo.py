@@ -14,6 +14,7 @@ matplotlib).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,7 @@ from gradconflict.diagnosis import Advice
 from gradconflict.fixtures.datasets import MultiTaskData, overlaid_digits
 from gradconflict.fixtures.synthetic import suppression_readout
 from gradconflict.monitor import ConflictMonitor
+from gradconflict.records.pairs import pair_key
 from gradconflict.split import ComparisonResult, MultiTaskNet, compare
 
 __all__ = ["DemoResult", "run_demo"]
@@ -106,7 +108,8 @@ def _progress(total: int, enabled: bool) -> Iterator[Any]:
 
         yield _Quiet()
         return
-    with tqdm(total=total, desc="training", unit="step", leave=False) as bar:
+    # disable=None: a bar only on a terminal; captured output and logs get no carriage-return soup.
+    with tqdm(total=total, desc="training", unit="step", leave=False, disable=None) as bar:
         yield bar
 
 
@@ -117,12 +120,15 @@ def run_demo(
     out_dir: str | Path = "gradconflict-run",
     seed: int = 0,
     progress: bool = True,
-    log_every: int = 50,
+    log_every: int | None = 50,
     echo: Any = print,
 ) -> DemoResult:
     """Train the demo model for ``steps`` steps under a :class:`ConflictMonitor`, print what it measured and
     the split advice, run the comparison experiment for ``compare_steps`` steps per variant (0 skips it), and
     save everything to ``out_dir``.
+
+    ``progress`` shows progress bars on a terminal (never in captured output or a log); ``log_every`` prints a
+    measured step's one-line summary every that many steps (``None``: none).
 
     >>> r = run_demo(steps=6, compare_steps=0, log_every=3, progress=False, out_dir=getfixture("tmp_path"),
     ...              echo=lambda s: None)
@@ -146,7 +152,7 @@ def run_demo(
             optimizer.step()
             optimizer.zero_grad()
             bar.update(1)
-            if report is not None and (step % log_every == 0 or step == steps - 1):
+            if report is not None and log_every is not None and (step % log_every == 0 or step == steps - 1):
                 say("  " + report.summary())
     model.eval()
     with torch.no_grad():
@@ -160,7 +166,8 @@ def run_demo(
     if compare_steps > 0:
         echo(f"\ncomparison experiment: {compare_steps} steps per variant")
         stream = train.batches(batch_size, seed=seed + 1)
-        result.comparison = compare(
+        # one Delta-m% baseline for the table and the advice: the shared model, which the advice's gains are against
+        result.comparison = dataclasses.replace(compare(
             lambda: demo_model(in_features=data.x[0].numel(), seed=seed),
             LOSS_FNS,
             [next(stream) for _ in range(40)],
@@ -172,7 +179,7 @@ def run_demo(
             groups=advice.groups if len(advice.groups) > 1 else [[t] for t in tasks],
             seed=seed,
             progress=progress,
-        )
+        ), baseline="shared")
         echo(result.comparison.to_markdown())
         result.advice = monitor.advise(probe=test.x[:256], comparison=result.comparison)
         echo("\nthe advice, read again with the comparison (one seed: run more seeds to judge the spread):\n"
@@ -236,4 +243,4 @@ def _named(tasks: Any, values: Tensor) -> str:
 
 def _pairs(tasks: Any, C: Tensor) -> str:
     T = len(tasks)
-    return ", ".join(f"{tasks[i]}/{tasks[j]} {float(C[i, j]):+.3f}" for i in range(T) for j in range(i + 1, T))
+    return ", ".join(f"{pair_key(tasks[i], tasks[j])} {float(C[i, j]):+.3f}" for i in range(T) for j in range(i + 1, T))

@@ -3,8 +3,8 @@ where, and into which task groups?", with the evidence shown.
 
 - :mod:`~gradconflict.diagnosis.aligned`: the measured steps on one task order (sorted names), as numpy arrays.
 - :mod:`~gradconflict.diagnosis.trends`: series, EMA, sliding windows, trend test over training steps.
-- :mod:`~gradconflict.diagnosis.stats`: is a pair's conflict persistent, or chance? (tests against a coin).
-- :mod:`~gradconflict.diagnosis.persistence`: those tests for every pair, on the whole backbone and per layer.
+- :mod:`~gradconflict.diagnosis.persistence`: is a pair's conflict persistent, or chance? (tests against a coin).
+- :mod:`~gradconflict.diagnosis.conflicts`: those tests for every pair, on the whole backbone and per layer.
 - :mod:`~gradconflict.diagnosis.signals`: the four warning signals and the two warnings about what a split
   cannot cure.
 - :mod:`~gradconflict.diagnosis.profile`: the layer conflict profile and the branch point.
@@ -26,13 +26,15 @@ from __future__ import annotations
 from gradconflict.diagnosis.advice import Advice, Uncertainty, advise, advise_from_jsonl, next_step_code
 from gradconflict.diagnosis.affinity import lookahead_transference, mean_transference, normalized
 from gradconflict.diagnosis.aligned import Aligned, align
+from gradconflict.diagnosis.conflicts import ConflictTests, conflict_tests
 from gradconflict.diagnosis.evaluations import EvalTable
 from gradconflict.diagnosis.groups import Grouping, group_tasks
 from gradconflict.diagnosis.heads import HeadStats, head_stats, linear_cka
-from gradconflict.diagnosis.persistence import ConflictTests, conflict_tests
+from gradconflict.diagnosis.persistence import PersistenceTests, persistence_tests
 from gradconflict.diagnosis.profile import LayerProfile, Profile, layer_profile, order_layers
 from gradconflict.diagnosis.recon import ReconSelection, recon_layers, recon_scores
 from gradconflict.diagnosis.signals import (
+    PairFinding,
     Signal,
     ceiling,
     diverging_objectives,
@@ -41,7 +43,6 @@ from gradconflict.diagnosis.signals import (
     single_point_of_risk,
     zero_sum,
 )
-from gradconflict.diagnosis.stats import PersistenceTests, persistence_tests
 from gradconflict.diagnosis.thresholds import Thresholds
 from gradconflict.diagnosis.trends import QuantitySummary, Trend, ema, series, summarize, trend, window_means
 
@@ -53,6 +54,7 @@ __all__ = [
     "Grouping",
     "HeadStats",
     "LayerProfile",
+    "PairFinding",
     "PersistenceTests",
     "Profile",
     "QuantitySummary",

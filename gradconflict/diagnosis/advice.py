@@ -37,6 +37,7 @@ sorted order, and the groups are sorted by their first task.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,28 +50,34 @@ from torch import Tensor, nn
 from gradconflict._strict_json import strict
 from gradconflict.diagnosis.affinity import lookahead_transference, mean_transference, normalized
 from gradconflict.diagnosis.aligned import Run, align, no_pair_reason
+from gradconflict.diagnosis.conflicts import conflict_tests
 from gradconflict.diagnosis.evaluations import Pairs
 from gradconflict.diagnosis.groups import Grouping, group_tasks
-from gradconflict.diagnosis.persistence import conflict_tests
+from gradconflict.diagnosis.persistence import CHANCE, PERSISTENT_RATE
 from gradconflict.diagnosis.profile import Profile, layer_profile, share_from
 from gradconflict.diagnosis.recon import ReconSelection, recon_layers
 from gradconflict.diagnosis.signals import (
+    ALARMS,
+    WARNINGS,
     Signal,
     ceiling,
     diverging_objectives,
     heavy_heads,
     oscillating_conflict,
+    oscillation_cause,
     single_point_of_risk,
     zero_sum,
 )
 from gradconflict.diagnosis.thresholds import Thresholds
 from gradconflict.diagnosis.trends import QuantitySummary, summarize
 from gradconflict.records.comparison import ComparisonResult
-from gradconflict.records.history import History
+from gradconflict.records.history import EMA_DECAY, History
+from gradconflict.records.pairs import pair_key, pair_words
 
 __all__ = ["Advice", "Uncertainty", "advise", "advise_from_jsonl", "next_step_code"]
 
 Verdict = Literal["keep_shared", "lora_split", "physical_split"]
+DecidedBy = Literal["ceiling", "diverging", "heuristics", "none"]
 
 _VARIANTS: dict[str, tuple[str, ...]] = {
     "physical_split": ("shared", "independent", "branched"),
@@ -166,7 +173,8 @@ class Advice:
         branch_point: the layer from which the backbone becomes task-specific (``physical_split`` only).
         groups: the task groups that should share a backbone (copy or adapter); one group for ``keep_shared``.
         signals: the :class:`~gradconflict.diagnosis.signals.Signal` s: the four warning signals, then the two
-            warnings about what a split cannot cure (oscillating conflict, an unmoved ceiling).
+            warnings about what a split cannot cure (oscillating conflict, an unmoved ceiling). Look one up by
+            name with :meth:`signal` (or :attr:`by_name`), not by position.
         next_step: Python code running the comparison experiment that checks this advice.
         reason: one sentence on why this verdict.
         uncertainty: how settled the verdict is (:class:`Uncertainty`).
@@ -176,6 +184,9 @@ class Advice:
         recon: Recon's top-K layers next to the branch point (``None`` without layers).
         grouping: the task grouping search (best partition per number of groups, with scores).
         trends: a summary (mean, EMA, windows, trend) of each aggregated quantity.
+        decided_by: what decided the verdict: ``"ceiling"`` (the comparison experiment), ``"diverging"`` (a
+            persistent conflict, signal 1), ``"heuristics"`` (other signals that say split) or ``"none"`` (no
+            signal says split).
     """
 
     verdict: Verdict
@@ -190,13 +201,19 @@ class Advice:
     recon: ReconSelection | None = None
     grouping: Grouping | None = None
     trends: dict[str, QuantitySummary] = field(default_factory=dict)
+    decided_by: DecidedBy = "none"
+
+    @property
+    def by_name(self) -> dict[str, Signal]:
+        """The signals keyed by name (see :data:`~gradconflict.diagnosis.signals.SIGNALS`)."""
+        return {s.name: s for s in self.signals}
 
     def signal(self, name: str) -> Signal:
-        """The signal called ``name``."""
-        for s in self.signals:
-            if s.name == name:
-                return s
-        raise KeyError(f"no signal {name!r}; the signals are {[s.name for s in self.signals]}")
+        """The signal called ``name``; ``KeyError`` naming the signals for any other name."""
+        try:
+            return self.by_name[name]
+        except KeyError:
+            raise KeyError(f"no signal {name!r}; the signals are {[s.name for s in self.signals]}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python (JSON-ready) view; a value that could not be measured (NaN: a pair never measured
@@ -204,6 +221,7 @@ class Advice:
         u = self.uncertainty
         out: dict[str, Any] = {
             "verdict": self.verdict,
+            "decided_by": self.decided_by,
             "branch_point": self.branch_point,
             "groups": self.groups,
             "reason": self.reason,
@@ -258,14 +276,12 @@ class Advice:
         how persistent: tasks a/b conflict on 100% of 8 measured steps
         """
         lines = [f"verdict: {self.verdict} ({self.uncertainty})"]
-        diverging = self.signal("diverging_objectives")
-        decisive = diverging.details.get("decisive")
+        decisive = self.signal("diverging_objectives").finding
         if decisive is not None:
-            where = "the whole backbone" if decisive["layer"] is None else decisive["layer"]
             lines.append(
-                f"how persistent: tasks {decisive['pair']} conflict on {decisive['persistence']:.0%} of "
-                f"{decisive['steps']} measured steps on {where} (conflict rate {decisive['rate']:.0%} against 50% for "
-                f"unrelated gradients; {decisive['steps'] / decisive['tau']:.0f} effective steps)"
+                f"how persistent: tasks {pair_key(*decisive.pair)} conflict on {decisive.persistence:.0%} of "
+                f"{decisive.steps} measured steps on {decisive.where} (conflict rate {decisive.rate:.0%} against "
+                f"{CHANCE:.0%} for unrelated gradients; {decisive.effective_steps:.0f} effective steps)"
             )
         if self.profile is not None:
             conflicting = [lp.name for lp in self.profile.layers if lp.status == "conflict"]
@@ -277,7 +293,7 @@ class Advice:
         if self.recon is not None and self.recon.layers:
             lines.append(f"Recon's top-{self.recon.k} layers: {', '.join(self.recon.layers)}")
         lines.append("groups: " + " | ".join("[" + ", ".join(g) + "]" for g in self.groups))
-        warnings = [s for s in self.signals if s.name in ("oscillating_conflict", "ceiling")]
+        warnings = [self.signal(name) for name in WARNINGS if name in self.by_name]
         lines += [f"warning {s.name} [{s.status}]: {s.evidence}" for s in warnings if s.status != "n/a"]
         if all(s.status == "n/a" for s in warnings) or not any(s.status != "ok" for s in warnings):
             lines.append(
@@ -286,6 +302,13 @@ class Advice:
                    else "")
             )
         return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        """The verdict box, the signals, the profile and the groups as HTML tables for Jupyter, those of the HTML report
+        (:mod:`gradconflict.reporting.notebook`)."""
+        from gradconflict.reporting.notebook import advice_html
+
+        return advice_html(self)
 
     def __str__(self) -> str:
         lines = [f"verdict: {self.verdict} ({self.uncertainty})"]
@@ -323,41 +346,40 @@ class Advice:
         return "\n".join(lines)
 
 
-def _uncertainty(verdict_from: str, diverging: Signal, gap: int) -> Uncertainty:
+def _uncertainty(verdict_from: DecidedBy, diverging: Signal, gap: int) -> Uncertainty:
     """How settled the verdict is, from what decided it (``gap``: training steps between measured steps)."""
     if verdict_from == "ceiling":
         return Uncertainty(True, "measured: the comparison experiment over several seeds decided it")
-    if verdict_from == "diverging":
-        d = diverging.details["decisive"]
-        where = "the whole backbone" if d["layer"] is None else d["layer"]
+    d = diverging.finding
+    if verdict_from == "diverging" and d is not None:
         return Uncertainty(
             True,
-            f"tasks {d['pair'].replace('/', ' and ')} conflict persistently on {where} (p = {d['p_adjusted']:.2g}, "
-            f"adjusted over {diverging.details['tests']} pair tests)",
-            p_value=d["p_adjusted"],
+            f"tasks {pair_words(*d.pair)} conflict persistently on {d.where} (p = {d.p_adjusted:.2g}, adjusted over "
+            f"{d.family} pair tests)",
+            p_value=d.p_adjusted,
         )
     if verdict_from == "heuristics":
         return Uncertainty(True, "by the heuristic thresholds of the signals that say split (see their evidence)")
-    if diverging.status == "n/a":
+    if diverging.status == "n/a" or d is None:
         return Uncertainty(False, f"the conflict could not be measured: {diverging.evidence}")
-    undetermined = diverging.details.get("undetermined") or []
-    if undetermined:
-        d = diverging.details["decisive"]
-        needed = d["steps_needed"]
-        where = "the whole backbone" if d["layer"] is None else d["layer"]
-        if needed is None:  # no number of steps would settle it at this rate
-            return Uncertainty(False, f"tasks {d['pair']} on {where} sit on the edge of a persistent conflict")
-        n = int(needed)
+    if d.outcome == "undetermined":  # the closest pair might still conflict persistently with more steps
+        if not math.isfinite(d.steps_needed):  # no number of steps would settle it at this rate
+            return Uncertainty(
+                False, f"tasks {pair_key(*d.pair)} on {d.where} sit on the edge of a persistent conflict"
+            )
+        n = int(d.steps_needed)
         return Uncertainty(
             False,
             f"not enough steps yet: measure about {n} more steps"
             + (f" ({n * gap} training steps at every={gap})" if gap > 1 else "")
-            + f" to tell whether tasks {d['pair'].replace('/', ' and ')} conflict persistently on {where} "
-            f"({d['persistence']:.0%} of {d['steps']} steps so far)",
+            + f" to tell whether tasks {pair_words(*d.pair)} conflict persistently on {d.where} "
+            f"({d.persistence:.0%} of {d.steps} steps so far)",
             steps_needed=n,
             training_steps_needed=n * gap,
         )
-    return Uncertainty(True, "every pair's conflict rate is significantly below a persistent conflict's (60%)")
+    return Uncertainty(
+        True, f"every pair's conflict rate is significantly below a persistent conflict's ({PERSISTENT_RATE:.0%})"
+    )
 
 
 def _first_layer(profile: Profile | None, branch: str | None) -> int | None:
@@ -402,7 +424,7 @@ def advise(
     recon_k: int | None = None,
     recon_window: tuple[int, int] | None = None,
     max_groups: int | None = None,
-    ema_decay: float = 0.9,
+    ema_decay: float = EMA_DECAY,
 ) -> Advice:
     """Diagnose a run and advise whether, where and how to split its shared backbone.
 
@@ -462,25 +484,29 @@ def advise(
         oscillating_conflict(aligned, th, tests=tests),
         ceiling(comparison),
     ]
-    diverging, measured_ceiling = signals[0], signals[5]
+    by_name = {s.name: s for s in signals}
+    diverging, oscillating, measured_ceiling = (
+        by_name["diverging_objectives"], by_name["oscillating_conflict"], by_name["ceiling"]
+    )
     profile = (
         layer_profile(aligned, model=model, layer_order=layer_order, thresholds=th, tests=tests)
         if aligned.layers else None
     )
     branch = profile.branch_point if profile is not None else None
-    alarms = [s.name for s in signals[:4] if s.status == "split"]
+    alarms = [name for name in ALARMS if by_name[name].status == "split"]
     seeds = measured_ceiling.details.get("seeds", 0)
     verdict: Verdict
+    decided_by: DecidedBy
     if measured_ceiling.status == "ok" and seeds > 1:
         verdict, branch, decided_by = "keep_shared", None, "ceiling"
         reason = measured_ceiling.evidence
         if alarms:
             reason += f" (although {', '.join(alarms)} say(s) split)"
-    elif diverging.status == "split" and branch is not None:
+    elif diverging.status == "split" and branch is not None and diverging.finding is not None:
         verdict, decided_by = "physical_split", "diverging"
         reason = (
-            f"{diverging.evidence.split(': a persistent conflict')[0]}: the layers conflict persistently from "
-            f"{branch} up; give each task group its own copy of the backbone from there"
+            f"{diverging.finding.sentence()}: the layers conflict persistently from {branch} up; give each task "
+            "group its own copy of the backbone from there"
         )
     elif measured_ceiling.status == "split":
         winners = measured_ceiling.details["winners"]
@@ -508,11 +534,11 @@ def advise(
         verdict, branch, decided_by = "keep_shared", None, "none"
         watching = [s.name for s in signals if s.status == "watch" and s.name != "oscillating_conflict"]
         reason = "no signal says split" + (f"; keep an eye on {', '.join(watching)}" if watching else "")
-        if signals[4].status == "watch":
-            reason += f"; {signals[4].evidence.split(': the conflict oscillates, ')[-1]}: the conflict oscillates"
+        if oscillating.status == "watch":
+            reason += f"; {oscillation_cause(oscillating.pairs)}: the conflict oscillates"
     unmeasured = no_pair_reason(aligned) if len(tasks) > 1 else None
     counts = aligned.pair_counts()
-    never = [f"{a}/{b}" for k, a in enumerate(tasks) for m, b in enumerate(tasks) if k < m and counts[k, m] == 0]
+    never = [pair_key(a, b) for k, a in enumerate(tasks) for m, b in enumerate(tasks) if k < m and counts[k, m] == 0]
     if unmeasured is not None:
         reason += f"; but that says little: {unmeasured}"
     elif never:
@@ -551,6 +577,7 @@ def advise(
         recon=recon,
         grouping=grouping,
         trends=summarize(aligned, decay=ema_decay, threshold=th.conflict_cosine),
+        decided_by=decided_by,
     )
 
 

@@ -94,10 +94,6 @@ def _cosine(G: np.ndarray, present: np.ndarray) -> np.ndarray:
     return np.where(_pairs_present(present), metrics.cosine(_carried(G, present)).numpy(), np.nan)
 
 
-def _upper(T: int) -> np.ndarray:
-    return np.triu(np.ones((T, T), dtype=bool), 1)
-
-
 @dataclass(frozen=True, eq=False)
 class Aligned:
     """The measured steps of a run on one task order, as arrays (see the module docstring).
@@ -186,13 +182,13 @@ class Aligned:
         """``[S, T, T]`` pairwise cosines (:func:`gradconflict.measure.metrics.cosine`), NaN where a task is absent."""
         return _cosine(self.gram, self.present)
 
-    def conflicts(self, threshold: float = 0.0) -> np.ndarray:
+    def conflicts(self, threshold: float = metrics.CONFLICT_COSINE) -> np.ndarray:
         """``[S, T, T]`` upper-triangular mask of conflicting pairs
         (:func:`gradconflict.measure.metrics.conflict_pairs`: ``C_ij < threshold``, both tasks with a non-zero
         gradient), over the tasks each step carried."""
         return metrics.conflict_pairs(self._carried[0], threshold).numpy()
 
-    def conflict_fraction(self, threshold: float = 0.0) -> np.ndarray:
+    def conflict_fraction(self, threshold: float = metrics.CONFLICT_COSINE) -> np.ndarray:
         """``[S]`` share of the step's pairs that conflict; NaN on steps with fewer than two tasks."""
         t = self.present.sum(1)
         pairs = t * (t - 1) // 2
@@ -201,10 +197,9 @@ class Aligned:
 
     @cached_property
     def worst_cosine(self) -> np.ndarray:
-        """``[S]`` the most negative cosine over the step's pairs; NaN on steps with fewer than two tasks."""
-        mask = self.together & _upper(len(self.tasks))
-        worst = np.where(mask, self.cosine, np.inf).min((1, 2)) if len(self.tasks) else np.full(self.num_steps, np.inf)
-        return np.where(self.multi, worst, np.nan)
+        """``[S]`` the most negative cosine over the step's pairs (:func:`gradconflict.measure.metrics.worst_cosine`
+        over the tasks it carried); NaN on steps with fewer than two tasks."""
+        return metrics.worst_cosine(self._carried[0], torch.from_numpy(self.present)).numpy()
 
     @cached_property
     def task_norms(self) -> np.ndarray:
@@ -254,16 +249,32 @@ class Aligned:
         present = self.layer_present[:, layers, None] & self.present[:, None, :]
         return _cosine(self.layer_gram[:, layers], present)
 
-    def layer_blocks(self, threshold: float = 0.0) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-        """``(layers, cosines, conflicts)`` for consecutive blocks of layers: :meth:`layer_cosine` of that slice and
-        its ``[S, L', T, T]`` conflict masks (as :meth:`conflicts`). The temporaries stay near ``_BLOCK`` numbers
-        whatever the length of the run and the number of layers."""
+    def layer_worst_cosine(self) -> np.ndarray:
+        """``[S, L]`` the worst pair cosine (:func:`gradconflict.measure.metrics.worst_cosine`) of each layer at
+        each step, over the tasks the step carried on that layer; NaN where it carried fewer than two."""
+        out = np.full((self.num_steps, len(self.layers)), np.nan)
+        for layers, G, present in self._layer_grams():
+            out[:, layers] = metrics.worst_cosine(G, torch.from_numpy(present)).numpy()
+        return out
+
+    def _layer_grams(self) -> Iterator[tuple[slice, Tensor, np.ndarray]]:
+        """``(layers, Grams, present)`` for consecutive blocks of layers: the ``[S, L', T, T]`` float64 Grams of the
+        tasks each step carried on those layers, and that ``[S, L', T]`` mask. The temporaries stay near
+        ``_BLOCK`` numbers whatever the length of the run and the number of layers."""
         S, L, T = self.num_steps, len(self.layers), len(self.tasks)
         block = max(1, _BLOCK // max(1, S * T * T))
         for start in range(0, L, block):
             layers = slice(start, min(start + block, L))
             present = self.layer_present[:, layers, None] & self.present[:, None, :]
-            G = _carried(self.layer_gram[:, layers], present)
+            yield layers, _carried(self.layer_gram[:, layers], present), present
+
+    def layer_blocks(
+        self, threshold: float = metrics.CONFLICT_COSINE
+    ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+        """``(layers, cosines, conflicts)`` for consecutive blocks of layers: :meth:`layer_cosine` of that slice and
+        its ``[S, L', T, T]`` conflict masks (as :meth:`conflicts`). The temporaries stay near ``_BLOCK`` numbers
+        whatever the length of the run and the number of layers."""
+        for layers, G, present in self._layer_grams():
             cosine = np.where(_pairs_present(present), metrics.cosine(G).numpy(), np.nan)
             yield layers, cosine, metrics.conflict_pairs(G, threshold).numpy()
 
@@ -320,12 +331,11 @@ def _blocks_of_history(history: History) -> tuple[list[int], list[float], list[_
     position = {k: n for n, k in enumerate(order)}
     blocks, offset, thresholds = [], 0, []
     for b in stacked:
-        N, T = len(b.steps), len(b.tasks)
-        grams = b.packed[:, 2 * T :].reshape(N, -1, T, T)
+        N, losses = len(b.steps), b.losses
         blocks.append(_Block(
             rows=[position[offset + k] for k in range(N)], tasks=b.tasks, layers=b.layers,
-            weights=_host(b.packed[:, :T]), losses=_host(b.packed[:, T : 2 * T]) if b.has_losses else None,
-            gram=_host(grams[:, 0]), layer_gram=_host(grams[:, 1:], wide=False),
+            weights=_host(b.weights), losses=_host(losses) if losses is not None else None,
+            gram=_host(b.gram), layer_gram=_host(b.layer_gram, wide=False),
         ))
         thresholds += [b.threshold] * N
         offset += N

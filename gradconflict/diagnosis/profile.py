@@ -2,8 +2,8 @@
 
 For each shared layer ``l`` (bottom to top) the profile keeps Recon's S-conflict score (the number of task pairs
 with ``C^(l)_ij < S``, summed over the measured steps), each pair's persistence (share of steps it conflicts),
-mean cosine, and the test of its conflict against chance (:mod:`~gradconflict.diagnosis.stats`; one
-Benjamini-Hochberg family with the whole backbone's pairs, :mod:`~gradconflict.diagnosis.persistence`). Each layer
+mean cosine, and the test of its conflict against chance (:mod:`~gradconflict.diagnosis.persistence`; one
+Benjamini-Hochberg family with the whole backbone's pairs, :mod:`~gradconflict.diagnosis.conflicts`). Each layer
 gets a status from its pairs:
 
 - ``"conflict"``: some pair conflicts persistently (significantly more often than chance, by at least a small
@@ -45,9 +45,10 @@ import numpy as np
 from torch import nn
 
 from gradconflict.diagnosis.aligned import Run, align
-from gradconflict.diagnosis.persistence import ConflictTests, conflict_tests
-from gradconflict.diagnosis.stats import SMALL_EFFECT, PersistenceTests, rate_at_effect
+from gradconflict.diagnosis.conflicts import ConflictTests, conflict_tests
+from gradconflict.diagnosis.persistence import PERSISTENT_RATE, PersistenceTests
 from gradconflict.diagnosis.thresholds import Thresholds
+from gradconflict.records.pairs import pair_key
 
 __all__ = [
     "LayerProfile",
@@ -86,7 +87,7 @@ def worst_test(tests: PersistenceTests) -> int:
     """The position of the pair whose conflict is the most significant: the lowest adjusted p-value, then the
     highest conflict rate, then the lowest mean cosine; pairs never measured come last (0 without pairs).
 
-    >>> from gradconflict.diagnosis.stats import persistence_tests
+    >>> from gradconflict.diagnosis.persistence import persistence_tests
     >>> worst_test(persistence_tests(np.array([[-0.1, -0.5], [-0.1, -0.5], [0.2, 0.3]])))   # same counts
     1
     """
@@ -104,7 +105,7 @@ def worst_test(tests: PersistenceTests) -> int:
 def layer_status(tests: PersistenceTests, alpha: float) -> LayerStatus:
     """A layer's status from its pairs' tests (see the module docstring).
 
-    >>> from gradconflict.diagnosis.stats import persistence_tests
+    >>> from gradconflict.diagnosis.persistence import persistence_tests
     >>> layer_status(persistence_tests(np.array([[0.5]] * 12)), 0.05)
     'agree'
     """
@@ -165,7 +166,7 @@ class LayerProfile:
         together: T x T number of steps that carried both tasks on this layer (the diagonal: that carried the
             task); ``None`` when unknown.
         tests: each pair's test against chance (pairs ``i < j`` in row order; see
-            :mod:`~gradconflict.diagnosis.stats`).
+            :mod:`~gradconflict.diagnosis.persistence`).
         status: the layer's status (see the module docstring).
         worst: the position in ``tests`` of the pair whose conflict is the most significant.
     """
@@ -212,7 +213,15 @@ class Profile:
     def threshold(self) -> float:
         """The smallest conflict rate that can count as persistent (Cohen's small effect above chance, 0.6): a
         layer's worst pair conflicts persistently only from there, and only when significant and strong enough."""
-        return rate_at_effect(SMALL_EFFECT)
+        return PERSISTENT_RATE
+
+    def worst_pair(self, layer: LayerProfile) -> tuple[int, int] | None:
+        """``(i, j)`` of the pair whose conflict is the most significant on ``layer`` (:attr:`LayerProfile.worst`),
+        ``None`` when no pair was measured together on it."""
+        pairs = [(i, j) for i in range(len(self.tasks)) for j in range(i + 1, len(self.tasks))]
+        if pairs and layer.tests is not None and layer.tests.steps[layer.worst] > 0:
+            return pairs[layer.worst]
+        return None
 
     def table(self) -> str:
         """A plain-text table, bottom layer first: parameters, Recon's score, the pair whose conflict is the
@@ -220,12 +229,11 @@ class Profile:
         layer where no pair was measured together)."""
         head = f"{'layer':<28} {'params':>9} {'score':>7} {'worst pair':<16} {'persist':>7} {'mean cos':>8}"
         lines = [f"{head} {'p (adj.)':>9}  status"]
-        pairs = [(i, j) for i in range(len(self.tasks)) for j in range(i + 1, len(self.tasks))]
         for layer in self.layers:
-            measured = bool(pairs) and layer.tests is not None and layer.tests.steps[layer.worst] > 0
-            if measured:
-                i, j = pairs[layer.worst]
-                pair = f"{self.tasks[i]}/{self.tasks[j]}"
+            worst = self.worst_pair(layer)
+            if worst is not None and layer.tests is not None:
+                i, j = worst
+                pair = pair_key(self.tasks[i], self.tasks[j])
                 persist, cos = f"{float(layer.persistence[i, j]):>7.2f}", f"{float(layer.mean_cosine[i, j]):>+8.2f}"
                 p = f"{float(layer.tests.p_adjusted[layer.worst]):>9.2g}"
             else:
@@ -266,7 +274,7 @@ def layer_profile(
 ) -> Profile:
     """The :class:`Profile` of the measured steps of a run (layers ordered by :func:`order_layers`; tasks in
     sorted order, each pair over the steps that carried both tasks). ``tests`` are the run's
-    :func:`~gradconflict.diagnosis.persistence.conflict_tests`, computed here when not given."""
+    :func:`~gradconflict.diagnosis.conflicts.conflict_tests`, computed here when not given."""
     th = thresholds or Thresholds()
     aligned = align(history)
     if not aligned.num_steps:

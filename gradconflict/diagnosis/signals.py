@@ -4,7 +4,7 @@ person can check.
 The four signals that the shared backbone is in trouble:
 
 1. :func:`diverging_objectives`: task pairs whose gradients conflict persistently (significantly more often than
-   unrelated gradients would, see :mod:`~gradconflict.diagnosis.stats`), on the whole backbone or on some layers.
+   unrelated gradients would, see :mod:`~gradconflict.diagnosis.persistence`), on the whole backbone or on some layers.
 2. :func:`heavy_heads`: heads large or deep relative to the backbone, rewriting its features (linear CKA).
 3. :func:`zero_sum`: steps whose update works against some task; evaluations that trade one task for another.
 4. :func:`single_point_of_risk`: negative transference, a step for one task raising another's loss.
@@ -19,16 +19,21 @@ And the two warnings about what a split cannot cure:
 A signal whose input is missing (no model for the heads, a single task, no step that carried two tasks together,
 no comparison) has status ``"n/a"`` and its evidence says what to pass or to measure.
 
-Tasks are tracked by name (:mod:`~gradconflict.diagnosis.aligned`): pairs are named ``"a/b"`` with the names
-sorted, each pair statistic is taken over the steps that carried both tasks, and the evidence says on how many
-steps that was when some steps lacked one of them.
+Each :class:`Signal` carries typed fields (the status, the headline value and what it measures, the p-value and the
+effect size of the test that decides it, the task pairs and the layers it points at, the decisive
+:class:`PairFinding`); its evidence is a sentence rendered from those numbers for a person, and nothing reads it
+back. Read the fields.
+
+Tasks are tracked by name (:mod:`~gradconflict.diagnosis.aligned`): pairs are named by
+:func:`~gradconflict.records.pairs.pair_key` (``"a/b"``, the names sorted), each pair statistic is taken over the
+steps that carried both tasks, and the evidence says on how many steps that was when some steps lacked one of them.
 
 >>> import torch
 >>> from gradconflict import ConflictReport
 >>> fight = ConflictReport("ab", torch.tensor([[1.0, -0.9], [-0.9, 1.0]]), losses=torch.ones(2))
 >>> s = diverging_objectives([fight] * 8)
->>> s.status, s.value
-('split', 1.0)
+>>> s.status, s.value, s.statistic, s.pairs, s.finding.steps
+('split', 1.0, 'persistence', (('a', 'b'),), 8)
 >>> single_point_of_risk([fight] * 8).status
 'split'
 >>> alone = [ConflictReport(t, torch.ones(1, 1), step=s) for s, t in enumerate("abab")]   # round-robin
@@ -48,17 +53,22 @@ from torch import nn
 
 from gradconflict.diagnosis.affinity import mean_transference, normalized
 from gradconflict.diagnosis.aligned import Aligned, Run, align, masked_mean, no_pair_reason
+from gradconflict.diagnosis.conflicts import ConflictTests, conflict_tests
 from gradconflict.diagnosis.evaluations import EvalTable, Pairs
 from gradconflict.diagnosis.heads import head_stats
-from gradconflict.diagnosis.persistence import ConflictTests, conflict_tests
+from gradconflict.diagnosis.persistence import CHANCE, PERSISTENT_RATE, effect_size, signs
 from gradconflict.diagnosis.profile import order_layers
-from gradconflict.diagnosis.stats import CHANCE, SMALL_EFFECT, PersistenceTests, rate_at_effect, signs
 from gradconflict.diagnosis.thresholds import Thresholds
 from gradconflict.diagnosis.trends import series, trend
 from gradconflict.records.comparison import ComparisonResult, split_gains
+from gradconflict.records.pairs import pair_key, pair_words
 
 __all__ = [
+    "ALARMS",
+    "SIGNALS",
     "STATUSES",
+    "WARNINGS",
+    "PairFinding",
     "Signal",
     "ceiling",
     "diverging_objectives",
@@ -74,6 +84,13 @@ Status = Literal["n/a", "ok", "watch", "split"]
 #: Statuses from the least to the most alarming.
 STATUSES: tuple[Status, ...] = ("n/a", "ok", "watch", "split")
 
+#: The four warning signals that the shared backbone is in trouble (each may say ``split``).
+ALARMS = ("diverging_objectives", "heavy_heads", "zero_sum", "single_point_of_risk")
+#: The two warnings about what a split cannot cure.
+WARNINGS = ("oscillating_conflict", "ceiling")
+#: Every signal's name, in the order :func:`~gradconflict.diagnosis.advise` lists them.
+SIGNALS = ALARMS + WARNINGS
+
 
 def worst_status(*statuses: Status) -> Status:
     """The most alarming of ``statuses`` (``"n/a"`` only when all are).
@@ -85,17 +102,100 @@ def worst_status(*statuses: Status) -> Status:
 
 
 @dataclass(frozen=True)
-class Signal:
-    """One warning signal.
+class PairFinding:
+    """One pair's conflict test, on the whole backbone (``layer`` None) or on one layer: the numbers behind a
+    signal's verdict about that pair (see :mod:`~gradconflict.diagnosis.persistence`).
 
     Attributes:
-        name: ``diverging_objectives``, ``heavy_heads``, ``zero_sum`` or ``single_point_of_risk``.
+        pair: the two task names, sorted.
+        layer: the layer, or ``None`` for the whole shared backbone.
+        steps: measured steps that carried both tasks (on that layer).
+        conflicts: of them, steps with ``C_ij < S``.
+        agreements: of them, steps with ``C_ij > -S``.
+        rate: ``conflicts / (conflicts + agreements)`` (NaN: never outside the dead zone).
+        persistence: ``conflicts / steps``.
+        tau: the integrated autocorrelation time (each step counts ``1 / tau``).
+        p_value: the one-sided p-value of "conflicts more often than chance" (raw).
+        p_adjusted: the same, adjusted over the family of :attr:`family` tests (Benjamini-Hochberg).
+        steps_needed: measured steps to add, about, before the test is settled (0 when settled; inf: never).
+        threshold: the conflict cosine ``S``.
+        family: the number of tests adjusted together.
+        outcome: ``"persistent"``, ``"undetermined"`` (more steps could tell) or ``"ruled_out"``.
+    """
+
+    pair: tuple[str, str]
+    layer: str | None
+    steps: int
+    conflicts: int
+    agreements: int
+    rate: float
+    persistence: float
+    tau: float
+    p_value: float
+    p_adjusted: float
+    steps_needed: float
+    threshold: float
+    family: int
+    outcome: Literal["persistent", "undetermined", "ruled_out"]
+
+    @property
+    def where(self) -> str:
+        """``"the whole backbone"`` or the layer's name."""
+        return "the whole backbone" if self.layer is None else self.layer
+
+    @property
+    def effective_steps(self) -> float:
+        """``steps / tau``: the independent steps the test counts."""
+        return self.steps / self.tau
+
+    @property
+    def effect(self) -> float:
+        """Cohen's ``h`` of the conflict rate against chance (NaN without a rate)."""
+        return float(effect_size(self.rate))
+
+    def sentence(self) -> str:
+        """The finding in one sentence (rendered from the fields)."""
+        return (
+            f"tasks {pair_words(*self.pair)} conflict (cosine < {self.threshold:g}) on "
+            f"{self.conflicts / max(self.steps, 1):.0%} of {self.steps} measured steps on {self.where} (p = "
+            f"{self.p_adjusted:.2g} against {CHANCE:.0%} for unrelated gradients, adjusted over the {self.family} "
+            f"pair tests; {self.effective_steps:.0f} effective steps)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python (JSON-ready) view, the pair as its key; a number that is not finite is ``None``."""
+        return {
+            "layer": self.layer, "pair": pair_key(*self.pair), "steps": self.steps, "conflicts": self.conflicts,
+            "agreements": self.agreements, "rate": _finite_or_none(self.rate),
+            "persistence": _finite_or_none(self.persistence), "tau": self.tau,
+            "p_value": _finite_or_none(self.p_value), "p_adjusted": _finite_or_none(self.p_adjusted),
+            "steps_needed": _finite_or_none(self.steps_needed),
+        }
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One warning signal: typed fields, and the evidence rendered from them for a person.
+
+    Attributes:
+        name: one of :data:`SIGNALS`.
         value: the headline number (``None`` when it could not be measured).
         threshold: the value from which the signal says ``split`` (see :class:`Thresholds`); NaN when there is
             none (the oscillation warning never says split; the ceiling has none without a spread to judge by).
         status: ``"ok"``, ``"watch"``, ``"split"``, or ``"n/a"`` when an input is missing.
-        evidence: one sentence a person can check.
+        evidence: one sentence a person can check, rendered from the fields (never parsed: read the fields).
         details: the numbers behind the evidence (plain Python, JSON-ready).
+        statistic: what :attr:`value` measures (``"persistence"``, ``"head_ratio"``, ``"against_share"``,
+            ``"normalized_affinity"``, ``"conflict_rate"``, ``"delta_m"``; empty when ``n/a``).
+        p_value: the p-value of the test that decides the status, when one does (adjusted over the family for
+            ``diverging_objectives``; the equivalence test at chance for ``oscillating_conflict``); else ``None``.
+        effect: the effect size behind the status, when there is one (Cohen's ``h`` of the conflict rate against
+            chance); else ``None``.
+        pairs: the task pairs the signal points at: names sorted, or ``(from, to)`` for the directed transference of
+            ``single_point_of_risk``. ``diverging_objectives``: the pairs in persistent conflict (the decisive one
+            first), else the decisive pair; ``oscillating_conflict``: the oscillating pairs.
+        layers: the layers the signal points at, bottom to top (``diverging_objectives``: in persistent conflict).
+        finding: the decisive pair test (``diverging_objectives``, ``oscillating_conflict``), else ``None``.
     """
 
     name: str
@@ -104,12 +204,20 @@ class Signal:
     status: Status
     evidence: str
     details: dict[str, Any] = field(default_factory=dict)
+    statistic: str = ""
+    p_value: float | None = None
+    effect: float | None = None
+    pairs: tuple[tuple[str, str], ...] = ()
+    layers: tuple[str, ...] = ()
+    finding: PairFinding | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-Python view (a missing threshold is ``None``)."""
+        """Plain-Python view (a missing threshold is ``None``; pairs as lists of two names)."""
         return {
             "name": self.name, "value": self.value, "threshold": _finite_or_none(self.threshold),
-            "status": self.status,
+            "status": self.status, "statistic": self.statistic, "p_value": _finite_or_none(self.p_value),
+            "effect": _finite_or_none(self.effect),
+            "pairs": [list(p) for p in self.pairs], "layers": list(self.layers),
             "evidence": self.evidence, "details": self.details,
         }
 
@@ -120,15 +228,15 @@ class Signal:
 
 
 def _pair_names(tasks: Sequence[str], i: int, j: int) -> str:
-    return f"{tasks[i]}/{tasks[j]}"
+    return pair_key(tasks[i], tasks[j])
 
 
 def _not_available(name: str, threshold: float, why: str) -> Signal:
     return Signal(name, None, threshold, "n/a", why)
 
 
-def _finite_or_none(value: float) -> float | None:
-    return float(value) if np.isfinite(value) else None
+def _finite_or_none(value: float | None) -> float | None:
+    return float(value) if value is not None and np.isfinite(value) else None
 
 
 def _by_pair(aligned: Aligned, values: np.ndarray) -> dict[str, Any]:
@@ -154,39 +262,22 @@ def _pair_steps(aligned: Aligned) -> str:
     return f" ({n} of the {total} measured steps carried two tasks or more)" if n < total else ""
 
 
-@dataclass(frozen=True)
-class _Finding:
-    """One pair on the whole backbone (``layer`` None) or on one layer, with its test."""
-
-    layer: str | None
-    pair: int
-    tests: PersistenceTests  # the pair's slice of the family (its adjustment kept)
-
-    @property
-    def where(self) -> str:
-        return "the whole backbone" if self.layer is None else self.layer
-
-
-def _findings(tests: ConflictTests) -> list[_Finding]:
-    out = [_Finding(None, p, tests.whole.take([p])) for p in range(len(tests.pairs))]
-    for name, layer in zip(tests.layers, tests.by_layer):
-        out += [_Finding(name, p, layer.take([p])) for p in range(len(tests.pairs))]
+def _findings(tests: ConflictTests, alpha: float) -> list[PairFinding]:
+    """Every measured pair's test, on the whole backbone and then on each layer (in the family's order)."""
+    family = tests.family_size
+    out = []
+    for layer, t in [(None, tests.whole), *zip(tests.layers, tests.by_layer)]:
+        persistent, undetermined = t.persistent(alpha), t.undetermined(alpha)
+        for p in range(len(tests.pairs)):
+            if t.steps[p] > 0:
+                out.append(PairFinding(
+                    pair=tests.pair(p), layer=layer, steps=int(t.steps[p]), conflicts=int(t.conflicts[p]),
+                    agreements=int(t.agreements[p]), rate=float(t.rate[p]), persistence=float(t.persistence[p]),
+                    tau=float(t.tau[p]), p_value=float(t.p_conflict[p]), p_adjusted=float(t.p_adjusted[p]),
+                    steps_needed=float(t.steps_needed[p]), threshold=tests.threshold, family=family,
+                    outcome="persistent" if persistent[p] else "undetermined" if undetermined[p] else "ruled_out",
+                ))
     return out
-
-
-def _describe(f: _Finding, tests: ConflictTests) -> str:
-    t = f.tests
-    n, c, tau = int(t.steps[0]), int(t.conflicts[0]), float(t.tau[0])
-    return (
-        f"tasks {tests.pair_name(f.pair).replace('/', ' and ')} conflict (cosine < {tests.threshold:g}) on "
-        f"{c / max(n, 1):.0%} of {n} measured steps on {f.where} (p = {float(t.p_adjusted[0]):.2g} against "
-        f"{CHANCE:.0%} for unrelated gradients, adjusted over the {_family_size(tests)} pair tests; "
-        f"{n / tau:.0f} effective steps)"
-    )
-
-
-def _family_size(tests: ConflictTests) -> int:
-    return int((tests.whole.steps > 0).sum() + sum(int((t.steps > 0).sum()) for t in tests.by_layer))
 
 
 def _more_steps(needed: float, gap: int) -> str:
@@ -201,52 +292,58 @@ def diverging_objectives(
     """Signal 1: does some pair of tasks conflict persistently, on the whole backbone or on some layers?
 
     Each pair's conflict rate on the whole backbone and on every layer is tested against chance (the 50% of two
-    unrelated gradients; :mod:`~gradconflict.diagnosis.stats`, one adjusted family): a conflict confined to a few
-    layers counts as much as one over the whole backbone. The value is the persistence (share of measured steps in
-    conflict) of the decisive pair; the threshold, the smallest rate that counts (Cohen's small effect, 60%).
+    unrelated gradients; :mod:`~gradconflict.diagnosis.persistence`, one adjusted family): a conflict confined to a
+    few layers counts as much as one over the whole backbone. The value is the persistence (share of measured steps
+    in conflict) of the decisive pair (:attr:`Signal.finding`); the threshold, the smallest rate that counts
+    (Cohen's small effect, :data:`~gradconflict.diagnosis.persistence.PERSISTENT_RATE`).
 
-    ``split`` when some pair conflicts persistently; ``watch`` when some pair might with more steps (the evidence
-    says about how many), or when the conflict fraction rises significantly over training (Mann-Kendall at
-    ``alpha``); ``ok`` when every pair is ruled out. ``n/a`` when no measured step carried two tasks together.
-    ``tests`` are the run's :func:`~gradconflict.diagnosis.persistence.conflict_tests` (computed when not given).
-    The mean magnitude cancellation is reported as evidence, not judged: it depends on the norms.
+    ``split`` when some pair conflicts persistently (:attr:`Signal.pairs` and :attr:`Signal.layers` name them);
+    ``watch`` when some pair might with more steps (the evidence says about how many), or when the conflict
+    fraction rises significantly over training (Mann-Kendall at ``alpha``); ``ok`` when every pair is ruled out.
+    ``n/a`` when no measured step carried two tasks together. ``tests`` are the run's
+    :func:`~gradconflict.diagnosis.conflicts.conflict_tests` (computed when not given). The mean magnitude
+    cancellation is reported as evidence, not judged: it depends on the norms.
     """
     th = thresholds or Thresholds()
     name = "diverging_objectives"
     aligned = align(history)
-    threshold = rate_at_effect(SMALL_EFFECT)
+    threshold = PERSISTENT_RATE
     why = no_pair_reason(aligned)
     if why is not None:
         return _not_available(name, threshold, why)
     tests = tests if tests is not None else conflict_tests(aligned, th.conflict_cosine, th.alpha)
-    findings = [f for f in _findings(tests) if f.tests.steps[0] > 0]
-    persistent = [f for f in findings if f.tests.persistent(th.alpha)[0]]
-    undetermined = [f for f in findings if f.tests.undetermined(th.alpha)[0]]
+    findings = _findings(tests, th.alpha)
+    persistent = [f for f in findings if f.outcome == "persistent"]
+    undetermined = [f for f in findings if f.outcome == "undetermined"]
     cancellation = float(aligned.cancellation[aligned.multi].mean())
     t = trend(*series(aligned, "conflict_fraction", th.conflict_cosine))
     rising = t.rising(th.alpha)
+    layers: list[str] = []
     if persistent:
-        decisive = min(persistent, key=lambda f: (float(f.tests.p_adjusted[0]), -float(f.tests.rate[0])))
+        decisive = min(persistent, key=lambda f: (f.p_adjusted, -f.rate))
         status: Status = "split"
         layers = order_layers(f.layer for f in persistent if f.layer is not None)
-        evidence = f"{_describe(decisive, tests)}: a persistent conflict"
+        pairs = tuple(dict.fromkeys([decisive.pair, *(f.pair for f in persistent)]))
+        evidence = f"{decisive.sentence()}: a persistent conflict"
         if layers:
             evidence += f"; layers in persistent conflict: {', '.join(layers)} ({len(layers)} of {len(tests.layers)})"
     elif undetermined:
-        decisive = min(undetermined, key=lambda f: float(f.tests.steps_needed[0]))
+        decisive = min(undetermined, key=lambda f: f.steps_needed)
         status = "watch"
+        pairs = (decisive.pair,)
         evidence = (
-            f"no pair conflicts persistently yet; the closest: {_describe(decisive, tests)}; not enough steps yet: "
-            f"{_more_steps(float(decisive.tests.steps_needed[0]), tests.step_gap)} to tell"
+            f"no pair conflicts persistently yet; the closest: {decisive.sentence()}; not enough steps yet: "
+            f"{_more_steps(decisive.steps_needed, tests.step_gap)} to tell"
         )
     else:
-        decisive = max(findings, key=lambda f: float(np.nan_to_num(f.tests.rate[0], nan=-1.0)))
+        decisive = max(findings, key=lambda f: float(np.nan_to_num(f.rate, nan=-1.0)))
         status = "watch" if rising else "ok"
+        pairs = (decisive.pair,)
         evidence = (
             f"no pair conflicts persistently: every pair's conflict rate is significantly below {threshold:.0%} "
-            f"(the most frequent: {_describe(decisive, tests)})"
+            f"(the most frequent: {decisive.sentence()})"
         )
-    i, j = tests.pairs[decisive.pair]
+    i, j = aligned.index(decisive.pair[0]), aligned.index(decisive.pair[1])
     whole = tests.whole
     evidence += (
         f"; the mean magnitude cancellation is {cancellation:.2f}{_pair_steps(aligned)}; the conflict fraction "
@@ -269,28 +366,20 @@ def diverging_objectives(
     details = {
         "persistence": _by_pair(aligned, np.where(counts > 0, persistence, np.nan)),
         "together": _by_pair(aligned, counts),
-        "decisive": _finding_dict(decisive, tests),
-        "persistent": [_finding_dict(f, tests) for f in persistent],
-        "undetermined": [_finding_dict(f, tests) for f in undetermined],
-        "tests": _family_size(tests),
+        "decisive": decisive.to_dict(),
+        "persistent": [f.to_dict() for f in persistent],
+        "undetermined": [f.to_dict() for f in undetermined],
+        "tests": tests.family_size,
         "mean_cancellation": cancellation,
         "conflict_trend": {"slope": t.slope, "tau": t.tau, "p_value": t.p_value, "rising": rising},
         "steps": aligned.num_steps,
         "steps_with_pairs": int(aligned.multi.sum()),
     }
-    value = float(decisive.tests.persistence[0])
-    return Signal(name, value, threshold, status, evidence, details)
-
-
-def _finding_dict(f: _Finding, tests: ConflictTests) -> dict[str, Any]:
-    t = f.tests
-    return {
-        "layer": f.layer, "pair": tests.pair_name(f.pair), "steps": int(t.steps[0]), "conflicts": int(t.conflicts[0]),
-        "agreements": int(t.agreements[0]), "rate": _finite_or_none(float(t.rate[0])),
-        "persistence": _finite_or_none(float(t.persistence[0])), "tau": float(t.tau[0]),
-        "p_value": _finite_or_none(float(t.p_conflict[0])), "p_adjusted": _finite_or_none(float(t.p_adjusted[0])),
-        "steps_needed": _finite_or_none(float(t.steps_needed[0])),
-    }
+    return Signal(
+        name, decisive.persistence, threshold, status, evidence, details, statistic="persistence",
+        p_value=_finite_or_none(decisive.p_adjusted), effect=_finite_or_none(decisive.effect), pairs=pairs,
+        layers=tuple(layers), finding=decisive,
+    )
 
 
 def oscillating_conflict(
@@ -299,7 +388,7 @@ def oscillating_conflict(
     """Warning 5: conflict that keeps oscillating points to the data, not to the shared capacity.
 
     A pair whose conflict rate on the whole backbone is significantly within the band around chance (40-60%,
-    Cohen's small effect; :mod:`~gradconflict.diagnosis.stats`) and that conflicts persistently on no layer
+    Cohen's small effect; :mod:`~gradconflict.diagnosis.persistence`) and that conflicts persistently on no layer
     flips between conflict and agreement like a coin: what drives it is the noise of the batches and the labels,
     which a split does not remove. On the run of a model *after* a split, the same reading says that the conflict
     kept oscillating after the split. The value is the conflict rate of the oscillating pair that conflicts most;
@@ -330,19 +419,37 @@ def oscillating_conflict(
             name, None, math.nan, "ok",
             "no pair's conflict oscillates at chance level on the whole backbone (each is persistent, ruled out "
             "as agreeing, or not settled yet)",
-            details,
+            details, statistic="conflict_rate",
         )
     p = int(np.argmax(np.where(oscillating, whole.rate, -1.0)))
+    finding = next(f for f in _findings(tests, th.alpha) if f.layer is None and f.pair == tests.pair(p))
+    pairs = tuple(tests.pair(int(q)) for q in np.flatnonzero(oscillating))
+    p_chance = float(whole.p_chance[p])
     evidence = (
-        f"tasks {names[p].replace('/', ' and ')} conflict on {float(whole.persistence[p]):.0%} of "
-        f"{int(whole.steps[p])} measured steps, within chance of the {CHANCE:.0%} of unrelated gradients "
-        f"(p = {float(whole.p_chance[p]):.2g}), and their sign flips on {flips[p]:.0%} of consecutive steps: the "
-        "conflict oscillates, which points to the data (label noise, small batches), not to the shared capacity; "
-        "splitting would not cure it"
+        f"tasks {pair_words(*finding.pair)} conflict on {finding.persistence:.0%} of {finding.steps} measured steps, "
+        f"within chance of the {CHANCE:.0%} of unrelated gradients (p = {p_chance:.2g}), and their sign flips on "
+        f"{flips[p]:.0%} of consecutive steps: the conflict oscillates, {oscillation_cause(pairs)}"
     )
-    if len(details["oscillating"]) > 1:
-        evidence += f"; oscillating pairs: {', '.join(details['oscillating'])}"
-    return Signal(name, float(whole.rate[p]), math.nan, "watch", evidence, details)
+    return Signal(
+        name, finding.rate, math.nan, "watch", evidence, details, statistic="conflict_rate",
+        p_value=_finite_or_none(p_chance), effect=_finite_or_none(finding.effect), pairs=pairs, finding=finding,
+    )
+
+
+def oscillation_cause(pairs: Sequence[tuple[str, str]]) -> str:
+    """What an oscillating conflict points to, and the oscillating pairs when there are several (rendered from
+    :attr:`Signal.pairs` of the ``oscillating_conflict`` warning).
+
+    >>> oscillation_cause([("a", "b"), ("a", "c")]).split("; ")[-1]
+    'oscillating pairs: a/b, a/c'
+    """
+    cause = (
+        "which points to the data (label noise, small batches), not to the shared capacity; splitting would not "
+        "cure it"
+    )
+    if len(pairs) > 1:
+        cause += f"; oscillating pairs: {', '.join(pair_key(*pair) for pair in pairs)}"
+    return cause
 
 
 def _flip_rates(aligned: Aligned, tests: ConflictTests) -> np.ndarray:
@@ -395,19 +502,19 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
     if len(results) < 2:
         status: Status = "watch" if best.mean > 0 else "ok"
         evidence = f"{head}; with one seed there is no spread to judge by: run compare() over a few more seeds"
-        return Signal(name, best.mean, math.nan, status, evidence, details)
+        return Signal(name, best.mean, math.nan, status, evidence, details, statistic="delta_m")
     limit = 2 * spread
     if details["winners"]:
         evidence = (
             f"{head}; {', '.join(details['winners'])} beat(s) shared beyond the seeds' spread (two spreads: "
             f"{limit:.1f}%): splitting lifts the ceiling"
         )
-        return Signal(name, best.mean, limit, "split", evidence, details)
+        return Signal(name, best.mean, limit, "split", evidence, details, statistic="delta_m")
     evidence = (
         f"{head}; no split variant beats shared beyond the seeds' spread (two spreads: {limit:.1f}%): the ceiling "
         "did not move, so capacity was not the limit and splitting is not the cure"
     )
-    return Signal(name, best.mean, limit, "ok", evidence, details)
+    return Signal(name, best.mean, limit, "ok", evidence, details, statistic="delta_m")
 
 
 def heavy_heads(
@@ -460,7 +567,7 @@ def heavy_heads(
         },
         "backbone_params": sum(p.numel() for p in backbone.parameters()),
     }
-    return Signal(name, heaviest.ratio, th.head_ratio_split, status, evidence, details)
+    return Signal(name, heaviest.ratio, th.head_ratio_split, status, evidence, details, statistic="head_ratio")
 
 
 def _grade(value: float, watch: float, split: float) -> Status:
@@ -527,7 +634,9 @@ def zero_sum(
         details.update(evaluation_trade_off_share=traded, pareto_front=front, metrics=list(table.metrics))
     else:
         evidence += "; no evaluation table given (pass evaluations= for the evaluation-level test)"
-    return Signal(name, value, th.against_split, status, evidence, details)
+    return Signal(
+        name, value, th.against_split, status, evidence, details, statistic="against_share" if value is not None else ""
+    )
 
 
 def single_point_of_risk(
@@ -587,4 +696,7 @@ def single_point_of_risk(
     }
     if aligned is not None:
         details["together"] = _by_pair(aligned, aligned.pair_counts())
-    return Signal(name, value, th.transfer_split, status, evidence, details)
+    return Signal(
+        name, value, th.transfer_split, status, evidence, details, statistic="normalized_affinity",
+        pairs=((tasks[i], tasks[j]),),
+    )

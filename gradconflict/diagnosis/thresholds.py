@@ -14,7 +14,7 @@ Where a default comes from (see ``docs/diagnosis.md`` for the discussion):
 - ``conflict_cosine`` (``S``): PCGrad (Yu et al., 2020) calls two gradients conflicting when their cosine is
   negative (``S = 0``); Recon (Shi et al., ICLR 2023) uses ``S`` in ``[-0.1, 0]``.
 - ``alpha``: the significance level of every test (the persistence of a conflict against chance, Benjamini-
-  Hochberg adjusted, see :mod:`~gradconflict.diagnosis.stats`; the Mann-Kendall trend test): the conventional 5%.
+  Hochberg adjusted, see :mod:`~gradconflict.diagnosis.persistence`; the Mann-Kendall trend test): the conventional 5%.
   There is no cut-off on the persistence or the cancellation themselves: a conflict counts when it is
   significantly more frequent than chance by at least Cohen's small effect.
 - ``head_*`` and ``cka_*``: heuristics. Linear CKA is Kornblith et al. (2019); a head whose last hidden layer
@@ -37,7 +37,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Thresholds"]
+from gradconflict.measure.metrics import CONFLICT_COSINE
+
+__all__ = ["ALPHA", "Thresholds"]
+
+#: The significance level of every test of the diagnosis by default: the conventional 5%.
+ALPHA = 0.05
 
 
 @dataclass(frozen=True)
@@ -62,8 +67,8 @@ class Thresholds:
         group_tolerance: partitions scoring within this of the best are ties; the fewest groups win.
     """
 
-    conflict_cosine: float = 0.0
-    alpha: float = 0.05
+    conflict_cosine: float = CONFLICT_COSINE
+    alpha: float = ALPHA
     head_ratio_watch: float = 0.5
     head_ratio_split: float = 1.0
     head_depth_watch: int = 3

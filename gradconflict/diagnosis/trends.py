@@ -40,6 +40,8 @@ import numpy as np
 from scipy import stats
 
 from gradconflict.diagnosis.aligned import Aligned, Reports, Run, align, measured_reports
+from gradconflict.measure.metrics import CONFLICT_COSINE
+from gradconflict.records.history import EMA_DECAY
 
 __all__ = [
     "QuantitySummary",
@@ -87,7 +89,7 @@ def _values(aligned: Aligned, quantity: str, threshold: float) -> tuple[np.ndarr
     raise ValueError(f"unknown quantity {quantity!r}; known: {quantities(aligned.tasks)}")
 
 
-def series(history: Run, quantity: str, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def series(history: Run, quantity: str, threshold: float = CONFLICT_COSINE) -> tuple[np.ndarray, np.ndarray]:
     """``(steps, values)`` of one quantity over the measured steps where it is defined (see :func:`quantities`
     for the names and the module docstring for where each is defined).
 
@@ -98,7 +100,7 @@ def series(history: Run, quantity: str, threshold: float = 0.0) -> tuple[np.ndar
     return aligned.steps[defined], values[defined].astype(np.float64)
 
 
-def ema(steps: np.ndarray, values: np.ndarray, decay: float = 0.9) -> np.ndarray:
+def ema(steps: np.ndarray, values: np.ndarray, decay: float = EMA_DECAY) -> np.ndarray:
     """Exponential moving average with ``decay`` per *training step*: a gap of ``k`` steps decays by
     ``decay**k``, so ``every=k`` sampling and skipped steps do not change the averaging horizon.
 
@@ -272,7 +274,7 @@ class QuantitySummary:
 
 
 def summarize(
-    history: Run, *, decay: float = 0.9, width: int | None = None, threshold: float = 0.0
+    history: Run, *, decay: float = EMA_DECAY, width: int | None = None, threshold: float = CONFLICT_COSINE
 ) -> dict[str, QuantitySummary]:
     """A :class:`QuantitySummary` of each quantity of :func:`quantities` (tasks in sorted order), each over the
     steps where it is defined; a quantity defined on no step is left out (so the result is empty for a history

@@ -58,7 +58,8 @@ class FrameworkMonitor:
             interval), so that every logged step carries a fresh measurement and the others cost nothing.
         task_losses_key: the field of the training step's output that holds ``{task: loss}``.
         task_weights_key: the field holding ``{task: weight}`` (optional; weights default to 1).
-        layers: include each shared layer's worst cosine in :meth:`scalars`.
+        layers: also log each shared layer's worst cosine (one key per shared layer: off by default, since a
+            framework prints every logged key to the console; the monitor's history keeps the layers either way).
         monitor_options: more :class:`~gradconflict.ConflictMonitor` arguments (``threshold``, ``engine``,
             ``sinks``, ``max_history``, ...). ``on_nonfinite`` defaults to ``"propagate"``: a NaN loss reaches
             ``.grad`` as the framework's own loop would have it, and the framework's own tools (a loss scaler's
@@ -73,7 +74,7 @@ class FrameworkMonitor:
     every: int | None = None
     task_losses_key: str = "task_losses"
     task_weights_key: str = "task_weights"
-    layers: bool = True
+    layers: bool = False
     monitor_options: Mapping[str, Any] | None = None
     monitor: ConflictMonitor | None = field(default=None, init=False)
     _report: ConflictReport | None = field(default=None, init=False, repr=False)
@@ -135,7 +136,8 @@ class FrameworkMonitor:
                 self._warned = True
                 warnings.warn(
                     f"gradconflict: the training step returned no {self.task_losses_key!r} field, so nothing is "
-                    f"measured; return {{'loss': total, {self.task_losses_key!r}: {{task: loss, ...}}}}",
+                    f"measured; return {{'loss': total, {self.task_losses_key!r}: {{task: loss, ...}}}}, or name the "
+                    "field that holds them with task_losses_key=",
                     MeasurementWarning,
                     stacklevel=3,
                 )

@@ -79,7 +79,7 @@ class ConflictMonitorMixin:
         """Measure this step's task losses, then run Lightning's own backward on ``loss``."""
         output = _STEP_OUTPUTS.pop(self, None)  # type: ignore[call-overload]
         lightning_backward = functools.partial(super().backward, loss, *args, **kwargs)  # type: ignore[misc]
-        callback = _callback(self)  # type: ignore[arg-type]
+        callback = _callback(self)
         if callback is None:
             lightning_backward()
         else:
@@ -108,7 +108,8 @@ class ConflictCallback(pl.Callback):
     plugin's loss scaler (``"16-mixed"``) the monitor's ``scaler``. Each measured step is logged with
     ``pl_module.log_dict(..., on_step=True, on_epoch=False)`` under the tags of
     :func:`~gradconflict.integrations.report_scalars` (``conflict/cos/<a>-<b>``, ``conflict/cancellation``, ...).
-    Under DDP each process measures its own batch and rank 0's logger writes its figures.
+    Under DDP each process measures its own micro-batch, every rank reports the global batch's Gram (with the
+    monitor's default ``sync="exact"``) and rank 0's logger writes it.
 
     Attributes:
         monitor: the :class:`~gradconflict.ConflictMonitor` of the current or last fit (closed when fitting ends;
@@ -127,7 +128,8 @@ class ConflictCallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Attach the monitor with the trainer's accumulation, loss scaler and step count."""
-        if not isinstance(pl_module, ConflictMonitorMixin):
+        # a check of the type, not isinstance: for the type checker pl_module stays a LightningModule below
+        if not issubclass(type(pl_module), ConflictMonitorMixin):
             raise TypeError(
                 f"ConflictCallback needs the LightningModule to take ConflictMonitorMixin: declare "
                 f"`class {type(pl_module).__name__}(ConflictMonitorMixin, LightningModule)` so that its backward "

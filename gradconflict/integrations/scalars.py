@@ -4,7 +4,7 @@
 >>> from gradconflict import ConflictReport
 >>> report = ConflictReport(("a", "b"), torch.tensor([[1.0, -1.0], [-1.0, 4.0]]))  # cos -1/2; 1 - sqrt(3)/3
 >>> {k: round(float(v), 3) for k, v in report_scalars(report).items() if "/cos/" in k or "cancel" in k}
-{'conflict/cancellation': 0.423, 'conflict/cos/a-b': -0.5}
+{'conflict/cancellation': 0.423, 'conflict/cos/a/b': -0.5}
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ work the same.
 >>> from gradconflict import ConflictReport
 >>> class Run:                                  # anything with W&B's run.log(data, step=) will do
 ...     def log(self, data, step):
-...         print(step, data["conflict/cos/a-b"], data["conflict/cancellation"])
+...         print(step, data["conflict/cos/a/b"], data["conflict/cancellation"])
 >>> G = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])   # two opposite gradients: cosine -1, everything cancels
 >>> WandbSink(Run(), image_every=None).write(ConflictReport("ab", G, step=7))
 7 -1.0 1.0

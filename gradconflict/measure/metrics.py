@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "CONFLICT_COSINE",
     "alignment",
     "cancellation",
     "condition_number",
@@ -35,8 +36,14 @@ __all__ = [
     "task_norms",
     "transference",
     "update_norm",
+    "worst_cosine",
     "zero_norm_tasks",
 ]
+
+
+#: The cosine below which two task gradients conflict by default (``S``): PCGrad's (Yu et al., 2020), a negative
+#: cosine. The monitor, the reports and the diagnosis all default to it.
+CONFLICT_COSINE = 0.0
 
 
 def _tiny(G: Tensor) -> float:
@@ -89,7 +96,7 @@ def cosine(G: Tensor) -> Tensor:
     return C.clamp(-1.0, 1.0)
 
 
-def conflict_pairs(G: Tensor, threshold: float = 0.0) -> Tensor:
+def conflict_pairs(G: Tensor, threshold: float = CONFLICT_COSINE) -> Tensor:
     """Upper-triangular mask of conflicting pairs, ``C_ij < threshold`` for ``i < j``.
 
     Pairs involving a zero-norm task never conflict.
@@ -104,7 +111,7 @@ def conflict_pairs(G: Tensor, threshold: float = 0.0) -> Tensor:
     return (cosine(G) < threshold) & upper & _outer(live, live)
 
 
-def conflict_fraction(G: Tensor, threshold: float = 0.0) -> Tensor:
+def conflict_fraction(G: Tensor, threshold: float = CONFLICT_COSINE) -> Tensor:
     """Share of task pairs that conflict: ``#{i<j: C_ij < threshold} / (T(T-1)/2)``.
 
     NaN when ``T = 1``: with a single task there is no pair, and "no conflict" would be a claim nobody measured.
@@ -118,6 +125,26 @@ def conflict_fraction(G: Tensor, threshold: float = 0.0) -> Tensor:
     if T < 2:
         return torch.full(G.shape[:-2], float("nan"), dtype=G.dtype, device=G.device)
     return conflict_pairs(G, threshold).sum((-2, -1)).to(G.dtype) / (T * (T - 1) // 2)
+
+
+def worst_cosine(G: Tensor, carried: Tensor | None = None) -> Tensor:
+    """The worst pair cosine: the most negative ``C_ij`` over the pairs ``i < j`` (of the tasks ``carried``, a
+    ``[..., T]`` mask, when given: a step that lacked some tasks). NaN where there is no pair (fewer than two
+    tasks): with a single task there is nothing to compare.
+
+    >>> worst_cosine(torch.tensor([[1.0, -0.5, 0.0], [-0.5, 1.0, 0.2], [0.0, 0.2, 1.0]])).item()
+    -0.5
+    >>> worst_cosine(torch.eye(1)).isnan().item()
+    True
+    """
+    T = G.shape[-1]
+    k = torch.arange(T, device=G.device)
+    pairs = k[:, None] < k[None, :]
+    if carried is not None:
+        pairs = pairs & _outer(carried, carried)
+    pairs = pairs.expand(G.shape)
+    worst = torch.where(pairs, cosine(G), torch.inf).amin((-2, -1))
+    return torch.where(pairs.any(-1).any(-1), worst, torch.nan)
 
 
 def magnitude_similarity(G: Tensor) -> Tensor:

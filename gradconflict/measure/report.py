@@ -18,13 +18,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from gradconflict._strict_json import strict
 from gradconflict.measure import metrics
+
+if TYPE_CHECKING:
+    from gradconflict.measure.attribution import SampleAttribution
 
 __all__ = ["ConflictReport", "LayerReport"]
 
@@ -55,7 +58,8 @@ class _GramMetrics:
 
     @cached_property
     def weights(self) -> Tensor:
-        """The task weights ``w`` of the update (1 each when none were given), on the Gram's device."""
+        """The weights of the update applied, ``lambda_i * w_i``: the ``weights=`` given (1 each when none were)
+        times a conflict-aware method's ``lambda`` (1 without ``weighting=``), on the Gram's device."""
         gram = self._gram
         dtype, device = (torch.float64, None) if gram is None else (gram.dtype, gram.device)
         if self._weights is None:
@@ -176,7 +180,7 @@ class LayerReport(_GramMetrics):
         *,
         num_params: int = 0,
         route: str = "",
-        threshold: float = 0.0,
+        threshold: float = metrics.CONFLICT_COSINE,
     ) -> None:
         self.name = name
         self.num_params = int(num_params)
@@ -208,13 +212,16 @@ class ConflictReport(_GramMetrics):
         strategy: how the engine ran this step: ``"batched"`` (one vectorised backward), ``"loop"`` (one backward
             per task: the fallback for graphs the batched backward cannot run), ``"reference"``,
             ``"representation"`` or ``"accumulated"`` (micro-batches summed per task).
-        approximate: True when ``gram`` is an approximation (representation mode), not the exact Gram.
+        approximate: True when ``gram`` is an approximation, not the exact Gram (representation mode, or a
+            sketch across processes: ``sync="sketch"``).
         sync: across processes, what ``gram`` describes: ``"exact"`` or ``"sketch"`` (the global batch; a sketch
             is an unbiased estimate) or ``"local"`` (this rank's batch only); ``""`` in a single process.
         threshold: cosine below which a pair counts as conflicting (``S``).
         skipped: True when the step was skipped (a non-finite loss or gradient, a GradScaler overflow, shared
             parameters not known yet); a skipped report has no Gram.
         skip_reason: why the step was skipped.
+        samples: each example's part in ``gram`` when the step was measured with ``sample_ids``
+            (:class:`~gradconflict.measure.attribution.SampleAttribution`), else ``None``.
     """
 
     def __init__(
@@ -229,7 +236,7 @@ class ConflictReport(_GramMetrics):
         engine: str = "reference",
         strategy: str = "",
         approximate: bool = False,
-        threshold: float = 0.0,
+        threshold: float = metrics.CONFLICT_COSINE,
         skip_reason: str = "",
         sync: str = "",
     ) -> None:
@@ -242,6 +249,7 @@ class ConflictReport(_GramMetrics):
         self.layers: dict[str, LayerReport] = dict(layers or {})
         self._init_gram(tasks, gram, weights, threshold)
         self.losses = None if losses is None else losses.detach()
+        self.samples: SampleAttribution | None = None
 
     @classmethod
     def skipped_step(
@@ -269,6 +277,13 @@ class ConflictReport(_GramMetrics):
             f"conflict_fraction={float(self.conflict_fraction):.3f}, "
             f"cancellation={float(self.cancellation):.3f}, layers={len(self.layers)})"
         )
+
+    def _repr_html_(self) -> str:
+        """The step as HTML tables for Jupyter, those of the HTML report
+        (:mod:`gradconflict.reporting.notebook`)."""
+        from gradconflict.reporting.notebook import report_html
+
+        return report_html(self)
 
     def summary(self) -> str:
         """One line a person can read in a training log."""
@@ -307,10 +322,13 @@ class ConflictReport(_GramMetrics):
         if self.skipped:
             return head
         mine, *layers = _metrics_dicts([self, *self.layers.values()])  # every layer in one batch
-        return {
+        out = {
             **head, **mine,
             "layers": {k: v._with_metrics(d) for (k, v), d in zip(self.layers.items(), layers)},
         }
+        if self.samples is not None:
+            out["samples"] = self.samples.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ConflictReport:

@@ -1,6 +1,10 @@
 """What :func:`~gradconflict.split.compare` returns: one record per variant, a table per variant, task and metric,
 and the gain of each split over the shared model across seeds.
 
+The package's one rule for a ceiling (does a split beat the shared model?) is :func:`judge_gain`: a paired,
+one-sided test across seeds with a floor on the effect. :func:`split_gains`, :attr:`ComparisonResult.ceiling_broken`,
+:func:`~gradconflict.split.evaluate_split` and the diagnosis' ``ceiling`` signal all read it.
+
 Delta-m% is read at **one checkpoint per variant**, the same evaluation step for every task of that variant: its
 final evaluation (``select="final"``, the default) or the evaluation with the best Delta-m% itself
 (``select="best"``). Taking each task's best at a different step would report a model that never existed.
@@ -9,17 +13,20 @@ final evaluation (``select="final"``, the default) or the evaluation with the be
 >>> res = ComparisonResult({"shared": rec}, ["a"], steps=3, split_step=0)
 >>> res.rows[0]["value"], res.rows[0]["rise_share"]
 (0.5, 0.0)
->>> print(res.to_markdown().splitlines()[0][:60])
-| variant | task | metric | dir | step | value | Δm% | rises
+>>> res.to_markdown().splitlines()[0].split(" | ")[6]   # one baseline per table, named in its header
+'Δm% vs independent'
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
+
+from scipy import stats
 
 from gradconflict._strict_json import strict
 from gradconflict.records.measures import (
@@ -36,16 +43,110 @@ from gradconflict.records.measures import (
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["ComparisonResult", "SplitGain", "VariantRecord", "split_gains"]
+__all__ = [
+    "GAIN_ALPHA",
+    "GAIN_FLOOR",
+    "ComparisonResult",
+    "GainTest",
+    "IdenticalSeedsWarning",
+    "SplitGain",
+    "VariantRecord",
+    "judge_gain",
+    "seeds_vary",
+    "split_gains",
+]
 
 #: ``{task: {metric: value}}``: one evaluation of every metric of every task.
 Evaluation = dict[str, dict[str, float]]
 Select = Literal["final", "best"]
 Average = Literal["metric", "task"]
 
-#: A split beats shared "beyond the seeds' spread" when its mean gain exceeds this many standard deviations of
-#: the shared model's own seed-to-seed variation (and it is ahead on every seed).
-SPREAD_FACTOR = 2.0
+#: The smallest gain that counts, in percent (Delta-m% points, or a task's mean relative improvement): a split
+#: that lifts the tasks by less is not worth its copies, however consistent, and a difference in the fourth digit
+#: is no gain.
+GAIN_FLOOR = 1.0
+#: The level of the one-sided paired test of :func:`judge_gain`.
+GAIN_ALPHA = 0.05
+
+
+class IdenticalSeedsWarning(UserWarning):
+    """Runs meant as different seeds are bit-identical: the seed reaches neither the model nor the data (a model
+    factory that seeds itself, fixed batches), so they measure no seed-to-seed variation."""
+
+
+@dataclass(frozen=True)
+class GainTest:
+    """The ceiling rule's verdict on one gain measured over seeds (see :func:`judge_gain`).
+
+    Attributes:
+        per_seed: the gain on each seed, in percent (positive: the split is better).
+        mean: their mean.
+        p_value: the one-sided paired t-test's p-value for "the mean gain exceeds ``floor``" (NaN: not tested).
+        floor: the smallest gain that counts.
+        alpha: the test's level.
+        seeds_vary: False when the seeds changed nothing (identical runs): their agreement proves nothing.
+        beyond: True: a gain beyond the floor, confirmed by the test; False: no gain beyond the floor;
+            ``None``: cannot tell (one seed above the floor, or seeds that change nothing).
+
+    >>> judge_gain([25.5, 26.0, 29.4]).beyond
+    True
+    """
+
+    per_seed: list[float]
+    mean: float
+    p_value: float
+    floor: float
+    alpha: float
+    seeds_vary: bool
+    beyond: bool | None
+
+
+def judge_gain(
+    per_seed: Sequence[float], *, floor: float = GAIN_FLOOR, alpha: float = GAIN_ALPHA, seeds_vary: bool = True
+) -> GainTest:
+    """The one ceiling rule: does a split (or any variant) beat the shared model?
+
+    ``per_seed`` holds one paired gain per seed, in percent: the variant against the shared model of the *same*
+    seed, trained on the same batches (Delta-m% for a model, a task's mean relative improvement for one task).
+    The rule:
+
+    - the mean gain must exceed ``floor`` (:data:`GAIN_FLOOR`, 1%): a smaller gain never counts (``False``);
+    - and a one-sided one-sample t-test of the per-seed gains against the floor (H0: mean gain <= floor, the
+      paired test of the two variants' seed-by-seed results) must reject at ``alpha`` (:data:`GAIN_ALPHA`,
+      0.05), on at least two seeds whose runs differ: then ``True``; if it does not reject, ``False``.
+    - ``None`` (cannot tell) when the mean exceeds the floor but there is one seed only, or the seeds change
+      nothing (``seeds_vary=False``: the caller found the runs of different seeds bit-identical, see
+      :func:`seeds_vary`). Identical runs have no spread, and would make any gain look certain.
+
+    Three seeds that agree (+25.5, +26.0, +29.4%) pass; so do +60.7, +35.3, +18.4% (p = 0.047); a gain
+    that is large on one seed and negative on the others does not.
+
+    >>> t = judge_gain([60.7, 35.3, 18.4])
+    >>> t.beyond, round(t.p_value, 3)
+    (True, 0.047)
+    >>> judge_gain([40.0, -5.0, -3.0]).beyond, judge_gain([0.0004, 0.0003, 0.0005]).beyond
+    (False, False)
+    >>> judge_gain([12.0]).beyond, judge_gain([12.0, 12.5, 12.2], seeds_vary=False).beyond  # one seed; identical runs
+    (None, None)
+    """
+    values = [float(v) for v in per_seed]
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"judge_gain needs one finite gain per seed, got {values}")
+    mean = statistics.fmean(values)
+    p_value = math.nan
+    if mean <= floor:
+        beyond: bool | None = False
+    elif len(values) < 2 or not seeds_vary:
+        beyond = None
+    else:
+        if len(set(values)) == 1:
+            p_value = 0.0  # the same gain on every seed: the t statistic is infinite
+        else:
+            with warnings.catch_warnings():  # nearly equal gains: scipy warns of precision, the verdict stands
+                warnings.simplefilter("ignore", RuntimeWarning)
+                p_value = float(stats.ttest_1samp(values, floor, alternative="greater").pvalue)
+        beyond = p_value < alpha
+    return GainTest(values, mean, p_value, floor, alpha, seeds_vary, beyond)
 
 
 @dataclass(repr=False)
@@ -59,10 +160,15 @@ class VariantRecord:
             read as one metric per task, named after the task).
         directions: ``{task: {metric: "max" | "min"}}`` (or one per task): which way each metric improves.
         params: parameter entries needed to serve every task.
-        step_ms: median wall-clock time of one training step over the variant's own phase.
-        latency_ms: fastest of ten inference calls on one batch, all tasks.
+        step_ms: wall-clock milliseconds of one training step (all tasks), the median of steps timed in turn with
+            the other variants' (round-robin, so that a change in the machine's load touches every variant alike).
+        latency_ms: wall-clock milliseconds of one inference call on one batch, all tasks: the median of calls
+            timed round-robin likewise.
         memory_mb: training-step memory (CUDA: peak allocated; CPU: estimate, see ``gradconflict.split.costs``).
         start: the step where this variant's own training began (after the shared phase, for lora and branched).
+        step_cpu_ms: the process's CPU time for one training step, the median of the same steps: on a loaded
+            machine the wall time grows, the CPU time much less.
+        latency_cpu_ms: the process's CPU time for one inference call, the median of the same calls.
 
     >>> rec = VariantRecord("shared", {"a": [2.0, 1.0]}, [(1, {"a": 0.9}), (2, {"a": 1.1})], {"a": "min"})
     >>> rec.final()
@@ -80,6 +186,8 @@ class VariantRecord:
     latency_ms: float = math.nan
     memory_mb: float = math.nan
     start: int = 0
+    step_cpu_ms: float = math.nan
+    latency_cpu_ms: float = math.nan
 
     def __post_init__(self) -> None:
         self.evals = [(int(step), nested(metrics)) for step, metrics in self.evals]
@@ -127,6 +235,7 @@ class VariantRecord:
                 "name": self.name, "losses": self.losses, "evals": [[s, m] for s, m in self.evals],
                 "directions": self.directions, "params": self.params, "step_ms": self.step_ms,
                 "latency_ms": self.latency_ms, "memory_mb": self.memory_mb, "start": self.start,
+                "step_cpu_ms": self.step_cpu_ms, "latency_cpu_ms": self.latency_cpu_ms,
             }
         )
 
@@ -155,6 +264,7 @@ class ComparisonResult:
         average: ``"metric"`` or ``"task"`` (see :func:`~gradconflict.split.delta_m`).
         branch_at: the branched variant's branch point (``None``: not run).
         groups: the branched variant's task groups.
+        seed: the seed the run was made with (``None``: not known).
 
     >>> shared = VariantRecord("shared", {"a": [1.0]}, [(1, {"a": 0.5})], {"a": "min"})
     >>> single = VariantRecord("independent", {"a": [1.0]}, [(1, {"a": 0.4})], {"a": "min"})
@@ -173,12 +283,20 @@ class ComparisonResult:
     average: Average = "metric"
     branch_at: int | str | None = None
     groups: list[list[str]] | None = None
+    seed: int | None = None
 
     def __repr__(self) -> str:
         return (
             f"ComparisonResult(variants={list(self.variants)}, tasks={self.tasks}, steps={self.steps}, "
             f"split_step={self.split_step})"
         )
+
+    def _repr_html_(self) -> str:
+        """The comparison's table as HTML tables for Jupyter, those of the HTML report
+        (:mod:`gradconflict.reporting.notebook`)."""
+        from gradconflict.reporting.notebook import comparison_html
+
+        return comparison_html(self)
 
     def __str__(self) -> str:
         return self.to_markdown()
@@ -218,14 +336,19 @@ class ComparisonResult:
 
     @property
     def ceiling_broken(self) -> dict[str, list[str]]:
-        """Variant -> the tasks whose checkpoint beats the shared model's (the mean improvement over the task's
-        metrics is positive); empty without ``"shared"``."""
+        """Variant -> the tasks whose checkpoint beats the shared model's by more than the floor of
+        :func:`judge_gain` (the mean improvement over the task's metrics, in percent); empty without ``"shared"``.
+
+        One run is one seed: no test has confirmed these gains. :func:`split_gains` over a few seeds does."""
         if "shared" not in self.variants:
             return {}
         cps = self.checkpoints
         ceiling, directions = cps["shared"][1], self.variants["shared"].directions
         return {
-            name: [t for t in self.tasks if task_improvement(cp[1], ceiling, directions, t) > 0]
+            name: [
+                t for t in self.tasks
+                if judge_gain([task_improvement(cp[1], ceiling, directions, t)]).beyond is not False
+            ]
             for name, cp in cps.items()
             if name != "shared"
         }
@@ -256,7 +379,8 @@ class ComparisonResult:
                             "delta_m": relative_improvement(value, base[1][task][metric], direction)
                             if base is not None else None,
                             "rise_share": smooth[task].rise_share, "diff_variance": smooth[task].diff_variance,
-                            "params": rec.params, "step_ms": rec.step_ms, "latency_ms": rec.latency_ms,
+                            "params": rec.params, "step_ms": rec.step_ms, "step_cpu_ms": rec.step_cpu_ms,
+                            "latency_ms": rec.latency_ms, "latency_cpu_ms": rec.latency_cpu_ms,
                             "memory_mb": rec.memory_mb,
                             "beats_shared": task in broken[name] if name in broken else None,
                         }
@@ -269,7 +393,7 @@ class ComparisonResult:
             {
                 "tasks": self.tasks, "steps": self.steps, "split_step": self.split_step, "notes": self.notes,
                 "select": self.select, "baseline": self.baseline, "average": self.average,
-                "branch_at": self.branch_at, "groups": self.groups,
+                "branch_at": self.branch_at, "groups": self.groups, "seed": self.seed,
                 "rows": self.rows, "delta_m": self.delta_m, "ceiling_broken": self.ceiling_broken,
                 "variants": {name: rec.to_dict() for name, rec in self.variants.items()},
             }
@@ -287,12 +411,14 @@ class ComparisonResult:
 
     def to_markdown(self) -> str:
         """The table as Markdown, then Delta-m% per variant (with its sign and checkpoint stated), the broken
-        ceilings and any notes."""
+        ceilings and any notes. Every Delta-m% in it is against one baseline, :attr:`baseline`, named in the
+        column's header."""
         columns = [
             ("variant", "variant"), ("task", "task"), ("metric", "metric"), ("direction", "dir"), ("step", "step"),
-            ("value", "value"), ("delta_m", "Δm%"), ("rise_share", "rises"), ("diff_variance", "diff var"),
-            ("params", "params"), ("step_ms", "step ms"), ("latency_ms", "latency ms"), ("memory_mb", "memory MB"),
-            ("beats_shared", "beats shared"),
+            ("value", "value"), ("delta_m", f"Δm% vs {self.baseline}"), ("rise_share", "rises"),
+            ("diff_variance", "diff var"), ("params", "params"), ("step_ms", "step ms"),
+            ("step_cpu_ms", "step CPU ms"), ("latency_ms", "latency ms"), ("latency_cpu_ms", "latency CPU ms"),
+            ("memory_mb", "memory MB"), ("beats_shared", f"beats shared by >{GAIN_FLOOR:g}%"),
         ]
         lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + " --- |" * len(columns)]
         for row in self.rows:
@@ -306,7 +432,8 @@ class ComparisonResult:
         if "shared" in self.variants:
             broken = {k: v for k, v in self.ceiling_broken.items() if v}
             lines.append(
-                "Shared-model ceiling broken: "
+                f"Shared-model ceiling broken by more than {GAIN_FLOOR:g}% (one seed, untested: judge over seeds "
+                "with split_gains): "
                 + ("; ".join(f"{k}: {', '.join(v)}" for k, v in broken.items()) if broken else "by no variant")
             )
         lines.extend(f"Note: {note}" for note in self.notes)
@@ -325,16 +452,19 @@ def _cell(value: Any) -> str:
 
 @dataclass(frozen=True)
 class SplitGain:
-    """How much one variant beats the shared model, paired seed by seed.
+    """How much one variant beats the shared model, paired seed by seed, judged by :func:`judge_gain`.
 
     Attributes:
         variant: the variant's name.
         per_seed: its Delta-m% against the shared model of the same seed (same data order and initialisation).
         mean: the mean of ``per_seed``.
         spread: the standard deviation of the shared model's own Delta-m% across seeds (against its mean over the
-            seeds): how much a model moves from seed to seed (NaN with one seed).
-        beyond: True when the variant is ahead on every seed and its mean gain exceeds ``SPREAD_FACTOR`` (2)
-            spreads; ``None`` with a single seed (no spread to judge by).
+            seeds): how much a model moves from seed to seed (NaN with one seed). Shown, not judged by.
+        beyond: :attr:`GainTest.beyond`: True when the paired test confirms a gain above the floor, False when
+            there is none, ``None`` when one seed, or seeds that change nothing, cannot tell.
+        p_value: the paired test's p-value (NaN: not tested).
+        floor: the smallest gain that counts (:data:`GAIN_FLOOR`).
+        seeds_vary: False when runs of different seeds were bit-identical (see :class:`IdenticalSeedsWarning`).
     """
 
     variant: str
@@ -342,6 +472,9 @@ class SplitGain:
     mean: float
     spread: float
     beyond: bool | None
+    p_value: float = math.nan
+    floor: float = GAIN_FLOOR
+    seeds_vary: bool = True
 
 
 def _mean_evaluation(evaluations: Sequence[Evaluation]) -> Evaluation:
@@ -350,24 +483,57 @@ def _mean_evaluation(evaluations: Sequence[Evaluation]) -> Evaluation:
     }
 
 
-def split_gains(results: Sequence[ComparisonResult]) -> dict[str, SplitGain]:
+def _same_run(a: VariantRecord, b: VariantRecord) -> bool:
+    """Whether two records hold bit-identical training losses and evaluations."""
+    return a.losses == b.losses and a.evals == b.evals
+
+
+def seeds_vary(results: Sequence[ComparisonResult]) -> bool:
+    """False when two of ``results`` (one per seed) share a seed or hold bit-identical shared runs: the seed
+    changed nothing (a model factory that seeds itself, with fixed batches), so the runs measure no spread.
+
+    >>> rec = VariantRecord("shared", {"a": [1.0]}, [(1, {"a": 0.5})], {"a": "min"})
+    >>> seeds_vary([ComparisonResult({"shared": rec}, ["a"], 1, 0) for _ in range(2)])
+    False
+    """
+    seeds = [r.seed for r in results if r.seed is not None]
+    if len(set(seeds)) < len(seeds):
+        return False
+    runs = [r["shared"] for r in results if "shared" in r.variants]
+    return not any(_same_run(a, b) for i, a in enumerate(runs) for b in runs[i + 1:])
+
+
+def split_gains(results: Sequence[ComparisonResult], *, floor: float = GAIN_FLOOR) -> dict[str, SplitGain]:
     """Each variant's gain over ``"shared"`` across ``results`` (one :class:`ComparisonResult` per seed, each with
-    a ``"shared"`` variant): Delta-m% of its checkpoint against the same seed's shared checkpoint, and whether it
-    beats shared beyond the seeds' spread (see :class:`SplitGain`). Each result's ``select`` and ``average`` apply.
+    a ``"shared"`` variant): Delta-m% of its checkpoint against the same seed's shared checkpoint, judged by the
+    one ceiling rule, :func:`judge_gain` (a one-sided paired t-test against ``floor``). Each result's ``select``
+    and ``average`` apply.
+
+    Runs of different seeds that are bit-identical (or results that share a seed) are flagged: an
+    :class:`IdenticalSeedsWarning`, ``seeds_vary=False`` and ``beyond=None`` unless the gain is under the floor.
 
     >>> def rec(name, seed, value):
     ...     return VariantRecord(name, {"a": [1.0]}, [(1, {"a": value + 0.01 * seed})], {"a": "min"})
     >>> runs = [ComparisonResult({"shared": rec("shared", s, 1.0), "branched": rec("branched", s, 0.5)}, ["a"], 1, 0)
     ...         for s in range(3)]
     >>> g = split_gains(runs)["branched"]
-    >>> [round(x, 1) for x in g.per_seed], round(g.spread, 2), g.beyond
-    ([50.0, 49.5, 49.0], 0.99, True)
+    >>> [round(x, 1) for x in g.per_seed], round(g.spread, 2), g.beyond, g.p_value < 0.001
+    ([50.0, 49.5, 49.0], 0.99, True, True)
     """
     if not results:
         raise ValueError("split_gains needs at least one ComparisonResult (one per seed)")
     missing = [k for k, r in enumerate(results) if "shared" not in r.variants]
     if missing:
         raise ValueError(f"results {missing} have no 'shared' variant: the gains are measured against it")
+    varied = seeds_vary(results)
+    if len(results) > 1 and not varied:
+        warnings.warn(
+            "the comparison's seeds changed nothing: two results share a seed or hold bit-identical shared runs "
+            "(does the model factory seed itself? are the batches fixed?), so they show no spread and prove no "
+            "gain; let compare(seed=...) reach the model (no torch.manual_seed inside the factory) and the data",
+            IdenticalSeedsWarning,
+            stacklevel=2,
+        )
     cps = [r.checkpoints for r in results]
     shared = [cp["shared"][1] for cp in cps]
     directions = results[0]["shared"].directions
@@ -379,7 +545,6 @@ def split_gains(results: Sequence[ComparisonResult]) -> dict[str, SplitGain]:
     out = {}
     for name in names:
         per_seed = [delta_m(cp[name][1], s, directions, average=average) for cp, s in zip(cps, shared)]
-        mean = statistics.fmean(per_seed)
-        beyond = None if len(results) < 2 else bool(min(per_seed) > 0 and mean > SPREAD_FACTOR * spread)
-        out[name] = SplitGain(name, per_seed, mean, spread, beyond)
+        test = judge_gain(per_seed, floor=floor, seeds_vary=varied)
+        out[name] = SplitGain(name, test.per_seed, test.mean, spread, test.beyond, test.p_value, floor, test.seeds_vary)
     return out

@@ -14,7 +14,8 @@ Tasks are tracked by name: steps may carry different tasks, in any order. Readin
 tensors, one block per layout, without building a report per step.
 
 Besides the moving averages of :data:`EMA_QUANTITIES`, the history keeps GradVac's cosine EMA of every task pair,
-over the whole shared backbone (:attr:`History.gradvac`) and per layer (:attr:`History.gradvac_layers`).
+over the whole shared backbone (:attr:`History.gradvac`) and per layer (:attr:`History.gradvac_layers`). Pairs are
+named by :func:`~gradconflict.records.pairs.pair_key` (``"cosine/a/b"``), as in the sinks and the diagnosis.
 
 >>> import torch
 >>> from gradconflict import ConflictReport
@@ -40,17 +41,30 @@ import torch
 from torch import Tensor
 
 from gradconflict.measure import metrics
+from gradconflict.measure.attribution import SampleAttribution
 from gradconflict.measure.report import ConflictReport, LayerReport
+from gradconflict.records.pairs import pair_key
+from gradconflict.records.samples import SampleTally
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["EMA_QUANTITIES", "History", "Sink", "Stacked", "worst_cosine"]
+__all__ = ["EMA_DECAY", "EMA_QUANTITIES", "GRADVAC_BETA", "MAX_HISTORY", "History", "Sink", "Stacked", "worst_cosine"]
 
 #: Version of the compact state (:meth:`History.state_dict`) and of each line a JSONL history holds.
 SCHEMA = 1
 
-#: The run-level quantities whose exponential moving average is kept (besides each pair's ``cosine/a/b``).
+#: The default weight of the past in every exponential moving average of a run, per measured step (the history's,
+#: the monitor's and the diagnosis' trends).
+EMA_DECAY = 0.9
+
+#: GradVac's EMA rate ``beta`` by default: the value of the paper (Wang et al., ICLR 2021).
+GRADVAC_BETA = 0.01
+
+#: Steps a history keeps by default (the oldest are dropped; the averages and the sinks cover the whole run).
+MAX_HISTORY = 10_000
+
+#: The run-level quantities whose exponential moving average is kept (besides each pair's ``cosine/<pair key>``).
 EMA_QUANTITIES = ("conflict_fraction", "cancellation", "worst_cosine", "update_norm")
 
 #: Steps folded into the moving averages at once (their quantities are computed as one batch).
@@ -68,12 +82,9 @@ class Sink(Protocol):
 
 
 def worst_cosine(report: ConflictReport) -> Tensor:
-    """The most negative pairwise cosine of a report (NaN when there is a single task: no pair)."""
-    T = len(report.tasks)
-    if T < 2:
-        return torch.full((), math.nan, dtype=report.gram.dtype, device=report.gram.device)
-    iu = torch.triu_indices(T, T, 1, device=report.gram.device)
-    return report.cosine[iu[0], iu[1]].min()
+    """The most negative pairwise cosine of a report (:func:`gradconflict.measure.metrics.worst_cosine`; NaN when
+    there is a single task: no pair)."""
+    return metrics.worst_cosine(report.gram)
 
 
 class Stacked(NamedTuple):
@@ -85,8 +96,19 @@ class Stacked(NamedTuple):
         threshold: the conflict cosine ``S`` the steps were measured with.
         has_losses: whether the steps recorded their losses (NaN otherwise).
         steps: ``[N]`` training step of each row.
-        packed: ``[N, 2 T + (L + 1) T T]``, each row: weights ``[T]``, losses ``[T]``, the Gram ``[T, T]`` and each
-            layer's Gram ``[T, T]``, flattened, in the Grams' own precision.
+        packed: ``[N, 2 T + (L + 1) T T]``, the storage the typed views below read (each row: weights, losses,
+            the Gram and each layer's Gram, flattened, in the Grams' own precision); read the views, not this.
+
+    The typed views (no copy): :attr:`weights` ``[N, T]``, :attr:`losses` ``[N, T]`` (``None`` when not recorded),
+    :attr:`gram` ``[N, T, T]`` and :attr:`layer_gram` ``[N, L, T, T]``.
+
+    >>> import torch
+    >>> from gradconflict import ConflictReport
+    >>> h = History()
+    >>> h.append(ConflictReport("ab", torch.tensor([[1.0, -0.5], [-0.5, 4.0]]), losses=torch.tensor([2.0, 3.0])))
+    >>> (block,) = h.stacked()
+    >>> block.gram[0].tolist(), block.losses.tolist(), block.layer_gram.shape
+    ([[1.0, -0.5], [-0.5, 4.0]], [[2.0, 3.0]], torch.Size([1, 0, 2, 2]))
     """
 
     tasks: tuple[str, ...]
@@ -95,6 +117,41 @@ class Stacked(NamedTuple):
     has_losses: bool
     steps: Tensor
     packed: Tensor
+
+    @property
+    def weights(self) -> Tensor:
+        """``[N, T]`` the task weights of each step's update."""
+        return _weights(self.packed, len(self.tasks))
+
+    @property
+    def losses(self) -> Tensor | None:
+        """``[N, T]`` the task losses of each step, ``None`` when the steps did not record them."""
+        return _losses(self.packed, len(self.tasks)) if self.has_losses else None
+
+    @property
+    def gram(self) -> Tensor:
+        """``[N, T, T]`` the Gram of each step over the whole shared backbone."""
+        return _grams(self.packed, len(self.tasks))[..., 0, :, :]
+
+    @property
+    def layer_gram(self) -> Tensor:
+        """``[N, L, T, T]`` each layer's Gram, in the order of :attr:`layers`."""
+        return _grams(self.packed, len(self.tasks))[..., 1:, :, :]
+
+
+# The layout of a packed row (one definition, read by the record and by the stacked views): weights [T], losses [T],
+# then the Gram and each layer's Gram [T, T], flattened. Each works on one row [K] or on stacked rows [N, K].
+def _weights(packed: Tensor, T: int) -> Tensor:
+    return packed[..., :T]
+
+
+def _losses(packed: Tensor, T: int) -> Tensor:
+    return packed[..., T : 2 * T]
+
+
+def _grams(packed: Tensor, T: int) -> Tensor:
+    """``[..., 1 + L, T, T]``: the Gram, then each layer's."""
+    return packed[..., 2 * T :].reshape(*packed.shape[:-1], -1, T, T)
 
 
 @dataclass(frozen=True)
@@ -119,15 +176,16 @@ class _Record:
     step: int
     skip_reason: str
     packed: Tensor
+    samples: SampleAttribution | None = None  # on the host, until the sinks have written it (then dropped)
 
     def report(self) -> ConflictReport:
         lay, T = self.layout, len(self.layout.tasks)
-        weights, losses = self.packed[:T], self.packed[T : 2 * T]
+        weights, losses = _weights(self.packed, T), _losses(self.packed, T)
         if self.skip_reason:
             return ConflictReport.skipped_step(
                 lay.tasks, self.step, self.skip_reason, losses if lay.has_losses else None, lay.engine, weights
             )
-        grams = self.packed[2 * T :].view(-1, T, T)
+        grams = _grams(self.packed, T)
         layers = {
             name: LayerReport(
                 name, lay.tasks, grams[k + 1], weights, num_params=n, route=route, threshold=lay.threshold
@@ -168,10 +226,10 @@ class History:
 
     def __init__(
         self,
-        ema_decay: float = 0.9,
-        max_history: int | None = 10_000,
+        ema_decay: float = EMA_DECAY,
+        max_history: int | None = MAX_HISTORY,
         sinks: Iterable[Sink] = (),
-        gradvac_beta: float = 0.01,
+        gradvac_beta: float = GRADVAC_BETA,
     ) -> None:
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
@@ -190,6 +248,8 @@ class History:
         self.gradvac_beta = gradvac_beta
         self._gradvac: dict[str, dict[str, float]] = {}  # "" (the whole backbone) or a layer -> pair -> phi
         self.steps_seen = 0
+        #: per-id aggregates of the steps measured with ``sample_ids`` (the whole run, not only the kept steps)
+        self.samples = SampleTally()
 
     # ------------------------------------------------------------------------------------------ appending
     def append(self, report: ConflictReport) -> None:
@@ -231,7 +291,11 @@ class History:
             packed = host
         else:
             packed = packed.cpu()
-        self._pending.append(_Pending(_Record(layout, report.step, report.skip_reason, packed), event))
+        samples = None
+        if report.samples is not None:  # attributed steps copy to the host at once (the tally reads them)
+            samples = report.samples.to("cpu")
+            self.samples.add(samples)
+        self._pending.append(_Pending(_Record(layout, report.step, report.skip_reason, packed, samples), event))
         self._collect(wait=False)
 
     def _collect(self, wait: bool) -> None:
@@ -250,13 +314,16 @@ class History:
 
     def _admit(self, record: _Record) -> None:
         T = len(record.layout.tasks)
-        if not record.skip_reason and not bool(torch.isfinite(record.packed[2 * T :]).all()):
+        if not record.skip_reason and not bool(torch.isfinite(_grams(record.packed, T)).all()):
             record.skip_reason = "non-finite gradients"
         self.steps_seen += 1
         self._records.append(record)
         if not record.skip_reason:
             self._unfolded.append(record)
         report = record.report() if self.sinks else None  # one host-side report for every sink (metrics cached)
+        if report is not None:
+            report.samples = record.samples
+        record.samples = None
         for sink in list(self.sinks):
             try:
                 sink.write(report)
@@ -280,7 +347,7 @@ class History:
     def _fold_run(self, layout: _Layout, records: list[_Record]) -> None:
         T = len(layout.tasks)
         packed = torch.stack([r.packed for r in records]).double()
-        w, grams = packed[:, :T], packed[:, 2 * T :].reshape(len(records), -1, T, T)  # the Gram, then each layer's
+        w, grams = _weights(packed, T), _grams(packed, T)  # the Gram, then each layer's
         G = grams[:, 0]
         columns: dict[str, list[float]] = {
             "cancellation": metrics.cancellation(G, w).tolist(),
@@ -291,8 +358,8 @@ class History:
             cosines = metrics.cosine(grams)[:, :, i, j]  # [N, 1 + L, pairs]: the whole backbone, then each layer
             pairs = cosines[:, 0]
             columns["conflict_fraction"] = metrics.conflict_fraction(G, layout.threshold).tolist()
-            columns["worst_cosine"] = pairs.amin(1).tolist()
-            names = ["/".join(sorted((layout.tasks[a], layout.tasks[b]))) for a, b in zip(i.tolist(), j.tolist())]
+            columns["worst_cosine"] = metrics.worst_cosine(G).tolist()
+            names = [pair_key(layout.tasks[a], layout.tasks[b]) for a, b in zip(i.tolist(), j.tolist())]
             for k, name in enumerate(names):
                 columns["cosine/" + name] = pairs[:, k].tolist()
             self._fold_gradvac(layout, names, cosines)
@@ -320,17 +387,17 @@ class History:
     # ------------------------------------------------------------------------------------------ reading
     @property
     def gradvac(self) -> dict[str, float]:
-        """GradVac's EMA of each task pair's cosine over the whole shared backbone, ``{"a/b": phi}`` (names
-        sorted): ``phi_ij <- (1 - beta) phi_ij + beta cos(g_i, g_j)`` on every measured step that carried both
-        tasks, starting from ``phi_ij = 0`` (Wang et al., "Gradient Vaccine", ICLR 2021, Sec. 3.2, Eq. 3; ``beta``
-        is ``gradvac_beta``). The cosines are those of the gradients as trained; GradVac itself measures them
+        """GradVac's EMA of each task pair's cosine over the whole shared backbone, ``{pair_key(a, b): phi}``:
+        ``phi_ij <- (1 - beta) phi_ij + beta cos(g_i, g_j)`` on every measured step that carried both tasks,
+        starting from ``phi_ij = 0`` (Wang et al., "Gradient Vaccine", ICLR 2021, Sec. 3.2, Eq. 3; ``beta`` is
+        ``gradvac_beta``). The cosines are those of the gradients as trained; GradVac itself measures them
         after adjusting ``g_i``, so under GradVac training the two differ."""
         self._collect(wait=True)
         return dict(self._gradvac.get("", {}))
 
     @property
     def gradvac_layers(self) -> dict[str, dict[str, float]]:
-        """GradVac's EMA per layer (its per-layer granularity): ``{layer: {"a/b": phi}}``, as :attr:`gradvac`
+        """GradVac's EMA per layer (its per-layer granularity): ``{layer: {pair_key(a, b): phi}}``, as :attr:`gradvac`
         over each layer's parameters."""
         self._collect(wait=True)
         return {k: dict(v) for k, v in self._gradvac.items() if k}
@@ -354,7 +421,8 @@ class History:
     @property
     def ema(self) -> dict[str, float]:
         """Exponential moving averages over every measured step so far: each of :data:`EMA_QUANTITIES` and each
-        task pair's cosine (``"cosine/a/b"``, names sorted), over the steps that carried that pair."""
+        task pair's cosine (``"cosine/" + pair_key(a, b)``, e.g. ``"cosine/a/b"``), over the steps that carried that
+        pair."""
         self._collect(wait=True)
         return dict(self._ema)
 
@@ -368,6 +436,19 @@ class History:
     def measured(self) -> list[ConflictReport]:
         """The reports of the kept steps that were measured (not skipped)."""
         return [r for r in self.reports if not r.skipped]
+
+    def skipped_steps(self) -> list[tuple[int, str]]:
+        """``(step, reason)`` of each kept step that was skipped, oldest first, without building a report.
+
+        >>> import torch
+        >>> from gradconflict import ConflictReport
+        >>> h = History()
+        >>> h.append(ConflictReport.skipped_step(("a", "b"), 3, "non-finite loss"))
+        >>> h.skipped_steps()
+        [(3, 'non-finite loss')]
+        """
+        self._collect(wait=True)
+        return [(r.step, r.skip_reason) for r in self._records if r.skip_reason]
 
     @property
     def tasks(self) -> list[str]:
@@ -424,7 +505,7 @@ class History:
                 C = r.cosine.tolist()
                 for i, a in enumerate(r.tasks):
                     for j in range(i + 1, len(r.tasks)):
-                        row["cosine/" + "/".join(sorted((a, r.tasks[j])))] = C[i][j]
+                        row["cosine/" + pair_key(a, r.tasks[j])] = C[i][j]
             rows.append(row)
         return rows
 
@@ -446,7 +527,7 @@ class History:
         return path
 
     @classmethod
-    def from_jsonl(cls, path: str | Path, ema_decay: float = 0.9, max_history: int | None = None) -> History:
+    def from_jsonl(cls, path: str | Path, ema_decay: float = EMA_DECAY, max_history: int | None = None) -> History:
         """Read a history written by :meth:`to_jsonl` or a :class:`~gradconflict.records.sinks.JSONLSink` (the EMAs are
         recomputed), one line at a time. A line that is not JSON (cut short by a crash) is skipped with a
         ``RuntimeWarning`` naming its line number; a JSON line that is not a history step is a ``ValueError``
@@ -472,6 +553,7 @@ class History:
             "ema": dict(self._ema),
             "gradvac_beta": self.gradvac_beta,
             "gradvac": {k: dict(v) for k, v in self._gradvac.items()},
+            "samples": self.samples.state_dict(),
             "layouts": [
                 {
                     "tasks": list(lay.tasks),
@@ -516,6 +598,7 @@ class History:
         self._ema = dict(state["ema"])
         self.gradvac_beta = state.get("gradvac_beta", self.gradvac_beta)
         self._gradvac = {k: dict(v) for k, v in state.get("gradvac", {}).items()}
+        self.samples.load_state_dict(state.get("samples", {}))
         self.steps_seen = state["steps_seen"]
 
 

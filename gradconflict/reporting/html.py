@@ -11,7 +11,7 @@ the order a reader asks the questions:
 5. a layers x steps heat-map of the conflict;
 6. the layer profile with the advised branch point;
 7. the affinity matrix and the task groups;
-8. the advice's four signals with their evidence, the trends, and the next step as code;
+8. the advice's six signals with their evidence, the trends, and the next step as code;
 9. the comparison experiment, when one was run.
 
 The page has no script and loads nothing: the figures are PNGs inside the file (``data:`` URIs), so it can be
@@ -38,9 +38,10 @@ from typing import TYPE_CHECKING, Any
 from gradconflict import __version__
 from gradconflict.diagnosis.advice import Advice, advise
 from gradconflict.diagnosis.affinity import mean_transference, normalized
-from gradconflict.diagnosis.aligned import align
+from gradconflict.diagnosis.aligned import Aligned, align
 from gradconflict.measure.report import ConflictReport
 from gradconflict.records.history import History
+from gradconflict.records.pairs import pair_key
 from gradconflict.reporting.summary import QUANTITIES, RunSummary, summarize_run
 
 if TYPE_CHECKING:
@@ -73,29 +74,36 @@ CAPTIONS = {
     "Tasks that help each other belong in one group; the outlined blocks are the advised groups.",
 }
 
-STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0; color: #1d2330;
-       background: #f4f5f7; line-height: 1.45; }
-main { max-width: 1160px; margin: 0 auto; padding: 24px 32px 48px; background: #fff; }
-h1 { margin: 0 0 4px; font-size: 28px; } h2 { margin-top: 36px; border-bottom: 1px solid #dde1e7; padding-bottom: 4px; }
-.meta { color: #5b6475; font-size: 14px; }
+#: The tables', the verdict box's and the statuses' rules: the page's, and (scoped) a notebook cell's.
+TABLE_STYLE = """
 .verdict { border-radius: 8px; padding: 16px 20px; margin: 20px 0; border-left: 8px solid; }
 .verdict.keep_shared { background: #edf7ee; border-color: #3a8c47; }
 .verdict.lora_split { background: #fff6e5; border-color: #d68a00; }
 .verdict.physical_split { background: #fdecea; border-color: #c62828; }
 .verdict .name { font-size: 24px; font-weight: 700; }
-figure { margin: 16px 0; } figure img { max-width: 100%; height: auto; display: block; }
-figcaption { color: #4a5263; font-size: 14px; margin-top: 6px; max-width: 1000px; }
 table { border-collapse: collapse; margin: 12px 0; font-size: 14px; }
 th, td { border-bottom: 1px solid #e3e6eb; padding: 4px 10px; text-align: right; vertical-align: top; }
-th { background: #f0f2f5; } td.text, th.text { text-align: left; }
+th { background: #f0f2f5; }
+td.text, th.text { text-align: left; }
 .status { font-weight: 700; border-radius: 4px; padding: 1px 6px; }
-.status.split { background: #fdecea; color: #b71c1c; } .status.watch { background: #fff6e5; color: #a86a00; }
-.status.ok { background: #edf7ee; color: #2e7d32; } .status.na { background: #eceff1; color: #546e7a; }
+.status.split { background: #fdecea; color: #b71c1c; }
+.status.watch { background: #fff6e5; color: #a86a00; }
+.status.ok { background: #edf7ee; color: #2e7d32; }
+.status.na { background: #eceff1; color: #546e7a; }
 pre { background: #f6f8fa; padding: 12px; border-radius: 6px; overflow-x: auto; font-size: 13px; }
+.warning { background: #fff6e5; padding: 8px 12px; border-radius: 6px; }
+"""
+
+STYLE = TABLE_STYLE + """
+body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0; color: #1d2330;
+       background: #f4f5f7; line-height: 1.45; }
+main { max-width: 1160px; margin: 0 auto; padding: 24px 32px 48px; background: #fff; }
+h1 { margin: 0 0 4px; font-size: 28px; } h2 { margin-top: 36px; border-bottom: 1px solid #dde1e7; padding-bottom: 4px; }
+.meta { color: #5b6475; font-size: 14px; }
+figure { margin: 16px 0; } figure img { max-width: 100%; height: auto; display: block; }
+figcaption { color: #4a5263; font-size: 14px; margin-top: 6px; max-width: 1000px; }
 .pair { display: flex; gap: 24px; flex-wrap: wrap; align-items: flex-start; }
 .pair figure { flex: 1 1 420px; max-width: 540px; }
-.warning { background: #fff6e5; padding: 8px 12px; border-radius: 6px; }
 """
 
 
@@ -167,7 +175,7 @@ def _run_facts(summary: RunSummary) -> str:
     facts = (
         f"<p>{summary.steps} steps ({summary.measured} measured, {skipped} skipped{': ' + _e(why) if why else ''}), "
         f"training steps {summary.first_step} to {summary.last_step}; tasks {_e(', '.join(summary.tasks))}; a pair "
-        f"conflicts when its cosine is below S = {summary.threshold:g}.</p>"
+        f"conflicts when its cosine is below S = {summary.threshold:.3g}.</p>"
     )
     warnings = "".join(f'<p class="warning">{_e(line)}</p>' for line in summary.coverage())
     rows = []
@@ -205,8 +213,16 @@ def _tasks_table(summary: RunSummary) -> str:
 def _profile_table(advice: Advice) -> str:
     if advice.profile is None:
         return ""
-    rows = [line.split() for line in advice.profile.table().splitlines()[1:]]
-    body = [(r[0], *r[1:6], "branch point" if "<-" in r else "") for r in rows]
+    profile, body = advice.profile, []
+    for layer in profile.layers:
+        worst = profile.worst_pair(layer)
+        pair, persist, cos = "-", "-", "-"
+        if worst is not None:
+            i, j = worst
+            pair = pair_key(profile.tasks[i], profile.tasks[j])
+            persist, cos = f"{float(layer.persistence[i, j]):.2f}", f"{float(layer.mean_cosine[i, j]):+.2f}"
+        branch = "branch point" if layer.name == profile.branch_point else ""
+        body.append((layer.name, layer.num_params, layer.score, pair, persist, cos, branch))
     return _table(["layer", "parameters", "S-conflict score", "worst pair", "persistence", "mean cosine", ""], body)
 
 
@@ -228,16 +244,27 @@ def _signals(advice: Advice) -> str:
     rows = []
     for s in advice.signals:
         status = "na" if s.status == "n/a" else s.status
-        value = "-" if s.value is None else f"{s.value:.3g}"
+        value = _fmt(s.value, ".3g")
         rows.append(
             f'<tr><td class="text">{_e(s.name)}</td><td class="text"><span class="status {status}">{_e(s.status)}'
-            f"</span></td><td>{value}</td><td>{s.threshold:g}</td><td class=\"text\">{_e(s.evidence)}</td></tr>"
+            f"</span></td><td>{value}</td><td>{_fmt(s.threshold, '.3g')}</td><td class=\"text\">{_e(s.evidence)}"
+            "</td></tr>"
         )
     head = (
         '<tr><th class="text">signal</th><th class="text">status</th><th>value</th><th>split at</th>'
         '<th class="text">evidence</th></tr>'
     )
     return f"<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _evidence(advice: Advice) -> str:
+    """The signals' table, the verdict and the next step as code."""
+    return (
+        _signals(advice)
+        + f"<p><b>Verdict:</b> <code>{_e(advice.verdict)}</code>: {_e(advice.reason)}</p>"
+        + "<p>The next step, the comparison experiment that checks this advice:</p>"
+        + f"<pre><code>{_e(advice.next_step)}</code></pre>"
+    )
 
 
 def _comparison(result: ComparisonResult) -> str:
@@ -250,19 +277,20 @@ def _comparison(result: ComparisonResult) -> str:
 
 
 def _prepare(
-    run: Run, advice: Advice | None, summary: RunSummary | None
+    run: Run, advice: Advice | None, summary: RunSummary | None, aligned: Aligned | None
 ) -> tuple[Advice, RunSummary, dict[str, Any]]:
-    """The advice and the summary (each computed when not given) and the figures of a run."""
+    """The advice and the summary (each computed when not given) and the figures of a run, aligned once (a
+    History is read through its stacked records, without a report per step)."""
     try:
         from gradconflict.reporting.plots import run_figures
     except ImportError as err:
         raise ImportError(f'the HTML report needs matplotlib ({err}): pip install "gradconflict[plots]"') from err
-    reports = run.reports if isinstance(run, History) else list(run)
-    aligned = align(reports)
+    run = run if isinstance(run, History) else list(run)
+    aligned = aligned if aligned is not None else align(run)
     if not aligned.num_steps:
         raise ValueError("the run has no measured step: nothing to report (run some steps under a ConflictMonitor)")
     advice = advice if advice is not None else advise(aligned)
-    summary = summary if summary is not None else summarize_run(reports, profile=advice.profile)
+    summary = summary if summary is not None else summarize_run(run, profile=advice.profile, aligned=aligned)
     affinity = normalized(mean_transference(aligned))
     return advice, summary, run_figures(aligned, advice, affinity)
 
@@ -276,6 +304,7 @@ def render_html(
     source: str = "",
     png_dir: str | Path | None = None,
     summary: RunSummary | None = None,
+    aligned: Aligned | None = None,
 ) -> str:
     """The report of ``run`` (a :class:`~gradconflict.History` or any iterable of reports) as one HTML string.
 
@@ -288,10 +317,11 @@ def render_html(
         source: where the run came from (a file name), shown under the title.
         png_dir: also write each figure there as ``<name>.png``.
         summary: the run's :func:`~gradconflict.reporting.summary.summarize_run`, when the caller has it already.
+        aligned: the run's :func:`~gradconflict.diagnosis.align`, when the caller has it already.
     """
     from gradconflict.reporting.plots import figure_to_png
 
-    advice, summary, figures = _prepare(run, advice, summary)
+    advice, summary, figures = _prepare(run, advice, summary, aligned)
     pngs = {name: figure_to_png(fig) for name, fig in figures.items()}
     if png_dir is not None:
         folder = Path(png_dir)
@@ -314,10 +344,7 @@ def render_html(
         "<h2>Affinity and task groups</h2><div class=\"pair\">"
         + _figure(pngs["affinity"], "affinity", "affinity matrix")
         + _figure(pngs["mean_cosine"], "mean_cosine", "mean cosine matrix") + "</div>" + _groups_table(advice),
-        "<h2>Advice and evidence</h2>" + _signals(advice)
-        + f"<p><b>Verdict:</b> <code>{_e(advice.verdict)}</code>: {_e(advice.reason)}</p>"
-        + "<p>The next step, the comparison experiment that checks this advice:</p>"
-        + f"<pre><code>{_e(advice.next_step)}</code></pre>",
+        "<h2>Advice and evidence</h2>" + _evidence(advice),
     ]
     if comparison is not None:
         sections.append("<h2>Comparison experiment</h2>" + _comparison(comparison))
@@ -339,11 +366,13 @@ def write_html(
     source: str = "",
     png_dir: str | Path | None = None,
     summary: RunSummary | None = None,
+    aligned: Aligned | None = None,
 ) -> Path:
     """Write :func:`render_html`'s page to ``path`` (its folder is created); returns the path."""
     path = Path(path)
     page = render_html(
-        run, advice=advice, comparison=comparison, title=title, source=source, png_dir=png_dir, summary=summary
+        run, advice=advice, comparison=comparison, title=title, source=source, png_dir=png_dir, summary=summary,
+        aligned=aligned,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")

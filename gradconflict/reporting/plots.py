@@ -32,12 +32,14 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 
 from gradconflict.diagnosis.advice import Advice
 from gradconflict.diagnosis.aligned import Aligned, masked_mean
 from gradconflict.diagnosis.profile import Profile, worst_pair
 from gradconflict.diagnosis.trends import window_means
+from gradconflict.records.pairs import pair_key
 
 __all__ = [
     "affinity_matrix",
@@ -46,7 +48,7 @@ __all__ = [
     "figure_to_png",
     "figure_to_rgb",
     "layer_heatmap",
-    "layer_profile",
+    "layer_profile_figure",
     "norms_and_alignment",
     "pair_cosines",
     "run_figures",
@@ -71,7 +73,8 @@ def _say(ax: Axes, text: str) -> None:
     """A figure of one empty panel, made short, that says why it is empty."""
     ax.set_axis_off()
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=11, color="0.35", wrap=True)
-    ax.figure.set_size_inches(ax.figure.get_figwidth(), 0.8)
+    figure = ax.figure if isinstance(ax.figure, Figure) else ax.figure.figure  # the page, not a sub-figure
+    figure.set_size_inches(figure.get_figwidth(), 0.8)
 
 
 def _smooth(steps: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -137,7 +140,7 @@ def pair_cosines(run: Aligned) -> Figure:
         return fig
     for k, (i, j) in enumerate(pairs):
         both = run.together[:, i, j]
-        _series(ax, run.steps[both], run.cosine[both, i, j], f"{run.tasks[i]}/{run.tasks[j]}", _color(k))
+        _series(ax, run.steps[both], run.cosine[both, i, j], pair_key(run.tasks[i], run.tasks[j]), _color(k))
     _cosine_scale(ax, run.threshold)
     _labels(ax, "cosine", "Pairwise cosine of the task gradients (below the dashed line: conflict)", "training step")
     _legend(ax)
@@ -191,16 +194,10 @@ def norms_and_alignment(run: Aligned) -> Figure:
 
 def layer_worst_cosine(run: Aligned, order: Sequence[str]) -> np.ndarray:
     """``[L, S]``: on each layer of ``order`` and measured step, the lowest cosine over the pairs of tasks the
-    step carried on that layer (NaN where it carried none)."""
-    T = len(run.tasks)
-    upper = np.triu(np.ones((T, T), dtype=bool), 1)
-    worst = np.full((len(run.layers), run.num_steps), np.nan)
-    for layers, C, _ in run.layer_blocks():  # C: [S, l, T, T]
-        pairs = upper & ~np.isnan(C)
-        lowest = np.where(pairs, C, np.inf).min((2, 3))
-        worst[layers] = np.where(pairs.any((2, 3)), lowest, np.nan).T
+    step carried on that layer (:meth:`~gradconflict.diagnosis.aligned.Aligned.layer_worst_cosine`; NaN where it
+    carried none)."""
     index = {name: k for k, name in enumerate(run.layers)}
-    return worst[[index[name] for name in order]]
+    return run.layer_worst_cosine().T[[index[name] for name in order]]
 
 
 def _bin_steps(steps: np.ndarray, values: np.ndarray, columns: int) -> tuple[np.ndarray, np.ndarray]:
@@ -256,7 +253,7 @@ def layer_heatmap(run: Aligned, profile: Profile | None) -> Figure:
     return fig
 
 
-def layer_profile(profile: Profile | None) -> Figure:
+def layer_profile_figure(profile: Profile | None) -> Figure:
     """The layer conflict profile: per layer (bottom to top), the persistence of its worst pair (the share of
     steps on which that pair conflicts), the threshold from which a layer counts as conflicting, and the advised
     branch point (the layers from there up are drawn darker)."""
@@ -275,7 +272,7 @@ def layer_profile(profile: Profile | None) -> Figure:
         label = (
             "no pair measured"
             if np.isnan(worst[k])
-            else f"{profile.tasks[i]}/{profile.tasks[j]}  mean cos {layer.mean_cosine[i, j]:+.2f}"
+            else f"{pair_key(profile.tasks[i], profile.tasks[j])}  mean cos {layer.mean_cosine[i, j]:+.2f}"
         )
         if len(names) <= MAX_LABELS:
             ax.text(min(np.nan_to_num(worst[k]), 1.0) + 0.01, k, label, va="center", fontsize=8)
@@ -289,7 +286,7 @@ def layer_profile(profile: Profile | None) -> Figure:
     return fig
 
 
-def _matrix(ax: Axes, values: np.ndarray, tasks: Sequence[str], norm: TwoSlopeNorm, fmt: str) -> object:
+def _matrix(ax: Axes, values: np.ndarray, tasks: Sequence[str], norm: TwoSlopeNorm, fmt: str) -> AxesImage:
     cmap = colormaps["RdBu"].with_extremes(bad="0.85")
     image = ax.imshow(values, cmap=cmap, norm=norm)
     T = len(tasks)
@@ -360,7 +357,7 @@ def run_figures(run: Aligned, advice: Advice, affinity: np.ndarray) -> dict[str,
         "cancellation": cancellation_and_update(run),
         "norms": norms_and_alignment(run),
         "layers": layer_heatmap(run, advice.profile),
-        "profile": layer_profile(advice.profile),
+        "profile": layer_profile_figure(advice.profile),
         "mean_cosine": cosine_heatmap(mean_cosine(run), run.tasks, "Mean cosine over the run"),
         "affinity": affinity_matrix(affinity, run.tasks, advice.groups),
     }
@@ -385,3 +382,19 @@ def figure_to_rgb(fig: Figure) -> np.ndarray:
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def __getattr__(name: str) -> object:
+    # The figure was called layer_profile, the name of the diagnosis' gradconflict.diagnosis.layer_profile (the
+    # profile itself): kept for old code, with a warning.
+    if name == "layer_profile":
+        import warnings
+
+        warnings.warn(
+            "gradconflict.reporting.plots.layer_profile is now layer_profile_figure (gradconflict.diagnosis."
+            "layer_profile computes the profile it draws); the old name goes in a later release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return layer_profile_figure
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,8 +14,8 @@ that carried both tasks, each pair quantity over the steps that carried two task
 >>> run = [ConflictReport("ab", torch.tensor([[1.0, c], [c, 4.0]]), step=s) for s, c in enumerate([1.0, -1.0, -1.0])]
 >>> summary = summarize_run(run)
 >>> pair = summary.pairs[0]
->>> pair.name, pair.together, round(pair.mean_cosine, 4), round(pair.persistence, 4)
-('a/b', 3, -0.1667, 0.6667)
+>>> pair.name, pair.tasks, pair.together, round(pair.mean_cosine, 4), round(pair.persistence, 4)
+('a/b', ('a', 'b'), 3, -0.1667, 0.6667)
 >>> print(summary.text().splitlines()[0])
 3 steps (3 measured, 0 skipped), steps 0 to 2; tasks a, b; a pair conflicts when its cosine < 0
 """
@@ -34,6 +34,7 @@ from gradconflict.diagnosis.thresholds import Thresholds
 from gradconflict.diagnosis.trends import QuantitySummary, summarize
 from gradconflict.measure.report import ConflictReport
 from gradconflict.records.history import History
+from gradconflict.records.pairs import pair_key
 
 __all__ = ["PairSummary", "RunSummary", "TaskSummary", "summarize_run"]
 
@@ -50,11 +51,12 @@ class PairSummary:
     """One pair of tasks over the run (NaN where the two were never measured together).
 
     Attributes:
-        name: ``"a/b"``, the names sorted.
+        name: the pair's key (:func:`~gradconflict.records.pairs.pair_key`, ``"a/b"``).
         together: measured steps that carried both tasks.
         mean_cosine: mean cosine over those steps.
         persistence: share of those steps on which the pair conflicts (``cosine < S``).
         last_cosine: mean cosine over the last quarter of those steps.
+        tasks: the two task names, sorted.
     """
 
     name: str
@@ -62,6 +64,7 @@ class PairSummary:
     mean_cosine: float
     persistence: float
     last_cosine: float
+    tasks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,7 @@ class RunSummary:
         lines = [
             f"{self.steps} steps ({self.measured} measured, {skipped} skipped{': ' + why if why else ''}), "
             f"steps {self.first_step} to {self.last_step}; tasks {', '.join(self.tasks)}; a pair conflicts when "
-            f"its cosine < {self.threshold:g}",
+            f"its cosine < {self.threshold:.3g}",
             *self.coverage(),
             "",
             f"{'over the run':<20} {'mean':>8} {'first 1/4':>10} {'last 1/4':>9} {'trend/step':>11} {'p':>7}",
@@ -195,10 +198,6 @@ def _num(value: float, spec: str) -> str:
     return f"{'-':>{width}}" if not np.isfinite(value) else format(value, spec)
 
 
-def _reports(run: History | Iterable[ConflictReport]) -> list[ConflictReport]:
-    return run.reports if isinstance(run, History) else list(run)
-
-
 def _pairs(aligned: Aligned, threshold: float) -> list[PairSummary]:
     T = len(aligned.tasks)
     together = aligned.together
@@ -212,11 +211,12 @@ def _pairs(aligned: Aligned, threshold: float) -> list[PairSummary]:
             last = both[len(both) - max(1, len(both) // 4) :] if len(both) else both
             out.append(
                 PairSummary(
-                    name=f"{aligned.tasks[i]}/{aligned.tasks[j]}",
+                    name=pair_key(aligned.tasks[i], aligned.tasks[j]),
                     together=int(counts[i, j]),
                     mean_cosine=float(mean[i, j]),
                     persistence=float(conflicts[i, j] / counts[i, j]) if counts[i, j] else float("nan"),
                     last_cosine=float(aligned.cosine[last, i, j].mean()) if len(last) else float("nan"),
+                    tasks=(aligned.tasks[i], aligned.tasks[j]),
                 )
             )
     return out
@@ -234,21 +234,30 @@ def _tasks(aligned: Aligned) -> list[TaskSummary]:
     ]
 
 
-def summarize_run(run: History | Iterable[ConflictReport], *, profile: Profile | None = None) -> RunSummary:
+def summarize_run(
+    run: History | Iterable[ConflictReport], *, profile: Profile | None = None, aligned: Aligned | None = None
+) -> RunSummary:
     """The :class:`RunSummary` of a run. ``profile``: a layer profile already computed (e.g. ``advice.profile``,
     which knows the model's layer order); by default one is computed from the reports (layer names in natural
-    order), with the run's own conflict threshold. Raises ``ValueError`` when no step was measured."""
-    reports = _reports(run)
-    aligned = align(reports)
+    order), with the run's own conflict threshold. ``aligned``: the run's :func:`~gradconflict.diagnosis.align`,
+    when the caller has it already (a History is otherwise read through its stacked records, without a report per
+    step). Raises ``ValueError`` when no step was measured."""
+    if isinstance(run, History):
+        steps, skipped = len(run), Counter(reason for _, reason in run.skipped_steps())
+    else:
+        reports = list(run)
+        steps, skipped = len(reports), Counter(r.skip_reason for r in reports if r.skipped)
+        run = reports
+    aligned = aligned if aligned is not None else align(run)
     if not aligned.num_steps:
         raise ValueError("the run has no measured step: run some steps under a ConflictMonitor first")
     S = aligned.threshold
     if profile is None and aligned.layers:
         profile = layer_profile(aligned, thresholds=Thresholds(conflict_cosine=S))
     return RunSummary(
-        steps=len(reports),
+        steps=steps,
         measured=aligned.num_steps,
-        skipped=dict(Counter(r.skip_reason for r in reports if r.skipped)),
+        skipped=dict(skipped),
         first_step=int(aligned.steps[0]),
         last_step=int(aligned.steps[-1]),
         tasks=aligned.tasks,

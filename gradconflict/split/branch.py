@@ -24,14 +24,14 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from gradconflict.split.model import backbone_blocks, check_convention
 
-__all__ = ["BranchedNet", "SharedBlock", "branch"]
+__all__ = ["BranchedNet", "SharedBlock", "branch", "duplicated_share"]
 
 
 class _Fork:
@@ -180,6 +180,32 @@ def _resolve_at(at: int | str, paths: list[str]) -> int:
     raise TypeError(f"at must be a block index or a block path, got {type(at).__name__}")
 
 
+def duplicated_share(model: nn.Module, at: int | str, *, blocks: Sequence[str] | None = None) -> float:
+    """The share of the backbone's parameters that :func:`branch` ``(model, at=at, blocks=blocks)`` copies: what
+    each group beyond the first adds, as a share of the backbone (0: nothing copied; 1: the whole backbone).
+
+    It is what ``branch`` does, counted: every distinct backbone parameter outside the shared blocks below ``at``
+    (the blocks from ``at`` up, and any module no block names) is copied once per extra group, so a branched
+    model with ``g`` groups holds ``(g - 1) * share * backbone parameters`` more than ``model``. ``at`` is read as
+    ``branch`` reads it: a layer's path branches at its block, so the whole block counts.
+
+    >>> import torch.nn as nn
+    >>> from gradconflict.split import MultiTaskNet
+    >>> net = MultiTaskNet(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), {"a": nn.Linear(4, 1)})
+    >>> duplicated_share(net, at=1), duplicated_share(net, at="backbone.0.weight"), duplicated_share(net, at=2)
+    (0.5, 1.0, 0.0)
+    """
+    backbone, _ = check_convention(model)
+    paths = [p for p, _ in backbone_blocks(model, blocks)]
+    index = _resolve_at(at, paths)
+    shared = {id(p) for path in paths[:index] for p in model.get_submodule(path).parameters()}
+    params = {id(p): p.numel() for p in backbone.parameters()}  # distinct parameters: tied ones count once
+    total = sum(params.values())
+    if not total:
+        raise ValueError("the backbone has no parameters: there is nothing to share or copy")
+    return sum(n for key, n in params.items() if key not in shared) / total
+
+
 def branch(
     model: nn.Module,
     at: int | str,
@@ -218,9 +244,9 @@ def branch(
     """
     _, heads = check_convention(model)
     tasks = list(heads)
-    groups = [[t] for t in tasks] if groups is None else [list(g) for g in groups]
-    flat = [t for g in groups for t in g]
-    if any(len(g) == 0 for g in groups) or sorted(flat) != sorted(tasks):
+    task_groups = [[t] for t in tasks] if groups is None else [list(g) for g in groups]
+    flat = [t for g in task_groups for t in g]
+    if any(len(g) == 0 for g in task_groups) or sorted(flat) != sorted(tasks):
         raise ValueError(f"groups={groups} must split the tasks {tasks} into non-empty groups, each task once")
     paths = [p for p, _ in backbone_blocks(model, blocks)]
     index = _resolve_at(at, paths)
@@ -231,16 +257,17 @@ def branch(
     for shared in stem:
         _replace(template, shared.path, shared)
     # objects every group's copy holds as they are: the shared blocks (with their weights) and the heads
-    keep = [fork, *stem, template.heads]
-    keep_ids = {id(x): x for obj in keep[1:] for x in (*obj.modules(), *obj.parameters(), *obj.buffers())}
+    template_heads = cast(nn.ModuleDict, template.heads)
+    keep: list[nn.Module] = [*stem, template_heads]
+    keep_ids: dict[int, Any] = {id(x): x for obj in keep for x in (*obj.modules(), *obj.parameters(), *obj.buffers())}
     keep_ids[id(fork)] = fork
-    names = ["+".join(g) for g in groups]
+    names = ["+".join(g) for g in task_groups]
     copies = {name: template if i == 0 else copy.deepcopy(template, dict(keep_ids)) for i, name in enumerate(names)}
     for group_model in copies.values():
         for path in paths[index:]:
             group_model.get_submodule(path).register_forward_pre_hook(functools.partial(fork.entered, path))
     result = BranchedNet(
-        nn.ModuleList([s.block for s in stem]), copies, template.heads, dict(zip(names, groups)), paths, fork
+        nn.ModuleList([s.block for s in stem]), copies, template_heads, dict(zip(names, task_groups)), paths, fork
     )
     if example_input is not None:
         _check_same(model, result, example_input)

@@ -6,8 +6,8 @@ the same step budget and exactly the same batches in the same order:
 - ``shared``: one model, all tasks, the summed loss, for the whole budget.
 - ``independent``: one copy of the model per task, each trained on its own loss alone for the whole budget.
 - ``lora``: the shared model after ``split_fraction`` of the budget (default half), backbone frozen, then one
-  LoRA adapter per task on every Linear and Conv layer LoRA supports (and the heads) trained for the rest: the
-  logical split at equal total budget.
+  LoRA adapter per task on every weight LoRA adapts (``lora_split(..., targets="all")``) and the heads, trained
+  for the rest: the logical split at equal total budget.
 - ``branched``: the same shared model at the same point, branched at ``branch_at`` into ``groups``, then every
   copy trained for the rest: the physical split at equal total budget.
 - ``shared+<method>`` (one per entry of ``weightings=``): the shared model for the whole budget, each step's
@@ -24,10 +24,9 @@ variants different orders.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +37,7 @@ from gradconflict.monitor import ConflictMonitor
 from gradconflict.records.comparison import ComparisonResult, VariantRecord
 from gradconflict.records.measures import Direction, check_direction
 from gradconflict.split.branch import branch
-from gradconflict.split.costs import latency_ms, saved_activation_bytes, state_bytes, synchronize
+from gradconflict.split.costs import Timing, interleaved_ms, saved_activation_bytes, state_bytes
 from gradconflict.split.lora import lora_split
 from gradconflict.split.model import check_convention, count_parameters
 from gradconflict.weighting import Weighting, WeightingSpec, make_weighting
@@ -67,12 +66,20 @@ class _Member:
 
 @dataclass
 class _Run:
-    """A variant's trajectory so far: per-step losses, evaluations, step times and the memory of one step."""
+    """A variant's trajectory so far: per-step losses, evaluations and the memory of one step."""
 
     losses: dict[str, list[float]]
-    evals: list[tuple[int, dict[str, float]]]
-    step_seconds: list[float]
+    evals: list[tuple[int, dict[str, dict[str, float]]]]
     memory_bytes: int = 0
+
+
+@dataclass
+class _Trained:
+    """A variant at the end of its training: its members, its run and the step its own training began."""
+
+    members: list[_Member]
+    run: _Run
+    start: int
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -153,37 +160,33 @@ class _Experiment:
         bar = _progress_bar(self.progress, stop - start, name)
         for step in range(start, stop):
             x, targets = self.batches[step]
-            seconds = 0.0
             for member in members:
                 measure = measure_memory and step == start
                 if measure and self.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(self.device)
                 with saved_activation_bytes(member.model) if measure else nullcontext() as saved:
-                    seconds += self._step(member, x, targets, run)
+                    losses = self.step(member, x, targets)
                 if measure:
+                    assert saved is not None  # measure_memory: saved_activation_bytes ran
                     self._add_memory(run, member, saved.bytes)
-            run.step_seconds.append(seconds)
+                for task, loss in zip(member.tasks, losses):
+                    run.losses[task].append(float(loss.detach()))
             if step + 1 in self.eval_steps:
                 run.evals.append((step + 1, self.evaluate(members)))
             bar.update(1)
         bar.close()
 
-    def _step(self, member: _Member, x: Any, targets: Mapping[str, Any], run: _Run) -> float:
-        synchronize(self.device)
-        start = time.perf_counter()
+    def step(self, member: _Member, x: Any, targets: Mapping[str, Any]) -> list[Tensor]:
+        """One training step of ``member`` on one batch; its tasks' losses."""
         out = member.model(x)
         losses = [self.loss_fns[t](out[t], targets[t]) for t in member.tasks]
         member.optimizer.zero_grad(set_to_none=True)
         if member.monitor is None:
-            sum(losses).backward()
+            torch.stack(losses).sum().backward()
         else:
             member.monitor.backward(dict(zip(member.tasks, losses)), weighting=member.weighting)
         member.optimizer.step()
-        synchronize(self.device)
-        seconds = time.perf_counter() - start
-        for task, loss in zip(member.tasks, losses):
-            run.losses[task].append(float(loss.detach()))
-        return seconds
+        return losses
 
     def _add_memory(self, run: _Run, member: _Member, activations: int) -> None:
         if self.device.type == "cuda":
@@ -210,21 +213,54 @@ class _Experiment:
             member.model.train(was_training)
         return {t: {k: v / seen[t] for k, v in totals[t].items()} for t in self.tasks}
 
-    def record(self, name: str, members: list[_Member], run: _Run, start: int) -> VariantRecord:
-        """Close a variant's run: its costs, measured on the trained members."""
-        own = run.step_seconds[start:]
-        timed = own[1:] or own  # the first step of a phase also measured memory and warmed up
-        x = self.eval_batches[0][0]
+    def costs(self, trained: Mapping[str, _Trained], repeats: int) -> dict[str, tuple[Timing, Timing]]:
+        """Each variant's training step and inference call (all its members, all tasks), timed round-robin over
+        the variants after every variant has trained: ``{variant: (step timing, inference timing)}``.
+
+        The timed steps train the members further; their records are closed by then."""
+        x, targets = self.batches[-1]
+        probe = self.eval_batches[0][0]
+
+        def train_step(members: list[_Member]) -> None:
+            for member in members:
+                self.step(member, x, targets)
+
+        def infer(members: list[_Member]) -> None:
+            with torch.no_grad():
+                for member in members:
+                    member.model(probe)
+
+        steps = interleaved_ms(
+            {name: functools.partial(train_step, t.members) for name, t in trained.items()}, repeats, self.device
+        )
+        modes = [(m, m.training) for t in trained.values() for member in t.members for m in member.model.modules()]
+        for t in trained.values():
+            for member in t.members:
+                member.model.eval()
+        try:
+            calls = interleaved_ms(
+                {name: functools.partial(infer, t.members) for name, t in trained.items()}, repeats, self.device
+            )
+        finally:
+            for module, training in modes:
+                module.training = training
+        return {name: (steps[name], calls[name]) for name in trained}
+
+    def record(self, name: str, trained: _Trained, step: Timing, call: Timing) -> VariantRecord:
+        """Close a variant's run: its losses, evaluations and costs."""
+        members, run = trained.members, trained.run
         return VariantRecord(
             name=name,
             losses=run.losses,
             evals=run.evals,
             directions={t: {k: d for k, (_, d) in self.metrics[t].items()} for t in self.tasks},
             params=sum(count_parameters(m.model, m.tasks) for m in members),
-            step_ms=1e3 * statistics.median(timed),  # a busy machine adds spikes to steps, not to the median
-            latency_ms=sum(latency_ms(m.model, x) for m in members),
+            step_ms=step.wall,
+            latency_ms=call.wall,
             memory_mb=run.memory_bytes / 2**20,
-            start=start,
+            start=trained.start,
+            step_cpu_ms=step.cpu,
+            latency_cpu_ms=call.cpu,
         )
 
 
@@ -243,7 +279,7 @@ def _progress_bar(enabled: bool, total: int, name: str) -> Any:
             from tqdm.auto import tqdm
         except ImportError:
             return _NoBar()
-        return tqdm(total=total, desc=f"compare: {name}", leave=False)
+        return tqdm(total=total, desc=f"compare: {name}", leave=False, disable=None)  # None: only on a terminal
     return _NoBar()
 
 
@@ -289,6 +325,7 @@ def compare(
     evals: int = 5,
     blocks: Sequence[str] | None = None,
     weightings: Sequence[WeightingSpec] = (),
+    cost_repeats: int = 9,
 ) -> ComparisonResult:
     """Run the comparison experiment (see the module docstring for what each variant is) and tabulate it.
 
@@ -307,9 +344,10 @@ def compare(
             :func:`~gradconflict.split.branch`); without it that variant is skipped, with a note.
         groups: task groups for the branched variant; default one branch per task.
         seed: seeds model construction, adapters and training; two runs with the same seed give the same losses
-            and metrics (costs are wall-clock measurements and vary).
+            and metrics (costs are measurements and vary). When the seed does not change the model's initial
+            weights (a model passed as is, a factory that seeds itself), a note says so.
         variants: which of ``"shared"``, ``"independent"``, ``"lora"``, ``"branched"`` to run.
-        progress: show tqdm progress bars (if tqdm is installed).
+        progress: show tqdm progress bars (if tqdm is installed), on a terminal only.
         split_fraction: share of the budget trained shared before lora and branched split, in [0, 1).
         lora_rank: the adapters' rank.
         evals: number of evaluations over the run (the best and final metrics are read from them).
@@ -317,6 +355,9 @@ def compare(
         weightings: conflict-aware updates to try on the shared model, each a variant ``shared+<name>``: method
             names (``"upgrad"``, ``"pcgrad"``, ...) or weightings (see :mod:`gradconflict.weighting`). Each step of
             such a variant is a measured step, so its step time includes the measurement.
+        cost_repeats: training steps and inference calls timed per variant, once every variant has trained,
+            round-robin over the variants (see :func:`~gradconflict.split.costs.interleaved_ms`); the records hold
+            the medians, wall-clock and CPU time.
 
     >>> import torch, torch.nn as nn
     >>> from gradconflict.split import MultiTaskNet
@@ -333,8 +374,11 @@ def compare(
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         raise ValueError(f"variants must be a non-empty subset of {VARIANTS}, got {list(variants)}")
-    if steps < 1 or evals < 1:
-        raise ValueError(f"steps and evals must be positive, got steps={steps}, evals={evals}")
+    if steps < 1 or evals < 1 or cost_repeats < 1:
+        raise ValueError(
+            f"steps, evals and cost_repeats must be positive, got steps={steps}, evals={evals}, "
+            f"cost_repeats={cost_repeats}"
+        )
     if not 0.0 <= split_fraction < 1.0:
         raise ValueError(f"split_fraction must be in [0, 1), got {split_fraction}")
     tasks = list(loss_fns)
@@ -344,8 +388,8 @@ def compare(
     if len(methods) != len(weightings):
         raise ValueError(f"weightings names a method twice: {[str(w) for w in weightings]}")
 
-    def make() -> nn.Module:
-        torch.manual_seed(seed)  # same initialisation for every variant
+    def make(model_seed: int = seed) -> nn.Module:
+        torch.manual_seed(model_seed)  # same initialisation for every variant
         model = copy.deepcopy(model_factory) if isinstance(model_factory, nn.Module) else model_factory()
         _, heads = check_convention(model)
         missing = [t for t in tasks if t not in heads]
@@ -371,57 +415,73 @@ def compare(
         progress,
     )
     split_step = int(steps * split_fraction)
-    records: dict[str, VariantRecord] = {}
+    trained: dict[str, _Trained] = {}
     notes: list[str] = []
+    if not _seed_reaches_model(make, seed, probe):
+        notes.append(
+            f"seed={seed} does not reach the model's initialisation (a model passed as is, or a factory that seeds "
+            "itself): runs over several seeds then differ only in what else the seed draws, and with fixed batches "
+            "may be identical; split_gains flags identical runs"
+        )
     want_split = [v for v in ("lora", "branched") if v in variants]
     if "branched" in want_split and branch_at is None:
         want_split.remove("branched")
         notes.append("branched skipped: pass branch_at= (and groups=), e.g. from the diagnosis' advice")
 
     def fresh_run() -> _Run:
-        return _Run({t: [] for t in tasks}, [], [])
+        return _Run({t: [] for t in tasks}, [])
 
-    checkpoint: tuple[nn.Module, _Run] | None = None
-    if "shared" in variants or want_split:
-        run, members = fresh_run(), [exp.member(probe, tasks)]
-        torch.manual_seed(seed)
-        exp.train("shared", members, run, 0, split_step)
-        checkpoint = (copy.deepcopy(probe), copy.deepcopy(run))
-        if "shared" in variants:
-            exp.train("shared", members, run, split_step, steps, measure_memory=split_step == 0)
-            records["shared"] = exp.record("shared", members, run, 0)
-    if "independent" in variants:
-        run = fresh_run()
-        members = [exp.member(make(), [t]) for t in tasks]
-        torch.manual_seed(seed)
-        exp.train("independent", members, run, 0, steps)
-        records["independent"] = exp.record("independent", members, run, 0)
-    for name, method in methods.items():
-        run, model = fresh_run(), make()
-        member = exp.member(model, tasks)
-        member.monitor, member.weighting = ConflictMonitor(model, shared=model.backbone), method
-        torch.manual_seed(seed)
-        try:
+    with ExitStack() as monitors:  # the weightings' monitors stay open until their costs are timed
+        checkpoint: tuple[nn.Module, _Run] | None = None
+        if "shared" in variants or want_split:
+            run, members = fresh_run(), [exp.member(probe, tasks)]
+            torch.manual_seed(seed)
+            exp.train("shared", members, run, 0, split_step)
+            checkpoint = (copy.deepcopy(probe), copy.deepcopy(run))
+            if "shared" in variants:
+                exp.train("shared", members, run, split_step, steps, measure_memory=split_step == 0)
+                trained["shared"] = _Trained(members, run, 0)
+        if "independent" in variants:
+            run = fresh_run()
+            members = [exp.member(make(), [t]) for t in tasks]
+            torch.manual_seed(seed)
+            exp.train("independent", members, run, 0, steps)
+            trained["independent"] = _Trained(members, run, 0)
+        for name, method in methods.items():
+            run, model = fresh_run(), make()
+            member = exp.member(model, tasks)
+            member.monitor = monitors.enter_context(ConflictMonitor(model, shared=model.backbone))
+            member.weighting = method
+            torch.manual_seed(seed)
             exp.train(name, [member], run, 0, steps)
-        finally:
-            member.monitor.close()
-        records[name] = exp.record(name, [member], run, 0)
-    for name in want_split:
-        assert checkpoint is not None
-        model, run = copy.deepcopy(checkpoint[0]), copy.deepcopy(checkpoint[1])
-        run.memory_bytes = 0
-        torch.manual_seed(seed)
-        if name == "lora":
-            split: nn.Module = lora_split(model, tasks, rank=lora_rank, targets="all")
-        else:
-            split = branch(model, branch_at, groups, blocks=blocks)
-        members = [exp.member(split, tasks)]
-        exp.train(name, members, run, split_step, steps)
-        records[name] = exp.record(name, members, run, split_step)
+            trained[name] = _Trained([member], run, 0)
+        for name in want_split:
+            assert checkpoint is not None
+            model, run = copy.deepcopy(checkpoint[0]), copy.deepcopy(checkpoint[1])
+            run.memory_bytes = 0
+            torch.manual_seed(seed)
+            if name == "lora":
+                split: nn.Module = lora_split(model, tasks, rank=lora_rank, targets="all")
+            else:
+                assert branch_at is not None  # a branched variant without it was skipped above
+                split = branch(model, branch_at, groups, blocks=blocks)
+            members = [exp.member(split, tasks)]
+            exp.train(name, members, run, split_step, steps)
+            trained[name] = _Trained(members, run, split_step)
+        costs = exp.costs(trained, cost_repeats)
     order = [v for v in variants if v == "shared"] + list(methods) + [v for v in variants if v != "shared"]
-    ordered = {v: records[v] for v in order if v in records}
+    ordered = {v: exp.record(v, trained[v], *costs[v]) for v in order if v in trained}
     return ComparisonResult(
         ordered, tasks, steps=steps, split_step=split_step, notes=notes,
         branch_at=branch_at if "branched" in ordered else None,
         groups=[list(g) for g in (groups or [[t] for t in tasks])] if "branched" in ordered else None,
+        seed=seed,
     )
+
+
+def _seed_reaches_model(make: Callable[[int], nn.Module], seed: int, probe: nn.Module) -> bool:
+    """Whether the model built under another seed starts from other weights than ``probe``, built under ``seed``
+    (``make(s)`` seeds with ``s``, then builds)."""
+    other = make(seed + 1)
+    mine, theirs = probe.state_dict(), other.state_dict()
+    return any(not torch.equal(v, theirs[k]) for k, v in mine.items() if v.is_floating_point())

@@ -1,7 +1,11 @@
-"""Running costs of a model: parameter bytes, training-step memory, and inference latency per batch.
+"""Running costs of a model: parameter bytes, training-step memory, and timings.
 
 On CUDA the memory is the allocator's peak; on CPU, where PyTorch keeps no such count, it is an estimate:
 parameters, gradients, optimizer state and the activations autograd saves for the backward pass.
+
+Timings are taken round-robin over the things compared (:func:`interleaved_ms`), as medians, with the process's
+CPU time beside the wall time: a machine whose load changes during the measurement then slows every variant
+alike, and the CPU time hardly moves with the load at all.
 
 >>> import torch, torch.nn as nn
 >>> model = nn.Linear(4, 2)
@@ -9,21 +13,23 @@ parameters, gradients, optimizer state and the activations autograd saves for th
 ...     model(torch.randn(8, 4)).sum().backward()
 >>> saved.bytes                           # the input, saved to compute the weight's gradient
 128
->>> latency_ms(model, torch.randn(8, 4), repeats=2) > 0
+>>> timings = interleaved_ms({"small": lambda: model(torch.randn(8, 4))}, repeats=3)
+>>> timings["small"].wall > 0 and timings["small"].cpu >= 0
 True
 """
 
 from __future__ import annotations
 
+import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SavedBytes", "latency_ms", "saved_activation_bytes", "state_bytes", "synchronize"]
+__all__ = ["SavedBytes", "Timing", "interleaved_ms", "saved_activation_bytes", "state_bytes", "synchronize"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -86,30 +92,49 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def latency_ms(model: nn.Module, x: Any, repeats: int = 10) -> float:
-    """Fastest wall-clock milliseconds of one inference call ``model(x)``: eval mode, no grad, after a warm-up.
+class Timing(NamedTuple):
+    """Median milliseconds of one call: wall-clock time, and the process's CPU time (all its threads)."""
 
-    The fastest of ``repeats`` calls, because a busy machine only ever adds time: the minimum is the estimate
-    least disturbed by other processes.
+    wall: float
+    cpu: float
 
-    The model is put back in the mode it was in.
 
-    >>> latency_ms(nn.Identity(), torch.zeros(1)) >= 0
-    True
+def interleaved_ms(
+    calls: Mapping[str, Callable[[], Any]], repeats: int = 9, device: torch.device | None = None
+) -> dict[str, Timing]:
+    """Time each call ``repeats`` times, round-robin (one call of each in turn, then again), after one warm-up
+    round: the median wall-clock and CPU milliseconds of each.
+
+    Round-robin, because a change in the machine's load then falls on every call alike instead of on whichever
+    ran at that moment; the median, because a busy machine adds spikes; CPU time (``time.process_time``), because
+    it counts the work done rather than the time waited for a core. On the CPU the calls run on one thread (the
+    thread count is restored after): the cost of the work itself, which a shared machine's load cannot
+    multiply through the thread pool. On CUDA the device is synchronised around each call.
+
+    >>> t = interleaved_ms({"a": lambda: sum(range(1000)), "b": lambda: None}, repeats=3)
+    >>> sorted(t), t["a"].wall >= 0
+    (['a', 'b'], True)
     """
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
-    times = []
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    device = device or torch.device("cpu")
+    walls: dict[str, list[float]] = {name: [] for name in calls}
+    cpus: dict[str, list[float]] = {name: [] for name in calls}
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # one thread: idle pool threads spin for a core between calls, which on a loaded machine inflated both
+        # clocks of whichever call came next, several times over; one thread times the work alone
+        torch.set_num_threads(1)
     try:
-        with torch.no_grad():
-            model(x)
-            for _ in range(repeats):
+        for round_ in range(repeats + 1):
+            for name, call in calls.items():
                 synchronize(device)
-                start = time.perf_counter()
-                model(x)
+                wall, cpu = time.perf_counter(), time.process_time()
+                call()
                 synchronize(device)
-                times.append((time.perf_counter() - start) * 1e3)
+                if round_:  # round 0 warms up
+                    walls[name].append((time.perf_counter() - wall) * 1e3)
+                    cpus[name].append((time.process_time() - cpu) * 1e3)
     finally:
-        model.train(was_training)
-    return min(times)
+        torch.set_num_threads(threads)
+    return {name: Timing(statistics.median(walls[name]), statistics.median(cpus[name])) for name in calls}

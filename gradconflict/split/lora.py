@@ -1,9 +1,16 @@
 """Step 2, the logical split: freeze the shared backbone and give each task its own low-rank adapter (LoRA).
 
-An adapted layer computes ``base(x) + (alpha / rank) * B_t A_t x`` for the active task ``t`` (for a
-convolution, ``A_t`` is a convolution with the base's kernel and ``B_t`` a 1 x 1 one). ``B_t`` starts at zero,
-so a fresh split computes exactly what the model computed. The layers adapted are ``nn.Linear``, Hugging Face's
-``Conv1D`` (GPT-2's linear layer, its weight stored transposed) and plain convolutions.
+Each adapted weight ``W`` (a matrix, or a convolution kernel read as the matrix ``out x (in * kernel)``) becomes
+``W + (alpha / rank) * B_t A_t`` for the active task ``t``. The sum is the layer's weight itself, through
+:func:`torch.nn.utils.parametrize.register_parametrization`: the layer keeps its own forward and ``.weight`` stays
+a tensor, so code that reads a layer's weight directly still works (``nn.MultiheadAttention`` reads its
+projections' weights, and ``nn.TransformerEncoderLayer`` its attention's, in its fast-path check and in
+``F.multi_head_attention_forward``). ``B_t`` starts at zero, so a fresh split computes exactly what the model
+computed.
+
+The weights LoRA adapts here: ``nn.Linear`` (subclasses included, such as the attention's ``out_proj``), Hugging
+Face's ``Conv1D`` (GPT-2's linear layer, its weight stored transposed), ``nn.MultiheadAttention``'s input
+projections, convolutions (any groups and padding mode) and ``nn.Embedding``.
 
 >>> import torch, torch.nn as nn
 >>> from gradconflict.split import MultiTaskNet
@@ -11,7 +18,7 @@ so a fresh split computes exactly what the model computed. The layers adapted ar
 >>> net = MultiTaskNet(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), {"a": nn.Linear(8, 1), "b": nn.Linear(8, 1)})
 >>> split = lora_split(net, rank=2)
 >>> split.layer_names
-['model.backbone.0']
+['model.backbone.0.weight']
 >>> out = split(torch.randn(3, 4))          # every task through its own adapter
 >>> sorted(out), split.count_frozen()  # the backbone is frozen
 (['a', 'b'], 40)
@@ -28,14 +35,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from gradconflict.split.model import check_convention
 
 __all__ = ["LoRALayer", "LoRASplit", "adaptable", "lora_split"]
-
-_CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 
 def _transposed_linear(module: nn.Module) -> bool:
@@ -44,100 +49,128 @@ def _transposed_linear(module: nn.Module) -> bool:
     return utils is not None and type(module) is getattr(utils, "Conv1D", None)
 
 
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _transposed_linear(module)
+
+
+def _own_weights(module: nn.Module) -> list[tuple[str, str]]:
+    """``(path under module, tensor name)`` of the weights LoRA adapts in ``module`` itself; for an
+    ``nn.MultiheadAttention`` its input projections and its ``out_proj``."""
+    if isinstance(module, nn.MultiheadAttention):
+        separate = ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        inputs = ["in_proj_weight"] if module._qkv_same_embed_dim else separate
+        return [("", name) for name in inputs] + [("out_proj", "weight")]
+    if _is_linear(module) or isinstance(module, (nn.modules.conv._ConvNd, nn.Embedding)):
+        return [("", "weight")]
+    return []
+
+
+def adaptable(module: nn.Module) -> bool:
+    """Whether :func:`lora_split` can adapt ``module``: an ``nn.Linear`` (or subclass), Hugging Face's ``Conv1D``,
+    an ``nn.MultiheadAttention``, a convolution or an ``nn.Embedding``.
+
+    >>> import torch.nn as nn
+    >>> adaptable(nn.Linear(2, 2)), adaptable(nn.Conv2d(4, 4, 3, groups=2)), adaptable(nn.ReLU())
+    (True, True, False)
+    """
+    return bool(_own_weights(module))
+
+
 class LoRALayer(nn.Module):
-    """A frozen ``nn.Linear``, Hugging Face ``Conv1D`` or ``nn.ConvNd`` plus one low-rank adapter per task; the
-    active task's is applied.
+    """The adapters of one frozen weight, one low-rank pair per task: a parametrization that returns the weight
+    plus the active task's update (:func:`torch.nn.utils.parametrize.register_parametrization`).
 
     Args:
-        base: the layer to adapt (its parameters are frozen).
+        weight: the weight to adapt (its shape, dtype and device size the adapters).
         tasks: one adapter per task name.
         rank: the adapters' rank ``r``.
         alpha: scale numerator; the update is scaled by ``alpha / r``.
+        transposed: the weight is stored ``in x out`` (Hugging Face's ``Conv1D``).
 
     Attributes:
-        active: the task whose adapter is applied (``None``: the base layer alone).
-        merged: the task whose adapter is currently added into ``base.weight`` (see :meth:`merge`).
+        down: task -> ``A_t``, ``r x in`` (``in``: the weight's entries per output, a kernel's included).
+        up: task -> ``B_t``, ``out x r``, zero at the start.
+        active: the task whose adapter is applied (``None``: the base weight alone).
+        merged: the task whose adapter is currently added into the base weight (see :meth:`merge`).
 
     >>> import torch, torch.nn as nn
-    >>> layer = LoRALayer(nn.Linear(3, 2), ["a"], rank=1, alpha=1.0)
+    >>> layer = LoRALayer(torch.zeros(2, 3), ["a"], rank=1, alpha=1.0)
     >>> tuple(layer.down["a"].shape), tuple(layer.up["a"].shape)
     ((1, 3), (2, 1))
     """
 
-    def __init__(self, base: nn.Module, tasks: Sequence[str], rank: int, alpha: float) -> None:
+    def __init__(
+        self, weight: Tensor, tasks: Sequence[str], rank: int, alpha: float, transposed: bool = False
+    ) -> None:
         super().__init__()
-        if not adaptable(base):
-            raise TypeError(
-                "LoRA here adapts a plain nn.Linear, Hugging Face's Conv1D, or an nn.Conv1d/2d/3d with groups=1 and "
-                f"zero padding, not {base}; leave that layer out with targets="
-            )
         if rank < 1:
             raise ValueError(f"rank must be at least 1, got {rank}")
-        self.base = base
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            raise ValueError("the backbone has a lazy layer whose weight is not yet made: run the model once first")
         self.scale = alpha / rank
+        self.shape = tuple(weight.shape)
+        self.transposed = transposed
         self.active: str | None = None
         self.merged: str | None = None
         self._original: Tensor | None = None
-        for p in base.parameters():
-            p.requires_grad_(False)
-        weight = base.weight
-        kernel = tuple(weight.shape[2:])  # () for Linear and Conv1D
-        out_features, in_features = weight.shape[1::-1] if _transposed_linear(base) else weight.shape[:2]
+        self._owner: tuple[nn.Module, str] | None = None  # the parametrized module and tensor, set by lora_split
+        matrix = weight.detach().T if transposed else weight.detach().flatten(1)
+        out_features, in_features = matrix.shape
         self.down = nn.ParameterDict()
         self.up = nn.ParameterDict()
         for task in tasks:
-            down = torch.empty(rank, in_features, *kernel, dtype=weight.dtype, device=weight.device)
-            nn.init.kaiming_uniform_(down, a=math.sqrt(5))  # the usual default init of a layer's weight
+            down = torch.empty(rank, in_features, dtype=weight.dtype, device=weight.device)
+            # the usual default init of a layer's weight, with the fan-in of the weight adapted
+            nn.init.kaiming_uniform_(down, a=math.sqrt(5))
             self.down[task] = nn.Parameter(down)
-            up = torch.zeros(out_features, rank, *(1,) * len(kernel), dtype=weight.dtype, device=weight.device)
+            up = torch.zeros(out_features, rank, dtype=weight.dtype, device=weight.device)
             self.up[task] = nn.Parameter(up)  # zero: the adapter starts as a no-op
 
     def delta_weight(self, task: str) -> Tensor:
-        """The change ``(alpha / r) B_t A_t`` that ``task``'s adapter makes to ``base.weight`` (same shape).
+        """The change ``(alpha / r) B_t A_t`` that ``task``'s adapter makes to the weight (same shape).
 
-        >>> import torch.nn as nn
-        >>> LoRALayer(nn.Conv2d(3, 4, 3), ["a"], rank=2, alpha=2.0).delta_weight("a").abs().sum().item()
+        >>> import torch
+        >>> LoRALayer(torch.zeros(4, 3, 3, 3), ["a"], rank=2, alpha=2.0).delta_weight("a").abs().sum().item()
         0.0
         """
-        up, down = self.up[task], self.down[task]
-        delta = self.scale * up.flatten(1) @ down.flatten(1)
-        return delta.T if _transposed_linear(self.base) else delta.reshape(self.base.weight.shape)
+        delta = self.scale * (self.up[task] @ self.down[task])
+        return delta.T if self.transposed else delta.reshape(self.shape)
 
-    def _adapter(self, x: Tensor, task: str) -> Tensor:
-        if isinstance(self.base, nn.Linear) or _transposed_linear(self.base):
-            return F.linear(F.linear(x, self.down[task]), self.up[task])
-        conv = _CONV[type(self.base)]
-        base = self.base
-        hidden = conv(x, self.down[task], None, base.stride, base.padding, base.dilation)
-        return conv(hidden, self.up[task])
-
-    def forward(self, x: Tensor) -> Tensor:
-        """The base layer's output plus the active task's low-rank update (none when no task is active)."""
-        y = self.base(x)
+    def forward(self, weight: Tensor) -> Tensor:
+        """The weight the layer computes with: the base plus the active task's update (none when no task is
+        active, or when that task is merged in)."""
         task = self.active
         if task is None or task == self.merged:
-            return y  # a merged adapter is already inside base.weight
+            return weight  # a merged adapter is already inside the base weight
         if self.merged is not None:
             raise RuntimeError(
                 f"task {self.merged!r} is merged into the base weights; call unmerge() before routing to {task!r}"
             )
-        return y + self.scale * self._adapter(x, task)
+        return weight + self.delta_weight(task)
+
+    def _base(self) -> Tensor:
+        if self._owner is None:
+            raise RuntimeError("this LoRALayer adapts no module: lora_split() attaches it")
+        module, name = self._owner
+        base = module.get_parameter(f"parametrizations.{name}.original")  # the frozen weight under the adapters
+        return base
 
     def merge(self, task: str) -> None:
-        """Add ``task``'s adapter into ``base.weight`` (the original weight is kept, for an exact unmerge)."""
+        """Add ``task``'s adapter into the base weight (the original is kept, for an exact unmerge)."""
         if self.merged == task:
             return
         self.unmerge()
-        self._original = self.base.weight.detach().clone()
+        base = self._base()
+        self._original = base.detach().clone()
         with torch.no_grad():
-            self.base.weight.add_(self.delta_weight(task))
+            base.add_(self.delta_weight(task))
         self.merged = task
 
     def unmerge(self) -> None:
         """Restore the base weight, bit for bit, as it was before :meth:`merge`."""
         if self._original is not None:
             with torch.no_grad():
-                self.base.weight.copy_(self._original)
+                self._base().copy_(self._original)
         self._original, self.merged = None, None
 
 
@@ -151,7 +184,7 @@ class LoRASplit(nn.Module):
     Attributes:
         model: the adapted model (changed in place by :func:`lora_split`).
         tasks: the task names, one adapter each.
-        layer_names: paths (in this module) of the adapted layers.
+        layer_names: paths (in this module) of the adapted weights, such as ``model.backbone.0.weight``.
 
     >>> import torch, torch.nn as nn
     >>> from gradconflict.split import MultiTaskNet
@@ -160,11 +193,12 @@ class LoRASplit(nn.Module):
     torch.Size([2, 1])
     """
 
-    def __init__(self, model: nn.Module, tasks: Sequence[str], layer_names: Sequence[str]) -> None:
+    def __init__(self, model: nn.Module, tasks: Sequence[str], layers: Mapping[str, LoRALayer]) -> None:
         super().__init__()
         self.model = model
         self.tasks = list(tasks)
-        self.layer_names = [f"model.{n}" for n in layer_names]
+        self.layer_names = [f"model.{n}" for n in layers]
+        self._layers = list(layers.values())  # held as a list: they are registered under the model already
         self.train(model.training)
 
     def train(self, mode: bool = True) -> LoRASplit:
@@ -174,15 +208,15 @@ class LoRASplit(nn.Module):
         statistics, they would change the function every other task sees.
         """
         super().train(mode)
-        for module in self.model.backbone.modules():
+        for module in self.model.get_submodule("backbone").modules():
             if isinstance(module, nn.modules.batchnorm._NormBase):
                 module.eval()
         return self
 
     @property
     def layers(self) -> dict[str, LoRALayer]:
-        """Path -> adapted layer."""
-        return {n: self.get_submodule(n) for n in self.layer_names}
+        """Path of the adapted weight -> its adapters."""
+        return dict(zip(self.layer_names, self._layers))
 
     def _check_task(self, task: str) -> None:
         if task not in self.tasks:
@@ -196,7 +230,7 @@ class LoRASplit(nn.Module):
         >>> from gradconflict.split import MultiTaskNet
         >>> split = lora_split(MultiTaskNet(nn.Linear(2, 2), {"a": nn.Identity()}), targets=["backbone"])
         >>> with split.task("a"):
-        ...     split.layers["model.backbone"].active
+        ...     split.layers["model.backbone.weight"].active
         'a'
         """
         if task is not None:
@@ -235,7 +269,7 @@ class LoRASplit(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def count_frozen(self) -> int:
-        """Number of frozen parameter entries (the shared backbone's adapted layers, and anything frozen before)."""
+        """Number of frozen parameter entries (the shared backbone, and anything frozen before)."""
         return sum(p.numel() for p in self.parameters() if not p.requires_grad)
 
     def adapter_state_dict(self, task: str) -> dict[str, Tensor]:
@@ -275,36 +309,31 @@ class LoRASplit(nn.Module):
             layer.unmerge()
 
 
-def adaptable(module: nn.Module) -> bool:
-    """Whether :class:`LoRALayer` can adapt ``module``: a plain ``nn.Linear``, Hugging Face's ``Conv1D``, or an
-    ``nn.ConvNd`` with ``groups=1`` and zero padding.
-
-    Subclasses are left out on purpose: ``MultiheadAttention``'s ``out_proj`` (a ``Linear`` subclass) has its
-    weight read directly by its parent, so wrapping it would break the parent.
-
-    >>> import torch.nn as nn
-    >>> adaptable(nn.Linear(2, 2)), adaptable(nn.Conv2d(4, 4, 3, groups=2)), adaptable(nn.ReLU())
-    (True, False, False)
-    """
-    if type(module) is nn.Linear or _transposed_linear(module):
-        return True
-    return type(module) in _CONV and module.groups == 1 and module.padding_mode == "zeros"
-
-
-def _chosen(in_backbone: list[tuple[str, nn.Module]], targets: str | Sequence[str | type] | None) -> list[str]:
-    """Paths of the backbone layers that ``targets`` selects (see :func:`lora_split`)."""
+def _chosen(backbone: nn.Module, targets: str | Sequence[str | type] | None) -> dict[str, tuple[nn.Module, str]]:
+    """``{path of the weight in the model: (module, tensor name)}`` for the weights ``targets`` selects (see
+    :func:`lora_split`), in the backbone's order."""
+    modules = [(f"backbone.{n}" if n else "backbone", m) for n, m in backbone.named_modules()]
     if targets is None:
-        return [n for n, m in in_backbone if type(m) is nn.Linear or _transposed_linear(m)]
-    if targets == "all":
-        return [n for n, m in in_backbone if adaptable(m)]
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    if all(isinstance(t, type) for t in targets):
-        return [n for n, m in in_backbone if isinstance(m, tuple(targets)) and adaptable(m)]
-    chosen = [n for n, _ in in_backbone if n in targets]
-    unknown = [t for t in targets if t not in chosen]
-    if unknown:
-        raise ValueError(f"targets {unknown} are not modules of the backbone (paths start with 'backbone')")
-    return chosen
+        picked = [(n, m) for n, m in modules if _is_linear(m) or isinstance(m, nn.MultiheadAttention)]
+    elif targets == "all":
+        picked = modules
+    else:
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        if all(isinstance(t, type) for t in targets):
+            picked = [(n, m) for n, m in modules if isinstance(m, tuple(targets))]  # type: ignore[arg-type]
+        else:
+            paths = dict(modules)
+            unknown = [t for t in targets if t not in paths]
+            if unknown:
+                raise ValueError(f"targets {unknown} are not modules of the backbone (paths start with 'backbone')")
+            # a path adapts every weight inside the module it names (a whole block, or one layer)
+            picked = [(n, m) for n, m in modules if any(n == t or n.startswith(f"{t}.") for t in targets)]
+    out: dict[str, tuple[nn.Module, str]] = {}
+    for path, module in picked:
+        for sub, tensor in _own_weights(module):
+            owner = module.get_submodule(sub) if sub else module
+            out[".".join(p for p in (path, sub, tensor) if p)] = (owner, tensor)
+    return out
 
 
 def lora_split(
@@ -314,18 +343,21 @@ def lora_split(
     alpha: float | None = None,
     targets: str | Sequence[str | type] | None = None,
 ) -> LoRASplit:
-    """Freeze ``model``'s backbone and attach one LoRA adapter per task to its Linear/Conv layers, in place.
+    """Freeze ``model``'s backbone and attach one LoRA adapter per task to its weights, in place.
 
     Args:
-        model: a model following the convention (``.backbone``, ``.heads``); its chosen layers are replaced by
-            :class:`LoRALayer` wrappers (state-dict keys of those layers gain ``.base``).
+        model: a model following the convention (``.backbone``, ``.heads``). Each chosen weight is parametrized
+            (:func:`torch.nn.utils.parametrize.register_parametrization`): the layer keeps its class, its forward
+            and a tensor ``.weight``; in the state dict the frozen weight moves to
+            ``<layer>.parametrizations.weight.original`` and the adapters sit beside it.
         tasks: adapter names; default: the model's heads.
         rank: adapter rank ``r``.
         alpha: scale numerator (update scaled by ``alpha / r``); default ``r``, a scale of 1.
-        targets: which layers to adapt: module paths in ``model`` (e.g. ``["backbone.0", "backbone.2"]``), a
-            tuple of layer types (e.g. ``(nn.Conv2d,)``; layers of those types that LoRA cannot adapt are left out,
-            see :func:`adaptable`), or ``"all"`` (every adaptable Linear and Conv layer); default: every plain
-            ``nn.Linear`` (and Hugging Face ``Conv1D``) in the backbone.
+        targets: which weights to adapt: module paths in ``model`` (``["backbone.0", "backbone.encoder.layer.2"]``:
+            every weight LoRA adapts inside each), module types (``(nn.Conv2d,)``), or ``"all"`` (every
+            weight LoRA adapts, see :func:`adaptable`: linear layers, attention, convolutions, embeddings);
+            default: the backbone's linear maps, every ``nn.Linear`` (and Hugging Face ``Conv1D``) and
+            ``nn.MultiheadAttention``'s projections.
 
     The whole backbone is frozen (also layers that get no adapter); heads keep training. Train with one optimizer
     over ``split.trainable_parameters()``; the base weights stay bit-identical.
@@ -334,7 +366,7 @@ def lora_split(
     >>> from gradconflict.split import MultiTaskNet
     >>> net = MultiTaskNet(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), {"a": nn.LazyLinear(1)})
     >>> lora_split(net, rank=2, targets=(nn.Conv2d,)).layer_names
-    ['model.backbone.0']
+    ['model.backbone.0.weight']
     """
     backbone, heads = check_convention(model)
     if any(isinstance(m, LoRALayer) for m in backbone.modules()):
@@ -345,8 +377,7 @@ def lora_split(
     bad = [t for t in tasks if not t or "." in t]
     if bad:
         raise ValueError(f"task names {bad} cannot name adapters: use non-empty names without '.'")
-    in_backbone = [(f"backbone.{n}" if n else "backbone", m) for n, m in backbone.named_modules()]
-    chosen = _chosen(in_backbone, targets)
+    chosen = _chosen(backbone, targets)
     if not chosen:
         raise ValueError(
             "no layer to adapt: the backbone has no layer matching targets "
@@ -354,8 +385,11 @@ def lora_split(
         )
     for p in backbone.parameters():
         p.requires_grad_(False)
-    for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALayer(getattr(parent, child), tasks, rank, rank if alpha is None else alpha))
-    return LoRASplit(model, tasks, chosen)
+    layers = {}
+    for path, (module, tensor) in chosen.items():
+        weight = getattr(module, tensor)
+        layer = LoRALayer(weight, tasks, rank, rank if alpha is None else alpha, _transposed_linear(module))
+        parametrize.register_parametrization(module, tensor, layer)
+        layer._owner = (module, tensor)
+        layers[path] = layer
+    return LoRASplit(model, tasks, layers)

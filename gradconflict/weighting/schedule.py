@@ -124,7 +124,10 @@ class StepWeights:
             try:
                 scales[keep] = self.method(G[keep][:, keep] * w[:, None] * w[None, :], scaled)
             except WeightingError as err:
-                self._warn(f"failed {err}", f"{err}; this step keeps the last weights")
+                self._warn(
+                    f"failed {err}",
+                    f"{err}; this step keeps the last weights (if it recurs, choose another weighting= method)",
+                )
                 return self.effective(batch)
         self._last = dict(zip(batch.names, scales.tolist()))
         return (scales * user).to(given.device)

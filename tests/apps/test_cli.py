@@ -13,9 +13,12 @@ from gradconflict.apps.cli import main
 
 
 def test_demo_then_report(tmp_path, capsys):
-    assert main(["demo", "--steps", "30", "--compare-steps", "12", "--out", str(tmp_path), "--no-progress"]) == 0
-    out = capsys.readouterr().out
+    assert main(["demo", "--steps", "30", "--compare-steps", "12", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
     assert "final report" in out and "conflict fraction" in out and "verdict" in out and "| variant |" in out
+    assert "\r" not in out + captured.err  # output that is not a terminal gets no progress bar
+    assert "  step 0: conflict" in out  # the per-step lines
     assert json.loads((tmp_path / "comparison.json").read_text())["rows"]
     assert json.loads((tmp_path / "advice.json").read_text())["verdict"]
     history = tmp_path / "history.jsonl"
@@ -26,6 +29,13 @@ def test_demo_then_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "30 steps (30 measured, 0 skipped), steps 0 to 29; tasks contrary, left, right" in out
     assert "left/right" in out and "layer conflict profile" in out and "advice: " in out
+
+
+def test_quiet_demo_prints_the_results_only(tmp_path, capsys):
+    assert main(["demo", "--steps", "6", "--compare-steps", "0", "--out", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "final report" in out and "saved: " in out
+    assert "step 0: conflict" not in out and "step 5: conflict" not in out
 
 
 def test_report_on_missing_file_is_a_clear_error(tmp_path, capsys):
@@ -239,3 +249,25 @@ def test_report_and_advise_on_a_hundred_thousand_steps(tmp_path):
     assert (worst.n, worst.steps) == (2048, 100_000) and worst.falling(0.05)
     done = subprocess.run([sys.executable, "-m", "gradconflict", "report", str(path)], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith(f"{path}: 100000 steps (100000 measured, 0 skipped)")
+
+
+def test_report_aligns_the_run_once(tmp_path, capsys, monkeypatch):
+    # The advice, the summary and the HTML page read one alignment of the saved history, made from its stacked
+    # records (no list of reports).
+    from gradconflict.diagnosis import aligned
+
+    path = _partial_history(tmp_path / "partial.jsonl")
+    calls = {"history": 0, "reports": 0}
+    by_history, by_reports = aligned._blocks_of_history, aligned._blocks_of_reports
+
+    def count(kind, real):
+        def counted(run):
+            calls[kind] += 1
+            return real(run)
+
+        return counted
+
+    monkeypatch.setattr(aligned, "_blocks_of_history", count("history", by_history))
+    monkeypatch.setattr(aligned, "_blocks_of_reports", count("reports", by_reports))
+    assert main(["report", str(path), "-o", str(tmp_path / "report.html")]) == 0
+    assert calls == {"history": 1, "reports": 0}

@@ -9,6 +9,13 @@ from torch import nn
 
 from gradconflict import History
 from gradconflict.diagnosis import Advice, Thresholds, advise, advise_from_jsonl, next_step_code
+from gradconflict.diagnosis.aligned import align, no_pair_reason
+from gradconflict.diagnosis.signals import SIGNALS
+
+
+def _statuses(advice, **statuses):
+    """Every signal's status by name: those given, ``"n/a"`` for the others."""
+    return {name: statuses.get(name, "n/a") for name in SIGNALS}
 
 
 def _run(make_report, make_pair, top_cos, bottom_cos=0.8, steps=12):
@@ -23,8 +30,10 @@ def test_keep_shared_when_tasks_agree(make_report, make_pair):
     advice = advise(_run(make_report, make_pair, top_cos=0.6))
     assert isinstance(advice, Advice)
     assert (advice.verdict, advice.branch_point, advice.groups) == ("keep_shared", None, [["a", "b"]])
-    assert [s.status for s in advice.signals] == ["ok", "n/a", "ok", "ok", "ok", "n/a"]
-    assert advice.duplicated_share == 0.0 and advice.uncertainty.decided
+    assert {s.name: s.status for s in advice.signals} == _statuses(
+        advice, diverging_objectives="ok", zero_sum="ok", single_point_of_risk="ok", oscillating_conflict="ok"
+    )
+    assert advice.duplicated_share == 0.0 and advice.uncertainty.decided and advice.decided_by == "none"
     ast.parse(advice.next_step)
     # The check for a keep_shared advice: the shared model against fully independent models, one per task.
     assert "variants=('shared', 'independent')" in advice.next_step and "groups=[['a'], ['b']]" in advice.next_step
@@ -34,7 +43,8 @@ def test_physical_split_at_the_conflicting_depth(make_report, make_pair):
     advice = advise(_run(make_report, make_pair, top_cos=-0.9, bottom_cos=0.1))
     assert (advice.verdict, advice.branch_point, advice.groups) == ("physical_split", "body.1", [["a"], ["b"]])
     assert advice.duplicated_share == pytest.approx(0.25)
-    assert advice.signal("diverging_objectives").status == "split"
+    assert advice.signal("diverging_objectives").status == "split" and advice.decided_by == "diverging"
+    assert advice.signal("diverging_objectives").layers == ("body.1",)
     assert [lp.status for lp in advice.profile.layers] == ["agree", "conflict"]
     assert "branch_at='body.1'" in advice.next_step and "'branched'" in advice.next_step
     assert advice.recon.layers == ["body.1"] and advice.recon.k == 1
@@ -60,7 +70,9 @@ def test_lora_split_when_signals_alarm_without_a_branch_depth(make_report, make_
     trading = [{"a": 0.80, "b": 0.70}, {"a": 0.83, "b": 0.68}, {"a": 0.80, "b": 0.71}]
     advice = advise(_run(make_report, make_pair, top_cos=0.6), evaluations=trading, directions={"a": "max", "b": "max"})
     assert (advice.verdict, advice.branch_point, advice.groups) == ("lora_split", None, [["a"], ["b"]])
-    assert "zero_sum" in advice.reason and "branch_at=None" in advice.next_step and "'lora'" in advice.next_step
+    assert [s.name for s in advice.signals if s.status == "split"] == ["zero_sum"]
+    assert advice.decided_by == "heuristics"
+    assert "branch_at=None" in advice.next_step and "'lora'" in advice.next_step
     # Diverging objectives but reports without layers: no depth to branch at.
     bare = [make_report(make_pair(-0.9), step=s) for s in range(10)]
     advice = advise(bare)
@@ -72,7 +84,8 @@ def test_thresholds_override_and_errors(make_report, make_pair):
     assert (advise(run).verdict, advise(run).branch_point) == ("physical_split", "body.1")  # PCGrad's S = 0
     relaxed = {"conflict_cosine": -0.2}  # a stricter S: every cosine falls in the dead zone
     assert advise(run, thresholds=relaxed).verdict == "keep_shared"
-    assert advise(run, thresholds=relaxed).reason.startswith("no signal says split")
+    assert all(s.status != "split" for s in advise(run, thresholds=relaxed).signals)
+    assert advise(run, thresholds=relaxed).decided_by == "none"
     assert advise(run, thresholds=Thresholds(**relaxed)).verdict == "keep_shared"
     # S defaults to the threshold the run was measured with (ConflictMonitor(threshold=-0.2)).
     for r in run:
@@ -113,7 +126,8 @@ def test_advise_from_jsonl_round_trip(tmp_path, make_report, make_pair):
     assert (advice.verdict, advice.branch_point) == ("physical_split", "body.1")
     strict = advise_from_jsonl(path, thresholds={"alpha": 1e-6})  # 12 steps cannot reach this level
     diverging = strict.signal("diverging_objectives")
-    assert diverging.status == "watch" and "not enough steps yet: measure about" in diverging.evidence
+    assert diverging.status == "watch" and diverging.finding.outcome == "undetermined"
+    assert 0 < diverging.finding.steps_needed < math.inf
     # Signal 4 still says split (negative transference): adapters, since no depth is established.
     assert strict.verdict == "lora_split" and strict.branch_point is None
 
@@ -131,7 +145,7 @@ def test_single_task_keeps_shared(make_report):
     G = torch.ones(1, 1, dtype=torch.float64)
     advice = advise([make_report(G, step=s, layers={"x": (G, 3)}) for s in range(3)])
     assert (advice.verdict, advice.groups, advice.branch_point) == ("keep_shared", [["a"]], None)
-    assert [s.status for s in advice.signals] == ["n/a"] * 6
+    assert {s.name: s.status for s in advice.signals} == _statuses(advice)
     str(advice)
 
 
@@ -194,8 +208,8 @@ def test_partial_labels_are_judged_on_the_steps_that_carry_the_tasks(make_cut, m
     assert diverging.value == pytest.approx(0.6)
     assert diverging.details["persistence"] == {"a/b": 0.0, "a/c": pytest.approx(0.6), "b/c": 0.0}
     assert diverging.details["together"] == {"a/b": 40, "a/c": 10, "b/c": 10}
-    assert "tasks a and c conflict (cosine < 0) on 60% of 10 measured steps" in diverging.evidence
-    assert "tasks a and c were measured together on 10 of 40 measured steps" in diverging.evidence
+    f = diverging.finding
+    assert (f.pair, f.layer, f.steps, f.conflicts, f.threshold) == (("a", "c"), None, 10, 6, 0.0)
     # Mean cancellation over the 40 steps, by hand (unit norms, unit weights: 1 - sqrt(sum_ij C_ij) / T).
     two = 1 - math.sqrt(2 + 2 * 0.5) / 2
     fight = 1 - math.sqrt(3 + 2 * (0.5 - 0.6 + 0.2)) / 3
@@ -204,7 +218,7 @@ def test_partial_labels_are_judged_on_the_steps_that_carry_the_tasks(make_cut, m
     # Signal 4: Z_ac = mean cos(a, c) over the 10 steps carrying both (unit norms and losses); Z_cc = 1.
     risk = advice.signal("single_point_of_risk")
     assert risk.value == pytest.approx((6 * -0.6 + 4 * 0.3) / 10)
-    assert "tasks a and c were measured together on 10 of 40 measured steps" in risk.evidence
+    assert risk.pairs == (("a", "c"),)
     assert risk.details["together"] == {"a/b": 40, "a/c": 10, "b/c": 10}
     # The layer profile sees the same coverage.
     body = advice.profile.layers[0]
@@ -224,8 +238,7 @@ def test_pairs_never_measured_together_are_named(make_cut, make_gram):
     advice = advise(run)
     diverging = advice.signal("diverging_objectives")
     assert diverging.details["persistence"]["b/c"] is None and diverging.details["together"]["b/c"] == 0
-    assert "never measured together: b/c" in diverging.evidence
-    assert "b/c were never measured together" in advice.reason
+    assert diverging.finding.pair == ("a", "c")  # b/c cannot be decisive: never measured
     assert advice.signal("single_point_of_risk").details["normalized"][1][2] is None
     json.dumps(advice.to_dict(), allow_nan=False)
 
@@ -235,13 +248,11 @@ def test_round_robin_keeps_shared_and_says_why(make_cut, make_gram):
     run = [make_cut("abc"[s % 3], G, step=s, tasks="abc", layers={"x": (G, 4)}, losses=[1.0] * 3) for s in range(12)]
     advice = advise(run)
     assert (advice.verdict, advice.branch_point, advice.groups) == ("keep_shared", None, [["a", "b", "c"]])
-    assert [s.status for s in advice.signals] == ["n/a"] * 6
-    assert not advice.uncertainty.decided and "could not be measured" in advice.uncertainty.statement
+    assert {s.name: s.status for s in advice.signals} == _statuses(advice)
+    assert not advice.uncertainty.decided and advice.uncertainty.steps_needed is None
+    assert advice.signal("diverging_objectives").finding is None
     for name in ("diverging_objectives", "zero_sum", "single_point_of_risk"):
-        evidence = advice.signal(name).evidence
-        assert "no measured step carried two tasks together" in evidence and "monitor.measure(losses)" in evidence
-    assert "conflict between tasks could not be measured" in advice.reason
-    assert "every k steps" in advice.reason
+        assert advice.signal(name).evidence == no_pair_reason(align(run))
     assert math.isnan(advice.profile.layers[0].worst_persistence) and advice.profile.branch_point is None
     assert advice.trends == {}  # no quantity is defined on a step with one task
     data = json.loads(json.dumps(advice.to_dict(), allow_nan=False))
@@ -261,8 +272,8 @@ def test_round_robin_with_full_steps_every_k(make_cut, make_gram):
     diverging = advice.signal("diverging_objectives")
     assert diverging.value == pytest.approx(3 / 4)
     assert diverging.details["steps_with_pairs"] == 4
-    assert "tasks a and b were measured together on 4 of 20 measured steps" in diverging.evidence
-    assert "4 of the 20 measured steps carried two tasks or more" in diverging.evidence
+    assert diverging.details["together"] == {"a/b": 4, "a/c": 4, "b/c": 4} and diverging.details["steps"] == 20
+    assert diverging.finding.steps == 4
     assert advice.trends["conflict_fraction"].mean == pytest.approx(3 * (1 / 3) / 4)
 
 
@@ -303,8 +314,9 @@ def test_conflict_confined_to_the_top_drives_the_verdict(make_report, make_pair)
     # The next step branches where the profile says, with the advice's groups, not at the lowest layer.
     assert "branch_at='net.2'" in advice.next_step and "groups=[['a'], ['b']]" in advice.next_step
     assert advice.duplicated_share == pytest.approx(10 / 210)
-    summary = advice.summary()
-    assert "layers in persistent conflict: net.2; branch point net.2" in summary and "decided" in summary
+    assert advice.signal("diverging_objectives").layers == ("net.2",) and advice.uncertainty.decided
+    summary = advice.summary()  # the brief view renders those fields
+    assert "layers in persistent conflict: net.2; branch point net.2" in summary
 
 
 def test_verdict_branch_groups_and_next_step_agree(make_report, make_pair, make_gram):
@@ -342,10 +354,25 @@ def test_a_comparison_without_gain_overrides_the_gradients(make_report, make_pai
     run = _localized(make_report, make_pair)
     advice = advise(run, comparison=flat)
     assert advice.verdict == "keep_shared" and advice.branch_point is None
-    assert "capacity was not the limit" in advice.reason and "although diverging_objectives" in advice.reason
-    assert advice.uncertainty.decided and "comparison" in advice.uncertainty.statement
+    assert advice.decided_by == "ceiling" and advice.signal("ceiling").status == "ok"
+    assert advice.signal("diverging_objectives").status == "split"  # overridden by the comparison
+    assert advice.uncertainty.decided and advice.uncertainty.p_value is None
     lifted = [ComparisonResult({"shared": rec("shared", s), "branched": rec("branched", s * 0.5)}, ["a", "b"], 1, 0,
                                branch_at="net.2") for s in (1.0, 0.9, 1.1)]
     confirmed = advise(run, comparison=lifted)
     assert (confirmed.verdict, confirmed.branch_point) == ("physical_split", "net.2")
     assert confirmed.signal("ceiling").status == "split"
+
+
+def test_advise_aligns_a_history_once_without_a_report_per_step(monkeypatch, make_report, make_pair):
+    from gradconflict.diagnosis import aligned
+
+    history = History()
+    for r in _run(make_report, make_pair, top_cos=-0.9, bottom_cos=0.1):
+        history.append(r)
+    calls = []
+    real = aligned._blocks_of_history
+    monkeypatch.setattr(aligned, "_blocks_of_history", lambda h: calls.append(h) or real(h))
+    monkeypatch.setattr(History, "reports", property(lambda self: pytest.fail("a report was built per step")))
+    advice = advise(history)
+    assert calls == [history] and advice.verdict == "physical_split"

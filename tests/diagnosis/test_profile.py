@@ -68,8 +68,9 @@ def test_layer_profile_scores_tests_cosines_and_share(make_report, make_pair):
     assert top.tests.p_adjusted[0] == pytest.approx(stats.false_discovery_control(family, method="bh")[1])
     assert (top.status, bottom.status) == ("conflict", "agree")
     assert p.branch_point == "net.1" and p.duplicated_share == pytest.approx(0.25)
-    row = p.table().splitlines()[2]
-    assert "<- branch" in row and "conflict" in row and "a/b" in row
+    assert p.worst_pair(top) == (0, 1)
+    row = p.table().splitlines()[2]  # the table renders those fields
+    assert row.split()[0] == "net.1" and row.split()[3] == "a/b" and row.endswith("conflict  <- branch")
     strict = layer_profile(reports, thresholds=Thresholds(alpha=raw / 10))  # a level this conflict cannot meet
     assert strict.layers[1].status == "undetermined" and strict.branch_point is None
 
@@ -110,7 +111,7 @@ def test_worst_pair_ignores_the_diagonal_and_breaks_ties_by_cosine(make_report, 
     assert worst_pair(persistence, cos) == (0, 2)
     G = make_gram(cos.tolist())
     p = layer_profile([make_report(G, layers={"x": (G, 1)})])
-    assert "b/c" in p.table()
+    assert p.worst_pair(p.layers[0]) == (1, 2)  # b/c: the lowest mean cosine, on the one step
 
 
 def test_layer_profile_judges_each_pair_where_both_tasks_are_present(make_cut, make_gram):
@@ -148,5 +149,6 @@ def test_pairs_and_layers_never_measured(make_cut, make_gram):
     assert x.persistence[0, 1] == 1.0 and x.worst_persistence == 1.0
     assert x.tests.steps.tolist() == [2, 2, 0]
     assert np.isnan(solo.worst_persistence) and solo.score == 0 and solo.status == "n/a"
+    assert p.worst_pair(x) == (0, 1) and p.worst_pair(solo) is None
     rows = p.table().splitlines()
-    assert "a/b" in rows[1] and rows[2].split()[3:7] == ["-", "-", "-", "-"]
+    assert rows[1].split()[3] == "a/b" and rows[2].split()[3:7] == ["-", "-", "-", "-"]

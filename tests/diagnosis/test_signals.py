@@ -1,4 +1,5 @@
 import json
+import math
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from gradconflict.diagnosis import (
     single_point_of_risk,
     zero_sum,
 )
+from gradconflict.diagnosis.aligned import align, no_pair_reason
 from gradconflict.diagnosis.signals import STATUSES, worst_status
 from gradconflict.split import ComparisonResult, VariantRecord
 
@@ -30,17 +32,25 @@ def _spread(conflicts, steps, fight, calm):
 
 def test_diverging_objectives_statuses(make_report, make_pair):
     aligned = diverging_objectives(_run(make_report, [make_pair(0.8)] * 20))
-    assert aligned.status == "ok" and aligned.value == 0.0 and "no pair conflicts persistently" in aligned.evidence
+    assert aligned.status == "ok" and aligned.value == 0.0 and aligned.finding.outcome == "ruled_out"
     # Opposed on 24 of 30 steps, spread evenly: P(X >= 24 | 30, 1/2) is far below 5% -> a persistent conflict.
     mixed = _spread(24, 30, make_pair(-0.9), make_pair(0.2))
     s = diverging_objectives(_run(make_report, mixed))
-    assert s.status == "split" and s.value == pytest.approx(0.8)
-    assert "80% of 30 measured steps on the whole backbone" in s.evidence and "persistent conflict" in s.evidence
+    assert s.status == "split" and s.value == pytest.approx(0.8) and s.statistic == "persistence"
+    f = s.finding
+    assert (f.pair, f.layer, f.steps, f.conflicts, f.outcome) == (("a", "b"), None, 30, 24, "persistent")
+    assert s.pairs == (("a", "b"),) and s.layers == ()
     assert s.details["persistence"] == {"a/b": pytest.approx(0.8)}
-    assert s.details["decisive"]["p_value"] == pytest.approx(stats.binomtest(24, 30, 0.5, alternative="greater").pvalue)
+    # Every step decided: a sign series whose autocorrelation time is 1 (evenly spread), so the raw p-value is the
+    # binomial test's; with a single test in the family the adjustment leaves it as it is.
+    tail = stats.binomtest(24, 30, 0.5, alternative="greater").pvalue
+    assert f.tau == 1.0 and f.p_value == pytest.approx(tail) and s.p_value == pytest.approx(tail)
+    assert s.effect == pytest.approx(2 * math.asin(math.sqrt(0.8)) - 2 * math.asin(math.sqrt(0.5)))
+    assert s.details["decisive"]["p_value"] == pytest.approx(tail)
     # The same rate on 5 steps is not evidence yet: watch, with the number of steps still needed.
     few = diverging_objectives(_run(make_report, _spread(4, 5, make_pair(-0.9), make_pair(0.2))))
-    assert few.status == "watch" and "not enough steps yet: measure about" in few.evidence
+    assert few.status == "watch" and few.finding.outcome == "undetermined"
+    assert 0 < few.finding.steps_needed < math.inf
     # A pair at chance level (conflicting on every other step) is ruled out, however many steps.
     coin = diverging_objectives(_run(make_report, [make_pair(c) for c in [-0.3, 0.3] * 40]))
     assert coin.status == "ok"
@@ -64,22 +74,26 @@ def test_conflict_confined_to_a_layer_drives_signal_one(make_report, make_pair):
     s = diverging_objectives(run)
     assert s.status == "split" and s.details["decisive"]["layer"] == "top"
     assert s.details["persistence"] == {"a/b": 0.0}  # the whole backbone never conflicts
-    assert "on top" in s.evidence and "layers in persistent conflict: top (1 of 2)" in s.evidence
+    assert s.finding.layer == "top" and s.layers == ("top",) and s.pairs == (("a", "b"),)
+    # one family: the pair on the whole backbone and on each of the two layers
+    assert s.finding.family == s.details["tests"] == 3
 
 
 def test_diverging_objectives_rising_conflict_is_watched(make_report, make_pair):
     grams = [make_pair(0.5)] * 16 + [make_pair(-0.1)] * 4  # conflict appears late: 20% of steps
     s = diverging_objectives(_run(make_report, grams))
     assert s.details["conflict_trend"]["rising"] and s.status == "watch"
-    assert "rises" in s.evidence
+    assert s.finding.outcome == "ruled_out"  # watched for the trend alone, not for an undecided pair
 
 
 def test_oscillating_conflict_points_to_the_data(make_report, make_pair):
     rng = np.random.default_rng(0)
     coin = _run(make_report, [make_pair(float(c)) for c in rng.permutation([-0.4, 0.4] * 100)])  # 50%, shuffled
     s = oscillating_conflict(coin)
-    assert s.status == "watch" and np.isnan(s.threshold) and "points to the data" in s.evidence
-    assert s.to_dict()["threshold"] is None
+    assert s.status == "watch" and np.isnan(s.threshold) and s.statistic == "conflict_rate"
+    assert s.pairs == (("a", "b"),) and s.finding.pair == ("a", "b") and s.p_value < 0.05
+    assert s.value == pytest.approx(0.5) and s.effect == pytest.approx(0.0, abs=1e-12)  # 100 of 200: at chance
+    assert s.to_dict()["threshold"] is None and s.to_dict()["pairs"] == [["a", "b"]]
     assert s.details["oscillating"] == ["a/b"] and 0.35 < s.details["flip_rate"]["a/b"] < 0.65
     persistent = oscillating_conflict(_run(make_report, [make_pair(-0.5)] * 40))
     assert persistent.status == "ok" and persistent.details["oscillating"] == []
@@ -101,9 +115,9 @@ def test_ceiling_reads_the_comparison_over_seeds():
     assert lifted.status == "split" and lifted.details["winners"] == ["branched"]
     assert lifted.details["branch_at"] == "backbone.2" and lifted.value == pytest.approx(50.0)
     flat = ceiling(runs([0.99, 0.89, 1.09]))  # 1% better: within the seeds' spread (10%)
-    assert flat.status == "ok" and "capacity was not the limit" in flat.evidence
+    assert flat.status == "ok" and flat.details["winners"] == [] and flat.statistic == "delta_m"
     one = ceiling(runs([0.5, 0.45, 0.55])[0])
-    assert one.status == "watch" and "one seed" in one.evidence
+    assert one.status == "watch" and one.details["seeds"] == 1 and np.isnan(one.threshold)  # no spread to judge by
     assert ceiling(None).status == "n/a"
 
 
@@ -125,7 +139,7 @@ def test_heavy_heads_statuses():
     big = {"a": nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 1)), "b": nn.Linear(8, 1)}
     s = heavy_heads(heads=big, backbone=backbone)
     assert s.status == "watch" and s.value == pytest.approx(641 / 72)  # heavy, rewriting not measured
-    assert "pass probe=" in s.evidence
+    assert s.statistic == "head_ratio" and all(h["cka"] is None for h in s.details["heads"].values())
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -139,8 +153,8 @@ def test_heavy_heads_statuses():
     torch.manual_seed(0)
     model = Net()
     s = heavy_heads(model=model, probe=torch.randn(256, 8), thresholds=Thresholds(cka_split=0.99))
-    assert s.status == "split" and "CKA" in s.evidence
-    assert s.details["heads"]["b"]["cka"] == pytest.approx(1.0)
+    assert s.status == "split"
+    assert s.details["heads"]["b"]["cka"] == pytest.approx(1.0) and s.details["heads"]["a"]["cka"] < 0.99
 
 
 def test_zero_sum_gradient_and_evaluation_levels(make_report, make_pair):
@@ -153,7 +167,8 @@ def test_zero_sum_gradient_and_evaluation_levels(make_report, make_pair):
     trading = [{"a": 0.80, "b": 0.70}, {"a": 0.82, "b": 0.69}, {"a": 0.80, "b": 0.71}]
     both_max = {"a": "max", "b": "max"}
     s = zero_sum(calm, evaluations=trading, directions=both_max)
-    assert s.status == "split" and s.details["evaluation_trade_off_share"] == 1.0 and "Pareto" in s.evidence
+    assert s.status == "split" and s.details["evaluation_trade_off_share"] == 1.0
+    assert s.details["pareto_front"] == [1, 2]  # (0.80, 0.70) is dominated by (0.80, 0.71)
     improving = [{"a": 0.80, "b": 0.70}, {"a": 0.82, "b": 0.72}, {"a": 0.84, "b": 0.74}]
     assert zero_sum(calm, evaluations=improving, directions=both_max).status == "ok"
     # The same table with b an error (lower is better): every change is a trade-off.
@@ -172,7 +187,8 @@ def test_single_point_of_risk(make_report, make_pair):
     s = single_point_of_risk(hurt, lr=0.01)
     # N_ab = G_ab / G_bb = -0.5 * 2 / 4 = -0.25 and N_ba = -0.5 * 2 / 1 = -1: the small task suffers most.
     assert s.status == "split" and s.value == pytest.approx(-1.0)
-    assert s.details["negative_pairs"] == ["a->b", "b->a"] and "lr=0.01" in s.evidence
+    assert s.details["negative_pairs"] == ["a->b", "b->a"] and s.details["method"] == "first order from G, lr=0.01"
+    assert s.pairs == (("b", "a"),) and s.statistic == "normalized_affinity"  # a step on b hurts a most
     exact = single_point_of_risk(hurt, lookahead=(["a", "b"], [[0.1, 0.02], [0.01, 0.1]]))
     assert exact.status == "ok" and exact.details["method"] == "exact lookahead"
 
@@ -191,21 +207,20 @@ def test_zero_sum_counts_each_task_on_the_steps_that_carry_it(make_cut, make_gra
     s = zero_sum(run)
     assert s.value == pytest.approx(10 / 40) and s.status == "watch"
     assert s.details["against_by_task"] == {"a": 0.0, "b": 0.0, "c": 1.0}  # c: 10 of its 10 steps, not 10 / 40
-    assert "most often c, 100%" in s.evidence
+    assert s.statistic == "against_share" and s.details["steps_with_pairs"] == 40
 
 
 def test_round_robin_signals_are_not_available(make_cut, make_gram):
     G = make_gram([[1.0, -0.9], [-0.9, 1.0]])
     run = [make_cut("ab"[s % 2], G, step=s, tasks="ab") for s in range(6)]
     for signal in (diverging_objectives(run), zero_sum(run), single_point_of_risk(run)):
-        assert signal.status == "n/a" and signal.value is None
-        assert "no measured step carried two tasks together" in signal.evidence
-        assert "monitor.measure(losses) on a batch with all tasks every k steps" in signal.evidence
+        assert signal.status == "n/a" and signal.value is None and signal.pairs == () and signal.finding is None
+        assert signal.evidence == no_pair_reason(align(run))  # what to measure, as the alignment says it
     # The evaluation level of signal 3 does not need gradients: it is still judged.
     trading = [{"a": 0.80, "b": 0.70}, {"a": 0.83, "b": 0.68}, {"a": 0.80, "b": 0.71}]
     s = zero_sum(run, evaluations=trading, directions={"a": "max", "b": "max"})
     assert s.status == "split" and s.value is None and s.details["evaluation_trade_off_share"] == 1.0
-    assert s.evidence.startswith("gradient level not measured: no measured step carried two tasks together")
+    assert s.evidence.startswith(f"gradient level not measured: {no_pair_reason(align(run))}")
 
 
 def test_signals_do_not_depend_on_the_key_order(make_cut, make_gram):
@@ -219,7 +234,7 @@ def test_signals_do_not_depend_on_the_key_order(make_cut, make_gram):
     # Z_ab = G_ab / L_b = (-0.4 * 1 * 2) / 3, N_ab = Z_ab / Z_bb = -0.8 / 4 = -0.2; N_ba = -0.8 / 1 = -0.8.
     s = single_point_of_risk(r2)
     assert s.value == pytest.approx(-0.8) and s.details["tasks"] == ["a", "b", "c"]
-    assert s.evidence.startswith("a step on b alone raises a's loss by 0.80")
+    assert s.pairs == (("b", "a"),)  # a step on b alone raises a's loss: the directed pair (from, to)
     # An exact lookahead in another order is put in sorted order too.
     exact = single_point_of_risk(r2, lookahead=(["b", "a"], [[0.2, -0.1], [0.05, 0.1]]))
     assert exact.details["tasks"] == ["a", "b"] and exact.details["transference"] == [[0.1, 0.05], [-0.1, 0.2]]

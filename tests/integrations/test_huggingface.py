@@ -1,11 +1,14 @@
 """Hugging Face Trainer: a tiny BERT built from a config, two tasks. A monitored run leaves .grad exactly as the
-plain Trainer does (plain, accumulation with a short last group, bf16), measures the Gram of the task losses the
-model returns, adds the figures to the Trainer's log at its logging steps and closes the monitor when train()
-ends."""
+plain Trainer does (plain, accumulation with a short last group, bf16, fp16 as the CPU runs it, DDP on two gloo
+processes), measures the Gram of the task losses the model returns, adds the figures to the Trainer's log at its
+logging steps (the per-layer ones only when asked), saves the monitor in the Trainer's checkpoints and resumes it
+from them, and closes the monitor when train() ends."""
 
 from __future__ import annotations
 
 import copy
+import os
+import socket
 
 import pytest
 import torch
@@ -78,10 +81,10 @@ class Inputs(ConflictTrainer):
 
 
 def train(trainer_cls, model, tmp_path, *callbacks, trainer_kwargs=None, **args):
-    args = {"logging_steps": 1, **args}
+    args = {"logging_steps": 1, "per_device_train_batch_size": 8, "save_strategy": "no", **args}
     arguments = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, learning_rate=1e-2, report_to="none",
-        use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True, **args,
+        output_dir=str(tmp_path), learning_rate=1e-2, report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
+        **args,
     )
     trainer = trainer_cls(model=model, args=arguments, train_dataset=dataset(), callbacks=list(callbacks),
                           **(trainer_kwargs or {}))
@@ -93,6 +96,9 @@ SETUPS = {
     "plain": {"max_steps": 4},
     "accumulation": {"num_train_epochs": 1, "gradient_accumulation_steps": 2},  # 5 batches: 2, 2 and a short 1
     "bf16": {"max_steps": 3, "bf16": True},
+    # On CPU the accelerator autocasts to float16 without a loss scaler (it has none off CUDA); the monitor's
+    # handling of a GradScaler is tested with the monitor's own (tests/monitor) and with Lightning's "16-mixed".
+    "fp16": {"max_steps": 3, "fp16": True},
 }
 
 
@@ -140,13 +146,62 @@ def test_figures_join_the_trainers_log_at_its_logging_steps(tmp_path):
                     max_steps=6, logging_steps=2)
     reports = trainer.conflict_monitor.history.measured
     assert [r.step for r in reports] == [2, 4, 6]  # only the logged steps were measured
-    logged = [row for row in trainer.state.log_history if "conflict/cos/cls-reg" in row]
+    logged = [row for row in trainer.state.log_history if "conflict/cos/cls/reg" in row]
     assert [row["step"] for row in logged] == [2, 4, 6]
     for row, report in zip(logged, reports):
         assert "loss" in row  # the same log call as the training loss of that step
-        assert row["conflict/cos/cls-reg"] == pytest.approx(float(report.cosine[0, 1]))
+        assert row["conflict/cos/cls/reg"] == pytest.approx(float(report.cosine[0, 1]))
         assert row["conflict/cancellation"] == pytest.approx(float(report.cancellation))
-        assert "conflict/layer/backbone.encoder.layer.1.output.dense/worst_cosine" in row
+        assert not any(key.startswith("conflict/layer/") for key in row)  # a quiet log by default
+
+
+def test_layers_true_logs_each_shared_layer(tmp_path):
+    trainer = train(ConflictTrainer, BertTwoTasks(), tmp_path, trainer_kwargs={"shared": "backbone", "layers": True},
+                    max_steps=2)
+    report = trainer.conflict_monitor.history.measured[-1]
+    row = [row for row in trainer.state.log_history if "conflict/cos/cls/reg" in row][-1]
+    layer = "backbone.encoder.layer.1.output.dense"
+    key = f"conflict/layer/{layer}/worst_cosine"
+    assert row[key] == pytest.approx(float(report.layers[layer].cosine[0, 1]))
+    worst = [k for k in row if k.startswith("conflict/layer/") and k.endswith("/worst_cosine")]
+    assert len(worst) == len(report.layers)
+
+
+def test_a_checkpoint_carries_the_monitor_and_a_resumed_run_goes_on(tmp_path):
+    """Checkpoints at steps 1 and 2; a run resumed from step 2 to 4 has the history of all four steps, and its
+    steps 3 and 4 measure what an uninterrupted run of four steps measures."""
+    from gradconflict.integrations.huggingface import MONITOR_STATE_NAME
+
+    kwargs, constant = {"shared": "backbone"}, {"lr_scheduler_type": "constant", "save_steps": 1}
+    whole = train(ConflictTrainer, BertTwoTasks(dropout=0.0), tmp_path / "whole", trainer_kwargs=kwargs, max_steps=4,
+                  **constant)
+    first = train(ConflictTrainer, BertTwoTasks(dropout=0.0), tmp_path / "run", trainer_kwargs=kwargs, max_steps=2,
+                  save_strategy="steps", **constant)
+    saved = torch.load(tmp_path / "run" / "checkpoint-2" / MONITOR_STATE_NAME, weights_only=True)
+    assert saved["step"] == first.conflict_monitor.state_dict()["step"]
+    assert (tmp_path / "run" / "checkpoint-1" / MONITOR_STATE_NAME).is_file()
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, learning_rate=1e-2, report_to="none",
+        use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True, logging_steps=1, max_steps=4, **constant,
+    )
+    resumed = ConflictTrainer(model=BertTwoTasks(dropout=0.0), args=arguments, train_dataset=dataset(), **kwargs)
+    resumed.train(resume_from_checkpoint=True)  # the last checkpoint: checkpoint-2
+    reports = resumed.conflict_monitor.history.measured
+    assert [r.step for r in reports] == [1, 2, 3, 4]
+    expected = whole.conflict_monitor.history.measured
+    for got, want in zip(reports, expected):
+        torch.testing.assert_close(got.gram, want.gram, rtol=1e-4, atol=1e-7)
+
+
+def test_resuming_from_a_plain_trainers_checkpoint_starts_the_monitor_afresh(tmp_path):
+    train(transformers.Trainer, BertTwoTasks(), tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, report_to="none", use_cpu=True, save_strategy="no",
+        disable_tqdm=True, logging_steps=1, max_steps=3,
+    )
+    trainer = ConflictTrainer(model=BertTwoTasks(), args=arguments, train_dataset=dataset(), shared="backbone")
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert [r.step for r in trainer.conflict_monitor.history.measured] == [3]
 
 
 def test_a_model_without_task_losses_trains_as_usual_and_says_so(tmp_path):
@@ -156,3 +211,57 @@ def test_a_model_without_task_losses_trains_as_usual_and_says_so(tmp_path):
         train(ConflictTrainer, BertTwoTasks(task_losses=False), tmp_path / "monitored", monitored, max_steps=2)
     for got, expected in zip(monitored.grads, plain.grads):
         assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    """One of 2 CPU processes joined as under torchrun: the Trainer sets up DDP on gloo from the environment, trains
+    the plain model then the monitored one, and this process saves the .grad each stepped with, the batches it
+    trained on and its reports."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    ddp = {"max_steps": 2, "ddp_backend": "gloo", "per_device_train_batch_size": 4}
+    plain, monitored = Grads(), Grads()
+    train(transformers.Trainer, BertTwoTasks(dropout=0.0), f"{out}-plain", plain, **ddp)
+    trainer = train(Inputs, BertTwoTasks(dropout=0.0), f"{out}-monitored", monitored,
+                    trainer_kwargs={"shared": "backbone"}, **ddp)
+    reports = trainer.conflict_monitor.history.measured
+    saved = {"plain": plain.grads, "monitored": monitored.grads, "seen": trainer.seen, "world": trainer.args.world_size,
+             "grams": [r.gram for r in reports], "steps": [r.step for r in reports], "sync": reports[0].sync}
+    torch.save(saved, f"{out}-{rank}.pt")
+
+
+@pytest.mark.slow  # two processes that each import transformers and train twice: about a minute
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available in this build")
+def test_ddp_on_two_gloo_processes(tmp_path):
+    """Under DDP each rank's .grad equals the plain Trainer's, and each rank reports the same Gram: that of the
+    global batch (the mean over the ranks of each task's gradient), against float64 autograd.grad on both ranks'
+    batches."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(port, str(tmp_path / "run")), nprocs=2, join=True)
+    saved = [torch.load(tmp_path / f"run-{rank}.pt", weights_only=False) for rank in range(2)]
+    for rank in saved:
+        assert rank["world"] == 2 and rank["sync"] == "exact" and rank["steps"] == [1, 2]
+        assert len(rank["monitored"]) == len(rank["plain"]) == 2
+        for got, expected in zip(rank["monitored"], rank["plain"]):
+            assert got.keys() == expected.keys() and all(torch.equal(got[n], expected[n]) for n in expected)
+    torch.testing.assert_close(saved[0]["grams"][0], saved[1]["grams"][0], rtol=0, atol=0)
+    model = BertTwoTasks(dropout=0.0).double()  # the first step's model: the same seed on every rank
+    shared = list(model.backbone.parameters())
+    per_rank = []
+    for rank in saved:
+        batch = rank["seen"][0]
+        losses = model.task_losses(batch["input_ids"], batch["attention_mask"], batch["label_cls"],
+                                   batch["label_reg"].double())
+        rows = []
+        for task in ("cls", "reg"):
+            grads = torch.autograd.grad(losses[task], shared, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(shared, grads)]))
+        per_rank.append(torch.stack(rows))
+    J = (per_rank[0] + per_rank[1]) / 2
+    assert not torch.equal(saved[0]["seen"][0]["input_ids"], saved[1]["seen"][0]["input_ids"])
+    torch.testing.assert_close(saved[0]["grams"][0].double(), J @ J.T, rtol=1e-4, atol=1e-8)

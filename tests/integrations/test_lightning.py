@@ -176,9 +176,20 @@ def test_logs_on_the_trainers_schedule_and_only_measures_logged_steps():
     assert [r.step for r in reports] == [3, 6]  # nothing else was measured
     for report, step in zip(reports, sorted(logged)):
         row = logged[step]
-        assert row["conflict/cos/a-b"] == pytest.approx(float(report.cosine[0, 1]))
+        assert row["conflict/cos/a/b"] == pytest.approx(float(report.cosine[0, 1]))
         assert row["conflict/cancellation"] == pytest.approx(float(report.cancellation))
-        assert "conflict/layer/backbone.0/worst_cosine" in row
+        assert not any(key.startswith("conflict/layer/") for key in row)  # a quiet log by default
+
+
+def test_layers_true_logs_each_shared_layer():
+    logger, callback = Memory(), ConflictCallback(shared="backbone", layers=True)
+    fit(Monitored(batches=3), callback, max_steps=3, log_every_n_steps=3, logger=logger)
+    (report,) = callback.monitor.history.measured
+    ((_, row),) = [(step, row) for step, row in logger.rows if any(k.startswith("conflict/") for k in row)]
+    worst = {k for k in row if k.startswith("conflict/layer/") and k.endswith("/worst_cosine")}
+    assert worst == {f"conflict/layer/{name}/worst_cosine" for name in report.layers}
+    first = report.layers["backbone.0"]
+    assert row["conflict/layer/backbone.0/worst_cosine"] == pytest.approx(float(first.cosine[0, 1]))
 
 
 def test_every_measures_more_often_than_the_trainer_logs():

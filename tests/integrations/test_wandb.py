@@ -58,8 +58,8 @@ def test_an_offline_run_holds_each_step_at_its_step(offline):
     run.finish()
     rows = logged_rows(offline)
     assert [r["_step"] for r in rows] == [0, 5, 12]
-    assert [r["conflict/cos/a-b"] for r in rows] == pytest.approx([-1 / 3] * 3)
-    assert rows[0]["conflict/loss/b"] == 2.0 and "conflict/layer/body.0/cos/a-b" not in rows[0]
+    assert [r["conflict/cos/a/b"] for r in rows] == pytest.approx([-1 / 3] * 3)
+    assert rows[0]["conflict/loss/b"] == 2.0 and "conflict/layer/body.0/cos/a/b" not in rows[0]
     with_image = [r["_step"] for r in rows if r.get("conflict/cosine/_type") == "image-file"]
     assert with_image == [0, 12]
     assert list(offline.glob("wandb/offline-run-*/files/media/images/conflict/cosine_*.png"))
@@ -72,7 +72,7 @@ def test_a_monitored_run_logs_the_oracle_cosine(offline):
     finally:
         run.finish()
     rows = logged_rows(offline)
-    assert [r["conflict/cos/a-b"] for r in rows] == pytest.approx(expected, rel=1e-9)
+    assert [r["conflict/cos/a/b"] for r in rows] == pytest.approx(expected, rel=1e-9)
     assert any(k.startswith("conflict/layer/backbone.") for k in rows[0])
 
 

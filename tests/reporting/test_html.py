@@ -1,11 +1,14 @@
 """The HTML report: rendered from a run recorded to disk by a JSONLSink and read back, self-contained, its tables
-recomputed from the reports; partial and round-robin runs; and, where Debian's chromium is installed, looked at in
-a real headless browser."""
+recomputed from the reports; partial and round-robin runs; and looked at in a real headless browser (Debian's
+chromium: skipped where it is not installed, a failure in CI, whose .ci/run installs it)."""
 
 from __future__ import annotations
 
 import base64
+import html
 import io
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -144,29 +147,72 @@ def test_an_empty_run_is_a_clear_error():
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+#: In CI (``CI=true``, which .ci/run's environment sets) a missing browser fails the test: CI installs chromium.
+BROWSER_REQUIRED = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+#: Appended to a copy of the page (the report itself has no script): once every image has loaded or failed,
+#: writes what the browser rendered into an element that ``--dump-dom`` prints.
+PROBE = """<script>
+window.addEventListener("load", () => {
+  const images = [...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight]);
+  const verdict = document.querySelector(".verdict");
+  const probe = document.createElement("pre");
+  probe.id = "probe";
+  probe.textContent = JSON.stringify({images, verdict: verdict ? verdict.innerText : null,
+                                      text: document.body.innerText});
+  document.body.appendChild(probe);
+});
+</script>"""
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
-def test_a_headless_browser_renders_the_page(recorded, tmp_path):
-    from gradconflict.diagnosis import advise
-
-    assert advise(recorded).verdict == "physical_split"  # the problem's truth: its top layers conflict
-    path = write_html(recorded, tmp_path / "report.html")
-    shot = tmp_path / "shot.png"
-    profile = tmp_path / "profile"
-    profile.mkdir()
+def chromium(*args: str, profile) -> subprocess.CompletedProcess:
     command = [
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", f"--screenshot={shot}", "--window-size=1400,3000", path.as_uri(),
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+        f"--user-data-dir={profile}", *args,
     ]
-    subprocess.run(command, capture_output=True, timeout=120, check=False)
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+
+
+@pytest.fixture
+def browser():
+    if CHROMIUM is None:
+        if BROWSER_REQUIRED:
+            pytest.fail("chromium is not installed, and CI must check the report in a browser: .ci/run installs it "
+                        "with apt-get install chromium; see its output")
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    return CHROMIUM
+
+
+def test_a_headless_browser_renders_the_page(browser, recorded, tmp_path):
+    from gradconflict.diagnosis import advise
+
+    advice = advise(recorded)
+    assert advice.verdict == "physical_split"  # the problem's truth: its top layers conflict
+    path = write_html(recorded, tmp_path / "report.html", advice=advice)
+    # The screenshot: not blank, and the verdict box of a physical split (its red left border) near the top.
+    shot = tmp_path / "shot.png"
+    chromium(f"--screenshot={shot}", "--window-size=1400,3000", path.as_uri(), profile=tmp_path / "profile-1")
     from matplotlib import image
 
     pixels = image.imread(shot)
     assert pixels.shape[:2] == (3000, 1400)
     ink = (pixels[..., :3] < 0.9).any(-1)  # anything darker than the page's near-white
     assert ink.mean() > 0.05
-    # the verdict box of a physical split (its red left border) is drawn near the top of the page
     red = (pixels[:400, :, 0] > 0.7) & (pixels[:400, :, 1] < 0.3) & (pixels[:400, :, 2] < 0.3)
     assert red.sum() > 500
+    # The rendered DOM: every figure decoded, the verdict box and the task names in the text the browser shows.
+    probed = tmp_path / "probed.html"
+    probed.write_text(path.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    done = chromium("--dump-dom", "--virtual-time-budget=10000", probed.as_uri(), profile=tmp_path / "profile-2")
+    found = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout, re.S)
+    assert found is not None, done.stderr[-2000:]
+    rendered = json.loads(html.unescape(found.group(1)))
+    assert len(rendered["images"]) == 7
+    for complete, width, height in rendered["images"]:
+        assert complete and width > 200 and height > 50  # a PNG that failed to decode has naturalWidth 0
+    assert rendered["verdict"].startswith("Split physically")
+    assert f"Task groups: {' | '.join('[' + ', '.join(g) + ']' for g in advice.groups)}" in rendered["verdict"]
+    assert advice.branch_point in rendered["verdict"]
+    assert f"tasks {', '.join(recorded.tasks)};" in rendered["text"]  # the run's facts name the tasks
+    assert re.search(r"a/b\s+80\s", rendered["text"])  # the pair's row: the two tasks measured together 80 times

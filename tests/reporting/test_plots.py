@@ -86,7 +86,7 @@ def test_long_runs_are_binned_by_training_step():
 def test_layer_profile_bars_are_the_worst_pair_persistence():
     history = drawn_run("full", steps=20)
     profile = layer_profile(history)
-    ax = plots.layer_profile(profile).axes[0]
+    ax = plots.layer_profile_figure(profile).axes[0]
     widths = [bar.get_width() for bar in ax.patches]
     for layer, width in zip(profile.layers, widths):
         _, values = pair_values(history, "a", "b", layer=layer.name)
@@ -114,7 +114,7 @@ def test_what_was_never_measured_is_said_not_drawn():
     assert NO_PAIR in texts(plots.cancellation_and_update(run))
     bare = align(drawn_run("full", steps=5, layers=False))
     assert any("carry no layers" in t for t in texts(plots.layer_heatmap(bare, None)))
-    assert any("carry no layers" in t for t in texts(plots.layer_profile(None)))
+    assert any("carry no layers" in t for t in texts(plots.layer_profile_figure(None)))
 
 
 def test_images_for_the_dashboards():
@@ -122,3 +122,8 @@ def test_images_for_the_dashboards():
     assert "-0.25" in texts(fig)
     rgb = plots.figure_to_rgb(fig)
     assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.std() > 10
+
+
+def test_the_old_name_of_the_profile_figure_still_works_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="layer_profile_figure"):
+        assert plots.layer_profile is plots.layer_profile_figure

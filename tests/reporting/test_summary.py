@@ -18,7 +18,8 @@ def test_pairs_are_taken_over_the_steps_that_carried_both(kind):
     history = drawn_run(kind)
     summary = summarize_run(history)
     for pair in summary.pairs:
-        a, b = pair.name.split("/")
+        a, b = pair.tasks
+        assert pair.name == f"{a}/{b}"  # ordinary names: the pair key, readable
         steps, values = pair_values(history, a, b)
         assert pair.together == len(steps)
         assert pair.mean_cosine == pytest.approx(np.mean(values), rel=1e-9)
@@ -58,11 +59,22 @@ def test_counts_skips_and_the_profile():
     assert "branch point: enc.layer.2" in text and "tasks (measured" not in text
 
 
+def test_a_history_is_read_without_a_report_per_step(monkeypatch):
+    history = drawn_run("full", steps=12)
+    history.append(ConflictReport.skipped_step(("a", "b"), 12, "non-finite loss"))
+    expected = summarize_run(list(history))
+    monkeypatch.setattr(type(history), "reports", property(lambda self: pytest.fail("a report was built per step")))
+    summary = summarize_run(history)
+    assert (summary.steps, summary.skipped) == (13, {"non-finite loss": 1})
+    assert summary.pairs == expected.pairs and summary.task_rows == expected.task_rows
+    assert summary.text() == expected.text()
+
+
 def test_a_round_robin_run_says_nothing_about_pairs():
     summary = summarize_run(drawn_run("round_robin", steps=9))
-    assert summary.steps_with_pairs == 0 and summary.quantities == {}
+    assert summary.steps_with_pairs == 0 and summary.quantities == {} and summary.no_pair is not None
     assert all(p.together == 0 and math.isnan(p.mean_cosine) for p in summary.pairs)
-    assert "no measured step carried two tasks together" in summary.text()
+    assert f"warning: {summary.no_pair}" in summary.text().splitlines()
 
 
 def test_no_measured_step_is_an_error():

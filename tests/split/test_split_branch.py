@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradconflict.split import BranchedNet, MultiTaskNet, branch
+from gradconflict.split import BranchedNet, MultiTaskNet, branch, duplicated_share
+from gradconflict.split.model import count_parameters
 
 from .helpers import MSE, batches, mlp_net
 
@@ -107,3 +108,37 @@ def test_bad_groups_and_points(net):
     with pytest.raises(TypeError, match="no `.heads`"):
         branch(headless, at=0)
     assert list(branch(mlp_net(tasks=("a", "b", "c")), at=1, groups=[["a", "c"], ["b"]]).branches) == ["a+c", "b"]
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+@pytest.mark.parametrize("at", [0, 1, 2, 3, 4, "backbone.2.weight"])
+def test_the_duplicated_share_is_what_branch_copies(net, at, groups):
+    tasks = [f"t{k}" for k in range(groups)]
+    torch.manual_seed(0)
+    model = MultiTaskNet(copy.deepcopy(net.backbone), {t: nn.Linear(8, 1) for t in tasks})
+    branched = branch(model, at=at, groups=[[t] for t in tasks])
+    added = count_parameters(branched) - count_parameters(model)  # counted on the branched model
+    backbone = sum(p.numel() for p in model.backbone.parameters())
+    assert duplicated_share(model, at) == pytest.approx(added / ((groups - 1) * backbone))
+
+
+def test_the_duplicated_share_counts_tied_weights_and_unnamed_modules_once():
+    torch.manual_seed(0)
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight  # tied across the branch point: it stays with the shared stem
+
+    class Backbone(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second, self.extra = first, second, nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.extra(self.second(self.first(x)))
+
+    model = MultiTaskNet(Backbone(), {"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)})
+    blocks = ["backbone.first", "backbone.second"]  # extra is named by no block: copied per group
+    branched = branch(model, at=1, blocks=blocks)
+    added = count_parameters(branched) - count_parameters(model)
+    backbone = sum(p.numel() for p in model.backbone.parameters())
+    assert duplicated_share(model, 1, blocks=blocks) == pytest.approx(added / backbone)
+    assert added == 4 + 16 + 4  # second's bias, extra's weight and bias: the tied weight is not copied

@@ -2,20 +2,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import statistics
 
 import pytest
+import scipy.stats
 import torch
 from torch import nn
 
+from gradconflict.records.comparison import IdenticalSeedsWarning
 from gradconflict.split import ComparisonResult, MultiTaskNet, VariantRecord, compare, split_gains
+from gradconflict.split.costs import interleaved_ms
 
 from .helpers import MSE, batches, mlp_net
 
 
-def _run(seed: int = 0, **kwargs):
+def _run(seed: int = 0, factory=mlp_net, **kwargs):
     options = dict(steps=12, branch_at=2, groups=[["a"], ["b"]], seed=seed, progress=False, evals=3)
     options.update(kwargs)
-    return compare(mlp_net, MSE, batches(5), **options)
+    return compare(factory, MSE, batches(5), **options)
 
 
 def test_compare_runs_every_variant_and_tabulates_them():
@@ -79,7 +84,8 @@ def test_branched_without_a_point_is_skipped_with_a_note_and_a_model_can_be_pass
     model = mlp_net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     res = compare(model, MSE, batches(2), steps=4, variants=("shared", "branched"), progress=False)
-    assert list(res.variants) == ["shared"] and "branched skipped" in res.notes[0]
+    assert list(res.variants) == ["shared"] and "branched skipped" in res.notes[1]
+    assert "does not reach the model's initialisation" in res.notes[0]  # a model passed as is: every seed starts there
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the given model is copied
     assert res.delta_m == {} and "Note: branched skipped" in res.to_markdown()
 
@@ -164,29 +170,71 @@ def test_ceiling_broken_and_delta_m_from_records():
     assert "Δm% vs independent (positive: better; final checkpoint; averaged per metric)" in res.to_markdown()
 
 
-def test_split_gains_over_seeds():
-    def rec(name, a):
-        return VariantRecord(name, {"a": [1.0]}, [(1, {"a": a})], {"a": "min"})
+def _seeds(shared: list[float], gains: dict[str, list[float]]) -> list[ComparisonResult]:
+    """One result per seed with one "min" metric: the shared model's value, and each variant's value planted so
+    that its Delta-m% against the same seed's shared model is the given gain."""
 
-    # The shared model moves 1.0 -> 1.1 -> 0.9 across seeds: its spread is the standard deviation of its own
-    # Delta-m% against its mean over the seeds (10%, 0%, -10%: 10%).
-    shared = [1.0, 0.9, 1.1]
-    big = [0.5, 0.45, 0.55]  # 50% better on every seed
-    small = [0.95, 0.855, 1.045]  # 5% better on every seed: within two spreads
-    mixed = [0.5, 0.95, 1.2]  # ahead on two seeds of three
-    runs = [
+    def rec(name, value, seed):
+        return VariantRecord(name, {"a": [value + seed]}, [(1, {"a": value})], {"a": "min"})
+
+    return [
         ComparisonResult(
-            {"shared": rec("shared", s), "big": rec("big", b), "small": rec("small", m), "mixed": rec("mixed", x)},
-            ["a"], steps=1, split_step=0,
+            {"shared": rec("shared", s, k), **{n: rec(n, s * (1 - g[k] / 100), k) for n, g in gains.items()}},
+            ["a"], steps=1, split_step=0, seed=k,
         )
-        for s, b, m, x in zip(shared, big, small, mixed)
+        for k, s in enumerate(shared)
     ]
-    gains = split_gains(runs)
-    assert gains["big"].per_seed == pytest.approx([50.0, 50.0, 50.0]) and gains["big"].spread == pytest.approx(10.0)
-    assert gains["big"].beyond is True and gains["small"].beyond is False and gains["mixed"].beyond is False
-    assert split_gains(runs[:1])["big"].beyond is None  # one seed: no spread to judge by
+
+
+def test_split_gains_are_judged_by_a_paired_test_with_a_floor():
+    # The shared model moves a lot from seed to seed (its own Delta-m% spreads by about 30%), while each split's
+    # gain over the same seed's shared model is planted.
+    planted = {
+        "consistent": [25.5, 26.0, 29.4],  # the same +27% on every seed, far inside the shared model's own spread
+        "varied": [60.7, 35.3, 18.4],
+        "tiny": [0.0004, 0.0003, 0.0005],  # ahead on every seed, in the fourth digit
+        "mixed": [40.0, -5.0, -3.0],  # one lucky seed
+    }
+    gains = split_gains(_seeds([1.0, 1.3, 0.7], planted))
+    assert gains["consistent"].spread == pytest.approx(30.0)
+    for name, values in planted.items():
+        assert gains[name].per_seed == pytest.approx(values)
+    assert gains["consistent"].beyond is True and gains["varied"].beyond is True
+    assert gains["tiny"].beyond is False and gains["mixed"].beyond is False
+    # the p-value is the one-sided paired t-test's, against the 1% floor: by hand
+    d = planted["varied"]
+    t = (statistics.fmean(d) - 1.0) / (statistics.stdev(d) / math.sqrt(len(d)))
+    assert gains["varied"].p_value == pytest.approx(scipy.stats.t.sf(t, len(d) - 1))
+    assert gains["varied"].floor == 1.0 and gains["varied"].seeds_vary
+    one = split_gains(_seeds([1.0], {"consistent": [27.0], "tiny": [0.0004]}))
+    assert one["consistent"].beyond is None and one["tiny"].beyond is False  # one seed cannot confirm a gain
     with pytest.raises(ValueError, match="no 'shared' variant"):
-        split_gains([ComparisonResult({"big": rec("big", 0.5)}, ["a"], steps=1, split_step=0)])
+        split_gains([ComparisonResult({"big": _seeds([1.0], {})[0]["shared"]}, ["a"], steps=1, split_step=0)])
+
+
+def test_seeds_that_change_nothing_are_flagged():
+    # the same shared run on every "seed": whatever the gains, nothing was learnt about seed-to-seed variation
+    runs = _seeds([1.0, 1.0, 1.0], {"split": [30.0, 31.0, 29.0]})
+    for r in runs:
+        r.variants["shared"] = runs[0]["shared"]
+        r.seed = None
+    with pytest.warns(IdenticalSeedsWarning):
+        gain = split_gains(runs)["split"]
+    assert gain.seeds_vary is False and gain.beyond is None
+
+    # as met in practice: a factory that seeds itself, and fixed batches
+    def self_seeding():
+        torch.manual_seed(0)
+        return mlp_net()
+
+    results = [_run(seed=s, factory=self_seeding, variants=("shared", "branched")) for s in range(3)]
+    assert all(r.history == results[0].history for r in results)  # bit-identical runs
+    assert all("does not reach" in r.notes[0] for r in results)
+    with pytest.warns(IdenticalSeedsWarning):
+        gains = split_gains(results)
+    assert gains["branched"].beyond in (None, False) and not gains["branched"].seeds_vary
+    with pytest.warns(IdenticalSeedsWarning):  # one seed given twice
+        assert split_gains([_run(seed=1, variants=("shared", "branched"))] * 2)["branched"].seeds_vary is False
 
 
 def test_compare_on_a_small_cnn_with_batchnorm():
@@ -204,3 +252,19 @@ def test_compare_on_a_small_cnn_with_batchnorm():
     assert res["lora"].params > res["shared"].params  # adapters on both convolutions
     assert repr(res).startswith("ComparisonResult(variants=['shared'") and str(res) == res.to_markdown()
     assert repr(res["lora"]) == f"VariantRecord('lora', tasks=['a', 'b'], steps=6, params={res['lora'].params})"
+
+
+def test_costs_are_timed_round_robin_on_one_thread():
+    calls, threads = [], []
+
+    def call(name):
+        def run():
+            calls.append(name)
+            threads.append(torch.get_num_threads())
+        return run
+
+    before = torch.get_num_threads()
+    timings = interleaved_ms({"a": call("a"), "b": call("b")}, repeats=3)
+    assert calls == ["a", "b"] * 4  # a warm-up round, then three timed rounds, the variants in turn
+    assert set(threads) == {1} and torch.get_num_threads() == before  # the thread count is restored
+    assert set(timings) == {"a", "b"} and all(t.wall >= 0 and t.cpu >= 0 for t in timings.values())

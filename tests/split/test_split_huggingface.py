@@ -14,9 +14,9 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from gradconflict import ConflictMonitor  # noqa: E402
-from gradconflict.split import BranchedNet, branch, compare, lora_split  # noqa: E402
+from gradconflict.split import BranchedNet, branch, compare, duplicated_share, lora_split  # noqa: E402
 from gradconflict.split.lora import LoRALayer  # noqa: E402
-from gradconflict.split.model import backbone_blocks  # noqa: E402
+from gradconflict.split.model import backbone_blocks, count_parameters  # noqa: E402
 
 WIDTH = 16
 
@@ -163,26 +163,38 @@ def test_the_advices_layer_name_branches_at_its_block():
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_duplicated_share_is_what_branch_copies(family):
+    model, _ = model_and_batch(family)
+    at = f"{LAYERS[family]}.1.attention" if family != "gpt2" else f"{LAYERS[family]}.1.attn"  # a layer's path
+    added = count_parameters(branch(model, at=at)) - count_parameters(model)  # two groups: one more copy
+    assert duplicated_share(model, at) == pytest.approx(added / sum(p.numel() for p in model.backbone.parameters()))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_lora_split_adapts_linear_and_gpt2_conv1d_layers(family):
     model, batch = model_and_batch(family)
     before = {t: v.detach() for t, v in model(batch).items()}
-    split = lora_split(model, rank=2)
-    kinds = {type(layer.base).__name__ for layer in split.layers.values()}
-    assert kinds == ({"Conv1D"} if family == "gpt2" else {"Linear"})
+    split = lora_split(model, rank=2, targets="all")
+    assert {layer.transposed for layer in split.layers.values()} == ({True, False} if family == "gpt2" else {False})
     out = split(batch)
-    for t in before:  # adapters start at zero: the same function
-        torch.testing.assert_close(out[t], before[t], rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(out[t], before[t]) for t in before)  # adapters start at zero: the same function
+    adapters = {id(p) for p in split.adapter_parameters()}
+    assert {id(p) for p in model.backbone.parameters() if p.requires_grad} == adapters  # all else is frozen
     frozen = {k: v.clone() for k, v in model.backbone.named_parameters() if not v.requires_grad}
-    assert len(frozen) == sum(1 for _ in model.backbone.parameters()) - 2 * 2 * len(split.layers)  # all but A, B
     opt = torch.optim.Adam(split.trainable_parameters(), lr=1e-2)
     for _ in range(3):
         opt.zero_grad()
         sum(v.pow(2).mean() for v in split(batch).values()).backward()
         opt.step()
     assert all(torch.equal(v, model.backbone.get_parameter(k)) for k, v in frozen.items())  # base untouched
-    routed = split(batch, task="a")
+    with torch.no_grad():  # each task's adapter changes only its task's output
+        for layer in split.layers.values():
+            layer.up["b"].zero_()
+        base, routed = model(batch), split(batch)
+    assert torch.equal(routed["b"], base["b"]) and not torch.allclose(routed["a"], base["a"])
+    routed_a = split(batch, task="a")
     split.merge("a")  # the adapter folded into the base weight (transposed for Conv1D) computes the same
-    torch.testing.assert_close(model(batch)["a"], routed, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model(batch)["a"], routed_a, rtol=1e-4, atol=1e-5)
     split.unmerge()
     assert all(torch.equal(v, model.backbone.get_parameter(k)) for k, v in frozen.items())
     assert all(isinstance(m, LoRALayer) for m in split.layers.values())

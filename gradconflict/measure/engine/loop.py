@@ -13,7 +13,7 @@ from torch import Tensor
 
 from gradconflict.measure.capture import RetainedGrads
 from gradconflict.measure.checkpoint import BufferGuard, measuring_segments
-from gradconflict.measure.engine.base import Accumulator, Measurement, Plan
+from gradconflict.measure.engine.base import Accumulator, Measurement, NothingLearned, Plan
 from gradconflict.measure.engine.segments import boundary_edges, segment_backward
 from gradconflict.measure.graph import Graph, walk_graph
 
@@ -66,11 +66,12 @@ def loop_accumulate(
     return acc
 
 
-class ReferenceEngine:
+class ReferenceEngine(NothingLearned):
     """``engine="reference"``: the per-task loop, for checking. It needs no hook."""
 
     name = "reference"
     approximate = False
+    strategy = "loop"
 
     def __init__(self) -> None:
         self.retained = RetainedGrads()

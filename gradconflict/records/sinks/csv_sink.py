@@ -15,7 +15,7 @@ valid table; a cell a step has no value for is empty. Each row is flushed as it 
 >>> sink.close()
 >>> with open(path, newline="") as f:
 ...     rows = list(csv.DictReader(f))
->>> [(r["step"], r["cos/a-b"]) for r in rows]
+>>> [(r["step"], r["cos/a/b"]) for r in rows]
 [('0', ''), ('1', '-0.5')]
 """
 

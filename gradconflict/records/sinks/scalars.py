@@ -1,13 +1,14 @@
 """One step's numbers as flat, named scalars: the keys the CSV, TensorBoard and W&B sinks write.
 
-Pairs are named by their two task names, sorted and joined by ``-`` (``cos/depth-seg``), so the key of a pair
-never depends on the order of the losses dict. The keys:
+Pairs are named by :func:`~gradconflict.records.pairs.pair_key`: the two task names sorted, escaped, joined by
+``/`` (``cos/depth/seg``), as in the history and the diagnosis, so the key of a pair never depends on the order of
+the losses dict and two pairs never share one, whatever the task names. The keys:
 
 - ``conflict_fraction``, ``cancellation``, ``update_norm``, ``worst_cosine``, ``condition_number``;
-- ``cos/<a>-<b>`` for each pair;
+- ``cos/<pair key>`` for each pair;
 - ``norm/<task>``, ``alignment/<task>``, ``loss/<task>``, ``weight/<task>`` for each task;
 - with ``layers=True``, for each shared layer ``<name>``: ``layer/<name>/conflict_fraction``,
-  ``layer/<name>/worst_cosine`` and ``layer/<name>/cos/<a>-<b>``.
+  ``layer/<name>/worst_cosine`` and ``layer/<name>/cos/<pair key>``.
 
 A value that is not finite is left out rather than written as NaN: a step that carried a single task has no pair
 (no conflict fraction, cancellation, cosine or alignment: as in the diagnosis, these are only defined on steps
@@ -18,7 +19,7 @@ step has only its weights and losses.
 >>> from gradconflict import ConflictReport
 >>> r = ConflictReport(("seg", "depth"), torch.tensor([[4.0, -2.0], [-2.0, 9.0]]), losses=torch.tensor([0.5, 2.0]))
 >>> s = scalars(r)
->>> round(s["cos/depth-seg"], 4), s["norm/depth"], s["conflict_fraction"], s["loss/seg"]
+>>> round(s["cos/depth/seg"], 4), s["norm/depth"], s["conflict_fraction"], s["loss/seg"]
 (-0.3333, 3.0, 1.0, 0.5)
 """
 
@@ -31,17 +32,9 @@ from torch import Tensor
 
 from gradconflict.measure import metrics
 from gradconflict.measure.report import ConflictReport
+from gradconflict.records.pairs import pair_key
 
 __all__ = ["pair_key", "scalars", "tensor_scalars"]
-
-
-def pair_key(a: str, b: str) -> str:
-    """The name of the pair of tasks ``a`` and ``b`` in the keys: the two names sorted, joined by ``-``.
-
-    >>> pair_key("seg", "depth")
-    'depth-seg'
-    """
-    return "-".join(sorted((a, b)))
 
 
 def tensor_scalars(report: ConflictReport, *, layers: bool = False) -> dict[str, Tensor]:
@@ -63,7 +56,8 @@ def tensor_scalars(report: ConflictReport, *, layers: bool = False) -> dict[str,
     out.update({f"norm/{t}": v for t, v in zip(tasks, report.task_norms.unbind())})
     if pairs:  # the pair quantities: only defined on a step that carried two tasks or more
         C = report.cosine[upper]
-        out.update(conflict_fraction=report.conflict_fraction, cancellation=report.cancellation, worst_cosine=C.min())
+        out.update(conflict_fraction=report.conflict_fraction, cancellation=report.cancellation)
+        out.update(worst_cosine=metrics.worst_cosine(report.gram))
         out.update({f"cos/{p}": v for p, v in zip(pairs, C.unbind())})
         out.update({f"alignment/{t}": v for t, v in zip(tasks, report.alignment.unbind())})
         if layers and report.layers:
@@ -85,9 +79,10 @@ def scalars(report: ConflictReport, *, layers: bool = False) -> dict[str, float]
 def _layer_scalars(report: ConflictReport, pairs: list[str], upper: tuple[Tensor, ...]) -> dict[str, Tensor]:
     names = list(report.layers)
     G = torch.stack([report.layers[n].gram.double() for n in names])  # [L, T, T]: every layer in one batch
-    C = metrics.cosine(G)[(slice(None), *upper)]
+    rows, cols = upper
+    C = metrics.cosine(G)[:, rows, cols]
     fraction = metrics.conflict_fraction(G, report.threshold)
-    worst = C.amin(1)
+    worst = metrics.worst_cosine(G)
     out: dict[str, Tensor] = {}
     for k, name in enumerate(names):
         out[f"layer/{name}/conflict_fraction"] = fraction[k]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from gradconflict.diagnosis.stats import (
+from gradconflict.diagnosis.persistence import (
     SMALL_EFFECT,
     autocorrelation_time,
     binomial_tail,
@@ -127,3 +127,19 @@ def test_benjamini_hochberg_over_the_family():
     assert t.p_adjusted == pytest.approx(stats.false_discovery_control(t.p_conflict, method="bh"))
     assert t.take([2]).p_adjusted == pytest.approx(t.p_adjusted[2:])  # the family's adjustment is kept
     assert t.p_agreement[2] == pytest.approx(stats.binomtest(7, 14, 0.5, alternative="less").pvalue)
+
+
+def test_the_old_module_paths_still_work_with_a_warning():
+    import importlib
+    import sys
+
+    from gradconflict.diagnosis import conflicts, persistence
+
+    sys.modules.pop("gradconflict.diagnosis.stats", None)
+    with pytest.warns(DeprecationWarning, match="gradconflict.diagnosis.persistence"):
+        old = importlib.import_module("gradconflict.diagnosis.stats")
+    assert old is persistence and old.PersistenceTests is persistence.PersistenceTests
+    with pytest.warns(DeprecationWarning, match="gradconflict.diagnosis.conflicts.ConflictTests"):
+        assert persistence.ConflictTests is conflicts.ConflictTests
+    with pytest.warns(DeprecationWarning, match="conflicts.conflict_tests"):
+        assert persistence.conflict_tests is conflicts.conflict_tests

@@ -1,0 +1,192 @@
+"""The advice side: what a user of gradconflict is told on each problem, and whether it matches the truth.
+
+For each problem, the shared model of seed 0 trains for the problem's budget on the truth's seed-0 batches with
+every step measured by a :class:`~gradconflict.ConflictMonitor`, and ``gradconflict.advise(history, model=...)``
+reads the run: the **first look**. Then the advice's ``next_step`` is run as printed, with the problem's own
+inputs: ``model_factory`` (a fresh model from torch's global generator, which ``compare`` seeds),
+``loss_fns``, ``train_data`` (the same batches), ``eval_data`` (the held-out set), ``metrics`` (held-out accuracy
+or mean squared error) and ``history``; every ``compare`` call it makes runs with the problem's budget (steps,
+Adam at its learning rate) whatever the printed code says, and the advice it asks for with the comparison
+(``advise(history, comparison=results)``) is read with ``model=`` too: the **advice after next_step**.
+``next_step`` may be code (a string, or an object with a ``code`` string) or a callable taking those inputs by
+name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+import gradconflict
+from gradconflict import ConflictMonitor, advise
+from gradconflict.diagnosis import Advice
+
+from .problems import Problem
+from .truth import Truth, canonical
+
+
+@dataclass
+class Reading:
+    """One reading of the advice, as plain values."""
+
+    verdict: str
+    block: str | None  # the branch point's block (``backbone.k``)
+    branch_point: str | None
+    groups: list[list[str]]
+    decided: bool
+    uncertainty: str
+
+    @classmethod
+    def of(cls, advice: Advice) -> Reading:
+        return cls(
+            advice.verdict, block_of(advice.branch_point), advice.branch_point, canonical(advice.groups),
+            advice.uncertainty.decided, str(advice.uncertainty),
+        )
+
+
+@dataclass
+class AdviceOutcome:
+    """The advice on one problem and how it scores against the truth."""
+
+    name: str
+    first: Reading
+    after: Reading | None
+    error: str | None  # why there is no reading after next_step
+    seconds: float
+    scores: dict[str, bool | None] = field(default_factory=dict)
+
+
+def block_of(layer: str | None) -> str | None:
+    """``"backbone.2.1.weight"`` -> ``"backbone.2"``: the block a layer belongs to (the problems' backbones are
+    ``nn.Sequential`` s of blocks)."""
+    if layer is None:
+        return None
+    parts = layer.split(".")
+    return ".".join(parts[:2]) if parts[0] == "backbone" and len(parts) > 1 else layer
+
+
+def _inputs(problem: Problem) -> dict[str, Any]:
+    """What a next step may ask for, built from the problem."""
+    batches = [(problem.x[i], {t: y[i] for t, y in problem.y.items()}) for i in problem.batch_indices(0)]
+    return {
+        "model_factory": lambda: problem.build(None),
+        "loss_fns": problem.loss_fns(),
+        "train_data": batches,
+        "eval_data": [(problem.x_test, problem.y_test)],
+        "metrics": problem.metrics(),
+    }
+
+
+def monitored_run(problem: Problem) -> tuple[ConflictMonitor, torch.nn.Module]:
+    """The shared model of seed 0, trained for the budget with every step measured."""
+    model = problem.model(0)
+    loss_fns = problem.loss_fns()
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=problem.lr)
+    with ConflictMonitor(model, max_history=None) as monitor:
+        for idx in problem.batch_indices(0):
+            out = model(problem.x[idx])
+            optimizer.zero_grad()
+            monitor.backward({t: fn(out[t], problem.y[t][idx]) for t, fn in loss_fns.items()})
+            optimizer.step()
+    return monitor, model
+
+
+def follow_next_step(problem: Problem, first: Advice, history: Any, model: torch.nn.Module) -> Advice:
+    """Run ``first.next_step`` with the problem's inputs and budget; the advice it reads with the comparison."""
+    inputs = {**_inputs(problem), "history": history}
+    real_compare, real_advise = gradconflict.compare, gradconflict.advise
+    seen: dict[str, Any] = {}
+
+    def compare(*args: Any, **kwargs: Any) -> Any:
+        kwargs.update(
+            steps=problem.steps, progress=False, eval_data=inputs["eval_data"], metrics=inputs["metrics"],
+            optimizer_factory=lambda params: torch.optim.Adam(params, lr=problem.lr),
+        )
+        return real_compare(*args, **kwargs)
+
+    def advise_with_model(*args: Any, **kwargs: Any) -> Advice:
+        kwargs.setdefault("model", model)
+        seen["advice"] = real_advise(*args, **kwargs)
+        return seen["advice"]
+
+    step = first.next_step
+    code = step if isinstance(step, str) else getattr(step, "code", None)
+    gradconflict.compare, gradconflict.advise = compare, advise_with_model  # what `from gradconflict import` gets
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            if isinstance(code, str):
+                namespace = dict(inputs)
+                exec(compile(code, f"<next_step of {problem.name}>", "exec"), namespace)  # noqa: S102
+                results = namespace.get("results")
+            elif callable(step):
+                wanted = inspect.signature(step).parameters
+                results = step(**{k: v for k, v in inputs.items() if k in wanted})
+            else:
+                raise TypeError(f"next_step is a {type(step).__name__}: neither code nor a callable")
+    finally:
+        gradconflict.compare, gradconflict.advise = real_compare, real_advise
+    if "advice" in seen:
+        return seen["advice"]
+    if isinstance(results, Advice):
+        return results
+    if results is None:
+        raise RuntimeError("the next step neither asked for the advice nor left `results`")
+    return real_advise(history, model=model, comparison=results)
+
+
+def score(truth: Truth, reading: Reading | None) -> dict[str, bool | None]:
+    """Verdict, branch point (economical, and within the acceptable blocks; problems whose truth branches) and
+    groups, against the truth (``None``: not scored)."""
+    if reading is None:
+        return {"verdict": None, "economical": None, "acceptable_block": None, "groups": None}
+    branches = truth.verdict == "physical_split" or "physical_split" in truth.verdicts and bool(truth.blocks)
+    physical = reading.verdict == "physical_split"
+    return {
+        "verdict": reading.verdict in truth.verdicts,
+        "economical": (physical and reading.block == truth.economical) if branches else None,
+        "acceptable_block": (physical and reading.block in truth.blocks) if branches else None,
+        "groups": any(reading.groups == canonical(g) for g in truth.groups_acceptable),
+        "groups_exact": reading.groups == canonical(truth.groups),
+    }
+
+
+def advise_problem(problem: Problem, next_step: bool = True) -> AdviceOutcome:
+    """First look and (with ``next_step``) the advice after running its next step (scored later, by :func:`score`)."""
+    started = time.perf_counter()
+    monitor, model = monitored_run(problem)
+    first_advice = advise(monitor.history, model=model)
+    first = Reading.of(first_advice)
+    after, error = None, None
+    if next_step:
+        try:
+            after = Reading.of(follow_next_step(problem, first_advice, monitor.history, model))
+        except Exception as err:  # a next step that does not run is a finding, not a crash of the benchmark
+            error = f"{type(err).__name__}: {err}"
+            traceback.print_exc()
+    return AdviceOutcome(problem.name, first, after, error, time.perf_counter() - started)
+
+
+def scored(outcome: AdviceOutcome, truth: Truth) -> AdviceOutcome:
+    """``outcome`` with its scores against ``truth`` (``first_*`` and ``after_*``)."""
+    outcome.scores = {f"first_{k}": v for k, v in score(truth, outcome.first).items()}
+    outcome.scores |= {f"after_{k}": v for k, v in score(truth, outcome.after).items()}
+    return outcome
+
+
+def to_dict(outcome: AdviceOutcome) -> dict[str, Any]:
+    return {"name": outcome.name, "first": asdict(outcome.first),
+            "after": None if outcome.after is None else asdict(outcome.after),
+            "error": outcome.error, "seconds": outcome.seconds}
+
+
+def from_dict(d: dict[str, Any]) -> AdviceOutcome:
+    return AdviceOutcome(d["name"], Reading(**d["first"]), None if d["after"] is None else Reading(**d["after"]),
+                         d["error"], d["seconds"])
