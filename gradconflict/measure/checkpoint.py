@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -134,8 +134,8 @@ class BufferGuard:
     too. A buffer changed outside any module's forward is not seen.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module | Iterable[nn.Module]) -> None:
+        self.model = model  # the model, or its modules
         self._saved: dict[nn.Module, dict[str, tuple[Tensor, Tensor]]] = {}
         self._members: set[int] | None = None
         self._handle: RemovableHandle | None = None
@@ -149,7 +149,8 @@ class BufferGuard:
         if module in self._saved:
             return
         if self._members is None:  # built on the first recomputation only: most blocks have none
-            self._members = {id(m) for m in self.model.modules()}
+            modules = self.model.modules() if isinstance(self.model, nn.Module) else self.model
+            self._members = {id(m) for m in modules}
         if id(module) in self._members:
             with torch.no_grad():
                 self._saved[module] = {

@@ -57,7 +57,7 @@ def loop_accumulate(
 
             # Each task's pass recomputes the checkpointed segments from the buffers the step's own backward will
             # see (a spectral norm's vectors, running statistics): what one task's recomputation moved is put back.
-            with measuring_segments(handler) if edges else contextlib.nullcontext(), BufferGuard(plan.model):
+            with measuring_segments(handler) if edges else contextlib.nullcontext(), BufferGuard(plan.module_name):
                 grads = torch.autograd.grad(
                     loss, [*leaves, *edges], retain_graph=True, allow_unused=True, materialize_grads=True
                 )
