@@ -40,7 +40,9 @@ class Call:
     """One forward call of a tapped module: what the rule recorded then, and (later) its output gradients.
 
     ``saved`` is the rule's own record of the call (:meth:`LayerRule.save`: the input, and any module state the
-    rule needs, taken at forward time); ``owner`` is the capture that tapped it; ``grads`` is
+    rule needs, taken at forward time); ``owner`` is the capture that tapped it; ``used`` maps each covered
+    parameter name to the id of the tensor the module held under it during the call (``torch.func.functional_call``
+    substitutes others: a rule then covers only the names whose tensor is the graph's leaf); ``grads`` is
     ``[T, *output.shape]``, the output gradient of every task, filled in when the batched backward reaches this
     call. Both are dropped as soon as the rule has run (``saved`` becomes ``None``).
     """
@@ -49,6 +51,7 @@ class Call:
     rule: LayerRule
     saved: Any
     owner: object = field(default=None, repr=False)
+    used: dict[str, int] = field(default_factory=dict, repr=False)
     grads: Tensor | None = field(default=None, repr=False)
 
     def release(self) -> None:
@@ -69,10 +72,16 @@ class LayerRule:
     param_names: tuple[str, ...] = ()
 
     def params(self, module: nn.Module) -> dict[str, nn.Parameter]:
-        """The covered parameters of ``module`` that exist and require grad."""
+        """The covered parameters of ``module`` that exist and require grad.
+
+        Read from the module's own parameter table, never by attribute: a parametrised weight
+        (``torch.nn.utils.parametrize``, ``spectral_norm``) is computed on attribute access, which would run its
+        parametrisation (a power iteration that moves buffers) outside the user's forward. Such a weight is not a
+        leaf, so no rule covers it: its ``original`` takes the engine's generic route.
+        """
         out = {}
         for name in self.param_names:
-            p = getattr(module, name, None)
+            p = module._parameters.get(name)
             if isinstance(p, nn.Parameter) and p.requires_grad:
                 out[name] = p
         return out

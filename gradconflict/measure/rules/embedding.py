@@ -21,8 +21,9 @@ class EmbeddingRule(LayerRule):
     param_names = ("weight",)
 
     def accepts(self, module: nn.Module) -> bool:
-        # Sparse gradients and max_norm renormalisation (an in-place edit of the weight) stay with autograd.
-        return not module.sparse and module.max_norm is None
+        # max_norm renormalisation (an in-place edit of the weight) stays with autograd. A sparse Embedding is
+        # covered: its rows come from the output gradients, and autograd is never asked for its (sparse) gradient.
+        return module.max_norm is None
 
     def _positions(
         self, module: nn.Module, calls: Sequence[Call], dtype: torch.dtype
