@@ -27,7 +27,6 @@ output even when a user's forward hook rewrites it; it is moved ahead of the glo
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import threading
 import weakref
@@ -116,11 +115,17 @@ class _TransformTap(torch.autograd.Function):
         return _TransformTap.apply(output, anchor, call, capture), in_dims[0]
 
 
-@functools.cache
+#: Each module class's input name, read once (a class's forward signature does not change).
+_INPUT_NAMES: dict[type[nn.Module], str | None] = {}
+
+
 def _input_name(cls: type[nn.Module]) -> str | None:
     """The name of the first argument of ``cls.forward`` (its input), for calls that pass it by keyword."""
-    params = list(inspect.signature(cls.forward).parameters.values())[1:]
-    return params[0].name if params and params[0].kind is not inspect.Parameter.VAR_POSITIONAL else None
+    if cls not in _INPUT_NAMES:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+        first = params[0] if params else None
+        _INPUT_NAMES[cls] = None if first is None or first.kind is inspect.Parameter.VAR_POSITIONAL else first.name
+    return _INPUT_NAMES[cls]
 
 
 def _input_of(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

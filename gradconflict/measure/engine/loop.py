@@ -45,7 +45,7 @@ def loop_accumulate(
     """The shared parameters' per-task gradients from T separate backward passes (T copies of them)."""
     stacked = torch.stack([loss.reshape(()) for loss in losses])
     graph = walk_graph([stacked]) if graph is None else graph
-    leaves = [t for t in graph.leaves if id(t) in plan.shared]
+    leaves: list[Any] = [t for t in graph.leaves if id(t) in plan.shared]  # tensors, then gradient edges below
     edges = boundary_edges(graph.checkpoints)
     acc = Accumulator(len(losses), plan, stacked.device, reduction)
     if leaves or edges:
