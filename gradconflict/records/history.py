@@ -517,15 +517,34 @@ class History:
     @classmethod
     def from_jsonl(cls, path: str | Path, ema_decay: float = EMA_DECAY, max_history: int | None = None) -> History:
         """Read a history written by :meth:`to_jsonl` or a :class:`~gradconflict.records.sinks.JSONLSink` (the EMAs are
-        recomputed), one line at a time. A line that is not JSON (cut short by a crash) is skipped with a
-        ``RuntimeWarning`` naming its line number; a JSON line that is not a history step is a ``ValueError``
-        naming the line and the field (:func:`~gradconflict.records.sinks.jsonl.read_reports`)."""
-        from gradconflict.records.sinks.jsonl import read_reports  # the sink module imports this one
+        recomputed): every step of the file by default (``max_history=None``), the last ``max_history`` otherwise
+        (the EMAs and :attr:`steps_seen` cover the whole file either way). A line that is not JSON (cut short by a
+        crash) is skipped with a ``RuntimeWarning`` naming its line number; a JSON line that is not a history step
+        is a ``ValueError`` naming the line and the field. The file is read in blocks of steps straight into the
+        packed storage (:func:`~gradconflict.records.sinks.jsonl.read_blocks`), without a report per line; the
+        history is the one appending each line's :meth:`ConflictReport.from_dict` would give."""
+        from gradconflict.records.sinks.jsonl import read_blocks  # the sink module imports this one
 
         history = cls(ema_decay=ema_decay, max_history=max_history)
-        for report in read_reports(path):
-            history.append(report)
+        for layout, steps, reason, packed in read_blocks(path):
+            history._admit_block(history._layouts.setdefault(layout, layout), steps, reason, packed)
+        history._collect(wait=True)
         return history
+
+    def _admit_block(self, layout: _Layout, steps: list[int], reason: str, packed: Tensor) -> None:
+        """Admit host rows of one layout (``packed[k]`` the packed row of ``steps[k]``) as :meth:`_admit` admits
+        each (a row whose Gram is not finite is kept as skipped), with one finiteness check for the block. For a
+        history without sinks (:meth:`from_jsonl`'s): the rows are stored, not handed to sinks."""
+        T = len(layout.tasks)
+        finite = [True] * len(steps) if reason else torch.isfinite(_grams(packed, T)).flatten(1).all(1).tolist()
+        for step, row, ok in zip(steps, packed, finite):
+            record = _Record(layout, step, reason or ("" if ok else "non-finite gradients"), row)
+            self._records.append(record)
+            if not record.skip_reason:
+                self._unfolded.append(record)
+                if len(self._unfolded) >= FOLD_BATCH:  # in the batches appending folds: the same averages
+                    self._fold()
+        self.steps_seen += len(steps)
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
