@@ -166,14 +166,22 @@ class _Layout:
     sync: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Record:
-    """One step on the host: its layout, and weights, losses, Gram and layer Grams packed in one tensor."""
+    """One step on the host: its layout, and weights, losses, Gram and layer Grams packed in one row of ``block``
+    (``[N, K]``). An appended step has a block of its own; the steps a file is read into share blocks of rows,
+    so a million steps are a few hundred tensors, not a million."""
 
     layout: _Layout
     step: int
     skip_reason: str
-    packed: Tensor
+    block: Tensor
+    row: int = 0
+
+    @property
+    def packed(self) -> Tensor:
+        """``[K]`` the step's packed row."""
+        return self.block[self.row]
 
     def report(self) -> ConflictReport:
         lay, T = self.layout, len(self.layout.tasks)
@@ -202,6 +210,19 @@ class _Record:
             threshold=lay.threshold,
             sync=lay.sync,
         )
+
+
+def _rows(records: list[_Record]) -> Tensor:
+    """``[N, K]`` the records' packed rows: one slice for each run of consecutive rows of one block (a view when
+    the records are one such run)."""
+    pieces, start = [], 0
+    for k in range(1, len(records) + 1):
+        last = records[k - 1]
+        if k == len(records) or records[k].block is not last.block or records[k].row != last.row + 1:
+            first = records[start]
+            pieces.append(first.block[first.row : first.row + k - start])
+            start = k
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 @dataclass
@@ -286,7 +307,7 @@ class History:
             packed = host
         else:
             packed = packed.cpu()
-        self._pending.append(_Pending(_Record(layout, report.step, report.skip_reason, packed), event))
+        self._pending.append(_Pending(_Record(layout, report.step, report.skip_reason, packed[None]), event))
         self._collect(wait=False)
 
     def _collect(self, wait: bool) -> None:
@@ -334,7 +355,7 @@ class History:
 
     def _fold_run(self, layout: _Layout, records: list[_Record]) -> None:
         T = len(layout.tasks)
-        packed = torch.stack([r.packed for r in records]).double()
+        packed = _rows(records).double()
         w, grams = _weights(packed, T), _grams(packed, T)  # the Gram, then each layer's
         G = grams[:, 0]
         columns: dict[str, list[float]] = {
@@ -401,7 +422,7 @@ class History:
         return [
             Stacked(
                 lay.tasks, tuple((name, n) for name, n, _ in lay.layers), lay.threshold, lay.has_losses,
-                torch.tensor([r.step for r in records], dtype=torch.int64), torch.stack([r.packed for r in records]),
+                torch.tensor([r.step for r in records], dtype=torch.int64), _rows(records),
             )
             for lay, records in blocks.items()
         ]
@@ -537,8 +558,8 @@ class History:
         history without sinks (:meth:`from_jsonl`'s): the rows are stored, not handed to sinks."""
         T = len(layout.tasks)
         finite = [True] * len(steps) if reason else torch.isfinite(_grams(packed, T)).flatten(1).all(1).tolist()
-        for step, row, ok in zip(steps, packed, finite):
-            record = _Record(layout, step, reason or ("" if ok else "non-finite gradients"), row)
+        for row, (step, ok) in enumerate(zip(steps, finite)):
+            record = _Record(layout, step, reason or ("" if ok else "non-finite gradients"), packed, row)
             self._records.append(record)
             if not record.skip_reason:
                 self._unfolded.append(record)
@@ -598,7 +619,7 @@ class History:
         ]
         self._layouts = {lay: lay for lay in layouts}
         self._records = deque(
-            (_Record(layouts[k], step, reason, packed) for k, step, reason, packed in state["records"]),
+            (_Record(layouts[k], step, reason, packed[None]) for k, step, reason, packed in state["records"]),
             maxlen=self.max_history,
         )
         self._ema = dict(state["ema"])

@@ -25,9 +25,9 @@ number, so a cut line left in the middle by an older resume costs that line, not
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
-import math
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
