@@ -135,16 +135,23 @@ class RunSummary:
         return any(n < self.measured for n in self.task_steps)
 
     def coverage(self) -> list[str]:
-        """Lines on which tasks and pairs the measured steps carried, when some step lacked some task (else
-        none)."""
+        """Lines on which steps the figures cover: that they are the last steps of a longer run, when the
+        history dropped some (:attr:`earlier`), and which tasks and pairs the measured steps carried, when some
+        step lacked some task (else none)."""
+        lines = []
+        if self.earlier:
+            lines.append(
+                f"these are the last {self.steps} steps of a run of {self.steps + self.earlier}: the history kept "
+                "no more (max_history); read the run's JSONL file for all of them"
+            )
         if not self.partial:
-            return []
+            return lines
         S = self.measured
-        lines = [
+        lines.append(
             "tasks (measured steps carrying each): "
             + ", ".join(f"{t} {n}" for t, n in zip(self.tasks, self.task_steps))
             + f" of {S}"
-        ]
+        )
         if len(self.tasks) > 1:
             lines.append(
                 f"pairs measured together: {', '.join(f'{p.name} {p.together}' for p in self.pairs)} of {S}; "
@@ -163,13 +170,6 @@ class RunSummary:
             f"steps {self.first_step} to {self.last_step}; tasks {', '.join(self.tasks)}; a pair conflicts when "
             f"its cosine < {self.threshold:.3g}",
             *self.coverage(),
-        ]
-        if self.earlier:
-            lines.append(
-                f"these are the last {self.steps} steps of a run of {self.steps + self.earlier}: the history kept "
-                "no more (max_history); read the run's JSONL file for all of them"
-            )
-        lines += [
             "",
             f"{'over the run':<20} {'mean':>8} {'first 1/4':>10} {'last 1/4':>9} {'trend/step':>11} {'p':>7}",
         ]

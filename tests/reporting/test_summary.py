@@ -92,8 +92,10 @@ def test_a_history_that_dropped_steps_says_so_and_a_file_keeps_every_step(tmp_pa
     history.close()
     kept = summarize_run(history)
     assert (kept.steps, kept.earlier, kept.first_step) == (5, 7, 7)
+    assert len(kept.coverage()) == 1  # the one line saying these are the last 5 steps of 12
     whole = summarize_run(History.from_jsonl(path))  # what gradconflict report reads: every line of the file
     assert (whole.steps, whole.earlier, whole.first_step, whole.last_step) == (12, 0, 0, 11)
+    assert whole.coverage() == []
 
 
 def test_a_long_run_trend_is_fitted_on_bin_means_and_the_summary_says_how_many():
