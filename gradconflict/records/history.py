@@ -32,7 +32,7 @@ import json
 import math
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -552,7 +552,7 @@ class History:
         history._collect(wait=True)
         return history
 
-    def _admit_block(self, layout: _Layout, steps: list[int], reason: str, packed: Tensor) -> None:
+    def _admit_block(self, layout: _Layout, steps: Sequence[int], reason: str, packed: Tensor) -> None:
         """Admit host rows of one layout (``packed[k]`` the packed row of ``steps[k]``) as :meth:`_admit` admits
         each (a row whose Gram is not finite is kept as skipped), with one finiteness check for the block. For a
         history without sinks (:meth:`from_jsonl`'s): the rows are stored, not handed to sinks."""

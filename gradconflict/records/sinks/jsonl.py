@@ -28,7 +28,8 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from array import array
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -145,14 +146,16 @@ def read_reports(path: str | Path) -> Iterator[ConflictReport]:
         yield _report(data, where)
 
 
-def read_blocks(path: str | Path, rows: int = BLOCK_ROWS) -> Iterator[tuple[_Layout, list[int], str, Tensor]]:
-    """The steps of a JSONL history in file order, in blocks of up to ``rows`` consecutive steps that share one
-    layout: ``(layout, steps, skip reason, packed)``, ``packed`` being ``[N, K]`` float64 rows in the History's
-    packed layout (what :meth:`History.from_jsonl <gradconflict.History.from_jsonl>` stores). A skipped step is a
-    block of its own. No report object is built per line; the lines are checked, warned about and named in errors
-    exactly as :func:`read_reports` does, and give the same numbers."""
+def read_blocks(path: str | Path, rows: int | None = None) -> Iterator[tuple[_Layout, Sequence[int], str, Tensor]]:
+    """The steps of a JSONL history in file order, in blocks of up to ``rows`` (:data:`BLOCK_ROWS` by default)
+    consecutive steps that share one layout: ``(layout, steps, skip reason, packed)``, ``packed`` being ``[N, K]``
+    float64 rows in the History's packed layout (what :meth:`History.from_jsonl <gradconflict.History.from_jsonl>`
+    stores). A skipped step is a block of its own. No report object is built per line; the lines are checked,
+    warned about and named in errors exactly as :func:`read_reports` does, and give the same numbers."""
+    rows = rows or BLOCK_ROWS
     layout: _Layout | None = None
-    steps: list[int] = []
+    # The steps in a C array, not the decoder's int objects: those would pin memory among each line's garbage.
+    steps = array("q")
     values: list[list[Any]] = []
     wheres: list[str] = []
     for where, data in _decoded(path):
@@ -168,9 +171,9 @@ def read_blocks(path: str | Path, rows: int = BLOCK_ROWS) -> Iterator[tuple[_Lay
             raise
         if steps and (reason or line_layout != layout or len(steps) == rows):
             yield layout, steps, "", _packed(values, wheres)  # type: ignore[misc]
-            steps, values, wheres = [], [], []
+            steps, values, wheres = array("q"), [], []
         if reason:
-            yield line_layout, [data["step"]], reason, _packed([row], [where])
+            yield line_layout, array("q", [data["step"]]), reason, _packed([row], [where])
             continue
         layout = line_layout
         steps.append(data["step"])
