@@ -19,10 +19,12 @@ from importlib.metadata import version as _installed_version
 from typing import TYPE_CHECKING, Any
 
 from gradconflict import _moved
+from gradconflict.measure.attribution import SampleAttribution
 from gradconflict.measure.engine import PerformanceWarning, is_measuring
 from gradconflict.measure.report import ConflictReport, LayerReport
-from gradconflict.monitor import ConflictMonitor, MeasurementWarning
+from gradconflict.monitor import ConflictMonitor, DetachedTaskWarning, MeasurementWarning
 from gradconflict.records.history import History
+from gradconflict.records.samples import SampleTally
 from gradconflict.records.sinks import JSONLSink
 from gradconflict.weighting import Weighting, WeightingError, WeightingWarning
 
@@ -38,13 +40,13 @@ if TYPE_CHECKING:
         LoRASplit,
         MultiTaskNet,
         SplitEvaluation,
-        branch,
-        compare,
         delta_m,
         evaluate_split,
         lora_split,
         split_gains,
     )
+    from gradconflict.split.branch import branch
+    from gradconflict.split.compare import compare
 
 
 def _version() -> str:
@@ -101,11 +103,14 @@ __all__ = [
     "split_gains",
     "ConflictMonitor",
     "ConflictReport",
+    "DetachedTaskWarning",
     "History",
     "JSONLSink",
     "LayerReport",
     "MeasurementWarning",
     "PerformanceWarning",
+    "SampleAttribution",
+    "SampleTally",
     "Signal",
     "TensorBoardSink",
     "Thresholds",

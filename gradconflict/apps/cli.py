@@ -1,4 +1,4 @@
-"""The ``gradconflict`` command line: ``demo``, and ``report`` and ``advise`` on a saved history.
+"""The ``gradconflict`` command line: ``demo``, and ``report``, ``advise`` and ``samples`` on a saved history.
 
 Saved histories may hold steps that carry different tasks (partial labels, round-robin training): ``report``
 then says which tasks and pairs the measured steps carried, and ``advise`` judges each pair on the steps that
@@ -29,6 +29,7 @@ Measure how the tasks of a multi-task model fight over their shared backbone, an
   gradconflict demo                          train, monitor, diagnose and compare splits on offline data
   gradconflict report RUN.jsonl              summarise a saved run (add -o report.html for the HTML report)
   gradconflict advise RUN.jsonl              should the backbone be split, where, into which groups?
+  gradconflict samples RUN.jsonl --pair a,b  the examples that carry the conflict between tasks a and b
 
 RUN.jsonl is a history written by History.to_jsonl() or a JSONLSink (the demo writes one).
 """
@@ -132,6 +133,35 @@ def _warnings_as_lines(command: str) -> Iterator[None]:
         yield
 
 
+def _samples(args: argparse.Namespace) -> int:
+    from gradconflict.records.samples import SampleTally
+
+    a, comma, b = args.pair.partition(",")
+    if not comma or not a or not b or "," in b:
+        raise ValueError(f"--pair takes two task names separated by a comma (--pair seg,depth), got {args.pair!r}")
+    tally = SampleTally.from_jsonl(args.history)
+    if not tally.pairs:
+        print(f"{args.history}: no step was measured with sample_ids (monitor.backward(losses, sample_ids=ids))",
+              file=sys.stderr)
+        return 1
+    try:
+        stats = tally.pair(a, b)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    top = tally.top(a, b, k=args.top, by=args.by)
+    negative = sum(min(0.0, s["push"]) * s["count"] for s in stats.values())
+    carried = sum(min(0.0, stats[i]["push"]) * stats[i]["count"] for i in top)
+    share = f"{carried / negative:.0%}" if negative < 0 else "none"
+    fraction = len(top) / len(stats)
+    print(f"{args.history}: {len(stats)} ids attributed for ({a}, {b}); the {len(top)} below ({fraction:.1%} of "
+          f"them) carry {share} of the negative inner product between {a} and {b}")
+    print(f"{'id':>12} {'steps':>6} {'agreement':>10} {'push':>11} {'apart':>6}")
+    for i in top:
+        s = stats[i]
+        print(f"{i:>12} {s['count']:>6} {s['agreement']:>10.3f} {s['push']:>11.3e} {s['apart']:>6.0%}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``gradconflict`` command."""
     from gradconflict import __version__
@@ -190,6 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold", action="append", default=[], metavar="NAME=VALUE", help="override one threshold (repeatable)"
     )
     advise.set_defaults(func=_advise)
+    samples = sub.add_parser(
+        "samples",
+        help="the examples that carry a pair's conflict, from a run measured with sample_ids",
+        description="Rank the example ids of a saved run (steps measured with monitor.backward(losses, "
+        "sample_ids=ids)) by how much they carry the conflict between two tasks: lowest mean within-example "
+        "agreement first (see docs/attribution.md), with each id's steps, mean push (its part in 2 G_ab) and how "
+        "often it pushed the pair apart.",
+    )
+    samples.add_argument("history", help="a history written by History.to_jsonl or a JSONLSink")
+    samples.add_argument("--pair", required=True, metavar="A,B", help="the two tasks, e.g. --pair seg,depth")
+    samples.add_argument("--top", type=int, default=50, help="how many ids to list (default 50)")
+    samples.add_argument(
+        "--by", choices=("agreement", "push", "apart"), default="agreement", help="the ranking (default agreement)"
+    )
+    samples.set_defaults(func=_samples)
     return parser
 
 

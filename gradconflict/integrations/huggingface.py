@@ -102,10 +102,16 @@ class ConflictTrainer(transformers.Trainer):
             self.conflict.close()
 
     def compute_loss(
-        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, Any]:
         """``Trainer.compute_loss``, keeping the model's output for this step's measurement."""
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
         self._step_output = outputs
         return (loss, outputs) if return_outputs else loss
 

@@ -79,7 +79,7 @@ class ConflictMonitorMixin:
         """Measure this step's task losses, then run Lightning's own backward on ``loss``."""
         output = _STEP_OUTPUTS.pop(self, None)  # type: ignore[call-overload]
         lightning_backward = functools.partial(super().backward, loss, *args, **kwargs)  # type: ignore[misc]
-        callback = _callback(self)  # type: ignore[arg-type]
+        callback = _callback(self)
         if callback is None:
             lightning_backward()
         else:
@@ -128,7 +128,8 @@ class ConflictCallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Attach the monitor with the trainer's accumulation, loss scaler and step count."""
-        if not isinstance(pl_module, ConflictMonitorMixin):
+        # a check of the type, not isinstance: for the type checker pl_module stays a LightningModule below
+        if not issubclass(type(pl_module), ConflictMonitorMixin):
             raise TypeError(
                 f"ConflictCallback needs the LightningModule to take ConflictMonitorMixin: declare "
                 f"`class {type(pl_module).__name__}(ConflictMonitorMixin, LightningModule)` so that its backward "

@@ -18,13 +18,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from gradconflict._strict_json import strict
 from gradconflict.measure import metrics
+
+if TYPE_CHECKING:
+    from gradconflict.measure.attribution import SampleAttribution
 
 __all__ = ["ConflictReport", "LayerReport"]
 
@@ -215,6 +218,8 @@ class ConflictReport(_GramMetrics):
         skipped: True when the step was skipped (a non-finite loss or gradient, a GradScaler overflow, shared
             parameters not known yet); a skipped report has no Gram.
         skip_reason: why the step was skipped.
+        samples: each example's part in ``gram`` when the step was measured with ``sample_ids``
+            (:class:`~gradconflict.measure.attribution.SampleAttribution`), else ``None``.
     """
 
     def __init__(
@@ -242,6 +247,7 @@ class ConflictReport(_GramMetrics):
         self.layers: dict[str, LayerReport] = dict(layers or {})
         self._init_gram(tasks, gram, weights, threshold)
         self.losses = None if losses is None else losses.detach()
+        self.samples: SampleAttribution | None = None
 
     @classmethod
     def skipped_step(
@@ -314,10 +320,13 @@ class ConflictReport(_GramMetrics):
         if self.skipped:
             return head
         mine, *layers = _metrics_dicts([self, *self.layers.values()])  # every layer in one batch
-        return {
+        out = {
             **head, **mine,
             "layers": {k: v._with_metrics(d) for (k, v), d in zip(self.layers.items(), layers)},
         }
+        if self.samples is not None:
+            out["samples"] = self.samples.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ConflictReport:

@@ -3,9 +3,12 @@
 The shared parameters are given (a module, or a list of parameters) or discovered: at a step that carries two or
 more tasks, the parameters that receive gradient from at least two of them. They are read from the autograd
 graph; through a ``torch.compile``'d region, whose graph hides which task uses what, from the gradients' being
-non-zero. A step with a single task never fixes them (every parameter it reaches would look shared). Parameters
-that start requiring grad later (unfrozen mid-run) trigger a new discovery, whose result is added; frozen
-parameters are left out of every step.
+non-zero. A step with a single task never fixes them (every parameter it reaches would look shared). When the set
+of parameters that require grad changes (some unfrozen, frozen, added or removed mid-run, such as a LoRA adapter
+put in by the split toolkit), the next step with two or more tasks discovers again: what it finds is added,
+parameters no longer in the model are dropped, and frozen parameters are left out of every step. A model whose
+trainable parameters no two tasks share while others are frozen (a heads-only warm-up) has no shared parameter
+for now, and is not an error.
 
 A layer is the module that owns a parameter, named by its qualified name; the model's own parameters form the
 layer :data:`ROOT_LAYER`.
@@ -59,7 +62,7 @@ class SharedParameters:
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.module: nn.Module | None = None
         self._found: dict[int, nn.Parameter] = {}
-        self._known: set[int] = set()  # parameters that required grad at the last discovery
+        self._known: set[int] | None = None  # parameters that required grad at the last discovery (None: none yet)
         self._verified: set[str] = set()  # tasks whose loss was seen to reach the shared parameters
         self._copies: dict[int, tuple[nn.Parameter, Tensor]] = {}  # FSDP2: unsharded copy -> its parameter
         self.discover = shared is None
@@ -104,14 +107,21 @@ class SharedParameters:
         or more tasks. Raises ``ValueError`` when no parameter is shared by two tasks."""
         self._copies = unsharded_copies(self.model)
         if self.module is not None:
-            return self._parameters(self.module)
+            found = self._parameters(self.module)
+            self._name(found)
+            return found
         if self.discover:
             trainable = {id(p) for p in self._parameters(self.model)}
-            if not self._found or trainable - self._known:
+            if trainable != self._known:
                 if len(losses) < 2:
-                    return None if not self._found else self._current()
+                    return None if self._known is None else self._current()
                 self._discover(names, losses, trainable)
         return self._current()
+
+    def _name(self, params: Sequence[Tensor]) -> None:
+        """Name the model's parameters again when some are new (added mid-run)."""
+        if any(id(p) not in self.names for p in params):
+            self.names = {id(p): n for n, p in self.model.named_parameters()}
 
     def _current(self) -> list[nn.Parameter]:
         return [p for p in self._found.values() if p.requires_grad]
@@ -121,12 +131,17 @@ class SharedParameters:
             reached = self._reached_numerically(losses)
         else:
             reached = [{id(self.canonical(t)) for t in leaves_of(loss, self.expand)} for loss in losses]
-        found = [p for p in self._parameters(self.model) if sum(id(p) in r for r in reached) >= 2]
-        if not found and not self._found:
+        params = self._parameters(self.model)
+        self._name(params)
+        found = [p for p in params if sum(id(p) in r for r in reached) >= 2]
+        frozen = any(not p.requires_grad for p in self.model.parameters())
+        if not found and not self._found and not frozen:
             raise ValueError(
                 f"no parameter of the model receives gradient from two or more of the tasks {list(names)}: there "
                 "is no shared backbone to measure. Check that the losses come from this model, or pass shared=..."
             )
+        present = {id(p) for p in self.model.parameters()}
+        self._found = {k: p for k, p in self._found.items() if k in present}
         self._found.update((id(p), p) for p in found)
         self._known = trainable
 
@@ -146,7 +161,7 @@ class SharedParameters:
         for name, loss in zip(names, losses):
             if name in self._verified:
                 continue
-            if depends_on(loss, [*shared, *self.leaves(shared).values()], self.expand):
+            if self.reaches(loss, shared):
                 self._verified.add(name)
             else:
                 raise ValueError(
@@ -154,9 +169,18 @@ class SharedParameters:
                     f"backbone ({len(shared)} parameters, e.g. {[self.names.get(id(p), '?') for p in shared[:3]]})"
                 )
 
+    def reaches(self, loss: Tensor, shared: list[nn.Parameter]) -> bool:
+        """Whether ``loss``'s graph reaches any of the ``shared`` parameters (a graph walk)."""
+        return depends_on(loss, [*shared, *self.leaves(shared).values()], self.expand)
+
     # ------------------------------------------------------------------------------------------ state
     def state(self) -> list[str]:
-        """The names of the discovered or given parameters (what a resumed run restores)."""
+        """The names of the shared parameters: the discovered or given ones (what a resumed run restores), or the
+        shared module's that require grad."""
+        if self.module is not None:
+            params = self._parameters(self.module)
+            self._name(params)
+            return [self.names[id(p)] for p in params]
         return [self.names[k] for k in self._found if k in self.names]
 
     def load(self, names: Sequence[str]) -> None:

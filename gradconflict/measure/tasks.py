@@ -15,11 +15,16 @@ import math
 import numbers
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["TaskLosses", "task_losses"]
+__all__ = ["TaskKey", "TaskLosses", "task_losses"]
+
+#: A task's name: any hashable. A type variable, because a mapping's key type is invariant (``dict[str, Tensor]``
+#: is not a ``Mapping[Hashable, Tensor]``).
+TaskKey = TypeVar("TaskKey", bound=Hashable)
 
 
 @dataclass
@@ -98,7 +103,7 @@ def _weight(task: str, value: object, device: torch.device) -> float | Tensor:
     return number
 
 
-def task_losses(losses: Mapping[Hashable, Tensor], weights: Mapping[Hashable, object] | None = None) -> TaskLosses:
+def task_losses(losses: Mapping[TaskKey, Tensor], weights: Mapping[TaskKey, object] | None = None) -> TaskLosses:
     """Check and name one step's losses and weights. Every check runs on the host: nothing waits for the device.
 
     Tasks are named by ``str(key)``; the weights are matched to the losses by the same names, so integer keys
@@ -106,7 +111,7 @@ def task_losses(losses: Mapping[Hashable, Tensor], weights: Mapping[Hashable, ob
     """
     if not isinstance(losses, Mapping) or not losses:
         raise ValueError("losses must be a non-empty dict {task name: scalar loss tensor}")
-    names: dict[str, Hashable] = {}
+    names: dict[str, TaskKey] = {}
     for key in losses:
         name = _name(key)
         if name in names:

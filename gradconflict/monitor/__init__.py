@@ -4,11 +4,11 @@ Floor 4 of the package. :class:`ConflictMonitor` validates its options, measures
 :mod:`gradconflict.measure`, lets autograd write ``.grad`` (weighted as :mod:`gradconflict.weighting` says),
 and hands the report to the history and its sinks (:mod:`gradconflict.records`).
 
->>> from gradconflict.monitor import ConflictMonitor, MeasurementWarning
+>>> from gradconflict.monitor import ConflictMonitor, DetachedTaskWarning, MeasurementWarning
 """
 
 from __future__ import annotations
 
-from gradconflict.monitor._monitor import ConflictMonitor, MeasurementWarning
+from gradconflict.monitor._monitor import ConflictMonitor, DetachedTaskWarning, MeasurementWarning
 
-__all__ = ["ConflictMonitor", "MeasurementWarning"]
+__all__ = ["ConflictMonitor", "DetachedTaskWarning", "MeasurementWarning"]

@@ -2,7 +2,11 @@
 
 The monitor only schedules: its engine measures the per-task Gram, and ``.grad`` is written by autograd's own
 backward of ``sum_i w_i L_i``, so tensor hooks, post-accumulate hooks, DDP's reducer, GradScaler and gradient
-accumulation behave exactly as in a loop without the monitor.
+accumulation behave exactly as in a loop without the monitor. This module is the facade; each concept lives in a
+module of its own: the options (``_options``), which models are tapped (``_attach``), the plan of a step
+(``_plan``), the measuring pass and its fallback (``_measuring``), the non-finite guard (``_guard``), the
+GradScaler (``_scaling``), the weights and the ``.grad`` write (``_weights``), micro-batches (``_microbatch``),
+the reports (``_assemble``) and the resumable state (``_state``).
 
 >>> import torch, torch.nn as nn
 >>> torch.manual_seed(0) and None
@@ -19,86 +23,45 @@ accumulation behave exactly as in a loop without the monitor.
 
 from __future__ import annotations
 
-import warnings
+import functools
 import weakref
-from collections.abc import Callable, Hashable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor, nn
 
+from gradconflict.measure.attribution import sample_ids
 from gradconflict.measure.checkpoint import BufferGuard
 from gradconflict.measure.distributed import Sync
-from gradconflict.measure.engine import ENGINES, Engine, Measurement, Plan, make_engine
-from gradconflict.measure.engine.base import Accumulator, measuring
+from gradconflict.measure.engine import Engine, TappedEngine, make_engine
 from gradconflict.measure.metrics import CONFLICT_COSINE
-from gradconflict.measure.report import ConflictReport, LayerReport
-from gradconflict.measure.shared import SharedParameters, gram_dtype, layer_names
-from gradconflict.measure.tasks import TaskLosses, task_losses
+from gradconflict.measure.report import ConflictReport
+from gradconflict.measure.shared import SharedParameters
+from gradconflict.measure.tasks import TaskKey, task_losses
+from gradconflict.monitor._assemble import Assembler
+from gradconflict.monitor._attach import attach, unwrap
+from gradconflict.monitor._guard import NonFiniteGuard
+from gradconflict.monitor._measuring import MeasurementWarning, MeasuringPass
+from gradconflict.monitor._microbatch import MicroBatches
+from gradconflict.monitor._options import OnNonFinite, check_options
+from gradconflict.monitor._plan import DetachedTaskWarning, Planner
+from gradconflict.monitor._scaling import Scaling
+from gradconflict.monitor._state import MonitorState
+from gradconflict.monitor._weights import weights_by_task, write_grads
 from gradconflict.records.history import EMA_DECAY, MAX_HISTORY, History, Sink
 from gradconflict.weighting import StepWeights, WeightingSpec
 
 if TYPE_CHECKING:
     from gradconflict.diagnosis import Advice
 
-__all__ = ["ConflictMonitor", "MeasurementWarning"]
-
-OnNonFinite = Literal["raise", "skip", "propagate"]
-
-#: Version of :meth:`ConflictMonitor.state_dict`.
-STATE_SCHEMA = 1
+__all__ = ["ConflictMonitor", "DetachedTaskWarning", "MeasurementWarning"]
 
 
-class MeasurementWarning(RuntimeWarning):
-    """A step could not be measured because of an error inside gradconflict; it was trained as usual (``.grad``
-    as a plain backward gives) and is recorded as skipped."""
-
-
-# Monitors alive now: token -> (the model, the ids of its modules). A second monitor on the same modules is refused
-# unless asked for, because each one's backward frees the graph the other needs.
-_ACTIVE: dict[int, tuple[weakref.ref[nn.Module], frozenset[int]]] = {}
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module a data-parallel or ``torch.compile`` wrapper holds (its parameter names then carry no
-    ``module.`` or ``_orig_mod.`` prefix)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _shut(token: int, engine: Engine, history: History) -> None:
-    _ACTIVE.pop(token, None)
+def _shut(release: Callable[[], object], engine: Engine, history: History) -> None:
+    release()
     engine.close()
     history.close()
-
-
-def _graph_freed(err: BaseException) -> bool:
-    text = str(err)
-    return "second time" in text or "have already been freed" in text
-
-
-_FREED = (
-    "the graph of these losses was already freed by a backward pass (another monitor, or your own .backward()): "
-    "call monitor.backward(losses) instead of loss.backward(), or monitor.measure(losses) before your own backward"
-)
-
-
-@dataclass
-class _Accumulated:
-    """The per-task gradients of the current logical step, summed over its micro-batches, keyed by task name."""
-
-    grads: dict[str, dict[int, tuple[Tensor, Tensor]]] = field(default_factory=dict)
-    losses: dict[str, Tensor] = field(default_factory=dict)
-    weights: dict[str, Tensor] = field(default_factory=dict)
-    plan: Plan | None = None
-    skip: str = ""
 
 
 class ConflictMonitor:
@@ -110,7 +73,8 @@ class ConflictMonitor:
             (or leaving a ``with`` block, or when the monitor is garbage-collected).
         shared: the shared parameters: a module (its parameters that require grad, read at each step), an
             iterable of parameters, or ``None`` to discover them at the first step that carries two or more tasks,
-            as the parameters that receive gradient from two or more of them.
+            as the parameters that receive gradient from two or more of them (and again whenever the parameters
+            that require grad change: unfrozen, frozen, added or removed).
         engine: ``"auto"`` (one batched backward with per-layer rules, exact), ``"reference"`` (T separate
             backward passes, for checking) or ``"representation"`` (gradients at the output of ``shared``, which
             must then be a module: near free, approximate, and its reports say so).
@@ -129,7 +93,8 @@ class ConflictMonitor:
             Gram is that of the summed task gradients. Measured logical steps hold one copy of every shared
             parameter per task while they accumulate.
         scaler: a ``torch.amp.GradScaler``: ``.grad`` is written as ``scaler.scale(total).backward()`` would, the
-            Gram is measured on the scaled losses and reported unscaled.
+            Gram is measured on the scaled losses, accumulated and unscaled in float64 (exact at any scale) and
+            reported in the shared parameters' dtype.
         sinks: where each measured step goes as it is collected (e.g. ``[JSONLSink("run.jsonl")]``).
         allow_other_monitors: attach even if another open monitor taps the same model.
         sync: under ``torch.distributed`` (DDP, FSDP), how the ranks' measurements combine: ``"exact"`` (the
@@ -180,68 +145,54 @@ class ConflictMonitor:
         math_attention: bool = False,
         start_step: int = 0,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        for name, value in (("every", every), ("accumulation_steps", accumulation_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"start_step must be a non-negative integer, got {start_step!r}")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold is a cosine and must be a number in [-1, 1], got {threshold!r}")
-        if on_nonfinite not in ("raise", "skip", "propagate"):
-            raise ValueError(f"on_nonfinite must be 'raise', 'skip' or 'propagate', got {on_nonfinite!r}")
-        if engine not in ENGINES:
-            raise ValueError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
-        if engine == "representation" and accumulation_steps > 1:
-            raise ValueError("engine='representation' does not support accumulation_steps > 1; use engine='auto'")
-        if scaler is not None and not callable(getattr(scaler, "scale", None)):
-            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        check_options(
+            model, engine=engine, every=every, threshold=threshold, on_nonfinite=on_nonfinite,
+            accumulation_steps=accumulation_steps, scaler=scaler, start_step=start_step,
+        )
         self._sync = Sync.resolve(model, sync, process_group, sketch_size)
         if self._sync is not None and sinks_rank is not None and self._sync.rank != sinks_rank:
             sinks = ()  # one rank writes the files and dashboards
         self.model = model
-        inner = _unwrap(model)
-        ids = frozenset(id(m) for m in inner.modules())
-        if not allow_other_monitors:
-            for other, other_ids in list(_ACTIVE.values()):
-                if other() is not None and ids & other_ids:
-                    raise ValueError(
-                        "another ConflictMonitor is attached to this model: close() it first (or use `with`), or pass "
-                        "allow_other_monitors=True to both measure it (each monitor's backward frees the graph)"
-                    )
-        self._shared = SharedParameters(inner, shared)
-        options = (
-            {"strategy": strategy, "loop_memory": loop_memory, "math_attention": math_attention}
-            if engine == "auto"
-            else {}
-        )
-        self.engine: Engine = make_engine(engine, inner, shared if isinstance(shared, nn.Module) else None, **options)
-        self.history = History(ema_decay=ema_decay, max_history=max_history, sinks=sinks)
+        inner = unwrap(model)
+        release = attach(id(self), inner, allow_other_monitors)
+        try:
+            self._shared = SharedParameters(inner, shared)
+            self.history = History(ema_decay=ema_decay, max_history=max_history, sinks=sinks)
+            options = {"strategy": strategy, "loop_memory": loop_memory, "math_attention": math_attention}
+            module = shared if isinstance(shared, nn.Module) else None
+            self.engine: Engine = make_engine(engine, inner, module, **(options if engine == "auto" else {}))
+        except BaseException:  # nothing is tapped yet
+            release()
+            raise
         self.every = every
         self.threshold = float(threshold)
         self.on_nonfinite = on_nonfinite
         self.accumulation_steps = accumulation_steps
         self.scaler = scaler
         self.step = start_step
-        self._micro = 0
-        self._accumulated: _Accumulated | None = None
-        self._layer_of, self._module_name = layer_names(inner)
-        self._plan: Plan | None = None
-        self._buffers = BufferGuard(inner)
+        self._scaling = Scaling(scaler)
         self._weighting = StepWeights()
-        token = id(self)
-        _ACTIVE[token] = (weakref.ref(inner), ids)
-        self._release = weakref.finalize(self, _shut, token, self.engine, self.history)
+        self._planner = Planner(inner, self._shared, self.engine, self._scaling)
+        self._measuring = MeasuringPass(
+            self._planner,
+            self.engine,
+            self._scaling,
+            NonFiniteGuard(on_nonfinite, scaler is not None, self._sync),
+            self._weighting,
+            Assembler(self.history, self.engine.name, self.engine.approximate, self.threshold, self._sync),
+            BufferGuard(inner),
+            self._sync,
+        )
+        self._micro = MicroBatches(accumulation_steps, self._measuring)
+        self._state = MonitorState(self._shared, self.history, self._weighting, self.engine)
+        self._release = weakref.finalize(self, _shut, release, self.engine, self.history)
         self.engine.arm(self._taps_wanted())
 
     # ------------------------------------------------------------------------------------------ state
     @property
     def shared_parameters(self) -> list[str]:
         """Names of the shared parameters (empty until discovered at a step with two or more tasks)."""
-        return self._shared.state() if self._shared.module is None else [
-            self._shared.names[id(p)] for p in self._shared.module.parameters() if p.requires_grad
-        ]
+        return self._shared.state()
 
     @property
     def plan(self) -> dict[str, Any]:
@@ -252,11 +203,7 @@ class ConflictMonitor:
         >>> ConflictMonitor(nn.Linear(2, 2), engine="reference").plan
         {'engine': 'reference', 'strategy': 'loop', 'choices': []}
         """
-        return {
-            "engine": self.engine.name,
-            "strategy": getattr(self.engine, "strategy", "loop" if self.engine.name == "reference" else "batched"),
-            "choices": self.engine.state_dict() if hasattr(self.engine, "state_dict") else [],
-        }
+        return {"engine": self.engine.name, "strategy": self.engine.strategy, "choices": self.engine.state_dict()}
 
     @property
     def closed(self) -> bool:
@@ -268,44 +215,37 @@ class ConflictMonitor:
         weighting's state (its random generator or warm start, and the last weights) and the engine's strategy
         choices (so that they are not timed again).
 
-        Plain Python values and CPU tensors: save it with ``torch.save`` next to the model's checkpoint.
+        Plain Python values and CPU tensors: save it with ``torch.save`` next to the model's checkpoint, and load
+        it back with ``torch.load(..., weights_only=True)``.
         """
-        return {
-            "schema": STATE_SCHEMA,
-            "step": self.step,
-            "shared": self.shared_parameters,
-            "history": self.history.state_dict(),
-            "weighting": self._weighting.state_dict(),
-            "strategy_choices": self.plan["choices"],
-        }
+        return self._state.save(self.step, self.shared_parameters)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (a micro-batch group in progress is dropped)."""
+        """Restore :meth:`state_dict` (a micro-batch group in progress is dropped). Every field is checked
+        first: a malformed or foreign state raises ``ValueError`` naming the field, and changes nothing."""
         self._check_open()
-        if state.get("schema") != STATE_SCHEMA:
-            raise ValueError(f"not a ConflictMonitor state (schema {state.get('schema')!r}, expected {STATE_SCHEMA})")
-        self._shared.load(state["shared"])
-        self.history.load_state_dict(state["history"])
-        self._weighting.load_state_dict(state.get("weighting", {}))
-        if hasattr(self.engine, "load_state_dict"):
-            self.engine.load_state_dict(state.get("strategy_choices", []))
-        self.step = int(state["step"])
-        self._micro, self._accumulated, self._plan = 0, None, None
+        self.step = self._state.load(state)
+        self._micro.reset()
+        self._planner.reset()
         self.engine.arm(self._taps_wanted())
 
     # ------------------------------------------------------------------------------------------ steps
     def backward(
         self,
-        losses: Mapping[Hashable, Tensor],
-        weights: Mapping[Hashable, object] | None = None,
+        losses: Mapping[TaskKey, Tensor],
+        weights: Mapping[TaskKey, object] | Sequence[object] | Tensor | None = None,
         *,
         backward_fn: Callable[[], object] | None = None,
         weighting: WeightingSpec | None = None,
+        sample_ids: Any = None,
     ) -> ConflictReport | None:
         """Replace ``(sum_i w_i L_i).backward()``: measure the step, then let autograd fill ``.grad`` as it would.
 
         ``losses`` maps task names to scalar losses; ``weights`` (default 1 each) maps the same names to numbers or
-        scalar tensors (a tensor that requires grad receives its gradient, like a learned task weight).
+        scalar tensors (a tensor that requires grad receives its gradient, like a learned task weight). ``weights``
+        may also be a list, a tuple or a 1-dimensional tensor with one weight per task, read in the order of
+        ``losses``' keys (a dict keeps the order its keys were put in); an element of a tensor that requires grad
+        keeps it.
 
         ``backward_fn``, when given, writes ``.grad`` in place of the monitor's own backward of ``sum_i w_i L_i``:
         a training framework passes its own backward of its own loss (scaled, divided for accumulation, with
@@ -318,42 +258,62 @@ class ConflictMonitor:
         ``weights`` are ``lambda_i w_i``. Pass the same name or object at every step (it keeps its state); see
         :mod:`gradconflict.weighting`.
 
+        ``sample_ids`` (a 1-D integer tensor or sequence, one id per example of the batch, e.g. dataset indices)
+        attributes the measured step's Gram to the examples: ``report.samples`` (a
+        :class:`~gradconflict.measure.attribution.SampleAttribution`) holds each example's contribution
+        ``<g_i^(n), g_j>`` and its within-example cosines. Dim 0 of every measured layer's input is the example.
+
         Returns this step's :class:`~gradconflict.ConflictReport`; ``None`` on a step that ``every`` leaves
         unmeasured (a plain backward) and on every micro-batch but the last of an accumulation group.
+
+        >>> import torch, torch.nn as nn
+        >>> heads = nn.ModuleDict({"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)})
+        >>> model = nn.ModuleDict({"backbone": nn.Linear(2, 4), "heads": heads})
+        >>> monitor = ConflictMonitor(model, shared=model.backbone)
+        >>> h = model.backbone(torch.randn(8, 2))
+        >>> report = monitor.backward({"a": heads["a"](h).mean(), "b": heads["b"](h).mean()}, weights=[1.0, 0.5])
+        >>> report.weights.tolist(), model.backbone.weight.grad is not None
+        ([1.0, 0.5], True)
+        >>> monitor.close()
         """
         self._check_open()
-        batch = task_losses(losses, weights)
+        batch = task_losses(losses, weights_by_task(losses, weights))
+        ids = self._sample_ids(sample_ids)
         if backward_fn is not None and weighting is not None:
             raise ValueError(
                 "weighting= routes each task's gradient through the monitor's own backward; it cannot be combined "
                 "with backward_fn= (a framework's own backward)"
             )
         self._weighting.select(weighting, self.accumulation_steps)
-        write = backward_fn or (lambda: self._write_grads(batch))
+        write = backward_fn or functools.partial(write_grads, batch, self._scaling, self._weighting, self._planner)
+        report = None
         if self.accumulation_steps > 1:
-            return self._micro_batch(batch, write)
-        if self.step % self.every != 0:
+            if not self._micro.add(batch, self.step, self.step % self.every == 0, write):
+                return None
+            report = self._micro.close(self.step)
+        elif self.step % self.every != 0:
             write()
-            self._advance()
-            return None
-        report = self._measured(batch, write)
+        else:
+            report = self._measuring.step(batch, self.step, write, ids)
         self._advance()
         return report
 
     def measure(
         self,
-        losses: Mapping[Hashable, Tensor],
-        weights: Mapping[Hashable, object] | None = None,
+        losses: Mapping[TaskKey, Tensor],
+        weights: Mapping[TaskKey, object] | Sequence[object] | Tensor | None = None,
         *,
         weighting: WeightingSpec | None = None,
+        sample_ids: Any = None,
     ) -> ConflictReport:
         """The same report as :meth:`backward`, leaving ``.grad`` untouched and the graph alive for your own
         backward. Counts as one step; with ``weighting``, the report's ``weights`` are the ones the method gives
         (``lambda_i w_i``) and the method's state advances as in :meth:`backward`."""
         self._check_open()
-        batch = task_losses(losses, weights)
+        batch = task_losses(losses, weights_by_task(losses, weights))
+        ids = self._sample_ids(sample_ids)
         self._weighting.select(weighting, self.accumulation_steps)
-        report = self._measured(batch, None)
+        report = self._measuring.step(batch, self.step, None, ids)
         self._advance()
         return report
 
@@ -375,12 +335,33 @@ class ConflictMonitor:
         >>> monitor.close()
         """
         self._check_open()
-        if self._micro == 0:
+        if self._micro.count == 0:
             return None
-        self._micro = 0
-        report = self._close_group() if self._accumulated is not None else None
+        report = self._micro.close(self.step)
         self._advance()
         return report
+
+    def _sample_ids(self, ids: Any) -> Tensor | None:
+        """The checked ``sample_ids`` (``None`` when not given); a set-up that cannot attribute raises here, before
+        anything is computed."""
+        if ids is None:
+            return None
+        if not isinstance(self.engine, TappedEngine):
+            raise ValueError(
+                f"sample_ids needs the default engine's per-layer pass; engine={self.engine.name!r} has none: use "
+                "engine='auto' (exact) to attribute the Gram to examples"
+            )
+        if self.accumulation_steps > 1:
+            raise ValueError(
+                "sample_ids is not supported with accumulation_steps > 1 yet: attribute single steps "
+                "(accumulation_steps=1), or call without sample_ids"
+            )
+        if self._sync is not None and self._sync.is_global:
+            raise ValueError(
+                f"sample_ids is not supported with sync={self._sync.mode!r} across processes yet: with "
+                "sync='local' each rank attributes its own examples against its own batch's gradients"
+            )
+        return sample_ids(ids)
 
     def _check_open(self) -> None:
         if self.closed:
@@ -394,255 +375,13 @@ class ConflictMonitor:
         self.step += 1
         self.engine.arm(self._taps_wanted())
 
-    def _write_grads(self, batch: TaskLosses) -> None:
-        """``.grad`` by autograd's own backward of ``sum_i w_i L_i`` (scaled by the GradScaler, if any), the shared
-        part of each task's gradient scaled by the weighting's ``lambda_i`` when one is active."""
-
-        def run(total: Tensor) -> None:
-            (total if self.scaler is None else self.scaler.scale(total)).backward()
-
-        try:
-            shared = None if self._plan is None else self._plan.shared
-            self._weighting.backward(batch, run, shared, self._shared.names)
-        except RuntimeError as err:
-            if _graph_freed(err):
-                raise RuntimeError(_FREED) from err
-            raise
-
-    def _roots(self, batch: TaskLosses) -> list[Tensor]:
-        """The losses the engine differentiates: scaled like the training loss when a GradScaler is used."""
-        return batch.losses if self.scaler is None else [self.scaler.scale(loss) for loss in batch.losses]
-
-    def _unscale(self, value: Tensor, power: int) -> Tensor:
-        if self.scaler is None:
-            return value
-        scale = self.scaler.scale(torch.ones((), device=value.device)).to(value.dtype)
-        return value / scale**power
-
-    def _plan_for(self, batch: TaskLosses) -> Plan | str:
-        """This step's plan, or why it cannot be measured."""
-        shared = self._shared.resolve(batch.names, batch.losses)
-        if shared is None:
-            return "the shared parameters are found at the first step that carries two or more tasks"
-        if not shared:
-            return "no shared parameter requires grad (is the backbone frozen?)"
-        copies = self._shared.leaves(shared)  # FSDP2: the graph holds unsharded copies of the parameters
-        ids = {id(p) for p in shared} | {id(c) for c in copies.values()}
-        if self._plan is None or self._plan.shared != ids:
-            layer_of = self._layer_of | {id(c): self._layer_of[k] for k, c in copies.items() if k in self._layer_of}
-            self._plan = Plan(ids, layer_of, self._module_name, gram_dtype(shared), copies)
-            self.engine.restrict(ids)
-        self._shared.check_dependence(batch.names, batch.losses, shared)
-        return self._plan
-
-    def _engine_call(self, run: Any) -> Any:
-        """Run an engine call; an error inside gradconflict becomes a warning and a skipped step, never a crash."""
-        try:
-            with self._buffers, measuring():
-                result = run()
-        except (ValueError, TypeError):
-            raise
-        except RuntimeError as err:
-            if _graph_freed(err):
-                raise RuntimeError(_FREED) from err
-            if self._sync is not None and self._sync.is_global:
-                raise
-            return self._failed(err)
-        except Exception as err:  # the training run must go on ...
-            if self._sync is not None and self._sync.is_global:
-                raise  # ... but a rank that stopped measuring would leave the others waiting in a collective
-            return self._failed(err)
-        return result
-
-    def _failed(self, err: BaseException) -> str:
-        reason = f"measurement failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        warnings.warn(
-            f"gradconflict: {reason}; the step was trained as usual and is recorded as skipped (if it recurs, "
-            "engine=\"reference\" measures with T plain backward passes)",
-            MeasurementWarning,
-            stacklevel=4,
-        )
-        return reason
-
-    def _nonfinite(self, batch: TaskLosses, norms: Tensor | None) -> tuple[list[str], list[str]]:
-        """The tasks whose loss, and those whose gradient (``norms``: the Gram's diagonal), are not finite; device
-        weights that are negative or not finite raise ``ValueError``. One host sync."""
-        T = len(batch.names)
-        parts = [torch.isfinite(batch.loss_vector())]
-        if norms is not None:
-            parts.append(torch.isfinite(norms).to(parts[0].device))
-        device_weights = batch.device_weights
-        if device_weights:
-            w = torch.stack([x.detach() for x in device_weights])
-            parts.append((torch.isfinite(w) & (w >= 0)).to(parts[0].device))
-        flags = torch.cat(parts)
-        if self._sync is not None:
-            flags = self._sync.all_true(flags)  # every rank takes the same decision
-        flags = flags.tolist()
-        if device_weights and not all(flags[-len(device_weights) :]):
-            raise ValueError("a task weight tensor is negative or not finite; weights must be finite and >= 0")
-        bad_loss = [n for n, ok in zip(batch.names, flags[:T]) if not ok]
-        bad_grad = [n for n, ok in zip(batch.names, flags[T : 2 * T]) if not ok] if norms is not None else []
-        return bad_loss, bad_grad
-
-    def _verdict(self, step: int, bad_loss: list[str], bad_grad: list[str], write: bool) -> tuple[str, bool]:
-        """``(skip reason, write .grad)`` for a checked step; raises ``FloatingPointError`` under "raise"."""
-        if bad_loss:
-            what = f"non-finite loss for task(s) {bad_loss}"
-        elif bad_grad and self.scaler is not None and write:
-            # The scaler must see the overflow in .grad to skip its step and lower its scale.
-            return f"gradient overflow for task(s) {bad_grad}: the GradScaler skips this step", True
-        elif bad_grad:
-            what = f"non-finite gradient for task(s) {bad_grad}"
-        else:
-            return "", write
-        if self.on_nonfinite == "raise":
-            raise FloatingPointError(
-                f"{what} at step {step}; nothing was written to .grad. Pass on_nonfinite='skip' to skip such steps"
-            )
-        return what, False
-
-    def _global_losses(self, losses: Tensor) -> Tensor:
-        """The losses a global report shows: their mean over the ranks, so that every rank reports alike."""
-        return losses if self._sync is None or not self._sync.is_global else self._sync.mean(losses)
-
-    def _report(
-        self, names: tuple[str, ...], measurement: Measurement, weights: Tensor, losses: Tensor, step: int
-    ) -> ConflictReport:
-        layers = {
-            name: LayerReport(
-                name, names, entry.gram, weights, num_params=entry.num_params, route=entry.route,
-                threshold=self.threshold,
-            )
-            for name, entry in measurement.layers.items()
-        }
-        report = ConflictReport(
-            names,
-            measurement.gram,
-            weights,
-            losses=losses,
-            layers=layers,
-            step=step,
-            engine=self.engine.name,
-            strategy=measurement.strategy,
-            # a sketched Gram is an estimate of the exact one, as a representation-mode Gram is
-            approximate=self.engine.approximate or (self._sync is not None and self._sync.mode == "sketch"),
-            threshold=self.threshold,
-            sync="" if self._sync is None else self._sync.mode,
-        )
-        self.history.append(report)
-        return report
-
-    def _skipped(
-        self, names: tuple[str, ...], step: int, reason: str, losses: Tensor, weights: Tensor
-    ) -> ConflictReport:
-        report = ConflictReport.skipped_step(names, step, reason, losses, self.engine.name, weights)
-        self.history.append(report)
-        return report
-
-    def _measured(self, batch: TaskLosses, write: Callable[[], object] | None) -> ConflictReport:
-        """Measure one step, then write ``.grad`` (``write``, if any) unless the step is skipped or raised."""
-        step, losses, weights = self.step, batch.loss_vector(), batch.weight_vector()
-        plan = self._plan_for(batch)
-        if isinstance(plan, str):
-            if write is not None:
-                write()
-            return self._skipped(batch.names, step, plan, losses, self._weighting.effective(batch))
-        reduction = None if self._sync is None else self._sync.reduction(step)
-        outcome = self._engine_call(lambda: self.engine.measure(self._roots(batch), plan, reduction))
-        if isinstance(outcome, str):
-            if write is not None:
-                write()
-            return self._skipped(batch.names, step, outcome, losses, self._weighting.effective(batch))
-        measurement: Measurement = outcome
-        measurement.gram = self._unscale(measurement.gram, 2)
-        for entry in measurement.layers.values():
-            entry.gram = self._unscale(entry.gram, 2)
-        reason = ""
-        if self.on_nonfinite != "propagate":
-            bad_loss, bad_grad = self._nonfinite(batch, measurement.gram.diagonal())
-            reason, keep = self._verdict(step, bad_loss, bad_grad, write is not None)
-            write = write if keep else None
-        # the weighting's lambda from this step's Gram, before the backward that applies it
-        weights = self._weighting.effective(batch) if reason else self._weighting.update(batch, measurement.gram)
-        if write is not None:
-            write()
-        if reason:
-            return self._skipped(batch.names, step, reason, losses, weights)
-        return self._report(batch.names, measurement, weights, self._global_losses(losses), step)
-
-    # ------------------------------------------------------------------------------------------ micro-batches
-    def _micro_batch(self, batch: TaskLosses, write: Callable[[], object]) -> ConflictReport | None:
-        measured = self.step % self.every == 0
-        if measured:
-            if self._accumulated is None:
-                self._accumulated = _Accumulated()
-            self._accumulate(batch, self._accumulated, write)
-        else:
-            write()
-        self._micro += 1
-        if self._micro < self.accumulation_steps:
-            return None
-        self._micro = 0
-        report = self._close_group() if measured else None
-        self._advance()
-        return report
-
-    def _accumulate(self, batch: TaskLosses, acc: _Accumulated, write: Callable[[], object]) -> None:
-        """Add one micro-batch's per-task gradients to the group, then write its ``.grad``."""
-        keep = True
-        weights = batch.weight_vector()
-        for t, (name, loss) in enumerate(zip(batch.names, batch.loss_vector())):
-            acc.losses[name] = acc.losses[name] + loss if name in acc.losses else loss
-            acc.weights[name] = weights[t].to(loss.device)
-        plan = self._plan_for(batch) if not acc.skip else acc.skip
-        if isinstance(plan, str):
-            acc.skip = acc.skip or plan
-        else:
-            acc.plan = plan
-            outcome = self._engine_call(lambda: self.engine.gradients(self._roots(batch), plan))
-            if isinstance(outcome, str):
-                acc.skip = outcome
-            else:
-                grads = {k: (leaf, self._unscale(g, 1)) for k, (leaf, g) in outcome.items()}
-                if self.on_nonfinite != "propagate":
-                    norms = sum(g.flatten(1).pow(2).sum(1) for _, g in grads.values())
-                    bad_loss, bad_grad = self._nonfinite(batch, norms if grads else None)
-                    reason, keep = self._verdict(self.step, bad_loss, bad_grad, True)
-                    acc.skip = acc.skip or reason
-                for t, name in enumerate(batch.names):
-                    sums = acc.grads.setdefault(name, {})
-                    for k, (leaf, g) in grads.items():
-                        sums[k] = (leaf, sums[k][1] + g[t] if k in sums else g[t])
-        if keep:
-            write()
-
-    def _close_group(self) -> ConflictReport:
-        acc, self._accumulated = self._accumulated, None
-        assert acc is not None
-        names = tuple(acc.losses)
-        losses = torch.stack([acc.losses[n] for n in names])
-        weights = torch.stack([acc.weights[n] for n in names])
-        if acc.skip or acc.plan is None:
-            return self._skipped(names, self.step, acc.skip or "nothing measured", losses, weights)
-        leaves: dict[int, Tensor] = {}
-        for sums in acc.grads.values():
-            leaves.update((k, leaf) for k, (leaf, _) in sums.items())
-        reduction = None if self._sync is None else self._sync.reduction(self.step)
-        total = Accumulator(len(names), acc.plan, losses.device, reduction)
-        for k, leaf in leaves.items():
-            rows = [acc.grads.get(n, {}).get(k) for n in names]
-            zero = next(r[1] for r in rows if r is not None).new_zeros(leaf.shape)
-            total.add_per_task(leaf, torch.stack([zero if r is None else r[1] for r in rows]))
-        return self._report(names, total.result("accumulated"), weights, self._global_losses(losses), self.step)
-
     # ------------------------------------------------------------------------------------------ diagnosis
     def advise(self, **kwargs: Any) -> Advice:
         """Diagnose this run: :func:`gradconflict.advise` on :attr:`history`, with this model (see its
         keyword arguments: probe batch, evaluations, thresholds, ...)."""
         from gradconflict.diagnosis import advise
 
-        kwargs.setdefault("model", _unwrap(self.model))
+        kwargs.setdefault("model", unwrap(self.model))
         return advise(self.history, **kwargs)
 
     # ------------------------------------------------------------------------------------------ lifecycle

@@ -41,8 +41,10 @@ import torch
 from torch import Tensor
 
 from gradconflict.measure import metrics
+from gradconflict.measure.attribution import SampleAttribution
 from gradconflict.measure.report import ConflictReport, LayerReport
 from gradconflict.records.pairs import pair_key
+from gradconflict.records.samples import SampleTally
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -177,6 +179,7 @@ class _Record:
     skip_reason: str
     block: Tensor
     row: int = 0
+    samples: SampleAttribution | None = None  # on the host, until the sinks have written it (then dropped)
 
     @property
     def packed(self) -> Tensor:
@@ -266,6 +269,8 @@ class History:
         self.gradvac_beta = gradvac_beta
         self._gradvac: dict[str, dict[str, float]] = {}  # "" (the whole backbone) or a layer -> pair -> phi
         self.steps_seen = 0
+        #: per-id aggregates of the steps measured with ``sample_ids`` (the whole run, not only the kept steps)
+        self.samples = SampleTally()
 
     # ------------------------------------------------------------------------------------------ appending
     def append(self, report: ConflictReport) -> None:
@@ -307,7 +312,13 @@ class History:
             packed = host
         else:
             packed = packed.cpu()
-        self._pending.append(_Pending(_Record(layout, report.step, report.skip_reason, packed[None]), event))
+        samples = None
+        if report.samples is not None:  # attributed steps copy to the host at once (the tally reads them)
+            samples = report.samples.to("cpu")
+            self.samples.add(samples)
+        self._pending.append(
+            _Pending(_Record(layout, report.step, report.skip_reason, packed[None], samples=samples), event)
+        )
         self._collect(wait=False)
 
     def _collect(self, wait: bool) -> None:
@@ -333,6 +344,9 @@ class History:
         if not record.skip_reason:
             self._unfolded.append(record)
         report = record.report() if self.sinks else None  # one host-side report for every sink (metrics cached)
+        if report is not None:
+            report.samples = record.samples
+        record.samples = None
         for sink in list(self.sinks):
             try:
                 sink.write(report)
@@ -581,6 +595,7 @@ class History:
             "ema": dict(self._ema),
             "gradvac_beta": self.gradvac_beta,
             "gradvac": {k: dict(v) for k, v in self._gradvac.items()},
+            "samples": self.samples.state_dict(),
             "layouts": [
                 {
                     "tasks": list(lay.tasks),
@@ -625,6 +640,7 @@ class History:
         self._ema = dict(state["ema"])
         self.gradvac_beta = state.get("gradvac_beta", self.gradvac_beta)
         self._gradvac = {k: dict(v) for k, v in state.get("gradvac", {}).items()}
+        self.samples.load_state_dict(state.get("samples", {}))
         self.steps_seen = state["steps_seen"]
 
 

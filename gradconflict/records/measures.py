@@ -52,7 +52,7 @@ def check_direction(direction: str, what: str = "a metric") -> Direction:
         raise ValueError(
             f"the direction of {what} must be 'max' (higher is better) or 'min' (lower is better), got {direction!r}"
         )
-    return direction  # type: ignore[return-value]
+    return direction
 
 
 def nested(values: Metrics) -> dict[str, dict[str, float]]:

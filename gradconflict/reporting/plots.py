@@ -32,6 +32,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 
 from gradconflict.diagnosis.advice import Advice
@@ -72,7 +73,8 @@ def _say(ax: Axes, text: str) -> None:
     """A figure of one empty panel, made short, that says why it is empty."""
     ax.set_axis_off()
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=11, color="0.35", wrap=True)
-    ax.figure.set_size_inches(ax.figure.get_figwidth(), 0.8)
+    figure = ax.figure if isinstance(ax.figure, Figure) else ax.figure.figure  # the page, not a sub-figure
+    figure.set_size_inches(figure.get_figwidth(), 0.8)
 
 
 def _smooth(steps: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -284,7 +286,7 @@ def layer_profile_figure(profile: Profile | None) -> Figure:
     return fig
 
 
-def _matrix(ax: Axes, values: np.ndarray, tasks: Sequence[str], norm: TwoSlopeNorm, fmt: str) -> object:
+def _matrix(ax: Axes, values: np.ndarray, tasks: Sequence[str], norm: TwoSlopeNorm, fmt: str) -> AxesImage:
     cmap = colormaps["RdBu"].with_extremes(bad="0.85")
     image = ax.imshow(values, cmap=cmap, norm=norm)
     T = len(tasks)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -244,9 +244,9 @@ def branch(
     """
     _, heads = check_convention(model)
     tasks = list(heads)
-    groups = [[t] for t in tasks] if groups is None else [list(g) for g in groups]
-    flat = [t for g in groups for t in g]
-    if any(len(g) == 0 for g in groups) or sorted(flat) != sorted(tasks):
+    task_groups = [[t] for t in tasks] if groups is None else [list(g) for g in groups]
+    flat = [t for g in task_groups for t in g]
+    if any(len(g) == 0 for g in task_groups) or sorted(flat) != sorted(tasks):
         raise ValueError(f"groups={groups} must split the tasks {tasks} into non-empty groups, each task once")
     paths = [p for p, _ in backbone_blocks(model, blocks)]
     index = _resolve_at(at, paths)
@@ -257,16 +257,17 @@ def branch(
     for shared in stem:
         _replace(template, shared.path, shared)
     # objects every group's copy holds as they are: the shared blocks (with their weights) and the heads
-    keep = [fork, *stem, template.heads]
-    keep_ids = {id(x): x for obj in keep[1:] for x in (*obj.modules(), *obj.parameters(), *obj.buffers())}
+    template_heads = cast(nn.ModuleDict, template.heads)
+    keep: list[nn.Module] = [*stem, template_heads]
+    keep_ids: dict[int, Any] = {id(x): x for obj in keep for x in (*obj.modules(), *obj.parameters(), *obj.buffers())}
     keep_ids[id(fork)] = fork
-    names = ["+".join(g) for g in groups]
+    names = ["+".join(g) for g in task_groups]
     copies = {name: template if i == 0 else copy.deepcopy(template, dict(keep_ids)) for i, name in enumerate(names)}
     for group_model in copies.values():
         for path in paths[index:]:
             group_model.get_submodule(path).register_forward_pre_hook(functools.partial(fork.entered, path))
     result = BranchedNet(
-        nn.ModuleList([s.block for s in stem]), copies, template.heads, dict(zip(names, groups)), paths, fork
+        nn.ModuleList([s.block for s in stem]), copies, template_heads, dict(zip(names, task_groups)), paths, fork
     )
     if example_input is not None:
         _check_same(model, result, example_input)

@@ -167,6 +167,7 @@ class _Experiment:
                 with saved_activation_bytes(member.model) if measure else nullcontext() as saved:
                     losses = self.step(member, x, targets)
                 if measure:
+                    assert saved is not None  # measure_memory: saved_activation_bytes ran
                     self._add_memory(run, member, saved.bytes)
                 for task, loss in zip(member.tasks, losses):
                     run.losses[task].append(float(loss.detach()))
@@ -181,7 +182,7 @@ class _Experiment:
         losses = [self.loss_fns[t](out[t], targets[t]) for t in member.tasks]
         member.optimizer.zero_grad(set_to_none=True)
         if member.monitor is None:
-            sum(losses).backward()
+            torch.stack(losses).sum().backward()
         else:
             member.monitor.backward(dict(zip(member.tasks, losses)), weighting=member.weighting)
         member.optimizer.step()
@@ -462,6 +463,7 @@ def compare(
             if name == "lora":
                 split: nn.Module = lora_split(model, tasks, rank=lora_rank, targets="all")
             else:
+                assert branch_at is not None  # a branched variant without it was skipped above
                 split = branch(model, branch_at, groups, blocks=blocks)
             members = [exp.member(split, tasks)]
             exp.train(name, members, run, split_step, steps)

@@ -15,7 +15,7 @@ blocks the caller names by path) and ``.heads`` (an ``nn.ModuleDict`` task -> he
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -46,7 +46,7 @@ def check_convention(model: nn.Module) -> tuple[nn.Module, nn.ModuleDict]:
     heads = model.heads
     if not isinstance(heads, nn.ModuleDict) or len(heads) == 0:
         raise TypeError(f"{name}.heads is a {type(heads).__name__}, not a non-empty nn.ModuleDict: {_HOW}")
-    return model.backbone, heads
+    return cast(nn.Module, model.backbone), heads
 
 
 def backbone_blocks(model: nn.Module, blocks: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:

@@ -159,7 +159,7 @@ def test_layers_true_logs_each_shared_layer(tmp_path):
     trainer = train(ConflictTrainer, BertTwoTasks(), tmp_path, trainer_kwargs={"shared": "backbone", "layers": True},
                     max_steps=2)
     report = trainer.conflict_monitor.history.measured[-1]
-    row = [row for row in trainer.state.log_history if "conflict/cos/cls-reg" in row][-1]
+    row = [row for row in trainer.state.log_history if "conflict/cos/cls/reg" in row][-1]
     layer = "backbone.encoder.layer.1.output.dense"
     key = f"conflict/layer/{layer}/worst_cosine"
     assert row[key] == pytest.approx(float(report.layers[layer].cosine[0, 1]))

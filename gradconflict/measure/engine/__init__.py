@@ -13,7 +13,15 @@ from typing import Any
 
 from torch import nn
 
-from gradconflict.measure.engine.base import Engine, LayerResult, Measurement, PerformanceWarning, Plan, is_measuring
+from gradconflict.measure.engine.base import (
+    Engine,
+    LayerResult,
+    Measurement,
+    MeasurementRefused,
+    PerformanceWarning,
+    Plan,
+    is_measuring,
+)
 from gradconflict.measure.engine.loop import ReferenceEngine
 from gradconflict.measure.engine.representation import RepresentationEngine
 from gradconflict.measure.engine.tapped import TappedEngine
@@ -23,6 +31,7 @@ __all__ = [
     "Engine",
     "LayerResult",
     "Measurement",
+    "MeasurementRefused",
     "PerformanceWarning",
     "Plan",
     "ReferenceEngine",

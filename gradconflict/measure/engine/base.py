@@ -8,7 +8,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,8 @@ __all__ = [
     "Engine",
     "LayerResult",
     "Measurement",
+    "MeasurementRefused",
+    "NothingLearned",
     "PerformanceWarning",
     "Plan",
     "is_measuring",
@@ -63,6 +65,12 @@ def measuring() -> Iterator[None]:
 class PerformanceWarning(UserWarning):
     """The engine measured part of a step in a slower way than its batched backward (an op without a vmap
     batching rule, or a model the batched backward cannot run), exactly but at a higher cost."""
+
+
+class MeasurementRefused(ValueError):
+    """The engine cannot measure this step as the model or its call is set up, and the message says what to
+    change (e.g. ``engine="representation"`` without a forward of its shared module). The monitor lets it reach
+    the user, before anything is written; any other error inside an engine becomes a skipped step instead."""
 
 
 def warn_once(seen: set[str], key: str, message: str) -> None:
@@ -112,18 +120,27 @@ class LayerResult:
 
 @dataclass
 class Measurement:
-    """Per-layer Grams summing to ``gram``, and how the step was measured (``strategy``)."""
+    """Per-layer Grams summing to ``gram``, and how the step was measured (``strategy``); ``samples``, the
+    per-example attribution when one was asked for (:class:`gradconflict.measure.attribution.Attributor`)."""
 
     gram: Tensor
     layers: dict[str, LayerResult]
     strategy: str
+    samples: Any = None
 
 
 class Engine(Protocol):
-    """An engine measures; the monitor schedules. Each engine owns whatever hooks it needs."""
+    """An engine measures; the monitor schedules. Each engine owns whatever hooks it needs.
+
+    Attributes:
+        name: the ``engine=`` name it answers to.
+        approximate: whether its Grams are an approximation (reports say so).
+        strategy: how it runs a measured step (``"batched"``, ``"loop"``, ``"auto"`` or ``"representation"``).
+    """
 
     name: str
     approximate: bool
+    strategy: str
 
     def arm(self, on: bool) -> None:
         """Prepare (or not) the coming forwards for measurement."""
@@ -141,8 +158,29 @@ class Engine(Protocol):
         summing over micro-batches; the graph stays alive."""
         ...
 
+    def state_dict(self) -> list[dict[str, Any]]:
+        """What a resumed run restores (plain data; empty for an engine that learns nothing)."""
+        ...
+
+    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
+        """Restore :meth:`state_dict`, all or nothing: a malformed state raises and changes nothing."""
+
     def close(self) -> None:
         """Remove every hook."""
+
+
+class NothingLearned:
+    """The state of an engine that learns nothing over a run (no strategy to choose): saved empty, and a saved
+    list of another engine's choices is accepted and ignored, so a run may resume with another engine."""
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        """Nothing to save."""
+        return []
+
+    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
+        """Nothing to restore; ``state`` must still be a list (of another engine's choices)."""
+        if not isinstance(state, list):
+            raise ValueError(f"an engine state is a list of strategy choices, got a {type(state).__name__}")
 
 
 class Accumulator:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from gradconflict.measure.checkpoint import measuring_segments
-from gradconflict.measure.engine.base import Accumulator, Measurement, Plan
+from gradconflict.measure.engine.base import Accumulator, Measurement, NothingLearned, Plan
 from gradconflict.measure.engine.segments import boundary_edges, segment_backward
 from gradconflict.measure.graph import Graph, walk_graph
 
@@ -63,11 +63,12 @@ def loop_accumulate(
     return acc
 
 
-class ReferenceEngine:
+class ReferenceEngine(NothingLearned):
     """``engine="reference"``: the per-task loop, for checking. It needs no hook."""
 
     name = "reference"
     approximate = False
+    strategy = "loop"
 
     def arm(self, on: bool) -> None:
         """Nothing to prepare."""

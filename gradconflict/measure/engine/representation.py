@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from gradconflict.measure.capture import OutputCapture
-from gradconflict.measure.engine.base import LayerResult, Measurement, Plan
+from gradconflict.measure.engine.base import LayerResult, Measurement, MeasurementRefused, NothingLearned, Plan
 from gradconflict.measure.rules.base import gram_of
 
 if TYPE_CHECKING:
@@ -20,11 +20,12 @@ if TYPE_CHECKING:
 __all__ = ["RepresentationEngine"]
 
 
-class RepresentationEngine:
+class RepresentationEngine(NothingLearned):
     """Keeps the shared module's latest output (a forward hook) and measures the Gram there."""
 
     name = "representation"
     approximate = True
+    strategy = "representation"
 
     def __init__(self, model: nn.Module, shared: nn.Module) -> None:
         name = next((n for n, m in model.named_modules() if m is shared), "shared")
@@ -44,7 +45,7 @@ class RepresentationEngine:
         """The Gram of the task gradients at the shared module's output (across processes, of their mean)."""
         Z = self.capture.output
         if Z is None:
-            raise ValueError(
+            raise MeasurementRefused(
                 "engine='representation' found no output of the shared module in this step's forward: pass "
                 "shared=<the backbone module> and run the model's forward before monitor.backward()"
             )
@@ -64,4 +65,4 @@ class RepresentationEngine:
 
     def gradients(self, losses: Sequence[Tensor], plan: Plan) -> dict[int, tuple[Tensor, Tensor]]:
         """Not available: this engine never sees the parameters' gradients."""
-        raise ValueError("engine='representation' cannot sum per-task gradients over micro-batches; use 'auto'")
+        raise MeasurementRefused("engine='representation' cannot sum per-task gradients over micro-batches; use 'auto'")

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from gradconflict.measure.attribution import Attributor
 from gradconflict.measure.capture import Capture, task_batch
 from gradconflict.measure.checkpoint import measuring_segments
-from gradconflict.measure.engine.base import Accumulator, Measurement, Plan, warn_once
+from gradconflict.measure.engine.base import Accumulator, Measurement, MeasurementRefused, Plan, warn_once
 from gradconflict.measure.engine.loop import loop_accumulate
 from gradconflict.measure.engine.segments import boundary_edges, segment_backward
 from gradconflict.measure.graph import Graph, walk_graph
@@ -57,10 +58,12 @@ class _Pass(Accumulator):
         device: torch.device,
         cover: bool,
         reduction: Reduction | None = None,
+        attribution: Attributor | None = None,
     ) -> None:
         super().__init__(num_tasks, plan, device, reduction)
         self.capture = capture
         self.cover = cover
+        self.attribution = attribution
         self._pending: dict[nn.Module, tuple[list[Call], set[str]]] = {}
         self._arrived: Counter[nn.Module] = Counter()
         self._seen: set[int] = set()  # parameters met in an earlier part of this pass
@@ -137,7 +140,10 @@ class _Pass(Accumulator):
         if calls:
             rule, layer, dtype = calls[0].rule, self.plan.module_name[module], self.plan.gram_dtype
             num_params = sum(self.plan.leaf(getattr(module, n)).numel() for n in names)
-            if self.reduction is None:
+            if self.attribution is not None:
+                out = self.attribution.layer(layer, module, rule, calls, names, dtype)
+                self.add_gram(layer, out.gram, num_params, out.route)
+            elif self.reduction is None:
                 out = rule.gram(module, calls, names, dtype)
                 self.add_gram(layer, out.gram, num_params, out.route)
             else:  # across processes: the per-task gradients themselves are reduced
@@ -319,11 +325,47 @@ class TappedEngine:
         choice.runs[strategy] = choice.runs.get(strategy, 0) + 1
         return acc, strategy
 
+    def attribute(self, losses: Sequence[Tensor], plan: Plan, examples: int) -> Measurement:
+        """:meth:`measure`, with each example's part in every rule-covered layer's Gram (dim 0 of the tapped
+        inputs is the example): the measurement's ``samples`` is the :class:`Attributor` that collected it.
+        Always the batched pass (the per-task loop sees no layer's output gradients)."""
+        stacked = torch.stack([loss.reshape(()) for loss in losses])
+        graph = walk_graph([stacked])
+        if graph.opaque or self._opaque or self.strategy == "loop":
+            why = "the model runs compiled (torch.compile)" if graph.opaque or self._opaque else "strategy='loop'"
+            raise MeasurementRefused(
+                f"sample_ids needs the batched pass's per-layer output gradients, and {why} leaves none: measure "
+                "the uncompiled model with strategy='auto' or 'batched', or call without sample_ids"
+            )
+        ours = [c for c in graph.calls if c.owner is self.capture and c.saved is not None]
+        rows = {(c.saved[0] if isinstance(c.saved, tuple) else c.saved).shape[0] for c in ours}
+        if ours and examples not in rows:
+            raise MeasurementRefused(
+                f"sample_ids has {examples} ids, but no measured layer's input has {examples} rows along dim 0 "
+                f"(they have {sorted(rows)}): pass one id per example of this batch"
+            )
+        names = {
+            id(plan.leaf(p)): f"{layer}.{n}" if layer else n
+            for module, layer in plan.module_name.items()
+            for n, p in module.named_parameters(recurse=False)
+        }
+        attribution = Attributor(examples, len(losses), plan.gram_dtype, stacked.device, names, plan.leaf)
+        acc = self._batched(stacked, graph, plan, True, None, attribution)
+        attribution.omit(
+            [leaf for leaf, _ in acc.gradients().values()],
+            "no layer rule covers it here (a raw parameter, attention's packed projection, a tied or hooked "
+            "weight): its per-example gradients are not known in the measured pass",
+        )
+        measurement = acc.result("batched")
+        measurement.samples = attribution
+        return measurement
+
     def _batched(
-        self, stacked: Tensor, graph: Graph, plan: Plan, cover: bool, reduction: Reduction | None
+        self, stacked: Tensor, graph: Graph, plan: Plan, cover: bool, reduction: Reduction | None,
+        attribution: Attributor | None = None,
     ) -> Accumulator:
         T = stacked.shape[0]
-        current = _Pass(T, plan, self.capture, stacked.device, cover, reduction)
+        current = _Pass(T, plan, self.capture, stacked.device, cover, reduction, attribution)
         try:
             inputs = current.begin(graph, set())
             edges = boundary_edges(graph.checkpoints)

@@ -7,13 +7,32 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
+from einops import einsum
 from torch import Tensor, nn
 
-__all__ = ["Call", "LayerGram", "LayerRule", "gram_of", "materialised_gram", "register_rule", "rule_for", "task_rows"]
+__all__ = [
+    "EXAMPLE_CHUNK_BYTES",
+    "Call",
+    "LayerAttribution",
+    "LayerGram",
+    "LayerRule",
+    "NotPerExample",
+    "attribution_of",
+    "check_examples",
+    "gram_of",
+    "materialised_gram",
+    "register_rule",
+    "rule_for",
+    "task_rows",
+]
 
 _REGISTRY: dict[type[nn.Module] | str, LayerRule] = {}
 
 R = TypeVar("R", bound="type[LayerRule]")
+
+#: Bytes of per-example gradients a rule holds at once while attributing (it works through the examples in
+#: chunks of this size).
+EXAMPLE_CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass(eq=False)
@@ -77,6 +96,85 @@ class LayerRule:
     def gram(self, module: nn.Module, calls: Sequence[Call], names: set[str], gram_dtype: torch.dtype) -> LayerGram:
         """The Gram of the per-task gradients of the parameters ``names`` over every call, in ``gram_dtype``."""
         return materialised_gram(self.per_task(module, calls, names, gram_dtype), gram_dtype)
+
+    def per_example(
+        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+    ) -> dict[str, Tensor]:
+        """Each example's share of each task's gradient, ``{name: [T, N, *parameter.shape]}``: the part of
+        :meth:`per_task` that flows through the rows of example ``n`` (dim 0 of every call's input), so that the
+        sum over ``n`` is :meth:`per_task`. A rule that does not know it leaves its layer out of the attribution."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-example gradients")
+
+    def attribute(
+        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+    ) -> LayerAttribution:
+        """The layer's Gram and each example's part in it (see :class:`LayerAttribution`), in ``dtype``.
+
+        By default from :meth:`per_example`; a rule with a cheaper route (the Linear kernel) overrides it."""
+        per_example = self.per_example(module, calls, names, dtype)
+        T, N = next(iter(per_example.values())).shape[:2]
+        rows = torch.cat([per_example[n].to(dtype).reshape(T, N, -1) for n in sorted(per_example)], dim=2)
+        return attribution_of(rows)
+
+
+@dataclass
+class LayerAttribution:
+    """One module's Gram and each example's part in it, over the parameters a rule covers.
+
+    Attributes:
+        gram: ``[T, T]``, ``G_ij = <g_i, g_j>`` (the same number :meth:`LayerRule.gram` gives).
+        contribution: ``[N, T, T]``, entry ``(n, i, j)`` is ``<g_i^(n), g_j>``, example ``n``'s share of
+            ``G_ij``: the sum over ``n`` is ``gram``.
+        within: ``[N, T, T]``, entry ``(n, i, j)`` is ``<g_i^(n), g_j^(n)>``, the Gram of example ``n`` alone.
+        route: how the rule computed it.
+    """
+
+    gram: Tensor
+    contribution: Tensor
+    within: Tensor
+    route: str
+
+
+class NotPerExample(ValueError):
+    """A tapped call whose input does not hold the batch's examples along dim 0 (it cannot be attributed)."""
+
+
+def check_examples(calls: Sequence[Call], examples: int) -> None:
+    """Raise :class:`NotPerExample` unless dim 0 of every call's recorded input is the ``examples`` examples.
+
+    >>> import torch.nn as nn
+    >>> call = Call(nn.Linear(2, 2), None, torch.zeros(4, 2))
+    >>> check_examples([call], 4)
+    >>> check_examples([call], 3)
+    Traceback (most recent call last):
+    ...
+    gradconflict.measure.rules.base.NotPerExample: its input has shape (4, 2): dim 0 is not the 3 examples
+    """
+    for call in calls:
+        x = call.saved[0] if isinstance(call.saved, tuple) else call.saved
+        if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[0] != examples:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise NotPerExample(f"its input has shape {shape}: dim 0 is not the {examples} examples")
+
+
+def attribution_of(rows: Tensor, route: str = "per-example") -> LayerAttribution:
+    """The attribution of per-example per-task gradients ``rows`` ``[T, N, P]`` (``rows[i, n]`` is
+    ``g_i^(n)``): the Gram of their sums over ``n``, each example's contribution and its own Gram.
+
+    >>> rows = torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[1.0, 1.0], [0.0, -1.0]]])  # T=2 tasks, N=2 examples
+    >>> a = attribution_of(rows)
+    >>> a.gram.tolist(), a.contribution.sum(0).tolist()
+    ([[5.0, 1.0], [1.0, 1.0]], [[5.0, 1.0], [1.0, 1.0]])
+    >>> a.within[1].tolist()  # example 1 alone: the tasks point apart
+    [[4.0, -2.0], [-2.0, 1.0]]
+    """
+    total = rows.sum(1)
+    return LayerAttribution(
+        gram=gram_of(total),
+        contribution=einsum(rows, total, "t n p, s p -> n t s"),
+        within=einsum(rows, rows, "t n p, s n p -> n t s"),
+        route=route,
+    )
 
 
 @dataclass

@@ -34,11 +34,22 @@ class AffineNormRule(LayerRule):
     def per_task(
         self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
     ) -> dict[str, Tensor]:
-        per_task: dict[str, Tensor] = {}
+        return self._summed(module, calls, names, dtype, by_example=False)
+
+    def per_example(
+        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+    ) -> dict[str, Tensor]:
+        return self._summed(module, calls, names, dtype, by_example=True)
+
+    def _summed(
+        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype, by_example: bool
+    ) -> dict[str, Tensor]:
+        """``D_i * x_hat`` and ``D_i`` summed over every axis but the parameter's (and, ``by_example``, dim 0)."""
+        out: dict[str, Tensor] = {}
         for call in calls:
             D = call.grads.to(dtype)
             x = self.input_of(call.saved).to(dtype)
-            keep = self.param_axes(module, x.ndim)
+            keep = (0, *self.param_axes(module, x.ndim)) if by_example else self.param_axes(module, x.ndim)
             summed = tuple(a + 1 for a in range(x.ndim) if a not in keep)
             parts = {}
             if "weight" in names:
@@ -46,8 +57,8 @@ class AffineNormRule(LayerRule):
             if "bias" in names:
                 parts["bias"] = D.sum(summed)
             for name, g in parts.items():
-                per_task[name] = per_task[name] + g if name in per_task else g
-        return per_task
+                out[name] = out[name] + g if name in out else g
+        return out
 
 
 @register_rule(nn.LayerNorm)

@@ -79,7 +79,8 @@ def scalars(report: ConflictReport, *, layers: bool = False) -> dict[str, float]
 def _layer_scalars(report: ConflictReport, pairs: list[str], upper: tuple[Tensor, ...]) -> dict[str, Tensor]:
     names = list(report.layers)
     G = torch.stack([report.layers[n].gram.double() for n in names])  # [L, T, T]: every layer in one batch
-    C = metrics.cosine(G)[(slice(None), *upper)]
+    rows, cols = upper
+    C = metrics.cosine(G)[:, rows, cols]
     fraction = metrics.conflict_fraction(G, report.threshold)
     worst = metrics.worst_cosine(G)
     out: dict[str, Tensor] = {}

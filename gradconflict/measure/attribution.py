@@ -1,0 +1,219 @@
+"""Per-sample attribution: which examples of a measured step carry the agreement or the conflict between tasks.
+
+Let ``g_i^(n)`` be the part of task ``i``'s gradient on the shared parameters that flows through example ``n``'s
+rows (dim 0 of every tapped layer's input), so that ``g_i = sum_n g_i^(n)`` with the loss's reduction folded in
+(a mean loss gives each example ``1/N`` of its own gradient; masked positions give nothing). Then
+
+* ``contribution[n, i, j] = <g_i^(n), g_j>`` is example ``n``'s share of ``G_ij``: the sum over ``n`` is the
+  Gram, exactly; a negative ``contribution[n, i, j] + contribution[n, j, i]`` means that example pushes the two
+  tasks apart;
+* ``within[n, i, j] = <g_i^(n), g_j^(n)>`` is the Gram of example ``n`` alone, and ``cosine`` its cosines: the
+  tasks disagree on that example by itself.
+
+Both come from what the layer rules already hold during the measured pass (the inputs each layer recorded and
+its output gradients of every task): see :meth:`gradconflict.measure.rules.LayerRule.attribute`. Parameters no
+rule covers (raw parameters, attention's packed in-projection, tied or hooked weights) have no per-example
+gradient there; they are left out, listed in :attr:`SampleAttribution.omitted`, and the attributed Gram
+:attr:`SampleAttribution.gram` is the Gram over the other parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradconflict.measure.rules import Call, LayerGram, LayerRule
+from gradconflict.measure.rules.base import NotPerExample, check_examples
+
+__all__ = ["Attributor", "SampleAttribution", "sample_ids"]
+
+
+def sample_ids(ids: Any) -> Tensor:
+    """The user's ``sample_ids`` as a 1-D int64 tensor on the host (one id per example of the batch).
+
+    >>> sample_ids([3, 1, 4]).tolist()
+    [3, 1, 4]
+    >>> sample_ids(torch.tensor([[1, 2]]))
+    Traceback (most recent call last):
+    ...
+    ValueError: sample_ids must be a 1-D sequence of integers, one per example of the batch; got shape (1, 2)
+    """
+    try:
+        tensor = torch.as_tensor(ids).detach()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"sample_ids must be a 1-D sequence of integers, one per example ({err})") from err
+    if tensor.ndim != 1:
+        raise ValueError(
+            "sample_ids must be a 1-D sequence of integers, one per example of the batch; "
+            f"got shape {tuple(tensor.shape)}"
+        )
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise ValueError(f"sample_ids must be integers (dataset indices), got dtype {tensor.dtype}")
+    if tensor.numel() == 0:
+        raise ValueError("sample_ids is empty: pass one id per example of the batch")
+    return tensor.to("cpu", torch.int64)
+
+
+@dataclass
+class SampleAttribution:
+    """Each example's part in one measured step's Gram (``report.samples``).
+
+    Attributes:
+        ids: ``[N]``, the ids passed as ``sample_ids``, in batch order.
+        tasks: the task names, in the order of every T-sized axis (``report.tasks``).
+        contribution: ``[N, T, T]``; entry ``(n, i, j)`` is ``<g_i^(n), g_j>``, example ``n``'s share of
+            ``G_ij``. The sum over ``n`` is :attr:`gram`.
+        within: ``[N, T, T]``; entry ``(n, i, j)`` is ``<g_i^(n), g_j^(n)>``, the Gram of example ``n`` alone.
+        gram: ``[T, T]``, the Gram over the attributed parameters (the layer rules' own computation; the whole
+            ``report.gram`` when :attr:`omitted` is empty).
+        parameters: the attributed parameters' names.
+        omitted: parameter name -> why it is left out of the attribution.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from gradconflict import ConflictMonitor
+    >>> torch.manual_seed(0) and None
+    >>> backbone, heads = nn.Linear(4, 8), nn.ModuleDict({"a": nn.Linear(8, 1), "b": nn.Linear(8, 1)})
+    >>> model = nn.ModuleDict({"backbone": backbone, "heads": heads})
+    >>> x, y = torch.randn(6, 4), torch.randn(6, 1)
+    >>> with ConflictMonitor(model, shared=backbone) as monitor:
+    ...     h = backbone(x)
+    ...     losses = {"a": (heads["a"](h) - y).pow(2).mean(), "b": (heads["b"](h) + y).pow(2).mean()}
+    ...     report = monitor.backward(losses, sample_ids=[10, 11, 12, 13, 14, 15])
+    >>> samples = report.samples
+    >>> samples.contribution.shape, samples.residual < 1e-5, samples.omitted
+    (torch.Size([6, 2, 2]), True, {})
+    >>> torch.allclose(samples.contribution.sum(0), report.gram, atol=1e-6)
+    True
+    """
+
+    ids: Tensor
+    tasks: tuple[str, ...]
+    contribution: Tensor
+    within: Tensor
+    gram: Tensor
+    parameters: list[str] = field(default_factory=list)
+    omitted: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def cosine(self) -> Tensor:
+        """``[N, T, T]``: ``cos(g_i^(n), g_j^(n))``, the within-example cosines (0 where a task's gradient on
+        the example is zero)."""
+        norms = self.within.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt()
+        outer = norms[:, :, None] * norms[:, None, :]
+        return torch.where(outer > 0, self.within / outer.clamp(min=torch.finfo(outer.dtype).tiny), 0.0)
+
+    @property
+    def residual(self) -> float:
+        """The sum check: ``max |sum_n contribution[n] - gram|`` relative to ``max |gram|`` (float rounding:
+        about 1e-6 in float32)."""
+        scale = self.gram.abs().max()
+        if scale == 0:
+            return float(self.contribution.abs().max()) if self.contribution.numel() else 0.0
+        return float((self.contribution.sum(0) - self.gram).abs().max() / scale)
+
+    def pushes_apart(self, i: int | str, j: int | str) -> Tensor:
+        """``[N]``: ``contribution[n, i, j] + contribution[n, j, i]``, example ``n``'s part in ``2 G_ij``;
+        negative where the example pushes the two tasks apart."""
+        a, b = (self.tasks.index(t) if isinstance(t, str) else t for t in (i, j))
+        return self.contribution[:, a, b] + self.contribution[:, b, a]
+
+    def pairs(self) -> dict[tuple[str, str], tuple[Tensor, Tensor]]:
+        """Per pair of tasks ``(a, b)`` (in :attr:`tasks` order), each example's ``(push, agreement)``, ``[N]``
+        each: :meth:`pushes_apart`, and its own inner product ``<g_a^(n), g_b^(n)>`` divided by the batch's mean
+        of ``(|g_a^(m)|^2 + |g_b^(m)|^2) / 2`` (zero when that is zero). What the run's per-id aggregates add up
+        (:class:`gradconflict.records.samples.SampleTally`)."""
+        out = {}
+        T = len(self.tasks)
+        for i in range(T):
+            for j in range(i + 1, T):
+                scale = ((self.within[:, i, i] + self.within[:, j, j]) / 2).mean()
+                agreement = self.within[:, i, j] / scale if scale > 0 else torch.zeros_like(self.within[:, i, j])
+                out[(self.tasks[i], self.tasks[j])] = (self.pushes_apart(i, j), agreement)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python (JSON-ready) view for a step's record: the ids, the sum check, the parameters left out,
+        and each pair's per-example ``push`` and ``agreement`` (:meth:`pairs`), not the full ``[N, T, T]``."""
+        return {
+            "ids": self.ids.tolist(),
+            "residual": self.residual,
+            "omitted": sorted(self.omitted),
+            "pairs": [
+                {"pair": list(pair), "push": push.double().tolist(), "agreement": agreement.double().tolist()}
+                for pair, (push, agreement) in self.pairs().items()
+            ],
+        }
+
+    def to(self, device: torch.device | str) -> SampleAttribution:
+        """The same attribution with its tensors on ``device``."""
+        return replace(
+            self, ids=self.ids.to(device), contribution=self.contribution.to(device), within=self.within.to(device),
+            gram=self.gram.to(device),
+        )
+
+    def scaled(self, factor: float | Tensor) -> SampleAttribution:
+        """The same attribution with every inner product multiplied by ``factor`` (a loss scale's square)."""
+        return replace(
+            self, contribution=self.contribution * factor, within=self.within * factor, gram=self.gram * factor
+        )
+
+
+class Attributor:
+    """Collects, during one measured pass, each rule-covered layer's attribution (see :class:`Attributor.layer`).
+
+    ``examples`` is the number of examples (dim 0 of every tapped input); ``names`` maps a parameter's id (the
+    tensor the autograd graph holds) to its name.
+    """
+
+    def __init__(self, examples: int, num_tasks: int, dtype: torch.dtype, device: torch.device,
+                 names: dict[int, str], leaf: Callable[[Tensor], Tensor]) -> None:
+        self.examples = examples
+        self.names = names
+        self.leaf = leaf
+        shape = (examples, num_tasks, num_tasks)
+        self.contribution = torch.zeros(shape, dtype=dtype, device=device)
+        self.within = torch.zeros(shape, dtype=dtype, device=device)
+        self.gram = torch.zeros(num_tasks, num_tasks, dtype=dtype, device=device)
+        self.parameters: list[str] = []
+        self.omitted: dict[str, str] = {}
+
+    def _name(self, p: Tensor) -> str:
+        return self.names.get(id(self.leaf(p)), f"<parameter of shape {tuple(p.shape)}>")
+
+    def layer(
+        self, layer: str, module: nn.Module, rule: LayerRule, calls: Sequence[Call], names: set[str],
+        dtype: torch.dtype,
+    ) -> LayerGram:
+        """The layer's Gram, attributing it to the examples when its rule can (else noting why not)."""
+        params = [self._name(getattr(module, n)) for n in sorted(names)]
+        try:
+            check_examples(calls, self.examples)
+            out = rule.attribute(module, calls, names, dtype)
+        except NotPerExample as err:
+            reason = f"layer {layer!r}: {err}"
+        except NotImplementedError as err:
+            reason = f"layer {layer!r}: {err}"
+        else:
+            self.contribution += out.contribution
+            self.within += out.within
+            self.gram += out.gram
+            self.parameters += params
+            return LayerGram(out.gram, out.route)
+        self.omitted.update(dict.fromkeys(params, reason))
+        return rule.gram(module, calls, names, dtype)
+
+    def omit(self, leaves: Sequence[Tensor], reason: str) -> None:
+        """Note parameters whose gradients were materialised whole (no per-example split is known for them)."""
+        self.omitted.update({self._name(p): reason for p in leaves})
+
+    def result(self, ids: Tensor, tasks: Sequence[str]) -> SampleAttribution:
+        """What :class:`SampleAttribution` holds for this step (``ids`` in batch order, ``tasks`` the T names)."""
+        return SampleAttribution(
+            ids, tuple(tasks), self.contribution, self.within, (self.gram + self.gram.T) / 2,
+            sorted(self.parameters), dict(sorted(self.omitted.items())),
+        )

@@ -1,0 +1,254 @@
+"""Per-sample attribution against a float64 oracle of per-example gradients.
+
+The oracle gives every example its own copy of the shared parameters (``torch.func.functional_call`` on one
+example at a time), runs the batch's loss on the concatenated outputs and takes ``torch.autograd.grad`` of each
+task's loss with respect to each example's copy: that is ``g_i^(n)`` by definition, whatever the reduction or
+mask, with no code of the library's.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import einsum
+from torch import Tensor, nn
+
+from gradconflict import ConflictMonitor
+from tests.zoo import FAMILIES, MultiTask, linear_heads, losses_of
+
+RTOL = 1e-9
+
+Losses = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def per_example_oracle(model: nn.Module, x: Tensor, losses: Losses, names: list[str]) -> tuple[Tensor, Tensor]:
+    """``(contribution, within)``, each ``[N, T, T]``, over the parameters ``names``, in float64."""
+    params = dict(model.named_parameters())
+    N = x.shape[0]
+    copies = [{n: params[n].detach().clone().requires_grad_() for n in names} for _ in range(N)]
+    outputs = [torch.func.functional_call(model, {**params, **copies[n]}, (x[n : n + 1],)) for n in range(N)]
+    batch = {t: torch.cat([o[t] for o in outputs]) for t in outputs[0]}
+    leaves = [c[name] for c in copies for name in names]
+    rows = []
+    for loss in losses(batch).values():
+        grads = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True, materialize_grads=True)
+        rows.append(torch.stack([torch.cat([g.flatten() for g in grads[n * len(names) : (n + 1) * len(names)]])
+                                 for n in range(N)]))
+    J = torch.stack(rows)  # [T, N, P]
+    return einsum(J, J.sum(1), "t n p, s p -> n t s"), einsum(J, J, "t n p, s n p -> n t s")
+
+
+def attributed(model: nn.Module, x: Tensor, losses: Losses, ids: Tensor | None = None):
+    with ConflictMonitor(model, shared=model.backbone) as monitor:
+        report = monitor.measure(losses(model(x)), sample_ids=torch.arange(x.shape[0]) if ids is None else ids)
+    return report
+
+
+def check_against_oracle(model: nn.Module, x: Tensor, losses: Losses = losses_of, complete: bool = True):
+    report = attributed(model, x, losses)
+    samples = report.samples
+    assert samples is not None
+    if complete:
+        assert samples.omitted == {}
+        assert sorted(samples.parameters) == sorted(n for n, _ in model.named_parameters() if n.startswith("backbone"))
+        assert rel_err(samples.gram, report.gram) <= RTOL
+    contribution, within = per_example_oracle(model, x, losses, samples.parameters)
+    assert rel_err(samples.contribution, contribution) <= RTOL
+    assert rel_err(samples.within, within) <= RTOL
+    norms = within.diagonal(dim1=1, dim2=2).sqrt()
+    assert torch.allclose(samples.cosine, within / (norms[:, :, None] * norms[:, None, :]), rtol=1e-7, atol=1e-9)
+    assert samples.residual <= RTOL
+    return samples
+
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+
+@pytest.mark.parametrize("family", ["mlp", "wide_mlp", "conv1d_3d", "embedding_layernorm", "reused_module"])
+def test_zoo_matches_per_example_oracle(family: str):
+    model, x = FAMILIES[family](3)
+    check_against_oracle(model, x)
+
+
+def test_cnn_with_eval_batchnorm_matches_oracle():
+    # BatchNorm in training mode normalises with the batch's statistics, so no example has a gradient of its
+    # own there; with running statistics the examples are independent and the oracle applies.
+    model, x = FAMILIES["cnn"](3)
+    model.eval()
+    x = torch.randn(4, 3, 16, 16)
+    check_against_oracle(model, x)
+
+
+def test_both_linear_routes_match_oracle():
+    # Many rows and narrow layers take the materialised route; few rows and wide layers the kernel route.
+    for rows, width in [(40, 4), (3, 40)]:
+        bb = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 6))
+        model, x = MultiTask(bb, linear_heads(6, 2)), torch.randn(rows, 2, width)  # two rows per example
+        check_against_oracle(model, x, lambda out: {t: (o ** 2).mean() for t, o in out.items()})
+
+
+def test_embedding_scale_grad_by_freq_matches_oracle():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 5, scale_grad_by_freq=True)
+
+        def forward(self, ids):
+            self.out = self.emb(ids)
+            return self.out.tanh().sum(1)
+
+    model, ids = MultiTask(Net(), linear_heads(5, 3)), torch.tensor([[1, 1, 2], [2, 3, 1], [6, 6, 6]])
+    samples = attributed(model, ids, losses_of).samples
+    # scale_grad_by_freq divides by an id's count in the whole batch, so one-example forwards would see other
+    # counts: the oracle takes each task's gradient at the embedding's output from autograd and adds example n's
+    # positions into its own table, divided by the batch's counts, as the definition says.
+    losses = losses_of(model(ids))
+    counts = torch.bincount(ids.flatten(), minlength=7).double()
+    rows = []
+    for loss in losses.values():
+        (D,) = torch.autograd.grad(loss, model.backbone.out, retain_graph=True)
+        rows.append(torch.stack([
+            torch.zeros(7, 5).index_add_(0, ids[n], D[n] / counts[ids[n]][:, None]).flatten() for n in range(3)
+        ]))
+    J = torch.stack(rows)
+    assert samples.omitted == {}
+    assert rel_err(samples.contribution, einsum(J, J.sum(1), "t n p, s p -> n t s")) <= RTOL
+    assert rel_err(samples.within, einsum(J, J, "t n p, s n p -> n t s")) <= RTOL
+
+
+class Attention(nn.Module):
+    """Causal self-attention with separate q, k, v, o projections (every parameter has a layer rule)."""
+
+    def __init__(self, d: int = 8, heads: int = 2):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.heads = heads
+
+    def forward(self, x):
+        def split(t):
+            return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+        h = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True)
+        return self.o(h.transpose(1, 2).flatten(2))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: embedding, LayerNorm, attention, LayerNorm, MLP."""
+
+    def __init__(self, vocab: int = 13, d: int = 8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = Attention(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.attn(self.ln1(h))
+        return h + self.mlp(self.ln2(h))
+
+
+def per_token_losses(mask: Tensor, reduction: str) -> Losses:
+    """Per-token losses of every task, masked, reduced by the mean over real tokens or by their sum."""
+
+    def losses(out: dict[str, Tensor]) -> dict[str, Tensor]:
+        result = {}
+        for k, (t, o) in enumerate(out.items()):
+            per_token = ((o.squeeze(-1) - 0.5 * k) ** 2) * mask
+            result[t] = per_token.sum() / (mask.sum() if reduction == "mean" else 1)
+        return result
+
+    return losses
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_transformer_block_with_padding_mask_matches_oracle(reduction: str):
+    ids = torch.tensor([[3, 5, 7, 0, 0], [1, 2, 3, 4, 12], [9, 9, 2, 8, 0]])
+    mask = (ids != 0).double()
+    model = MultiTask(Block(), linear_heads(8, 3))
+    samples = check_against_oracle(model, ids, per_token_losses(mask, reduction))
+    assert samples.contribution.abs().sum() > 0
+
+
+def test_attention_alone_matches_oracle():
+    model = MultiTask(Attention(), linear_heads(8, 2), pool=lambda h: h.mean(1))
+    check_against_oracle(model, torch.randn(4, 6, 8))
+
+
+def test_multihead_attention_parameters_are_left_out_and_named():
+    model, x = FAMILIES["transformer"](3)
+    samples = check_against_oracle(model, x, complete=False)
+    assert {"backbone.enc.self_attn.in_proj_weight", "backbone.enc.self_attn.out_proj.weight"} <= set(samples.omitted)
+    assert "backbone.enc.linear1.weight" in samples.parameters
+    assert "rule" in samples.omitted["backbone.enc.self_attn.in_proj_weight"]
+
+
+def test_hugging_face_conv1d_matches_oracle():
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    bb = nn.Sequential(Conv1D(12, 6), nn.Tanh(), Conv1D(6, 12))
+    model = MultiTask(bb, linear_heads(6, 2), pool=lambda h: h.mean(1))
+    check_against_oracle(model, torch.randn(5, 3, 6))
+
+
+def test_float32_sum_check_and_gram():
+    torch.set_default_dtype(torch.float32)
+    model, x = FAMILIES["embedding_layernorm"](4)
+    report = attributed(model, x, losses_of)
+    assert report.samples.contribution.dtype == torch.float32
+    assert report.samples.residual <= 1e-5
+    assert rel_err(report.samples.gram, report.gram) <= 1e-6
+
+
+def test_ids_kept_in_batch_order_and_grad_untouched_by_attribution():
+    model, x = FAMILIES["mlp"](2)
+    twin = copy.deepcopy(model)
+    with ConflictMonitor(model) as monitor:
+        report = monitor.backward(losses_of(model(x)), sample_ids=torch.arange(100, 100 + x.shape[0]).flip(0))
+    sum(losses_of(twin(x)).values()).backward()
+    assert report.samples.ids.tolist() == list(range(100 + x.shape[0] - 1, 99, -1))
+    assert report.samples.tasks == report.tasks
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_pushes_apart_is_the_symmetric_part():
+    model, x = FAMILIES["mlp"](3)
+    samples = attributed(model, x, losses_of).samples
+    c = samples.contribution
+    assert torch.equal(samples.pushes_apart("t0", "t2"), c[:, 0, 2] + c[:, 2, 0])
+    assert rel_err(samples.pushes_apart(0, 2).sum(), 2 * samples.gram[0, 2]) <= RTOL
+
+
+def test_bad_ids_and_unsupported_setups_are_refused():
+    model, x = FAMILIES["mlp"](2)
+    with ConflictMonitor(model, shared=model.backbone) as monitor:
+        with pytest.raises(ValueError, match="no measured layer's input has 7 rows"):
+            monitor.measure(losses_of(model(x)), sample_ids=range(7))
+        with pytest.raises(ValueError, match="1-D"):
+            monitor.measure(losses_of(model(x)), sample_ids=[[1, 2]])
+        with pytest.raises(ValueError, match="integers"):
+            monitor.measure(losses_of(model(x)), sample_ids=torch.rand(x.shape[0]))
+    for kwargs, match in [({"engine": "reference"}, "engine='auto'"), ({"strategy": "loop"}, "strategy='loop'"),
+                          ({"accumulation_steps": 2}, "accumulation_steps")]:
+        with ConflictMonitor(model, shared=model.backbone, **kwargs) as monitor:
+            with pytest.raises(ValueError, match=match):
+                monitor.backward(losses_of(model(x)), sample_ids=range(x.shape[0]))
+
+
+def test_grad_scaler_is_divided_out_of_the_attribution():
+    model, x = FAMILIES["mlp"](2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    with ConflictMonitor(model, shared=model.backbone, scaler=scaler) as monitor:
+        report = monitor.backward(losses_of(model(x)), sample_ids=range(x.shape[0]))
+    plain = attributed(model, x, losses_of)
+    assert rel_err(report.samples.contribution, plain.samples.contribution) <= 1e-9
+    assert rel_err(report.samples.within, plain.samples.within) <= 1e-9
+    assert rel_err(report.samples.gram, report.gram) <= 1e-9
