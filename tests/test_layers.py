@@ -41,6 +41,9 @@ LAZY_UPWARD = {
     ("gradconflict.measure.report", "gradconflict.reporting"),
     ("gradconflict.records.comparison", "gradconflict.reporting"),
     ("gradconflict.diagnosis.advice", "gradconflict.reporting"),
+    # The advice counts the duplicated share and the candidate branch points on the blocks branch() copies
+    # (split.model.backbone_blocks, split.branch.duplicated_share), so that the advice and the split agree.
+    ("gradconflict.diagnosis.advice", "gradconflict.split"),
     ("gradconflict.split.evaluate", "gradconflict.reporting"),
 }
 

@@ -11,7 +11,8 @@ lookahead, the results of the comparison experiment) and returns an :class:`Advi
   heavy heads, zero-sum evaluations or negative transference rather than diverging gradients): freeze the
   shared backbone and train one LoRA adapter per group.
 - ``keep_shared``: no signal says ``split``; or the comparison experiment shows that no split lifts a ceiling
-  beyond the seeds' spread (capacity was not the limit), whatever the gradients say; or the conflict could not
+  (no gain above the 1% floor in a paired test across seeds that vary: capacity was not the limit), whatever
+  the gradients say; or the conflict could not
   be measured (no step carried two tasks together, as in round-robin training; the reason says what to measure).
 
 Verdict, branch point, groups and next step agree: the groups come from the affinity through the layers from
@@ -52,17 +53,21 @@ from gradconflict.diagnosis.affinity import lookahead_transference, mean_transfe
 from gradconflict.diagnosis.aligned import Run, align, no_pair_reason
 from gradconflict.diagnosis.conflicts import conflict_tests
 from gradconflict.diagnosis.evaluations import Pairs
-from gradconflict.diagnosis.groups import Grouping, group_tasks
+from gradconflict.diagnosis.groups import Grouping, group_tasks, magnitude_free
 from gradconflict.diagnosis.persistence import CHANCE, PERSISTENT_RATE
 from gradconflict.diagnosis.profile import Profile, layer_profile, share_from
 from gradconflict.diagnosis.recon import ReconSelection, recon_layers
 from gradconflict.diagnosis.signals import (
     ALARMS,
+    MAGNITUDE_WEIGHTINGS,
+    REWEIGHT,
     WARNINGS,
+    PairFinding,
     Signal,
     ceiling,
     diverging_objectives,
     heavy_heads,
+    magnitude_dominance,
     oscillating_conflict,
     oscillation_cause,
     single_point_of_risk,
@@ -86,58 +91,105 @@ _VARIANTS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: The share of the best branch's gain a higher branch point must recover to be the economical one.
+RECOVERED_SHARE = 0.8
+#: The most branch points the next step compares (spread evenly from the conflict onset to the top).
+MAX_CANDIDATES = 4
 
 
 def next_step_code(
     verdict: Verdict,
-    branch_at: str | None,
+    branch_at: str | Sequence[str] | None,
     groups: Sequence[Sequence[str]],
     seeds: int = 3,
     conflict: bool = False,
+    reweight: bool = False,
+    *,
+    steps: int | None = None,
+    lr: float | None = None,
 ) -> str:
-    """Python code running the comparison experiment that checks this advice over ``seeds`` seeds, then reading
-    its outcome back into the advice (the ``ceiling`` signal: did a split beat shared beyond the seeds' spread?).
+    """Python code defining ``next_step(history, model_factory, loss_fns, train_data, eval_data, metrics, ...)``,
+    which runs the comparison experiment that checks this advice over ``seeds`` seeds and returns the advice with
+    its outcome read back (the ``ceiling`` signal: the paired test across seeds). Every input is an argument.
 
-    With ``conflict`` (the diagnosis found the task gradients diverging, not only heavy heads or zero-sum
-    evaluations), the experiment also trains the shared model with conflict-aware updates (``weightings=``, see
-    :mod:`gradconflict.weighting`): the cheaper cure, if it lifts the tasks as far as the split does.
+    ``branch_at``: one branch point, or the candidate blocks to compare (from the conflict onset up: the advice's
+    ``branch_point`` is then the highest block recovering :data:`RECOVERED_SHARE` of the best one's gain).
+    ``steps`` and ``lr`` (the monitored run's budget) become the defaults of the function's ``steps`` and ``lr``;
+    unknown (``None``), the printed call asks for them (``lr=...``) and the optimizer factory says what to pass.
+    The code ends by calling the function on the inputs it names. Without ``eval_data`` (``None``), the function
+    says that Delta-m is then measured on the training loss. The shared model and fully independent models are
+    always compared (capacity is invisible to gradients). With ``conflict`` (diverging gradients), the shared
+    model is also trained with conflict-aware updates (``upgrad``, ``pcgrad``); with ``reweight`` (one task's
+    gradient dominates by its magnitude), with the magnitude-aware weightings
+    (:data:`~gradconflict.diagnosis.signals.MAGNITUDE_WEIGHTINGS`):
+    the cheaper cures, which a split must beat.
 
-    >>> print(next_step_code("physical_split", "backbone.4", [["a"], ["b"]]).splitlines()[-6])
-                branch_at='backbone.4', groups=[['a'], ['b']],
-    >>> print(next_step_code("physical_split", "backbone.4", [["a"], ["b"]], conflict=True).splitlines()[-5])
-                weightings=["upgrad", "pcgrad"], seed=seed)
+    >>> code = next_step_code("physical_split", ["backbone.2", "backbone.3"], [["a"], ["b"]], steps=400)
+    >>> print([line for line in code.splitlines() if "for branch_at" in line][0].strip())
+    for branch_at in ['backbone.2', 'backbone.3']
+    >>> print(code.splitlines()[3].split("*, ")[1])
+    lr=None, steps=400, seeds=3):
+    >>> print(code.splitlines()[-2])
+    advice = next_step(history, model_factory, loss_fns, train_data, eval_data, metrics, lr=...)
     """
+    points = [branch_at] if branch_at is None or isinstance(branch_at, str) else list(branch_at)
     why = {
-        "physical_split": f"the shared model against one backbone copy per group, branching at {branch_at!r}",
+        "physical_split": "the shared model against one backbone copy per group, branching at "
+        + (repr(points[0]) if len(points) == 1 else f"each of {points}"),
         "lora_split": "the shared model against a frozen shared backbone with one LoRA adapter per group",
-        "keep_shared": "the shared model against fully independent models, to confirm that no task's\n# ceiling "
-        "rises when trained alone",
+        "keep_shared": "the shared model against fully independent models (capacity is invisible to gradients)",
     }[verdict]
+    variants = _VARIANTS[verdict]
+    weightings = (["upgrad", "pcgrad"] if conflict else []) + (list(MAGNITUDE_WEIGHTINGS) if reweight else [])
     lines = [
         "import torch",
         "from gradconflict import advise, compare",
         "",
-        f"# Compares {why}, over {seeds} seeds.",
-        "# model_factory: () -> a fresh model; loss_fns: {task: (output, target) -> loss}; train_data: your batches;",
-        "# eval_data: held-out batches; metrics: {task: (fn, 'max' | 'min')} (default: each task's loss).",
+        f"def next_step(history, model_factory, loss_fns, train_data, eval_data, metrics=None, *, lr={lr!r}, "
+        f"steps={steps!r}, seeds={seeds}):",
+        f'    """Compares {why}; returns advise(history, comparison=...).',
+        "",
+        "    history: the monitored run (monitor.history or a History); model_factory: () -> a fresh model whose",
+        "    initialisation follows the global seed; loss_fns: {task: (output, target) -> loss}; train_data and",
+        "    eval_data: re-iterable batches, eval_data held out; metrics: {task: (fn, 'max' | 'min')} (default:",
+        "    each task's loss on eval_data); lr and steps: the monitored run's learning rate and budget.",
     ]
-    if conflict:
+    if weightings:
         lines += [
-            "# The gradients conflict: shared+upgrad and shared+pcgrad train the shared model with conflict-aware",
-            "# updates, the cheaper cure if they do as well as the split ('upgrad' needs pip install",
-            "# 'gradconflict[weighting]'; 'pcgrad' and 'mgda' do not).",
+            "    The shared model is also trained with " + ", ".join(weightings) + ": cheaper cures than a split,",
+            "    which a split must beat ('upgrad', 'imtl-g', 'aligned-mtl' need pip install",
+            "    'gradconflict[weighting]').",
         ]
     lines += [
-        "results = [",
-        "    compare(model_factory, loss_fns, train_data, steps=200,",
-        "            optimizer_factory=lambda params: torch.optim.Adam(params, lr=1e-3),",
-        f"            eval_data=eval_data, metrics=None, variants={_VARIANTS[verdict]!r},",
-        f"            branch_at={branch_at!r}, groups={[list(g) for g in groups]!r},",
-        '            weightings=["upgrad", "pcgrad"], seed=seed)' if conflict else "            seed=seed)",
-        f"    for seed in range({seeds})",
-        "]",
-        "print(results[0].to_markdown())",
-        "print(advise(history, comparison=results))  # did a split beat shared beyond the seeds' spread?",
+        '    """',
+        "    if eval_data is None:",
+        '        print("no held-out eval_data: Delta-m is measured on the training loss, which favours memorising")',
+        "",
+        "    def optimizer_factory(params):",
+        "        if not isinstance(lr, (int, float)) or steps is None:  # lr=... in the call: asked for",
+        '            raise ValueError("pass lr= and steps=, the learning rate and the training steps of the "',
+        '                             "monitored run (the history does not record them)")',
+        "        return torch.optim.Adam(params, lr=lr)",
+        "",
+        "    results = [",
+        "        compare(model_factory, loss_fns, train_data, steps=steps, optimizer_factory=optimizer_factory,",
+        f"                eval_data=eval_data, metrics=metrics, variants={variants!r},",
+        "                branch_at=" + ("branch_at" if len(points) > 1 else repr(points[0]))
+        + f", groups={[list(g) for g in groups]!r},",
+        f"                weightings={weightings!r}, seed=seed, progress=False)",
+    ]
+    if len(points) > 1:
+        lines.append(f"        for branch_at in {points!r}")
+    lines += [
+        "        for seed in range(seeds)",
+        "    ]",
+        "    print(results[0].to_markdown())",
+        "    return advise(history, comparison=results)",
+        "",
+        "",
+        "advice = next_step(history, model_factory, loss_fns, train_data, eval_data, metrics"
+        + (", lr=..." if lr is None else "") + ")",
+        "print(advice)",
     ]
     return "\n".join(lines)
 
@@ -152,6 +204,11 @@ class Uncertainty:
         p_value: the adjusted p-value of the persistent conflict behind a split (``None`` otherwise).
         steps_needed: measured steps to add, about, before the verdict is settled (``None`` when decided).
         training_steps_needed: the same in training steps (``steps_needed`` times ``k`` under ``every=k``).
+        awaits: what would settle a provisional verdict: ``"steps"`` (more measured steps, for the persistence
+            tests), ``"comparison"`` (the comparison experiment over seeds that vary: ``next_step``); empty when
+            decided. A ``keep_shared`` with ``awaits == ("comparison",)`` is *provisional on capacity*: the
+            gradients show no persistent conflict, and only the comparison can tell whether the shared backbone is
+            too small for the tasks.
     """
 
     decided: bool
@@ -159,6 +216,7 @@ class Uncertainty:
     p_value: float | None = None
     steps_needed: int | None = None
     training_steps_needed: int | None = None
+    awaits: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return ("decided: " if self.decided else "provisional: ") + self.statement
@@ -170,7 +228,10 @@ class Advice:
 
     Attributes:
         verdict: ``"keep_shared"``, ``"lora_split"`` or ``"physical_split"``.
-        branch_point: the layer from which the backbone becomes task-specific (``physical_split`` only).
+        branch_point: the economical block from which the backbone becomes task-specific (``physical_split``
+            only): with a comparison branched at several blocks, the highest block whose branched gain is confirmed
+            by the paired test and recovers at least :data:`RECOVERED_SHARE` (80%) of the best block's gain; without
+            one, :attr:`conflict_onset` (and ``next_step`` compares the candidate blocks from there up).
         groups: the task groups that should share a backbone (copy or adapter); one group for ``keep_shared``.
         signals: the :class:`~gradconflict.diagnosis.signals.Signal` s: the four warning signals, then the two
             warnings about what a split cannot cure (oscillating conflict, an unmoved ceiling). Look one up by
@@ -187,6 +248,11 @@ class Advice:
         decided_by: what decided the verdict: ``"ceiling"`` (the comparison experiment), ``"diverging"`` (a
             persistent conflict, signal 1), ``"heuristics"`` (other signals that say split) or ``"none"`` (no
             signal says split).
+        conflict_onset: the layer where the persistent conflict starts (the profile's branch point; ``None``
+            without one). Without a comparison branched at several blocks, ``branch_point`` is this layer.
+        weighting: the update rule to train the shared model with (a :data:`gradconflict.weighting.METHODS`
+            name), when the comparison showed a re-weighted shared model beating shared and no split beating it;
+            else ``None``.
     """
 
     verdict: Verdict
@@ -202,6 +268,8 @@ class Advice:
     grouping: Grouping | None = None
     trends: dict[str, QuantitySummary] = field(default_factory=dict)
     decided_by: DecidedBy = "none"
+    weighting: str | None = None
+    conflict_onset: str | None = None
 
     @property
     def by_name(self) -> dict[str, Signal]:
@@ -222,12 +290,15 @@ class Advice:
         out: dict[str, Any] = {
             "verdict": self.verdict,
             "decided_by": self.decided_by,
+            "weighting": self.weighting,
             "branch_point": self.branch_point,
+            "conflict_onset": self.conflict_onset,
             "groups": self.groups,
             "reason": self.reason,
             "uncertainty": {
                 "decided": u.decided, "statement": u.statement, "p_value": u.p_value,
                 "steps_needed": u.steps_needed, "training_steps_needed": u.training_steps_needed,
+                "awaits": list(u.awaits),
             },
             "duplicated_share": self.duplicated_share,
             "signals": [s.to_dict() for s in self.signals],
@@ -346,39 +417,69 @@ class Advice:
         return "\n".join(lines)
 
 
-def _uncertainty(verdict_from: DecidedBy, diverging: Signal, gap: int) -> Uncertainty:
-    """How settled the verdict is, from what decided it (``gap``: training steps between measured steps)."""
+def _more_steps(d: PairFinding, gap: int) -> Uncertainty | None:
+    """What the persistence test of the closest undetermined pair still asks for (``None`` when it is settled)."""
+    if d.outcome != "undetermined":
+        return None
+    if not math.isfinite(d.steps_needed):  # no number of steps would settle it at this rate
+        return Uncertainty(
+            False, f"tasks {pair_key(*d.pair)} on {d.where} sit on the edge of a persistent conflict",
+            awaits=("comparison",),
+        )
+    n = int(d.steps_needed)
+    return Uncertainty(
+        False,
+        f"not enough steps yet: measure about {n} more steps"
+        + (f" ({n * gap} training steps at every={gap})" if gap > 1 else "")
+        + f" to tell whether tasks {pair_words(*d.pair)} conflict persistently on {d.where} "
+        f"({d.persistence:.0%} of {d.steps} steps so far, {d.effective_steps:.1f} effective steps)",
+        steps_needed=n,
+        training_steps_needed=n * gap,
+        awaits=("steps", "comparison"),
+    )
+
+
+def _uncertainty(verdict_from: DecidedBy, diverging: Signal, alarms: Sequence[str], gap: int) -> Uncertainty:
+    """How settled the verdict is, from what decided it (``gap``: training steps between measured steps).
+
+    Decided only by the comparison over seeds that vary, or by the persistence tests on enough effective steps (a
+    persistent conflict behind a split); heuristic signals alone, an unsettled test, or gradients that show no
+    conflict (capacity is then unjudged) leave the verdict provisional, with what would settle it."""
     if verdict_from == "ceiling":
-        return Uncertainty(True, "measured: the comparison experiment over several seeds decided it")
+        return Uncertainty(True, "measured: the comparison experiment's paired test over seeds that vary decided it")
     d = diverging.finding
     if verdict_from == "diverging" and d is not None:
         return Uncertainty(
             True,
             f"tasks {pair_words(*d.pair)} conflict persistently on {d.where} (p = {d.p_adjusted:.2g}, adjusted over "
-            f"{d.family} pair tests)",
+            f"{d.family} pair tests, on {d.effective_steps:.0f} effective steps)",
             p_value=d.p_adjusted,
         )
-    if verdict_from == "heuristics":
-        return Uncertainty(True, "by the heuristic thresholds of the signals that say split (see their evidence)")
     if diverging.status == "n/a" or d is None:
-        return Uncertainty(False, f"the conflict could not be measured: {diverging.evidence}")
-    if d.outcome == "undetermined":  # the closest pair might still conflict persistently with more steps
-        if not math.isfinite(d.steps_needed):  # no number of steps would settle it at this rate
-            return Uncertainty(
-                False, f"tasks {pair_key(*d.pair)} on {d.where} sit on the edge of a persistent conflict"
-            )
-        n = int(d.steps_needed)
         return Uncertainty(
-            False,
-            f"not enough steps yet: measure about {n} more steps"
-            + (f" ({n * gap} training steps at every={gap})" if gap > 1 else "")
-            + f" to tell whether tasks {pair_words(*d.pair)} conflict persistently on {d.where} "
-            f"({d.persistence:.0%} of {d.steps} steps so far)",
-            steps_needed=n,
-            training_steps_needed=n * gap,
+            False, f"the conflict could not be measured: {diverging.evidence}", awaits=("steps", "comparison")
         )
+    more = _more_steps(d, gap)
+    if verdict_from == "heuristics":
+        statement = (
+            f"only heuristic thresholds say split ({', '.join(alarms)}), not a test: the comparison experiment "
+            "(next_step, over seeds that vary) confirms or rejects it"
+        )
+        if more is not None:
+            return Uncertainty(
+                False, f"{statement}; {more.statement}", steps_needed=more.steps_needed,
+                training_steps_needed=more.training_steps_needed, awaits=more.awaits,
+            )
+        return Uncertainty(False, statement, awaits=("comparison",))
+    if more is not None:
+        return more
     return Uncertainty(
-        True, f"every pair's conflict rate is significantly below a persistent conflict's ({PERSISTENT_RATE:.0%})"
+        False,
+        f"provisional on capacity: every pair's conflict rate is significantly below a persistent conflict's "
+        f"({PERSISTENT_RATE:.0%}) or its conflict weaker than small, so the gradients show no conflict; but "
+        "capacity (a backbone too small for the tasks) is invisible to gradients and only the comparison "
+        "experiment can judge it: run next_step (shared against independent)",
+        awaits=("comparison",),
     )
 
 
@@ -393,11 +494,77 @@ def _first_layer(profile: Profile | None, branch: str | None) -> int | None:
     return None
 
 
+def _block_paths(model: nn.Module | None) -> list[str] | None:
+    """The model's backbone blocks as :func:`~gradconflict.split.branch` reads them, bottom to top (``None``
+    without a model following the split tools' convention)."""
+    if model is None:
+        return None
+    # Lazily: the split floor sits above the diagnosis, and the blocks must be the ones branch() copies.
+    from gradconflict.split.model import backbone_blocks
+
+    try:
+        return [path for path, _ in backbone_blocks(model)]
+    except (TypeError, ValueError):
+        return None
+
+
+def _height(block: str, blocks: list[str] | None, profile: Profile | None) -> int:
+    """Position of a branch point, bottom to top: a block index, or the block (else the first profiled layer)
+    that a path names; -1 when unknown."""
+    if block.isdigit():
+        return int(block)
+    for k, path in enumerate(blocks or []):
+        if block == path or block.startswith(path + "."):
+            return k
+    layer = _first_layer(profile, block)
+    return -1 if layer is None else layer
+
+
+def _economical(
+    by_block: Mapping[str, Mapping[str, Any]], blocks: list[str] | None, profile: Profile | None
+) -> str | None:
+    """The rule for the economical branch point: among the blocks whose branched gain the paired test confirms,
+    the highest one whose mean gain is at least :data:`RECOVERED_SHARE` of the best block's (``None`` without a
+    comparison branched at two blocks or more, or when no block's gain is confirmed)."""
+    confirmed = {b: v["mean"] for b, v in by_block.items() if v["beyond"] is True}
+    if len(by_block) < 2 or not confirmed:
+        return None
+    best = max(confirmed.values())
+    enough = [b for b, gain in confirmed.items() if gain >= RECOVERED_SHARE * best]
+    return max(enough, key=lambda b: _height(b, blocks, profile))
+
+
+def _candidates(onset: str, blocks: list[str] | None, profile: Profile | None) -> list[str]:
+    """Branch points to compare, from the conflict onset up: the model's blocks from the onset's (else the
+    profiled layers from the onset), at most :data:`MAX_CANDIDATES`, spread evenly with both ends kept."""
+    if blocks:
+        k = _height(onset, blocks, None)
+        above = blocks[k:] if k >= 0 else [onset]
+    else:
+        first = _first_layer(profile, onset)
+        above = [lp.name for lp in profile.layers[first:]] if profile is not None and first is not None else [onset]
+    keep = np.unique(np.linspace(0, len(above) - 1, min(MAX_CANDIDATES, len(above))).round().astype(int))
+    return [above[int(k)] for k in keep]
+
+
+def _duplicated_share(model: nn.Module | None, at: str | None) -> float | None:
+    """What :func:`~gradconflict.split.branch` copies when branching ``model`` at ``at`` (``None`` when it cannot
+    be counted: no model following the convention, or a branch point naming no block)."""
+    if model is None or at is None:
+        return None
+    from gradconflict.split.branch import duplicated_share  # lazily: the split floor sits above the diagnosis
+
+    try:
+        return duplicated_share(model, at=at)
+    except (TypeError, ValueError):
+        return None
+
+
 def _groups(
     verdict: Verdict, tasks: list[str], affinity: np.ndarray, th: Thresholds, max_groups: int | None
 ) -> tuple[list[list[str]], Grouping]:
     grouping = group_tasks(
-        affinity, tasks, max_groups=max_groups, tolerance=th.group_tolerance,
+        magnitude_free(affinity), tasks, max_groups=max_groups, tolerance=th.group_tolerance,
         min_groups=2 if verdict != "keep_shared" else 1,
     )
     if verdict == "keep_shared":
@@ -453,7 +620,8 @@ def advise(
             lookahead transference on the shared parameters for signal 4 and the grouping (needs ``model``).
         optimizer: the run's optimizer, for the lookahead's step (TAG steps with the run's optimizer).
         comparison: the comparison experiment's results (:func:`~gradconflict.split.compare`, one per seed): the
-            ``ceiling`` signal, which overrides the gradients when no split beat shared beyond the seeds' spread.
+            ``ceiling`` signal, which overrides the gradients when the paired test across seeds that vary finds no
+            split beating shared.
         recon_k: how many layers Recon's selection names (default: the layers in persistent conflict).
         recon_window: first and last training step whose measurements Recon scores (default: all).
         max_groups: most task groups considered (default: the number of tasks).
@@ -483,23 +651,26 @@ def advise(
         single_point_of_risk(aligned, lr=lr, lookahead=exact, thresholds=th),
         oscillating_conflict(aligned, th, tests=tests),
         ceiling(comparison),
+        magnitude_dominance(aligned, th),
     ]
     by_name = {s.name: s for s in signals}
-    diverging, oscillating, measured_ceiling = (
-        by_name["diverging_objectives"], by_name["oscillating_conflict"], by_name["ceiling"]
+    diverging, oscillating, measured_ceiling, dominance = (
+        by_name["diverging_objectives"], by_name["oscillating_conflict"], by_name["ceiling"],
+        by_name["magnitude_dominance"],
     )
+    weighting = None
     profile = (
         layer_profile(aligned, model=model, layer_order=layer_order, thresholds=th, tests=tests)
         if aligned.layers else None
     )
     branch = profile.branch_point if profile is not None else None
     alarms = [name for name in ALARMS if by_name[name].status == "split"]
-    seeds = measured_ceiling.details.get("seeds", 0)
     verdict: Verdict
     decided_by: DecidedBy
-    if measured_ceiling.status == "ok" and seeds > 1:
+    if measured_ceiling.status == "ok":  # a paired test over two seeds or more that vary found no gain
         verdict, branch, decided_by = "keep_shared", None, "ceiling"
         reason = measured_ceiling.evidence
+        weighting = measured_ceiling.details.get("weighting")
         if alarms:
             reason += f" (although {', '.join(alarms)} say(s) split)"
     elif diverging.status == "split" and branch is not None and diverging.finding is not None:
@@ -520,7 +691,7 @@ def advise(
         reason = measured_ceiling.evidence
     elif alarms:
         verdict, branch = "lora_split", None
-        decided_by = "diverging" if alarms == ["diverging_objectives"] else "heuristics"
+        decided_by = "diverging" if "diverging_objectives" in alarms else "heuristics"
         where = (
             "no consistent depth to branch at"
             if "diverging_objectives" in alarms
@@ -532,10 +703,33 @@ def advise(
         )
     else:
         verdict, branch, decided_by = "keep_shared", None, "none"
-        watching = [s.name for s in signals if s.status == "watch" and s.name != "oscillating_conflict"]
+        watching = [
+            s.name for s in signals if s.status == "watch" and s.name not in ("oscillating_conflict", *REWEIGHT)
+        ]
         reason = "no signal says split" + (f"; keep an eye on {', '.join(watching)}" if watching else "")
         if oscillating.status == "watch":
             reason += f"; {oscillation_cause(oscillating.pairs)}: the conflict oscillates"
+        if dominance.status == "watch":
+            dominated = ", ".join(pair_key(*p) for p in dominance.pairs)
+            reason += (
+                f"; but one task's gradient dominates by its magnitude ({dominated}): try a magnitude-aware "
+                f"weighting first ({', '.join(MAGNITUDE_WEIGHTINGS)}, in the next step's comparison), and split only "
+                "if the comparison shows a split beating it"
+            )
+    onset = profile.branch_point if profile is not None else None
+    blocks = _block_paths(model)
+    candidates: list[str] = []
+    if verdict == "physical_split" and branch is not None:
+        by_block = measured_ceiling.details.get("by_block") or {}
+        economical = _economical(by_block, blocks, profile)
+        if economical is not None:
+            branch = economical
+            reason += (
+                f"; the economical branch point is {economical}: the highest block whose branched gain recovers "
+                f"{RECOVERED_SHARE:.0%} of the best block's"
+            )
+        elif not by_block:
+            candidates = _candidates(branch, blocks, profile)
     unmeasured = no_pair_reason(aligned) if len(tasks) > 1 else None
     counts = aligned.pair_counts()
     never = [pair_key(a, b) for k, a in enumerate(tasks) for m, b in enumerate(tasks) if k < m and counts[k, m] == 0]
@@ -563,21 +757,29 @@ def advise(
     if profile is not None:
         k = recon_k if recon_k is not None else sum(lp.status == "conflict" for lp in profile.layers)
         recon = recon_layers(aligned, k, threshold=th.conflict_cosine, window=recon_window)
-    share = 0.0 if profile is None else share_from(profile.layers, start)
+    share = _duplicated_share(model, branch) if verdict == "physical_split" and blocks else None
+    if share is None:
+        share = 0.0 if profile is None else share_from(profile.layers, start)
     return Advice(
         verdict=verdict,
         branch_point=branch,
         groups=groups,
         signals=signals,
-        next_step=next_step_code(verdict, branch, code_groups, conflict=diverging.status == "split"),
+        next_step=next_step_code(
+            verdict, candidates if len(candidates) > 1 else branch, code_groups, conflict=diverging.status == "split",
+            reweight=dominance.status == "watch", steps=int(aligned.steps.max()) + 1,
+            lr=float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None,
+        ),
         reason=reason,
-        uncertainty=_uncertainty(decided_by, diverging, aligned.step_gap),
+        uncertainty=_uncertainty(decided_by, diverging, alarms, aligned.step_gap),
         duplicated_share=share,
         profile=profile,
         recon=recon,
         grouping=grouping,
         trends=summarize(aligned, decay=ema_decay, threshold=th.conflict_cosine),
         decided_by=decided_by,
+        weighting=weighting,
+        conflict_onset=onset,
     )
 
 

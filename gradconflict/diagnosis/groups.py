@@ -21,7 +21,7 @@ import numpy as np
 from scipy.cluster import hierarchy
 from scipy.spatial.distance import squareform
 
-__all__ = ["EXHAUSTIVE_MAX", "Grouping", "group_tasks", "partition_scores", "set_partitions"]
+__all__ = ["EXHAUSTIVE_MAX", "Grouping", "group_tasks", "magnitude_free", "partition_scores", "set_partitions"]
 
 #: Largest number of tasks whose partitions are searched exhaustively (Bell(10) = 115,975 partitions).
 EXHAUSTIVE_MAX = 10
@@ -75,6 +75,27 @@ class Grouping:
 def _as_groups(labels: Sequence[int], tasks: Sequence[str]) -> list[list[str]]:
     order = list(dict.fromkeys(labels))  # groups in order of their first task
     return [[t for t, lab in zip(tasks, labels) if lab == g] for g in order]
+
+
+def magnitude_free(affinity: np.ndarray) -> np.ndarray:
+    """The geometric mean of the two directed affinities, ``sign(N_ij + N_ji) sqrt(|N_ij N_ji|)`` (1 on the
+    diagonal): the grouping's affinity, free of the tasks' gradient magnitudes.
+
+    The normalised first-order affinity ``N_ij = G_ij / G_jj`` carries the norm ratio ``|g_i| / |g_j|``: a task
+    with a large gradient "helps" every small one and is helped by none, and a partition's score then follows who
+    is large rather than who agrees (three aligned tasks with norms 1, 5 and 0.3 split into ``[a] | [b, c]``). The
+    product ``N_ij N_ji = cos^2`` cancels the ratio, so the geometric mean is the cosine for the first-order
+    affinity; dominating magnitudes are the ``magnitude_dominance`` signal's business, cured by a re-weighting.
+
+    >>> N = np.array([[1.0, 0.18], [4.5, 1.0]])   # cosine 0.9, norms 1 and 5
+    >>> magnitude_free(N).round(2).tolist()
+    [[1.0, 0.9], [0.9, 1.0]]
+    """
+    A = np.asarray(affinity, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        out = np.sign(A + A.T) * np.sqrt(np.abs(A * A.T))
+    np.fill_diagonal(out, 1.0)
+    return out
 
 
 def group_tasks(

@@ -20,6 +20,11 @@ The *conflict rate* ``r = conflicts / (conflicts + agreements)`` is judged again
 - otherwise **undetermined**: not enough steps yet; :attr:`PersistenceTests.steps_needed` says about how many
   more measured steps would settle it if the rate held.
 
+No series is settled (persistent, ruled out or at chance) on fewer than :func:`minimum_effective_steps` effective
+steps: the fewest on which the exact binomial test can reject chance at all (5 at ``alpha = 0.05``, since
+``0.5 ** 5 < 0.05 <= 0.5 ** 4``). Below it, a constant cosine would otherwise settle the magnitude t-test on two
+identical steps.
+
 Consecutive steps are not independent (the parameters move little between them): every count is divided by the
 integrated autocorrelation time ``tau = 1 + 2 sum_k rho_k`` of the step's sign series (+1 conflict, -1 agreement, 0
 tie), estimated with Geyer's (1992) initial positive sequence, so that ``n / tau`` *effective* steps enter a
@@ -56,6 +61,7 @@ __all__ = [
     "autocorrelation_time",
     "binomial_tail",
     "effect_size",
+    "minimum_effective_steps",
     "rate_at_effect",
     "signs",
     "persistence_tests",
@@ -91,6 +97,17 @@ def rate_at_effect(h: float) -> float:
 PERSISTENT_RATE = rate_at_effect(SMALL_EFFECT)
 #: The largest conflict rate still "at chance": Cohen's small effect below chance (about 0.4).
 AT_CHANCE_RATE = rate_at_effect(-SMALL_EFFECT)
+
+
+def minimum_effective_steps(alpha: float = ALPHA) -> int:
+    """The fewest effective steps on which the exact one-sided binomial test of the conflict rate can reject chance
+    at level ``alpha`` (a pair conflicting on every step): ``n`` with ``CHANCE ** n < alpha``. No series is settled
+    on fewer.
+
+    >>> minimum_effective_steps(0.05), minimum_effective_steps(0.01)
+    (5, 7)
+    """
+    return math.floor(math.log(alpha) / math.log(CHANCE)) + 1
 
 
 def __getattr__(name: str) -> object:
@@ -218,12 +235,21 @@ class PersistenceTests:
         """The tests of some of the series (their family's adjustment kept)."""
         return PersistenceTests(**{k: v[index] for k, v in self.__dict__.items()})
 
+    @property
+    def effective_steps(self) -> np.ndarray:
+        """``steps / tau``: the independent steps each test counts."""
+        return self.steps / self.tau
+
+    def enough(self, alpha: float) -> np.ndarray:
+        """At least :func:`minimum_effective_steps` effective steps: the series may be settled."""
+        return self.effective_steps >= minimum_effective_steps(alpha)
+
     def persistent(self, alpha: float) -> np.ndarray:
         """Significantly more conflicts than chance (adjusted), by at least a small effect in frequency
-        (``r >= 0.6``) and in magnitude (mean cosine ``<= -0.1``)."""
+        (``r >= 0.6``) and in magnitude (mean cosine ``<= -0.1``), on enough effective steps."""
         with np.errstate(invalid="ignore"):
             strong = self.mean_cosine <= -SMALL_CORRELATION
-            return (self.p_adjusted < alpha) & (self.rate >= PERSISTENT_RATE) & strong
+            return (self.p_adjusted < alpha) & (self.rate >= PERSISTENT_RATE) & strong & self.enough(alpha)
 
     def agreeing(self, alpha: float) -> np.ndarray:
         """Significantly more agreements than conflicts (raw p-value: "every pair agrees" is a joint claim)."""
@@ -234,11 +260,11 @@ class PersistenceTests:
         -0.1: not a persistent conflict. A pair measured only inside the dead zone (no conflict, no agreement) is
         ruled out too."""
         never = (self.steps > 0) & (self.conflicts + self.agreements == 0)
-        return (self.p_ruled_out < alpha) | (self.p_weak < alpha) | never
+        return ((self.p_ruled_out < alpha) | (self.p_weak < alpha) | never) & self.enough(alpha)
 
     def at_chance(self, alpha: float) -> np.ndarray:
         """The rate is significantly within the small-effect band around 1/2: the conflict oscillates."""
-        return self.p_chance < alpha
+        return (self.p_chance < alpha) & self.enough(alpha)
 
     def undetermined(self, alpha: float) -> np.ndarray:
         """Measured, but neither persistent nor ruled out yet."""
@@ -320,9 +346,10 @@ def _steps_needed(t: PersistenceTests, cosine: np.ndarray, tau_cosine: np.ndarra
     the ways it could settle (persistent; ruled out by its rate; ruled out by its mean cosine). For the rate, the
     smallest effective size at which the same rate passes the (continuous) binomial test, at the level the family's
     adjustment currently asks of this series (``alpha`` times its raw over adjusted p-value); for the mean cosine,
-    the normal approximation of the t-test. Effective steps are converted back through ``tau`` (and the share of
-    ties for the rate)."""
-    z = float(stats.norm.ppf(1 - alpha))
+    the smallest at which the same mean and spread pass the t-test that is run (Student's t on ``n - 1`` degrees of
+    freedom, not its normal approximation, which asks for too few on short runs). Effective steps are converted
+    back through ``tau`` (and the share of ties for the rate), and never fall short of
+    :func:`minimum_effective_steps`."""
     r = np.nan_to_num(t.rate, nan=0.0)[:, None]
     high = PERSISTENT_RATE
     n = _EFFECTIVE_GRID[None, :]
@@ -336,7 +363,10 @@ def _steps_needed(t: PersistenceTests, cosine: np.ndarray, tau_cosine: np.ndarra
         tails = binomial_tail(r * n, n, CHANCE, True)
         persistent = np.where(can_persist, _first_passing(tails / level[:, None] * alpha, alpha), np.inf)
         by_rate = np.where(t.rate < high, _first_passing(binomial_tail(r * n, n, high, False), alpha), np.inf)
-        by_magnitude = np.where(margin > 0, (z * sd / margin) ** 2 * tau_cosine, np.inf)
+        t_stat = margin[:, None] * np.sqrt(n) / np.where(sd > 0, sd, np.nan)[:, None]
+        p_magnitude = np.where((sd > 0)[:, None], stats.t.sf(t_stat, np.maximum(n - 1, 1)), 0.0)
+        by_magnitude = np.where(margin > 0, _first_passing(p_magnitude, alpha) * tau_cosine, np.inf)
         total = np.fmin(np.fmin(persistent, by_rate) * per_step, by_magnitude)
+        total = np.maximum(total, minimum_effective_steps(alpha) * t.tau)
     needed = np.ceil(np.maximum(np.nan_to_num(total, nan=np.inf) - t.steps, 1.0))
     return np.where(t.undetermined(alpha), needed, 0.0)

@@ -13,8 +13,13 @@ And the two warnings about what a split cannot cure:
 
 5. :func:`oscillating_conflict`: conflict that comes and goes like a coin points to the data (label noise, small
    batches), not to the shared capacity; after a split, the same reading of the split model's run.
-6. :func:`ceiling`: a ceiling that does not move when the tasks are split (the comparison experiment, over
-   seeds) means capacity was not the limit.
+6. :func:`ceiling`: a ceiling that does not move when the tasks are split (the comparison experiment, a paired
+   test across seeds) means capacity was not the limit.
+
+And one signal for what a re-weighting cures more cheaply than a split:
+
+7. :func:`magnitude_dominance`: one task's gradient an order of magnitude larger than another's on most steps
+   (Yu et al.'s "dominating magnitudes"): the smaller task barely moves the shared backbone, aligned or not.
 
 A signal whose input is missing (no model for the heads, a single task, no step that carried two tasks together,
 no comparison) has status ``"n/a"`` and its evidence says what to pass or to measure.
@@ -44,11 +49,13 @@ steps that carried both tasks, and the evidence says on how many steps that was 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+from scipy import stats
 from torch import nn
 
 from gradconflict.diagnosis.affinity import mean_transference, normalized
@@ -56,15 +63,24 @@ from gradconflict.diagnosis.aligned import Aligned, Run, align, masked_mean, no_
 from gradconflict.diagnosis.conflicts import ConflictTests, conflict_tests
 from gradconflict.diagnosis.evaluations import EvalTable, Pairs
 from gradconflict.diagnosis.heads import head_stats
-from gradconflict.diagnosis.persistence import CHANCE, PERSISTENT_RATE, effect_size, signs
+from gradconflict.diagnosis.persistence import (
+    CHANCE,
+    PERSISTENT_RATE,
+    autocorrelation_time,
+    binomial_tail,
+    effect_size,
+    minimum_effective_steps,
+    signs,
+)
 from gradconflict.diagnosis.profile import order_layers
 from gradconflict.diagnosis.thresholds import Thresholds
 from gradconflict.diagnosis.trends import series, trend
-from gradconflict.records.comparison import ComparisonResult, split_gains
+from gradconflict.records.comparison import ComparisonResult, judge_gain, split_gains
 from gradconflict.records.pairs import pair_key, pair_words
 
 __all__ = [
     "ALARMS",
+    "REWEIGHT",
     "SIGNALS",
     "STATUSES",
     "WARNINGS",
@@ -73,6 +89,7 @@ __all__ = [
     "ceiling",
     "diverging_objectives",
     "heavy_heads",
+    "magnitude_dominance",
     "oscillating_conflict",
     "single_point_of_risk",
     "worst_status",
@@ -88,8 +105,10 @@ STATUSES: tuple[Status, ...] = ("n/a", "ok", "watch", "split")
 ALARMS = ("diverging_objectives", "heavy_heads", "zero_sum", "single_point_of_risk")
 #: The two warnings about what a split cannot cure.
 WARNINGS = ("oscillating_conflict", "ceiling")
+#: The signal a magnitude-aware re-weighting cures (the advice tries the weighting before a split).
+REWEIGHT = ("magnitude_dominance",)
 #: Every signal's name, in the order :func:`~gradconflict.diagnosis.advise` lists them.
-SIGNALS = ALARMS + WARNINGS
+SIGNALS = ALARMS + WARNINGS + REWEIGHT
 
 
 def worst_status(*statuses: Status) -> Status:
@@ -181,7 +200,7 @@ class Signal:
         name: one of :data:`SIGNALS`.
         value: the headline number (``None`` when it could not be measured).
         threshold: the value from which the signal says ``split`` (see :class:`Thresholds`); NaN when there is
-            none (the oscillation warning never says split; the ceiling has none without a spread to judge by).
+            none (the oscillation warning never says split; the ceiling's is the paired test's floor, 1%).
         status: ``"ok"``, ``"watch"``, ``"split"``, or ``"n/a"`` when an input is missing.
         evidence: one sentence a person can check, rendered from the fields (never parsed: read the fields).
         details: the numbers behind the evidence (plain Python, JSON-ready).
@@ -223,7 +242,8 @@ class Signal:
 
     def __str__(self) -> str:
         value = "-" if self.value is None else f"{self.value:.3g}"
-        split = f" (split at {self.threshold:.3g})" if math.isfinite(self.threshold) else ""
+        word = "re-weight below" if self.name in REWEIGHT else "split at"
+        split = f" ({word} {self.threshold:.3g})" if math.isfinite(self.threshold) else ""
         return f"[{self.status:>5}] {self.name} = {value}{split}: {self.evidence}"
 
 
@@ -466,13 +486,25 @@ def _flip_rates(aligned: Aligned, tests: ConflictTests) -> np.ndarray:
 def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) -> Signal:
     """Warning 6: did splitting lift a ceiling? Read from the comparison experiment
     (:func:`~gradconflict.split.compare`, one result per seed): the Delta-m% of each split variant (independent,
-    lora, branched) against the shared model of the same seed, and whether it beats shared beyond the seeds'
-    spread (:func:`~gradconflict.split.split_gains`).
+    lora, branched) against the shared model of the same seed, judged by the one ceiling rule,
+    :func:`~gradconflict.records.comparison.judge_gain` (through :func:`~gradconflict.records.comparison.split_gains`):
+    a one-sided paired t-test across seeds that the mean gain exceeds a floor of
+    :data:`~gradconflict.records.comparison.GAIN_FLOOR` (1%).
 
-    ``split`` when some split variant does (the value: its mean gain; the threshold: two spreads); ``ok`` when
-    none does: the ceiling did not move, so the model's capacity was not the limit and splitting is not the cure.
-    With one seed there is no spread to judge by: ``watch`` when a split variant is ahead, and the evidence asks
-    for more seeds. ``n/a`` without a comparison.
+    ``split`` when the test confirms some split variant's gain above the floor (the value: the best mean gain;
+    the threshold: the floor; :attr:`Signal.p_value`: that variant's paired p-value); ``ok`` when it finds no
+    gain above the floor for any variant, on two seeds or more whose runs differ: the ceiling did not move, so the
+    model's capacity was not the limit and splitting is not the cure. ``watch`` when the comparison cannot tell:
+    one seed, seeds that changed nothing (``seeds_vary`` False: identical runs prove nothing), or a gain above the
+    floor the test cannot judge (``beyond`` None); the evidence says what to run. ``n/a`` without a comparison.
+
+    Re-weighted shared models (``shared+<method>``, ``compare(weightings=...)``) are the cheaper cure: when one
+    beats shared, a split counts only if it also beats that one (the same paired rule on the per-seed differences);
+    otherwise the status is ``ok`` and ``details["weighting"]`` names the method to train the shared model with.
+
+    Results branched at several blocks (one ``compare(branch_at=...)`` per block and seed) are grouped by block:
+    ``details["by_block"]`` gives each block's branched gain (mean, per seed, paired test), and the status is read
+    on the seeds of the block that gains most (``details["branch_at"]``).
     """
     name = "ceiling"
     if comparison is None:
@@ -482,39 +514,203 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
             "comparison=[...] to check whether splitting lifts a ceiling)",
         )
     results = [comparison] if isinstance(comparison, ComparisonResult) else list(comparison)
-    gains = split_gains(results)
+    by_block: dict[str, dict[str, Any]] = {}
+    points = list(dict.fromkeys(str(r.branch_at) for r in results if r.branch_at is not None))
+    if len(points) > 1:
+        # Branched at several blocks (one compare() per block and seed): judge each block on its own seeds, and
+        # read the other variants on the seeds of the block whose branch gains most.
+        for point in points:
+            gain = split_gains([r for r in results if str(r.branch_at) == point]).get("branched")
+            if gain is not None:
+                by_block[point] = {"mean": gain.mean, "per_seed": gain.per_seed, "beyond": gain.beyond,
+                                   "p_value": _finite_or_none(gain.p_value)}
+        top = max(by_block, key=lambda b: by_block[b]["mean"]) if by_block else points[0]
+        results = [r for r in results if str(r.branch_at) == top]
+    every = split_gains(results)
+    gains = {n: g for n, g in every.items() if not n.startswith("shared+")}
+    reweighted = {n: g for n, g in every.items() if n.startswith("shared+")}
     if not gains:
         return _not_available(name, math.nan, "the comparison holds no split variant besides shared")
     best = max(gains.values(), key=lambda g: g.mean)
-    spread = best.spread
-    described = "; ".join(
-        f"{g.variant} {g.mean:+.1f}% ({', '.join(f'{x:+.1f}' for x in g.per_seed)})" for g in gains.values()
-    )
-    details = {
-        "gains": {g.variant: {"mean": g.mean, "per_seed": g.per_seed, "beyond": g.beyond} for g in gains.values()},
-        "spread": _finite_or_none(spread),
+    floor = best.floor
+
+    def described(group: Mapping[str, Any]) -> str:
+        return "; ".join(
+            f"{g.variant} {g.mean:+.1f}% ({', '.join(f'{x:+.1f}' for x in g.per_seed)}"
+            + (f"; p = {g.p_value:.2g}" if math.isfinite(g.p_value) else "") + ")"
+            for g in group.values()
+        )
+
+    winners = [g.variant for g in gains.values() if g.beyond is True]
+    varied = all(g.seeds_vary for g in every.values())
+    cure = max((g for g in reweighted.values() if g.beyond is True), key=lambda g: g.mean, default=None)
+    details: dict[str, Any] = {
+        "gains": {
+            g.variant: {
+                "mean": g.mean, "per_seed": g.per_seed, "beyond": g.beyond, "p_value": _finite_or_none(g.p_value)
+            }
+            for g in every.values()
+        },
+        "spread": _finite_or_none(best.spread),
+        "floor": floor,
         "seeds": len(results),
+        "seeds_vary": varied,
         "branch_at": results[0].branch_at,
         "groups": results[0].groups,
-        "winners": [g.variant for g in gains.values() if g.beyond],
+        "winners": winners,
+        "weighting": None,
+        "by_block": by_block,
     }
-    head = f"Delta-m% against shared over {len(results)} seed(s): {described}"
-    if len(results) < 2:
-        status: Status = "watch" if best.mean > 0 else "ok"
-        evidence = f"{head}; with one seed there is no spread to judge by: run compare() over a few more seeds"
-        return Signal(name, best.mean, math.nan, status, evidence, details, statistic="delta_m")
-    limit = 2 * spread
-    if details["winners"]:
+    head = f"Delta-m% against the same seed's shared model over {len(results)} seed(s): {described(gains)}"
+    if reweighted:
+        head += f"; re-weighted shared models: {described(reweighted)}"
+    decisive = next((g for g in gains.values() if g.variant in winners), best)
+    status: Status
+    if winners and cure is not None:
+        # A split counts only if it beats the cheaper cure too: the same paired rule on the per-seed differences.
+        split = gains[max(winners, key=lambda n: gains[n].mean)]
+        versus = judge_gain([a - b for a, b in zip(split.per_seed, cure.per_seed)], seeds_vary=varied)
+        details["split_over_weighting"] = {"variant": split.variant, "mean": versus.mean, "beyond": versus.beyond,
+                                           "p_value": _finite_or_none(versus.p_value)}
+        if versus.beyond is not True:
+            winners = []
+            details["winners"], details["weighting"] = [], cure.variant.removeprefix("shared+")
+    if winners:
+        status = "split"
         evidence = (
-            f"{head}; {', '.join(details['winners'])} beat(s) shared beyond the seeds' spread (two spreads: "
-            f"{limit:.1f}%): splitting lifts the ceiling"
+            f"{head}; {', '.join(winners)} beat(s) shared by more than {floor:g}% (one-sided paired t-test across "
+            "seeds)" + (f", and {cure.variant} too" if cure is not None else "") + ": splitting lifts the ceiling"
         )
-        return Signal(name, best.mean, limit, "split", evidence, details, statistic="delta_m")
-    evidence = (
-        f"{head}; no split variant beats shared beyond the seeds' spread (two spreads: {limit:.1f}%): the ceiling "
-        "did not move, so capacity was not the limit and splitting is not the cure"
+    elif not varied or len(results) < 2:
+        status = "watch"
+        evidence = head + (
+            "; the seeds changed nothing (bit-identical runs), so they prove nothing: let compare(seed=...) reach "
+            "the model's initialisation and the data order, and rerun"
+            if not varied
+            else "; with one seed the paired test cannot judge: run compare() over a few more seeds"
+        )
+    elif cure is not None:
+        status = "ok"
+        details["weighting"] = cure.variant.removeprefix("shared+")
+        evidence = (
+            f"{head}; {cure.variant} beats shared by more than {floor:g}% and no split beats it (one-sided paired "
+            f"t-tests across seeds): keep the backbone shared and train it with {details['weighting']}"
+        )
+    elif any(g.beyond is None for g in gains.values()):
+        status = "watch"
+        evidence = f"{head}; the paired test cannot judge a gain above {floor:g}%: run more seeds"
+    else:
+        status = "ok"
+        evidence = (
+            f"{head}; no split variant beats shared by more than {floor:g}% (one-sided paired t-test across "
+            "seeds): the ceiling did not move, so capacity was not the limit and splitting is not the cure"
+        )
+    return Signal(
+        name, decisive.mean, floor, status, evidence, details, statistic="delta_m",
+        p_value=_finite_or_none(decisive.p_value),
     )
-    return Signal(name, best.mean, limit, "ok", evidence, details, statistic="delta_m")
+
+
+#: The weightings the advice offers first against dominating magnitudes: IMTL-G (Liu et al., 2021) and
+#: Aligned-MTL (Senushkin et al., 2023) both equalise the tasks' contributions to the update, whatever their scale
+#: (names of :data:`gradconflict.weighting.METHODS`; both need ``pip install 'gradconflict[weighting]'``).
+MAGNITUDE_WEIGHTINGS = ("imtl-g", "aligned-mtl")
+
+
+def update_shares(aligned: Aligned) -> np.ndarray:
+    """``[S, T]`` the share of each step's update ``u = sum_j w_j g_j`` along each task's weighted gradient,
+    ``w_i <g_i, u> / |u|^2`` (the shares of a step sum to 1), from the Gram; NaN where the task is absent or the
+    step carried fewer than two tasks."""
+    w = np.where(aligned.present, aligned.weights, 0.0)
+    Gw = np.einsum("sij,sj->si", np.nan_to_num(aligned.gram), w)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = w * Gw / np.einsum("si,si->s", w, Gw)[:, None]
+    return np.where(aligned.present & aligned.multi[:, None], share, np.nan)
+
+
+def magnitude_dominance(history: Run, thresholds: Thresholds | None = None) -> Signal:
+    """Signal 7: does one task's gradient dominate another's by its magnitude (Yu et al., 2020, "dominating
+    magnitudes", one of the tragic triad)? A split is not the only cure, nor the cheapest: a magnitude-aware
+    weighting (:data:`MAGNITUDE_WEIGHTINGS`) gives each task its part of the update on the shared backbone.
+
+    For each pair, on each step that carried both, the gradient magnitude similarity ``GMS = 2 |g_i| |g_j| /
+    (|g_i|^2 + |g_j|^2)`` (1: equal norms) is compared with ``magnitude_gms`` (0.2: a norm ratio of about 10; see
+    :class:`Thresholds`). The pair is *dominated* when GMS is below the cut-off on significantly more than half of
+    its steps (a one-sided sign test, the exact binomial test on ``n / tau`` effective steps as in
+    :mod:`~gradconflict.diagnosis.persistence`, Benjamini-Hochberg over the pairs) on at least
+    :func:`~gradconflict.diagnosis.persistence.minimum_effective_steps` effective steps. The value is the lowest
+    median GMS; :attr:`Signal.pairs` the dominated pairs; ``details`` also gives each pair's median norm ratio and
+    each task's median share of the update (:func:`update_shares`).
+
+    ``watch`` when some pair is dominated (this signal never says ``split``: the advice offers the re-weighting
+    first, as a ``compare()`` variant); ``ok`` otherwise; ``n/a`` when no step carried two tasks.
+    """
+    th = thresholds or Thresholds()
+    name = "magnitude_dominance"
+    aligned = align(history)
+    why = no_pair_reason(aligned)
+    if why is not None:
+        return _not_available(name, th.magnitude_gms, why)
+    tasks, norms, T = aligned.tasks, aligned.task_norms, len(aligned.tasks)
+    pairs = [(i, j) for i in range(T) for j in range(i + 1, T) if aligned.pair_counts()[i, j] > 0]
+    median_gms, median_ratio, p_raw, enough, larger = [], [], [], [], []
+    for i, j in pairs:
+        both = aligned.present[:, i] & aligned.present[:, j]
+        a, b = norms[both, i], norms[both, j]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gms = np.nan_to_num(2 * a * b / (a**2 + b**2), nan=1.0)  # two zero gradients: no dominance
+        below = gms < th.magnitude_gms
+        tau = autocorrelation_time(np.where(below, 1.0, -1.0))
+        n = len(gms) / tau
+        p_raw.append(float(binomial_tail(np.array(below.sum() / tau), np.array(n), CHANCE, True)))
+        enough.append(n >= minimum_effective_steps(th.alpha))
+        median_gms.append(float(np.median(gms)))
+        median_ratio.append(float(np.median(np.maximum(a, b) / np.maximum(np.minimum(a, b), 1e-300))))
+        larger.append(tasks[i] if np.median(a) >= np.median(b) else tasks[j])
+    p_adjusted = stats.false_discovery_control(p_raw, method="bh") if p_raw else np.array([])
+    dominated = [k for k in range(len(pairs)) if enough[k] and p_adjusted[k] < th.alpha]
+    names = [_pair_names(tasks, i, j) for i, j in pairs]
+    with warnings.catch_warnings():  # a task that never met another has no share: NaN, said by the evidence
+        warnings.simplefilter("ignore", RuntimeWarning)
+        share = np.nanmedian(update_shares(aligned)[aligned.multi], axis=0)
+    details: dict[str, Any] = {
+        "median_gms": dict(zip(names, median_gms)),
+        "median_norm_ratio": dict(zip(names, median_ratio)),
+        "larger": dict(zip(names, larger)),
+        "p_adjusted": {n: _finite_or_none(float(p)) for n, p in zip(names, p_adjusted)},
+        "update_share": {t: _finite_or_none(float(v)) for t, v in zip(tasks, share)},
+        "dominated": [names[k] for k in dominated],
+        "cut_off": th.magnitude_gms,
+    }
+    worst = int(np.argmin(median_gms))
+    shares = ", ".join(f"{t} {v:.0%}" for t, v in zip(tasks, share) if np.isfinite(v))
+    if dominated:
+        k = min(dominated, key=lambda q: median_gms[q])
+        i, j = pairs[k]
+        small = tasks[j] if larger[k] == tasks[i] else tasks[i]
+        evidence = (
+            f"{larger[k]}'s gradient is {median_ratio[k]:.0f} times {small}'s (median; GMS {median_gms[k]:.2f}, below "
+            f"{th.magnitude_gms:g} on significantly more than half the steps, p = {p_adjusted[k]:.2g}): {larger[k]} "
+            f"dominates the update (median shares of the update: {shares}); a magnitude-aware weighting "
+            f"({', '.join(MAGNITUDE_WEIGHTINGS)}) is the cheaper cure to try before a split"
+        )
+        return Signal(
+            name, median_gms[k], th.magnitude_gms, "watch", evidence, details, statistic="gms",
+            p_value=_finite_or_none(float(p_adjusted[k])),
+            pairs=tuple(_sorted_pair(tasks, *pairs[q]) for q in dominated),
+        )
+    evidence = (
+        f"no task's gradient dominates another's: the lowest median gradient magnitude similarity is "
+        f"{median_gms[worst]:.2f} ({names[worst]}, norm ratio {median_ratio[worst]:.1f}; dominated below "
+        f"{th.magnitude_gms:g} on significantly more than half the steps); median shares of the update: {shares}"
+    )
+    return Signal(name, median_gms[worst], th.magnitude_gms, "ok", evidence, details, statistic="gms",
+                  pairs=(_sorted_pair(tasks, *pairs[worst]),))
+
+
+def _sorted_pair(tasks: Sequence[str], i: int, j: int) -> tuple[str, str]:
+    a, b = sorted((tasks[i], tasks[j]))
+    return a, b
 
 
 def heavy_heads(

@@ -26,6 +26,10 @@ Where a default comes from (see ``docs/diagnosis.md`` for the discussion):
 - ``transfer_*``: TAG (Fifty et al., 2021) treats negative inter-task affinity as the signal to separate
   tasks; here normalised by the task's own self-affinity, so -0.1 means a step on task ``i`` raises task
   ``j``'s loss by a tenth of what a step on ``j`` itself lowers it.
+- ``magnitude_gms``: Yu et al. (2020, PCGrad) name "dominating magnitudes" one of the tragic triad and measure
+  it by the gradient magnitude similarity ``GMS = 2 |g_i| |g_j| / (|g_i|^2 + |g_j|^2)``, without a cut-off. The
+  cut-off 0.2 is a convention, not calibrated: one order of magnitude between the norms (a ratio of 10 gives
+  ``GMS = 20/101 = 0.198``), where, with equal weights, the smaller task gets under a tenth of the update.
 - ``group_tolerance``: partitions whose score is within this of the best are ties, and the fewest groups win
   (prefer sharing).
 """
@@ -65,6 +69,8 @@ class Thresholds:
         transfer_watch: normalised affinity below which signal 4 is ``watch``.
         transfer_split: normalised affinity below which signal 4 is ``split``.
         group_tolerance: partitions scoring within this of the best are ties; the fewest groups win.
+        magnitude_gms: gradient magnitude similarity below which a pair's norms count as dominated (signal
+            ``magnitude_dominance``).
     """
 
     conflict_cosine: float = CONFLICT_COSINE
@@ -82,6 +88,7 @@ class Thresholds:
     transfer_watch: float = 0.0
     transfer_split: float = -0.1
     group_tolerance: float = 0.05
+    magnitude_gms: float = 0.2
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | Thresholds | None) -> Thresholds:

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from gradconflict.apps.cli import main
+from gradconflict.diagnosis.signals import SIGNALS
 
 
 def test_demo_then_report(tmp_path, capsys):
@@ -112,7 +113,7 @@ def test_report_and_advise_on_round_robin_steps(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert data["verdict"] == "keep_shared" and data["groups"] == [["a", "b", "c"]]
     assert "could not be measured" in data["reason"]
-    assert [s["status"] for s in data["signals"]] == ["n/a"] * 6
+    assert [s["status"] for s in data["signals"]] == ["n/a"] * len(SIGNALS)
 
 
 def test_report_writes_the_html_page_and_the_figures(tmp_path, capsys):

@@ -5,12 +5,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from gradconflict import History
 from gradconflict.diagnosis import Advice, Thresholds, advise, advise_from_jsonl, next_step_code
 from gradconflict.diagnosis.aligned import align, no_pair_reason
+from gradconflict.diagnosis.persistence import minimum_effective_steps
 from gradconflict.diagnosis.signals import SIGNALS
+from gradconflict.records.comparison import IdenticalSeedsWarning
+from gradconflict.split import ComparisonResult, VariantRecord
 
 
 def _statuses(advice, **statuses):
@@ -31,9 +36,13 @@ def test_keep_shared_when_tasks_agree(make_report, make_pair):
     assert isinstance(advice, Advice)
     assert (advice.verdict, advice.branch_point, advice.groups) == ("keep_shared", None, [["a", "b"]])
     assert {s.name: s.status for s in advice.signals} == _statuses(
-        advice, diverging_objectives="ok", zero_sum="ok", single_point_of_risk="ok", oscillating_conflict="ok"
+        advice, diverging_objectives="ok", zero_sum="ok", single_point_of_risk="ok", oscillating_conflict="ok",
+        magnitude_dominance="ok",
     )
-    assert advice.duplicated_share == 0.0 and advice.uncertainty.decided and advice.decided_by == "none"
+    assert advice.duplicated_share == 0.0 and advice.decided_by == "none"
+    # The gradients rule the conflict out, but capacity is unjudged: provisional until the comparison.
+    assert not advice.uncertainty.decided and advice.uncertainty.awaits == ("comparison",)
+    assert {"shared", "independent"} <= set(_variants(advice.next_step))
     ast.parse(advice.next_step)
     # The check for a keep_shared advice: the shared model against fully independent models, one per task.
     assert "variants=('shared', 'independent')" in advice.next_step and "groups=[['a'], ['b']]" in advice.next_step
@@ -59,7 +68,8 @@ def test_physical_split_at_the_conflicting_depth(make_report, make_pair):
     assert data["verdict"] == "physical_split" and data["profile"]["layers"][1]["name"] == "body.1"
     assert data["profile"]["layers"][1]["status"] == "conflict" and data["recon"]["layers"] == ["body.1"]
     assert {s["name"] for s in data["signals"]} == {
-        "diverging_objectives", "heavy_heads", "zero_sum", "single_point_of_risk", "oscillating_conflict", "ceiling"
+        "diverging_objectives", "heavy_heads", "zero_sum", "single_point_of_risk", "oscillating_conflict", "ceiling",
+        "magnitude_dominance",
     }
     with pytest.raises(KeyError):
         advice.signal("nope")
@@ -135,10 +145,53 @@ def test_advise_from_jsonl_round_trip(tmp_path, make_report, make_pair):
 def test_next_step_code_is_valid_python():
     for verdict, variant in (("keep_shared", "independent"), ("lora_split", "lora"), ("physical_split", "branched")):
         code = next_step_code(verdict, "backbone.4", [["a", "b"], ["c"]])
-        ast.parse(code)
-        assert "compare(model_factory, loss_fns, train_data, steps=200" in code and f"'{variant}')" in code
-        assert "groups=[['a', 'b'], ['c']]" in code and "for seed in range(3)" in code
-        assert "advise(history, comparison=results)" in code
+        tree = ast.parse(code)
+        (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+        # every input is an argument, history included; the unknown budget is asked for (no default)
+        assert [a.arg for a in fn.args.args][:6] == [
+            "history", "model_factory", "loss_fns", "train_data", "eval_data", "metrics"
+        ]
+        assert [a.arg for a in fn.args.kwonlyargs] == ["lr", "steps", "seeds"]
+        assert [ast.literal_eval(d) for d in fn.args.kw_defaults] == [None, None, 3]  # the budget is asked for
+        assert "lr=..." in code.splitlines()[-2]
+        assert variant in _variants(code) and "independent" in _variants(code)
+        assert "groups=[['a', 'b'], ['c']]" in code and "advise(history, comparison=results)" in code
+    known = next(n for n in ast.parse(next_step_code("keep_shared", None, [["a"], ["b"]], steps=123, lr=0.01)).body
+                 if isinstance(n, ast.FunctionDef))
+    assert [ast.literal_eval(d) for d in known.args.kw_defaults] == [0.01, 123, 3]
+
+
+def test_next_step_runs_as_printed(capsys):
+    # Train a small two-task model under the monitor, then run the advice's next step exactly as printed.
+    from gradconflict import ConflictMonitor
+    from gradconflict.split import MultiTaskNet
+
+    def factory():
+        return MultiTaskNet(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8)),
+                            {"a": nn.Linear(8, 1), "b": nn.Linear(8, 1)})
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 3)
+    data = [(x, {"a": x[:, :1], "b": -x[:, :1]})]  # opposed targets
+    loss_fns = {t: (lambda out, y: (out - y).pow(2).mean()) for t in "ab"}
+    model = factory()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    with ConflictMonitor(model, max_history=None) as monitor:
+        for _ in range(12):
+            out = model(x)
+            opt.zero_grad()
+            monitor.backward({t: loss_fns[t](out[t], y) for t, y in data[0][1].items()})
+            opt.step()
+    advice = advise(monitor.history, model=model, optimizer=opt)
+    fn = next(n for n in ast.parse(advice.next_step).body if isinstance(n, ast.FunctionDef))
+    assert [ast.literal_eval(d) for d in fn.args.kw_defaults][:2] == [0.01, 12]  # the monitored run's budget
+    # The printed code, as is, with the inputs it names (eval_data None: no held-out data).
+    namespace = {"history": monitor.history, "model_factory": factory, "loss_fns": loss_fns, "train_data": data,
+                 "eval_data": None, "metrics": None}
+    exec(compile(advice.next_step, "<next_step>", "exec"), namespace)  # noqa: S102
+    checked = namespace["advice"]
+    assert isinstance(checked, Advice) and checked.signal("ceiling").status != "n/a"
+    assert "Delta-m is measured on the training loss" in capsys.readouterr().out  # no held-out data: said plainly
 
 
 def test_single_task_keeps_shared(make_report):
@@ -261,20 +314,20 @@ def test_round_robin_keeps_shared_and_says_why(make_cut, make_gram):
 
 
 def test_round_robin_with_full_steps_every_k(make_cut, make_gram):
-    # One task per step, and every fifth step all three: the pairs are judged on those four steps alone.
+    # One task per step, and every fifth step all three: the pairs are judged on those six steps alone.
     run = []
-    for s in range(20):
-        ab = -0.5 if s in (0, 5, 10) else 0.5
+    for s in range(30):
+        ab = -0.5 if s in (0, 5, 10, 15) else 0.5
         G = make_gram([[1.0, ab, 0.4], [ab, 1.0, 0.4], [0.4, 0.4, 1.0]])
         names = "cab" if s % 5 == 0 else "abc"[s % 3]
         run.append(make_cut(names, G, step=s, tasks="abc", losses=[1.0] * 3))
     advice = advise(run)
     diverging = advice.signal("diverging_objectives")
-    assert diverging.value == pytest.approx(3 / 4)
-    assert diverging.details["steps_with_pairs"] == 4
-    assert diverging.details["together"] == {"a/b": 4, "a/c": 4, "b/c": 4} and diverging.details["steps"] == 20
-    assert diverging.finding.steps == 4
-    assert advice.trends["conflict_fraction"].mean == pytest.approx(3 * (1 / 3) / 4)
+    assert diverging.value == pytest.approx(4 / 6)
+    assert diverging.details["steps_with_pairs"] == 6
+    assert diverging.details["together"] == {"a/b": 6, "a/c": 6, "b/c": 6} and diverging.details["steps"] == 30
+    assert diverging.finding.steps == 6
+    assert advice.trends["conflict_fraction"].mean == pytest.approx(4 * (1 / 3) / 6)
 
 
 def test_lookahead_tasks_are_matched_by_name(make_report, make_pair):
@@ -337,7 +390,7 @@ def test_verdict_branch_groups_and_next_step_agree(make_report, make_pair, make_
             assert advice.branch_point == advice.profile.branch_point, name
         assert (len(advice.groups) > 1) == (advice.verdict != "keep_shared"), name
         assert sorted(t for g in advice.groups for t in g) == ["a", "b"], name
-        assert f"branch_at={advice.branch_point!r}" in advice.next_step, name
+        assert repr(advice.branch_point) in advice.next_step, name
         variant = {"keep_shared": "'independent')", "lora_split": "'lora')", "physical_split": "'branched')"}
         assert variant[advice.verdict] in advice.next_step, name
     assert seen == {"keep_shared", "lora_split", "physical_split"}
@@ -376,3 +429,190 @@ def test_advise_aligns_a_history_once_without_a_report_per_step(monkeypatch, mak
     monkeypatch.setattr(History, "reports", property(lambda self: pytest.fail("a report was built per step")))
     advice = advise(history)
     assert calls == [history] and advice.verdict == "physical_split"
+
+
+def _variants(code):
+    """The variants a next step's compare() call runs (read from the code's ``variants=`` argument)."""
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.keyword) and node.arg == "variants":
+            return ast.literal_eval(node.value)
+    raise AssertionError("no variants= in the next step")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_no_history_shorter_than_the_minimum_is_decided(data):
+    # Whatever the steps hold (conflict, agreement, huge norms, negative transference, a layer in full conflict),
+    # fewer measured steps than the persistence test's minimum never give a decided verdict.
+    from tests.diagnosis.conftest import report
+
+    steps = data.draw(st.integers(1, minimum_effective_steps() - 1))
+    T = data.draw(st.integers(2, 3))
+    coords = st.floats(-3.0, 3.0, allow_nan=False).filter(lambda v: abs(v) > 1e-3)
+    run = []
+    for s in range(steps):
+        layers = {}
+        for name in ("body.0", "body.1"):
+            g = torch.tensor(data.draw(st.lists(st.lists(coords, min_size=3, max_size=3), min_size=T, max_size=T)),
+                             dtype=torch.float64)
+            layers[name] = (g @ g.T, 10)
+        whole = layers["body.0"][0] + layers["body.1"][0]
+        losses = data.draw(st.lists(st.floats(0.1, 10.0), min_size=T, max_size=T))
+        run.append(report(whole, step=s, layers=layers, losses=losses))
+    advice = advise(run, layer_order=["body.0", "body.1"])
+    assert not advice.uncertainty.decided
+    assert advice.uncertainty.awaits  # and it says what would settle it
+
+
+def test_two_identical_steps_are_not_decided(make_report, make_pair):
+    # The whole backbone agrees, one layer conflicts on both steps: two steps prove nothing either way.
+    run = _run(make_report, make_pair, top_cos=-0.9, bottom_cos=0.9, steps=2)
+    advice = advise(run, layer_order=["body.0", "body.1"])
+    assert not advice.uncertainty.decided and "steps" in advice.uncertainty.awaits
+    assert advice.uncertainty.steps_needed + 2 >= minimum_effective_steps()
+
+
+def test_heuristics_alone_are_provisional(make_report, make_pair):
+    # Cosine -0.05 (weaker than a small correlation: no persistent conflict) but norms 10 and 1: a step on a raises
+    # b's loss by half of what a step on b lowers it (G_ab / G_bb = -0.5), so single_point_of_risk says split.
+    run = [make_report(make_pair(-0.05, norms=(10.0, 1.0)), step=s) for s in range(60)]
+    advice = advise(run)
+    assert advice.signal("single_point_of_risk").status == "split"
+    assert advice.signal("diverging_objectives").status != "split"
+    assert advice.decided_by == "heuristics" and not advice.uncertainty.decided
+    assert "comparison" in advice.uncertainty.awaits
+
+
+def test_identical_seeds_never_decide_keep_shared(make_report, make_pair):
+    def rec(name):
+        return VariantRecord(name, {"a": [1.0], "b": [1.0]}, [(1, {"a": 1.0, "b": 1.0})], {"a": "min", "b": "min"})
+
+    same = [ComparisonResult({"shared": rec("shared"), "independent": rec("independent")}, ["a", "b"], 1, 0, seed=0)
+            for _ in range(3)]
+    with pytest.warns(IdenticalSeedsWarning):
+        advice = advise(_run(make_report, make_pair, top_cos=0.6), comparison=same)
+    assert advice.signal("ceiling").status == "watch"
+    assert advice.decided_by != "ceiling" and not advice.uncertainty.decided
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+        self.heads = nn.ModuleDict({"a": nn.Linear(8, 1), "b": nn.Linear(8, 1)})
+
+    def forward(self, x):
+        z = self.backbone(x)
+        return {t: h(z).squeeze(-1) for t, h in self.heads.items()}
+
+
+def _aligned_run(scale_b, steps=30):
+    """Two tasks with the same target (aligned by construction), task b's loss multiplied by ``scale_b``."""
+    from gradconflict import ConflictMonitor
+
+    torch.manual_seed(0)
+    model = _TwoHeads().double()
+    with torch.no_grad():
+        model.heads["b"].load_state_dict(model.heads["a"].state_dict())  # identical heads: identical gradients
+    model.heads.requires_grad_(False)  # and they stay identical
+    opt = torch.optim.SGD(model.backbone.parameters(), lr=1e-3)
+    x = torch.randn(64, 4, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=torch.float64)
+    with ConflictMonitor(model, max_history=None) as monitor:
+        for _ in range(steps):
+            out = model(x)
+            opt.zero_grad()
+            monitor.backward({"a": (out["a"] - y).pow(2).mean(), "b": scale_b * (out["b"] - y).pow(2).mean()})
+            opt.step()
+    return model, x, y, monitor.history
+
+
+def test_magnitude_dominance_on_a_100x_loss_scale():
+    model, x, y, history = _aligned_run(100.0)
+    advice = advise(history, model=model)
+    dominance = advice.signal("magnitude_dominance")
+    assert dominance.status == "watch" and dominance.pairs == (("a", "b"),)
+    assert dominance.details["larger"]["a/b"] == "b"
+    # Independent reference on the final parameters: the two gradients on the backbone from separate float64
+    # autograd.grad calls; their norm ratio is the construction's 100 (identical heads and targets).
+    params = list(model.backbone.parameters())
+    out = model(x)
+    g = [torch.cat([p.flatten() for p in torch.autograd.grad(s * (out[t] - y).pow(2).mean(), params,
+                                                               retain_graph=True)])
+         for t, s in (("a", 1.0), ("b", 100.0))]
+    u = g[0] + g[1]
+    share_b = float(g[1] @ u / (u @ u))
+    assert float(g[1].norm() / g[0].norm()) == pytest.approx(100.0, rel=1e-6)
+    assert dominance.details["median_norm_ratio"]["a/b"] == pytest.approx(100.0, rel=1e-6)
+    assert dominance.details["update_share"]["b"] == pytest.approx(share_b, rel=1e-6)
+    # The cheap fix first: the next step compares the magnitude-aware weightings, and shared against independent.
+    call = next(n for n in ast.walk(ast.parse(advice.next_step)) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", "") == "compare")
+    kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("weightings", "variants")}
+    assert {"imtl-g", "aligned-mtl"} <= set(kw["weightings"]) and "independent" in kw["variants"]
+    assert not advice.uncertainty.decided
+    calm = advise(_aligned_run(1.0)[3], model=model).signal("magnitude_dominance")
+    assert calm.status == "ok" and calm.details["median_norm_ratio"]["a/b"] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_a_split_counts_only_if_it_beats_the_reweighting(make_report, make_pair):
+    def rec(name, a, b):
+        return VariantRecord(name, {"a": [1.0], "b": [1.0]}, [(1, {"a": a, "b": b})], {"a": "min", "b": "min"})
+
+    def runs(independent, reweighted):
+        return [ComparisonResult({"shared": rec("shared", 1.0 + s, 1.0 + s),
+                                  "independent": rec("independent", *(v * (1 + s) for v in independent)),
+                                  "shared+imtl-g": rec("shared+imtl-g", *(v * (1 + s) for v in reweighted))},
+                                 ["a", "b"], 1, 0, seed=k) for k, s in enumerate([0.0, 0.3, 0.1])]
+
+    run = _run(make_report, make_pair, top_cos=0.6)
+    # The re-weighted shared model gains as much as independent models (20%): keep shared, train with imtl-g.
+    advice = advise(run, comparison=runs([0.8, 0.8], [0.8, 0.79]))
+    assert (advice.verdict, advice.decided_by, advice.weighting) == ("keep_shared", "ceiling", "imtl-g")
+    assert advice.uncertainty.decided
+    # Independent models gain 40% where the re-weighting gains 20%: the split wins.
+    advice = advise(run, comparison=runs([0.6, 0.6], [0.8, 0.8]))
+    assert advice.verdict == "physical_split" and advice.decided_by == "ceiling" and advice.weighting is None
+
+
+def test_economical_branch_point_from_a_comparison_at_several_blocks(make_report, make_pair):
+    def rec(name, v):
+        return VariantRecord(name, {"a": [1.0], "b": [1.0]}, [(1, {"a": v, "b": v})], {"a": "min", "b": "min"})
+
+    def runs(gains):  # {block: gain in percent}, the same on three varying seeds (shared 1.0, 1.2, 1.1)
+        return [ComparisonResult({"shared": rec("shared", s), "independent": rec("independent", s),
+                                  "branched": rec("branched", s * (1 - (g + 0.1 * k) / 100))},
+                                 ["a", "b"], 1, 0, branch_at=block, seed=k)
+                for block, g in gains.items() for k, s in enumerate([1.0, 1.2, 1.1])]
+
+    run = _run(make_report, make_pair, top_cos=-0.8, bottom_cos=-0.8)  # conflict from the bottom layer up
+    first = advise(run, layer_order=["body.0", "body.1"])
+    assert first.conflict_onset == "body.0" and first.branch_point == "body.0"
+    assert "for branch_at in ['body.0', 'body.1']" in first.next_step  # candidates from the onset up
+    # body.1 recovers 27 / 30 = 90% of the best gain: the economical branch point, above the onset.
+    high = advise(run, layer_order=["body.0", "body.1"], comparison=runs({"body.0": 30.0, "body.1": 27.0}))
+    assert (high.verdict, high.branch_point, high.conflict_onset) == ("physical_split", "body.1", "body.0")
+    # body.1 recovers 10 / 30 = 33%: the split stays at body.0.
+    low = advise(run, layer_order=["body.0", "body.1"], comparison=runs({"body.0": 30.0, "body.1": 10.0}))
+    assert low.branch_point == "body.0"
+
+
+def test_duplicated_share_matches_what_branch_copies():
+    from gradconflict import ConflictMonitor
+    from gradconflict.split import MultiTaskNet, branch
+
+    torch.manual_seed(0)
+    model = MultiTaskNet(nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 4), nn.Tanh(), nn.Linear(4, 4)),
+                         {"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)})
+    x = torch.randn(64, 3)
+    with ConflictMonitor(model, max_history=None) as monitor:
+        for _ in range(40):
+            out = model(x)
+            monitor.backward({"a": (out["a"] - x[:, :1]).pow(2).mean(), "b": (out["b"] + x[:, :1]).pow(2).mean()})
+            model.zero_grad()
+    advice = advise(monitor.history, model=model)
+    assert advice.verdict == "physical_split"
+    split = branch(model, advice.branch_point, advice.groups)
+    backbone = sum(p.numel() for p in model.backbone.parameters())
+    added = sum(p.numel() for p in split.parameters()) - sum(p.numel() for p in model.parameters())
+    assert advice.duplicated_share == pytest.approx(added / ((len(advice.groups) - 1) * backbone))

@@ -5,6 +5,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from gradconflict.diagnosis.persistence import (
@@ -12,6 +14,7 @@ from gradconflict.diagnosis.persistence import (
     autocorrelation_time,
     binomial_tail,
     effect_size,
+    minimum_effective_steps,
     persistence_tests,
     rate_at_effect,
     signs,
@@ -113,11 +116,13 @@ def test_steps_needed_settles_the_test_at_the_same_rate():
 def test_ties_and_pairs_never_measured():
     assert signs(np.array([[-0.5, np.nan], [0.2, 0.0]]), 0.0).tolist() == [[1, 0], [-1, 0]]  # 0: a tie
     assert signs(np.array([0.05]), 0.3).tolist() == [-1]  # a positive S is judged by the sign
-    cos = np.array([[-0.05, np.nan]] * 4)  # always inside the dead zone of S = -0.1; never measured
+    cos = np.array([[-0.05, np.nan]] * 5)  # always inside the dead zone of S = -0.1; never measured
     t = persistence_tests(cos, threshold=-0.1)
-    assert t.steps.tolist() == [4, 0] and np.isnan(t.rate).all() and np.isnan(t.p_conflict).all()
+    assert t.steps.tolist() == [5, 0] and np.isnan(t.rate).all() and np.isnan(t.p_conflict).all()
     assert t.ruled_out(0.05).tolist() == [True, False]
     assert not t.undetermined(0.05).any()
+    short = persistence_tests(cos[:4], threshold=-0.1)  # under the minimum of 5 effective steps: not settled yet
+    assert short.undetermined(0.05).tolist() == [True, False] and short.steps_needed[0] == 1
 
 
 def test_benjamini_hochberg_over_the_family():
@@ -143,3 +148,51 @@ def test_the_old_module_paths_still_work_with_a_warning():
         assert persistence.ConflictTests is conflicts.ConflictTests
     with pytest.warns(DeprecationWarning, match="conflicts.conflict_tests"):
         assert persistence.conflict_tests is conflicts.conflict_tests
+
+
+def test_minimum_effective_steps_is_where_the_exact_test_can_first_reject():
+    # Independent reference: scipy's exact binomial test of n conflicts out of n against 1/2.
+    for alpha in (0.05, 0.01, 0.1):
+        n = minimum_effective_steps(alpha)
+        assert stats.binomtest(n, n, 0.5, alternative="greater").pvalue < alpha
+        assert stats.binomtest(n - 1, n - 1, 0.5, alternative="greater").pvalue >= alpha
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(min_value=1, max_value=minimum_effective_steps(0.05) - 1),
+    st.integers(min_value=1, max_value=3),
+    st.data(),
+)
+def test_no_series_shorter_than_the_minimum_is_settled(steps, series, data):
+    cosine = np.array(
+        data.draw(st.lists(st.lists(st.sampled_from([-1.0, -0.9, -0.3, -0.05, 0.0, 0.05, 0.4, 1.0]),
+                                    min_size=series, max_size=series), min_size=steps, max_size=steps))
+    )
+    t = persistence_tests(cosine)
+    assert not (t.persistent(0.05) | t.ruled_out(0.05) | t.at_chance(0.05)).any()
+    # the steps asked for reach at least the minimum (the test that will be run can then settle them)
+    assert (t.steps + t.steps_needed >= minimum_effective_steps(0.05) * t.tau).all()
+
+
+def test_steps_needed_for_the_magnitude_follows_the_t_test():
+    # Every step conflicts, weakly: mean cosine -0.0755, above -0.1; only the magnitude t-test can settle it.
+    cosine = np.array([[-0.001], [-0.15]] * 4)  # alternating: tau = 1 for the cosine and the (constant) sign
+    t = persistence_tests(cosine)
+    assert t.undetermined(0.05)[0]
+    total = int(t.steps[0] + t.steps_needed[0])
+    mean, sd = float(cosine.mean()), float(cosine.std(ddof=1))
+
+    def p_at(n: int) -> float:  # independent reference: scipy's one-sided t-test of "mean > -0.1" on n steps
+        return float(stats.ttest_1samp(mean + sd * _standardized(n), -0.1, alternative="greater").pvalue)
+
+    assert p_at(total) < 0.05 <= p_at(total - 2)  # the grid's resolution may overshoot by a step
+    longer = persistence_tests(np.array([[-0.001], [-0.15]] * (total // 2 + 1)))
+    assert longer.ruled_out(0.05)[0]
+
+
+def _standardized(n: int) -> np.ndarray:
+    """``n`` values with mean 0 and standard deviation 1 (``ddof=1``)."""
+    x = np.resize([1.0, -1.0], n)
+    x = x - x.mean()
+    return x / x.std(ddof=1)

@@ -18,6 +18,7 @@ from gradconflict.diagnosis import (
 )
 from gradconflict.diagnosis.aligned import align, no_pair_reason
 from gradconflict.diagnosis.signals import STATUSES, worst_status
+from gradconflict.records.comparison import IdenticalSeedsWarning
 from gradconflict.split import ComparisonResult, VariantRecord
 
 
@@ -117,8 +118,34 @@ def test_ceiling_reads_the_comparison_over_seeds():
     flat = ceiling(runs([0.99, 0.89, 1.09]))  # 1% better: within the seeds' spread (10%)
     assert flat.status == "ok" and flat.details["winners"] == [] and flat.statistic == "delta_m"
     one = ceiling(runs([0.5, 0.45, 0.55])[0])
-    assert one.status == "watch" and one.details["seeds"] == 1 and np.isnan(one.threshold)  # no spread to judge by
+    assert one.status == "watch" and one.details["seeds"] == 1 and one.threshold == 1.0  # the paired test's floor
     assert ceiling(None).status == "n/a"
+
+
+def test_ceiling_paired_test_and_identical_seeds():
+    def rec(name, a):
+        return VariantRecord(name, {"a": [1.0]}, [(1, {"a": a})], {"a": "min"})
+
+    def runs(shared, branched, seeds):
+        return [
+            ComparisonResult({"shared": rec("shared", s), "branched": rec("branched", b)}, ["a"], 1, 0, seed=k)
+            for s, b, k in zip(shared, branched, seeds)
+        ]
+
+    # A consistent +25..29% gain, far inside a wide seed-to-seed variation of the shared model (1.0 vs 2.0):
+    # the paired test sees it (scipy's one-sided t-test of the per-seed gains against the 1% floor as reference).
+    shared = [1.0, 2.0, 1.5]
+    gains = [25.5, 26.0, 29.4]
+    consistent = ceiling(runs(shared, [s * (1 - g / 100) for s, g in zip(shared, gains)], [0, 1, 2]))
+    reference = stats.ttest_1samp(gains, 1.0, alternative="greater").pvalue
+    assert consistent.status == "split" and consistent.p_value == pytest.approx(reference, rel=1e-6)
+    # A 0% gain on three seeds that changed nothing (the same seed): no evidence, so never "ok".
+    with pytest.warns(IdenticalSeedsWarning):
+        same = ceiling(runs([1.0] * 3, [1.0] * 3, [0, 0, 0]))
+    assert same.status == "watch" and same.details["seeds_vary"] is False
+    with pytest.warns(IdenticalSeedsWarning):
+        lifted = ceiling(runs([1.0] * 3, [0.5] * 3, [0, 0, 0]))
+    assert lifted.status == "watch" and lifted.details["winners"] == []
 
 
 def test_signals_not_available_without_inputs(make_report):

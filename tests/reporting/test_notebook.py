@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gradconflict import ConflictReport
+from gradconflict.diagnosis.signals import SIGNALS
 from gradconflict.records.comparison import ComparisonResult, VariantRecord
 from gradconflict.split.evaluate import Criterion, SplitEvaluation
 from tests.reporting.test_html import Page
@@ -65,7 +66,7 @@ def test_advice_shows_the_verdict_box_and_the_signals_as_the_report_does():
     page = cells(advice._repr_html_())
     assert f'class="verdict {advice.verdict}"' in advice._repr_html_()
     signals = {r[0]: r for r in page.rows if r and r[0] in {s.name for s in advice.signals}}
-    assert len(signals) == len(advice.signals) == 6
+    assert len(signals) == len(advice.signals) == len(SIGNALS)
     for s in advice.signals:
         row = signals[s.name]
         assert row[1] == s.status
