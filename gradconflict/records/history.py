@@ -343,10 +343,11 @@ class History:
         self._records.append(record)
         if not record.skip_reason:
             self._unfolded.append(record)
-        report = record.report() if self.sinks else None  # one host-side report for every sink (metrics cached)
-        if report is not None:
-            report.samples = record.samples
-        record.samples = None
+        samples, record.samples = record.samples, None
+        if not self.sinks:
+            return
+        report = record.report()  # one host-side report for every sink (metrics cached)
+        report.samples = samples
         for sink in list(self.sinks):
             try:
                 sink.write(report)
