@@ -3,6 +3,7 @@ against: T separate ``torch.autograd.grad`` calls, flattened, ``J @ J.T``."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -194,3 +195,19 @@ def reference(model: nn.Module, losses: dict[str, Tensor]) -> Reference:
         Jp = torch.stack([r[k].flatten() for r in rows])
         layers[layer] = layers.get(layer, 0) + Jp @ Jp.T
     return Reference(J @ J.T, layers)
+
+
+def backward_reference(model: nn.Module, run: Callable[[nn.Module], dict[str, Tensor]], shared) -> Tensor:
+    """Float64 oracle that needs no ``autograd.grad`` (which reentrant checkpoints refuse): for each task, a fresh
+    copy of ``model`` runs ``run(copy) -> losses`` and a plain ``losses[task].backward()``; the rows are the
+    ``.grad`` of ``shared(copy)`` (zero where ``None``), and the Gram is ``J @ J.T``. Every copy starts from the
+    same parameters and buffers; ``run`` seeds whatever randomness the forward draws."""
+    rows = []
+    for task in run(copy.deepcopy(model)):
+        twin = copy.deepcopy(model)
+        run(twin)[task].backward()
+        rows.append(torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).to_dense().flatten() for p in shared(twin)
+        ]))
+    J = torch.stack(rows)
+    return J @ J.T

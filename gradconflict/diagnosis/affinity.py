@@ -186,6 +186,7 @@ def lookahead_transference(
         for i, g in enumerate(grads):
             with torch.no_grad():
                 if optimizer is None:
+                    assert lr is not None  # checked on entry
                     for p, gp in zip(params, g):
                         if gp is not None:
                             p.sub_(lr * gp)

@@ -236,7 +236,7 @@ class Aligned:
         else:
             on = self.layer_present[:, layers]
             G = torch.from_numpy(np.where(on[:, :, None, None], self.layer_gram[:, layers], 0.0).sum(1))
-            present = present & on.any(1)[:, None]
+            present = present & np.asarray(on.any(1))[:, None]
             G = _carried(G.numpy(), present)
         L = np.where(self.has_losses[:, None] & present, self.losses, 1.0)
         Z = metrics.transference(G, torch.from_numpy(L), lr).numpy()

@@ -107,8 +107,8 @@ def head_stats(
                 model(probe)
         finally:
             model.train(training)
-            for h in handles:
-                h.remove()
+            for handle in handles:
+                handle.remove()
     out = []
     for task, head in heads.items():
         n = sum(p.numel() for p in head.parameters())

@@ -10,8 +10,9 @@ The hook is a *global* module forward hook (``torch.nn.modules.module.register_m
 only acts on the modules of the monitored model. Nothing is stored on the model, so ``torch.save``,
 ``copy.deepcopy`` and pickling of the model work while a monitor is attached and a copy carries no tap. A
 global hook also runs before every hook registered on the module itself, so the tap sees the module's own
-output even when a user's forward hook rewrites it. It is registered only while the next forward is to be
-measured (see :meth:`Capture.arm`), and removed when the monitor closes or is garbage-collected.
+output even when a user's forward hook rewrites it; it is moved ahead of the global hooks registered before it
+(see :meth:`GlobalForwardHook.register`). It is registered only while the next forward is to be measured (see
+:meth:`Capture.arm`), and removed when the monitor closes or is garbage-collected.
 
 >>> import torch, torch.nn as nn
 >>> model = nn.Sequential(nn.Linear(2, 2), nn.Tanh())
@@ -25,11 +26,13 @@ measured (see :meth:`Capture.arm`), and removed when the monitor closes or is ga
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import inspect
+import threading
 import weakref
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +43,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradconflict.measure.rules import Call, LayerRule, rule_for
 
-__all__ = ["Capture", "GlobalForwardHook", "OutputCapture", "task_batch"]
+__all__ = ["Capture", "GlobalForwardHook", "OutputCapture", "RetainedGrads", "task_batch"]
 
 
 class Receiver(Protocol):
@@ -112,11 +115,17 @@ class _TransformTap(torch.autograd.Function):
         return _TransformTap.apply(output, anchor, call, capture), in_dims[0]
 
 
-@functools.cache
+#: Each module class's input name, read once (a class's forward signature does not change).
+_INPUT_NAMES: dict[type[nn.Module], str | None] = {}
+
+
 def _input_name(cls: type[nn.Module]) -> str | None:
     """The name of the first argument of ``cls.forward`` (its input), for calls that pass it by keyword."""
-    params = list(inspect.signature(cls.forward).parameters.values())[1:]
-    return params[0].name if params and params[0].kind is not inspect.Parameter.VAR_POSITIONAL else None
+    if cls not in _INPUT_NAMES:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+        first = params[0] if params else None
+        _INPUT_NAMES[cls] = None if first is None or first.kind is inspect.Parameter.VAR_POSITIONAL else first.name
+    return _INPUT_NAMES[cls]
 
 
 def _input_of(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -153,9 +162,14 @@ class GlobalForwardHook:
         return bool(self._handles)
 
     def register(self) -> None:
-        """Register the hook (once)."""
+        """Register the hook (once), ahead of every global forward hook registered before it: global hooks run in
+        registration order, and one that rewrites a module's output (``register_module_forward_hook``, as some
+        quantisation and adapter libraries do) must not run before the hook sees the module's own output."""
         if not self._handles:
-            self._handles.append(register_module_forward_hook(self._hook, with_kwargs=True))
+            handle = register_module_forward_hook(self._hook, with_kwargs=True)
+            hooks = cast("OrderedDict[int, Any]", nn_module._global_forward_hooks)
+            hooks.move_to_end(handle.id, last=False)
+            self._handles.append(handle)
 
     def remove(self) -> None:
         """Remove the hook."""
@@ -224,7 +238,9 @@ class Capture:
         x = _input_of(module, args, kwargs)
         if not isinstance(x, Tensor):
             return None
-        call = Call(module, rule, rule.save(module, x, output), owner=self)
+        table = module._parameters
+        used = {name: id(table.get(name)) for name in rule.param_names}
+        call = Call(module, rule, rule.save(module, x, output), owner=self, used=used)
         tap = _Tap if functorch.peek_interpreter_stack() is None else _TransformTap
         return tap.apply(output, self.anchor(output.device), call, weakref.ref(self))
 
@@ -291,3 +307,73 @@ class OutputCapture:
         """Remove the hook and drop the kept output."""
         self._hook.remove()
         self.output = None
+
+
+_ORIGINAL_RETAIN_GRAD = torch.Tensor.retain_grad
+_retaining: dict[int, weakref.ref[Tensor]] = {}  # id -> the non-leaf tensors retain_grad() was called on
+_retain_lock = threading.Lock()
+_retain_users = 0
+
+
+def _retain_grad(self: Tensor) -> None:
+    _ORIGINAL_RETAIN_GRAD(self)
+    if not self.is_leaf:
+        key = id(self)
+
+        def forget(_: object, key: int = key) -> None:
+            _retaining.pop(key, None)
+
+        _retaining[key] = weakref.ref(self, forget)
+
+
+class RetainedGrads:
+    """Keeps the ``.grad`` of activations on which ``retain_grad()`` was called out of a measuring backward.
+
+    Autograd fills a retained activation's ``.grad`` in every backward that runs through it, ``torch.autograd.grad``
+    included: without this, the measurement would add each task's gradient to it (the per-task loop) or leave a
+    vmapped tensor there (the batched backward), and the training backward after it would fail half-way through
+    ``.grad``. While at least one :class:`RetainedGrads` is open, ``Tensor.retain_grad`` also notes the tensor
+    (weakly); :meth:`kept` puts every noted tensor's ``.grad`` back as it was before the block. An activation
+    retained before any engine existed is not noted.
+
+    >>> keeper = RetainedGrads()
+    >>> x = torch.ones(2, requires_grad=True)
+    >>> h = x * 2
+    >>> h.retain_grad()
+    >>> with keeper.kept():
+    ...     _ = torch.autograd.grad(h.sum(), x, retain_graph=True)
+    >>> h.grad is None
+    True
+    >>> keeper.close()
+    """
+
+    def __init__(self) -> None:
+        global _retain_users
+        with _retain_lock:
+            if _retain_users == 0:
+                torch.Tensor.retain_grad = _retain_grad  # type: ignore[method-assign,assignment]
+            _retain_users += 1
+        self._finalizer = weakref.finalize(self, RetainedGrads._release)
+
+    @staticmethod
+    def _release() -> None:
+        global _retain_users
+        with _retain_lock:
+            _retain_users -= 1
+            if _retain_users == 0:
+                torch.Tensor.retain_grad = _ORIGINAL_RETAIN_GRAD  # type: ignore[method-assign]
+                _retaining.clear()
+
+    @contextlib.contextmanager
+    def kept(self) -> Iterator[None]:
+        """Run the block, then give every retained activation its ``.grad`` from before it."""
+        saved = [(t, t.grad) for t in (ref() for ref in list(_retaining.values())) if t is not None and t.retains_grad]
+        try:
+            yield
+        finally:
+            for tensor, grad in saved:
+                tensor.grad = grad
+
+    def close(self) -> None:
+        """Stop noting (once the last keeper is closed, ``Tensor.retain_grad`` is torch's own again)."""
+        self._finalizer()

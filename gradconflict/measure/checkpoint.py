@@ -12,24 +12,26 @@ that the segment's layers report their per-task gradients like any other. Outsid
 runs untouched.
 
 A recomputation runs the segment's forward again, which updates running statistics (BatchNorm in training mode)
-as the checkpoint's own recomputation does: :class:`BufferGuard` puts the model's buffers back afterwards, so
-that they end the step as in a loop without the monitor.
+and parametrisations' buffers as the checkpoint's own recomputation does: :class:`BufferGuard` puts the
+recomputed modules' buffers back afterwards, so that they end the step as in a loop without the monitor.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.utils.checkpoint import CheckpointFunction, detach_variable, set_device_states
+from torch.utils.hooks import RemovableHandle
 
 from gradconflict.measure.graph import walk_graph
 
-__all__ = ["BufferGuard", "measuring_segments", "recompute", "segment_leaves"]
+__all__ = ["BufferGuard", "measuring_segments", "recompute", "segment_leaves", "segment_module"]
 
 SegmentHandler = Callable[[Any, tuple[Tensor, ...]], tuple[Tensor | None, ...]]
 
@@ -90,6 +92,14 @@ def recompute(ctx: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     return detached, (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
 
 
+def segment_module(node: Any) -> nn.Module | None:
+    """The module a reentrant checkpoint's segment runs (``checkpoint(block, x)``, ``checkpoint(block.__call__,
+    x)``, or a ``functools.partial`` of one), or ``None`` for any other function."""
+    run = node.run_function
+    owner = run if isinstance(run, nn.Module) else getattr(run, "__self__", getattr(run, "func", None))
+    return owner if isinstance(owner, nn.Module) else None
+
+
 def segment_leaves(node: Any, model: nn.Module) -> list[Tensor]:
     """The leaves (parameters) a reentrant checkpoint's segment uses.
 
@@ -97,9 +107,8 @@ def segment_leaves(node: Any, model: nn.Module) -> list[Tensor]:
     models do) uses that module's parameters. Any other function is recomputed once, with the RNG and the
     model's buffers left as they were, and its graph walked (nested checkpoints included).
     """
-    run = node.run_function
-    owner = run if isinstance(run, nn.Module) else getattr(run, "__self__", getattr(run, "func", None))
-    if isinstance(owner, nn.Module):
+    owner = segment_module(node)
+    if owner is not None:
         return [p for p in owner.parameters() if p.requires_grad]
     with BufferGuard(model):
         inputs, outputs = recompute(node)
@@ -112,23 +121,53 @@ def segment_leaves(node: Any, model: nn.Module) -> list[Tensor]:
 
 
 class BufferGuard:
-    """Puts the model's buffers back after a block that may run a forward again (activation checkpointing).
+    """Puts back the buffers of the model's modules that run a forward inside the block (activation
+    checkpointing recomputes segments there).
 
-    Every buffer is copied before the block and copied back after it. Cheaper schemes miss changes: BatchNorm
-    updates its running statistics without bumping their version counter. The copy back goes through ``.data``,
-    so that it does not bump the version either: a buffer the graph saved (eval-mode BatchNorm) gets its own value
-    back and the backward that writes ``.grad`` accepts it.
+    While the block runs, a global forward pre-hook copies the own buffers of each module of the model the first
+    time it is called, and the copies are put back afterwards: a block that recomputes nothing (no checkpoint in the
+    step, the usual case) copies nothing, and one that does copies only the recomputed modules' buffers
+    (running statistics, a spectral norm's power-iteration vectors). Cheaper schemes miss changes: BatchNorm
+    updates its running statistics without bumping their version counter. The copy back goes through ``.data``, so
+    that it does not bump the version either: a buffer the graph saved (eval-mode BatchNorm) gets its own value back
+    and the backward that writes ``.grad`` accepts it. A buffer a module replaced instead of updating is put back
+    too. A buffer changed outside any module's forward is not seen.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module | Iterable[nn.Module]) -> None:
+        self.model = model  # the model, or its modules
+        self._saved: dict[nn.Module, dict[str, tuple[Tensor, Tensor]]] = {}
+        self._members: set[int] | None = None
+        self._handle: RemovableHandle | None = None
+
+    @property
+    def copied(self) -> int:
+        """Bytes copied so far in the current block."""
+        return sum(c.numel() * c.element_size() for saved in self._saved.values() for _, c in saved.values())
+
+    def _before(self, module: nn.Module, args: Any) -> None:
+        if module in self._saved:
+            return
+        if self._members is None:  # built on the first recomputation only: most blocks have none
+            modules = self.model.modules() if isinstance(self.model, nn.Module) else self.model
+            self._members = {id(m) for m in modules}
+        if id(module) in self._members:
+            with torch.no_grad():
+                self._saved[module] = {
+                    name: (b, b.detach().clone()) for name, b in module._buffers.items() if isinstance(b, Tensor)
+                }
 
     def __enter__(self) -> BufferGuard:
-        self._buffers = [b for b in self.model.buffers() if isinstance(b, Tensor)]
-        self._saved = [b.detach().clone() for b in self._buffers]
+        self._saved, self._members = {}, None
+        self._handle = register_module_forward_pre_hook(self._before)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for buffer, saved in zip(self._buffers, self._saved):
-            buffer.data.copy_(saved)
-        self._buffers, self._saved = [], []
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        for module, saved in self._saved.items():
+            for name, (buffer, copy) in saved.items():
+                buffer.data.copy_(copy)
+                module._buffers[name] = buffer
+        self._saved, self._members = {}, None

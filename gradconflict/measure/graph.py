@@ -124,9 +124,10 @@ def leaves_of(root: Tensor, expand: Expand | None = None) -> list[Tensor]:
     """
     graph = walk_graph([root])
     found = {id(t): t for t in graph.leaves}
-    for node in graph.checkpoints if expand is not None else ():
-        for t in expand(node):
-            found.setdefault(id(t), t)
+    if expand is not None:
+        for node in graph.checkpoints:
+            for t in expand(node):
+                found.setdefault(id(t), t)
     return list(found.values())
 
 

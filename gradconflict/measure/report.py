@@ -165,8 +165,10 @@ class LayerReport(_GramMetrics):
         name: the module's qualified name in the model (or the parameter's, for a lone parameter).
         gram: this layer's T x T Gram; the layer Grams of a step sum to the step's Gram.
         num_params: number of shared parameter entries in this layer.
-        route: how the engine computed it (``"ghost"``, ``"materialised"``, ``"reference"`` or
-            ``"representation"``).
+        route: how the engine computed it: ``"ghost"`` or ``"materialised"`` (a layer rule, from the taps: the
+            Gram through the inputs' kernel, or the per-task gradients the rule builds), ``"autograd"`` (the
+            per-task gradients asked of autograd: a parameter no rule covers, or the per-task loop),
+            ``"reference"`` or ``"representation"``; ``+``-joined when several ran.
     """
 
     def __init__(

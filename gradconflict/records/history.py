@@ -32,7 +32,7 @@ import json
 import math
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -168,15 +168,23 @@ class _Layout:
     sync: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Record:
-    """One step on the host: its layout, and weights, losses, Gram and layer Grams packed in one tensor."""
+    """One step on the host: its layout, and weights, losses, Gram and layer Grams packed in one row of ``block``
+    (``[N, K]``). An appended step has a block of its own; the steps a file is read into share blocks of rows,
+    so a million steps are a few hundred tensors, not a million."""
 
     layout: _Layout
     step: int
     skip_reason: str
-    packed: Tensor
+    block: Tensor
+    row: int = 0
     samples: SampleAttribution | None = None  # on the host, until the sinks have written it (then dropped)
+
+    @property
+    def packed(self) -> Tensor:
+        """``[K]`` the step's packed row."""
+        return self.block[self.row]
 
     def report(self) -> ConflictReport:
         lay, T = self.layout, len(self.layout.tasks)
@@ -205,6 +213,19 @@ class _Record:
             threshold=lay.threshold,
             sync=lay.sync,
         )
+
+
+def _rows(records: list[_Record]) -> Tensor:
+    """``[N, K]`` the records' packed rows: one slice for each run of consecutive rows of one block (a view when
+    the records are one such run)."""
+    pieces, start = [], 0
+    for k in range(1, len(records) + 1):
+        last = records[k - 1]
+        if k == len(records) or records[k].block is not last.block or records[k].row != last.row + 1:
+            first = records[start]
+            pieces.append(first.block[first.row : first.row + k - start])
+            start = k
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 @dataclass
@@ -295,7 +316,9 @@ class History:
         if report.samples is not None:  # attributed steps copy to the host at once (the tally reads them)
             samples = report.samples.to("cpu")
             self.samples.add(samples)
-        self._pending.append(_Pending(_Record(layout, report.step, report.skip_reason, packed, samples), event))
+        self._pending.append(
+            _Pending(_Record(layout, report.step, report.skip_reason, packed[None], samples=samples), event)
+        )
         self._collect(wait=False)
 
     def _collect(self, wait: bool) -> None:
@@ -320,10 +343,11 @@ class History:
         self._records.append(record)
         if not record.skip_reason:
             self._unfolded.append(record)
-        report = record.report() if self.sinks else None  # one host-side report for every sink (metrics cached)
-        if report is not None:
-            report.samples = record.samples
-        record.samples = None
+        samples, record.samples = record.samples, None
+        if not self.sinks:
+            return
+        report = record.report()  # one host-side report for every sink (metrics cached)
+        report.samples = samples
         for sink in list(self.sinks):
             try:
                 sink.write(report)
@@ -346,7 +370,7 @@ class History:
 
     def _fold_run(self, layout: _Layout, records: list[_Record]) -> None:
         T = len(layout.tasks)
-        packed = torch.stack([r.packed for r in records]).double()
+        packed = _rows(records).double()
         w, grams = _weights(packed, T), _grams(packed, T)  # the Gram, then each layer's
         G = grams[:, 0]
         columns: dict[str, list[float]] = {
@@ -413,7 +437,7 @@ class History:
         return [
             Stacked(
                 lay.tasks, tuple((name, n) for name, n, _ in lay.layers), lay.threshold, lay.has_losses,
-                torch.tensor([r.step for r in records], dtype=torch.int64), torch.stack([r.packed for r in records]),
+                torch.tensor([r.step for r in records], dtype=torch.int64), _rows(records),
             )
             for lay, records in blocks.items()
         ]
@@ -529,15 +553,34 @@ class History:
     @classmethod
     def from_jsonl(cls, path: str | Path, ema_decay: float = EMA_DECAY, max_history: int | None = None) -> History:
         """Read a history written by :meth:`to_jsonl` or a :class:`~gradconflict.records.sinks.JSONLSink` (the EMAs are
-        recomputed), one line at a time. A line that is not JSON (cut short by a crash) is skipped with a
-        ``RuntimeWarning`` naming its line number; a JSON line that is not a history step is a ``ValueError``
-        naming the line and the field (:func:`~gradconflict.records.sinks.jsonl.read_reports`)."""
-        from gradconflict.records.sinks.jsonl import read_reports  # the sink module imports this one
+        recomputed): every step of the file by default (``max_history=None``), the last ``max_history`` otherwise
+        (the EMAs and :attr:`steps_seen` cover the whole file either way). A line that is not JSON (cut short by a
+        crash) is skipped with a ``RuntimeWarning`` naming its line number; a JSON line that is not a history step
+        is a ``ValueError`` naming the line and the field. The file is read in blocks of steps straight into the
+        packed storage (:func:`~gradconflict.records.sinks.jsonl.read_blocks`), without a report per line; the
+        history is the one appending each line's :meth:`ConflictReport.from_dict` would give."""
+        from gradconflict.records.sinks.jsonl import read_blocks  # the sink module imports this one
 
         history = cls(ema_decay=ema_decay, max_history=max_history)
-        for report in read_reports(path):
-            history.append(report)
+        for layout, steps, reason, packed in read_blocks(path):
+            history._admit_block(history._layouts.setdefault(layout, layout), steps, reason, packed)
+        history._collect(wait=True)
         return history
+
+    def _admit_block(self, layout: _Layout, steps: Sequence[int], reason: str, packed: Tensor) -> None:
+        """Admit host rows of one layout (``packed[k]`` the packed row of ``steps[k]``) as :meth:`_admit` admits
+        each (a row whose Gram is not finite is kept as skipped), with one finiteness check for the block. For a
+        history without sinks (:meth:`from_jsonl`'s): the rows are stored, not handed to sinks."""
+        T = len(layout.tasks)
+        finite = [True] * len(steps) if reason else torch.isfinite(_grams(packed, T)).flatten(1).all(1).tolist()
+        for row, (step, ok) in enumerate(zip(steps, finite)):
+            record = _Record(layout, step, reason or ("" if ok else "non-finite gradients"), packed, row)
+            self._records.append(record)
+            if not record.skip_reason:
+                self._unfolded.append(record)
+                if len(self._unfolded) >= FOLD_BATCH:  # in the batches appending folds: the same averages
+                    self._fold()
+        self.steps_seen += len(steps)
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -592,7 +635,7 @@ class History:
         ]
         self._layouts = {lay: lay for lay in layouts}
         self._records = deque(
-            (_Record(layouts[k], step, reason, packed) for k, step, reason, packed in state["records"]),
+            (_Record(layouts[k], step, reason, packed[None]) for k, step, reason, packed in state["records"]),
             maxlen=self.max_history,
         )
         self._ema = dict(state["ema"])

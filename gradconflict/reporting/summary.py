@@ -107,6 +107,9 @@ class RunSummary:
         task_rows: one :class:`TaskSummary` per task.
         profile: the layer conflict profile (``None`` when the reports carry no layers).
         no_pair: why no pair quantity could be measured (``None`` when some step carried two tasks).
+        earlier: steps of the run that came before the kept ones and are in none of these figures (a History
+            keeps its last ``max_history`` steps; ``History.from_jsonl``, and so ``gradconflict report``, keeps
+            every step of the file).
     """
 
     steps: int
@@ -124,6 +127,7 @@ class RunSummary:
     task_rows: list[TaskSummary]
     profile: Profile | None
     no_pair: str | None
+    earlier: int = 0
 
     @property
     def partial(self) -> bool:
@@ -131,16 +135,23 @@ class RunSummary:
         return any(n < self.measured for n in self.task_steps)
 
     def coverage(self) -> list[str]:
-        """Lines on which tasks and pairs the measured steps carried, when some step lacked some task (else
-        none)."""
+        """Lines on which steps the figures cover: that they are the last steps of a longer run, when the
+        history dropped some (:attr:`earlier`), and which tasks and pairs the measured steps carried, when some
+        step lacked some task (else none)."""
+        lines = []
+        if self.earlier:
+            lines.append(
+                f"these are the last {self.steps} steps of a run of {self.steps + self.earlier}: the history kept "
+                "no more (max_history); read the run's JSONL file for all of them"
+            )
         if not self.partial:
-            return []
+            return lines
         S = self.measured
-        lines = [
+        lines.append(
             "tasks (measured steps carrying each): "
             + ", ".join(f"{t} {n}" for t, n in zip(self.tasks, self.task_steps))
             + f" of {S}"
-        ]
+        )
         if len(self.tasks) > 1:
             lines.append(
                 f"pairs measured together: {', '.join(f'{p.name} {p.together}' for p in self.pairs)} of {S}; "
@@ -171,6 +182,11 @@ class RunSummary:
                     f"{words:<20} {q.mean:>+8.3f} {q.first_window:>+10.3f} {q.last_window:>+9.3f} "
                     f"{q.trend.slope:>+11.2e} {q.trend.p_value:>7.2g}"
                 )
+        trend = next((q.trend for q in self.quantities.values() if q.trend.n < q.trend.steps), None)
+        if trend is not None:
+            lines.append(
+                f"{'':<20} (trend and p of {trend.n} means of bins of consecutive steps, {trend.steps} steps)"
+            )
         lines.append(f"{'update norm':<20} {self.mean_update_norm:>8.3g}")
         if self.pairs:
             lines += ["", f"{'pair':<24} {'steps':>6} {'mean cos':>9} {'conflicts on':>13} {'last 1/4 cos':>13}"]
@@ -242,8 +258,10 @@ def summarize_run(
     order), with the run's own conflict threshold. ``aligned``: the run's :func:`~gradconflict.diagnosis.align`,
     when the caller has it already (a History is otherwise read through its stacked records, without a report per
     step). Raises ``ValueError`` when no step was measured."""
+    earlier = 0
     if isinstance(run, History):
         steps, skipped = len(run), Counter(reason for _, reason in run.skipped_steps())
+        earlier = run.steps_seen - steps
     else:
         reports = list(run)
         steps, skipped = len(reports), Counter(r.skip_reason for r in reports if r.skipped)
@@ -270,4 +288,5 @@ def summarize_run(
         task_rows=_tasks(aligned),
         profile=profile,
         no_pair=no_pair_reason(aligned),
+        earlier=earlier,
     )

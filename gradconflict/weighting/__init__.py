@@ -6,7 +6,8 @@ that are a function of the Gram ``G_ij = <g_i, g_j>`` of the task gradients, whi
 exactly. So a weighted step costs a measured step plus solving a T-variable problem: no per-task gradient copy.
 
 - :data:`METHODS` by name, or a :class:`Weighting`, a ``(gram, losses) -> weights`` function, or a TorchJD
-  ``Weighting`` (:class:`TorchJDWeighting`). MGDA and PCGrad are native; the others run TorchJD's
+  ``Weighting`` (:class:`TorchJDWeighting`). MGDA (solved exactly; ``"mgda-fw"``: TorchJD's Frank-Wolfe) and
+  PCGrad are native; the others run TorchJD's
   implementations (``pip install 'gradconflict[weighting]'``).
 - ``.grad`` comes from one ordinary backward (:func:`~gradconflict.weighting.routing.weighted_backward`): the
   shared parameters get ``sum_i lambda_i w_i g_i``, each task's own parameters (its head) the gradient of its
@@ -28,7 +29,7 @@ exactly. So a weighted step costs a measured step plus solving a T-variable prob
 from __future__ import annotations
 
 from gradconflict.weighting.base import FunctionWeighting, Weighting, WeightingError, WeightingFn, WeightingWarning
-from gradconflict.weighting.mgda import MGDA
+from gradconflict.weighting.mgda import MGDA, MGDAFrankWolfe
 from gradconflict.weighting.nash import NashMTL
 from gradconflict.weighting.pcgrad import PCGrad
 from gradconflict.weighting.peers import IMTLG, AlignedMTL, CAGrad, DualProj, TorchJDWeighting, UPGrad
@@ -40,6 +41,7 @@ __all__ = [
     "IMTLG",
     "MGDA",
     "METHODS",
+    "MGDAFrankWolfe",
     "AlignedMTL",
     "CAGrad",
     "DualProj",

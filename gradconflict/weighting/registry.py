@@ -1,8 +1,8 @@
 """The methods by name, and a :class:`~gradconflict.weighting.Weighting` from whatever a user passes as
 ``weighting=``: a name, a weighting, a ``(gram, losses) -> weights`` function, or a TorchJD weighting.
 
->>> make_weighting("MGDA"), make_weighting("pcgrad")
-(MGDA(epsilon=0.001, max_iters=100), PCGrad(seed=0))
+>>> make_weighting("MGDA"), make_weighting("mgda-fw"), make_weighting("pcgrad")
+(MGDA(), MGDAFrankWolfe(epsilon=0.001, max_iters=100), PCGrad(seed=0))
 """
 
 from __future__ import annotations
@@ -12,17 +12,19 @@ import sys
 from collections.abc import Callable
 
 from gradconflict.weighting.base import FunctionWeighting, Weighting, WeightingFn
-from gradconflict.weighting.mgda import MGDA
+from gradconflict.weighting.mgda import MGDA, MGDAFrankWolfe
 from gradconflict.weighting.nash import NashMTL
 from gradconflict.weighting.pcgrad import PCGrad
 from gradconflict.weighting.peers import IMTLG, AlignedMTL, CAGrad, DualProj, TorchJDWeighting, UPGrad
 
 __all__ = ["METHODS", "WeightingSpec", "make_weighting"]
 
-#: The methods known by name (each with its defaults); MGDA and PCGrad work without the ``weighting`` extra.
+#: The methods known by name (each with its defaults); MGDA (both solvers) and PCGrad work without the
+#: ``weighting`` extra. ``"mgda"`` is the exact min-norm point, ``"mgda-fw"`` TorchJD's Frank-Wolfe iteration.
 METHODS: dict[str, Callable[[], Weighting]] = {
     "upgrad": UPGrad,
     "mgda": MGDA,
+    "mgda-fw": MGDAFrankWolfe,
     "cagrad": CAGrad,
     "pcgrad": PCGrad,
     "imtl-g": IMTLG,

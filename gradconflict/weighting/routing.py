@@ -2,12 +2,16 @@
 parameters (its head) the gradient of its own loss ``w_i L_i``, as TorchJD's ``mtl_backward`` and the methods'
 reference code do.
 
-The autograd graph below the losses splits in two: the nodes that only one task's loss reaches (its head) and
-the nodes that two or more reach (the shared part). Every path from a loss to a shared parameter enters the
-shared part through exactly one edge leaving that task's own nodes; a hook on those edges multiplies the
-gradient that crosses them by ``lambda_i``. So a single backward of ``sum_i w_i L_i`` (through autograd's own
-engine: tensor hooks, post-accumulate hooks, DDP's reducer and GradScaler see an ordinary backward) leaves
-``w_i`` times the head gradient in head ``i`` and ``sum_i lambda_i w_i g_i`` in every shared parameter.
+The autograd graph below the losses splits in two: the nodes whose gradient must arrive already weighted (the
+*weighted part*) and the others. The weighted part holds every node that two or more tasks' losses reach (there
+the tasks' gradients are mixed, so each must be weighted before it enters), and, when the shared parameters are
+known, every node that one task alone reaches and from which only shared parameters are reached: the upper
+layers of a backbone that one task leaves below another, or the whole backbone of a step with a single task.
+Every path from a loss to a shared parameter enters the weighted part through exactly one edge leaving that task's
+own nodes; a hook on those edges multiplies the gradient that crosses them by ``lambda_i``. So a single backward of
+``sum_i w_i L_i`` (through autograd's own engine: tensor hooks, post-accumulate hooks, DDP's reducer and GradScaler
+see an ordinary backward) leaves ``w_i`` times the head gradient in head ``i`` and ``sum_i lambda_i w_i g_i`` in
+every shared parameter.
 
 >>> import torch
 >>> from gradconflict.measure.tasks import task_losses
@@ -17,6 +21,13 @@ engine: tensor hooks, post-accumulate hooks, DDP's reducer and GradScaler see an
 >>> _ = weighted_backward(batch, [0.5, 0.0], lambda total: total.backward())
 >>> shared.grad, head.grad          # shared: 0.5 * d(z * head)/d shared + 0 * dz/d shared; head: its own gradient
 (tensor([1.]), tensor([2.]))
+
+With one task, the shared parameters (given by id) still get ``lambda_1 w_1 g_1``:
+
+>>> w, h = torch.ones(1, requires_grad=True), torch.ones(1, requires_grad=True)
+>>> _ = weighted_backward(task_losses({"a": (3 * w * h).sum()}), [0.5], lambda t: t.backward(), shared={id(w)})
+>>> w.grad, h.grad
+(tensor([1.5000]), tensor([3.]))
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ from typing import Any
 
 from torch import Tensor
 
+from gradconflict.measure.checkpoint import segment_module
+from gradconflict.measure.graph import CHECKPOINT_NODE
 from gradconflict.measure.tasks import TaskLosses
 
 __all__ = ["COMMON", "owners", "weighted_backward"]
@@ -74,6 +87,34 @@ def owners(roots: Sequence[Any]) -> dict[Any, int]:
     return owner
 
 
+def _only_shared(roots: Sequence[Any], shared: set[int]) -> set[Any]:
+    """The nodes below ``roots`` from which at least one leaf in ``shared`` (ids) and no other leaf is reached. A
+    reentrant checkpoint hides its segment: one that runs a module reaches that module's parameters, any other is
+    taken to reach a leaf outside ``shared`` (its inside is then left unweighted rather than weighted wrongly)."""
+    reach: dict[Any, tuple[bool, bool]] = {}  # node -> (reaches a shared leaf, reaches another leaf)
+    stack: list[tuple[Any, bool]] = [(root, False) for root in roots]
+    while stack:
+        node, children_done = stack.pop()
+        if node in reach:
+            continue
+        if not children_done:
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node) if child not in reach)
+            continue
+        variable = getattr(node, "variable", None)
+        some, other = (id(variable) in shared, id(variable) not in shared) if variable is not None else (False, False)
+        if type(node).__name__ == CHECKPOINT_NODE:
+            module = segment_module(node)
+            inside = [] if module is None else [p for p in module.parameters() if p.requires_grad]
+            some |= any(id(p) in shared for p in inside)
+            other |= module is None or any(id(p) not in shared for p in inside)
+        for child in _children(node):
+            child_some, child_other = reach[child]
+            some, other = some or child_some, other or child_other
+        reach[node] = (some, other)
+    return {node for node, (some, other) in reach.items() if some and not other}
+
+
 def _scaler(edges: list[int], scale: float) -> Callable[[tuple[Any, ...], tuple[Any, ...]], tuple[Any, ...]]:
     """A node hook scaling the gradients its node sends along ``edges`` (indices into ``next_functions``)."""
 
@@ -83,28 +124,36 @@ def _scaler(edges: list[int], scale: float) -> Callable[[tuple[Any, ...], tuple[
     return hook
 
 
-def weighted_backward(batch: TaskLosses, scales: Sequence[float], run: Callable[[Tensor], None]) -> list[Tensor]:
+def weighted_backward(
+    batch: TaskLosses, scales: Sequence[float], run: Callable[[Tensor], None], shared: set[int] | None = None
+) -> list[Tensor]:
     """Run ``run(total)`` (e.g. ``total.backward()``) on ``total = sum_i w_i L_i`` with task ``i``'s gradient
-    multiplied by ``scales[i]`` wherever it enters a part of the graph that another task also reaches.
+    multiplied by ``scales[i]`` wherever it enters the weighted part of the graph: the nodes that another task also
+    reaches and, with ``shared`` (the ids of the shared parameters, or of the tensors the graph holds for them),
+    the nodes that reach shared parameters only.
 
     Each loss first passes through its own view, so that a task always owns at least one node (two tasks may
-    share a loss tensor). Returns the leaves (parameters) in the shared part, for the caller to check that they
+    share a loss tensor). Returns the leaves (parameters) in the weighted part, for the caller to check that they
     are the ones it meant to weight.
     """
     views = [loss.view_as(loss) for loss in batch.losses]
     total = TaskLosses(batch.names, views, batch.weights).total()
-    owner = owners([view.grad_fn for view in views])
+    roots = [view.grad_fn for view in views]
+    owner = owners(roots)
+    weighted = {node for node, task in owner.items() if task == COMMON}
+    if shared is not None:
+        weighted |= _only_shared(roots, shared) - set(roots)  # each task's view stays its own: the edge to weight
     handles = []
     try:
         for node, task in owner.items():
-            if task == COMMON:
+            if node in weighted:
                 continue
-            edges = [k for k, (child, _) in enumerate(node.next_functions) if owner.get(child) == COMMON]
+            edges = [k for k, (child, _) in enumerate(node.next_functions) if child in weighted]
             if edges:
                 handles.append(node.register_hook(_scaler(edges, float(scales[task]))))
         run(total)
     finally:
         for handle in handles:
             handle.remove()
-    leaves = (getattr(node, "variable", None) for node, task in owner.items() if task == COMMON)
+    leaves = (getattr(node, "variable", None) for node in owner if node in weighted)
     return [leaf for leaf in leaves if leaf is not None]

@@ -146,7 +146,7 @@ class StepWeights:
         if scales is None:
             run(batch.total())
             return
-        leaves = weighted_backward(batch, scales.tolist(), run)
+        leaves = weighted_backward(batch, scales.tolist(), run, shared)
         if shared is not None and param_names is not None:
             others = [param_names[id(p)] for p in leaves if id(p) in param_names and id(p) not in shared]
             if others:

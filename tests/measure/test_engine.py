@@ -20,15 +20,39 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 
-@pytest.mark.parametrize("engine", ["auto", "reference"])
+#: family -> the layers whose parameters no rule covers on the batched pass (their per-task gradients come from
+#: autograd): a raw parameter, a weight tied into a second use, attention's projections read outside their forward
+AUTOGRAD_LAYERS = {
+    "raw_parameter": {"backbone"},
+    "tied_weights": {"backbone.emb"},
+    "transformer": {"backbone.enc.self_attn", "backbone.enc.self_attn.out_proj"},
+}
+
+
+def expected_routes(family: str, route: str, layers) -> dict[str, str]:
+    """The route each layer must report: a rule's (ghost or materialised) or autograd's on the batched pass, the
+    per-task loop's (autograd) on the loop, the reference engine's."""
+    if route == "batched":
+        return {n: "autograd" if n in AUTOGRAD_LAYERS.get(family, ()) else "rule" for n in layers}
+    return dict.fromkeys(layers, "reference" if route == "reference" else "autograd")
+
+
+@pytest.mark.parametrize("route", ["batched", "loop", "reference"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("T", [2, 3, 8])
-def test_gram_and_layers_match_oracle(family: str, T: int, engine: str):
+def test_gram_and_layers_match_oracle(family: str, T: int, route: str):
+    """Against the float64 oracle, with the route that ran asserted (a silent fall back from the batched pass to
+    the loop would otherwise pass: PerformanceWarning is not an error in the suite)."""
     model, x = FAMILIES[family](T)
-    with ConflictMonitor(model, shared=model.backbone, engine=engine) as monitor:
+    options = {"engine": "reference"} if route == "reference" else {"strategy": route}
+    with ConflictMonitor(model, shared=model.backbone, **options) as monitor:
         losses = losses_of(model(x))
         report = monitor.measure(losses)
         ref = reference(model, losses)
+    assert report.strategy == route
+    for name, want in expected_routes(family, route, report.layers).items():
+        got = report.layers[name].route
+        assert got in ("ghost", "materialised") if want == "rule" else got == want, (name, got)
     assert report.gram.dtype == torch.float64
     assert rel_err(report.gram, ref.gram) <= RTOL
     assert set(report.layers) == set(ref.layers)
@@ -73,7 +97,7 @@ def test_wide_layers_take_the_ghost_route_and_tied_weights_the_generic_one():
     model, x = FAMILIES["tied_weights"](3)
     with ConflictMonitor(model, shared=model.backbone) as monitor:
         report = monitor.measure(losses_of(model(x)))
-    assert report.layers["backbone.emb"].route == "materialised"
+    assert report.layers["backbone.emb"].route == "autograd"
 
 
 def test_float32_model_gives_float32_gram_close_to_float64():
@@ -135,7 +159,7 @@ def test_subclass_with_its_own_forward_and_two_monitors_stay_exact():
         ref = reference(model, losses)
     for r in (report, other):
         assert rel_err(r.gram, ref.gram) <= RTOL
-        assert r.layers["backbone.2"].route == "materialised"
+        assert r.layers["backbone.2"].route == "autograd"
 
 
 def test_auto_strategy_times_both_candidates_then_keeps_the_faster():

@@ -80,3 +80,31 @@ def test_a_round_robin_run_says_nothing_about_pairs():
 def test_no_measured_step_is_an_error():
     with pytest.raises(ValueError, match="no measured step"):
         summarize_run([ConflictReport.skipped_step("ab", 0, "non-finite loss", losses=torch.ones(2))])
+
+
+def test_a_history_that_dropped_steps_says_so_and_a_file_keeps_every_step(tmp_path):
+    from gradconflict import History, JSONLSink
+
+    path = tmp_path / "run.jsonl"
+    history = History(max_history=5, sinks=[JSONLSink(path)])
+    for report in drawn_run("full", steps=12):
+        history.append(report)
+    history.close()
+    kept = summarize_run(history)
+    assert (kept.steps, kept.earlier, kept.first_step) == (5, 7, 7)
+    assert len(kept.coverage()) == 1  # the one line saying these are the last 5 steps of 12
+    whole = summarize_run(History.from_jsonl(path))  # what gradconflict report reads: every line of the file
+    assert (whole.steps, whole.earlier, whole.first_step, whole.last_step) == (12, 0, 0, 11)
+    assert whole.coverage() == []
+
+
+def test_a_long_run_trend_is_fitted_on_bin_means_and_the_summary_says_how_many():
+    from gradconflict import History
+    from gradconflict.diagnosis.trends import TREND_POINTS
+
+    history = History(max_history=None)
+    for s in range(TREND_POINTS + 500):
+        c = 0.5 - s / (TREND_POINTS + 500)
+        history.append(ConflictReport(("a", "b"), torch.tensor([[1.0, c], [c, 1.0]], dtype=torch.float64), step=s))
+    trend = summarize_run(history).quantities["worst_cosine"].trend
+    assert (trend.n, trend.steps) == (TREND_POINTS, TREND_POINTS + 500) and trend.slope < 0

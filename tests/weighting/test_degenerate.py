@@ -20,6 +20,7 @@ C = 0.4  # CAGrad's default radius
 EXPECTED = {
     # the min-norm point of the hull: 0 when 0 is in it, else the common vector
     "mgda": {"zero": 0.0, "single": 1.0, "identical": 1.0, "opposite": 0.0},
+    "mgda-fw": {"zero": 0.0, "single": 1.0, "identical": 1.0, "opposite": 0.0},
     # no projection without a negative inner product; opposite tasks project each other away
     "pcgrad": {"zero": 1.0, "single": 1.0, "identical": 2.0, "opposite": 0.0},
     # mean of the projections onto {x: <x, g_j> >= 0}: g projects to g, 0 to 0; opposite: the cone is g's normal

@@ -57,7 +57,9 @@ def test_update_equals_torchjd_aggregator_on_random_jacobians(name, kind, T):
             total = J.sum(0)
             assert relative_error(J.T @ weights, total / max(1.0, float(total.norm()))) <= TOL
             continue
-        assert relative_error(J.T @ weights, _peer_update(name, J)) <= TOL, (name, kind, T, seed)
+        # (a Pareto-stationary step's update is 0 up to rounding: the error is then relative to the task norms)
+        floor = 1e-6 * float(J.norm(dim=1).max())
+        assert relative_error(J.T @ weights, _peer_update(name, J), floor) <= TOL, (name, kind, T, seed)
 
 
 def _model_step(family: str, T: int):

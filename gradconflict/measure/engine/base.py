@@ -227,8 +227,10 @@ class Accumulator:
         return self.layers[layer]
 
     def add_per_task(self, leaf: Tensor, grads: Tensor, task: int | None = None) -> None:
-        """Add materialised gradients of ``leaf``: all tasks' (``[T, *leaf.shape]``) or one ``task``'s."""
-        grads = grads.to(self.plan.gram_dtype)
+        """Add materialised gradients of ``leaf``: all tasks' (``[T, *leaf.shape]``) or one ``task``'s. A sparse
+        gradient (``nn.Embedding(sparse=True)`` on the per-task loop) is made dense: the loop's memory budget
+        already counts T dense copies."""
+        grads = (grads.to_dense() if grads.is_sparse else grads).to(self.plan.gram_dtype)
         key = id(leaf)
         if key not in self._per_task:
             shape = (self.num_tasks, *leaf.shape)
@@ -248,7 +250,8 @@ class Accumulator:
     def result(self, strategy: str) -> Measurement:
         """The step's measurement: the materialised parameters' Grams added, every layer summed."""
         for leaf, per_task in self._per_task.values():
-            self.add_rows(self.plan.layer_of[id(leaf)], per_task.flatten(1), leaf.numel(), "materialised")
+            # "autograd": per-task gradients asked of autograd (no rule covers them, or the per-task loop ran)
+            self.add_rows(self.plan.layer_of[id(leaf)], per_task.flatten(1), leaf.numel(), "autograd")
         self._per_task.clear()
         if self.reduction is not None:
             for layer, gram in self.reduction.grams().items():

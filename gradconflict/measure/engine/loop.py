@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from gradconflict.measure.checkpoint import measuring_segments
+from gradconflict.measure.capture import RetainedGrads
+from gradconflict.measure.checkpoint import BufferGuard, measuring_segments
 from gradconflict.measure.engine.base import Accumulator, Measurement, NothingLearned, Plan
 from gradconflict.measure.engine.segments import boundary_edges, segment_backward
 from gradconflict.measure.graph import Graph, walk_graph
@@ -44,7 +45,7 @@ def loop_accumulate(
     """The shared parameters' per-task gradients from T separate backward passes (T copies of them)."""
     stacked = torch.stack([loss.reshape(()) for loss in losses])
     graph = walk_graph([stacked]) if graph is None else graph
-    leaves = [t for t in graph.leaves if id(t) in plan.shared]
+    leaves: list[Any] = [t for t in graph.leaves if id(t) in plan.shared]  # tensors, then gradient edges below
     edges = boundary_edges(graph.checkpoints)
     acc = Accumulator(len(losses), plan, stacked.device, reduction)
     if leaves or edges:
@@ -54,7 +55,9 @@ def loop_accumulate(
             def handler(ctx: Any, grads: tuple[Tensor, ...], segments: _TaskSegments = segments) -> tuple[Any, ...]:
                 return segment_backward(ctx, grads, segments, capture=None)
 
-            with measuring_segments(handler) if edges else contextlib.nullcontext():
+            # Each task's pass recomputes the checkpointed segments from the buffers the step's own backward will
+            # see (a spectral norm's vectors, running statistics): what one task's recomputation moved is put back.
+            with measuring_segments(handler) if edges else contextlib.nullcontext(), BufferGuard(plan.module_name):
                 grads = torch.autograd.grad(
                     loss, [*leaves, *edges], retain_graph=True, allow_unused=True, materialize_grads=True
                 )
@@ -70,6 +73,9 @@ class ReferenceEngine(NothingLearned):
     approximate = False
     strategy = "loop"
 
+    def __init__(self) -> None:
+        self.retained = RetainedGrads()
+
     def arm(self, on: bool) -> None:
         """Nothing to prepare."""
 
@@ -78,14 +84,17 @@ class ReferenceEngine(NothingLearned):
 
     def measure(self, losses: Sequence[Tensor], plan: Plan, reduction: Reduction | None = None) -> Measurement:
         """The per-layer Grams from T separate backward passes."""
-        result = loop_accumulate(losses, plan, reduction=reduction).result("reference")
+        with self.retained.kept():
+            result = loop_accumulate(losses, plan, reduction=reduction).result("reference")
         for entry in result.layers.values():
             entry.routes = {"reference"}
         return result
 
     def gradients(self, losses: Sequence[Tensor], plan: Plan) -> dict[int, tuple[Tensor, Tensor]]:
         """Every shared parameter's per-task gradients, from T separate backward passes."""
-        return loop_accumulate(losses, plan).gradients()
+        with self.retained.kept():
+            return loop_accumulate(losses, plan).gradients()
 
     def close(self) -> None:
-        """Nothing to remove."""
+        """Stop noting retained activations."""
+        self.retained.close()

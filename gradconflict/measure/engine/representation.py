@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from gradconflict.measure.capture import OutputCapture
+from gradconflict.measure.capture import OutputCapture, RetainedGrads
 from gradconflict.measure.engine.base import LayerResult, Measurement, MeasurementRefused, NothingLearned, Plan
 from gradconflict.measure.rules.base import gram_of
 
@@ -30,6 +30,7 @@ class RepresentationEngine(NothingLearned):
     def __init__(self, model: nn.Module, shared: nn.Module) -> None:
         name = next((n for n, m in model.named_modules() if m is shared), "shared")
         self.capture = OutputCapture(shared, name)
+        self.retained = RetainedGrads()
 
     def arm(self, on: bool) -> None:
         """The output is always kept (a reference, no copy)."""
@@ -40,6 +41,7 @@ class RepresentationEngine(NothingLearned):
     def close(self) -> None:
         """Remove the hook."""
         self.capture.close()
+        self.retained.close()
 
     def measure(self, losses: Sequence[Tensor], plan: Plan, reduction: Reduction | None = None) -> Measurement:
         """The Gram of the task gradients at the shared module's output (across processes, of their mean)."""
@@ -51,9 +53,10 @@ class RepresentationEngine(NothingLearned):
             )
         # One small backward per task: each reaches Z through its own head only, which costs less than a vmapped
         # pass that carries every task through every head.
-        per_task = torch.stack(
-            [torch.autograd.grad(loss, [Z], retain_graph=True, materialize_grads=True)[0] for loss in losses]
-        )
+        with self.retained.kept():
+            per_task = torch.stack(
+                [torch.autograd.grad(loss, [Z], retain_graph=True, materialize_grads=True)[0] for loss in losses]
+            )
         self.capture.output = None
         gram = gram_of(per_task.to(plan.gram_dtype).flatten(1))
         if reduction is not None:

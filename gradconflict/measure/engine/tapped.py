@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from gradconflict.measure.attribution import Attributor
-from gradconflict.measure.capture import Capture, task_batch
+from gradconflict.measure.capture import Capture, RetainedGrads, task_batch
 from gradconflict.measure.checkpoint import measuring_segments
 from gradconflict.measure.engine.base import Accumulator, Measurement, MeasurementRefused, Plan, warn_once
 from gradconflict.measure.engine.loop import loop_accumulate
@@ -86,17 +86,20 @@ class _Pass(Accumulator):
         part: list[nn.Module] = []
         for module, module_calls in calls.items():
             # A rule covers a parameter only when every use of it is one of this module's calls (tying and direct
-            # use go to the materialised route), and when no tensor hook changes its gradient.
-            names = {
-                name
+            # use go to the materialised route), when every call ran with it (not with a tensor substituted by
+            # torch.func.functional_call), and when no tensor hook changes its gradient.
+            covers = {
+                name: leaf(p)
                 for name, p in module_calls[0].rule.params(module).items()
                 if id(leaf(p)) in shared
                 and claims[id(leaf(p))] == 1
                 and graph.uses.get(id(leaf(p)), 0) == len(module_calls)
+                and all(c.used.get(name) == id(leaf(p)) for c in module_calls)
                 and not leaf(p)._backward_hooks
             }
+            names = set(covers)
             if names:
-                ids = {id(leaf(getattr(module, n))) for n in names}
+                ids = {id(t) for t in covers.values()}
                 if module in self._pending or ids & self._seen:
                     raise _Inexact(self.plan.module_name.get(module, type(module).__name__))
                 self._pending[module] = (module_calls, names)
@@ -139,7 +142,8 @@ class _Pass(Accumulator):
         calls = [c for c in module_calls if c.grads is not None]
         if calls:
             rule, layer, dtype = calls[0].rule, self.plan.module_name[module], self.plan.gram_dtype
-            num_params = sum(self.plan.leaf(getattr(module, n)).numel() for n in names)
+            params = rule.params(module)
+            num_params = sum(self.plan.leaf(params[n]).numel() for n in names)
             if self.attribution is not None:
                 out = self.attribution.layer(layer, module, rule, calls, names, dtype)
                 self.add_gram(layer, out.gram, num_params, out.route)
@@ -208,6 +212,7 @@ class TappedEngine:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
         self.capture = Capture(model, math_attention)
+        self.retained = RetainedGrads()
         self.strategy = strategy
         self.loop_memory = loop_memory
         self.choices: dict[tuple[Any, ...], Choice] = {}
@@ -246,6 +251,7 @@ class TappedEngine:
     def close(self) -> None:
         """Remove the hook."""
         self.capture.close()
+        self.retained.close()
 
     def measure(self, losses: Sequence[Tensor], plan: Plan, reduction: Reduction | None = None) -> Measurement:
         """The per-layer Grams of one step; the graph stays alive for the backward that writes ``.grad``."""
@@ -259,6 +265,12 @@ class TappedEngine:
 
     def _run(
         self, losses: Sequence[Tensor], plan: Plan, cover: bool, reduction: Reduction | None = None
+    ) -> tuple[Accumulator, str]:
+        with self.retained.kept():
+            return self._route(losses, plan, cover, reduction)
+
+    def _route(
+        self, losses: Sequence[Tensor], plan: Plan, cover: bool, reduction: Reduction | None
     ) -> tuple[Accumulator, str]:
         stacked = torch.stack([loss.reshape(()) for loss in losses])
         graph = walk_graph([stacked])

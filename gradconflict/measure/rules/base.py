@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from einops import einsum
@@ -26,9 +26,11 @@ __all__ = [
     "task_rows",
 ]
 
-_REGISTRY: dict[type[nn.Module] | str, LayerRule] = {}
+_REGISTRY: dict[type[nn.Module] | str, LayerRule[Any]] = {}
 
-R = TypeVar("R", bound="type[LayerRule]")
+R = TypeVar("R", bound="type[LayerRule[Any]]")
+#: The module type a rule handles (its methods receive modules of that type).
+M = TypeVar("M", bound=nn.Module)
 
 #: Bytes of per-example gradients a rule holds at once while attributing (it works through the examples in
 #: chunks of this size).
@@ -40,16 +42,27 @@ class Call:
     """One forward call of a tapped module: what the rule recorded then, and (later) its output gradients.
 
     ``saved`` is the rule's own record of the call (:meth:`LayerRule.save`: the input, and any module state the
-    rule needs, taken at forward time); ``owner`` is the capture that tapped it; ``grads`` is
+    rule needs, taken at forward time); ``owner`` is the capture that tapped it; ``used`` maps each covered
+    parameter name to the id of the tensor the module held under it during the call (``torch.func.functional_call``
+    substitutes others: a rule then covers only the names whose tensor is the graph's leaf); ``grads`` is
     ``[T, *output.shape]``, the output gradient of every task, filled in when the batched backward reaches this
     call. Both are dropped as soon as the rule has run (``saved`` becomes ``None``).
     """
 
     module: nn.Module
-    rule: LayerRule
+    rule: LayerRule[Any]
     saved: Any
     owner: object = field(default=None, repr=False)
+    used: dict[str, int] = field(default_factory=dict, repr=False)
     grads: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def output_grads(self) -> Tensor:
+        """``grads``, which the batched backward has filled in by the time the rule runs."""
+        if self.grads is None:
+            name = type(self.module).__name__
+            raise RuntimeError(f"a call of {name} has no output gradients: its rule ran before the backward reached it")
+        return self.grads
 
     def release(self) -> None:
         """Drop the recorded input and the output gradients (the rule has run, or never will)."""
@@ -57,7 +70,7 @@ class Call:
         self.grads = None
 
 
-class LayerRule:
+class LayerRule(Generic[M]):
     """Turns a module's calls into its per-task parameter gradients, or straight into their Gram.
 
     Subclasses set ``param_names`` and implement :meth:`per_task`; :meth:`gram` takes the Gram of what
@@ -68,37 +81,43 @@ class LayerRule:
     #: names of the module's parameters this rule covers (e.g. ``("weight", "bias")``)
     param_names: tuple[str, ...] = ()
 
-    def params(self, module: nn.Module) -> dict[str, nn.Parameter]:
-        """The covered parameters of ``module`` that exist and require grad."""
+    def params(self, module: M) -> dict[str, nn.Parameter]:
+        """The covered parameters of ``module`` that exist and require grad.
+
+        Read from the module's own parameter table, never by attribute: a parametrised weight
+        (``torch.nn.utils.parametrize``, ``spectral_norm``) is computed on attribute access, which would run its
+        parametrisation (a power iteration that moves buffers) outside the user's forward. Such a weight is not a
+        leaf, so no rule covers it: its ``original`` takes the engine's generic route.
+        """
         out = {}
         for name in self.param_names:
-            p = getattr(module, name, None)
+            p = module._parameters.get(name)
             if isinstance(p, nn.Parameter) and p.requires_grad:
                 out[name] = p
         return out
 
-    def accepts(self, module: nn.Module) -> bool:
+    def accepts(self, module: M) -> bool:
         """Whether this rule can handle this particular module instance (e.g. not a sparse Embedding)."""
         return True
 
-    def save(self, module: nn.Module, input: Tensor, output: Tensor) -> Any:
+    def save(self, module: M, input: Tensor, output: Tensor) -> Any:
         """What to keep from a forward call: by default its input, detached (autograd keeps it too). A rule whose
         result depends on module state (training mode, running statistics) records that state here."""
         return input.detach()
 
     def per_task(
-        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+        self, module: M, calls: Sequence[Call], names: set[str], dtype: torch.dtype
     ) -> dict[str, Tensor]:
         """The per-task gradients ``{name: [T, *parameter.shape]}`` of the parameters ``names`` (a subset of
         :meth:`params`), summed over every call; each ``call.grads`` is ``[T, *output.shape]``. In ``dtype``."""
         raise NotImplementedError
 
-    def gram(self, module: nn.Module, calls: Sequence[Call], names: set[str], gram_dtype: torch.dtype) -> LayerGram:
+    def gram(self, module: M, calls: Sequence[Call], names: set[str], gram_dtype: torch.dtype) -> LayerGram:
         """The Gram of the per-task gradients of the parameters ``names`` over every call, in ``gram_dtype``."""
         return materialised_gram(self.per_task(module, calls, names, gram_dtype), gram_dtype)
 
     def per_example(
-        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+        self, module: M, calls: Sequence[Call], names: set[str], dtype: torch.dtype
     ) -> dict[str, Tensor]:
         """Each example's share of each task's gradient, ``{name: [T, N, *parameter.shape]}``: the part of
         :meth:`per_task` that flows through the rows of example ``n`` (dim 0 of every call's input), so that the
@@ -106,7 +125,7 @@ class LayerRule:
         raise NotImplementedError(f"{type(self).__name__} has no per-example gradients")
 
     def attribute(
-        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+        self, module: M, calls: Sequence[Call], names: set[str], dtype: torch.dtype
     ) -> LayerAttribution:
         """The layer's Gram and each example's part in it (see :class:`LayerAttribution`), in ``dtype``.
 
@@ -209,16 +228,16 @@ def register_rule(*module_types: type[nn.Module] | str) -> Callable[[R], R]:
     return decorate
 
 
-def rule_for(module: nn.Module) -> LayerRule | None:
+def rule_for(module: nn.Module) -> LayerRule[Any] | None:
     """The rule registered for ``module``'s type (nearest in its class hierarchy), or ``None``.
 
     A subclass that overrides ``forward`` computes something else than the registered type does, so it gets no
     rule (its parameters take the exact generic route).
     """
     for cls in type(module).__mro__:
-        rule = _REGISTRY.get(cls) or _REGISTRY.get(f"{cls.__module__}.{cls.__qualname__}")  # type: ignore[arg-type]
+        rule = _REGISTRY.get(cls) or _REGISTRY.get(f"{cls.__module__}.{cls.__qualname__}")
         if rule is not None:
-            same_forward = type(module).forward is cls.forward
+            same_forward = type(module).forward is getattr(cls, "forward", None)
             return rule if same_forward and rule.accepts(module) else None
     return None
 

@@ -4,7 +4,6 @@ come from one convolution backward in which the tasks are extra output channels.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,7 @@ from torch.nn.modules.conv import _ConvNd
 from gradconflict.measure.rules.base import EXAMPLE_CHUNK_BYTES, Call, LayerRule, register_rule
 
 
-def _padded_input(module: nn.Module, x: Tensor) -> tuple[Tensor, list[int]]:
+def _padded_input(module: _ConvNd, x: Tensor) -> tuple[Tensor, list[int]]:
     """The input as the convolution proper sees it, and the symmetric zero padding it applies on top.
 
     Non-zero padding modes and ``padding="same"`` with an odd total pad both pad the input explicitly.
@@ -31,16 +30,17 @@ def _padded_input(module: nn.Module, x: Tensor) -> tuple[Tensor, list[int]]:
         for total in reversed(totals):
             pad += [total // 2, total - total // 2]
         return F.pad(x, pad), [0] * len(k)
+    assert not isinstance(module.padding, str)  # 'valid' and 'same' were handled above
     return x, list(module.padding)
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-class ConvRule(LayerRule):
+class ConvRule(LayerRule[_ConvNd]):
     """Convolutions: the per-task weight gradients from one batched ``convolution_backward``."""
 
     param_names = ("weight", "bias")
 
-    def _per_task_weight_grads(self, module: nn.Module, x: Tensor, D: Tensor) -> Tensor:
+    def _per_task_weight_grads(self, module: _ConvNd, x: Tensor, D: Tensor) -> Tensor:
         """All T weight gradients from one convolution backward: the tasks become extra output channels.
 
         ``D`` is ``[T, N, C_out, ...]``; within each group the T tasks' channels are laid side by side, so the
@@ -77,7 +77,7 @@ class ConvRule(LayerRule):
         return torch.cat(parts, dim=1)
 
     def per_example(
-        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+        self, module: _ConvNd, calls: Sequence[Call], names: set[str], dtype: torch.dtype
     ) -> dict[str, Tensor]:
         per_example: dict[str, Tensor] = {}
         for call in calls:
@@ -85,7 +85,7 @@ class ConvRule(LayerRule):
             D = call.grads.to(dtype)
             parts = {}
             if "weight" in names:
-                parts["weight"] = self._per_example_weight_grads(cast(_ConvNd, module), call.saved, D)
+                parts["weight"] = self._per_example_weight_grads(module, call.saved, D)
             if "bias" in names:
                 parts["bias"] = D.sum(tuple(range(3, D.ndim)))
             for name, g in parts.items():
@@ -93,11 +93,11 @@ class ConvRule(LayerRule):
         return per_example
 
     def per_task(
-        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+        self, module: _ConvNd, calls: Sequence[Call], names: set[str], dtype: torch.dtype
     ) -> dict[str, Tensor]:
         per_task: dict[str, Tensor] = {}
         for call in calls:
-            D = call.grads.to(dtype)
+            D = call.output_grads.to(dtype)
             parts = {}
             if "weight" in names:
                 parts["weight"] = self._per_task_weight_grads(module, call.saved, D)

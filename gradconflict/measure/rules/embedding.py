@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
 
 import torch
 from einops import einsum
@@ -13,24 +12,25 @@ from gradconflict.measure.rules.base import Call, LayerAttribution, LayerGram, L
 
 
 @register_rule(nn.Embedding)
-class EmbeddingRule(LayerRule):
+class EmbeddingRule(LayerRule[nn.Embedding]):
     """Row ``k`` of task ``i``'s gradient is the sum of ``D_i`` over the positions whose id is ``k`` (zero for
     ``padding_idx``; under ``scale_grad_by_freq`` each call divides by the id's count in that call, as
     autograd does)."""
 
     param_names = ("weight",)
 
-    def accepts(self, module: nn.Module) -> bool:
-        # Sparse gradients and max_norm renormalisation (an in-place edit of the weight) stay with autograd.
-        return not module.sparse and module.max_norm is None
+    def accepts(self, module: nn.Embedding) -> bool:
+        # max_norm renormalisation (an in-place edit of the weight) stays with autograd. A sparse Embedding is
+        # covered: its rows come from the output gradients, and autograd is never asked for its (sparse) gradient.
+        return module.max_norm is None
 
     def _positions(
-        self, module: nn.Module, calls: Sequence[Call], dtype: torch.dtype
+        self, module: nn.Embedding, calls: Sequence[Call], dtype: torch.dtype
     ) -> tuple[Tensor, Tensor, list[Tensor]]:
         """Every id of every call, the unique ones with each position's index into them, and each call's output
         gradients ``[T, positions, dim]`` as autograd adds them into the table (divided by the id's count under
         ``scale_grad_by_freq``; ``padding_idx`` is left to the caller)."""
-        embedding = cast(nn.Embedding, module)
+        embedding = module
         ids = torch.cat([c.saved.reshape(-1) for c in calls])
         unique, inverse = torch.unique(ids, return_inverse=True)
         grads, start = [], 0
@@ -45,7 +45,7 @@ class EmbeddingRule(LayerRule):
             grads.append(D)
         return unique, inverse, grads
 
-    def _rows(self, module: nn.Module, calls: Sequence[Call], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def _rows(self, module: nn.Embedding, calls: Sequence[Call], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The unique ids of every call and each task's summed gradient rows for them ``[T, U, dim]``."""
         unique, inverse, grads = self._positions(module, calls, dtype)
         rows = grads[0].new_zeros(grads[0].shape[0], unique.shape[0], module.embedding_dim)
@@ -58,20 +58,20 @@ class EmbeddingRule(LayerRule):
         return unique, rows
 
     def per_task(
-        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+        self, module: nn.Embedding, calls: Sequence[Call], names: set[str], dtype: torch.dtype
     ) -> dict[str, Tensor]:
         unique, rows = self._rows(module, calls, dtype)
         table = rows.new_zeros(rows.shape[0], module.num_embeddings, module.embedding_dim)
         table[:, unique] = rows
         return {"weight": table}
 
-    def gram(self, module: nn.Module, calls: Sequence[Call], names: set[str], gram_dtype: torch.dtype) -> LayerGram:
+    def gram(self, module: nn.Embedding, calls: Sequence[Call], names: set[str], gram_dtype: torch.dtype) -> LayerGram:
         # Only the rows of ids the batch used are non-zero: their Gram is the table's.
         _, rows = self._rows(module, calls, gram_dtype)
         return LayerGram(gram_of(rows.flatten(1)), "materialised")
 
     def attribute(
-        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+        self, module: nn.Embedding, calls: Sequence[Call], names: set[str], dtype: torch.dtype
     ) -> LayerAttribution:
         """Example ``n``'s gradient is the table of its own positions' rows: ``<g_i^(n), g_j>`` sums
         ``D_i[p] . G_j[id_p]`` over its positions ``p``, and its own Gram sums, over the ids it uses, the
@@ -79,7 +79,7 @@ class EmbeddingRule(LayerRule):
         unique, inverse, grads = self._positions(module, calls, dtype)
         T, U, N = grads[0].shape[0], unique.shape[0], calls[0].saved.shape[0]
         D = torch.cat(grads, dim=1)  # [T, P, dim], the positions of every call in order
-        padding_idx = cast(nn.Embedding, module).padding_idx
+        padding_idx = module.padding_idx
         if padding_idx is not None:
             D = D.masked_fill((unique[inverse] == padding_idx)[None, :, None], 0)
         example = torch.cat([torch.arange(N, device=D.device).repeat_interleave(c.saved[0].numel()) for c in calls])

@@ -41,16 +41,16 @@ def _rows(parts: list[Tensor], dim: int) -> Tensor:
 
 
 @register_rule(nn.Linear)
-class LinearRule(LayerRule):
+class LinearRule(LayerRule[nn.Module]):
     """``y = x W^T + b``: the weight gradient of task ``i`` is ``D_i^T X`` over all input rows (of every call)."""
 
     param_names = ("weight", "bias")
 
     def _rows(self, calls: Sequence[Call], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The inputs ``X`` ``[N, d_in]`` and output gradients ``D`` ``[T, N, d_out]`` of every call, stacked."""
-        T = calls[0].grads.shape[0]
+        T = calls[0].output_grads.shape[0]
         X = _rows([c.saved.reshape(-1, c.saved.shape[-1]) for c in calls], dim=0).to(dtype)
-        D = _rows([c.grads.reshape(T, -1, c.grads.shape[-1]) for c in calls], dim=1).to(dtype)
+        D = _rows([c.output_grads.reshape(T, -1, c.output_grads.shape[-1]) for c in calls], dim=1).to(dtype)
         return X, D
 
     @staticmethod

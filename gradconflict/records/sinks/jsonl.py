@@ -25,16 +25,25 @@ number, so a cut line left in the middle by an older resume costs that line, not
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from array import array
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from gradconflict.measure.report import ConflictReport
-from gradconflict.records.history import SCHEMA, report_line
+import torch
+from torch import Tensor
 
-__all__ = ["JSONLSink", "read_reports"]
+from gradconflict.measure.metrics import CONFLICT_COSINE
+from gradconflict.measure.report import ConflictReport
+from gradconflict.records.history import SCHEMA, _Layout, report_line
+
+__all__ = ["JSONLSink", "read_blocks", "read_reports"]
+
+#: Steps per block of :func:`read_blocks` (a few MB of Python numbers while a block is read).
+BLOCK_ROWS = 4096
 
 
 class JSONLSink:
@@ -133,6 +142,49 @@ def read_reports(path: str | Path) -> Iterator[ConflictReport]:
     >>> steps, "line 2" in str(caught[0].message)
     ([0, 2], True)
     """
+    for where, data in _decoded(path):
+        yield _report(data, where)
+
+
+def read_blocks(path: str | Path, rows: int | None = None) -> Iterator[tuple[_Layout, Sequence[int], str, Tensor]]:
+    """The steps of a JSONL history in file order, in blocks of up to ``rows`` (:data:`BLOCK_ROWS` by default)
+    consecutive steps that share one layout: ``(layout, steps, skip reason, packed)``, ``packed`` being ``[N, K]``
+    float64 rows in the History's packed layout (what :meth:`History.from_jsonl <gradconflict.History.from_jsonl>`
+    stores). A skipped step is a block of its own. No report object is built per line; the lines are checked,
+    warned about and named in errors exactly as :func:`read_reports` does, and give the same numbers."""
+    rows = rows or BLOCK_ROWS
+    layout: _Layout | None = None
+    # The steps in a C array, not the decoder's int objects: those would pin memory among each line's garbage.
+    steps = array("q")
+    values: list[list[Any]] = []
+    wheres: list[str] = []
+    for where, data in _decoded(path):
+        try:
+            bad = _check(data, where)
+            try:
+                line_layout, reason, row = _row(data)
+            except (KeyError, ValueError, TypeError) as err:
+                raise bad(f"{type(err).__name__}: {err}") from err
+        except ValueError:
+            if steps:  # an earlier line of the pending block may hold the first error
+                _packed(values, wheres)
+            raise
+        if steps and (reason or line_layout != layout or len(steps) == rows):
+            yield layout, steps, "", _packed(values, wheres)  # type: ignore[misc]
+            steps, values, wheres = array("q"), [], []
+        if reason:
+            yield line_layout, array("q", [data["step"]]), reason, _packed([row], [where])
+            continue
+        layout = line_layout
+        steps.append(data["step"])
+        values.append(row)
+        wheres.append(where)
+    if steps:
+        yield layout, steps, "", _packed(values, wheres)  # type: ignore[misc]
+
+
+def _decoded(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """``(where, decoded line)`` of each line that is JSON; a line that is not is skipped with a warning."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -144,21 +196,75 @@ def read_reports(path: str | Path) -> Iterator[ConflictReport]:
                     f"gradconflict: {path}, line {number} is not JSON ({err.msg} at column {err.colno}), probably cut "
                     "short by a crash: skipped",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
                 continue
-            yield _report(data, f"{path}:{number}")
+            yield f"{path}:{number}", data
+
+
+def _row(data: Mapping[str, Any]) -> tuple[_Layout, str, list[Any]]:
+    """A checked line's layout, skip reason and packed row (numbers not yet checked), with the defaults of
+    :meth:`ConflictReport.from_dict` and :meth:`History.append <gradconflict.History.append>`."""
+    tasks = tuple(data["tasks"])
+    T = len(tasks)
+    weights = data.get("weights")
+    losses = data.get("losses")
+    row = [1.0] * T if weights is None else list(weights)
+    row += [math.nan if v is None else v for v in losses] if losses else [math.nan] * T
+    if data.get("skipped"):
+        layout = _Layout(tasks, (), "", "", False, CONFLICT_COSINE, bool(losses))
+        return layout, data.get("skip_reason") or "skipped", row
+    layers = data.get("layers", {})
+    layout = _Layout(
+        tasks,
+        tuple((name, int(d.get("num_params", 0)), d.get("route", "")) for name, d in layers.items()),
+        data.get("engine", ""),
+        data.get("strategy", ""),
+        data.get("approximate", False),
+        float(data.get("threshold", 0.0)),
+        bool(losses),
+        data.get("sync", ""),
+    )
+    row += [x for r in data["gram"] for x in r]
+    row += [x for d in layers.values() for r in d["gram"] for x in r]
+    return layout, "", row
+
+
+def _packed(values: list[list[Any]], wheres: list[str]) -> Tensor:
+    """The rows as one float64 tensor; a value that is not a number is named by its line."""
+    try:
+        return torch.tensor(values, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        for row, where in zip(values, wheres):
+            try:
+                torch.tensor(row, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise _not_a_line(where, f"{type(err).__name__}: {err}") from err
+        raise
+
+
+def _not_a_line(where: str, what: str) -> ValueError:
+    return ValueError(
+        f"{where} is not a gradconflict history line: {what}; write histories with History.to_jsonl() or a JSONLSink"
+    )
 
 
 def _report(data: Any, where: str) -> ConflictReport:
-    """One line's report, after checking every field :meth:`ConflictReport.from_dict` reads: a wrong field is a
-    ``ValueError`` that names it, never an error deep inside the diagnosis."""
+    """One line's report, after :func:`_check`: a wrong field is a ``ValueError`` that names it, never an error
+    deep inside the diagnosis."""
+    bad = _check(data, where)
+    try:
+        return ConflictReport.from_dict(data)
+    except (KeyError, ValueError, TypeError) as err:
+        raise bad(f"{type(err).__name__}: {err}") from err
+
+
+def _check(data: Any, where: str) -> Callable[[str], ValueError]:
+    """Check the shape of every field :meth:`ConflictReport.from_dict` reads (a value that is not a number is
+    found where the numbers are read, named by the same message); returns the message maker for this line."""
 
     def bad(what: str) -> ValueError:
-        return ValueError(
-            f"{where} is not a gradconflict history line: {what}; write histories with History.to_jsonl() or a "
-            "JSONLSink"
-        )
+        return _not_a_line(where, what)
 
     if not isinstance(data, Mapping):
         raise bad(f"a JSON {type(data).__name__}, not an object")
@@ -176,7 +282,7 @@ def _report(data: Any, where: str) -> ConflictReport:
     if not isinstance(step, int) or isinstance(step, bool):
         raise bad(f"'step' must be an integer, got {step!r}")
 
-    # Shapes here; a value that is not a number fails in from_dict below, named by the same message.
+    # Shapes here; a value that is not a number fails where the numbers are read, named by the same message.
     def vector(key: str, value: Any) -> None:
         if not (isinstance(value, list) and len(value) == T):
             raise bad(f"'{key}' must be a list of {T} numbers (one per task), got {value!r}")
@@ -194,10 +300,7 @@ def _report(data: Any, where: str) -> ConflictReport:
             if not isinstance(layer, Mapping):
                 raise bad(f"layer {name!r} must be an object, got a {type(layer).__name__}")
             _matrix(layer.get("gram"), T, f"the 'gram' of layer {name!r}", bad)
-    try:
-        return ConflictReport.from_dict(data)
-    except (KeyError, ValueError, TypeError) as err:
-        raise bad(f"{type(err).__name__}: {err}") from err
+    return bad
 
 
 def _matrix(value: Any, T: int, what: str, bad: Any) -> None:

@@ -50,7 +50,7 @@ def test_registry_follows_subclasses_but_not_overridden_forwards():
 
     assert isinstance(rule_for(Plain(2, 2)), LinearRule)
     assert rule_for(Custom(2, 2)) is None
-    assert rule_for(nn.Embedding(3, 2, sparse=True)) is None
+    assert rule_for(nn.Embedding(3, 2, max_norm=1.0)) is None and rule_for(nn.Embedding(3, 2, sparse=True)) is not None
     assert rule_for(nn.BatchNorm1d(3)) is not None and rule_for(nn.SyncBatchNorm(3)) is None
 
 

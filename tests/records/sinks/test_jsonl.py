@@ -4,6 +4,7 @@ crash left half-written; readers skip such a line with a warning and name a line
 from __future__ import annotations
 
 import json
+import math
 import re
 import signal
 import subprocess
@@ -139,4 +140,94 @@ def test_a_number_that_is_not_a_number_is_named(tmp_path):
     data["gram"][0][1] = "x"
     path.write_text(good + json.dumps(data) + "\n")
     with pytest.raises(ValueError, match=r"run.jsonl:2 is not a gradconflict history line: TypeError"):
+        History.from_jsonl(path)
+
+
+def _mixed_run() -> list[str]:
+    """Lines of a run with every kind of step: layers, a task absent on some steps (other layouts), losses
+    absent or partly null, weights absent, a skipped step, a step whose Gram is not finite, another route."""
+    generator = torch.Generator().manual_seed(0)
+
+    def gram(T: int) -> torch.Tensor:
+        J = torch.randn(T, 5, generator=generator, dtype=torch.float64)
+        return J @ J.T
+
+    lines = []
+    for s in range(150):
+        tasks = ("a", "b", "c") if s % 7 else ("c", "a")  # c and a only, in another order, every 7th step
+        T = len(tasks)
+        layers = {
+            f"l{k}": LayerReport(f"l{k}", tasks, gram(T), num_params=10 + k, route="dense" if k else "tapped")
+            for k in range(2 if s < 100 else 3)
+        }
+        losses = torch.rand(T, generator=generator, dtype=torch.float64) if s % 5 else None
+        weights = torch.rand(T, generator=generator, dtype=torch.float64) if s % 3 else None
+        if s in (40, 41, 90):
+            report = ConflictReport.skipped_step(tasks, s, "non-finite loss", losses, weights=weights)
+        else:
+            report = ConflictReport(tasks, gram(T), weights, losses=losses, layers=layers, step=s, threshold=-0.1)
+        line = json.loads(report_line(report))
+        if s == 60:
+            line["gram"][0][1] = float("nan")  # json reads NaN: a step whose Gram is not finite
+        if s == 61 and line.get("losses"):
+            line["losses"][0] = None  # a loss that was not finite
+        if s == 62:
+            line.pop("weights")
+        lines.append(json.dumps(line) + "\n")
+    return lines
+
+
+@pytest.mark.parametrize("rows", [1, 16, 4096])
+def test_the_block_reader_gives_the_history_of_the_line_reader(tmp_path, monkeypatch, rows):
+    from gradconflict.records.sinks import jsonl
+
+    path = tmp_path / "run.jsonl"
+    lines = _mixed_run()
+    lines.insert(30, lines[30][:70] + "\n")  # a line cut short in mid-file (then written again whole)
+    path.write_text("".join(lines))
+    monkeypatch.setattr(jsonl, "BLOCK_ROWS", rows)
+    with pytest.warns(RuntimeWarning, match="line 31 is not JSON"):
+        columnar = History.from_jsonl(path, ema_decay=0.8, max_history=120)
+    line_by_line = History(ema_decay=0.8, max_history=120)
+    with pytest.warns(RuntimeWarning, match="line 31 is not JSON"):
+        for report in jsonl.read_reports(path):
+            line_by_line.append(report)
+    assert len(columnar) == len(line_by_line) == 120 and columnar.steps_seen == line_by_line.steps_seen == 150
+    for mine, theirs in zip(columnar._records, line_by_line._records):
+        assert (mine.layout, mine.step, mine.skip_reason) == (theirs.layout, theirs.step, theirs.skip_reason)
+        assert mine.packed.dtype == theirs.packed.dtype == torch.float64
+        assert torch.equal(mine.packed.isnan(), theirs.packed.isnan())
+        assert torch.equal(mine.packed.nan_to_num(), theirs.packed.nan_to_num())
+    assert columnar.ema == line_by_line.ema and columnar.gradvac_layers == line_by_line.gradvac_layers
+    assert columnar.skipped_steps() == [(40, "non-finite loss"), (41, "non-finite loss"), (60, "non-finite gradients"),
+                                        (90, "non-finite loss")]
+    kept = list(columnar)
+    assert [r.step for r in kept[:3]] == [30, 31, 32]  # the last 120 of the 150 whole lines
+    assert kept[5].step == 35 and kept[5].tasks == ("c", "a")
+
+
+def test_the_block_reader_keeps_the_numbers_written(tmp_path):
+    # Against the reports as written, not against another reader: every kept number and field comes back.
+    path = tmp_path / "run.jsonl"
+    path.write_text("".join(_mixed_run()))
+    history = History.from_jsonl(path)
+    written = [ConflictReport.from_dict(json.loads(line)) for line in _mixed_run()]
+    assert [r.step for r in history] == list(range(150))
+    r, w = history[99], written[99]
+    assert (r.tasks, list(r.layers), r.threshold) == (w.tasks, ["l0", "l1"], -0.1)
+    assert [(x.num_params, x.route) for x in r.layers.values()] == [(10, "tapped"), (11, "dense")]
+    assert torch.equal(r.gram, w.gram) and torch.equal(r.layers["l1"].gram, w.layers["l1"].gram)
+    assert torch.equal(r.weights, w.weights) and torch.equal(r.losses, w.losses)
+    assert history[62].weights.tolist() == [1.0, 1.0, 1.0] and history[10].losses is None
+    assert math.isnan(history[61].losses[0]) and history[61].losses[1] == written[61].losses[1]
+
+
+def test_the_first_bad_line_of_a_block_is_the_one_named(tmp_path):
+    path = tmp_path / "run.jsonl"
+    good = report_line(ConflictReport(("a", "b"), torch.eye(2), step=0))
+    wrong_number, wrong_field = json.loads(good), json.loads(good)
+    wrong_number["gram"][0][1] = "x"
+    wrong_field["tasks"] = "ab"
+    path.write_text(good + good + json.dumps(wrong_number) + "\n" + good + json.dumps(wrong_field) + "\n")
+    with pytest.raises(ValueError, match=r"run.jsonl:3 is not a gradconflict history line: TypeError"):
         History.from_jsonl(path)
