@@ -1,3 +1,5 @@
+# One file of ~650 lines on purpose: the packed row layout, the History, its stacked views and its moving
+# averages share one private storage format, which a split would have to expose.
 """The run's memory: each measured (or skipped) step's report, kept on the host in compact form, with moving
 averages folded in as steps arrive.
 
