@@ -207,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     advise = sub.add_parser(
         "advise",
         help="should the backbone be split? advice from a saved run",
-        description="Diagnose a saved run: the six signals (four warning signs, two warnings about what a split "
-        "cannot cure) with their evidence, the layer profile and "
+        description="Diagnose a saved run: the seven signals (four warning signs, two warnings about what a split "
+        "cannot cure, magnitude dominance) with their evidence, the layer profile and "
         "branch point, the task groups, and the comparison experiment to run next.",
     )
     advise.add_argument("history", help="a history written by History.to_jsonl or a JSONLSink")

@@ -11,7 +11,7 @@ the order a reader asks the questions:
 5. a layers x steps heat-map of the conflict;
 6. the layer profile with the advised branch point;
 7. the affinity matrix and the task groups;
-8. the advice's six signals with their evidence, the trends, and the next step as code;
+8. the advice's seven signals with their evidence, the trends, and the next step as code;
 9. the comparison experiment, when one was run.
 
 The page has no script and loads nothing: the figures are PNGs inside the file (``data:`` URIs), so it can be
