@@ -33,7 +33,6 @@ it finds the planted examples best (``tests/records/test_samples.py``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -82,21 +81,17 @@ class SampleTally:
     def from_jsonl(cls, path: str | Path) -> SampleTally:
         """The tally of a saved run: every step of a history file (``JSONLSink``, ``History.to_jsonl``) that was
         measured with ``sample_ids``."""
+        # here, not at the top: the JSONL reader's module imports the history, which holds a tally
+        from gradconflict.records.sinks.jsonl import json_lines
+
         tally = cls()
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    data = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number} is not a JSON line ({err.msg})") from None
-                for entry in (data.get("samples") or {}).get("pairs", []):
-                    tally.add_pair(
-                        (entry["pair"][0], entry["pair"][1]), [int(i) for i in data["samples"]["ids"]],
-                        torch.tensor(entry["push"], dtype=torch.float64),
-                        torch.tensor(entry["agreement"], dtype=torch.float64),
-                    )
+        for _, data in json_lines(path):  # a line cut by a crash is skipped with a warning, as every reader does
+            for entry in (data.get("samples") or {}).get("pairs", []):
+                tally.add_pair(
+                    (entry["pair"][0], entry["pair"][1]), [int(i) for i in data["samples"]["ids"]],
+                    torch.tensor(entry["push"], dtype=torch.float64),
+                    torch.tensor(entry["agreement"], dtype=torch.float64),
+                )
         return tally
 
     def _pair(self, a: str, b: str) -> tuple[tuple[str, str], dict[int, int], Tensor]:

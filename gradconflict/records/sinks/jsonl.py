@@ -142,7 +142,7 @@ def read_reports(path: str | Path) -> Iterator[ConflictReport]:
     >>> steps, "line 2" in str(caught[0].message)
     ([0, 2], True)
     """
-    for where, data in _decoded(path):
+    for where, data in json_lines(path):
         yield _report(data, where)
 
 
@@ -158,7 +158,7 @@ def read_blocks(path: str | Path, rows: int | None = None) -> Iterator[tuple[_La
     steps = array("q")
     values: list[list[Any]] = []
     wheres: list[str] = []
-    for where, data in _decoded(path):
+    for where, data in json_lines(path):
         try:
             bad = _check(data, where)
             try:
@@ -183,7 +183,7 @@ def read_blocks(path: str | Path, rows: int | None = None) -> Iterator[tuple[_La
         yield layout, steps, "", _packed(values, wheres)  # type: ignore[misc]
 
 
-def _decoded(path: str | Path) -> Iterator[tuple[str, Any]]:
+def json_lines(path: str | Path) -> Iterator[tuple[str, Any]]:
     """``(where, decoded line)`` of each line that is JSON; a line that is not is skipped with a warning."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
