@@ -12,6 +12,7 @@ maximum resident set size (``os.wait4``), the interpreter and torch included.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -24,6 +25,8 @@ import torch
 
 from gradconflict import ConflictReport, LayerReport
 from gradconflict.records.history import report_line
+from gradconflict.records.sinks.jsonl import _row
+from gradconflict.records.sinks.packed import PackedWriter, packed_path
 
 
 def _reports(tasks: int, layers: int, distinct: int, seed: int) -> list[str]:
@@ -47,14 +50,27 @@ def _reports(tasks: int, layers: int, distinct: int, seed: int) -> list[str]:
     return lines
 
 
-def write_history(path: Path, steps: int, tasks: int, layers: int, distinct: int, seed: int = 0) -> int:
-    """Write a ``steps``-line history to ``path``; returns its size in bytes."""
+def write_history(path: Path, steps: int, tasks: int, layers: int, distinct: int, seed: int = 0,
+                  packed: bool = True) -> int:
+    """Write a ``steps``-line history to ``path``, and its packed file as a ``JSONLSink`` writes it unless
+    ``packed=False``; returns the JSONL's size in bytes."""
     lines = _reports(tasks, layers, distinct, seed)
     head = '{"schema": 1, "step": 0,'
     assert all(line.startswith(head) for line in lines)
-    with path.open("w", encoding="utf-8") as f:
+    rows = [_row(json.loads(line)) for line in lines]  # a line's layout and row do not depend on its step
+    writer = PackedWriter(path, overwrite=True) if packed else None
+    if not packed:
+        packed_path(path).unlink(missing_ok=True)
+    with path.open("wb") as f:
         for s in range(steps):
-            f.write(f'{{"schema": 1, "step": {s},' + lines[s * distinct // steps][len(head) :])
+            k = s * distinct // steps
+            line = f'{{"schema": 1, "step": {s},{lines[k][len(head):]}'.encode()
+            f.write(line)
+            if writer is not None:
+                f.flush()  # as the sink does: a frame never covers a line not yet written
+                writer.add(rows[k][0], rows[k][1], s, rows[k][2], line)
+    if writer is not None:
+        writer.close()
     return path.stat().st_size
 
 
@@ -78,18 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--distinct", type=int, default=1000, help="distinct reports the file repeats")
     parser.add_argument("--dir", default=None, help="where to write the histories (default: a temporary folder)")
+    parser.add_argument("--no-packed", action="store_true",
+                        help="write no packed file: the readers decode the JSON of every line")
     args = parser.parse_args(argv)
     folder = Path(args.dir or tempfile.mkdtemp(prefix="gradconflict-long-run-"))
     folder.mkdir(parents=True, exist_ok=True)
     print(f"{platform.platform()}; python {platform.python_version()}; {os.cpu_count()} logical cores; "
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"T = {args.tasks} tasks, L = {args.layers} layers; limits: 60 s and 1024 MB per command\n")
+    print(f"T = {args.tasks} tasks, L = {args.layers} layers; packed file: {'no' if args.no_packed else 'yes'}; "
+          "limits: 60 s and 1024 MB per command\n")
     print("| steps | file | command | wall s | peak MB | status |")
     print("|---:|---:|---|---:|---:|---|")
     failed = False
     for steps in args.steps:
         path = folder / f"run-{steps}.jsonl"
-        size = write_history(path, steps, args.tasks, args.layers, args.distinct)
+        size = write_history(path, steps, args.tasks, args.layers, args.distinct, packed=not args.no_packed)
         for name in ("report", "advise"):
             wall, peak, code = run([sys.executable, "-m", "gradconflict", name, str(path)])
             within = code == 0 and wall <= 60 and peak <= 1024
@@ -98,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {steps:,} | {size / 2**20:,.0f} MB | {name} | {wall:.1f} | {peak:,.0f} | {verdict} |",
                   flush=True)
         path.unlink()
+        packed_path(path).unlink(missing_ok=True)
     return 1 if failed else 0
 
 

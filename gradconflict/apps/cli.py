@@ -5,6 +5,9 @@ then says which tasks and pairs the measured steps carried, and ``advise`` judge
 carried both (see :mod:`gradconflict.diagnosis`). Output piped into a reader that stops early (``| head``) ends
 the command quietly.
 
+``report``, ``advise`` and ``samples`` run torch on one thread: their tensors are small (a few numbers per step), and
+on a busy machine more threads mostly wait for each other (a tenfold slowdown on two shared cores).
+
 Whatever is wrong with the input (a missing file or a folder, a line of a foreign schema, an output path under a
 regular file, a bad option) is said in one line on stderr, and the command exits with status 2; a warning (a
 line cut short by a crash, skipped) is one line on stderr too.
@@ -116,6 +119,23 @@ def _one_line(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror and err.filename is not None:
         return f"{err.filename}: {err.strerror[0].lower()}{err.strerror[1:]}"  # not Python's "[Errno 21] ..."
     return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """Run torch on ``count`` threads (``None``: as it is), and restore torch's setting after (``main`` may be called
+    in-process)."""
+    if count is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextmanager
@@ -246,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        with _warnings_as_lines(args.command):
+        with _warnings_as_lines(args.command), _threads(1 if args.command != "demo" else None):
             return args.func(args)
     except BrokenPipeError:
         # The reader stopped early (`gradconflict report RUN.jsonl | head`): end quietly, as Unix tools do. Output

@@ -40,7 +40,7 @@ restricted to the tasks each step carried:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -57,7 +57,7 @@ __all__ = ["Aligned", "Reports", "Run", "align", "masked_mean", "measured_report
 Reports = History | Iterable[ConflictReport]
 
 #: Numbers per block of layers in :meth:`Aligned.layer_blocks` (a few float64 temporaries of this size).
-_BLOCK = 1 << 22
+_BLOCK = 1 << 20
 
 
 def measured_reports(history: Reports) -> list[ConflictReport]:
@@ -172,76 +172,98 @@ class Aligned:
         return max(1, int(np.median(np.diff(self.steps)))) if self.num_steps > 1 else 1
 
     # ------------------------------------------------------------------------------------------ run level
-    @cached_property
-    def _carried(self) -> tuple[Tensor, Tensor]:
-        # The Grams and weights of the tasks each step carried, absent tasks as zero-norm tasks of weight 0.
-        w = torch.from_numpy(np.where(self.present, self.weights, 0.0))
-        return _carried(self.gram, self.present), w
+    def _by_rows(self, fn: Callable[[Tensor, Tensor, slice], np.ndarray]) -> np.ndarray:
+        """``fn(G, w, rows)`` over consecutive chunks of steps, concatenated: ``G`` the float64 Grams of the tasks
+        each step carried (absent tasks as zero-norm tasks), ``w`` their weights (0 where absent). Every quantity
+        below is a function of each step alone, so the chunks change no number; they keep the temporaries near
+        ``_BLOCK`` numbers however long the run."""
+        T = len(self.tasks)
+        parts = [
+            fn(
+                _carried(self.gram[rows], self.present[rows]),
+                torch.from_numpy(np.where(self.present[rows], self.weights[rows], 0.0)),
+                rows,
+            )
+            for rows in _chunks(self.num_steps, T * T)
+        ]
+        return np.concatenate(parts)
 
     @cached_property
     def cosine(self) -> np.ndarray:
         """``[S, T, T]`` pairwise cosines (:func:`gradconflict.measure.metrics.cosine`), NaN where a task is absent."""
-        return _cosine(self.gram, self.present)
+        return self._by_rows(
+            lambda G, w, rows: np.where(_pairs_present(self.present[rows]), metrics.cosine(G).numpy(), np.nan)
+        )
 
     def conflicts(self, threshold: float = metrics.CONFLICT_COSINE) -> np.ndarray:
         """``[S, T, T]`` upper-triangular mask of conflicting pairs
         (:func:`gradconflict.measure.metrics.conflict_pairs`: ``C_ij < threshold``, both tasks with a non-zero
         gradient), over the tasks each step carried."""
-        return metrics.conflict_pairs(self._carried[0], threshold).numpy()
+        return self._by_rows(lambda G, w, rows: metrics.conflict_pairs(G, threshold).numpy())
 
     def conflict_fraction(self, threshold: float = metrics.CONFLICT_COSINE) -> np.ndarray:
         """``[S]`` share of the step's pairs that conflict; NaN on steps with fewer than two tasks."""
         t = self.present.sum(1)
         pairs = t * (t - 1) // 2
-        n = self.conflicts(threshold).sum((1, 2))
+        n = self._by_rows(lambda G, w, rows: metrics.conflict_pairs(G, threshold).sum((1, 2)).numpy())
         return np.where(pairs > 0, n / np.maximum(pairs, 1), np.nan)
 
     @cached_property
     def worst_cosine(self) -> np.ndarray:
         """``[S]`` the most negative cosine over the step's pairs (:func:`gradconflict.measure.metrics.worst_cosine`
         over the tasks it carried); NaN on steps with fewer than two tasks."""
-        return metrics.worst_cosine(self._carried[0], torch.from_numpy(self.present)).numpy()
+        return self._by_rows(
+            lambda G, w, rows: metrics.worst_cosine(G, torch.from_numpy(self.present[rows])).numpy()
+        )
 
     @cached_property
     def task_norms(self) -> np.ndarray:
         """``[S, T]`` each task's gradient norm ``sqrt(G_ii)`` (:func:`gradconflict.measure.metrics.task_norms`),
         NaN where the task is absent."""
-        return np.where(self.present, metrics.task_norms(self._carried[0]).numpy(), np.nan)
+        return self._by_rows(lambda G, w, rows: np.where(self.present[rows], metrics.task_norms(G).numpy(), np.nan))
 
     @cached_property
     def update_norm(self) -> np.ndarray:
         """``[S]`` norm of the step's update ``sqrt(w^T G w)`` over the tasks it carried
         (:func:`gradconflict.measure.metrics.update_norm`); defined on every measured step."""
-        return metrics.update_norm(*self._carried).numpy()
+        return self._by_rows(lambda G, w, rows: metrics.update_norm(G, w).numpy())
 
     @cached_property
     def cancellation(self) -> np.ndarray:
         """``[S]`` magnitude cancellation ``1 - sqrt(w^T G w) / sum_i w_i n_i`` over the step's tasks
         (:func:`gradconflict.measure.metrics.cancellation`); NaN on steps with fewer than two tasks."""
-        return np.where(self.multi, metrics.cancellation(*self._carried).numpy(), np.nan)
+        return self._by_rows(lambda G, w, rows: np.where(self.multi[rows], metrics.cancellation(G, w).numpy(), np.nan))
 
     @cached_property
     def alignment(self) -> np.ndarray:
         """``[S, T]`` cosine of each task's gradient with the step's update
         (:func:`gradconflict.measure.metrics.alignment`); NaN where the task is absent or the step carried fewer
         than two tasks."""
-        return np.where(self.present & self.multi[:, None], metrics.alignment(*self._carried).numpy(), np.nan)
+        return self._by_rows(
+            lambda G, w, rows: np.where(
+                self.present[rows] & self.multi[rows, None], metrics.alignment(G, w).numpy(), np.nan
+            )
+        )
 
     def transference(self, lr: float = 1.0, layers: Sequence[int] | None = None) -> np.ndarray:
         """``[S, T, T]`` first-order transference ``lr G_ij / L_j`` (:func:`gradconflict.measure.metrics.transference`;
         ``L = 1`` for a report saved without losses), NaN where a task is absent. With ``layers`` (positions in
         :attr:`layers`), ``G`` is the sum of those layers' Grams, and steps that carried none of them are NaN."""
-        present = self.present
-        if layers is None:
-            G = self._carried[0]
-        else:
-            on = self.layer_present[:, layers]
-            G = torch.from_numpy(np.where(on[:, :, None, None], self.layer_gram[:, layers], 0.0).sum(1))
-            present = present & np.asarray(on.any(1))[:, None]
-            G = _carried(G.numpy(), present)
-        L = np.where(self.has_losses[:, None] & present, self.losses, 1.0)
-        Z = metrics.transference(G, torch.from_numpy(L), lr).numpy()
-        return np.where(_pairs_present(present), Z, np.nan)
+        T = len(self.tasks)
+        parts = []
+        for rows in _chunks(self.num_steps, T * T * (1 + len(layers or ()))):
+            present = self.present[rows]
+            if layers is None:
+                G = _carried(self.gram[rows], present)
+            else:
+                on = self.layer_present[rows][:, layers]
+                summed = np.where(on[:, :, None, None], self.layer_gram[rows][:, layers], 0.0).sum(1)
+                present = present & np.asarray(on.any(1))[:, None]
+                G = _carried(summed, present)
+            L = np.where(self.has_losses[rows, None] & present, self.losses[rows], 1.0)
+            Z = metrics.transference(G, torch.from_numpy(L), lr).numpy()
+            parts.append(np.where(_pairs_present(present), Z, np.nan))
+        return np.concatenate(parts)
 
     # ------------------------------------------------------------------------------------------ layers
     def layer_cosine(self, layers: slice = slice(None)) -> np.ndarray:
@@ -254,30 +276,38 @@ class Aligned:
         """``[S, L]`` the worst pair cosine (:func:`gradconflict.measure.metrics.worst_cosine`) of each layer at
         each step, over the tasks the step carried on that layer; NaN where it carried fewer than two."""
         out = np.full((self.num_steps, len(self.layers)), np.nan)
-        for layers, G, present in self._layer_grams():
-            out[:, layers] = metrics.worst_cosine(G, torch.from_numpy(present)).numpy()
+        for rows, layers, G, present in self._layer_grams():
+            out[rows, layers] = metrics.worst_cosine(G, torch.from_numpy(present)).numpy()
         return out
 
-    def _layer_grams(self) -> Iterator[tuple[slice, Tensor, np.ndarray]]:
-        """``(layers, Grams, present)`` for consecutive blocks of layers: the ``[S, L', T, T]`` float64 Grams of the
-        tasks each step carried on those layers, and that ``[S, L', T]`` mask. The temporaries stay near
+    def _layer_grams(self) -> Iterator[tuple[slice, slice, Tensor, np.ndarray]]:
+        """``(rows, layers, Grams, present)`` for tiles of steps and layers: the ``[S', L', T, T]`` float64 Grams of
+        the tasks each step carried on those layers, and that ``[S', L', T]`` mask. The temporaries stay near
         ``_BLOCK`` numbers whatever the length of the run and the number of layers."""
         S, L, T = self.num_steps, len(self.layers), len(self.tasks)
         block = max(1, _BLOCK // max(1, S * T * T))
         for start in range(0, L, block):
             layers = slice(start, min(start + block, L))
-            present = self.layer_present[:, layers, None] & self.present[:, None, :]
-            yield layers, _carried(self.layer_gram[:, layers], present), present
+            for rows in _chunks(S, (layers.stop - layers.start) * T * T):
+                present = self.layer_present[rows, layers, None] & self.present[rows, None, :]
+                yield rows, layers, _carried(self.layer_gram[rows, layers], present), present
 
     def layer_blocks(
         self, threshold: float = metrics.CONFLICT_COSINE
-    ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-        """``(layers, cosines, conflicts)`` for consecutive blocks of layers: :meth:`layer_cosine` of that slice and
-        its ``[S, L', T, T]`` conflict masks (as :meth:`conflicts`). The temporaries stay near ``_BLOCK`` numbers
-        whatever the length of the run and the number of layers."""
-        for layers, G, present in self._layer_grams():
+    ) -> Iterator[tuple[slice, slice, np.ndarray, np.ndarray]]:
+        """``(rows, layers, cosines, conflicts)`` for tiles of steps and layers: :meth:`layer_cosine` of that tile
+        and its ``[S', L', T, T]`` conflict masks (as :meth:`conflicts`). The temporaries stay near ``_BLOCK``
+        numbers whatever the length of the run and the number of layers."""
+        for rows, layers, G, present in self._layer_grams():
             cosine = np.where(_pairs_present(present), metrics.cosine(G).numpy(), np.nan)
-            yield layers, cosine, metrics.conflict_pairs(G, threshold).numpy()
+            yield rows, layers, cosine, metrics.conflict_pairs(G, threshold).numpy()
+
+
+def _chunks(steps: int, per_step: int) -> Iterator[slice]:
+    """Consecutive slices of ``steps`` of about ``_BLOCK`` numbers each (``per_step`` numbers a step); one empty
+    slice when there is no step, so that results keep their shape."""
+    size = max(1, _BLOCK // max(1, per_step))
+    yield from (slice(k, min(k + size, steps)) for k in range(0, steps, size)) if steps else [slice(0, 0)]
 
 
 Run = Reports | Aligned
@@ -315,7 +345,7 @@ def _host(tensor: Tensor, wide: bool = True) -> np.ndarray:
 class _Block:
     """Steps that share one layout, as host arrays: what :func:`align` scatters into the run's arrays."""
 
-    rows: list[int]  # positions in the sorted steps
+    rows: np.ndarray  # [N] positions in the sorted steps
     tasks: tuple[str, ...]
     layers: tuple[tuple[str, int], ...]
     weights: np.ndarray  # [N, T]
@@ -324,26 +354,28 @@ class _Block:
     layer_gram: np.ndarray  # [N, L, T, T], the Grams' own precision
 
 
-def _blocks_of_history(history: History) -> tuple[list[int], list[float], list[_Block]]:
-    """The steps, thresholds and layout blocks of a History, read from its stacked records."""
+def _blocks_of_history(history: History) -> tuple[np.ndarray, list[float], list[_Block]]:
+    """The steps, thresholds and layout blocks of a History, read from its stacked records (views of its
+    storage, not copies)."""
     stacked = history.stacked()
-    steps = [int(s) for b in stacked for s in b.steps.tolist()]
-    order = sorted(range(len(steps)), key=steps.__getitem__)
-    position = {k: n for n, k in enumerate(order)}
+    steps = np.concatenate([b.steps.numpy() for b in stacked]) if stacked else np.zeros(0, dtype=np.int64)
+    order = np.argsort(steps, kind="stable")
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
     blocks, offset, thresholds = [], 0, []
     for b in stacked:
         N, losses = len(b.steps), b.losses
         blocks.append(_Block(
-            rows=[position[offset + k] for k in range(N)], tasks=b.tasks, layers=b.layers,
+            rows=position[offset : offset + N], tasks=b.tasks, layers=b.layers,
             weights=_host(b.weights), losses=_host(losses) if losses is not None else None,
             gram=_host(b.gram), layer_gram=_host(b.layer_gram, wide=False),
         ))
         thresholds += [b.threshold] * N
         offset += N
-    return [steps[k] for k in order], [thresholds[k] for k in order], blocks
+    return steps[order], [thresholds[k] for k in order.tolist()], blocks
 
 
-def _blocks_of_reports(history: Iterable[ConflictReport]) -> tuple[list[int], list[float], list[_Block]]:
+def _blocks_of_reports(history: Iterable[ConflictReport]) -> tuple[np.ndarray, list[float], list[_Block]]:
     """The steps, thresholds and layout blocks of any iterable of reports (grouped by tasks and layers)."""
     reports = measured_reports(history)
     groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[int]] = {}
@@ -365,12 +397,12 @@ def _blocks_of_reports(history: Iterable[ConflictReport]) -> tuple[list[int], li
                 _host(r.losses.reshape(-1)) if r.losses is not None else np.full(len(names), np.nan) for r in group
             ])
         blocks.append(_Block(
-            rows=rows, tasks=names,
+            rows=np.asarray(rows, dtype=np.int64), tasks=names,
             layers=tuple((n, group[-1].layers[n].num_params) for n in layer_names),
             weights=_stack([r.weights for r in group]), losses=losses, gram=_stack([r.gram for r in group]),
             layer_gram=layer_gram,
         ))
-    return [r.step for r in reports], [r.threshold for r in reports], blocks
+    return np.array([r.step for r in reports], dtype=np.int64), [r.threshold for r in reports], blocks
 
 
 def align(history: Run) -> Aligned:
@@ -387,7 +419,10 @@ def align(history: Run) -> Aligned:
         _blocks_of_history(history) if isinstance(history, History) else _blocks_of_reports(history)
     )
     tasks = tuple(sorted({t for b in blocks for t in b.tasks}))
-    layers = tuple(dict.fromkeys(n for b in sorted(blocks, key=lambda b: min(b.rows)) for n, _ in b.layers))
+    layers = tuple(dict.fromkeys(n for b in sorted(blocks, key=lambda b: int(b.rows.min())) for n, _ in b.layers))
+    threshold = thresholds[0] if thresholds else 0.0
+    if len(blocks) == 1 and _is_whole(blocks[0], tasks, layers):
+        return _aligned_views(blocks[0], steps, threshold)
     S, T, L = len(steps), len(tasks), len(layers)
     task_index = {t: k for k, t in enumerate(tasks)}
     layer_index = {n: k for k, n in enumerate(layers)}
@@ -422,7 +457,7 @@ def align(history: Run) -> Aligned:
                     layer_params[k], last_seen[k] = n, latest
     return Aligned(
         tasks=tasks,
-        steps=np.array(steps, dtype=np.int64),
+        steps=steps,
         present=present,
         gram=gram,
         weights=weights,
@@ -432,5 +467,42 @@ def align(history: Run) -> Aligned:
         layer_gram=layer_gram,
         layer_present=layer_present,
         layer_params=layer_params,
-        threshold=thresholds[0] if thresholds else 0.0,
+        threshold=threshold,
+    )
+
+
+def _is_whole(block: _Block, tasks: tuple[str, ...], layers: tuple[str, ...]) -> bool:
+    """Whether one block is the whole run as :func:`align` lays it out: its tasks sorted, its rows in step order,
+    every step carrying every layer."""
+    return (
+        block.tasks == tasks
+        and tuple(n for n, _ in block.layers) == layers
+        and bool((block.rows == np.arange(len(block.rows))).all())
+    )
+
+
+def _aligned_views(block: _Block, steps: np.ndarray, threshold: float) -> Aligned:
+    """The :class:`Aligned` of a run that is one whole block: its arrays are read-only views of the block's (a long
+    run read from a file is not copied again)."""
+    S, T, L = len(steps), len(block.tasks), len(block.layers)
+
+    def frozen(a: np.ndarray) -> np.ndarray:
+        view = a.view()
+        view.flags.writeable = False
+        return view
+
+    losses = block.losses if block.losses is not None else np.full((S, T), np.nan)
+    return Aligned(
+        tasks=block.tasks,
+        steps=steps,
+        present=np.ones((S, T), dtype=bool),
+        gram=frozen(block.gram),
+        weights=frozen(block.weights),
+        losses=frozen(losses),
+        has_losses=~np.isnan(losses).all(1),
+        layers=tuple(n for n, _ in block.layers),
+        layer_gram=frozen(block.layer_gram),
+        layer_present=np.ones((S, L), dtype=bool),
+        layer_params=np.array([n for _, n in block.layers], dtype=np.int64),
+        threshold=threshold,
     )

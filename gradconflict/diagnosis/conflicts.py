@@ -89,9 +89,9 @@ def conflict_tests(history: Run, threshold: float | None = None, alpha: float = 
     P, n = len(pairs), aligned.num_steps
     layer_cosine = np.full((n, L, P), np.nan)
     scores = np.zeros(L, dtype=np.int64)
-    for layers, cosine, conflicts in aligned.layer_blocks(S):
-        layer_cosine[:, layers] = _pair_cosines(cosine, pairs)
-        scores[layers] = conflicts.sum((0, 2, 3))
+    for rows, layers, cosine, conflicts in aligned.layer_blocks(S):
+        layer_cosine[rows, layers] = _pair_cosines(cosine, pairs)
+        scores[layers] += conflicts.sum((0, 2, 3))
     family = persistence_tests(
         np.concatenate([_pair_cosines(aligned.cosine, pairs), layer_cosine.reshape(n, L * P)], axis=1), S, alpha
     )

@@ -136,8 +136,11 @@ def signs(cosine: np.ndarray, threshold: float) -> np.ndarray:
     [1, 0, 0, -1, 0]
     """
     s = min(float(threshold), 0.0)
+    out = np.zeros(np.shape(cosine), dtype=np.int8)  # int8 from the start: a long run has millions of signs
     with np.errstate(invalid="ignore"):
-        return np.where(cosine < s, 1, np.where(cosine > -s, -1, 0)).astype(np.int8)
+        out[cosine > -s] = -1
+        out[cosine < s] = 1
+    return out
 
 
 def autocorrelation_time(series: np.ndarray) -> float:

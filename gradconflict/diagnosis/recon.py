@@ -62,12 +62,14 @@ def _scores(aligned: Aligned, S: float, window: tuple[int, int] | None) -> tuple
     T = len(aligned.tasks)
     upper = np.triu(np.ones((T, T), dtype=bool), 1)
     scores = np.zeros(len(aligned.layers), dtype=np.int64)
-    mean = np.zeros(len(aligned.layers))
-    for layers, cosine, conflicts in aligned.layer_blocks(S):
-        scores[layers] = conflicts[inside].sum((0, 2, 3))
-        measured = upper & ~np.isnan(cosine[inside])
-        total, count = np.where(measured, cosine[inside], 0.0).sum((0, 2, 3)), measured.sum((0, 2, 3))
-        mean[layers] = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+    total, count = np.zeros(len(aligned.layers)), np.zeros(len(aligned.layers), dtype=np.int64)
+    for rows, layers, cosine, conflicts in aligned.layer_blocks(S):
+        kept = inside[rows]
+        scores[layers] += conflicts[kept].sum((0, 2, 3))
+        measured = upper & ~np.isnan(cosine[kept])
+        total[layers] += np.where(measured, cosine[kept], 0.0).sum((0, 2, 3))
+        count[layers] += measured.sum((0, 2, 3))
+    mean = np.where(count > 0, total / np.maximum(count, 1), 0.0)
     return scores, mean, aligned.steps[inside]
 
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -71,6 +72,10 @@ EMA_QUANTITIES = ("conflict_fraction", "cancellation", "worst_cosine", "update_n
 
 #: Steps folded into the moving averages at once (their quantities are computed as one batch).
 FOLD_BATCH = 64
+
+#: Steps folded at once while a saved history is read (larger batches: fewer, bigger tensor operations; the
+#: averages agree with those of appending to rounding).
+READ_FOLD_BATCH = 8192
 
 
 class Sink(Protocol):
@@ -543,13 +548,23 @@ class History:
             raise ImportError("History.to_dataframe() needs pandas: pip install 'gradconflict[pandas]'") from err
         return pd.DataFrame(self.rows()).set_index("step")
 
-    def to_jsonl(self, path: str | Path) -> Path:
-        """Write one JSON object per kept step (``ConflictReport.to_dict()``, layers included); returns the path."""
+    def to_jsonl(self, path: str | Path, *, packed: bool = True) -> Path:
+        """Write one JSON line per kept step (``ConflictReport.to_dict()``, layers included), as a
+        :class:`~gradconflict.records.sinks.JSONLSink` writes them (with its packed file beside, unless
+        ``packed=False``); returns the path."""
+        from gradconflict.records.sinks.jsonl import JSONLSink  # the sink module imports this one
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as f:
-            for r in self.reports:
-                f.write(report_line(r))
+        reports = self.reports
+        if not reports:  # the sink opens its file at the first step
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+        sink = JSONLSink(path, overwrite=True, packed=packed)
+        try:
+            for report in reports:
+                sink.write(report)
+        finally:
+            sink.close()
         return path
 
     @classmethod
@@ -559,8 +574,10 @@ class History:
         (the EMAs and :attr:`steps_seen` cover the whole file either way). A line that is not JSON (cut short by a
         crash) is skipped with a ``RuntimeWarning`` naming its line number; a JSON line that is not a history step
         is a ``ValueError`` naming the line and the field. The file is read in blocks of steps straight into the
-        packed storage (:func:`~gradconflict.records.sinks.jsonl.read_blocks`), without a report per line; the
-        history is the one appending each line's :meth:`ConflictReport.from_dict` would give."""
+        packed storage (:func:`~gradconflict.records.sinks.jsonl.read_blocks`: from the packed file a
+        :class:`~gradconflict.records.sinks.JSONLSink` writes beside it where that holds, else from the JSON),
+        without a report per line; the history is the one appending each line's :meth:`ConflictReport.from_dict`
+        would give (its moving averages folded in larger batches, so equal to rounding)."""
         from gradconflict.records.sinks.jsonl import read_blocks  # the sink module imports this one
 
         history = cls(ema_decay=ema_decay, max_history=max_history)
@@ -574,13 +591,14 @@ class History:
         each (a row whose Gram is not finite is kept as skipped), with one finiteness check for the block. For a
         history without sinks (:meth:`from_jsonl`'s): the rows are stored, not handed to sinks."""
         T = len(layout.tasks)
-        finite = [True] * len(steps) if reason else torch.isfinite(_grams(packed, T)).flatten(1).all(1).tolist()
+        # numpy's isfinite: torch's makes a float temporary the size of the block (|x| != inf)
+        finite = [True] * len(steps) if reason else np.isfinite(packed[:, 2 * T :].numpy()).all(1).tolist()
         for row, (step, ok) in enumerate(zip(steps, finite)):
             record = _Record(layout, step, reason or ("" if ok else "non-finite gradients"), packed, row)
             self._records.append(record)
             if not record.skip_reason:
                 self._unfolded.append(record)
-                if len(self._unfolded) >= FOLD_BATCH:  # in the batches appending folds: the same averages
+                if len(self._unfolded) >= READ_FOLD_BATCH:
                     self._fold()
         self.steps_seen += len(steps)
 
@@ -647,6 +665,16 @@ class History:
         self.steps_seen = state["steps_seen"]
 
 
+def report_record(report: ConflictReport) -> dict[str, Any]:
+    """What one line of a JSONL history holds for a report: the schema version, then :meth:`ConflictReport.to_dict`."""
+    return {"schema": SCHEMA, **report.to_dict()}
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One line of a JSONL history: strict JSON (no NaN), newline-terminated."""
+    return json.dumps(record, allow_nan=False) + "\n"
+
+
 def report_line(report: ConflictReport) -> str:
     """One JSON line for a report, with the schema version (what :meth:`History.to_jsonl` writes)."""
-    return json.dumps({"schema": SCHEMA, **report.to_dict()}, allow_nan=False) + "\n"
+    return json_line(report_record(report))

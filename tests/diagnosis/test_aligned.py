@@ -150,15 +150,18 @@ def test_layer_grams_keep_their_precision_and_blocks_change_nothing(make_gram, m
     assert A.layer_gram[1, 2] == pytest.approx(run[1].layers["l2"].gram.numpy())
     cosines = A.layer_cosine()
     assert np.isnan(cosines[0, 3, 2]).all() and cosines[1, 3] == pytest.approx(run[1].layers["l3"].cosine.numpy())
-    monkeypatch.setattr(module, "_BLOCK", 1)  # one layer per block
-    blocks = list(A.layer_blocks(0.0))
-    assert [b for b, _, _ in blocks] == [slice(k, k + 1) for k in range(4)]
-    np.testing.assert_array_equal(np.concatenate([c for _, c, _ in blocks], axis=1), cosines)
-    for s, r in enumerate(run):  # the conflict masks are metrics.conflict_pairs of each layer, by name
+    monkeypatch.setattr(module, "_BLOCK", 1)  # one layer and one step per tile
+    tiles = list(A.layer_blocks(0.0))
+    assert [(r, b) for r, b, _, _ in tiles] == [(slice(s, s + 1), slice(k, k + 1)) for k in range(4) for s in range(5)]
+    tiled = np.full_like(cosines, -7.0)
+    for rows, layers, c, _ in tiles:
+        tiled[rows, layers] = c
+    np.testing.assert_array_equal(tiled, cosines)
+    for rows, layers, _, conflicts in tiles:  # the conflict masks are metrics.conflict_pairs of each layer, by name
+        r = run[rows.start]
         keep = [("abc".index(t)) for t in r.tasks]
-        for k, (_, _, conflicts) in enumerate(blocks):
-            mask = metrics.conflict_pairs(r.layers[f"l{k}"].gram.double(), 0.0).numpy()
-            assert conflicts[s, 0][np.ix_(keep, keep)].tolist() == mask.tolist()
+        mask = metrics.conflict_pairs(r.layers[f"l{layers.start}"].gram.double(), 0.0).numpy()
+        assert conflicts[0, 0][np.ix_(keep, keep)].tolist() == mask.tolist()
     wide = run + [ConflictReport("ab", torch.eye(2, dtype=torch.float64), step=9,
                                  layers={"l0": LayerReport("l0", "ab", torch.eye(2, dtype=torch.float64))})]
     assert align(wide).layer_gram.dtype == np.float64

@@ -38,7 +38,8 @@ from torch import Tensor
 
 from gradconflict.measure.metrics import CONFLICT_COSINE
 from gradconflict.measure.report import ConflictReport
-from gradconflict.records.history import SCHEMA, _Layout, report_line
+from gradconflict.records.history import SCHEMA, _Layout, json_line, report_record
+from gradconflict.records.sinks.packed import PackedWriter, packed_path, read_packed
 
 __all__ = ["JSONLSink", "read_blocks", "read_reports"]
 
@@ -54,16 +55,21 @@ class JSONLSink:
             (after truncating a last line cut short by a crash, with a warning); ``overwrite=True`` starts it
             afresh.
         overwrite: truncate the file first.
+        packed: also write the packed file beside it (``run.jsonl.packed``, :mod:`~gradconflict.records.sinks.packed`):
+            the same steps as binary rows, which readers use to read a long run back at disk speed. It is a cache:
+            without it (``packed=False``, or deleted) every reader decodes the JSON, giving the same history.
 
     >>> import tempfile
     >>> JSONLSink(tempfile.mkdtemp() + "/runs/a.jsonl").path.name
     'a.jsonl'
     """
 
-    def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
+    def __init__(self, path: str | Path, *, overwrite: bool = False, packed: bool = True) -> None:
         self.path = Path(path)
+        self.packed = packed
         self._mode = "w" if overwrite else "a"
-        self._file: IO[str] | None = None  # opened at the first step: a rank that never writes never opens it
+        self._file: IO[bytes] | None = None  # opened at the first step: a rank that never writes never opens it
+        self._packed: PackedWriter | None = None
 
     def write(self, report: ConflictReport) -> None:
         """Append one step and flush."""
@@ -72,12 +78,26 @@ class JSONLSink:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self._mode == "a":
                 _truncate_cut_line(self.path)
-            file = self._file = open(self.path, self._mode, encoding="utf-8")  # noqa: SIM115 (closed by close())
-        file.write(report_line(report))
+            file = self._file = open(self.path, self._mode + "b")  # noqa: SIM115 (closed by close())
+            if self.packed:
+                self._packed = PackedWriter(self.path, overwrite=self._mode == "w")
+            elif self._mode == "w":  # an older run's packed file would no longer match
+                packed_path(self.path).unlink(missing_ok=True)
+        data = report_record(report)
+        line = json_line(data).encode()
+        file.write(line)
         file.flush()
+        if self._packed is not None:
+            try:
+                layout, reason, row = _row(data)
+            except (KeyError, ValueError, TypeError):  # left to the JSON reader, which names what is wrong
+                layout, reason, row = None, "", None
+            self._packed.add(layout, reason, data["step"], row, line)
 
     def close(self) -> None:
-        """Close the file."""
+        """Close the file (and write the packed rows held)."""
+        if self._packed is not None:
+            self._packed.close()
         if self._file is not None:
             self._file.close()
 
@@ -147,18 +167,34 @@ def read_reports(path: str | Path) -> Iterator[ConflictReport]:
 
 
 def read_blocks(path: str | Path, rows: int | None = None) -> Iterator[tuple[_Layout, Sequence[int], str, Tensor]]:
-    """The steps of a JSONL history in file order, in blocks of up to ``rows`` (:data:`BLOCK_ROWS` by default)
-    consecutive steps that share one layout: ``(layout, steps, skip reason, packed)``, ``packed`` being ``[N, K]``
-    float64 rows in the History's packed layout (what :meth:`History.from_jsonl <gradconflict.History.from_jsonl>`
-    stores). A skipped step is a block of its own. No report object is built per line; the lines are checked,
-    warned about and named in errors exactly as :func:`read_reports` does, and give the same numbers."""
-    rows = rows or BLOCK_ROWS
+    """The steps of a JSONL history in file order, in blocks of consecutive steps that share one layout:
+    ``(layout, steps, skip reason, packed)``, ``packed`` being ``[N, K]`` float64 rows in the History's packed
+    layout (what :meth:`History.from_jsonl <gradconflict.History.from_jsonl>` stores). No report object is built
+    per line.
+
+    The steps its packed file holds (:mod:`~gradconflict.records.sinks.packed`) are read from it, in blocks as long
+    as its frames run; every other line is decoded from the JSON, in blocks of up to ``rows``
+    (:data:`BLOCK_ROWS` by default; a skipped step is a block of its own), checked, warned about and named in
+    errors exactly as :func:`read_reports` does. Both give the same numbers."""
+    position, lines = 0, 0
+    for block in read_packed(path):
+        if block.start > position:
+            yield from _decoded_blocks(path, rows or BLOCK_ROWS, position, block.start, lines)
+        yield block.layout, block.steps.tolist(), block.reason, block.packed
+        position, lines = block.end, block.lines
+    yield from _decoded_blocks(path, rows or BLOCK_ROWS, position, None, lines)
+
+
+def _decoded_blocks(
+    path: str | Path, rows: int, start: int, stop: int | None, lines: int
+) -> Iterator[tuple[_Layout, Sequence[int], str, Tensor]]:
+    """:func:`read_blocks` of the lines in bytes ``[start, stop)``, decoded from the JSON (``lines`` before them)."""
     layout: _Layout | None = None
     # The steps in a C array, not the decoder's int objects: those would pin memory among each line's garbage.
     steps = array("q")
     values: list[list[Any]] = []
     wheres: list[str] = []
-    for where, data in json_lines(path):
+    for where, data in json_lines(path, start, stop, lines):
         try:
             bad = _check(data, where)
             try:
@@ -183,18 +219,26 @@ def read_blocks(path: str | Path, rows: int | None = None) -> Iterator[tuple[_La
         yield layout, steps, "", _packed(values, wheres)  # type: ignore[misc]
 
 
-def json_lines(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """``(where, decoded line)`` of each line that is JSON; a line that is not is skipped with a warning."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+def json_lines(path: str | Path, start: int = 0, stop: int | None = None, lines: int = 0) -> Iterator[tuple[str, Any]]:
+    """``(where, decoded line)`` of each line that is JSON, in bytes ``[start, stop)`` of the file (the whole file
+    by default; ``lines`` before ``start``, for the line numbers); a line that is not is skipped with a warning."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        position, number = start, lines
+        for line in f:
+            if stop is not None and position >= stop:
+                break
+            position += len(line)
+            number += 1
             if not line.strip():
                 continue
             try:
                 data = json.loads(line)
-            except json.JSONDecodeError as err:
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                what = f"{err.msg} at column {err.colno}" if isinstance(err, json.JSONDecodeError) else "not UTF-8"
                 warnings.warn(
-                    f"gradconflict: {path}, line {number} is not JSON ({err.msg} at column {err.colno}), probably cut "
-                    "short by a crash: skipped",
+                    f"gradconflict: {path}, line {number} is not JSON ({what}), probably cut short by a crash: "
+                    "skipped",
                     RuntimeWarning,
                     stacklevel=3,
                 )

@@ -198,7 +198,11 @@ def test_the_block_reader_gives_the_history_of_the_line_reader(tmp_path, monkeyp
         assert mine.packed.dtype == theirs.packed.dtype == torch.float64
         assert torch.equal(mine.packed.isnan(), theirs.packed.isnan())
         assert torch.equal(mine.packed.nan_to_num(), theirs.packed.nan_to_num())
-    assert columnar.ema == line_by_line.ema and columnar.gradvac_layers == line_by_line.gradvac_layers
+    # the reader folds the averages in larger batches than appending: equal to rounding
+    assert columnar.ema == pytest.approx(line_by_line.ema, rel=1e-12, abs=1e-15)
+    assert columnar.gradvac_layers.keys() == line_by_line.gradvac_layers.keys()
+    for layer, phi in columnar.gradvac_layers.items():
+        assert phi == pytest.approx(line_by_line.gradvac_layers[layer], rel=1e-12, abs=1e-15)
     assert columnar.skipped_steps() == [(40, "non-finite loss"), (41, "non-finite loss"), (60, "non-finite gradients"),
                                         (90, "non-finite loss")]
     kept = list(columnar)
