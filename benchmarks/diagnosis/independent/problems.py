@@ -33,7 +33,7 @@ from gradconflict.split import MultiTaskNet
 TEST_DIGITS, TEST_BREAST = 597, 169
 #: Every problem's training budget (Adam steps of 64 examples). Short, to fit the whole truth in a few CPU minutes
 #: on a shared machine: at this budget the models are not trained to convergence (see DIAGNOSIS.md).
-STEPS = 120
+STEPS = 300
 
 
 @dataclass(frozen=True)
