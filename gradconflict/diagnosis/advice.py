@@ -205,7 +205,8 @@ def advise(
         directions: ``{metric: "max" | "min"}``, the direction of each evaluation metric (required with
             ``evaluations``: no metric is assumed to be higher-is-better).
         evaluation_pairs: ``"consecutive"`` (evaluations over time) or ``"all"`` (unordered runs).
-        layer_order: layer names bottom to top (default: order in ``model.named_modules()``, else natural).
+        layer_order: layer names bottom to top (default: order in ``model.named_modules()``, else the run's own
+            layer order, :attr:`History.layer_order <gradconflict.History.layer_order>`, which a saved run keeps).
         thresholds: a :class:`Thresholds` (used as is) or a dict of overrides of the defaults; with a dict (or
             ``None``) that does not set ``conflict_cosine``, ``S`` is the threshold the reports were measured
             with (``ConflictMonitor(threshold=...)``, 0 by default).

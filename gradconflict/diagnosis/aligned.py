@@ -51,6 +51,7 @@ from torch import Tensor
 from gradconflict.measure import metrics
 from gradconflict.measure.report import ConflictReport
 from gradconflict.records.history import History
+from gradconflict.records.layers import merge_orders
 
 __all__ = ["Aligned", "Reports", "Run", "align", "masked_mean", "measured_reports", "no_pair_reason"]
 
@@ -99,7 +100,8 @@ def _cosine(G: np.ndarray, present: np.ndarray) -> np.ndarray:
 class Aligned:
     """The measured steps of a run on one task order, as arrays (see the module docstring).
 
-    ``S`` measured steps in step order, ``T`` tasks (sorted by name), ``L`` layers (in order of first appearance).
+    ``S`` measured steps in step order, ``T`` tasks (sorted by name), ``L`` layers (bottom to top: the run's layer
+    order).
 
     Attributes:
         tasks: the sorted union of the task names over the measured steps: the order of every T-sized axis.
@@ -109,7 +111,9 @@ class Aligned:
         weights: ``[S, T]`` the task weights of each step's update, NaN where absent.
         losses: ``[S, T]`` the task losses, NaN where absent or not recorded.
         has_losses: ``[S]`` whether the report recorded its losses (without, the transference takes ``L = 1``).
-        layers: layer names, in order of first appearance.
+        layers: layer names, bottom to top: the reports' layer order (the model's, under a monitor; a saved run
+            keeps it), merged over the steps (:func:`~gradconflict.records.layers.merge_orders`, as
+            :attr:`History.layer_order <gradconflict.History.layer_order>`).
         layer_gram: ``[S, L, T, T]`` each layer's Gram, NaN where the layer or the task is absent; in the Grams'
             own precision (float32 unless some layer Gram is float64: the numbers as measured, at half the
             memory; computations cast to float64).
@@ -419,7 +423,7 @@ def align(history: Run) -> Aligned:
         _blocks_of_history(history) if isinstance(history, History) else _blocks_of_reports(history)
     )
     tasks = tuple(sorted({t for b in blocks for t in b.tasks}))
-    layers = tuple(dict.fromkeys(n for b in sorted(blocks, key=lambda b: int(b.rows.min())) for n, _ in b.layers))
+    layers = tuple(merge_orders([n for n, _ in b.layers] for b in sorted(blocks, key=lambda b: int(b.rows.min()))))
     threshold = thresholds[0] if thresholds else 0.0
     if len(blocks) == 1 and _is_whole(blocks[0], tasks, layers):
         return _aligned_views(blocks[0], steps, threshold)

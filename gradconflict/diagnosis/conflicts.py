@@ -39,7 +39,7 @@ class ConflictTests:
     Attributes:
         tasks: the task names, sorted.
         pairs: the pairs ``(i, j)``, ``i < j``, in the order of every P-sized axis.
-        layers: layer names, in the order of :attr:`by_layer` (first appearance in the run).
+        layers: layer names, in the order of :attr:`by_layer` (the run's layer order, bottom to top).
         whole: the tests of the pairs on the whole shared backbone (``[P]``).
         by_layer: one :class:`~gradconflict.diagnosis.persistence.PersistenceTests` (``[P]``) per layer.
         layer_scores: ``[L]`` Recon's S-conflict score of each layer over the run (conflicting pairs summed over

@@ -36,7 +36,6 @@ together has NaN.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -48,6 +47,7 @@ from gradconflict.diagnosis.aligned import Run, align
 from gradconflict.diagnosis.conflicts import ConflictTests, conflict_tests
 from gradconflict.diagnosis.persistence import PERSISTENT_RATE, PersistenceTests
 from gradconflict.diagnosis.thresholds import Thresholds
+from gradconflict.measure.shared import layer_names, layer_ranks
 from gradconflict.records.pairs import pair_key
 
 __all__ = [
@@ -121,34 +121,29 @@ def layer_status(tests: PersistenceTests, alpha: float) -> LayerStatus:
     return "oscillating" if tests.at_chance(alpha).any() else "calm"
 
 
-def _natural_key(name: str) -> list[tuple[int, int | str]]:
-    # Digits compare as numbers so that "backbone.10" comes after "backbone.2".
-    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part]
-
-
 def order_layers(
     names: Iterable[str], *, model: nn.Module | None = None, layer_order: Sequence[str] | None = None
 ) -> list[str]:
     """Layer names from the bottom of the network to the top.
 
-    ``layer_order`` (an explicit list) wins; otherwise, with a ``model``, the order of first appearance in
-    ``model.named_modules()``; otherwise natural sort. Names that the first two do not know come last, in
-    natural order.
+    ``layer_order`` (an explicit list) wins; otherwise, with a ``model``, the order of ``model.named_modules()``
+    (:func:`~gradconflict.measure.shared.layer_ranks`, the order the monitor reports them in); otherwise the order
+    of ``names`` (a run's layers come bottom to top: :attr:`Aligned.layers
+    <gradconflict.diagnosis.aligned.Aligned.layers>`). Names that the first two do not know come last, in the
+    order of ``names``.
 
-    >>> order_layers(["backbone.10", "backbone.2", "backbone.0"])
-    ['backbone.0', 'backbone.2', 'backbone.10']
+    >>> order_layers(["neck", "stem", "body"], layer_order=["stem", "body"])
+    ['stem', 'body', 'neck']
     """
     names = list(dict.fromkeys(names))
     if layer_order is not None:
-        rank = {n: k for k, n in enumerate(layer_order)}
+        rank = {n: k for k, n in enumerate(dict.fromkeys(layer_order))}
     elif model is not None:
-        rank = {}
-        for k, (n, _) in enumerate(model.named_modules()):
-            rank.setdefault(n, k)
+        rank = layer_ranks(layer_names(model)[1])
     else:
-        rank = {}
+        return names
     known = sorted((n for n in names if n in rank), key=rank.__getitem__)
-    return known + sorted((n for n in names if n not in rank), key=_natural_key)
+    return known + [n for n in names if n not in rank]
 
 
 @dataclass(frozen=True)

@@ -206,7 +206,9 @@ class ConflictReport(_GramMetrics):
         gram: the T x T Gram ``G_ij = <g_i, g_j>`` over all shared parameters.
         weights: the task weights ``w`` used for the update.
         losses: the task losses at this step (detached).
-        layers: layer name -> :class:`LayerReport`; their Grams sum to ``gram``.
+        layers: layer name -> :class:`LayerReport`, bottom to top (the monitor lists them in the order of
+            ``model.named_modules()``; the diagnosis of a run without its model follows this order); their Grams sum
+            to ``gram``.
         step: index of the ``backward``/``measure`` call that produced it (0-based).
         engine: the engine that computed ``gram``.
         strategy: how the engine ran this step: ``"batched"`` (one vectorised backward), ``"loop"`` (one backward

@@ -11,7 +11,8 @@ trainable parameters no two tasks share while others are frozen (a heads-only wa
 for now, and is not an error.
 
 A layer is the module that owns a parameter, named by its qualified name; the model's own parameters form the
-layer :data:`ROOT_LAYER`.
+layer :data:`ROOT_LAYER`. The layers go bottom to top in the order of ``model.named_modules()``
+(:func:`layer_ranks`): the order of every report's layers.
 
 >>> import torch.nn as nn
 >>> model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
@@ -22,7 +23,7 @@ layer :data:`ROOT_LAYER`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from gradconflict.measure.checkpoint import segment_leaves
 from gradconflict.measure.fsdp import unsharded_copies
 from gradconflict.measure.graph import depends_on, leaves_of, walk_graph
 
-__all__ = ["ROOT_LAYER", "SharedParameters", "gram_dtype", "layer_names"]
+__all__ = ["ROOT_LAYER", "SharedParameters", "gram_dtype", "layer_names", "layer_ranks"]
 
 #: The layer name of parameters that belong to the model itself (not to a submodule).
 ROOT_LAYER = "(root)"
@@ -46,6 +47,19 @@ def layer_names(model: nn.Module) -> tuple[dict[int, str], dict[nn.Module, str]]
         for p in module.parameters(recurse=False):
             layer_of.setdefault(id(p), name)
     return layer_of, module_name
+
+
+def layer_ranks(module_name: Mapping[nn.Module, str]) -> dict[str, int]:
+    """Each layer's position from the bottom of the network, given :func:`layer_names`' second mapping: the order of
+    ``model.named_modules()`` (the model's own parameters, :data:`ROOT_LAYER`, first; a module met twice counts where
+    it is met first).
+
+    >>> from collections import OrderedDict
+    >>> model = nn.Sequential(OrderedDict(z_in=nn.Linear(2, 2), a_out=nn.Linear(2, 1)))
+    >>> layer_ranks(layer_names(model)[1])
+    {'(root)': 0, 'z_in': 1, 'a_out': 2}
+    """
+    return {name: k for k, name in enumerate(dict.fromkeys(module_name.values()))}
 
 
 class SharedParameters:

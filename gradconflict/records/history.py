@@ -46,6 +46,7 @@ from torch import Tensor
 from gradconflict.measure import metrics
 from gradconflict.measure.attribution import SampleAttribution
 from gradconflict.measure.report import ConflictReport, LayerReport
+from gradconflict.records.layers import merge_orders
 from gradconflict.records.pairs import pair_key
 from gradconflict.records.samples import SampleTally
 
@@ -54,8 +55,13 @@ if TYPE_CHECKING:
 
 __all__ = ["EMA_DECAY", "EMA_QUANTITIES", "GRADVAC_BETA", "MAX_HISTORY", "History", "Sink", "Stacked", "worst_cosine"]
 
-#: Version of the compact state (:meth:`History.state_dict`) and of each line a JSONL history holds.
+#: Version of the compact state (:meth:`History.state_dict`).
 SCHEMA = 1
+
+#: Version of each line a JSONL history holds. 2: a line lists its layers bottom to top, in the model's order; a
+#: line of schema 1 listed them as the backward reached them, and is read in natural order of the names
+#: (:mod:`~gradconflict.records.layers`).
+LINE_SCHEMA = 2
 
 #: The default weight of the past in every exponential moving average of a run, per measured step (the history's,
 #: the monitor's and the diagnosis' trends).
@@ -487,6 +493,25 @@ class History:
         self._collect(wait=True)
         return list(dict.fromkeys(t for r in self._records for t in r.layout.tasks))
 
+    @property
+    def layer_order(self) -> list[str]:
+        """Every layer met in the kept steps, bottom to top: the order of the reports' ``layers`` (the model's,
+        under a monitor; a saved run keeps it), merged over the steps'
+        (:func:`~gradconflict.records.layers.merge_orders`). What the diagnosis and the reports follow without a
+        model.
+
+        >>> import torch
+        >>> from gradconflict import ConflictReport, LayerReport
+        >>> h = History()
+        >>> layers = {n: LayerReport(n, "ab", torch.eye(2)) for n in ("stem", "body", "neck")}
+        >>> h.append(ConflictReport("ab", 3 * torch.eye(2), layers=layers))
+        >>> h.layer_order
+        ['stem', 'body', 'neck']
+        """
+        self._collect(wait=True)
+        layouts = dict.fromkeys(r.layout for r in self._records)
+        return merge_orders([name for name, _, _ in lay.layers] for lay in layouts)
+
     def __len__(self) -> int:
         self._collect(wait=True)
         return len(self._records)
@@ -667,7 +692,7 @@ class History:
 
 def report_record(report: ConflictReport) -> dict[str, Any]:
     """What one line of a JSONL history holds for a report: the schema version, then :meth:`ConflictReport.to_dict`."""
-    return {"schema": SCHEMA, **report.to_dict()}
+    return {"schema": LINE_SCHEMA, **report.to_dict()}
 
 
 def json_line(record: dict[str, Any]) -> str:

@@ -253,9 +253,9 @@ def _tasks(aligned: Aligned) -> list[TaskSummary]:
 def summarize_run(
     run: History | Iterable[ConflictReport], *, profile: Profile | None = None, aligned: Aligned | None = None
 ) -> RunSummary:
-    """The :class:`RunSummary` of a run. ``profile``: a layer profile already computed (e.g. ``advice.profile``,
-    which knows the model's layer order); by default one is computed from the reports (layer names in natural
-    order), with the run's own conflict threshold. ``aligned``: the run's :func:`~gradconflict.diagnosis.align`,
+    """The :class:`RunSummary` of a run. ``profile``: a layer profile already computed (e.g. ``advice.profile``);
+    by default one is computed from the reports (layers in the run's own order, bottom to top, which a saved run
+    keeps), with the run's own conflict threshold. ``aligned``: the run's :func:`~gradconflict.diagnosis.align`,
     when the caller has it already (a History is otherwise read through its stacked records, without a report per
     step). Raises ``ValueError`` when no step was measured."""
     earlier = 0

@@ -27,7 +27,7 @@ def _run(make_report, make_pair, top_cos, bottom_cos=0.8, steps=12):
     reports = []
     for s in range(steps):
         top, bottom = make_pair(top_cos), make_pair(bottom_cos)
-        reports.append(make_report(top + bottom, step=s, layers={"body.1": (top, 20), "body.0": (bottom, 60)}))
+        reports.append(make_report(top + bottom, step=s, layers={"body.0": (bottom, 60), "body.1": (top, 20)}))
     return reports
 
 
@@ -218,7 +218,7 @@ def _four_task_run(make_cut, make_gram, order_of_step, steps=20):
         bottom = make_gram(_block_cos(0.7, 0.6), norms)
         top = make_gram(_block_cos(0.8, -0.7 if s % 5 else 0.2), norms)
         losses = [1.0 + 0.01 * s, 2.0, 0.5, 1.5 - 0.01 * s]
-        layers = {"net.1": (top, 10), "net.0": (bottom, 30)}
+        layers = {"net.0": (bottom, 30), "net.1": (top, 10)}
         run.append(make_cut(order_of_step(s), top + bottom, step=s, layers=layers, losses=losses))
     return run
 

@@ -156,7 +156,7 @@ def test_mean_transference_by_name_over_the_steps_carrying_both(make_cut, make_g
 
 def test_mean_transference_through_some_layers(make_report, make_pair):
     top, bottom = make_pair(-0.5, norms=(1.0, 2.0)), make_pair(0.9, norms=(3.0, 3.0))
-    run = [make_report(top + bottom, step=s, layers={"top": (top, 4), "bottom": (bottom, 9)}, losses=[2.0, 4.0])
+    run = [make_report(top + bottom, step=s, layers={"bottom": (bottom, 9), "top": (top, 4)}, losses=[2.0, 4.0])
            for s in range(3)]
     expected = metrics.transference(top, torch.tensor([2.0, 4.0], dtype=torch.float64), 0.1).numpy()
     assert mean_transference(run, lr=0.1, layers=["top"]) == pytest.approx(expected)

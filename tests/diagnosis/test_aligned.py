@@ -24,7 +24,7 @@ def test_align_puts_every_step_on_the_sorted_task_names(make_gram):
     h = History()
     h.append(ConflictReport(("c", "a"), Gca, losses=torch.tensor([3.0, 1.0]), layers={"top": top2}, step=5))
     h.append(ConflictReport.skipped_step("ab", step=4, reason="nan"))
-    h.append(ConflictReport("abc", G3, layers={"top": top3, "bottom": LayerReport("bottom", "abc", G3 / 2)}, step=3))
+    h.append(ConflictReport("abc", G3, layers={"bottom": LayerReport("bottom", "abc", G3 / 2), "top": top3}, step=3))
     A = align(h)
     assert isinstance(A, Aligned) and align(A) is A
     assert A.tasks == ("a", "b", "c") and A.steps.tolist() == [3, 5] and A.num_steps == 2
@@ -36,12 +36,12 @@ def test_align_puts_every_step_on_the_sorted_task_names(make_gram):
     assert A.has_losses.tolist() == [False, True]
     np.testing.assert_array_equal(A.losses, [[np.nan] * 3, [1.0, np.nan, 3.0]])
     np.testing.assert_array_equal(A.weights, [[1.0, 1.0, 1.0], [1.0, np.nan, 1.0]])
-    # Layers in order of first appearance (step order); "bottom" missing from step 5.
-    assert A.layers == ("top", "bottom")
-    assert A.layer_present.tolist() == [[True, True], [True, False]]
-    assert A.layer_params.tolist() == [8, 0]  # the last step carrying "top" reported 8
-    np.testing.assert_array_equal(A.layer_gram[1, 0], expected)
-    assert np.isnan(A.layer_gram[1, 1]).all()
+    # Layers bottom to top, as the reports list them; "bottom" missing from step 5.
+    assert A.layers == ("bottom", "top")
+    assert A.layer_present.tolist() == [[True, True], [False, True]]
+    assert A.layer_params.tolist() == [0, 8]  # the last step carrying "top" reported 8
+    np.testing.assert_array_equal(A.layer_gram[1, 1], expected)
+    assert np.isnan(A.layer_gram[1, 0]).all()
     assert A.index("c") == 2
     with pytest.raises(ValueError, match="no measured step carries task 'z'"):
         A.index("z")

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 from torch import nn
 
@@ -7,15 +8,17 @@ from gradconflict.diagnosis import Thresholds, layer_profile, order_layers
 from gradconflict.diagnosis.profile import LayerProfile, branch_point, worst_pair
 
 
-def test_order_layers_explicit_model_and_natural():
+def test_order_layers_explicit_then_model_then_as_given():
     names = ["backbone.10", "backbone.2", "backbone.0", "stem"]
-    assert order_layers(names) == ["backbone.0", "backbone.2", "backbone.10", "stem"]
+    assert order_layers(names + ["stem"]) == names  # no order known: the run's own (a report lists bottom to top)
     explicit = order_layers(names, layer_order=["stem", "backbone.0"])
-    assert explicit == ["stem", "backbone.0", "backbone.2", "backbone.10"]
+    assert explicit == ["stem", "backbone.0", "backbone.10", "backbone.2"]  # the names it does not know: as given
     model = nn.Module()
     model.stem = nn.Linear(2, 2)
     model.backbone = nn.Sequential(*[nn.Linear(2, 2) for _ in range(11)])
     assert order_layers(names, model=model) == ["stem", "backbone.0", "backbone.2", "backbone.10"]
+    model.weight = nn.Parameter(torch.ones(1))  # the model's own parameters are the first module's: "(root)"
+    assert order_layers(["stem", "(root)", "head"], model=model) == ["(root)", "stem", "head"]
 
 
 def _layer(name, status, params=10):
@@ -52,7 +55,7 @@ def test_layer_profile_scores_tests_cosines_and_share(make_report, make_pair):
     for s, fight in enumerate(fights):
         top = make_pair(-0.5 if fight else 0.5)
         bottom = make_pair(0.7, norms=(3.0, 3.0))
-        reports.append(make_report(top + bottom, step=s, layers={"net.1": (top, 30), "net.0": (bottom, 90)}))
+        reports.append(make_report(top + bottom, step=s, layers={"net.0": (bottom, 90), "net.1": (top, 30)}))
     p = layer_profile(reports)
     assert [lp.name for lp in p.layers] == ["net.0", "net.1"]
     bottom, top = p.layers

@@ -71,7 +71,7 @@ def test_conflict_confined_to_a_layer_drives_signal_one(make_report, make_pair):
     run = []
     for step in range(20):
         top, bottom = make_pair(-0.8), make_pair(0.9, norms=(3.0, 3.0))
-        run.append(make_report(top + bottom, step=step, layers={"top": (top, 5), "bottom": (bottom, 50)}))
+        run.append(make_report(top + bottom, step=step, layers={"bottom": (bottom, 50), "top": (top, 5)}))
     s = diverging_objectives(run)
     assert s.status == "split" and s.details["decisive"]["layer"] == "top"
     assert s.details["persistence"] == {"a/b": 0.0}  # the whole backbone never conflicts

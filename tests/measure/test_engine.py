@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
+from torch import nn
 
 from gradconflict import ConflictMonitor, PerformanceWarning
-from tests.zoo import FAMILIES, losses_of, reference
+from tests.zoo import FAMILIES, linear_heads, losses_of, reference
 
 RTOL = 1e-9
 
@@ -56,9 +58,30 @@ def test_gram_and_layers_match_oracle(family: str, T: int, route: str):
     assert report.gram.dtype == torch.float64
     assert rel_err(report.gram, ref.gram) <= RTOL
     assert set(report.layers) == set(ref.layers)
+    depth = [name or "(root)" for name, _ in model.named_modules()]  # the order the families were built in
+    assert list(report.layers) == sorted(report.layers, key=depth.index)  # bottom to top, whatever the route
     for name, layer in report.layers.items():
         assert rel_err(layer.gram, ref.layers[name]) <= RTOL, name
     assert rel_err(sum(layer.gram for layer in report.layers.values()), report.gram) <= RTOL
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"strategy": "loop"}, {"engine": "reference"}, {"accumulation_steps": 2}], ids=str
+)
+def test_a_report_lists_its_layers_bottom_to_top(options):
+    # Names that sort against their depth: the backward reaches m_out first, but the report lists the layers in
+    # the order the backbone was built (z_in, then a_mid, then m_out), as every reader of a saved run takes them.
+    torch.manual_seed(0)
+    backbone = nn.Sequential(OrderedDict(
+        z_in=nn.Linear(3, 4), act=nn.Tanh(), a_mid=nn.Linear(4, 4), m_out=nn.Linear(4, 2),
+    ))
+    model = nn.ModuleDict({"backbone": backbone, "heads": nn.ModuleDict(linear_heads(2, 2))})
+    x = torch.randn(8, 3)
+    with ConflictMonitor(model, **options) as monitor:
+        for part in x.split(8 // options.get("accumulation_steps", 1)):
+            h = backbone(part)
+            report = monitor.backward({t: head(h).pow(2).mean() for t, head in model["heads"].items()})
+    assert list(report.layers) == ["backbone.z_in", "backbone.a_mid", "backbone.m_out"]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -337,7 +337,7 @@ def test_streaming_sink_writes_each_step_as_it_happens(tmp_path):
         monitor.backward(losses_of(model(x)))
         assert len(path.read_text().splitlines()) == k + 1  # on disk before the run goes on
     lines = path.read_text().splitlines()
-    assert [json.loads(line)["schema"] for line in lines] == [1, 1, 1]
+    assert [json.loads(line)["schema"] for line in lines] == [2, 2, 2]
     with path.open("a") as f:
         f.write(lines[-1][:25])  # a crash while writing: the last line is cut short
     assert len(History.from_jsonl(path)) == 3

@@ -118,7 +118,7 @@ def test_jsonl_round_trip_a_cut_line_is_skipped_and_a_foreign_line_is_named(tmp_
     path.write_text("\n".join([lines[0], '{"step": 1}', lines[2]]) + "\n")  # JSON, but not a history step
     with pytest.raises(ValueError, match=r"run.jsonl:2 is not a gradconflict history line: 'tasks'"):
         History.from_jsonl(path)
-    path.write_text(lines[0] + "\n" + lines[1].replace('"schema": 1', '"schema": 99') + "\n")
+    path.write_text(lines[0] + "\n" + lines[1].replace('"schema": 2', '"schema": 99') + "\n")
     with pytest.raises(ValueError, match=r"run.jsonl:2 was written with history schema 99.*upgrade gradconflict"):
         History.from_jsonl(path)
 
@@ -185,3 +185,16 @@ def test_stacked_gives_the_kept_measured_steps_per_layout():
         torch.testing.assert_close(row[2 * T : 2 * T + T * T].reshape(T, T), rebuilt.gram)
         torch.testing.assert_close(row[2 * T + T * T :].reshape(2, T, T)[1], rebuilt.layers["l1"].gram)
         torch.testing.assert_close(row[T : 2 * T], rebuilt.losses)
+
+
+def test_layer_order_is_the_steps_order_bottom_to_top_and_a_saved_run_keeps_it(tmp_path):
+    def step(s: int, names: list[str]) -> ConflictReport:
+        layers = {n: LayerReport(n, ("a", "b"), torch.eye(2), num_params=2) for n in names}
+        return ConflictReport(("a", "b"), len(names) * torch.eye(2), layers=layers, step=s)
+
+    history = History()
+    history.append(step(0, ["stem", "neck"]))  # names that sort against their depth
+    history.append(step(1, ["stem", "body", "neck"]))  # a layer that joins later goes where its step puts it
+    history.append(ConflictReport.skipped_step(("a", "b"), 2, "non-finite loss"))
+    assert history.layer_order == ["stem", "body", "neck"]
+    assert History.from_jsonl(history.to_jsonl(tmp_path / "run.jsonl")).layer_order == ["stem", "body", "neck"]

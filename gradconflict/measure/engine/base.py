@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from gradconflict.measure.rules.base import gram_of
+from gradconflict.measure.shared import layer_ranks
 
 if TYPE_CHECKING:
     from gradconflict.measure.distributed import Reduction
@@ -91,6 +92,8 @@ class Plan:
         gram_dtype: the dtype the Grams are accumulated in.
         leaf_of: parameter id -> the tensor the autograd graph holds for it, where that is another tensor (an
             FSDP2 module's unsharded copy); ``shared`` and ``layer_of`` know both.
+        layer_rank: layer name -> its position from the bottom of the network (``model.named_modules()`` order,
+            :func:`~gradconflict.measure.shared.layer_ranks`): the order of a measurement's layers.
     """
 
     shared: set[int]
@@ -98,6 +101,10 @@ class Plan:
     module_name: dict[nn.Module, str]
     gram_dtype: torch.dtype
     leaf_of: dict[int, Tensor] = field(default_factory=dict)
+    layer_rank: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.layer_rank = layer_ranks(self.module_name)
 
     def leaf(self, p: Tensor) -> Tensor:
         """The tensor the autograd graph holds for parameter ``p``."""
@@ -120,8 +127,9 @@ class LayerResult:
 
 @dataclass
 class Measurement:
-    """Per-layer Grams summing to ``gram``, and how the step was measured (``strategy``); ``samples``, the
-    per-example attribution when one was asked for (:class:`gradconflict.measure.attribution.Attributor`)."""
+    """Per-layer Grams summing to ``gram`` (the layers bottom to top, in the model's order), and how the step was
+    measured (``strategy``); ``samples``, the per-example attribution when one was asked for
+    (:class:`gradconflict.measure.attribution.Attributor`)."""
 
     gram: Tensor
     layers: dict[str, LayerResult]
@@ -248,7 +256,8 @@ class Accumulator:
         return dict(self._per_task)
 
     def result(self, strategy: str) -> Measurement:
-        """The step's measurement: the materialised parameters' Grams added, every layer summed."""
+        """The step's measurement: the materialised parameters' Grams added, every layer summed, the layers bottom
+        to top (:attr:`Plan.layer_rank`; they arrive in the order the backward reached them, top first)."""
         for leaf, per_task in self._per_task.values():
             # "autograd": per-task gradients asked of autograd (no rule covers them, or the per-task loop ran)
             self.add_rows(self.plan.layer_of[id(leaf)], per_task.flatten(1), leaf.numel(), "autograd")
@@ -261,4 +270,6 @@ class Accumulator:
         for entry in self.layers.values():
             entry.gram = (entry.gram + entry.gram.T) / 2  # exactly symmetric (the ghost product is, up to rounding)
             gram += entry.gram
-        return Measurement(gram, self.layers, strategy)
+        rank = self.plan.layer_rank
+        layers = dict(sorted(self.layers.items(), key=lambda item: rank.get(item[0], len(rank))))
+        return Measurement(gram, layers, strategy)

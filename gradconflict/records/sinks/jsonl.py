@@ -2,9 +2,11 @@
 nothing it measured. It needs nothing beyond the standard library.
 
 Each line is the step's :meth:`~gradconflict.ConflictReport.to_dict` with the schema version in front
-(``{"schema": 1, "step": ..., ...}``): the format of :meth:`gradconflict.History.to_jsonl`, which
-``History.from_jsonl`` and the command line (``gradconflict report``, ``gradconflict advise``) read back.
-``docs/integrations.md`` lists every field.
+(``{"schema": 2, "step": ..., ...}``): the format of :meth:`gradconflict.History.to_jsonl`, which
+``History.from_jsonl`` and the command line (``gradconflict report``, ``gradconflict advise``) read back. A line
+lists its layers bottom to top, in the model's order, so that a saved run keeps it; a line of schema 1 (which
+listed them as the backward reached them) is read with its layers in natural order of the names
+(:mod:`~gradconflict.records.layers`). ``docs/integrations.md`` lists every field.
 
 A run killed mid-write (a full disk, ``kill -9``) leaves its last line cut short. A sink that resumes the file
 first truncates it to its last complete line, with a warning, so the run goes on after a whole line; and
@@ -19,7 +21,7 @@ number, so a cut line left in the middle by an older resume costs that line, not
 >>> sink.close()
 >>> line = json.loads(open(path).readline())
 >>> line["schema"], line["step"], line["cosine"]
-(1, 3, [[1.0, 0.0], [0.0, 1.0]])
+(2, 3, [[1.0, 0.0], [0.0, 1.0]])
 """
 
 from __future__ import annotations
@@ -38,13 +40,17 @@ from torch import Tensor
 
 from gradconflict.measure.metrics import CONFLICT_COSINE
 from gradconflict.measure.report import ConflictReport
-from gradconflict.records.history import SCHEMA, _Layout, json_line, report_record
+from gradconflict.records.history import LINE_SCHEMA, _Layout, json_line, report_record
+from gradconflict.records.layers import natural_key
 from gradconflict.records.sinks.packed import PackedWriter, packed_path, read_packed
 
 __all__ = ["JSONLSink", "read_blocks", "read_reports"]
 
 #: Steps per block of :func:`read_blocks` (a few MB of Python numbers while a block is read).
 BLOCK_ROWS = 4096
+
+#: The first line schema that lists the layers bottom to top.
+_LAYERS_IN_ORDER = 2
 
 
 class JSONLSink:
@@ -258,7 +264,7 @@ def _row(data: Mapping[str, Any]) -> tuple[_Layout, str, list[Any]]:
     if data.get("skipped"):
         layout = _Layout(tasks, (), "", "", False, CONFLICT_COSINE, bool(losses))
         return layout, data.get("skip_reason") or "skipped", row
-    layers = data.get("layers", {})
+    layers = _layers(data)
     layout = _Layout(
         tasks,
         tuple((name, int(d.get("num_params", 0)), d.get("route", "")) for name, d in layers.items()),
@@ -272,6 +278,16 @@ def _row(data: Mapping[str, Any]) -> tuple[_Layout, str, list[Any]]:
     row += [x for r in data["gram"] for x in r]
     row += [x for d in layers.values() for r in d["gram"] for x in r]
     return layout, "", row
+
+
+def _layers(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A checked line's layers, bottom to top: as the line lists them, or, on a line of schema 1 (which listed
+    them as the backward reached them, top first), in natural order of the names, as they were read then."""
+    layers = data.get("layers", {})
+    schema = data.get("schema")
+    if isinstance(schema, int) and schema >= _LAYERS_IN_ORDER:
+        return layers
+    return dict(sorted(layers.items(), key=lambda item: natural_key(item[0])))
 
 
 def _packed(values: list[list[Any]], wheres: list[str]) -> Tensor:
@@ -298,7 +314,7 @@ def _report(data: Any, where: str) -> ConflictReport:
     deep inside the diagnosis."""
     bad = _check(data, where)
     try:
-        return ConflictReport.from_dict(data)
+        return ConflictReport.from_dict({**data, "layers": _layers(data)})
     except (KeyError, ValueError, TypeError) as err:
         raise bad(f"{type(err).__name__}: {err}") from err
 
@@ -313,10 +329,10 @@ def _check(data: Any, where: str) -> Callable[[str], ValueError]:
     if not isinstance(data, Mapping):
         raise bad(f"a JSON {type(data).__name__}, not an object")
     schema = data.get("schema")
-    if isinstance(schema, int) and schema > SCHEMA:
+    if isinstance(schema, int) and schema > LINE_SCHEMA:
         raise ValueError(
             f"{where} was written with history schema {schema}, newer than the schema this gradconflict reads "
-            f"({SCHEMA}): upgrade gradconflict to read it"
+            f"({LINE_SCHEMA}): upgrade gradconflict to read it"
         )
     tasks = data.get("tasks")
     if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):

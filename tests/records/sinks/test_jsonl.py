@@ -235,3 +235,24 @@ def test_the_first_bad_line_of_a_block_is_the_one_named(tmp_path):
     path.write_text(good + good + json.dumps(wrong_number) + "\n" + good + json.dumps(wrong_field) + "\n")
     with pytest.raises(ValueError, match=r"run.jsonl:3 is not a gradconflict history line: TypeError"):
         History.from_jsonl(path)
+
+
+def test_a_line_keeps_its_layers_bottom_to_top_and_a_line_of_schema_1_is_read_in_natural_order(tmp_path):
+    from gradconflict.records.sinks import jsonl
+
+    # Listed bottom to top, in an order that no sort of the names gives; each layer's numbers tell it apart.
+    names = ["stem", "block.10", "block.2"]
+    layers = {n: LayerReport(n, "ab", (k + 1) * torch.eye(2), num_params=k + 1) for k, n in enumerate(names)}
+    line = json.loads(report_line(ConflictReport("ab", 6 * torch.eye(2), layers=layers, step=0)))
+    assert line["schema"] == 2 and list(line["layers"]) == names
+    # A line written before the layers were kept in the model's order listed them as the backward reached them;
+    # it is read in natural order of the names, as it was read then.
+    old = {**line, "schema": 1, "step": 1}
+    path = tmp_path / "run.jsonl"
+    path.write_text(json.dumps(line) + "\n" + json.dumps(old) + "\n")
+    for new, legacy in (list(History.from_jsonl(path)), list(jsonl.read_reports(path))):
+        assert list(new.layers) == names
+        assert list(legacy.layers) == ["block.2", "block.10", "stem"]
+        for k, name in enumerate(names):  # the numbers move with their names
+            assert legacy.layers[name].num_params == k + 1
+            assert torch.equal(legacy.layers[name].gram.float(), (k + 1) * torch.eye(2))
