@@ -159,7 +159,7 @@ def _samples(args: argparse.Namespace) -> int:
     a, comma, b = args.pair.partition(",")
     if not comma or not a or not b or "," in b:
         raise ValueError(f"--pair takes two task names separated by a comma (--pair seg,depth), got {args.pair!r}")
-    tally = SampleTally.from_jsonl(args.history)
+    tally = SampleTally.from_jsonl(args.history, max_ids=args.max_ids or None)
     if not tally.pairs:
         print(f"{args.history}: no step was measured with sample_ids (monitor.backward(losses, sample_ids=ids))",
               file=sys.stderr)
@@ -169,12 +169,13 @@ def _samples(args: argparse.Namespace) -> int:
     except KeyError as err:
         raise ValueError(err.args[0]) from None
     top = tally.top(a, b, k=args.top, by=args.by)
-    negative = sum(min(0.0, s["push"]) * s["count"] for s in stats.values())
-    carried = sum(min(0.0, stats[i]["push"]) * stats[i]["count"] for i in top)
-    share = f"{carried / negative:.0%}" if negative < 0 else "none"
-    fraction = len(top) / len(stats)
-    print(f"{args.history}: {len(stats)} ids attributed for ({a}, {b}); the {len(top)} below ({fraction:.1%} of "
-          f"them) carry {share} of the negative inner product between {a} and {b}")
+    totals = tally.totals(a, b)
+    share = f"{tally.negative_share(a, b, top):.0%}" if totals["negative"] < 0 else "none"
+    about = f"{totals['ids']} ids attributed"
+    if tally.approximate:
+        about = f"about {about} (more than --max-ids: the {len(stats)} kept are ranked)"
+    print(f"{args.history}: {about} for ({a}, {b}); the {len(top)} below ({len(top) / totals['ids']:.1%} of "
+          f"them) carry {share} of the negative pushes between {a} and {b}")
     print(f"{'id':>12} {'steps':>6} {'agreement':>10} {'push':>11} {'apart':>6}")
     for i in top:
         s = stats[i]
@@ -185,6 +186,7 @@ def _samples(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``gradconflict`` command."""
     from gradconflict import __version__
+    from gradconflict.records.samples import MAX_IDS
 
     parser = argparse.ArgumentParser(
         prog="gradconflict", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -253,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     samples.add_argument("--top", type=int, default=50, help="how many ids to list (default 50)")
     samples.add_argument(
         "--by", choices=("agreement", "push", "apart"), default="agreement", help="the ranking (default agreement)"
+    )
+    samples.add_argument(
+        "--max-ids", type=int, default=MAX_IDS, metavar="N",
+        help=f"ids kept per pair; past it the ranking is approximate (default {MAX_IDS}; 0: keep every id)",
     )
     samples.set_defaults(func=_samples)
     return parser

@@ -19,6 +19,43 @@ disagreement. Dividing by the batch's scale at each step keeps late steps (small
 nothing, and averaging over an id's appearances normalises per example. On constructed data with a known answer
 it finds the planted examples best (``tests/records/test_samples.py``).
 
+Bounded memory. A run over millions of examples cannot keep a row per id and pair, so the tally keeps at most
+``max_ids`` rows per pair (default 100,000; ``None``: one row per id, unbounded). Up to that many distinct ids it
+is exact. Past it, it keeps exact rows for the ids that carry the conflict most and a fixed-size sketch of the
+rest, and the choices are these:
+
+* **Which rows stay.** When a pair holds more than ``max_ids`` rows, the rows are ranked by each statistic that
+  :meth:`~SampleTally.top` ranks by (lowest mean ``agreement``, lowest mean ``push``, highest ``apart``); a row
+  keeps its best rank of the three, and the worst-ranked are evicted until ``max_ids - max_ids // 16`` remain.
+  Evicting by the ranking statistics keeps what ``top`` will be asked for; evicting a sixteenth at once makes
+  the ranking (a sort of the rows) run once per ``max_ids / 16`` new ids, not at every step. Heavy hitters need
+  no separate rule: an id that keeps pushing the pair apart ranks low and stays, and one that was evicted
+  comes back with its history (next point). New ids are always admitted and judged at the next eviction.
+* **What an evicted row leaves.** Its sums go into a count sketch (:data:`SKETCH_DEPTH` rows of
+  :data:`SKETCH_WIDTH` cells, each cell the five float64 sums, every id added with a pseudo-random sign in each
+  row) and its id into a Bloom filter (:data:`FILTER_BITS` bits, :data:`FILTER_HASHES` hashes). A count sketch
+  rather than a count-min sketch because the sums are signed (push, agreement): its per-row estimates are
+  unbiased, and the median of three takes the outliers. The hashes are fixed polynomials modulo ``2^31 - 1``
+  whose coefficients come from a private generator with a fixed seed: neither torch's nor Python's global RNG
+  is touched, and a saved tally resumes with the same hashes.
+* **What a returning id gets.** An id the filter has never seen is new for certain (a Bloom filter has no false
+  negatives): its row starts at zero and is exact. One the filter may have seen takes its sketched sums back out
+  of the sketch, if its sketched count stands out of the sketch's noise (at least 1 and three times the
+  standard deviation ``sqrt(F2 / width)`` of a cell's collisions, ``F2`` the sketch's own estimate of the sum of
+  squared counts); otherwise the sketch is noise for that id and its row starts at zero. Either way the row is
+  marked approximate.
+* **What stays exact.** :meth:`~SampleTally.totals` (every attribution of the pair, summed as it comes: count,
+  push, apart, agreement, and the sum of the negative pushes) and the rows of the ids that were never evicted
+  (:meth:`~SampleTally.exact`). :meth:`~SampleTally.pair` and :meth:`~SampleTally.top` read the kept rows: over
+  capacity (:attr:`~SampleTally.approximate`) an evicted id is missing from them and a returned id's row holds
+  estimates; :meth:`~SampleTally.negative_share`, the share of the negative pushes that some ids carry, is
+  exact for exact rows, against an exact total.
+
+Memory per pair: 65 bytes per row (five float64 sums, the id, the sorted index, the exactness flag), for at
+most ``max_ids`` rows plus the ids new in one step, and once over capacity a fixed 6 MB (the sketch, 3.9 MB, and
+the filter, 2 MB), whatever the number of ids. The filter's false positive rate (a new id taken for a returning
+one, whose row is then marked approximate) is about 0.4% at a million evicted ids and 3% at two million.
+
 >>> import torch
 >>> from gradconflict.measure.attribution import SampleAttribution
 >>> within = torch.tensor([[[1.0, 0.5], [0.5, 1.0]], [[1.0, -0.75], [-0.75, 1.0]]])
@@ -29,10 +66,14 @@ it finds the planted examples best (``tests/records/test_samples.py``).
 [9]
 >>> tally.pair("a", "b")[9]
 {'count': 1, 'push': -1.5, 'apart': 1.0, 'agreement': -0.75}
+>>> tally.negative_share("a", "b", [9]), tally.approximate
+(1.0, False)
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,48 +84,239 @@ from gradconflict.measure.attribution import SampleAttribution
 
 __all__ = ["SampleTally"]
 
-#: The columns kept per (pair, id): steps, sum of pushes, steps pushed apart, sum of agreements.
-_COLUMNS = ("count", "push", "apart", "agreement")
+#: The columns kept per (pair, id): steps, sum of pushes, steps pushed apart, sum of agreements, sum of the
+#: negative pushes.
+_COLUMNS = ("count", "push", "apart", "agreement", "negative")
+#: The statistics :meth:`SampleTally.top` ranks by, and whether the highest mean comes first.
+_RANKINGS = {"agreement": False, "push": False, "apart": True}
+#: Rows kept per pair by default.
+MAX_IDS = 100_000
+#: The count sketch of the evicted rows: rows (an odd number: their median is the estimate) and cells per row.
+SKETCH_DEPTH = 3
+SKETCH_WIDTH = 2**15
+#: The Bloom filter of the evicted ids: bits (a power of two) and hashes.
+FILTER_BITS = 2**24
+FILTER_HASHES = 3
+#: Noise of the sketch's count, in standard deviations, below which a returning id's sketched sums are not taken.
+_SIGNIFICANCE = 3.0
+_PRIME = 2**31 - 1
+#: Coefficients of the hashes (bucket, sign, filter), from a private generator: the global RNG is not touched.
+_HASHES = torch.randint(
+    1, _PRIME, (2 * SKETCH_DEPTH + FILTER_HASHES, 6), generator=torch.Generator().manual_seed(0x5A3D1E),
+    dtype=torch.long,
+)
+
+
+def _hash(ids: Tensor, coefficients: Tensor) -> Tensor:
+    """``[k, N]`` values in ``[0, 2^31)``: per row of ``coefficients``, a polynomial of the id's three parts (31,
+    31 and 2 bits) modulo a prime, then two rounds of xor-shift and multiplication that break its linearity (an
+    arithmetic progression of ids would otherwise hash to one); no product overflows int64."""
+    parts = torch.stack([ids & 0x7FFFFFFF, (ids >> 31) & 0x7FFFFFFF, (ids >> 62) & 3])
+    h = ((parts[None] * coefficients[:, :3, None]) % _PRIME).sum(1).add_(coefficients[:, 3:4]) % _PRIME
+    for multiplier in (coefficients[:, 4:5], coefficients[:, 5:6]):
+        h = ((h ^ (h >> 15)) * multiplier) % _PRIME
+    return h
+
+
+class _PairRows:
+    """One pair's rows (ids in admission order, their sums), its exact totals and, once over capacity, the
+    sketch and filter of the evicted rows."""
+
+    def __init__(self, max_ids: int | None) -> None:
+        self.max_ids = max_ids
+        self.ids = torch.zeros(0, dtype=torch.long)  # row -> id
+        self.table = torch.zeros(0, len(_COLUMNS), dtype=torch.float64)  # grows by doubling; rows past ids: spare
+        self.sorted_ids = torch.zeros(0, dtype=torch.long)  # the ids, ascending, and their rows: the lookup
+        self.sorted_rows = torch.zeros(0, dtype=torch.long)
+        self.exact = torch.zeros(0, dtype=torch.bool)
+        self.totals = torch.zeros(len(_COLUMNS), dtype=torch.float64)
+        self.sketch: Tensor | None = None
+        self.filter: Tensor | None = None
+
+    def rows(self, ids: Tensor) -> Tensor:
+        """Each id's row, -1 for an id not kept."""
+        if not len(self.sorted_ids):
+            return torch.full_like(ids, -1)
+        at = torch.searchsorted(self.sorted_ids, ids).clamp_(max=len(self.sorted_ids) - 1)
+        return torch.where(self.sorted_ids[at] == ids, self.sorted_rows[at], -1)
+
+    def add(self, ids: Tensor, values: Tensor) -> None:
+        self.totals += values.sum(0)
+        rows = self.rows(ids)
+        missing = rows < 0
+        if bool(missing.any()):
+            # the new ids, ascending, and each one's place in the order of first occurrence (its row, from n on)
+            new_ids, inverse = torch.unique(ids[missing], return_inverse=True)
+            first = torch.full((len(new_ids),), len(inverse), dtype=torch.long)
+            first.scatter_reduce_(0, inverse, torch.arange(len(inverse)), "amin")
+            place = torch.empty_like(first)
+            place[torch.argsort(first)] = torch.arange(len(new_ids))
+            rows[missing] = len(self.ids) + place[inverse]
+            self._admit(new_ids, place)
+        self.table.index_add_(0, rows, values)
+        if self.max_ids is not None and len(self.ids) > self.max_ids:
+            self._evict(self.max_ids - self.max_ids // 16)
+
+    def _admit(self, new_ids: Tensor, place: Tensor) -> None:
+        """Append rows for ``new_ids`` (ascending, none kept yet), each at its ``place`` after the kept ones."""
+        n, u = len(self.ids), len(new_ids)
+        fresh = torch.empty_like(new_ids)
+        fresh[place] = new_ids
+        base = torch.zeros(u, len(_COLUMNS), dtype=torch.float64)
+        exact = torch.ones(u, dtype=torch.bool)
+        if self.filter is not None:
+            exact = ~self._in_filter(fresh)
+            base[~exact] = self._take(fresh[~exact])
+        if n + u > self.table.shape[0]:
+            size = max(2 * self.table.shape[0], n + u, 64)
+            if self.max_ids is not None:
+                size = min(size, max(n + u, self.max_ids))
+            grown = torch.zeros(size, len(_COLUMNS), dtype=torch.float64)
+            grown[:n] = self.table[:n]
+            self.table = grown
+        self.table[n : n + u] = base
+        self.ids = torch.cat([self.ids, fresh])
+        self.exact = torch.cat([self.exact, exact])
+        # merge the new ids into the sorted lookup (linear: each new id lands after the old ones below it)
+        at = torch.searchsorted(self.sorted_ids, new_ids) + torch.arange(u)
+        placed = torch.zeros(n + u, dtype=torch.bool)
+        placed[at] = True
+        merged_ids, merged_rows = torch.empty(n + u, dtype=torch.long), torch.empty(n + u, dtype=torch.long)
+        merged_ids[at], merged_rows[at] = new_ids, n + place
+        merged_ids[~placed], merged_rows[~placed] = self.sorted_ids, self.sorted_rows
+        self.sorted_ids, self.sorted_rows = merged_ids, merged_rows
+
+    def _evict(self, keep: int) -> None:
+        """Keep the ``keep`` rows with the best rank under any of the rankings; sketch the others."""
+        n = len(self.ids)
+        best = torch.full((n,), n, dtype=torch.long)
+        for column, highest_first in _RANKINGS.items():
+            means = self.table[:n, _COLUMNS.index(column)] / self.table[:n, 0]
+            rank = torch.empty(n, dtype=torch.long)
+            rank[torch.argsort(-means if highest_first else means)] = torch.arange(n)
+            best = torch.minimum(best, rank)
+        kept = torch.zeros(n, dtype=torch.bool)
+        kept[torch.argsort(best, stable=True)[:keep]] = True
+        if self.sketch is None or self.filter is None:
+            self.sketch = torch.zeros(SKETCH_DEPTH, SKETCH_WIDTH, len(_COLUMNS), dtype=torch.float64)
+            self.filter = torch.zeros(FILTER_BITS // 8, dtype=torch.uint8)
+        self._sketch_add(self.ids[~kept], self.table[:n][~kept])
+        bits = torch.unique(_hash(self.ids[~kept], _HASHES[2 * SKETCH_DEPTH :]) & (FILTER_BITS - 1))
+        byte, bit = bits >> 3, torch.bitwise_left_shift(torch.ones_like(bits), bits & 7).to(torch.uint8)
+        unset = (self.filter[byte] & bit) == 0
+        self.filter.index_add_(0, byte[unset], bit[unset])  # distinct unset bits: their sum is their "or"
+        rows = kept.nonzero().squeeze(1)
+        self.table[: len(rows)] = self.table[rows]
+        self.ids, self.exact = self.ids[rows], self.exact[rows]
+        renumbered = torch.full((n,), -1, dtype=torch.long)
+        renumbered[rows] = torch.arange(len(rows))
+        stays = kept[self.sorted_rows]
+        self.sorted_ids, self.sorted_rows = self.sorted_ids[stays], renumbered[self.sorted_rows[stays]]
+
+    def _in_filter(self, ids: Tensor) -> Tensor:
+        assert self.filter is not None
+        bits = _hash(ids, _HASHES[2 * SKETCH_DEPTH :]) & (FILTER_BITS - 1)
+        return ((self.filter[bits >> 3].long() >> (bits & 7)) & 1).bool().all(0)
+
+    def _cells(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Each id's cell in each row of the flattened sketch ``[depth, N]``, and its sign there."""
+        h = _hash(ids, _HASHES[: 2 * SKETCH_DEPTH])
+        cells = (h[:SKETCH_DEPTH] & (SKETCH_WIDTH - 1)) + SKETCH_WIDTH * torch.arange(SKETCH_DEPTH)[:, None]
+        return cells, (1 - 2 * (h[SKETCH_DEPTH:] & 1)).double()
+
+    def _sketch_add(self, ids: Tensor, sums: Tensor) -> None:
+        assert self.sketch is not None
+        cells, sign = self._cells(ids)
+        signed = sign[:, :, None] * sums[None]
+        self.sketch.view(-1, len(_COLUMNS)).index_add_(0, cells.reshape(-1), signed.reshape(-1, len(_COLUMNS)))
+
+    def _take(self, ids: Tensor) -> Tensor:
+        """The sketched sums of returning ids, moved out of the sketch; zero where the count is within noise."""
+        assert self.sketch is not None
+        cells, sign = self._cells(ids)
+        estimate = (self.sketch.view(-1, len(_COLUMNS))[cells] * sign[:, :, None]).median(0).values
+        noise = math.sqrt(float(self.sketch[:, :, 0].square().sum(1).median()) / SKETCH_WIDTH)
+        count = estimate[:, 0].round()
+        taken = count >= max(1.0, _SIGNIFICANCE * noise)
+        base = torch.zeros_like(estimate)
+        base[taken] = torch.stack([
+            count, estimate[:, 1], torch.minimum(estimate[:, 2].clamp(min=0), count), estimate[:, 3],
+            estimate[:, 4].clamp(max=0),
+        ], dim=1)[taken]
+        self._sketch_add(ids, -base)
+        return base
+
+    def distinct(self) -> int:
+        """The distinct ids seen: exact while nothing was evicted; else the exact rows plus the filter's estimate
+        of the evicted ids, ``-(m / k) ln(1 - set bits / m)``."""
+        if self.filter is None:
+            return len(self.ids)
+        set_bits = sum(int(((self.filter >> s) & 1).sum()) for s in range(8))
+        evicted = -FILTER_BITS / FILTER_HASHES * math.log1p(-set_bits / FILTER_BITS)
+        return int(self.exact.sum()) + round(evicted)
+
+    def state(self) -> dict[str, Any]:
+        n = len(self.ids)
+        tensors = {"ids": self.ids, "sums": self.table[:n], "exact": self.exact, "totals": self.totals,
+                   "sketch": self.sketch, "filter": self.filter}
+        return {k: None if t is None else t.clone() for k, t in tensors.items()}
+
+    @classmethod
+    def restore(cls, max_ids: int | None, state: dict[str, Any]) -> _PairRows:
+        rows = cls(max_ids)
+        rows.ids = torch.as_tensor(state["ids"], dtype=torch.long).clone()
+        rows.table = torch.as_tensor(state["sums"], dtype=torch.float64).reshape(len(rows.ids), len(_COLUMNS)).clone()
+        rows.exact = torch.as_tensor(state["exact"], dtype=torch.bool).clone()
+        rows.totals = torch.as_tensor(state["totals"], dtype=torch.float64).clone()
+        rows.sorted_ids, order = torch.sort(rows.ids)
+        rows.sorted_rows = order
+        for name in ("sketch", "filter"):
+            if state.get(name) is not None:
+                setattr(rows, name, state[name].clone())
+        return rows
 
 
 class SampleTally:
-    """Per-pair, per-id sums over the attributed steps (see the module's docstring); exact, one row per id seen.
+    """Per-pair, per-id sums over the attributed steps (see the module's docstring): exact up to ``max_ids``
+    distinct ids per pair (``None``: always, one row per id), bounded past it.
 
-    Rows live in float64 tensors that grow by doubling: 32 bytes per id and pair (a million ids and three pairs
-    take about 100 MB).
+    Rows live in float64 tensors: 65 bytes per kept id and pair (see the module's docstring for the bound and
+    what stays exact past ``max_ids``).
+
+    >>> tally = SampleTally(max_ids=2)
+    >>> tally.add_pair(("a", "b"), [1, 2, 3], torch.tensor([-1.0, 2.0, 3.0]), torch.tensor([-0.5, 0.5, 0.25]))
+    >>> tally.approximate, tally.top("a", "b", k=1), tally.totals("a", "b")["count"]
+    (True, [1], 3)
     """
 
-    def __init__(self) -> None:
-        self._rows: dict[tuple[str, str], tuple[dict[int, int], Tensor]] = {}
+    def __init__(self, max_ids: int | None = MAX_IDS) -> None:
+        if max_ids is not None and (not isinstance(max_ids, int) or max_ids < 1):
+            raise ValueError(f"max_ids must be a positive integer or None, got {max_ids!r}")
+        self.max_ids = max_ids
+        self._rows: dict[tuple[str, str], _PairRows] = {}
 
     def add(self, samples: SampleAttribution) -> None:
         """Add one step's attribution (one host copy of its per-pair rows)."""
-        ids = samples.ids.tolist()
+        ids = samples.ids.detach().cpu().long()
         for pair, (push, agreement) in samples.pairs().items():
             self.add_pair(pair, ids, push.detach().double().cpu(), agreement.detach().double().cpu())
 
-    def add_pair(self, pair: tuple[str, str], ids: list[int], push: Tensor, agreement: Tensor) -> None:
+    def add_pair(self, pair: tuple[str, str], ids: Sequence[int] | Tensor, push: Tensor, agreement: Tensor) -> None:
         """Add one step's per-example ``push`` and ``agreement`` ``[N]`` for ``pair`` (as a saved step holds them,
         :meth:`SampleAttribution.to_dict`)."""
-        values = torch.stack([torch.ones_like(push), push, (push < 0).double(), agreement], dim=1)
+        values = torch.stack([torch.ones_like(push), push, (push < 0).double(), agreement, push.clamp(max=0)], dim=1)
         key = (pair[1], pair[0]) if (pair[1], pair[0]) in self._rows else (pair[0], pair[1])
-        index, table = self._rows.get(key, ({}, torch.zeros(0, len(_COLUMNS), dtype=torch.float64)))
-        rows = [index.setdefault(i, len(index)) for i in ids]
-        if len(index) > table.shape[0]:
-            grown = torch.zeros(max(2 * table.shape[0], len(index), 64), len(_COLUMNS), dtype=torch.float64)
-            grown[: table.shape[0]] = table
-            table = grown
-        table.index_add_(0, torch.tensor(rows, dtype=torch.long), values)
-        self._rows[key] = (index, table)
+        rows = self._rows.setdefault(key, _PairRows(self.max_ids))
+        rows.add(torch.as_tensor(ids, dtype=torch.long).reshape(-1), values)
 
     @classmethod
-    def from_jsonl(cls, path: str | Path) -> SampleTally:
+    def from_jsonl(cls, path: str | Path, max_ids: int | None = MAX_IDS) -> SampleTally:
         """The tally of a saved run: every step of a history file (``JSONLSink``, ``History.to_jsonl``) that was
-        measured with ``sample_ids``."""
+        measured with ``sample_ids``, kept to ``max_ids`` rows per pair."""
         # here, not at the top: the JSONL reader's module imports the history, which holds a tally
         from gradconflict.records.sinks.jsonl import json_lines
 
-        tally = cls()
+        tally = cls(max_ids)
         for _, data in json_lines(path):  # a line cut by a crash is skipped with a warning, as every reader does
             for entry in (data.get("samples") or {}).get("pairs", []):
                 tally.add_pair(
@@ -94,10 +326,10 @@ class SampleTally:
                 )
         return tally
 
-    def _pair(self, a: str, b: str) -> tuple[tuple[str, str], dict[int, int], Tensor]:
+    def _pair(self, a: str, b: str) -> _PairRows:
         for key in ((a, b), (b, a)):
             if key in self._rows:
-                return (key, *self._rows[key])
+                return self._rows[key]
         raise KeyError(f"no attributed step holds the pair ({a!r}, {b!r}); pairs seen: {sorted(self._rows)}")
 
     @property
@@ -105,40 +337,89 @@ class SampleTally:
         """The task pairs seen, each in the order of the first report that held it."""
         return list(self._rows)
 
+    @property
+    def approximate(self) -> bool:
+        """Whether some pair went over ``max_ids`` distinct ids: :meth:`pair` and :meth:`top` then read the kept
+        rows only, and the rows outside :meth:`exact` hold estimates."""
+        return any(rows.sketch is not None for rows in self._rows.values())
+
     def pair(self, a: str, b: str) -> dict[int, dict[str, Any]]:
-        """id -> its aggregates for the pair (``count``, ``push``, ``apart``, ``agreement``: means over its steps)."""
-        _, index, table = self._pair(a, b)
-        out = {}
-        for sample_id, row in index.items():
-            count, push, apart, agreement = table[row].tolist()
-            out[sample_id] = {"count": int(count), "push": push / count, "apart": apart / count,
-                              "agreement": agreement / count}
-        return out
+        """id -> its aggregates for the pair (``count``, ``push``, ``apart``, ``agreement``: means over its steps),
+        for every kept id (every id seen, unless :attr:`approximate`)."""
+        rows = self._pair(a, b)
+        sums = rows.table[: len(rows.ids), :4].tolist()
+        return {
+            sample_id: {"count": int(count), "push": push / count, "apart": apart / count,
+                        "agreement": agreement / count}
+            for sample_id, (count, push, apart, agreement) in zip(rows.ids.tolist(), sums)
+        }
 
     def top(self, a: str, b: str, k: int = 50, by: str = "agreement") -> list[int]:
-        """The ``k`` ids that carry the pair's conflict most: lowest mean ``agreement`` (or ``by="push"``)."""
-        if by not in ("agreement", "push", "apart"):
+        """The ``k`` ids that carry the pair's conflict most: lowest mean ``agreement`` (or ``by="push"``, or
+        highest ``by="apart"``), among the kept ids."""
+        if by not in _RANKINGS:
             raise ValueError(f"by must be 'agreement', 'push' or 'apart', got {by!r}")
-        _, index, table = self._pair(a, b)
-        n = len(index)
-        means = table[:n, _COLUMNS.index(by)] / table[:n, 0]
-        order = torch.argsort(-means if by == "apart" else means)[:k].tolist()
-        ids = list(index)
-        return [ids[r] for r in order]
+        rows = self._pair(a, b)
+        n = len(rows.ids)
+        means = rows.table[:n, _COLUMNS.index(by)] / rows.table[:n, 0]
+        order = torch.argsort(-means if _RANKINGS[by] else means)[:k]
+        return rows.ids[order].tolist()
+
+    def exact(self, a: str, b: str) -> set[int]:
+        """The kept ids whose aggregates are exact (never evicted): every id of :meth:`pair` unless
+        :attr:`approximate`.
+
+        >>> tally = SampleTally(max_ids=1)
+        >>> tally.add_pair(("a", "b"), [1, 2], torch.tensor([-1.0, 2.0]), torch.tensor([-0.5, 0.5]))
+        >>> tally.exact("a", "b")
+        {1}
+        """
+        rows = self._pair(a, b)
+        return set(rows.ids[rows.exact].tolist())
+
+    def totals(self, a: str, b: str) -> dict[str, float]:
+        """The pair's sums over every attribution, exact whatever ``max_ids``: ``count`` (attributions),
+        ``push``, ``apart`` (attributions that pushed the pair apart), ``agreement`` and ``negative`` (the sum of
+        the negative pushes); and ``ids``, the distinct ids, exact unless :attr:`approximate` (then estimated).
+
+        >>> tally = SampleTally()
+        >>> tally.add_pair(("a", "b"), [1, 2, 1], torch.tensor([-1.0, 2.0, 0.5]), torch.tensor([0.0, 0.0, 0.0]))
+        >>> tally.totals("a", "b")
+        {'count': 3, 'push': 1.5, 'apart': 1, 'agreement': 0.0, 'negative': -1.0, 'ids': 2}
+        """
+        rows = self._pair(a, b)
+        count, push, apart, agreement, negative = rows.totals.tolist()
+        return {"count": round(count), "push": push, "apart": round(apart), "agreement": agreement,
+                "negative": negative, "ids": rows.distinct()}
+
+    def negative_share(self, a: str, b: str, ids: Iterable[int]) -> float:
+        """The share of the pair's negative pushes (``totals(a, b)["negative"]``) that ``ids`` carry over their
+        steps; ``nan`` if nothing ever pushed the pair apart. Exact for the ids of :meth:`exact`; an id not kept
+        counts for nothing.
+
+        >>> tally = SampleTally()
+        >>> tally.add_pair(("a", "b"), [1, 2, 3], torch.tensor([-3.0, -1.0, 2.0]), torch.tensor([0.0, 0.0, 0.0]))
+        >>> tally.negative_share("a", "b", [1])
+        0.75
+        """
+        rows = self._pair(a, b)
+        found = rows.rows(torch.unique(torch.as_tensor(list(ids), dtype=torch.long)))
+        total = float(rows.totals[_COLUMNS.index("negative")])
+        carried = float(rows.table[found[found >= 0], _COLUMNS.index("negative")].sum())
+        return carried / total if total < 0 else math.nan
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain data: per pair, the ids and their sums."""
+        """Per pair, the kept ids, their sums, which are exact, the exact totals and, past ``max_ids``, the sketch
+        and the filter (tensors, copied)."""
         return {
-            "pairs": [
-                {"pair": list(pair), "ids": list(index), "sums": table[: len(index)].tolist()}
-                for pair, (index, table) in self._rows.items()
-            ]
+            "max_ids": self.max_ids,
+            "pairs": [{"pair": list(pair), **rows.state()} for pair, rows in self._rows.items()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        self._rows = {}
-        for entry in state.get("pairs", []):
-            ids = [int(i) for i in entry["ids"]]
-            table = torch.tensor(entry["sums"], dtype=torch.float64).reshape(len(ids), len(_COLUMNS))
-            self._rows[(entry["pair"][0], entry["pair"][1])] = ({i: r for r, i in enumerate(ids)}, table)
+        """Restore :meth:`state_dict` (``max_ids`` included)."""
+        self.max_ids = state.get("max_ids", self.max_ids)
+        self._rows = {
+            (entry["pair"][0], entry["pair"][1]): _PairRows.restore(self.max_ids, entry)
+            for entry in state.get("pairs", [])
+        }

@@ -3,9 +3,16 @@
 Usefulness: on data built with a known answer (a planted 5% of the examples carry the conflict), a monitored
 training run with ``sample_ids`` ranks the examples by :meth:`SampleTally.top`; precision at k (k = the number
 planted) is averaged over seeds. Chance is 0.05.
+
+Bounded memory: past ``max_ids`` the tally is checked against a dense recomputation over every id (the rows it
+says are exact, its totals, its estimate of the returning ids) and against the construction (planted ids
+recovered), and its tensors are weighed against the bound its docstring states.
 """
 
 from __future__ import annotations
+
+import random
+import time
 
 import pytest
 import torch
@@ -32,25 +39,169 @@ def test_tally_sums_match_a_plain_recomputation_and_survive_state_dict():
         scale = float(((s.within[:, 0, 0] + s.within[:, 2, 2]) / 2).mean())
         for n, i in enumerate(s.ids.tolist()):
             push = float(s.contribution[n, 0, 2] + s.contribution[n, 2, 0])
-            row = expected.setdefault(i, [0, 0.0, 0, 0.0])
+            row = expected.setdefault(i, [0, 0.0, 0, 0.0, 0.0])
             row[0] += 1
             row[1] += push
             row[2] += push < 0
             row[3] += float(s.within[n, 0, 2]) / scale
+            row[4] += min(push, 0.0)
     got = tally.pair("c", "a")
     assert set(got) == set(expected)
-    for i, (count, push, apart, agreement) in expected.items():
+    for i, (count, push, apart, agreement, _) in expected.items():
         assert got[i]["count"] == count
         assert got[i]["push"] == pytest.approx(push / count, rel=1e-5, abs=1e-6)
         assert got[i]["apart"] == pytest.approx(apart / count)
         assert got[i]["agreement"] == pytest.approx(agreement / count, rel=1e-5, abs=1e-6)
     lowest = sorted(expected, key=lambda i: expected[i][3] / expected[i][0])[:4]
     assert tally.top("a", "c", k=4) == lowest
+    totals = tally.totals("c", "a")
+    assert totals["count"] == sum(r[0] for r in expected.values()) and totals["ids"] == len(expected)
+    assert totals["apart"] == sum(r[2] for r in expected.values())
+    for k, name in ((1, "push"), (3, "agreement"), (4, "negative")):
+        assert totals[name] == pytest.approx(sum(r[k] for r in expected.values()), rel=1e-5, abs=1e-6)
+    negative = sum(r[4] for r in expected.values())
+    assert tally.negative_share("a", "c", lowest) == pytest.approx(sum(expected[i][4] for i in lowest) / negative)
+    assert not tally.approximate and tally.exact("a", "c") == set(expected)
     restored = SampleTally()
     restored.load_state_dict(tally.state_dict())
     assert restored.pair("a", "c") == got and restored.pairs == tally.pairs
     with pytest.raises(KeyError, match="pairs seen"):
         tally.pair("a", "z")
+
+
+# -- bounded memory ------------------------------------------------------------------------------------------
+
+
+def columns(push: Tensor, agreement: Tensor) -> Tensor:
+    """What one attribution adds up to, written out: count, push, apart, agreement, negative push."""
+    return torch.stack([torch.ones_like(push), push, (push < 0).double(), agreement, push.clamp(max=0)], dim=1)
+
+
+def planted_run(max_ids: int | None, steps: int = 100) -> tuple[SampleTally, Tensor, Tensor]:
+    """100,000 background ids (2,000 a step, agreeing) and 50 planted ids in every step, which agree like the
+    background for 20 steps (so a bounded tally evicts them) and then push the pair apart. Returns the tally,
+    the planted ids and a dense recomputation ``[id, column]`` of every id's sums."""
+    g = torch.Generator().manual_seed(0)
+    background, batch = 100_000, 2_000
+    planted = torch.arange(background, background + 50)
+    tally = SampleTally(max_ids=max_ids)
+    dense = torch.zeros(background + len(planted), 5, dtype=torch.float64)
+    for step in range(steps):
+        ids = torch.cat([torch.randint(0, background, (batch,), generator=g), planted])
+        agreement = 1 + 0.3 * torch.randn(len(ids), generator=g, dtype=torch.float64)
+        push = 0.3 + torch.randn(len(ids), generator=g, dtype=torch.float64)
+        if step >= 20:
+            agreement[batch:] -= 2
+            push[batch:] = -1 + 0.5 * torch.randn(len(planted), generator=g, dtype=torch.float64)
+        tally.add_pair(("a", "b"), ids, push, agreement)
+        dense.index_add_(0, ids, columns(push, agreement))
+    return tally, planted, dense
+
+
+def test_bounded_tally_recovers_planted_ids_and_keeps_never_evicted_rows_exact():
+    torch.set_num_threads(1)
+    tally, planted, dense = planted_run(max_ids=1_000)
+    seen = dense[:, 0] > 0
+    assert tally.approximate and len(tally.pair("a", "b")) <= 1_000
+    # the construction's answer is the planted ids (checked on the dense sums), and the bounded tally finds them
+    means = torch.where(seen, dense[:, 3] / dense[:, 0], torch.inf)
+    assert set(torch.argsort(means)[:50].tolist()) == set(planted.tolist())
+    precision = float(torch.isin(torch.tensor(tally.top("a", "b", k=50)), planted).float().mean())
+    assert precision == 1.0
+    # the ids never evicted: their aggregates are the dense recomputation's
+    got, exact = tally.pair("a", "b"), tally.exact("a", "b")
+    assert len(exact) >= 100
+    for i in exact:
+        count, push, apart, agreement, _ = dense[i].tolist()
+        assert got[i]["count"] == count
+        assert got[i]["push"] == pytest.approx(push / count, rel=1e-12)
+        assert got[i]["apart"] == pytest.approx(apart / count, rel=1e-12)
+        assert got[i]["agreement"] == pytest.approx(agreement / count, rel=1e-12)
+    # the planted ids were evicted while they agreed and came back with their sketched history (100 steps each)
+    assert not exact & set(planted.tolist())
+    for i in planted.tolist():
+        assert abs(got[i]["count"] - 100) <= 5
+        assert got[i]["agreement"] == pytest.approx(dense[i, 3].item() / 100, abs=0.05)
+    # the totals are exact; the distinct ids are estimated from the filter
+    totals = tally.totals("a", "b")
+    assert totals["count"] == 100 * 2_050 and totals["apart"] == int(dense[:, 2].sum())
+    for k, name in ((1, "push"), (3, "agreement"), (4, "negative")):
+        assert totals[name] == pytest.approx(float(dense[:, k].sum()), rel=1e-9)
+    assert totals["ids"] == pytest.approx(int(seen.sum()), rel=0.01)
+    share = float(dense[planted, 4].sum() / dense[:, 4].sum())
+    assert tally.negative_share("a", "b", planted.tolist()) == pytest.approx(share, rel=0.02)
+
+
+def tensor_bytes(root: object) -> int:
+    """The bytes of every tensor reachable from ``root``'s attributes (each storage once)."""
+    storages: dict[int, int] = {}
+    todo, visited = [root], set()
+    while todo:
+        obj = todo.pop()
+        if id(obj) in visited:
+            continue
+        visited.add(id(obj))
+        if isinstance(obj, Tensor):
+            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+        elif isinstance(obj, dict):
+            todo += list(obj.keys()) + list(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            todo += list(obj)
+        elif hasattr(obj, "__dict__"):
+            todo.append(vars(obj))
+    return sum(storages.values())
+
+
+def test_two_million_ids_stay_within_the_stated_bound():
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    tally = SampleTally()  # the default capacity, 100,000
+    ids = torch.randperm(2_000_000, generator=g) * 7919 + 13
+    start = time.perf_counter()
+    for batch in ids.split(100_000):
+        push = torch.randn(len(batch), generator=g, dtype=torch.float64)
+        tally.add_pair(("a", "b"), batch, push, torch.randn(len(batch), generator=g, dtype=torch.float64))
+    elapsed = time.perf_counter() - start
+    # the docstring's bound: 65 bytes a row for 100,000 rows plus one step's new ids, and a fixed 6,029,312 bytes
+    bound = 65 * (100_000 + 100_000) + 6_029_312
+    assert tensor_bytes(tally) <= bound < 2_000_000 * 40 / 4  # a quarter of what one row per id would take
+    assert len(tally.pair("a", "b")) <= 100_000 and tally.approximate
+    totals = tally.totals("a", "b")
+    assert totals["count"] == 2_000_000 and totals["ids"] == pytest.approx(2_000_000, rel=0.01)
+    assert elapsed < 30, elapsed  # about 4 s on two shared CPU cores
+
+
+def test_bounded_state_dict_round_trip_and_global_rng_untouched():
+    from gradconflict import History
+
+    rng, python_rng = torch.get_rng_state(), random.getstate()
+    g = torch.Generator().manual_seed(1)
+
+    def step(tallies: list[SampleTally]) -> None:
+        ids = torch.randint(0, 5_000, (256,), generator=g)
+        push, agreement = torch.randn(256, generator=g, dtype=torch.float64), torch.randn(256, generator=g)
+        for t in tallies:
+            t.add_pair(("a", "b"), ids, push, agreement.double())
+
+    history = History()
+    history.samples = SampleTally(max_ids=300)
+    for _ in range(40):
+        step([history.samples])
+    resumed = History()
+    resumed.load_state_dict(history.state_dict())
+    assert resumed.samples.max_ids == 300 and resumed.samples.approximate
+    for _ in range(40):  # both go on: the sketch, the filter and the hashes came back with the state
+        step([history.samples, resumed.samples])
+    for t in (history.samples, resumed.samples):
+        assert tensor_bytes(t) < 7_000_000
+    assert resumed.samples.pair("a", "b") == history.samples.pair("a", "b")
+    assert resumed.samples.exact("a", "b") == history.samples.exact("a", "b")
+    assert resumed.samples.totals("a", "b") == history.samples.totals("a", "b")
+    for by in ("agreement", "push", "apart"):
+        assert resumed.samples.top("a", "b", k=20, by=by) == history.samples.top("a", "b", k=20, by=by)
+    assert torch.equal(torch.get_rng_state(), rng) and random.getstate() == python_rng
+    with pytest.raises(ValueError, match="max_ids"):
+        SampleTally(max_ids=0)
 
 
 # -- usefulness on constructed data --------------------------------------------------------------------------
@@ -140,6 +291,7 @@ def test_history_sink_state_dict_and_cli_keep_the_tally(tmp_path, capsys):
     path = tmp_path / "run.jsonl"
     X, y = torch.randn(30, 4), torch.randn(30, 1)
     direct = SampleTally()
+    negative: dict[int, float] = {}  # per id, the sum of its negative pushes
     with ConflictMonitor(model, shared=backbone, sinks=[JSONLSink(path)]) as monitor:
         for step in range(6):
             ids = torch.randint(0, 30, (10,))
@@ -149,6 +301,8 @@ def test_history_sink_state_dict_and_cli_keep_the_tally(tmp_path, capsys):
             model.zero_grad()
             if report.samples is not None:
                 direct.add(report.samples)
+                for i, push in zip(ids.tolist(), report.samples.pushes_apart("a", "b").tolist()):
+                    negative[i] = negative.get(i, 0.0) + min(push, 0.0)
         history = monitor.history
     expected = direct.pair("a", "b")
     assert history.samples.pair("a", "b") == expected
@@ -162,7 +316,16 @@ def test_history_sink_state_dict_and_cli_keep_the_tally(tmp_path, capsys):
         assert saved[i]["push"] == pytest.approx(stats["push"], rel=1e-6, abs=1e-9)
         assert saved[i]["agreement"] == pytest.approx(stats["agreement"], rel=1e-6, abs=1e-9)
     assert main(["samples", str(path), "--pair", "a,b", "--top", "3"]) == 0
-    rows = capsys.readouterr().out.splitlines()[2:]
-    assert [int(r.split()[0]) for r in rows] == direct.top("a", "b", k=3)
+    lines = capsys.readouterr().out.splitlines()
+    top = [int(r.split()[0]) for r in lines[2:]]
+    assert top == direct.top("a", "b", k=3)
+    share = sum(negative[i] for i in top) / sum(negative.values())
+    assert f"{len(expected)} ids attributed" in lines[0] and f"carry {share:.0%} of the negative" in lines[0]
+    bounded = SampleTally.from_jsonl(path, max_ids=4)  # past capacity: a few rows kept, the totals exact
+    assert bounded.approximate and len(bounded.pair("a", "b")) <= 4
+    assert bounded.totals("a", "b")["count"] == sum(s["count"] for s in expected.values())
+    assert bounded.totals("b", "a")["negative"] == pytest.approx(sum(negative.values()), rel=1e-6)
+    assert main(["samples", str(path), "--pair", "a,b", "--max-ids", "4"]) == 0
+    assert "about" in capsys.readouterr().out
     assert main(["samples", str(path), "--pair", "a"]) == 2
     assert "two task names" in capsys.readouterr().err
