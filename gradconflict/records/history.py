@@ -560,11 +560,12 @@ class History:
         crash) is skipped with a ``RuntimeWarning`` naming its line number; a JSON line that is not a history step
         is a ``ValueError`` naming the line and the field. The file is read in blocks of steps straight into the
         packed storage (:func:`~gradconflict.records.sinks.jsonl.read_blocks`), without a report per line; the
-        history is the one appending each line's :meth:`ConflictReport.from_dict` would give."""
+        history is the one appending each line's :meth:`ConflictReport.from_dict` would give. The same pass fills
+        :attr:`samples` from the steps a ``JSONLSink`` wrote with their per-example attribution (``sample_ids``)."""
         from gradconflict.records.sinks.jsonl import read_blocks  # the sink module imports this one
 
         history = cls(ema_decay=ema_decay, max_history=max_history)
-        for layout, steps, reason, packed in read_blocks(path):
+        for layout, steps, reason, packed in read_blocks(path, samples=history.samples):
             history._admit_block(history._layouts.setdefault(layout, layout), steps, reason, packed)
         history._collect(wait=True)
         return history

@@ -39,6 +39,7 @@ from torch import Tensor
 from gradconflict.measure.metrics import CONFLICT_COSINE
 from gradconflict.measure.report import ConflictReport
 from gradconflict.records.history import SCHEMA, _Layout, report_line
+from gradconflict.records.samples import SampleTally
 
 __all__ = ["JSONLSink", "read_blocks", "read_reports"]
 
@@ -146,12 +147,16 @@ def read_reports(path: str | Path) -> Iterator[ConflictReport]:
         yield _report(data, where)
 
 
-def read_blocks(path: str | Path, rows: int | None = None) -> Iterator[tuple[_Layout, Sequence[int], str, Tensor]]:
+def read_blocks(
+    path: str | Path, rows: int | None = None, samples: SampleTally | None = None
+) -> Iterator[tuple[_Layout, Sequence[int], str, Tensor]]:
     """The steps of a JSONL history in file order, in blocks of up to ``rows`` (:data:`BLOCK_ROWS` by default)
     consecutive steps that share one layout: ``(layout, steps, skip reason, packed)``, ``packed`` being ``[N, K]``
     float64 rows in the History's packed layout (what :meth:`History.from_jsonl <gradconflict.History.from_jsonl>`
     stores). A skipped step is a block of its own. No report object is built per line; the lines are checked,
-    warned about and named in errors exactly as :func:`read_reports` does, and give the same numbers."""
+    warned about and named in errors exactly as :func:`read_reports` does, and give the same numbers. With
+    ``samples``, the same pass adds each step's per-example attribution (steps measured with ``sample_ids``) to
+    that tally (:meth:`SampleTally.add_saved <gradconflict.records.samples.SampleTally.add_saved>`)."""
     rows = rows or BLOCK_ROWS
     layout: _Layout | None = None
     # The steps in a C array, not the decoder's int objects: those would pin memory among each line's garbage.
@@ -169,6 +174,8 @@ def read_blocks(path: str | Path, rows: int | None = None) -> Iterator[tuple[_La
             if steps:  # an earlier line of the pending block may hold the first error
                 _packed(values, wheres)
             raise
+        if samples is not None:
+            samples.add_saved(data.get("samples"))
         if steps and (reason or line_layout != layout or len(steps) == rows):
             yield layout, steps, "", _packed(values, wheres)  # type: ignore[misc]
             steps, values, wheres = array("q"), [], []
