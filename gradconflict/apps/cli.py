@@ -62,7 +62,7 @@ def _report(args: argparse.Namespace) -> int:
     if not aligned.num_steps:
         print(f"{args.history}: no measured step", file=sys.stderr)
         return 1
-    advice = advise(aligned)
+    advice = advise(aligned, samples=history.samples)  # the aligned arrays leave the history's tally behind
     summary = summarize_run(history, profile=advice.profile, aligned=aligned)
     print(f"{args.history}: {summary.text()}")
     if args.lines > 0:

@@ -11,6 +11,8 @@ where, and into which task groups?", with the evidence shown.
 - :mod:`~gradconflict.diagnosis.recon`: Recon's top-K conflicting layers.
 - :mod:`~gradconflict.diagnosis.affinity`: inter-task affinity (first-order transference, exact lookahead).
 - :mod:`~gradconflict.diagnosis.groups`: task groups by affinity.
+- :mod:`~gradconflict.diagnosis.examples`: the examples that carry a pair's conflict (runs measured with
+  ``sample_ids``), the share they carry and what removing them would do.
 - :mod:`~gradconflict.diagnosis.advice`: :func:`advise`; :mod:`~gradconflict.diagnosis.advice_types` holds
   :class:`Advice` and :class:`Uncertainty`, :mod:`~gradconflict.diagnosis.next_step` the next step's code.
 - :mod:`~gradconflict.diagnosis.thresholds`: every threshold, with its source.
@@ -29,6 +31,7 @@ from gradconflict.diagnosis.affinity import lookahead_transference, mean_transfe
 from gradconflict.diagnosis.aligned import Aligned, align
 from gradconflict.diagnosis.conflicts import ConflictTests, conflict_tests
 from gradconflict.diagnosis.evaluations import EvalTable
+from gradconflict.diagnosis.examples import ConflictingExamples, conflicting_examples
 from gradconflict.diagnosis.groups import Grouping, group_tasks
 from gradconflict.diagnosis.heads import HeadStats, head_stats, linear_cka
 from gradconflict.diagnosis.persistence import PersistenceTests, persistence_tests
@@ -51,6 +54,7 @@ __all__ = [
     "Advice",
     "Aligned",
     "ConflictTests",
+    "ConflictingExamples",
     "EvalTable",
     "Grouping",
     "HeadStats",
@@ -69,6 +73,7 @@ __all__ = [
     "align",
     "ceiling",
     "conflict_tests",
+    "conflicting_examples",
     "diverging_objectives",
     "ema",
     "group_tasks",

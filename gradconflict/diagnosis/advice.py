@@ -51,6 +51,7 @@ from gradconflict.diagnosis.affinity import lookahead_transference, mean_transfe
 from gradconflict.diagnosis.aligned import Run, align, no_pair_reason
 from gradconflict.diagnosis.conflicts import conflict_tests
 from gradconflict.diagnosis.evaluations import Pairs
+from gradconflict.diagnosis.examples import ConflictingExamples, pairs_with_examples
 from gradconflict.diagnosis.groups import Grouping, group_tasks, magnitude_free
 from gradconflict.diagnosis.next_step import MAX_CANDIDATES, RECOVERED_SHARE, next_step_code
 from gradconflict.diagnosis.profile import Profile, layer_profile, share_from
@@ -59,6 +60,7 @@ from gradconflict.diagnosis.signals import (
     ALARMS,
     MAGNITUDE_WEIGHTINGS,
     REWEIGHT,
+    Signal,
     ceiling,
     diverging_objectives,
     heavy_heads,
@@ -73,6 +75,7 @@ from gradconflict.diagnosis.trends import summarize
 from gradconflict.records.comparison import ComparisonResult
 from gradconflict.records.history import EMA_DECAY, History
 from gradconflict.records.pairs import pair_key
+from gradconflict.records.samples import SampleTally
 
 __all__ = ["Advice", "Uncertainty", "advise", "advise_from_jsonl", "next_step_code"]
 
@@ -166,6 +169,20 @@ def _groups(
     return (grouping.groups if len(grouping.groups) > 1 else [[t] for t in tasks]), grouping
 
 
+def _examples(
+    samples: SampleTally | None, oscillating: Signal, measured_ceiling: Signal
+) -> list[ConflictingExamples]:
+    """The examples that carry the conflict, when a split would not cure it: of the oscillating pairs, or of every
+    pair the tally holds when the comparison shows that no ceiling moved (none without attributed steps)."""
+    if samples is None or not samples.pairs:
+        return []
+    if measured_ceiling.status == "ok":
+        return pairs_with_examples(samples)
+    if oscillating.status == "watch":
+        return pairs_with_examples(samples, oscillating.pairs)
+    return []
+
+
 def advise(
     history: Run,
     *,
@@ -186,6 +203,7 @@ def advise(
     recon_window: tuple[int, int] | None = None,
     max_groups: int | None = None,
     ema_decay: float = EMA_DECAY,
+    samples: SampleTally | None = None,
 ) -> Advice:
     """Diagnose a run and advise whether, where and how to split its shared backbone.
 
@@ -221,8 +239,14 @@ def advise(
         recon_window: first and last training step whose measurements Recon scores (default: all).
         max_groups: most task groups considered (default: the number of tasks).
         ema_decay: per-step decay of the EMAs in :attr:`Advice.trends`.
+        samples: the run's per-example tally (default: ``history.samples`` of a
+            :class:`~gradconflict.History`), from the steps measured with ``sample_ids``: when the conflict
+            oscillates or the comparison shows that no ceiling moved, :attr:`Advice.examples` names the examples
+            that carry it (:mod:`~gradconflict.diagnosis.examples`).
     """
     aligned = align(history)  # once: every part below reads these arrays
+    if samples is None and isinstance(history, History):
+        samples = history.samples
     if not aligned.num_steps:
         raise ValueError("the history has no measured step: run some steps under a ConflictMonitor first")
     if not isinstance(thresholds, Thresholds) and "conflict_cosine" not in (thresholds or {}):
@@ -304,6 +328,8 @@ def advise(
         reason = "no signal says split" + (f"; keep an eye on {', '.join(watching)}" if watching else "")
         if oscillating.status == "watch":
             reason += f"; {oscillation_cause(oscillating.pairs)}: the conflict oscillates"
+            if samples is None or not samples.pairs:
+                reason += " (pass sample_ids= to monitor.backward to name the examples that carry it)"
         if dominance.status == "watch":
             dominated = ", ".join(pair_key(*p) for p in dominance.pairs)
             reason += (
@@ -375,10 +401,12 @@ def advise(
         decided_by=decided_by,
         weighting=weighting,
         conflict_onset=onset,
+        examples=_examples(samples, oscillating, measured_ceiling),
     )
 
 
 def advise_from_jsonl(path: str | Path, **kwargs: Any) -> Advice:
-    """:func:`advise` on a history saved with ``History.to_jsonl`` (what ``gradconflict advise RUN.jsonl``
-    runs); ``kwargs`` go to :func:`advise`."""
+    """:func:`advise` on a history saved with ``History.to_jsonl`` or a ``JSONLSink`` (what ``gradconflict advise
+    RUN.jsonl`` runs), with the per-example tally of its steps measured with ``sample_ids``; ``kwargs`` go to
+    :func:`advise`."""
     return advise(History.from_jsonl(path), **kwargs)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gradconflict._strict_json import strict
+from gradconflict.diagnosis.examples import ConflictingExamples
 from gradconflict.diagnosis.groups import Grouping
 from gradconflict.diagnosis.persistence import CHANCE, PERSISTENT_RATE
 from gradconflict.diagnosis.profile import Profile
@@ -84,6 +85,11 @@ class Advice:
         weighting: the update rule to train the shared model with (a :data:`gradconflict.weighting.METHODS`
             name), when the comparison showed a re-weighted shared model beating shared and no split beating it;
             else ``None``.
+        examples: the examples that carry the conflict, per pair (:class:`~gradconflict.diagnosis.examples.
+            ConflictingExamples`: the ids, the share of the negative inner product they carry, the what-if of
+            removing or halving them), when a split would not cure the conflict: for the oscillating pairs, or for
+            every attributed pair when the comparison shows that no ceiling moved. Only for a run measured with
+            ``sample_ids``; empty otherwise.
     """
 
     verdict: Verdict
@@ -101,6 +107,7 @@ class Advice:
     decided_by: DecidedBy = "none"
     weighting: str | None = None
     conflict_onset: str | None = None
+    examples: list[ConflictingExamples] = field(default_factory=list)
 
     @property
     def by_name(self) -> dict[str, Signal]:
@@ -133,6 +140,7 @@ class Advice:
             },
             "duplicated_share": self.duplicated_share,
             "signals": [s.to_dict() for s in self.signals],
+            "examples": [e.to_dict() for e in self.examples],
             "next_step": self.next_step,
             "trends": {
                 k: {"mean": q.mean, "ema": q.ema, "first_window": q.first_window, "last_window": q.last_window,
@@ -168,8 +176,8 @@ class Advice:
 
     def summary(self) -> str:
         """The verdict and the evidence behind it in a few lines: the uncertainty, which layers conflict and how
-        persistently, the branch point and Recon's layers, and which warning about what a split cannot cure
-        applies.
+        persistently, the branch point and Recon's layers, which warning about what a split cannot cure
+        applies, and the examples that carry the conflict then (:attr:`examples`).
 
         >>> import torch
         >>> from gradconflict import ConflictReport, advise
@@ -203,6 +211,7 @@ class Advice:
                 + ("; no comparison experiment yet (run the next step)" if self.signal("ceiling").status == "n/a"
                    else "")
             )
+        lines += [f"examples: {e.sentence()}" for e in self.examples]
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -222,6 +231,9 @@ class Advice:
         lines.append("groups: " + " | ".join("[" + ", ".join(g) + "]" for g in self.groups))
         lines += [f"why: {self.reason}", "", "signals:"]
         lines += [f"  {s}" for s in self.signals]
+        if self.examples:
+            lines += ["", "examples that carry the conflict (sample_ids; ranked by within-example agreement):"]
+            lines += [f"  {pair_key(*e.pair)}: {e.sentence()}" for e in self.examples]
         if self.profile is not None:
             lines += ["", "layer conflict profile (bottom to top; p: persistent conflict against chance):"]
             lines += ["  " + row for row in self.profile.table().splitlines()]

@@ -602,11 +602,12 @@ class History:
         packed storage (:func:`~gradconflict.records.sinks.jsonl.read_blocks`: from the packed file a
         :class:`~gradconflict.records.sinks.JSONLSink` writes beside it where that holds, else from the JSON),
         without a report per line; the history is the one appending each line's :meth:`ConflictReport.from_dict`
-        would give (its moving averages folded in larger batches, so equal to rounding)."""
+        would give (its moving averages folded in larger batches, so equal to rounding). The same pass fills
+        :attr:`samples` from the steps a ``JSONLSink`` wrote with their per-example attribution (``sample_ids``)."""
         from gradconflict.records.sinks.jsonl import read_blocks  # the sink module imports this one
 
         history = cls(ema_decay=ema_decay, max_history=max_history)
-        for layout, steps, reason, packed in read_blocks(path):
+        for layout, steps, reason, packed in read_blocks(path, samples=history.samples):
             history._admit_block(history._layouts.setdefault(layout, layout), steps, reason, packed)
         history._collect(wait=True)
         return history

@@ -73,7 +73,7 @@ one, whose row is then marked approximate) is about 0.4% at a million evicted id
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -318,13 +318,20 @@ class SampleTally:
 
         tally = cls(max_ids)
         for _, data in json_lines(path):  # a line cut by a crash is skipped with a warning, as every reader does
-            for entry in (data.get("samples") or {}).get("pairs", []):
-                tally.add_pair(
-                    (entry["pair"][0], entry["pair"][1]), [int(i) for i in data["samples"]["ids"]],
-                    torch.tensor(entry["push"], dtype=torch.float64),
-                    torch.tensor(entry["agreement"], dtype=torch.float64),
-                )
+            tally.add_saved(data.get("samples"))
         return tally
+
+    def add_saved(self, samples: Mapping[str, Any] | None) -> None:
+        """Add one saved step's attribution: the ``samples`` field of a history line (``None`` on a step measured
+        without ``sample_ids``: nothing to add)."""
+        if not samples:
+            return
+        ids = [int(i) for i in samples["ids"]]
+        for entry in samples.get("pairs", []):
+            self.add_pair(
+                (entry["pair"][0], entry["pair"][1]), ids, torch.tensor(entry["push"], dtype=torch.float64),
+                torch.tensor(entry["agreement"], dtype=torch.float64),
+            )
 
     def _pair(self, a: str, b: str) -> _PairRows:
         for key in ((a, b), (b, a)):

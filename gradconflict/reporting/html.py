@@ -12,7 +12,8 @@ the order a reader asks the questions:
 6. the layer profile with the advised branch point;
 7. the affinity matrix and the task groups;
 8. the advice's seven signals with their evidence, the trends, and the next step as code;
-9. the comparison experiment, when one was run.
+9. the examples that carry each pair's conflict, when some steps were measured with ``sample_ids``;
+10. the comparison experiment, when one was run.
 
 The page has no script and loads nothing: the figures are PNGs inside the file (``data:`` URIs), so it can be
 mailed or attached to a ticket as it is. ``png_dir=`` also writes each figure as a PNG file. Needs matplotlib.
@@ -39,9 +40,11 @@ from gradconflict import __version__
 from gradconflict.diagnosis.advice import Advice, advise
 from gradconflict.diagnosis.affinity import mean_transference, normalized
 from gradconflict.diagnosis.aligned import Aligned, align
+from gradconflict.diagnosis.examples import ConflictingExamples, carried_curve, pairs_with_examples
 from gradconflict.measure.report import ConflictReport
 from gradconflict.records.history import History
 from gradconflict.records.pairs import pair_key
+from gradconflict.records.samples import SampleTally
 from gradconflict.reporting.summary import QUANTITIES, RunSummary, summarize_run
 
 if TYPE_CHECKING:
@@ -72,7 +75,14 @@ CAPTIONS = {
     "affinity": "Normalised affinity N_ij = Z_ij / Z_jj: how much a step on task i (row) lowers the loss of task j "
     "(column), compared with a step on j itself (first order, TAG's transference from the measured Grams). "
     "Tasks that help each other belong in one group; the outlined blocks are the advised groups.",
+    "examples": "Left: the ids ranked by their mean within-example agreement between the two tasks (lowest "
+    "first), against the share of the pair's negative inner product (each id's summed part in 2 G_ij, where "
+    "negative) that the first ids carry; the dashed diagonal is a conflict spread evenly over the data, the dotted "
+    "line the named set. Right: each named id's share.",
 }
+
+#: Most rows per pair in the examples' table (the first of the ranking; the advice lists every named id).
+EXAMPLE_ROWS = 20
 
 #: The tables', the verdict box's and the statuses' rules: the page's, and (scoped) a notebook cell's.
 TABLE_STYLE = """
@@ -165,7 +175,9 @@ def _verdict(advice: Advice) -> str:
             f"{advice.duplicated_share:.0%} of the profiled backbone parameters per group)</p>"
         )
     groups = " | ".join("[" + ", ".join(g) + "]" for g in advice.groups)
-    parts.append(f"<p><b>Task groups:</b> {_e(groups)}</p></div>")
+    parts.append(f"<p><b>Task groups:</b> {_e(groups)}</p>")
+    parts += [f"<p><b>Examples ({_e(pair_key(*e.pair))}):</b> {_e(e.sentence())}</p>" for e in advice.examples]
+    parts.append("</div>")
     return "".join(parts)
 
 
@@ -267,6 +279,23 @@ def _evidence(advice: Advice) -> str:
     )
 
 
+def _examples_table(found: Sequence[ConflictingExamples]) -> str:
+    """Per pair, the named examples' sentence and their rows (the first :data:`EXAMPLE_ROWS`)."""
+    parts = []
+    for f in found:
+        parts.append(f"<p><b>{_e(pair_key(*f.pair))}</b>: {_e(f.sentence())}</p>")
+        rows = [
+            (k + 1, e.id, e.steps, f"{e.agreement:+.3f}", f"{e.push:+.3e}", f"{e.apart:.0%}", f"{e.share:.1%}")
+            for k, e in enumerate(f.examples[:EXAMPLE_ROWS])
+        ]
+        if rows:
+            parts.append(_table(
+                ["rank", "id", "steps", "mean agreement", "mean push", "pushed apart on", "share of the negative push"],
+                rows,
+            ))
+    return "".join(parts)
+
+
 def _comparison(result: ComparisonResult) -> str:
     """The comparison's Markdown table as an HTML table, and its notes as paragraphs."""
     lines = result.to_markdown().splitlines()
@@ -277,7 +306,8 @@ def _comparison(result: ComparisonResult) -> str:
 
 
 def _prepare(
-    run: Run, advice: Advice | None, summary: RunSummary | None, aligned: Aligned | None
+    run: Run, advice: Advice | None, summary: RunSummary | None, aligned: Aligned | None,
+    samples: SampleTally | None,
 ) -> tuple[Advice, RunSummary, dict[str, Any]]:
     """The advice and the summary (each computed when not given) and the figures of a run, aligned once (a
     History is read through its stacked records, without a report per step)."""
@@ -289,7 +319,7 @@ def _prepare(
     aligned = aligned if aligned is not None else align(run)
     if not aligned.num_steps:
         raise ValueError("the run has no measured step: nothing to report (run some steps under a ConflictMonitor)")
-    advice = advice if advice is not None else advise(aligned)
+    advice = advice if advice is not None else advise(aligned, samples=samples)
     summary = summary if summary is not None else summarize_run(run, profile=advice.profile, aligned=aligned)
     affinity = normalized(mean_transference(aligned))
     return advice, summary, run_figures(aligned, advice, affinity)
@@ -305,6 +335,7 @@ def render_html(
     png_dir: str | Path | None = None,
     summary: RunSummary | None = None,
     aligned: Aligned | None = None,
+    samples: SampleTally | None = None,
 ) -> str:
     """The report of ``run`` (a :class:`~gradconflict.History` or any iterable of reports) as one HTML string.
 
@@ -318,10 +349,19 @@ def render_html(
         png_dir: also write each figure there as ``<name>.png``.
         summary: the run's :func:`~gradconflict.reporting.summary.summarize_run`, when the caller has it already.
         aligned: the run's :func:`~gradconflict.diagnosis.align`, when the caller has it already.
+        samples: the run's per-example tally (default: ``run.samples`` of a History): with attributed steps, the
+            page shows the examples that carry each pair's conflict (table and figure).
     """
-    from gradconflict.reporting.plots import figure_to_png
+    from gradconflict.reporting.plots import conflicting_examples_figure, figure_to_png
 
-    advice, summary, figures = _prepare(run, advice, summary, aligned)
+    if samples is None and isinstance(run, History):
+        samples = run.samples
+    advice, summary, figures = _prepare(run, advice, summary, aligned, samples)
+    found: list[ConflictingExamples] = []
+    if samples is not None and samples.pairs:
+        found = pairs_with_examples(samples)
+        curves = {f.pair: carried_curve(samples, *f.pair) for f in found}
+        figures["examples"] = conflicting_examples_figure(found, curves)
     pngs = {name: figure_to_png(fig) for name, fig in figures.items()}
     if png_dir is not None:
         folder = Path(png_dir)
@@ -346,6 +386,11 @@ def render_html(
         + _figure(pngs["mean_cosine"], "mean_cosine", "mean cosine matrix") + "</div>" + _groups_table(advice),
         "<h2>Advice and evidence</h2>" + _evidence(advice),
     ]
+    if found:
+        sections.append(
+            "<h2>Examples that carry the conflict</h2>"
+            + _figure(pngs["examples"], "examples", "examples that carry the conflict") + _examples_table(found)
+        )
     if comparison is not None:
         sections.append("<h2>Comparison experiment</h2>" + _comparison(comparison))
     body = "\n".join(f"<section>{s}</section>" for s in sections)
@@ -367,12 +412,13 @@ def write_html(
     png_dir: str | Path | None = None,
     summary: RunSummary | None = None,
     aligned: Aligned | None = None,
+    samples: SampleTally | None = None,
 ) -> Path:
     """Write :func:`render_html`'s page to ``path`` (its folder is created); returns the path."""
     path = Path(path)
     page = render_html(
         run, advice=advice, comparison=comparison, title=title, source=source, png_dir=png_dir, summary=summary,
-        aligned=aligned,
+        aligned=aligned, samples=samples,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")

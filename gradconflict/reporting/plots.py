@@ -25,7 +25,7 @@ b'\\x89PNG'
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib import colormaps
@@ -37,6 +37,7 @@ from matplotlib.patches import Rectangle
 
 from gradconflict.diagnosis.advice import Advice
 from gradconflict.diagnosis.aligned import Aligned, masked_mean
+from gradconflict.diagnosis.examples import ConflictingExamples
 from gradconflict.diagnosis.profile import Profile, worst_pair
 from gradconflict.diagnosis.trends import window_means
 from gradconflict.records.pairs import pair_key
@@ -44,6 +45,7 @@ from gradconflict.records.pairs import pair_key
 __all__ = [
     "affinity_matrix",
     "cancellation_and_update",
+    "conflicting_examples_figure",
     "cosine_heatmap",
     "figure_to_png",
     "figure_to_rgb",
@@ -60,6 +62,10 @@ WIDTH = 11.0
 MAX_COLUMNS = 200
 #: Most layers labelled on the layer figures (above that, every k-th).
 MAX_LABELS = 40
+#: Most ids drawn as bars per pair on the examples figure (the first of the ranking).
+MAX_BARS = 30
+#: Most points of a concentration curve drawn (longer ones are sampled evenly, both ends kept).
+MAX_POINTS = 2000
 NO_PAIR = "no measured step carried two tasks together: no pair to compare"
 
 
@@ -346,6 +352,57 @@ def affinity_matrix(affinity: np.ndarray, tasks: Sequence[str], groups: Sequence
     ax.set_ylabel("task i (stepped on)")
     ax.set_title("Affinity N_ij and task groups (outlined)")
     fig.colorbar(image, ax=ax, fraction=0.05)
+    return fig
+
+
+def conflicting_examples_figure(
+    found: Sequence[ConflictingExamples], curves: Mapping[tuple[str, str], np.ndarray]
+) -> Figure:
+    """The examples that carry each pair's conflict, one row per pair: on the left the concentration curve (ids
+    ranked by within-example agreement, lowest first, against the share of the pair's negative push they carry;
+    dashed, the diagonal of a conflict spread evenly; dotted, the named set), on the right each named id's share
+    (the first :data:`MAX_BARS`). ``found`` are :func:`~gradconflict.diagnosis.examples.conflicting_examples`' results,
+    ``curves`` each pair's :func:`~gradconflict.diagnosis.examples.carried_curve`.
+
+    >>> import torch
+    >>> from gradconflict.records.samples import SampleTally
+    >>> from gradconflict.diagnosis.examples import carried_curve, conflicting_examples
+    >>> tally = SampleTally()
+    >>> tally.add_pair(("a", "b"), list(range(20)), torch.tensor([-4.0] + [0.1] * 19), torch.linspace(-1, 1, 20))
+    >>> found, curve = conflicting_examples(tally, "a", "b"), carried_curve(tally, "a", "b")
+    >>> fig = conflicting_examples_figure([found], {("a", "b"): curve})
+    >>> [float(p.get_height()) for p in fig.axes[1].patches]     # id 0 carries all of the negative push
+    [1.0]
+    """
+    fig = Figure(figsize=(WIDTH, 0.4 + 2.8 * max(len(found), 1)), dpi=100, layout="constrained")
+    axes = fig.subplots(max(len(found), 1), 2, squeeze=False, width_ratios=[1, 1.6])
+    if not found:
+        axes[0, 1].set_axis_off()
+        _say(axes[0, 0], "no attributed pair: measure steps with sample_ids= to name the examples")
+        return fig
+    for (curve_ax, bars_ax), f in zip(axes, found):
+        name = pair_key(*f.pair)
+        curve = np.asarray(curves[f.pair], dtype=np.float64)
+        n = len(curve)
+        keep = np.unique(np.linspace(0, n - 1, min(n, MAX_POINTS)).round().astype(int))
+        curve_ax.plot(np.concatenate([[0.0], (keep + 1) / n]), np.concatenate([[0.0], curve[keep]]), color=_color(3))
+        curve_ax.plot([0, 1], [0, 1], color="0.5", lw=1, ls="--")
+        if f.examples:
+            curve_ax.axvline(f.id_share, color="0.3", lw=1, ls=":")
+        curve_ax.set_xlim(0, 1)
+        curve_ax.set_ylim(0, 1.02)
+        _labels(curve_ax, "share of the negative push", f"{name}: ids ranked by {f.ranked_by}, lowest first",
+                "share of the ids")
+        shown = f.examples[:MAX_BARS]
+        if not shown:
+            _note(bars_ax, "no small set of ids carries the conflict" if f.push_share is not None
+                  else "no id pushes the pair apart")
+            bars_ax.set_axis_off()
+            continue
+        bars_ax.bar(range(len(shown)), [e.share for e in shown], color=_color(3))
+        bars_ax.set_xticks(range(len(shown)), [str(e.id) for e in shown], rotation=90, fontsize=8)
+        _labels(bars_ax, "share", f"{name}: {len(f.examples)} ids ({f.id_share:.1%}) carry "
+                f"{f.push_share or 0.0:.0%} of the negative push", "id")
     return fig
 
 

@@ -21,7 +21,7 @@ from gradconflict import History
 from gradconflict.fixtures.synthetic import make_problem
 from gradconflict.records.sinks import JSONLSink
 from gradconflict.reporting.html import render_html, write_html
-from tests.runs import drawn_run, pair_values
+from tests.runs import drawn_run, pair_values, planted_run
 
 pytest.importorskip("matplotlib")
 SECTIONS = [
@@ -144,6 +144,51 @@ def test_partial_and_round_robin_runs(kind):
 def test_an_empty_run_is_a_clear_error():
     with pytest.raises(ValueError, match="no measured step"):
         render_html([])
+
+
+@pytest.fixture(scope="module")
+def attributed(tmp_path_factory):
+    """A run measured with sample_ids whose planted 5% of the examples carry the conflict (``tests.runs``), saved
+    by a JSONLSink: ``(history, saved file, planted ids)``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    path = tmp_path_factory.mktemp("attributed") / "run.jsonl"
+    try:
+        monitor, planted, _ = planted_run(path)
+    finally:
+        torch.set_num_threads(threads)
+    return monitor.history, path, planted
+
+
+def test_the_examples_that_carry_the_conflict_are_shown_with_sample_ids(attributed, tmp_path):
+    from gradconflict.apps.cli import main
+    from gradconflict.diagnosis import advise
+    from gradconflict.diagnosis.examples import conflicting_examples
+
+    history, path, planted = attributed
+    page = Page(render_html(history))
+    assert page.headings == [*SECTIONS, "Examples that carry the conflict"]
+    assert len(page.sources) == 8 and page.unbalanced == 0
+    # The structured data that feeds the table: the rule's examples of the only pair, as the advice names them.
+    found = conflicting_examples(history.samples, "a", "b")
+    assert advise(history).examples == [found]
+    assert len(set(found.ids) & planted) / len(found.ids) > 0.5
+    rows = [r for r in page.rows if len(r) == 7 and r[0].isdigit()]
+    assert [int(r[1]) for r in rows] == list(found.ids[:20])
+    assert [r[6] for r in rows] == [f"{e.share:.1%}" for e in found.examples[:20]]
+    stats = history.samples.pair("a", "b")  # each row's numbers, read from the tally itself
+    assert all(int(r[2]) == stats[int(r[1])]["count"] and r[3] == f"{stats[int(r[1])]['agreement']:+.3f}"
+               for r in rows)
+    text = render_html(history)
+    assert 'id="fig-examples"' in text and html.escape(found.sentence()) in text
+    # A run without sample_ids has neither; the command line's report reads the tally back from the file.
+    assert "Examples that carry the conflict" not in render_html(drawn_run("full", steps=20))
+    out = tmp_path / "report.html"
+    assert main(["report", str(path), "-o", str(out)]) == 0
+    saved = out.read_text(encoding="utf-8")
+    assert "<h2>Examples that carry the conflict</h2>" in saved and saved.count("data:image/png;base64,") == 8
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

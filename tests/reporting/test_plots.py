@@ -127,3 +127,23 @@ def test_images_for_the_dashboards():
 def test_the_old_name_of_the_profile_figure_still_works_with_a_warning():
     with pytest.warns(DeprecationWarning, match="layer_profile_figure"):
         assert plots.layer_profile is plots.layer_profile_figure
+
+
+def test_the_examples_figure_draws_the_curve_and_each_named_ids_share():
+    import torch
+
+    from gradconflict.diagnosis.examples import carried_curve, conflicting_examples
+    from gradconflict.records.samples import SampleTally
+
+    tally = SampleTally()  # ids 0..2 push the pair apart (3, 2, 1), ranked first; 3..39 pull it together
+    tally.add_pair(("a", "b"), list(range(40)), torch.tensor([-3.0, -2.0, -1.0] + [0.5] * 37),
+                   torch.tensor([-3.0, -2.0, -1.0] + [1.0] * 37))
+    found = conflicting_examples(tally, "a", "b")
+    fig = plots.conflicting_examples_figure([found], {("a", "b"): carried_curve(tally, "a", "b")})
+    curve_ax, bars_ax = fig.axes
+    x, y = curve_ax.lines[0].get_data()
+    assert x[:4] == pytest.approx([0, 1 / 40, 2 / 40, 3 / 40]) and y[:4] == pytest.approx([0, 3 / 6, 5 / 6, 1.0])
+    assert [float(p.get_height()) for p in bars_ax.patches] == pytest.approx([3 / 6, 2 / 6, 1 / 6])
+    assert [t.get_text() for t in bars_ax.get_xticklabels()] == ["0", "1", "2"]
+    empty = plots.conflicting_examples_figure([], {})
+    assert "sample_ids" in texts(empty)[0]

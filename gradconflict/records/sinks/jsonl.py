@@ -42,6 +42,7 @@ from gradconflict.measure.metrics import CONFLICT_COSINE
 from gradconflict.measure.report import ConflictReport
 from gradconflict.records.history import LINE_SCHEMA, _Layout, json_line, report_record
 from gradconflict.records.layers import natural_key
+from gradconflict.records.samples import SampleTally
 from gradconflict.records.sinks.packed import PackedWriter, packed_path, read_packed
 
 __all__ = ["JSONLSink", "read_blocks", "read_reports"]
@@ -94,8 +95,8 @@ class JSONLSink:
         file.write(line)
         file.flush()
         if self._packed is not None:
-            try:
-                layout, reason, row = _row(data)
+            try:  # a step with its per-example attribution is left to the JSON, which holds it
+                layout, reason, row = _row(data) if "samples" not in data else (None, "", None)
             except (KeyError, ValueError, TypeError):  # left to the JSON reader, which names what is wrong
                 layout, reason, row = None, "", None
             self._packed.add(layout, reason, data["step"], row, line)
@@ -172,7 +173,9 @@ def read_reports(path: str | Path) -> Iterator[ConflictReport]:
         yield _report(data, where)
 
 
-def read_blocks(path: str | Path, rows: int | None = None) -> Iterator[tuple[_Layout, Sequence[int], str, Tensor]]:
+def read_blocks(
+    path: str | Path, rows: int | None = None, samples: SampleTally | None = None
+) -> Iterator[tuple[_Layout, Sequence[int], str, Tensor]]:
     """The steps of a JSONL history in file order, in blocks of consecutive steps that share one layout:
     ``(layout, steps, skip reason, packed)``, ``packed`` being ``[N, K]`` float64 rows in the History's packed
     layout (what :meth:`History.from_jsonl <gradconflict.History.from_jsonl>` stores). No report object is built
@@ -181,18 +184,20 @@ def read_blocks(path: str | Path, rows: int | None = None) -> Iterator[tuple[_La
     The steps its packed file holds (:mod:`~gradconflict.records.sinks.packed`) are read from it, in blocks as long
     as its frames run; every other line is decoded from the JSON, in blocks of up to ``rows``
     (:data:`BLOCK_ROWS` by default; a skipped step is a block of its own), checked, warned about and named in
-    errors exactly as :func:`read_reports` does. Both give the same numbers."""
+    errors exactly as :func:`read_reports` does. Both give the same numbers. With ``samples``, the same pass adds
+    each step's per-example attribution (steps measured with ``sample_ids``, which the packed file leaves to the
+    JSON) to that tally (:meth:`SampleTally.add_saved <gradconflict.records.samples.SampleTally.add_saved>`)."""
     position, lines = 0, 0
     for block in read_packed(path):
         if block.start > position:
-            yield from _decoded_blocks(path, rows or BLOCK_ROWS, position, block.start, lines)
+            yield from _decoded_blocks(path, rows or BLOCK_ROWS, position, block.start, lines, samples)
         yield block.layout, block.steps.tolist(), block.reason, block.packed
         position, lines = block.end, block.lines
-    yield from _decoded_blocks(path, rows or BLOCK_ROWS, position, None, lines)
+    yield from _decoded_blocks(path, rows or BLOCK_ROWS, position, None, lines, samples)
 
 
 def _decoded_blocks(
-    path: str | Path, rows: int, start: int, stop: int | None, lines: int
+    path: str | Path, rows: int, start: int, stop: int | None, lines: int, samples: SampleTally | None
 ) -> Iterator[tuple[_Layout, Sequence[int], str, Tensor]]:
     """:func:`read_blocks` of the lines in bytes ``[start, stop)``, decoded from the JSON (``lines`` before them)."""
     layout: _Layout | None = None
@@ -211,6 +216,8 @@ def _decoded_blocks(
             if steps:  # an earlier line of the pending block may hold the first error
                 _packed(values, wheres)
             raise
+        if samples is not None:
+            samples.add_saved(data.get("samples"))
         if steps and (reason or line_layout != layout or len(steps) == rows):
             yield layout, steps, "", _packed(values, wheres)  # type: ignore[misc]
             steps, values, wheres = array("q"), [], []
