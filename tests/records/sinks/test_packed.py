@@ -200,3 +200,24 @@ def test_to_jsonl_writes_the_packed_file(tmp_path, small_frames):
     assert packed_path(path).exists()
     _assert_same(History.from_jsonl(path), _decoded(path))
     assert History().to_jsonl(path).read_text() == "" and len(History.from_jsonl(path)) == 0
+
+
+def test_attributed_steps_are_read_from_the_json_with_their_examples(tmp_path, small_frames, monkeypatch):
+    from gradconflict.measure.attribution import SampleAttribution
+
+    path = tmp_path / "run.jsonl"
+    reports = []
+    for s in range(30):
+        report = ConflictReport(("a", "b"), torch.tensor([[1.0, -0.5], [-0.5, 1.0]]) * (s + 1), step=s)
+        if s % 10 == 3:  # an attributed step among plain ones: ids 0 and 1 disagree, by construction
+            within = torch.tensor([[[1.0, -0.75], [-0.75, 1.0]], [[1.0, 0.5], [0.5, 1.0]]])
+            report.samples = SampleAttribution(torch.tensor([0, 1]), ("a", "b"), within, within, within.sum(0))
+        reports.append(report)
+    _write(path, reports)
+    decoded = _decoded_lines(monkeypatch)
+    history = History.from_jsonl(path)
+    assert len(decoded) == 3  # the three attributed steps; the packed file served the rest
+    assert [float(r.gram[0, 0]) for r in history] == [float(s + 1) for s in range(30)]
+    stats = history.samples.pair("a", "b")
+    assert stats[0]["count"] == stats[1]["count"] == 3 and history.samples.top("a", "b", k=1) == [0]
+    assert stats[0]["push"] == pytest.approx(-1.5) and stats[1]["push"] == pytest.approx(1.0)
