@@ -392,7 +392,7 @@ def advise(
             lr=float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None,
         ),
         reason=reason,
-        uncertainty=_uncertainty(decided_by, diverging, alarms, aligned.step_gap),
+        uncertainty=_uncertainty(decided_by, diverging, alarms, aligned.step_gap, measured_ceiling),
         duplicated_share=share,
         profile=profile,
         recon=recon,

@@ -37,10 +37,10 @@ class Uncertainty:
         steps_needed: measured steps to add, about, before the verdict is settled (``None`` when decided).
         training_steps_needed: the same in training steps (``steps_needed`` times ``k`` under ``every=k``).
         awaits: what would settle a provisional verdict: ``"steps"`` (more measured steps, for the persistence
-            tests), ``"comparison"`` (the comparison experiment over seeds that vary: ``next_step``); empty when
-            decided. A ``keep_shared`` with ``awaits == ("comparison",)`` is *provisional on capacity*: the
-            gradients show no persistent conflict, and only the comparison can tell whether the shared backbone is
-            too small for the tasks.
+            tests), ``"comparison"`` (the comparison experiment over seeds that vary: ``next_step``), ``"seeds"``
+            (the comparison given, rerun on more seeds: it could not tell); empty when decided. A ``keep_shared``
+            with ``awaits == ("comparison",)`` is *provisional on capacity*: the gradients show no persistent
+            conflict, and only the comparison can tell whether the shared backbone is too small for the tasks.
     """
 
     decided: bool
@@ -282,12 +282,15 @@ def _more_steps(d: PairFinding, gap: int) -> Uncertainty | None:
     )
 
 
-def _uncertainty(verdict_from: DecidedBy, diverging: Signal, alarms: Sequence[str], gap: int) -> Uncertainty:
+def _uncertainty(
+    verdict_from: DecidedBy, diverging: Signal, alarms: Sequence[str], gap: int, ceiling: Signal | None = None
+) -> Uncertainty:
     """How settled the verdict is, from what decided it (``gap``: training steps between measured steps).
 
     Decided only by the comparison over seeds that vary, or by the persistence tests on enough effective steps (a
-    persistent conflict behind a split); heuristic signals alone, an unsettled test, or gradients that show no
-    conflict (capacity is then unjudged) leave the verdict provisional, with what would settle it."""
+    persistent conflict behind a split); heuristic signals alone, an unsettled test, a comparison that could not
+    tell (``ceiling`` watching: more seeds settle it), or gradients that show no conflict (capacity is then
+    unjudged) leave the verdict provisional, with what would settle it."""
     if verdict_from == "ceiling":
         return Uncertainty(True, "measured: the comparison experiment's paired test over seeds that vary decided it")
     d = diverging.finding
@@ -297,6 +300,15 @@ def _uncertainty(verdict_from: DecidedBy, diverging: Signal, alarms: Sequence[st
             f"tasks {pair_words(*d.pair)} conflict persistently on {d.where} (p = {d.p_adjusted:.2g}, adjusted over "
             f"{d.family} pair tests, on {d.effective_steps:.0f} effective steps)",
             p_value=d.p_adjusted,
+        )
+    if ceiling is not None and ceiling.status == "watch":
+        seeds, needed = ceiling.details.get("seeds"), ceiling.details.get("seeds_needed")
+        return Uncertainty(
+            False,
+            f"the comparison experiment over {seeds} seed(s) could not tell whether a split beats the shared model "
+            + (f"(a gain of {ceiling.value:+.1f}% on average, within the seed-to-seed spread): rerun it on about "
+               f"{needed} seeds in all" if needed else "(see the ceiling signal): rerun it on more seeds that vary"),
+            awaits=("seeds",),
         )
     if diverging.status == "n/a" or d is None:
         return Uncertainty(

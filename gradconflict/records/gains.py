@@ -42,8 +42,12 @@ class GainTest:
         floor: the smallest gain that counts.
         alpha: the test's level.
         seeds_vary: False when the seeds changed nothing (identical runs): their agreement proves nothing.
-        beyond: True: a gain beyond the floor, confirmed by the test; False: no gain beyond the floor;
-            ``None``: cannot tell (one seed above the floor, or seeds that change nothing).
+        beyond: True: a gain beyond the floor, confirmed by the test; False: no gain beyond the floor (the mean
+            gain is not above it, or too little above it for its spread to be confirmed on :data:`MAX_SEEDS`
+            seeds); ``None``: cannot tell (an unconfirmed mean above the floor that more seeds would settle, one
+            seed, or seeds that change nothing).
+        seeds_needed: when the test cannot tell a mean above the floor, the seeds in all at which it would confirm
+            a gain of this mean and spread (``None``: not needed, or more than :data:`MAX_SEEDS`).
 
     >>> judge_gain([25.5, 26.0, 29.4]).beyond
     True
@@ -56,6 +60,7 @@ class GainTest:
     alpha: float
     seeds_vary: bool
     beyond: bool | None
+    seeds_needed: int | None = None
 
 
 def judge_gain(
@@ -70,19 +75,27 @@ def judge_gain(
     - the mean gain must exceed ``floor`` (:data:`GAIN_FLOOR`, 1%): a smaller gain never counts (``False``);
     - and a one-sided one-sample t-test of the per-seed gains against the floor (H0: mean gain <= floor, the
       paired test of the two variants' seed-by-seed results) must reject at ``alpha`` (:data:`GAIN_ALPHA`,
-      0.05), on at least two seeds whose runs differ: then ``True``; if it does not reject, ``False``.
-    - ``None`` (cannot tell) when the mean exceeds the floor but there is one seed only, or the seeds change
-      nothing (``seeds_vary=False``: the caller found the runs of different seeds bit-identical, see
-      :func:`seeds_vary`). Identical runs have no spread, and would make any gain look certain.
+      0.05), on at least two seeds whose runs differ: then ``True``.
+    - When the mean exceeds the floor but the test does not reject, a failure to confirm is not evidence of no
+      gain: ``None`` (cannot tell) when a practical number of seeds would confirm a gain of this mean and spread
+      (:attr:`GainTest.seeds_needed`, at most :data:`MAX_SEEDS`), ``False`` when not even that many would (the
+      gain is too small for its noise to be worth a split).
+    - ``None`` also when there is one seed only, or when the seeds change nothing (``seeds_vary=False``: the
+      caller found the runs of different seeds bit-identical, see :func:`seeds_vary`). Identical runs have no
+      spread, and would make any gain look certain.
 
-    Three seeds that agree (+25.5, +26.0, +29.4%) pass; so do +60.7, +35.3, +18.4% (p = 0.047); a gain
-    that is large on one seed and negative on the others does not.
+    Three seeds that agree (+25.5, +26.0, +29.4%) pass; so do +60.7, +35.3, +18.4% (p = 0.047). A gain that is
+    large on one seed and negative on the others does not (it would take more than 20 seeds); +12.4, +13.8, +64.6%
+    cannot be told yet: about 5 seeds would.
 
     >>> t = judge_gain([60.7, 35.3, 18.4])
     >>> t.beyond, round(t.p_value, 3)
     (True, 0.047)
     >>> judge_gain([40.0, -5.0, -3.0]).beyond, judge_gain([0.0004, 0.0003, 0.0005]).beyond
     (False, False)
+    >>> t = judge_gain([12.4, 13.8, 64.6])
+    >>> t.beyond, round(t.p_value, 2), t.seeds_needed
+    (None, 0.12, 5)
     >>> judge_gain([12.0]).beyond, judge_gain([12.0, 12.5, 12.2], seeds_vary=False).beyond  # one seed; identical runs
     (None, None)
     """
@@ -91,7 +104,7 @@ def judge_gain(
         raise ValueError(f"judge_gain needs one finite gain per seed, got {values}")
     mean = statistics.fmean(values)
     p_value = math.nan
-    if mean <= floor:
+    if mean <= floor + 1e-9 * max(1.0, abs(floor)):  # at the floor to rounding: no gain beyond it
         beyond: bool | None = False
     elif len(values) < 2 or not seeds_vary:
         beyond = None
@@ -102,8 +115,30 @@ def judge_gain(
             with warnings.catch_warnings():  # nearly equal gains: scipy warns of precision, the verdict stands
                 warnings.simplefilter("ignore", RuntimeWarning)
                 p_value = float(stats.ttest_1samp(values, floor, alternative="greater").pvalue)
-        beyond = p_value < alpha
-    return GainTest(values, mean, p_value, floor, alpha, seeds_vary, beyond)
+        beyond = True if p_value < alpha else None
+    needed = None
+    if beyond is None and mean > floor and seeds_vary and len(values) > 1:
+        # unconfirmed: undecided when a practical number of seeds would confirm a gain this size, else no gain
+        needed = _seeds_needed(values, floor, alpha)
+        beyond = None if needed is not None else False
+    return GainTest(values, mean, p_value, floor, alpha, seeds_vary, beyond, needed)
+
+
+#: The most seeds :attr:`GainTest.seeds_needed` proposes: a gain that would need more is too small for its spread
+#: to count (:func:`judge_gain` says ``False``).
+MAX_SEEDS = 20
+
+
+def _seeds_needed(values: Sequence[float], floor: float, alpha: float) -> int | None:
+    """The fewest seeds at which the one-sided t-test of :func:`judge_gain` rejects for a gain of this mean and
+    standard deviation (the same test, planned from the seeds run: what to run next, not a verdict)."""
+    if len(values) < 2:
+        return None
+    mean, sd = statistics.fmean(values), statistics.stdev(values)
+    for n in range(len(values) + 1, MAX_SEEDS + 1):
+        if (mean - floor) / (sd / math.sqrt(n)) > stats.t.ppf(1 - alpha, n - 1):
+            return n
+    return None
 
 
 @dataclass(frozen=True)
@@ -121,6 +156,8 @@ class SplitGain:
         p_value: the paired test's p-value (NaN: not tested).
         floor: the smallest gain that counts (:data:`GAIN_FLOOR`).
         seeds_vary: False when runs of different seeds were bit-identical (see :class:`IdenticalSeedsWarning`).
+        seeds_needed: :attr:`GainTest.seeds_needed`, the seeds in all that would confirm a gain of this size when
+            the test cannot tell yet.
     """
 
     variant: str
@@ -131,6 +168,7 @@ class SplitGain:
     p_value: float = math.nan
     floor: float = GAIN_FLOOR
     seeds_vary: bool = True
+    seeds_needed: int | None = None
 
 
 def _mean_evaluation(evaluations: Sequence[Evaluation]) -> Evaluation:
@@ -204,5 +242,7 @@ def split_gains(results: Sequence[ComparisonResult], *, floor: float = GAIN_FLOO
     for name in names:
         per_seed = [delta_m(cp[name][1], s, directions, average=average) for cp, s in zip(cps, shared)]
         test = judge_gain(per_seed, floor=floor, seeds_vary=varied)
-        out[name] = SplitGain(name, test.per_seed, test.mean, spread, test.beyond, test.p_value, floor, test.seeds_vary)
+        out[name] = SplitGain(
+            name, test.per_seed, test.mean, spread, test.beyond, test.p_value, floor, test.seeds_vary, test.seeds_needed
+        )
     return out

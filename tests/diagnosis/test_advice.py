@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import stats
 from torch import nn
 
 from gradconflict import History
@@ -616,3 +617,21 @@ def test_duplicated_share_matches_what_branch_copies():
     backbone = sum(p.numel() for p in model.backbone.parameters())
     added = sum(p.numel() for p in split.parameters()) - sum(p.numel() for p in model.parameters())
     assert advice.duplicated_share == pytest.approx(added / ((len(advice.groups) - 1) * backbone))
+
+
+def test_a_comparison_that_cannot_tell_leaves_the_verdict_provisional_and_asks_for_seeds(make_report, make_pair):
+    from gradconflict.split import ComparisonResult, VariantRecord
+
+    def rec(name, a):
+        return VariantRecord(name, {"a": [1.0], "b": [1.0]}, [(1, {"a": a, "b": a})], {"a": "min", "b": "min"})
+
+    # Independent models ahead on every seed (+12.4, +13.8, +64.6%), too spread for three seeds to confirm: by
+    # scipy's one-sided t-test against the 1% floor p = 0.12, and five seeds of this mean and spread would reject.
+    gains = [12.4, 13.8, 64.6]
+    unsure = [ComparisonResult({"shared": rec("shared", s), "independent": rec("independent", s * (1 - g / 100))},
+                               ["a", "b"], 1, 0, seed=k) for k, (s, g) in enumerate(zip((1.0, 0.9, 1.1), gains))]
+    assert stats.ttest_1samp(gains, 1.0, alternative="greater").pvalue > 0.05
+    advice = advise(_run(make_report, make_pair, top_cos=0.6), comparison=unsure)
+    assert advice.signal("ceiling").status == "watch" and advice.signal("ceiling").details["seeds_needed"] == 5
+    assert advice.decided_by != "ceiling" and not advice.uncertainty.decided
+    assert advice.uncertainty.awaits == ("seeds",) and "about 5 seeds" in advice.uncertainty.statement

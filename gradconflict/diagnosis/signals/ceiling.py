@@ -131,7 +131,16 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
         )
     elif any(g.beyond is None for g in gains.values()):
         status = "watch"
-        evidence = f"{head}; the paired test cannot judge a gain above {floor:g}%: run more seeds"
+        open_gains = [g for g in gains.values() if g.beyond is None]
+        needed = [g.seeds_needed for g in open_gains if g.seeds_needed is not None]
+        details["seeds_needed"] = min(needed) if needed else None
+        evidence = (
+            f"{head}; {', '.join(g.variant for g in open_gains)} gain(s) more than {floor:g}% on average, but the "
+            f"paired test over {len(results)} seeds cannot tell that from the seed-to-seed spread (no evidence either "
+            "way): run more seeds"
+            + (f", about {min(needed)} in all at this spread" if needed else
+               " (at this spread even 20 would not confirm it: the gain is small for its noise)")
+        )
     else:
         status = "ok"
         evidence = (

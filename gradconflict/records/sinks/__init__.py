@@ -5,7 +5,8 @@ CSVSink("run.csv")])``. The history hands every collected step to each sink as a
 (on a GPU, only once its asynchronous copy has landed), so a sink never makes the training step wait for the
 device. A sink that raises is dropped with one warning; training goes on.
 
-- :class:`JSONLSink`: one JSON line per step, every Gram included (what ``gradconflict report`` reads); no
+- :class:`JSONLSink`: one JSON line per step, every Gram included (what ``gradconflict report`` reads), and
+  beside it the packed file (:mod:`~gradconflict.records.sinks.packed`) that reads a long run back fast; no
   dependency.
 - :class:`CSVSink`: one row per step, the scalars below; no dependency.
 

@@ -186,8 +186,8 @@ def read_packed(jsonl: str | Path) -> Iterator[PackedBlock]:
             for n, frame in enumerate(group):
                 f.seek(frame.data)
                 span = slice(row, row + frame.rows)
-                whole = f.readinto(memoryview(steps[span]).cast("B")) == 8 * frame.rows
-                whole &= f.readinto(memoryview(packed[span]).cast("B")) == 8 * frame.rows * frame.width
+                whole = f.readinto(steps[span].data.cast("B")) == 8 * frame.rows
+                whole &= f.readinto(packed[span].data.cast("B")) == 8 * frame.rows * frame.width
                 crc = zlib.crc32(packed[span].data, zlib.crc32(steps[span].data, zlib.crc32(frame.header)))
                 if not whole or _LENGTH.unpack(f.read(_LENGTH.size) or b"\0" * 4)[0] != crc:
                     if n:  # the group's frames before this one hold
