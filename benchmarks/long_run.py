@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from gradconflict import ConflictReport, LayerReport
-from gradconflict.records.history import report_line
+from gradconflict.records.history import LINE_SCHEMA, report_line
 from gradconflict.records.sinks.jsonl import _row
 from gradconflict.records.sinks.packed import PackedWriter, packed_path
 
@@ -55,7 +55,7 @@ def write_history(path: Path, steps: int, tasks: int, layers: int, distinct: int
     """Write a ``steps``-line history to ``path``, and its packed file as a ``JSONLSink`` writes it unless
     ``packed=False``; returns the JSONL's size in bytes."""
     lines = _reports(tasks, layers, distinct, seed)
-    head = '{"schema": 1, "step": 0,'
+    head = f'{{"schema": {LINE_SCHEMA}, "step": 0,'
     assert all(line.startswith(head) for line in lines)
     rows = [_row(json.loads(line)) for line in lines]  # a line's layout and row do not depend on its step
     writer = PackedWriter(path, overwrite=True) if packed else None
@@ -64,7 +64,7 @@ def write_history(path: Path, steps: int, tasks: int, layers: int, distinct: int
     with path.open("wb") as f:
         for s in range(steps):
             k = s * distinct // steps
-            line = f'{{"schema": 1, "step": {s},{lines[k][len(head):]}'.encode()
+            line = f'{{"schema": {LINE_SCHEMA}, "step": {s},{lines[k][len(head):]}'.encode()
             f.write(line)
             if writer is not None:
                 f.flush()  # as the sink does: a frame never covers a line not yet written
