@@ -87,14 +87,15 @@ def conflict_tests(history: Run, threshold: float | None = None, alpha: float = 
     T, L = len(aligned.tasks), len(aligned.layers)
     pairs = [(i, j) for i in range(T) for j in range(i + 1, T)]
     P, n = len(pairs), aligned.num_steps
-    layer_cosine = np.full((n, L, P), np.nan)
+    # One [S, (1 + L) P] array of the family's series: the whole backbone's pairs, then each layer's, filled in place.
+    series = np.empty((n, (1 + L) * P))
+    series[:, :P] = _pair_cosines(aligned.cosine, pairs)
+    layer_cosine = series[:, P:].reshape(n, L, P)
     scores = np.zeros(L, dtype=np.int64)
     for rows, layers, cosine, conflicts in aligned.layer_blocks(S):
         layer_cosine[rows, layers] = _pair_cosines(cosine, pairs)
         scores[layers] += conflicts.sum((0, 2, 3))
-    family = persistence_tests(
-        np.concatenate([_pair_cosines(aligned.cosine, pairs), layer_cosine.reshape(n, L * P)], axis=1), S, alpha
-    )
+    family = persistence_tests(series, S, alpha)
     by_layer = [family.take(slice(P + k * P, P + (k + 1) * P)) for k in range(L)]
     return ConflictTests(
         tasks=aligned.tasks,

@@ -311,11 +311,16 @@ def persistence_tests(
 
 
 def _moments(cosine: np.ndarray, present: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation (``ddof=1``) of each series over its measured steps (NaN where undefined)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(steps > 0, np.where(present, cosine, 0.0).sum(0) / np.maximum(steps, 1), np.nan)
-        square = np.where(present, (cosine - mean) ** 2, 0.0).sum(0)
-        sd = np.where(steps > 1, np.sqrt(square / np.maximum(steps - 1, 1)), np.nan)
+    """Mean and standard deviation (``ddof=1``) of each series over its measured steps (NaN where undefined).
+    A series at a time: on a long run the temporaries are one series long, not the whole ``[S, K]``."""
+    K = cosine.shape[1]
+    mean, sd = np.full(K, np.nan), np.full(K, np.nan)
+    for k in range(K):
+        values = cosine[present[:, k], k]
+        if steps[k] > 0:
+            mean[k] = values.sum() / steps[k]
+        if steps[k] > 1:
+            sd[k] = np.sqrt(((values - mean[k]) ** 2).sum() / (steps[k] - 1))
     return mean, sd
 
 
