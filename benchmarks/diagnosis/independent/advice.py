@@ -42,12 +42,13 @@ class Reading:
     groups: list[list[str]]
     decided: bool
     uncertainty: str
+    weighting: str | None = None  # the update rule the advice says to train the shared model with
 
     @classmethod
     def of(cls, advice: Advice) -> Reading:
         return cls(
             advice.verdict, block_of(advice.branch_point), advice.branch_point, canonical(advice.groups),
-            advice.uncertainty.decided, str(advice.uncertainty),
+            advice.uncertainty.decided, str(advice.uncertainty), advice.weighting,
         )
 
 
@@ -150,7 +151,9 @@ def score(truth: Truth, reading: Reading | None) -> dict[str, bool | None]:
     branches = truth.verdict == "physical_split" or "physical_split" in truth.verdicts and bool(truth.blocks)
     physical = reading.verdict == "physical_split"
     return {
-        "verdict": reading.verdict in truth.verdicts,
+        "verdict": reading.verdict in truth.verdicts
+        or (reading.verdict == "keep_shared" and reading.weighting is not None
+            and "keep_shared+reweight" in truth.verdicts),
         "economical": (physical and reading.block == truth.economical) if branches else None,
         "acceptable_block": (physical and reading.block in truth.blocks) if branches else None,
         "groups": any(reading.groups == canonical(g) for g in truth.groups_acceptable),

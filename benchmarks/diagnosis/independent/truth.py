@@ -11,6 +11,8 @@ adapters, ``branch`` the branched copies). For each seed ``s``:
 - ``lora`` and ``branched@backbone.k`` (every block k): the shared model after half the budget, then per-task
   LoRA adapters (rank 4, every Linear and Conv layer of the frozen backbone, heads training) or the backbone
   branched at block k, one copy per task, trained with a fresh Adam for the other half;
+- ``balanced``: the shared model trained on the sum of each task's loss divided by that task's loss on the seed's
+  first minibatch at initialisation (a loss normalisation written here, the simplest magnitude-aware weighting);
 - for problems of 3 or more tasks that split: the backbone branched at the economical block into every partition
   of the tasks into 2 groups, and into one group per task, the same way (partitions into 3 groups of 4 tasks are
   left out to keep the run small).
@@ -25,7 +27,9 @@ t-test of the per-seed gains against 0 gives p < :data:`ALPHA` (0.05).
 **Verdict.** ``keep_shared`` when no split variant beats shared. Otherwise the physical split (a branched variant
 or the fully independent models) or the logical one (``lora``), whichever has the larger mean gain among those
 that beat shared; the other is also accepted when it beats shared too and recovers at least :data:`RECOVER`
-(80%) of that gain.
+(80%) of that gain. When a split wins and ``balanced`` beats shared too, recovering 80% of the best split's gain,
+``keep_shared+reweight`` is also accepted: the cheaper cure of dominating magnitudes suffices (an advice counts
+for it when it says keep_shared and names a weighting to train the shared model with).
 
 **Branch blocks.** Acceptable: every block whose branched variant beats shared and recovers at least 80% of the
 best branched variant's gain (when only the independent models beat shared: the bottom block, the full split).
@@ -122,14 +126,22 @@ class _Trainer:
         self.batches = problem.batch_indices(seed)
         self.loss_fns = problem.loss_fns()
 
-    def train(self, model: nn.Module, tasks: Sequence[str], start: int, stop: int) -> nn.Module:
+    def train(
+        self, model: nn.Module, tasks: Sequence[str], start: int, stop: int, balanced: bool = False
+    ) -> nn.Module:
         torch.manual_seed(self.seed)
         params = [q for q in model.parameters() if q.requires_grad]
         optimizer = torch.optim.Adam(params, lr=self.p.lr)
         model.train()
+        scale = {t: 1.0 for t in tasks}
+        if balanced:  # each task's loss over its value on the first minibatch at the start
+            with torch.no_grad():
+                first = self.batches[0]
+                out = model(self.p.x[first])
+                scale = {t: 1.0 / max(float(self.loss_fns[t](out[t], self.p.y[t][first])), 1e-12) for t in tasks}
         for idx in self.batches[start:stop]:
             out = model(self.p.x[idx])
-            loss = sum(self.loss_fns[t](out[t], self.p.y[t][idx]) for t in tasks)
+            loss = sum(scale[t] * self.loss_fns[t](out[t], self.p.y[t][idx]) for t in tasks)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -155,6 +167,7 @@ def seed_metrics(problem: Problem, seed: int) -> dict[str, dict[str, float]]:
     for t in tasks:
         independent.update(run.score(run.train(problem.model(seed), [t], 0, problem.steps), [t]))
     out["independent"] = independent
+    out["balanced"] = run.score(run.train(problem.model(seed), tasks, 0, problem.steps, balanced=True), tasks)
     torch.manual_seed(seed)  # the adapters' initial draws
     adapted = lora_split(copy.deepcopy(warm), tasks, rank=RANK, targets="all")
     out["lora"] = run.score(run.train(adapted, tasks, half, problem.steps), tasks)
@@ -236,6 +249,9 @@ def decide(judged: dict[str, Judgement], tasks: list[str]) -> tuple[str, list[st
         options["lora_split"] = lora
     verdict = max(options, key=options.__getitem__)
     verdicts = [verdict] + [v for v, m in options.items() if v != verdict and m >= RECOVER * options[verdict]]
+    balanced = judged.get("balanced")
+    if balanced is not None and balanced.wins and balanced.mean >= RECOVER * options[verdict]:
+        verdicts.append("keep_shared+reweight")
     won = {b: j.mean for b, j in branched.items() if j.wins}
     if won:
         best = max(won.values())
