@@ -142,8 +142,9 @@ def markdown(outcomes: Sequence[Outcome], *, command: str, seconds: float, machi
         "",
         "Truth: the verdict and branch block of what splitting did (and, when another one, the cheapest block that "
         "wins); `best` is the largest mean Delta-m% of a split variant over shared (percent, positive: better) and "
-        "`spread` the shared model's seed-to-seed standard deviation; a variant counts when it is ahead on every "
-        "seed by more than two spreads. Advice: the final reading, its uncertainty, and Recon's top-K layers.",
+        "`spread` the shared model's seed-to-seed standard deviation (shown, not judged by); a variant counts when "
+        "its mean gain exceeds 1% and a one-sided paired t-test across seeds confirms it (`judge_gain`). Advice: "
+        "the final reading, its uncertainty, and Recon's top-K layers.",
         "",
         "| problem | construction | truth | best / spread | advice | uncertainty | Recon top-K | groups | ok |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -165,7 +166,7 @@ def markdown(outcomes: Sequence[Outcome], *, command: str, seconds: float, machi
             f"{'' if a.uncertainty.p_value is None else f', p = {a.uncertainty.p_value:.1g}'} | {recon} | "
             f"{' '.join('[' + ','.join(g) + ']' for g in a.groups)} | {ok} |"
         )
-    out += ["", "## Gains of every split variant over shared (mean Delta-m% over the seeds; * beyond the spread)", ""]
+    out += ["", "## Gains of every split variant over shared (mean Delta-m% over the seeds; * beats shared)", ""]
     names = list(outcomes[0].truth.gains)
     out += ["| problem | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]
     for o in outcomes:
