@@ -189,7 +189,8 @@ def read_packed(jsonl: str | Path) -> Iterator[PackedBlock]:
                 whole = f.readinto(steps[span].data.cast("B")) == 8 * frame.rows
                 whole &= f.readinto(packed[span].data.cast("B")) == 8 * frame.rows * frame.width
                 crc = zlib.crc32(packed[span].data, zlib.crc32(steps[span].data, zlib.crc32(frame.header)))
-                if not whole or _LENGTH.unpack(f.read(_LENGTH.size) or b"\0" * 4)[0] != crc:
+                tail = f.read(_LENGTH.size)
+                if not whole or len(tail) != _LENGTH.size or _LENGTH.unpack(tail)[0] != crc:
                     if n:  # the group's frames before this one hold
                         last = group[n - 1]
                         yield _block(first, last, steps[:row], packed[:row])
