@@ -75,7 +75,7 @@ def _tiny():
 def test_a_tiny_problem_runs_through_truth_and_the_first_look():
     tiny = _tiny()
     truth = T.measure(tiny, 2, log=lambda _: None)
-    assert set(truth.judged) == {"independent", "lora", *(f"branched@backbone.{k}" for k in range(4))}
+    assert set(truth.judged) == {"independent", "balanced", "lora", *(f"branched@backbone.{k}" for k in range(4))}
     assert truth.verdict in truth.verdicts and all(len(v) == 2 for v in truth.metrics.values())
     assert all(math.isfinite(j.mean) for j in truth.judged.values())
     again = T.Truth.from_dict(truth.to_dict())
@@ -92,3 +92,24 @@ def test_a_tiny_problem_runs_its_next_step():
     outcome = scored(advise_problem(tiny, next_step=True), truth)
     assert outcome.error is None, outcome.error
     assert outcome.after is not None and outcome.scores["after_verdict"] in (True, False)
+
+
+def test_keep_shared_with_a_weighting_counts_only_when_the_balanced_model_recovers_the_gain():
+    from benchmarks.diagnosis.independent.advice import Reading, score
+
+    def judged(balanced: float) -> dict[str, T.Judgement]:
+        win = T.Judgement([10.0, 10.0], 10.0, 0.001, True)
+        return {
+            "independent": win, "lora": T.Judgement([0.0, 0.0], 0.0, 0.5, False),
+            "balanced": T.Judgement([balanced] * 2, balanced, 0.001, True),
+            **{f"branched@backbone.{k}": T.Judgement([0.0, 0.0], 0.0, 0.5, False) for k in range(4)},
+        }
+
+    assert "keep_shared+reweight" in T.decide(judged(8.0), ["a", "b"])[1]  # 80% of +10 recovered
+    verdict, verdicts, blocks, _ = T.decide(judged(7.9), ["a", "b"])
+    assert verdicts == ["physical_split"] and blocks == ["backbone.0"]
+    truth = T.Truth("t", "", 2, {}, judged(8.0), verdict, ["physical_split", "keep_shared+reweight"], blocks,
+                    "backbone.0", [["a"], ["b"]], [[["a"], ["b"]]])
+    weighted = Reading("keep_shared", None, None, [["a", "b"]], True, "", "aligned-mtl")
+    plain = Reading("keep_shared", None, None, [["a", "b"]], True, "", None)
+    assert score(truth, weighted)["verdict"] is True and score(truth, plain)["verdict"] is False
