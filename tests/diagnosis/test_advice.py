@@ -152,14 +152,14 @@ def test_next_step_code_is_valid_python():
         assert [a.arg for a in fn.args.args][:6] == [
             "history", "model_factory", "loss_fns", "train_data", "eval_data", "metrics"
         ]
-        assert [a.arg for a in fn.args.kwonlyargs] == ["lr", "steps", "seeds"]
-        assert [ast.literal_eval(d) for d in fn.args.kw_defaults] == [None, None, 3]  # the budget is asked for
+        assert [a.arg for a in fn.args.kwonlyargs] == ["lr", "steps", "seeds", "max_seeds"]
+        assert [ast.literal_eval(d) for d in fn.args.kw_defaults] == [None, None, 3, 8]  # the budget is asked for
         assert "lr=..." in code.splitlines()[-2]
         assert variant in _variants(code) and "independent" in _variants(code)
         assert "groups=[['a', 'b'], ['c']]" in code and "advise(history, comparison=results)" in code
     known = next(n for n in ast.parse(next_step_code("keep_shared", None, [["a"], ["b"]], steps=123, lr=0.01)).body
                  if isinstance(n, ast.FunctionDef))
-    assert [ast.literal_eval(d) for d in known.args.kw_defaults] == [0.01, 123, 3]
+    assert [ast.literal_eval(d) for d in known.args.kw_defaults] == [0.01, 123, 3, 8]
 
 
 def test_next_step_runs_as_printed(capsys):
@@ -635,3 +635,35 @@ def test_a_comparison_that_cannot_tell_leaves_the_verdict_provisional_and_asks_f
     assert advice.signal("ceiling").status == "watch" and advice.signal("ceiling").details["seeds_needed"] == 5
     assert advice.decided_by != "ceiling" and not advice.uncertainty.decided
     assert advice.uncertainty.awaits == ("seeds",) and "about 5 seeds" in advice.uncertainty.statement
+
+
+def test_the_next_step_takes_a_second_look_on_the_seeds_its_test_needs(monkeypatch, make_report, make_pair):
+    import gradconflict
+    from gradconflict.split import ComparisonResult, VariantRecord
+
+    # Independent models gain 12.4, 13.8, 64.6% on the first three seeds: p = 0.12, and five seeds of this mean and
+    # spread would confirm it (test_gains.py checks that figure against scipy). The fake compare() plays one seed.
+    gains = [12.4, 13.8, 64.6, 20.0, 30.0, 25.0, 25.0, 25.0]
+    seen: list[int] = []
+
+    def fake_compare(*args, seed, **kwargs):
+        seen.append(seed)
+
+        def rec(name, a):
+            return VariantRecord(name, {"a": [1.0], "b": [1.0]}, [(1, {"a": a, "b": a})], {"a": "min", "b": "min"})
+
+        return ComparisonResult({"shared": rec("shared", 1.0 + 0.1 * seed),
+                                 "independent": rec("independent", (1.0 + 0.1 * seed) * (1 - gains[seed] / 100))},
+                                ["a", "b"], 1, 0, seed=seed)
+
+    monkeypatch.setattr(gradconflict, "compare", fake_compare)
+    history = _run(make_report, make_pair, top_cos=0.6)
+    code = next_step_code("keep_shared", None, [["a"], ["b"]], steps=10, lr=0.1)
+    namespace = {"history": history, "model_factory": None, "loss_fns": None, "train_data": None,
+                 "eval_data": [], "metrics": None}
+    exec(compile(code, "<next_step>", "exec"), namespace)  # noqa: S102
+    assert seen == [0, 1, 2, 3, 4]  # three seeds, then the two more the test asked for
+    ceiling = namespace["advice"].signal("ceiling")
+    assert ceiling.details["seeds"] == 5
+    reference = stats.ttest_1samp(gains[:5], 1.0, alternative="greater").pvalue
+    assert (ceiling.status == "split") == (reference < 0.05)
