@@ -62,10 +62,11 @@ def pair_values(history: History, a: str, b: str, layer: str | None = None) -> t
     return steps, values
 
 
-def planted_run(path=None, seed=0, steps=300):
+def planted_run(path=None, seed=0, steps=300, exclude=()):
     """Two tasks with the same target but on a planted 5% of the examples (a region of input space, flag feature
     0), where task b's target is twice minus a's: measured with sample_ids on every step. On this seed the
-    pair's conflict oscillates at chance over the run. Returns ``(monitor, planted ids, per-step attributions)``."""
+    pair's conflict oscillates at chance over the run. ``exclude``: ids left out of the data (the batches are drawn
+    from the others). Returns ``(monitor, planted ids, per-step attributions)``."""
     torch.manual_seed(seed)
     n = 400
     X = torch.randn(n, 8)
@@ -81,9 +82,10 @@ def planted_run(path=None, seed=0, steps=300):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     batches = torch.Generator().manual_seed(seed + 1)
     steps_seen = []
+    kept = torch.tensor([i for i in range(n) if i not in set(exclude)])
     with ConflictMonitor(model, shared=backbone, sinks=[JSONLSink(path)] if path else []) as monitor:
         for _ in range(steps):
-            ids = torch.randint(0, n, (64,), generator=batches)
+            ids = kept[torch.randint(0, len(kept), (64,), generator=batches)]
             h = backbone(X[ids])
             losses = {"a": (heads["a"](h) - y[ids]).pow(2).mean(), "b": (heads["b"](h) - target_b[ids]).pow(2).mean()}
             report = monitor.backward(losses, sample_ids=ids)
