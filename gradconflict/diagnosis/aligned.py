@@ -1,4 +1,5 @@
-# One file of ~430 lines on purpose: every array view of an aligned run is a cached property of one class.
+# One file of ~510 lines on purpose: every array view of an aligned run is a cached property (or a chunked
+# computation) of one class.
 """A run's measured steps aligned by task name, as numpy arrays: the one task order of the whole diagnosis.
 
 Steps may carry different tasks (partial labels; round-robin training, one task per step) and list them in any

@@ -1,4 +1,4 @@
-# One file of ~650 lines on purpose: the packed row layout, the History, its stacked views and its moving
+# One file of ~700 lines on purpose: the packed row layout, the History, its stacked views and its moving
 # averages share one private storage format, which a split would have to expose.
 """The run's memory: each measured (or skipped) step's report, kept on the host in compact form, with moving
 averages folded in as steps arrive.
@@ -577,13 +577,15 @@ class History:
         """Write one JSON line per kept step (``ConflictReport.to_dict()``, layers included), as a
         :class:`~gradconflict.records.sinks.JSONLSink` writes them (with its packed file beside, unless
         ``packed=False``); returns the path."""
-        from gradconflict.records.sinks.jsonl import JSONLSink  # the sink module imports this one
+        from gradconflict.records.sinks.jsonl import JSONLSink  # the sink modules import this one
+        from gradconflict.records.sinks.packed import packed_path
 
         path = Path(path)
         reports = self.reports
-        if not reports:  # the sink opens its file at the first step
+        if not reports:  # the sink opens its files at the first step: an empty history writes them here
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"")
+            packed_path(path).unlink(missing_ok=True)
         sink = JSONLSink(path, overwrite=True, packed=packed)
         try:
             for report in reports:

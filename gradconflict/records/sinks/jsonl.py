@@ -187,13 +187,13 @@ def read_blocks(
     errors exactly as :func:`read_reports` does. Both give the same numbers. With ``samples``, the same pass adds
     each step's per-example attribution (steps measured with ``sample_ids``, which the packed file leaves to the
     JSON) to that tally (:meth:`SampleTally.add_saved <gradconflict.records.samples.SampleTally.add_saved>`)."""
-    position, lines = 0, 0
+    rows, position, lines = rows or BLOCK_ROWS, 0, 0
     for block in read_packed(path):
         if block.start > position:
-            yield from _decoded_blocks(path, rows or BLOCK_ROWS, position, block.start, lines, samples)
+            yield from _decoded_blocks(path, rows, position, block.start, lines, samples)
         yield block.layout, block.steps.tolist(), block.reason, block.packed
         position, lines = block.end, block.lines
-    yield from _decoded_blocks(path, rows or BLOCK_ROWS, position, None, lines, samples)
+    yield from _decoded_blocks(path, rows, position, None, lines, samples)
 
 
 def _decoded_blocks(

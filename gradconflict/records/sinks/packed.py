@@ -261,7 +261,7 @@ class PackedWriter:
         number, leaves that line to the JSON reader)."""
         if self._file is None:
             return
-        if row is not None and any(not isinstance(x, (int, float)) or isinstance(x, bool) for x in row):
+        if row is not None and None in row:  # a number strict JSON could not hold (not finite): left to the JSON
             row = None
         if self._steps and (
             row is None or layout != self._layout or reason != self._reason or len(self._steps) >= FRAME_ROWS

@@ -200,6 +200,7 @@ def test_to_jsonl_writes_the_packed_file(tmp_path, small_frames):
     assert packed_path(path).exists()
     _assert_same(History.from_jsonl(path), _decoded(path))
     assert History().to_jsonl(path).read_text() == "" and len(History.from_jsonl(path)) == 0
+    assert not packed_path(path).exists()  # the earlier history's packed file went with it
 
 
 def test_attributed_steps_are_read_from_the_json_with_their_examples(tmp_path, small_frames, monkeypatch):
