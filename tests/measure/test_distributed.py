@@ -6,6 +6,7 @@ the oracle is a single process over the concatenated batch (float64)."""
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -39,6 +40,9 @@ def _run(rank: int, fn, init_file: str, folder: str, *args) -> None:
     try:
         fn(rank, folder, *args)
     finally:
+        # free the DDP wrappers (their reducers hold the group; the monitor's references keep them in cycles)
+        # before the group goes: freed at exit instead, a reducer aborts the process now and then
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -5,6 +5,7 @@ the ranks stay in step."""
 from __future__ import annotations
 
 import copy
+import gc
 import os
 from collections.abc import Callable
 
@@ -26,6 +27,9 @@ def _in_process_group(rank: int, init_file: str, check: Callable[[int], None]) -
     try:
         check(rank)
     finally:
+        # free the DDP wrappers (their reducers hold the group; the monitor's references keep them in cycles)
+        # before the group goes: freed at exit instead, a reducer aborts the process now and then
+        gc.collect()
         dist.destroy_process_group()
 
 
