@@ -356,11 +356,6 @@ class ConflictMonitor:
                 "sample_ids is not supported with accumulation_steps > 1 yet: attribute single steps "
                 "(accumulation_steps=1), or call without sample_ids"
             )
-        if self._sync is not None and self._sync.is_global:
-            raise ValueError(
-                f"sample_ids is not supported with sync={self._sync.mode!r} across processes yet: with "
-                "sync='local' each rank attributes its own examples against its own batch's gradients"
-            )
         return sample_ids(ids)
 
     def _check_open(self) -> None:
