@@ -2,7 +2,9 @@
 
 Let ``g_i^(n)`` be the part of task ``i``'s gradient on the shared parameters that flows through example ``n``'s
 rows (dim 0 of every tapped layer's input), so that ``g_i = sum_n g_i^(n)`` with the loss's reduction folded in
-(a mean loss gives each example ``1/N`` of its own gradient; masked positions give nothing). Then
+(a mean loss gives each example ``1/N`` of its own gradient; masked positions give nothing; across R processes,
+whose gradients DDP averages, each example's share of the global ``g_i`` is ``1/R`` of its share of its own
+rank's, and ``g_j`` below is the global gradient). Then
 
 * ``contribution[n, i, j] = <g_i^(n), g_j>`` is example ``n``'s share of ``G_ij``: the sum over ``n`` is the
   Gram, exactly; a negative ``contribution[n, i, j] + contribution[n, j, i]`` means that example pushes the two
@@ -63,7 +65,8 @@ class SampleAttribution:
     """Each example's part in one measured step's Gram (``report.samples``).
 
     Attributes:
-        ids: ``[N]``, the ids passed as ``sample_ids``, in batch order.
+        ids: ``[N]``, the ids passed as ``sample_ids``, in batch order (across processes under
+            ``sync="exact"``: every rank's, in rank order).
         tasks: the task names, in the order of every T-sized axis (``report.tasks``).
         contribution: ``[N, T, T]``; entry ``(n, i, j)`` is ``<g_i^(n), g_j>``, example ``n``'s share of
             ``G_ij``. The sum over ``n`` is :attr:`gram`.
