@@ -2,7 +2,9 @@
 
 Let ``g_i^(n)`` be the part of task ``i``'s gradient on the shared parameters that flows through example ``n``'s
 rows (dim 0 of every tapped layer's input), so that ``g_i = sum_n g_i^(n)`` with the loss's reduction folded in
-(a mean loss gives each example ``1/N`` of its own gradient; masked positions give nothing). Then
+(a mean loss gives each example ``1/N`` of its own gradient; masked positions give nothing; across R processes,
+whose gradients DDP averages, each example's share of the global ``g_i`` is ``1/R`` of its share of its own
+rank's, and ``g_j`` below is the global gradient). Then
 
 * ``contribution[n, i, j] = <g_i^(n), g_j>`` is example ``n``'s share of ``G_ij``: the sum over ``n`` is the
   Gram, exactly; a negative ``contribution[n, i, j] + contribution[n, j, i]`` means that example pushes the two
@@ -27,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from gradconflict.measure.rules import Call, LayerGram, LayerRule
-from gradconflict.measure.rules.base import NotPerExample, check_examples
+from gradconflict.measure.rules.base import LayerAttribution, NotPerExample, check_examples
 
 __all__ = ["Attributor", "SampleAttribution", "sample_ids"]
 
@@ -63,7 +65,8 @@ class SampleAttribution:
     """Each example's part in one measured step's Gram (``report.samples``).
 
     Attributes:
-        ids: ``[N]``, the ids passed as ``sample_ids``, in batch order.
+        ids: ``[N]``, the ids passed as ``sample_ids``, in batch order (across processes under
+            ``sync="exact"``: every rank's, in rank order).
         tasks: the task names, in the order of every T-sized axis (``report.tasks``).
         contribution: ``[N, T, T]``; entry ``(n, i, j)`` is ``<g_i^(n), g_j>``, example ``n``'s share of
             ``G_ij``. The sum over ``n`` is :attr:`gram`.
@@ -167,14 +170,17 @@ class Attributor:
     """Collects, during one measured pass, each rule-covered layer's attribution (see :class:`Attributor.layer`).
 
     ``examples`` is the number of examples (dim 0 of every tapped input); ``names`` maps a parameter's id (the
-    tensor the autograd graph holds) to its name.
+    tensor the autograd graph holds) to its name. ``world``: the number of processes whose gradients are averaged
+    (DDP's mean over the ranks), each example's share of the global gradient being its share of its own rank's
+    divided by ``world``; the layers are then attributed with :meth:`against` the global per-task gradients.
     """
 
     def __init__(self, examples: int, num_tasks: int, dtype: torch.dtype, device: torch.device,
-                 names: dict[int, str], leaf: Callable[[Tensor], Tensor]) -> None:
+                 names: dict[int, str], leaf: Callable[[Tensor], Tensor], world: int = 1) -> None:
         self.examples = examples
         self.names = names
         self.leaf = leaf
+        self.world = world
         shape = (examples, num_tasks, num_tasks)
         self.contribution = torch.zeros(shape, dtype=dtype, device=device)
         self.within = torch.zeros(shape, dtype=dtype, device=device)
@@ -190,22 +196,34 @@ class Attributor:
         dtype: torch.dtype,
     ) -> LayerGram:
         """The layer's Gram, attributing it to the examples when its rule can (else noting why not)."""
+        out = self._attribute(layer, module, rule, calls, names, dtype, None)
+        return rule.gram(module, calls, names, dtype) if out is None else LayerGram(out.gram, out.route)
+
+    def against(
+        self, layer: str, module: nn.Module, rule: LayerRule, calls: Sequence[Call], names: set[str],
+        dtype: torch.dtype, total: dict[str, Tensor],
+    ) -> None:
+        """Attribute the layer against the per-task gradients ``total`` (``{name: [T, *shape]}``, as the rule's
+        ``per_task`` gives them: across processes, the global ones, whose Gram the measurement takes itself)."""
+        self._attribute(layer, module, rule, calls, names, dtype, total)
+
+    def _attribute(
+        self, layer: str, module: nn.Module, rule: LayerRule, calls: Sequence[Call], names: set[str],
+        dtype: torch.dtype, total: dict[str, Tensor] | None,
+    ) -> LayerAttribution | None:
+        """The layer's attribution, added up here; ``None`` (its parameters noted as omitted) when there is none."""
         params = [self._name(getattr(module, n)) for n in sorted(names)]
         try:
             check_examples(calls, self.examples)
-            out = rule.attribute(module, calls, names, dtype)
-        except NotPerExample as err:
-            reason = f"layer {layer!r}: {err}"
-        except NotImplementedError as err:
-            reason = f"layer {layer!r}: {err}"
-        else:
-            self.contribution += out.contribution
-            self.within += out.within
-            self.gram += out.gram
-            self.parameters += params
-            return LayerGram(out.gram, out.route)
-        self.omitted.update(dict.fromkeys(params, reason))
-        return rule.gram(module, calls, names, dtype)
+            out = rule.attribute(module, calls, names, dtype, total)
+        except (NotPerExample, NotImplementedError) as err:
+            self.omitted.update(dict.fromkeys(params, f"layer {layer!r}: {err}"))
+            return None
+        self.contribution += out.contribution
+        self.within += out.within
+        self.gram += out.gram
+        self.parameters += params
+        return out
 
     def omit(self, leaves: Sequence[Tensor], reason: str) -> None:
         """Note parameters whose gradients were materialised whole (no per-example split is known for them)."""
@@ -214,6 +232,6 @@ class Attributor:
     def result(self, ids: Tensor, tasks: Sequence[str]) -> SampleAttribution:
         """What :class:`SampleAttribution` holds for this step (``ids`` in batch order, ``tasks`` the T names)."""
         return SampleAttribution(
-            ids, tuple(tasks), self.contribution, self.within, (self.gram + self.gram.T) / 2,
-            sorted(self.parameters), dict(sorted(self.omitted.items())),
+            ids, tuple(tasks), self.contribution / self.world, self.within / self.world**2,
+            (self.gram + self.gram.T) / 2, sorted(self.parameters), dict(sorted(self.omitted.items())),
         )

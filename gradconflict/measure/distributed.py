@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from gradconflict.measure.attribution import SampleAttribution
 from gradconflict.measure.rules.base import gram_of
 
 __all__ = ["SYNC_MODES", "Reduction", "Sync", "sketch_std"]
@@ -110,6 +111,34 @@ class Sync:
         """Element-wise: true only where every rank's flag is true (so that every rank decides alike)."""
         return self.all_reduce(flags.to(torch.int32), dist.ReduceOp.MIN).bool()
 
+    def example_counts(self, examples: int, device: torch.device) -> list[int]:
+        """Every rank's number of ``sample_ids`` for this step (``examples`` is this rank's; 0: none), from one
+        all-reduce of R integers, so that every rank knows, before measuring, whether the step is attributed."""
+        counts = torch.zeros(self.world, dtype=torch.int64, device=device)
+        counts[self.rank] = examples
+        return [int(n) for n in self.all_reduce(counts).tolist()]
+
+    def gather_samples(self, samples: SampleAttribution, counts: list[int]) -> SampleAttribution:
+        """Every rank's examples, in rank order (``counts``: each rank's number, :meth:`example_counts`), from one
+        all-gather: each rank sends its ids, contributions and within-example Grams packed as bytes, padded to
+        the largest rank's number of examples. The Gram, parameters and omissions are this rank's (every rank's
+        are the same)."""
+        N, T = samples.contribution.shape[:2]
+        values = torch.cat([samples.contribution.reshape(N, -1), samples.within.reshape(N, -1)], dim=1)
+        ids = samples.ids.to(values.device)[:, None]
+        packed = torch.cat([ids.view(torch.uint8), values.view(torch.uint8)], dim=1)  # [N, 8 + 2 T^2 bytes]
+        padded = packed.new_zeros(max(counts), packed.shape[1])
+        padded[:N] = packed
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        self.bytes_sent += padded.numel()
+        dist.all_gather(parts, padded, group=self.group)
+        rows = torch.cat([part[:n] for part, n in zip(parts, counts)])
+        everyone = rows[:, 8:].contiguous().view(values.dtype).reshape(-1, 2, T, T)
+        return replace(
+            samples, ids=rows[:, :8].contiguous().view(torch.int64).reshape(-1).to(samples.ids.device),
+            contribution=everyone[:, 0], within=everyone[:, 1],
+        )
+
     def reduction(self, step: int) -> Reduction | None:
         """How this step's per-task gradients become Grams; ``None`` for ``"local"`` (the rules' own Grams)."""
         if self.mode == "local":
@@ -131,19 +160,21 @@ class Reduction:
     _sketches: dict[str, Tensor] = field(default_factory=dict)
     _blocks: dict[str, int] = field(default_factory=dict)
 
-    def add(self, layer: str, rows: Tensor) -> None:
+    def add(self, layer: str, rows: Tensor) -> Tensor | None:
         """Add one block of ``layer``: the T tasks' gradients of some of its parameters, ``[T, P]``, this rank's.
-        ``rows`` is consumed (reduced in place): every caller hands over a tensor of its own."""
+        ``rows`` is consumed (reduced in place): every caller hands over a tensor of its own. Returns the global
+        gradients (``rows`` itself, now their mean over the ranks) in the exact mode, ``None`` in the sketch."""
         if self.sync.mode == "exact":
             # All ranks reach the layers in the same order (the same model and graph), so the collectives match.
             total = self.sync.all_reduce(rows).div_(self.sync.world)  # no parameter-sized copy
             gram = gram_of(total)
             self._grams[layer] = self._grams[layer] + gram if layer in self._grams else gram
-            return
+            return total
         block = self._blocks.get(layer, 0)
         self._blocks[layer] = block + 1
         sketch = self._sketch(rows, f"{layer}#{block}")
         self._sketches[layer] = self._sketches[layer] + sketch if layer in self._sketches else sketch
+        return None
 
     def _sketch(self, rows: Tensor, key: str) -> Tensor:
         """CountSketch of each task's row to k buckets, the same hashing on every rank for this step and block."""

@@ -113,6 +113,7 @@ class MeasuringPass:
         """Measure one step, then write ``.grad`` (``write``, if any) once, unless the step is skipped as
         non-finite or raised; returns the recorded report. With ``ids`` (one per example), the step's Gram is
         attributed to the examples too (``report.samples``)."""
+        counts = self.example_counts(batch, step, ids)
         plan = self.plan(batch)
         if isinstance(plan, str):
             return self.fallback(batch, step, plan, write)
@@ -122,7 +123,8 @@ class MeasuringPass:
             roots = self.scaling.roots(batch)
             if ids is None:
                 return self.engine.measure(roots, plan, self.reduction(step))
-            return cast(TappedEngine, self.engine).attribute(roots, plan, len(ids))  # the monitor checked it
+            engine = cast(TappedEngine, self.engine)  # the monitor checked it
+            return engine.attribute(roots, plan, len(ids), self.reduction(step))
 
         outcome = self.attempt(lambda: self.scaling.unscale_measurement(measure(), dtype))
         if isinstance(outcome, str):
@@ -140,10 +142,30 @@ class MeasuringPass:
         if isinstance(report, str):
             return self.fallback(batch, step, report, write)
         if ids is not None and outcome.samples is not None:
-            report.samples = self.scaling.unscale_samples(outcome.samples.result(ids, batch.names))
+            samples = self.scaling.unscale_samples(outcome.samples.result(ids, batch.names))
+            if counts is not None and self.sync is not None:  # every rank's examples, on every rank
+                samples = self.sync.gather_samples(samples, counts)
+            report.samples = samples
         if write is not None:
             write()
         return self.assembler.record(report)
+
+    def example_counts(self, batch: TaskLosses, step: int, ids: Tensor | None) -> list[int] | None:
+        """Under a global sync, every rank's number of ``sample_ids`` this step (``None`` in one process, with
+        ``"local"``, or when no rank passed any). Every rank raises ``ValueError`` alike when some ranks passed
+        them and others did not, before any collective of the measurement could leave one waiting."""
+        if self.sync is None or not self.sync.is_global:
+            return None
+        counts = self.sync.example_counts(0 if ids is None else len(ids), batch.loss_vector().device)
+        given = [rank for rank, n in enumerate(counts) if n]
+        if given and len(given) < len(counts):
+            missing = [rank for rank, n in enumerate(counts) if not n]
+            raise ValueError(
+                f"sample_ids was passed on rank(s) {given} but not on rank(s) {missing} at step {step}: under "
+                f"sync={self.sync.mode!r} the ranks attribute one global step together; pass sample_ids on every "
+                "rank or on none (nothing was measured or written)"
+            )
+        return counts if given else None
 
     def fallback(
         self, batch: TaskLosses, step: int, reason: str, write: Callable[[], object] | None

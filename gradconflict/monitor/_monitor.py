@@ -262,6 +262,10 @@ class ConflictMonitor:
         attributes the measured step's Gram to the examples: ``report.samples`` (a
         :class:`~gradconflict.measure.attribution.SampleAttribution`) holds each example's contribution
         ``<g_i^(n), g_j>`` and its within-example cosines. Dim 0 of every measured layer's input is the example.
+        Under ``sync="exact"`` across processes, pass each rank's own ids on every rank (on a step, all ranks or
+        none: otherwise every rank raises ``ValueError``): each example is attributed against the global
+        ``g_j``, and every rank's report holds every rank's examples, in rank order (``sync="sketch"`` refuses
+        ``sample_ids``; with ``"local"`` each rank attributes its own against its own batch).
 
         Returns this step's :class:`~gradconflict.ConflictReport`; ``None`` on a step that ``every`` leaves
         unmeasured (a plain backward) and on every micro-batch but the last of an accumulation group.
@@ -355,11 +359,6 @@ class ConflictMonitor:
             raise ValueError(
                 "sample_ids is not supported with accumulation_steps > 1 yet: attribute single steps "
                 "(accumulation_steps=1), or call without sample_ids"
-            )
-        if self._sync is not None and self._sync.is_global:
-            raise ValueError(
-                f"sample_ids is not supported with sync={self._sync.mode!r} across processes yet: with "
-                "sync='local' each rank attributes its own examples against its own batch's gradients"
             )
         return sample_ids(ids)
 

@@ -217,16 +217,18 @@ class Accumulator:
         entry.num_params += num_params
         entry.routes.add(route)
 
-    def add_rows(self, layer: str, rows: Tensor, num_params: int, route: str) -> None:
+    def add_rows(self, layer: str, rows: Tensor, num_params: int, route: str) -> Tensor | None:
         """Add the complete per-task gradients ``[T, P]`` of some of ``layer``'s parameters: their Gram, or,
-        across processes, their share of the global Gram (see :mod:`gradconflict.measure.distributed`)."""
+        across processes, their share of the global Gram (see :mod:`gradconflict.measure.distributed`). Returns
+        the global per-task gradients where the exact reduction formed them (``rows``, reduced in place)."""
         if self.reduction is None:
             self.add_gram(layer, gram_of(rows), num_params, route)
-            return
-        self.reduction.add(layer, rows)
+            return None
+        total = self.reduction.add(layer, rows)
         entry = self._entry(layer)
         entry.num_params += num_params
         entry.routes.add(route)
+        return total
 
     def _entry(self, layer: str) -> LayerResult:
         if layer not in self.layers:

@@ -32,7 +32,7 @@ from gradconflict.measure.engine.loop import loop_accumulate
 from gradconflict.measure.engine.segments import boundary_edges, segment_backward
 from gradconflict.measure.graph import Graph, walk_graph
 from gradconflict.measure.rules import Call
-from gradconflict.measure.rules.base import task_rows
+from gradconflict.measure.rules.base import task_blocks, task_rows
 
 if TYPE_CHECKING:
     from gradconflict.measure.distributed import Reduction
@@ -144,15 +144,17 @@ class _Pass(Accumulator):
             rule, layer, dtype = calls[0].rule, self.plan.module_name[module], self.plan.gram_dtype
             params = rule.params(module)
             num_params = sum(self.plan.leaf(params[n]).numel() for n in names)
-            if self.attribution is not None:
+            if self.reduction is not None:  # across processes: the per-task gradients themselves are reduced
+                per_task = rule.per_task(module, calls, names, dtype)
+                total = self.add_rows(layer, task_rows(per_task, dtype), num_params, "materialised")
+                if self.attribution is not None and total is not None:  # each example against the global g_j
+                    self.attribution.against(layer, module, rule, calls, names, dtype, task_blocks(total, per_task))
+            elif self.attribution is not None:
                 out = self.attribution.layer(layer, module, rule, calls, names, dtype)
                 self.add_gram(layer, out.gram, num_params, out.route)
-            elif self.reduction is None:
+            else:
                 out = rule.gram(module, calls, names, dtype)
                 self.add_gram(layer, out.gram, num_params, out.route)
-            else:  # across processes: the per-task gradients themselves are reduced
-                self.add_rows(layer, task_rows(rule.per_task(module, calls, names, dtype), dtype), num_params,
-                              "materialised")
         for c in module_calls:
             c.release()  # free the recorded input and the [T, ...] output gradients as soon as the layer is done
 
@@ -337,10 +339,19 @@ class TappedEngine:
         choice.runs[strategy] = choice.runs.get(strategy, 0) + 1
         return acc, strategy
 
-    def attribute(self, losses: Sequence[Tensor], plan: Plan, examples: int) -> Measurement:
+    def attribute(
+        self, losses: Sequence[Tensor], plan: Plan, examples: int, reduction: Reduction | None = None
+    ) -> Measurement:
         """:meth:`measure`, with each example's part in every rule-covered layer's Gram (dim 0 of the tapped
         inputs is the example): the measurement's ``samples`` is the :class:`Attributor` that collected it.
-        Always the batched pass (the per-task loop sees no layer's output gradients)."""
+        Always the batched pass (the per-task loop sees no layer's output gradients). With an exact
+        ``reduction`` (several processes), each of this rank's examples is attributed against the global
+        per-task gradients, as its share of the global Gram."""
+        if reduction is not None and reduction.sync.mode != "exact":
+            raise MeasurementRefused(
+                f"sample_ids needs the global per-task gradients, which sync={reduction.sync.mode!r} does not form: "
+                "use sync='exact' (each example against the global gradients) or 'local' (against its rank's)"
+            )
         stacked = torch.stack([loss.reshape(()) for loss in losses])
         graph = walk_graph([stacked])
         if graph.opaque or self._opaque or self.strategy == "loop":
@@ -361,8 +372,9 @@ class TappedEngine:
             for module, layer in plan.module_name.items()
             for n, p in module.named_parameters(recurse=False)
         }
-        attribution = Attributor(examples, len(losses), plan.gram_dtype, stacked.device, names, plan.leaf)
-        acc = self._batched(stacked, graph, plan, True, None, attribution)
+        world = 1 if reduction is None else reduction.sync.world
+        attribution = Attributor(examples, len(losses), plan.gram_dtype, stacked.device, names, plan.leaf, world)
+        acc = self._batched(stacked, graph, plan, True, reduction, attribution)
         attribution.omit(
             [leaf for leaf, _ in acc.gradients().values()],
             "no layer rule covers it here (a raw parameter, attention's packed projection, a tied or hooked "

@@ -23,6 +23,7 @@ __all__ = [
     "materialised_gram",
     "register_rule",
     "rule_for",
+    "task_blocks",
     "task_rows",
 ]
 
@@ -125,15 +126,20 @@ class LayerRule(Generic[M]):
         raise NotImplementedError(f"{type(self).__name__} has no per-example gradients")
 
     def attribute(
-        self, module: M, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+        self, module: M, calls: Sequence[Call], names: set[str], dtype: torch.dtype,
+        total: dict[str, Tensor] | None = None,
     ) -> LayerAttribution:
         """The layer's Gram and each example's part in it (see :class:`LayerAttribution`), in ``dtype``.
+
+        ``total``, when given, holds the per-task gradients ``{name: [T, *parameter.shape]}`` (as :meth:`per_task`
+        gives them) that the contributions are taken against, in place of the layer's own sum over the examples:
+        across processes, the global ones. The Gram is then theirs; the within-example Gram stays the example's.
 
         By default from :meth:`per_example`; a rule with a cheaper route (the Linear kernel) overrides it."""
         per_example = self.per_example(module, calls, names, dtype)
         T, N = next(iter(per_example.values())).shape[:2]
         rows = torch.cat([per_example[n].to(dtype).reshape(T, N, -1) for n in sorted(per_example)], dim=2)
-        return attribution_of(rows)
+        return attribution_of(rows, total=None if total is None else task_rows(total, dtype))
 
 
 @dataclass
@@ -176,9 +182,11 @@ def check_examples(calls: Sequence[Call], examples: int) -> None:
             raise NotPerExample(f"its input has shape {shape}: dim 0 is not the {examples} examples")
 
 
-def attribution_of(rows: Tensor, route: str = "per-example") -> LayerAttribution:
+def attribution_of(rows: Tensor, route: str = "per-example", total: Tensor | None = None) -> LayerAttribution:
     """The attribution of per-example per-task gradients ``rows`` ``[T, N, P]`` (``rows[i, n]`` is
-    ``g_i^(n)``): the Gram of their sums over ``n``, each example's contribution and its own Gram.
+    ``g_i^(n)``): the Gram of their sums over ``n``, each example's contribution and its own Gram. With ``total``
+    (``[T, P]``, e.g. the global per-task gradients across processes), the contributions are taken against it, and
+    the Gram is its own.
 
     >>> rows = torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[1.0, 1.0], [0.0, -1.0]]])  # T=2 tasks, N=2 examples
     >>> a = attribution_of(rows)
@@ -186,8 +194,10 @@ def attribution_of(rows: Tensor, route: str = "per-example") -> LayerAttribution
     ([[5.0, 1.0], [1.0, 1.0]], [[5.0, 1.0], [1.0, 1.0]])
     >>> a.within[1].tolist()  # example 1 alone: the tasks point apart
     [[4.0, -2.0], [-2.0, 1.0]]
+    >>> attribution_of(rows, total=2 * rows.sum(1)).contribution.sum(0).tolist()  # against another gradient
+    [[10.0, 2.0], [2.0, 2.0]]
     """
-    total = rows.sum(1)
+    total = rows.sum(1) if total is None else total
     return LayerAttribution(
         gram=gram_of(total),
         contribution=einsum(rows, total, "t n p, s p -> n t s"),
@@ -280,6 +290,19 @@ def task_rows(per_task: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
     [[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]
     """
     return torch.cat([per_task[n].to(dtype).flatten(1) for n in sorted(per_task)], dim=1)
+
+
+def task_blocks(rows: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of :func:`task_rows`: a ``[T, P]`` block cut back into ``{name: [T, *shape]}``, with the names and
+    shapes of ``like`` (views of ``rows``).
+
+    >>> like = {"b": torch.zeros(2, 1), "a": torch.zeros(2, 2)}
+    >>> {n: t.tolist() for n, t in task_blocks(torch.arange(6.0).reshape(2, 3), like).items()}
+    {'a': [[0.0, 1.0], [3.0, 4.0]], 'b': [[2.0], [5.0]]}
+    """
+    names = sorted(like)
+    parts = rows.split([like[n][0].numel() for n in names], dim=1)
+    return {n: part.reshape(like[n].shape) for n, part in zip(names, parts)}
 
 
 def materialised_gram(per_task: dict[str, Tensor], gram_dtype: torch.dtype) -> LayerGram:

@@ -71,11 +71,12 @@ class EmbeddingRule(LayerRule[nn.Embedding]):
         return LayerGram(gram_of(rows.flatten(1)), "materialised")
 
     def attribute(
-        self, module: nn.Embedding, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+        self, module: nn.Embedding, calls: Sequence[Call], names: set[str], dtype: torch.dtype,
+        total: dict[str, Tensor] | None = None,
     ) -> LayerAttribution:
         """Example ``n``'s gradient is the table of its own positions' rows: ``<g_i^(n), g_j>`` sums
-        ``D_i[p] . G_j[id_p]`` over its positions ``p``, and its own Gram sums, over the ids it uses, the
-        products of its rows for that id."""
+        ``D_i[p] . G_j[id_p]`` over its positions ``p`` (``G_j`` the batch's table, or ``total``'s), and its own
+        Gram sums, over the ids it uses, the products of its rows for that id."""
         unique, inverse, grads = self._positions(module, calls, dtype)
         T, U, N = grads[0].shape[0], unique.shape[0], calls[0].saved.shape[0]
         D = torch.cat(grads, dim=1)  # [T, P, dim], the positions of every call in order
@@ -83,7 +84,10 @@ class EmbeddingRule(LayerRule[nn.Embedding]):
         if padding_idx is not None:
             D = D.masked_fill((unique[inverse] == padding_idx)[None, :, None], 0)
         example = torch.cat([torch.arange(N, device=D.device).repeat_interleave(c.saved[0].numel()) for c in calls])
-        rows = D.new_zeros(T, U, D.shape[2]).index_add_(1, inverse, D)
+        if total is None:
+            rows = D.new_zeros(T, U, D.shape[2]).index_add_(1, inverse, D)
+        else:  # the given table's rows for the ids this batch uses (the others meet no example here)
+            rows = total["weight"].to(dtype)[:, unique]
         per_position = einsum(D, rows[:, inverse], "t p d, s p d -> p t s")
         contribution = per_position.new_zeros(N, T, T).index_add_(0, example, per_position)
         # each example's own table: its rows summed per (example, id)
@@ -91,4 +95,5 @@ class EmbeddingRule(LayerRule[nn.Embedding]):
         own = D.new_zeros(T, keys.shape[0], D.shape[2]).index_add_(1, key_of, D)
         per_key = einsum(own, own, "t k d, s k d -> k t s")
         within = per_key.new_zeros(N, T, T).index_add_(0, torch.div(keys, U, rounding_mode="floor"), per_key)
-        return LayerAttribution(gram_of(rows.flatten(1)), contribution, within, "per-example")
+        gram = gram_of((rows if total is None else total["weight"].to(dtype)).flatten(1))
+        return LayerAttribution(gram, contribution, within, "per-example")

@@ -88,18 +88,20 @@ class LinearRule(LayerRule[nn.Module]):
         return X, D
 
     def attribute(
-        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+        self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype,
+        total: dict[str, Tensor] | None = None,
     ) -> LayerAttribution:
         """Each example's part in the layer's Gram from the inputs' kernel ``K = X X^T (+1 for the bias)``:
         ``<g_i^(n), g_j> = sum over n's rows r of D_i[r] . (K D_j)[r]``, and ``<g_i^(n), g_j^(n)>`` the same
         with ``K``'s block of example ``n`` alone; or, where the kernel costs more, through the materialised
-        weight gradients (``(K D_j)[r] = W_j x_r + b_j``)."""
+        weight gradients (``(K D_j)[r] = W_j x_r + b_j``). Against a given ``total`` (the global gradients across
+        processes, whose rows no kernel here holds), always the latter, with ``total``'s ``W_j`` and ``b_j``."""
         X, D = self._examples(calls, dtype)
         bias = "bias" in names
         if "weight" not in names:  # the bias alone: its per-example gradients are D summed over the rows
-            return attribution_of(D.sum(2), "per-example")
+            return attribution_of(D.sum(2), "per-example", None if total is None else total["bias"].to(dtype))
         (N, L, d_in), (T, d_out) = X.shape, (D.shape[0], D.shape[-1])
-        if ghost_is_cheaper(N * L, d_in, d_out, T):
+        if total is None and ghost_is_cheaper(N * L, d_in, d_out, T):
             rows = X.reshape(N * L, d_in)
             K = rows @ rows.T  # the kernel over every row of the batch, as the Gram's ghost route forms it
             if bias:
@@ -107,13 +109,20 @@ class LinearRule(LayerRule[nn.Module]):
             KD = (K @ D.reshape(T, N * L, d_out)).reshape(D.shape)
             gram, route = gram_of(D.reshape(T, -1), KD.reshape(T, -1)), "ghost"
         else:
-            per_task = self._per_task(X.reshape(-1, d_in), D.reshape(T, -1, d_out), names)
+            per_task = self._per_task(X.reshape(-1, d_in), D.reshape(T, -1, d_out), names) if total is None else {
+                n: g.to(dtype) for n, g in self._as_linear(total).items()
+            }
             KD = einsum(X, per_task["weight"], "n l i, t o i -> t n l o")
             if bias:
                 KD += per_task["bias"][:, None, None, :]
             gram, route = materialised_gram(per_task, dtype).gram, "materialised"
         contribution = einsum(D, KD, "t n l o, s n l o -> n t s")
         return LayerAttribution(gram, contribution, self._within(X, D, bias), route)
+
+    @staticmethod
+    def _as_linear(per_task: dict[str, Tensor]) -> dict[str, Tensor]:
+        """:meth:`per_task`'s gradients with the weight as ``nn.Linear`` stores it, ``[T, d_out, d_in]``."""
+        return per_task
 
     @staticmethod
     def _within(X: Tensor, D: Tensor, bias: bool) -> Tensor:
@@ -147,7 +156,9 @@ class TransposedLinearRule(LinearRule):
     def per_task(
         self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype
     ) -> dict[str, Tensor]:
-        per_task = super().per_task(module, calls, names, dtype)
-        if "weight" in per_task:
-            per_task["weight"] = per_task["weight"].transpose(1, 2)
-        return per_task
+        return self._as_linear(super().per_task(module, calls, names, dtype))
+
+    @staticmethod
+    def _as_linear(per_task: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The weight transposed (its own inverse: ``Conv1D``'s layout to ``nn.Linear``'s and back)."""
+        return {n: g.transpose(1, 2) if n == "weight" else g for n, g in per_task.items()}
