@@ -40,39 +40,52 @@ def _check_gram(report, expected, sync: str) -> None:
         assert ((report.gram - expected.gram).abs() <= 5 * sketch_std(4096) * torch.outer(n, n)).all()
 
 
-def _disagreeing_clocks(rank: int, folder: str, sync: str) -> None:
-    assert {min(cost, key=cost.__getitem__) for cost in COSTS} == {"batched", "loop"}  # alone, they would differ
+def fake_clocks(patch: pytest.MonkeyPatch, costs: dict[str, float]) -> None:
+    """Make the engine's clock advance by ``costs[strategy]`` seconds each time a strategy runs."""
     clock = SimpleNamespace(now=0.0)
     batched, loop = TappedEngine._batched, tapped.loop_accumulate
 
     def slow_batched(self, *args, **kwargs):
-        clock.now += COSTS[rank]["batched"]
+        clock.now += costs["batched"]
         return batched(self, *args, **kwargs)
 
     def slow_loop(*args, **kwargs):
-        clock.now += COSTS[rank]["loop"]
+        clock.now += costs["loop"]
         return loop(*args, **kwargs)
 
+    patch.setattr(tapped, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    patch.setattr(TappedEngine, "_batched", slow_batched)
+    patch.setattr(tapped, "loop_accumulate", slow_loop)
+
+
+def run_steps(rank: int, sync: str, costs: dict[str, float], sizes: list[list[int]]) -> tuple[list[str], dict]:
+    """Train one step per entry of ``sizes`` (each rank's batch sizes), checking each step's ``.grad`` against DDP's
+    plain backward and its Gram against the oracle's; returns the steps' strategies and the monitor's plan."""
     torch.manual_seed(0)
     model, x = FAMILIES["mlp"](3)
     twin, oracle = copy.deepcopy(model), copy.deepcopy(model)
     ddp, ddp_twin = DDP(model), DDP(twin)
     strategies = []
     with pytest.MonkeyPatch.context() as patch, ConflictMonitor(ddp, sync=sync, strategy="auto") as monitor:
-        patch.setattr(tapped, "time", SimpleNamespace(perf_counter=lambda: clock.now))
-        patch.setattr(TappedEngine, "_batched", slow_batched)
-        patch.setattr(tapped, "loop_accumulate", slow_loop)
-        for step in range(STEPS):
-            parts = batches(x, [4, 4], seed=step)
+        fake_clocks(patch, costs)
+        for step, split in enumerate(sizes):
+            parts = batches(x, split, seed=step)
             model.zero_grad()
             twin.zero_grad()
             report = monitor.backward(losses_of(ddp(parts[rank])))
             sum(losses_of(ddp_twin(parts[rank])).values()).backward()
             for (name, a), b in zip(model.named_parameters(), twin.parameters()):
                 assert torch.equal(a.grad, b.grad), (step, name)
-            _check_gram(report, reference(oracle, losses_of(oracle(torch.cat(parts)))), sync)
+            # DDP averages the ranks' gradients: the global losses are the mean of the per-rank mean losses
+            per_rank = [losses_of(oracle(p)) for p in parts]
+            _check_gram(report, reference(oracle, {t: sum(d[t] for d in per_rank) / WORLD for t in per_rank[0]}), sync)
             strategies.append(report.strategy)
-        plan = monitor.plan
+        return strategies, monitor.plan
+
+
+def _disagreeing_clocks(rank: int, folder: str, sync: str) -> None:
+    assert {min(cost, key=cost.__getitem__) for cost in COSTS} == {"batched", "loop"}  # alone, they would differ
+    strategies, plan = run_steps(rank, sync, COSTS[rank], [[4, 4]] * STEPS)
     assert strategies == ["batched", "loop"] * TRIALS + [AGREED] * 2
     everyone: list = [None] * WORLD
     dist.all_gather_object(everyone, (strategies, plan))
@@ -80,6 +93,12 @@ def _disagreeing_clocks(rank: int, folder: str, sync: str) -> None:
     (choice,) = plan["choices"]
     assert choice["strategy"] == AGREED
     assert choice["seconds"] == {c: max(cost[c] for cost in COSTS) for c in ("batched", "loop")}
+
+
+def _a_new_shape_on_one_rank(rank: int, folder: str) -> None:
+    # both ranks settle on the loop; then rank 1 alone meets a new batch shape (an uneven last batch)
+    strategies, _ = run_steps(rank, "exact", {"batched": 2.0, "loop": 1.0}, [[4, 4]] * (STEPS - 1) + [[4, 3]])
+    assert strategies == ["batched", "loop"] * TRIALS + ["loop"] * 2
 
 
 def _batched_fails_midway(rank: int, folder: str) -> None:
@@ -108,6 +127,10 @@ def _batched_fails_midway(rank: int, folder: str) -> None:
 @pytest.mark.parametrize("sync", ["exact", "sketch"])
 def test_ranks_whose_clocks_disagree_settle_on_one_strategy(tmp_path, sync):
     spawn(_disagreeing_clocks, tmp_path, sync, timeout=60)
+
+
+def test_a_batch_shape_new_to_one_rank_keeps_the_agreed_strategy(tmp_path):
+    spawn(_a_new_shape_on_one_rank, tmp_path, timeout=60)
 
 
 def test_a_batched_pass_failing_midway_on_every_rank_is_measured_again_by_the_loop(tmp_path):
