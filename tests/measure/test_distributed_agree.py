@@ -124,6 +124,20 @@ def _batched_fails_midway(rank: int, folder: str) -> None:
     _check_gram(report, reference(oracle, losses_of(oracle(torch.cat(parts)))), "exact")
 
 
+def _a_failed_collective(rank: int, folder: str) -> None:
+    def collective_fails(self, module):
+        raise dist.DistBackendError("a collective failed")
+
+    torch.manual_seed(0)
+    model, x = FAMILIES["mlp"](3)
+    ddp = DDP(model)
+    with pytest.MonkeyPatch.context() as patch, ConflictMonitor(ddp, strategy="batched") as monitor:
+        patch.setattr(tapped._Pass, "_compute", collective_fails)
+        with pytest.raises(dist.DistBackendError):  # raised, not taken for an op without a batched backward
+            monitor.backward(losses_of(ddp(x)))
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("sync", ["exact", "sketch"])
 def test_ranks_whose_clocks_disagree_settle_on_one_strategy(tmp_path, sync):
     spawn(_disagreeing_clocks, tmp_path, sync, timeout=60)
@@ -135,3 +149,7 @@ def test_a_batch_shape_new_to_one_rank_keeps_the_agreed_strategy(tmp_path):
 
 def test_a_batched_pass_failing_midway_on_every_rank_is_measured_again_by_the_loop(tmp_path):
     spawn(_batched_fails_midway, tmp_path, timeout=60)
+
+
+def test_a_failed_collective_inside_the_batched_pass_is_raised_not_measured_by_the_loop(tmp_path):
+    spawn(_a_failed_collective, tmp_path, timeout=60)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradconflict.measure.attribution import Attributor
@@ -292,7 +293,8 @@ class TappedEngine:
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as err:
-                if "second time" in str(err) or "has been freed" in str(err):
+                # a failed collective is no op's failure: the other ranks are not where this one would go on
+                if "second time" in str(err) or "has been freed" in str(err) or isinstance(err, dist.DistError):
                     raise
                 # A torch op whose batched backward fails (bf16 autocast through LayerNorm on CPU, in torch 2.13):
                 # measure this run with the per-task loop, which runs the same backward one task at a time.
