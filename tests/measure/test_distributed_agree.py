@@ -3,8 +3,9 @@ processes on CPU). ``strategy="auto"`` times the batched pass and the per-task l
 two strategies all-reduce different blocks, so ranks that settled on different ones would hang or fail in a
 collective. Here each rank's clock is made to disagree (rank 0 finds the batched pass faster, rank 1 the loop):
 both ranks must settle on the candidate whose slowest rank is fastest, finish every step, write DDP's own
-``.grad`` and report the global batch's Gram (a one-process float64 oracle). A batched pass that fails midway on
-every rank falls back to the loop with the step's reductions started over, not added twice."""
+``.grad`` and report the global batch's Gram (a one-process float64 oracle); so must a rank that alone meets a
+new batch shape. A batched pass that fails midway on every rank falls back to the loop with the step's reductions
+started over, not added twice; a failed collective is raised, never taken for an op the loop could measure."""
 
 from __future__ import annotations
 

@@ -203,7 +203,8 @@ class TappedEngine:
     shapes) alternate between the batched pass and the per-task loop, each timed on ``TRIALS`` steps, and the
     one with the faster best run is kept for that shape (like ``cudnn.benchmark``). The loop is a candidate only
     when its T copies of the shared gradients fit in ``loop_memory`` bytes. Both are exact; :attr:`choices`
-    records what was chosen and why.
+    records what was chosen and why. Across processes (a global reduction), every rank makes the same choice,
+    one per number of tasks (see :meth:`_choose`).
     """
 
     name = "auto"
