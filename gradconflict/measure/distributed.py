@@ -111,6 +111,11 @@ class Sync:
         """Element-wise: true only where every rank's flag is true (so that every rank decides alike)."""
         return self.all_reduce(flags.to(torch.int32), dist.ReduceOp.MIN).bool()
 
+    def largest(self, values: Tensor) -> Tensor:
+        """Element-wise: the largest of the ranks' ``values`` (a new tensor), so that every rank decides on the same
+        numbers (the measuring strategy, from each candidate's slowest rank)."""
+        return self.all_reduce(values.clone(), dist.ReduceOp.MAX)
+
     def example_counts(self, examples: int, device: torch.device) -> list[int]:
         """Every rank's number of ``sample_ids`` for this step (``examples`` is this rank's; 0: none), from one
         all-reduce of R integers, so that every rank knows, before measuring, whether the step is attributed."""
@@ -175,6 +180,11 @@ class Reduction:
         sketch = self._sketch(rows, f"{layer}#{block}")
         self._sketches[layer] = self._sketches[layer] + sketch if layer in self._sketches else sketch
         return None
+
+    def restart(self) -> Reduction:
+        """A fresh reduction of the same step: a measuring pass that failed midway, on every rank alike, is run again
+        by another route, whose blocks must not add to what the failed one reduced."""
+        return Reduction(self.sync, self.step)
 
     def _sketch(self, rows: Tensor, key: str) -> Tensor:
         """CountSketch of each task's row to k buckets, the same hashing on every rank for this step and block."""

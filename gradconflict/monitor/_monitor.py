@@ -107,7 +107,8 @@ class ConflictMonitor:
         strategy: how the default engine runs a measured step: ``"batched"`` (one vectorised backward over the
             tasks), ``"loop"`` (one backward per task; T copies of the shared gradients) or ``"auto"`` (default:
             both are timed on the first measured steps of each shape of step, and the faster is kept; see
-            :attr:`plan`). Every strategy is exact.
+            :attr:`plan`). Every strategy is exact. Under ``sync="exact"`` or ``"sketch"`` the choice is one per
+            number of tasks, and every rank makes the same one (each candidate judged by its slowest rank).
         loop_memory: the most bytes the per-task loop may hold (T x the shared gradients) to be a candidate.
         math_attention: run scaled-dot-product attention with torch's math kernel in the forwards that will be
             measured, so that the batched pass need not loop over the tasks for the fused kernels' backward (no
@@ -198,6 +199,8 @@ class ConflictMonitor:
     def plan(self) -> dict[str, Any]:
         """How the engine measures: its strategy setting and, per shape of step (number of tasks, tapped layers'
         input shapes), the strategy chosen, each candidate's best time over its trial steps, and how many it ran.
+        Under ``sync="exact"`` or ``"sketch"``, one choice per number of tasks (``shapes`` empty), with each
+        candidate's time on its slowest rank: the same on every rank.
 
         >>> import torch.nn as nn
         >>> ConflictMonitor(nn.Linear(2, 2), engine="reference").plan

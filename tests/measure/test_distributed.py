@@ -10,6 +10,8 @@ import gc
 import json
 import math
 import os
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -29,13 +31,25 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-def spawn(fn, tmp_path, *args) -> None:
+def spawn(fn, tmp_path, *args, timeout: float = 120) -> None:
+    """Run ``fn(rank, folder, *args)`` on ``WORLD`` gloo ranks. A rank that raises fails the test; so does a run still
+    going after ``timeout`` seconds (a hang: every rank is killed), and a collective waits at most that long."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_run, args=(fn, str(tmp_path / "init"), str(tmp_path), *args), nprocs=WORLD, join=True)
+    init = str(tmp_path / "init")
+    context = mp.start_processes(_run, args=(fn, init, str(tmp_path), timeout, *args), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+                process.join()
+            pytest.fail(f"the {WORLD} ranks were still running after {timeout} s: a hang")
 
 
-def _run(rank: int, fn, init_file: str, folder: str, *args) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def _run(rank: int, fn, init_file: str, folder: str, timeout: float, *args) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=timeout)
+    )
     torch.set_default_dtype(torch.float64)
     try:
         fn(rank, folder, *args)

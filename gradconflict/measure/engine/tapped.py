@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradconflict.measure.attribution import Attributor
@@ -202,7 +203,8 @@ class TappedEngine:
     shapes) alternate between the batched pass and the per-task loop, each timed on ``TRIALS`` steps, and the
     one with the faster best run is kept for that shape (like ``cudnn.benchmark``). The loop is a candidate only
     when its T copies of the shared gradients fit in ``loop_memory`` bytes. Both are exact; :attr:`choices`
-    records what was chosen and why.
+    records what was chosen and why. Across processes (a global reduction), every rank makes the same choice,
+    one per number of tasks (see :meth:`_choose`).
     """
 
     name = "auto"
@@ -283,7 +285,7 @@ class TappedEngine:
             self.capture.arm(False)
         if reason is None:
             try:
-                strategy, choice = self._choose(graph, plan, len(losses))
+                strategy, choice = self._choose(graph, plan, stacked, reduction)
                 if strategy == "loop":
                     return self._timed(choice, "loop", lambda: loop_accumulate(losses, plan, graph, reduction))
                 return self._timed(choice, "batched", lambda: self._batched(stacked, graph, plan, cover, reduction))
@@ -292,7 +294,8 @@ class TappedEngine:
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as err:
-                if "second time" in str(err) or "has been freed" in str(err):
+                # a failed collective is no op's failure: the other ranks are not where this one would go on
+                if "second time" in str(err) or "has been freed" in str(err) or isinstance(err, dist.DistError):
                     raise
                 # A torch op whose batched backward fails (bf16 autocast through LayerNorm on CPU, in torch 2.13):
                 # measure this run with the per-task loop, which runs the same backward one task at a time.
@@ -305,22 +308,36 @@ class TappedEngine:
             "T copies of the shared gradients). To choose this from the start, pass strategy=\"loop\" to the "
             "ConflictMonitor; to pay for it less often, every=k",
         )
-        return loop_accumulate(losses, plan, graph, reduction), "loop"
+        # across processes, what a failed pass reduced is dropped: every rank failed alike and starts over
+        fresh = None if reduction is None else reduction.restart()
+        return loop_accumulate(losses, plan, graph, fresh), "loop"
 
-    def _choose(self, graph: Graph, plan: Plan, T: int) -> tuple[str, Choice | None]:
-        """The strategy for this step, and the :class:`Choice` to time it into while it is still on trial."""
+    def _choose(
+        self, graph: Graph, plan: Plan, stacked: Tensor, reduction: Reduction | None
+    ) -> tuple[str, Choice | None]:
+        """The strategy for this step, and the :class:`Choice` to time it into while it is still on trial.
+
+        Across processes (a ``reduction``), the two strategies run different collectives, so every rank must
+        choose alike: the choice is one per number of tasks (the ranks' batches may differ in shape), its trial
+        steps follow the same order on every rank, and it is settled on each candidate's slowest rank's time (one
+        all-reduce of the candidates' times, on the step that settles it)."""
         if self.strategy != "auto":
             return self.strategy, None
+        T = stacked.shape[0]
         taps = self.capture.taps
-        key = (T, tuple(_shape(c.saved) for c in graph.calls if c.owner is self.capture and taps(c.module)))
-        choice = self.choices.setdefault(key, Choice())
+        shapes = tuple(_shape(c.saved) for c in graph.calls if c.owner is self.capture and taps(c.module))
+        choice = self.choices.setdefault((T, () if reduction is not None else shapes), Choice())
         if choice.strategy is not None:
             return choice.strategy, None
+        # the graph's shared leaves: the same on every rank, as the reductions' collectives already require
         shared = sum(t.numel() * t.element_size() for t in graph.leaves if id(t) in plan.shared)
         candidates = ["batched", "loop"] if T * shared <= self.loop_memory else ["batched"]
         pending = [c for c in candidates if choice.runs.get(c, 0) < TRIALS]
         if pending:  # the candidate with the fewest trial steps, batched first: they alternate
             return min(pending, key=lambda c: choice.runs.get(c, 0)), choice
+        if reduction is not None:  # a data-parallel step waits for its slowest rank
+            times = torch.tensor([choice.seconds[c] for c in candidates], dtype=torch.float64, device=stacked.device)
+            choice.seconds = dict(zip(candidates, reduction.sync.largest(times).tolist()))
         choice.strategy = min(choice.seconds, key=choice.seconds.__getitem__)
         return choice.strategy, None
 

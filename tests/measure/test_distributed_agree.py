@@ -1,0 +1,156 @@
+"""Per-rank decisions that change which collectives a measured step runs are made alike on every rank (gloo, 2
+processes on CPU). ``strategy="auto"`` times the batched pass and the per-task loop on each rank's own clock; the
+two strategies all-reduce different blocks, so ranks that settled on different ones would hang or fail in a
+collective. Here each rank's clock is made to disagree (rank 0 finds the batched pass faster, rank 1 the loop):
+both ranks must settle on the candidate whose slowest rank is fastest, finish every step, write DDP's own
+``.grad`` and report the global batch's Gram (a one-process float64 oracle); so must a rank that alone meets a
+new batch shape. A batched pass that fails midway on every rank falls back to the loop with the step's reductions
+started over, not added twice; a failed collective is raised, never taken for an op the loop could measure."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gradconflict import ConflictMonitor
+from gradconflict.measure.distributed import sketch_std
+from gradconflict.measure.engine import tapped
+from gradconflict.measure.engine.tapped import TRIALS, TappedEngine
+from tests.measure.test_distributed import WORLD, batches, rel_err, spawn
+from tests.zoo import FAMILIES, losses_of, reference
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
+
+#: Seconds each strategy takes on each rank's (fake) clock: each rank alone would choose differently.
+COSTS = [{"batched": 1.0, "loop": 2.0}, {"batched": 5.0, "loop": 3.0}]
+#: The candidate whose slowest rank is fastest (a data-parallel step waits for its slowest rank).
+AGREED = min(COSTS[0], key=lambda c: max(cost[c] for cost in COSTS))
+STEPS = 2 * TRIALS + 2  # the trial steps, the step that settles the choice, and one after it
+
+
+def _check_gram(report, expected, sync: str) -> None:
+    if sync == "exact":
+        assert rel_err(report.gram, expected.gram) <= 1e-9
+    else:  # the sketch's documented bound, 5 standard deviations
+        n = expected.gram.diagonal().sqrt()
+        assert ((report.gram - expected.gram).abs() <= 5 * sketch_std(4096) * torch.outer(n, n)).all()
+
+
+def fake_clocks(patch: pytest.MonkeyPatch, costs: dict[str, float]) -> None:
+    """Make the engine's clock advance by ``costs[strategy]`` seconds each time a strategy runs."""
+    clock = SimpleNamespace(now=0.0)
+    batched, loop = TappedEngine._batched, tapped.loop_accumulate
+
+    def slow_batched(self, *args, **kwargs):
+        clock.now += costs["batched"]
+        return batched(self, *args, **kwargs)
+
+    def slow_loop(*args, **kwargs):
+        clock.now += costs["loop"]
+        return loop(*args, **kwargs)
+
+    patch.setattr(tapped, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    patch.setattr(TappedEngine, "_batched", slow_batched)
+    patch.setattr(tapped, "loop_accumulate", slow_loop)
+
+
+def run_steps(rank: int, sync: str, costs: dict[str, float], sizes: list[list[int]]) -> tuple[list[str], dict]:
+    """Train one step per entry of ``sizes`` (each rank's batch sizes), checking each step's ``.grad`` against DDP's
+    plain backward and its Gram against the oracle's; returns the steps' strategies and the monitor's plan."""
+    torch.manual_seed(0)
+    model, x = FAMILIES["mlp"](3)
+    twin, oracle = copy.deepcopy(model), copy.deepcopy(model)
+    ddp, ddp_twin = DDP(model), DDP(twin)
+    strategies = []
+    with pytest.MonkeyPatch.context() as patch, ConflictMonitor(ddp, sync=sync, strategy="auto") as monitor:
+        fake_clocks(patch, costs)
+        for step, split in enumerate(sizes):
+            parts = batches(x, split, seed=step)
+            model.zero_grad()
+            twin.zero_grad()
+            report = monitor.backward(losses_of(ddp(parts[rank])))
+            sum(losses_of(ddp_twin(parts[rank])).values()).backward()
+            for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+                assert torch.equal(a.grad, b.grad), (step, name)
+            # DDP averages the ranks' gradients: the global losses are the mean of the per-rank mean losses
+            per_rank = [losses_of(oracle(p)) for p in parts]
+            _check_gram(report, reference(oracle, {t: sum(d[t] for d in per_rank) / WORLD for t in per_rank[0]}), sync)
+            strategies.append(report.strategy)
+        return strategies, monitor.plan
+
+
+def _disagreeing_clocks(rank: int, folder: str, sync: str) -> None:
+    assert {min(cost, key=cost.__getitem__) for cost in COSTS} == {"batched", "loop"}  # alone, they would differ
+    strategies, plan = run_steps(rank, sync, COSTS[rank], [[4, 4]] * STEPS)
+    assert strategies == ["batched", "loop"] * TRIALS + [AGREED] * 2
+    everyone: list = [None] * WORLD
+    dist.all_gather_object(everyone, (strategies, plan))
+    assert everyone[0] == everyone[1]  # the same choice, from the same agreed times, on every rank
+    (choice,) = plan["choices"]
+    assert choice["strategy"] == AGREED
+    assert choice["seconds"] == {c: max(cost[c] for cost in COSTS) for c in ("batched", "loop")}
+
+
+def _a_new_shape_on_one_rank(rank: int, folder: str) -> None:
+    # both ranks settle on the loop; then rank 1 alone meets a new batch shape (an uneven last batch)
+    strategies, _ = run_steps(rank, "exact", {"batched": 2.0, "loop": 1.0}, [[4, 4]] * (STEPS - 1) + [[4, 3]])
+    assert strategies == ["batched", "loop"] * TRIALS + ["loop"] * 2
+
+
+def _batched_fails_midway(rank: int, folder: str) -> None:
+    compute = tapped._Pass._compute
+
+    def fail_after_one_layer(self, module):
+        compute(self, module)  # this layer's gradients are all-reduced, then the pass fails, on every rank
+        raise RuntimeError("no batched backward for this op")
+
+    torch.manual_seed(0)
+    model, x = FAMILIES["mlp"](3)
+    twin, oracle = copy.deepcopy(model), copy.deepcopy(model)
+    ddp, ddp_twin = DDP(model), DDP(twin)
+    parts = batches(x, [4, 4])
+    with pytest.MonkeyPatch.context() as patch, ConflictMonitor(ddp, strategy="batched") as monitor:
+        patch.setattr(tapped._Pass, "_compute", fail_after_one_layer)
+        with pytest.warns(UserWarning, match="the batched backward failed"):
+            report = monitor.backward(losses_of(ddp(parts[rank])))
+    sum(losses_of(ddp_twin(parts[rank])).values()).backward()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    assert report.strategy == "loop" and not report.skipped
+    _check_gram(report, reference(oracle, losses_of(oracle(torch.cat(parts)))), "exact")
+
+
+def _a_failed_collective(rank: int, folder: str) -> None:
+    def collective_fails(self, module):
+        raise dist.DistBackendError("a collective failed")
+
+    torch.manual_seed(0)
+    model, x = FAMILIES["mlp"](3)
+    ddp = DDP(model)
+    with pytest.MonkeyPatch.context() as patch, ConflictMonitor(ddp, strategy="batched") as monitor:
+        patch.setattr(tapped._Pass, "_compute", collective_fails)
+        with pytest.raises(dist.DistBackendError):  # raised, not taken for an op without a batched backward
+            monitor.backward(losses_of(ddp(x)))
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("sync", ["exact", "sketch"])
+def test_ranks_whose_clocks_disagree_settle_on_one_strategy(tmp_path, sync):
+    spawn(_disagreeing_clocks, tmp_path, sync, timeout=60)
+
+
+def test_a_batch_shape_new_to_one_rank_keeps_the_agreed_strategy(tmp_path):
+    spawn(_a_new_shape_on_one_rank, tmp_path, timeout=60)
+
+
+def test_a_batched_pass_failing_midway_on_every_rank_is_measured_again_by_the_loop(tmp_path):
+    spawn(_batched_fails_midway, tmp_path, timeout=60)
+
+
+def test_a_failed_collective_inside_the_batched_pass_is_raised_not_measured_by_the_loop(tmp_path):
+    spawn(_a_failed_collective, tmp_path, timeout=60)
