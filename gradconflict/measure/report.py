@@ -168,7 +168,8 @@ class LayerReport(_GramMetrics):
         route: how the engine computed it: ``"ghost"`` or ``"materialised"`` (a layer rule, from the taps: the
             Gram through the inputs' kernel, or the per-task gradients the rule builds), ``"autograd"`` (the
             per-task gradients asked of autograd: a parameter no rule covers, or the per-task loop),
-            ``"reference"`` or ``"representation"``; ``+``-joined when several ran.
+            ``"per-example"`` (under ``sample_ids``: the sum of each example's gradients, which the attribution
+            forms anyway), ``"reference"`` or ``"representation"``; ``+``-joined when several ran.
     """
 
     def __init__(

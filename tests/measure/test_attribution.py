@@ -9,6 +9,7 @@ mask, with no code of the library's.
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Callable
 
 import pytest
@@ -252,3 +253,60 @@ def test_grad_scaler_is_divided_out_of_the_attribution():
     assert rel_err(report.samples.contribution, plain.samples.contribution) <= 1e-9
     assert rel_err(report.samples.within, plain.samples.within) <= 1e-9
     assert rel_err(report.samples.gram, report.gram) <= 1e-9
+
+
+class Convolutions(nn.Module):
+    """The settings a convolution's attribution meets: stride, dilation, groups, bias or none, asymmetric kernels,
+    zero, circular and 'same' padding, 1-D and 3-D, and one convolution called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.dilated = nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2)
+        self.grouped = nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(1, 0), groups=2, bias=False)
+        self.circular = nn.Conv2d(6, 6, 3, padding="same", padding_mode="circular", groups=3)
+        self.twice = nn.Conv1d(6, 6, 2, stride=2)
+        self.volume = nn.Conv3d(1, 2, (2, 1, 2), stride=(1, 1, 2), padding=(1, 0, 0))
+
+    def forward(self, x):
+        h = self.circular(self.grouped(self.dilated(x).tanh()).tanh()).tanh()  # [B, 6, 4, 2]
+        line = self.twice(self.twice(h.flatten(2)).tanh())  # [B, 6, 2]
+        return self.volume(line.reshape(-1, 1, 3, 2, 2)).flatten(1)  # [B, 2 * 4 * 2 * 1]
+
+
+def batch_losses(reduction: str) -> Losses:
+    """Each example's loss per task, reduced over the batch by the mean or the sum."""
+
+    def losses(out: dict[str, Tensor]) -> dict[str, Tensor]:
+        per_example = {t: ((o - 0.5 * k) ** 2).sum(1) + o.sin().sum(1) for k, (t, o) in enumerate(out.items())}
+        return {t: v.mean() if reduction == "mean" else v.sum() for t, v in per_example.items()}
+
+    return losses
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("route", ["per-example", "per-example, formed twice", "kernel"])
+def test_convolution_routes_match_oracle(route: str, reduction: str, monkeypatch: pytest.MonkeyPatch):
+    # Each route forced on every convolution (the kernel route only takes a layer called once): the per-example
+    # weight gradients kept whole, or formed one example at a time and formed again for the contributions (over
+    # their memory budget), or the kernel route's forward convolution and patch kernels.
+    conv = importlib.import_module("gradconflict.measure.rules.conv")
+    if route == "per-example, formed twice":
+        monkeypatch.setattr(conv, "EXAMPLE_CHUNK_BYTES", 1)
+        monkeypatch.setattr(conv, "PIECE_BYTES", 1)
+    monkeypatch.setattr(conv, "kernel_is_cheaper", lambda *args: route == "kernel")
+    model = MultiTask(Convolutions(), linear_heads(16, 3))
+    check_against_oracle(model, torch.randn(5, 3, 9, 8), batch_losses(reduction))
+    model, x = FAMILIES["cnn"](3)
+    check_against_oracle(model.eval(), torch.randn(3, 3, 16, 16), batch_losses(reduction))
+
+
+def test_convolution_route_follows_the_size_rule():
+    # Wide channels on a 2 x 2 image: the kernel route (the Gram from the per-task backward); a narrow layer on
+    # a 16 x 16 image: the per-example gradients, whose sum is the Gram.
+    bb = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.Tanh(), nn.Conv2d(64, 64, 3, stride=8, padding=1))
+    model = MultiTask(bb, linear_heads(256, 2), pool=lambda h: h.flatten(1))
+    x = torch.randn(3, 3, 16, 16)
+    report = attributed(model, x, losses_of)
+    assert report.layers["backbone.0"].route == "per-example"
+    assert report.layers["backbone.2"].route == "materialised"
+    check_against_oracle(model, x)

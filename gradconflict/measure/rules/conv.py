@@ -1,8 +1,12 @@
 """``nn.Conv1d/2d/3d`` (any stride, padding, dilation, groups, padding mode): the T per-task weight gradients
-come from one convolution backward in which the tasks are extra output channels."""
+come from one convolution backward in which the tasks are extra output channels. Under ``sample_ids`` each
+example's weight gradients are one batched matrix product of its output gradients with its input patches, and
+their sum is the per-task gradient; or, for small images through wide layers, the attribution goes through a
+forward convolution and each example's patch kernel (:func:`kernel_is_cheaper`)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -11,7 +15,25 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from gradconflict.measure.rules.base import EXAMPLE_CHUNK_BYTES, Call, LayerRule, register_rule
+from gradconflict.measure.rules.base import (
+    EXAMPLE_CHUNK_BYTES,
+    Call,
+    LayerAttribution,
+    LayerRule,
+    attribution_of,
+    gram_of,
+    register_rule,
+)
+
+#: Bytes of per-example weight gradients formed by one matrix product while attributing: small enough to be
+#: reduced while in cache, and for the allocator to reuse the block from piece to piece.
+PIECE_BYTES = 8 * 2**20
+
+
+#: Multiply-adds that one number written to memory and read back costs as much time as, in
+#: :func:`kernel_is_cheaper`: measured on a 2-core x86 CPU, where forming the per-example weight gradients of a
+#: layer with 64 output positions took about as long as the per-task backward and one forward convolution.
+MEMORY_COST = 48
 
 
 def _padded_input(module: _ConvNd, x: Tensor) -> tuple[Tensor, list[int]]:
@@ -32,6 +54,47 @@ def _padded_input(module: _ConvNd, x: Tensor) -> tuple[Tensor, list[int]]:
         return F.pad(x, pad), [0] * len(k)
     assert not isinstance(module.padding, str)  # 'valid' and 'same' were handled above
     return x, list(module.padding)
+
+
+def _patches(module: _ConvNd, x: Tensor) -> Tensor:
+    """``[g, N, C_in / g * prod(kernel), P]``: the input patch each of the ``P`` output positions sees, per group,
+    its entries in the order of the weight's (input channel, then kernel offsets): example ``n``'s weight
+    gradient for its output gradients ``D_n`` ``[C_out / g, P]`` is ``D_n @ patches[:, n].T``."""
+    x, padding = _padded_input(module, x)
+    if any(padding):
+        x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+    dims = len(module.kernel_size)
+    for d, (k, s, dil) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        x = x.unfold(2 + d, dil * (k - 1) + 1, s)[..., ::dil]  # windows of the kernel's extent, every dil-th
+    N, C = x.shape[:2]  # x: [N, C_in, *positions, *kernel offsets]
+    x = x.reshape(N, module.groups, C // module.groups, *x.shape[2:])
+    x = x.permute(1, 0, 2, *range(3 + dims, 3 + 2 * dims), *range(3, 3 + dims))
+    return x.reshape(module.groups, N, -1, math.prod(x.shape[3 + dims :]))
+
+
+def kernel_is_cheaper(examples: int, positions: int, patch: int, c_out: int, tasks: int, item_bytes: int) -> bool:
+    """Whether attributing a convolution's weight through each example's patch kernel costs less than through
+    its per-example weight gradients (:class:`ConvRule`), counted in multiply-adds, a number written to memory
+    and read back counting :data:`MEMORY_COST`.
+
+    With ``W = patch * c_out`` weights, ``P`` output positions and ``N`` examples, the per-example route forms
+    ``T N W`` numbers at ``P`` multiply-adds each, twice when they exceed :data:`EXAMPLE_CHUNK_BYTES` (they are
+    formed again for the contributions), and needs no per-task backward; the kernel route runs the per-task
+    backward and one forward convolution (``2 T N P W``), writes only ``T W`` numbers, and forms each example's
+    ``P x P`` kernel (``N P^2 (patch + T c_out)``). Small images through wide layers (the last stages of a
+    ResNet) take the kernel; large images through narrow layers the per-example gradients.
+
+    >>> kernel_is_cheaper(examples=32, positions=64, patch=576, c_out=128, tasks=4, item_bytes=4)
+    False
+    >>> kernel_is_cheaper(examples=4, positions=4, patch=4608, c_out=512, tasks=4, item_bytes=4)
+    True
+    """
+    W = patch * c_out
+    formed = 1 if examples * tasks * W * item_bytes <= EXAMPLE_CHUNK_BYTES else 2
+    per_example = formed * tasks * examples * W * (positions + MEMORY_COST)
+    kernel = 2 * tasks * examples * positions * W + tasks * W * MEMORY_COST
+    kernel += examples * positions**2 * (patch + tasks * c_out)
+    return kernel < per_example
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -56,41 +119,89 @@ class ConvRule(LayerRule[_ConvNd]):
         )[1]  # [(g t c), C_in / g, *kernel]
         return rearrange(grads, "(g t c) ... -> t (g c) ...", g=g, t=D.shape[0])
 
-    def _per_example_weight_grads(self, module: _ConvNd, x: Tensor, D: Tensor) -> Tensor:
-        """``[T, N, *weight.shape]``: each example's weight gradient for every task, from one convolution backward
-        in which the examples are extra groups (example ``n``'s input channels only meet its own output
-        channels), in chunks of examples to bound the memory of the result."""
-        g, (T, N) = module.groups, D.shape[:2]
-        x, padding = _padded_input(module, x.to(D.dtype))
-        chunk = max(1, EXAMPLE_CHUNK_BYTES // (T * module.weight.numel() * D.element_size()))
-        parts = []
-        for start in range(0, N, chunk):
-            xc, Dc = x[start : start + chunk], D[:, start : start + chunk]
-            n = xc.shape[0]
-            stacked = rearrange(Dc, "t n (g c) ... -> 1 (n g t c) ...", g=g)
-            shape = (stacked.shape[1], module.in_channels // g, *module.kernel_size)
-            grads = torch.ops.aten.convolution_backward(
-                stacked, rearrange(xc, "n c ... -> 1 (n c) ..."), stacked.new_empty(shape), None, module.stride,
-                padding, module.dilation, False, [0] * len(padding), n * g, [False, True, False],
-            )[1]  # [(n g t c), C_in / g, *kernel]
-            parts.append(rearrange(grads, "(n g t c) ... -> t n (g c) ...", n=n, g=g, t=T))
-        return torch.cat(parts, dim=1)
-
-    def per_example(
+    def attribute(
         self, module: _ConvNd, calls: Sequence[Call], names: set[str], dtype: torch.dtype
-    ) -> dict[str, Tensor]:
-        per_example: dict[str, Tensor] = {}
-        for call in calls:
-            assert call.grads is not None  # the batched backward reached this call
-            D = call.grads.to(dtype)
-            parts = {}
-            if "weight" in names:
-                parts["weight"] = self._per_example_weight_grads(module, call.saved, D)
-            if "bias" in names:
-                parts["bias"] = D.sum(tuple(range(3, D.ndim)))
-            for name, g in parts.items():
-                per_example[name] = per_example[name] + g if name in per_example else g
-        return per_example
+    ) -> LayerAttribution:
+        """Each example's part in the layer's Gram: the weight's through its per-example gradients
+        (:meth:`_weight_attribution`) or, where :func:`kernel_is_cheaper` says so, through each example's patch
+        kernel (:meth:`_kernel_weight_attribution`); the bias's per-example gradients are ``D`` summed over the
+        output positions."""
+        parts = []
+        if "weight" in names:
+            T, N, _, *positions = calls[0].output_grads.shape
+            patch = module.in_channels // module.groups * math.prod(module.kernel_size)
+            kernel = len(calls) == 1 and kernel_is_cheaper(
+                N, math.prod(positions), patch, module.out_channels, T, torch.finfo(dtype).bits // 8
+            )
+            weight = self._kernel_weight_attribution if kernel else self._weight_attribution
+            parts.append(weight(module, calls, dtype))
+        if "bias" in names:
+            bias = [call.output_grads.to(dtype).flatten(3).sum(3) for call in calls]  # [T, N, C_out] each
+            parts.append(attribution_of(sum(bias[1:], bias[0])))
+        first, *rest = parts  # the blocks of the weight and the bias add up
+        return LayerAttribution(
+            sum((p.gram for p in rest), first.gram), sum((p.contribution for p in rest), first.contribution),
+            sum((p.within for p in rest), first.within), first.route,
+        )
+
+    def _weight_attribution(self, module: _ConvNd, calls: Sequence[Call], dtype: torch.dtype) -> LayerAttribution:
+        """The weight's attribution from each example's weight gradients ``J_n = D_n U_n^T`` (``U_n`` its input
+        patches, ``D_n`` its output gradients, per group): one batched matrix product per piece of
+        :data:`PIECE_BYTES`, reduced while it is fresh (each example's own Gram, and the running sum over the
+        examples, which is the per-task weight gradient ``G``: no separate convolution backward). The
+        contributions ``<J_i^(n), G_j>`` follow once ``G`` is complete, from the pieces kept or, beyond
+        :data:`EXAMPLE_CHUNK_BYTES` of them, recomputed."""
+        g, (T, N) = module.groups, calls[0].output_grads.shape[:2]
+        per_example = T * module.weight.numel() * torch.finfo(dtype).bits // 8
+        step = max(1, PIECE_BYTES // per_example)
+        keep = N * per_example <= EXAMPLE_CHUNK_BYTES
+        pieces = [(a, min(a + step, N)) for a in range(0, N, step)]
+
+        def rows(a: int, b: int) -> Tensor:
+            """``[g, b - a, T, w]``: the weight gradients of examples ``a:b``, per group and task."""
+            products = [
+                rearrange(call.output_grads[:, a:b].to(dtype), "t n (g c) ... -> g n (t c) (...)", g=g)
+                @ _patches(module, call.saved[a:b].to(dtype)).transpose(-1, -2)
+                for call in calls
+            ]
+            return sum(products[1:], products[0]).reshape(g, b - a, T, -1)
+
+        kept, within = [], []
+        total = torch.zeros(g, T, module.weight.numel() // g, dtype=dtype, device=calls[0].output_grads.device)
+        for a, b in pieces:
+            J = rows(a, b)
+            within.append((J.flatten(0, 1) @ J.flatten(0, 1).transpose(1, 2)).reshape(g, b - a, T, T).sum(0))
+            total += J.sum(1)
+            if keep:
+                kept.append(J)
+        contribution = [
+            (J.flatten(1, 2) @ total.transpose(1, 2)).reshape(g, -1, T, T).sum(0)
+            for J in (kept if keep else (rows(a, b) for a, b in pieces))
+        ]
+        gram = gram_of(total.transpose(0, 1).reshape(T, -1))
+        return LayerAttribution(gram, torch.cat(contribution), torch.cat(within), "per-example")
+
+    def _kernel_weight_attribution(
+        self, module: _ConvNd, calls: Sequence[Call], dtype: torch.dtype
+    ) -> LayerAttribution:
+        """The weight's attribution without per-example weight gradients: ``G`` from the per-task convolution
+        backward; ``<J_i^(n), G_j>`` as ``sum D_i * conv(x_n, G_j)`` over example ``n``'s output positions (one
+        forward convolution with the T tasks' gradients as its kernels); ``<J_i^(n), J_j^(n)>`` as
+        ``sum_pq K_n[p, q] <D_i[n, :, p], D_j[n, :, q]>`` through each example's patch kernel ``K_n = U_n^T U_n``."""
+        g, (call,) = module.groups, calls  # one call: the kernel of a reused layer would need its calls' cross terms
+        G = self.per_task(module, calls, {"weight"}, dtype)["weight"]  # [T, C_out, C_in / g, *kernel]
+        T = G.shape[0]
+        x, padding = _padded_input(module, call.saved.to(dtype))
+        D = rearrange(call.output_grads.to(dtype), "t n (g c) ... -> g n t (c ...)", g=g)
+        stacked = rearrange(G, "t (g c) ... -> (g t c) ...", g=g)
+        H = torch.convolution(x, stacked, None, module.stride, padding, module.dilation, False, [0] * len(padding), g)
+        contribution = (D @ rearrange(H, "n (g t c) ... -> g n (c ...) t", g=g, t=T)).sum(0)
+        U = _patches(module, call.saved.to(dtype))  # [g, N, C_in / g * K, P]
+        K = U.transpose(-1, -2) @ U  # [g, N, P, P]
+        Dp = D.unflatten(-1, (-1, K.shape[-1]))  # [g, N, T, c, P]
+        KD = (Dp.flatten(2, 3) @ K).reshape(Dp.shape)
+        within = (Dp.flatten(3) @ KD.flatten(3).transpose(-1, -2)).sum(0)
+        return LayerAttribution(gram_of(G.flatten(1)), contribution, within, "materialised")
 
     def per_task(
         self, module: _ConvNd, calls: Sequence[Call], names: set[str], dtype: torch.dtype
