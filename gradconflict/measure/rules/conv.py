@@ -120,12 +120,15 @@ class ConvRule(LayerRule[_ConvNd]):
         return rearrange(grads, "(g t c) ... -> t (g c) ...", g=g, t=D.shape[0])
 
     def attribute(
-        self, module: _ConvNd, calls: Sequence[Call], names: set[str], dtype: torch.dtype
+        self, module: _ConvNd, calls: Sequence[Call], names: set[str], dtype: torch.dtype,
+        total: dict[str, Tensor] | None = None,
     ) -> LayerAttribution:
         """Each example's part in the layer's Gram: the weight's through its per-example gradients
         (:meth:`_weight_attribution`) or, where :func:`kernel_is_cheaper` says so, through each example's patch
         kernel (:meth:`_kernel_weight_attribution`); the bias's per-example gradients are ``D`` summed over the
-        output positions."""
+        output positions. With ``total`` (the per-task gradients to take the contributions against: across
+        processes, the global ones), the Gram is theirs."""
+        against = {name: t.to(dtype) for name, t in (total or {}).items()}
         parts = []
         if "weight" in names:
             T, N, _, *positions = calls[0].output_grads.shape
@@ -134,23 +137,26 @@ class ConvRule(LayerRule[_ConvNd]):
                 N, math.prod(positions), patch, module.out_channels, T, torch.finfo(dtype).bits // 8
             )
             weight = self._kernel_weight_attribution if kernel else self._weight_attribution
-            parts.append(weight(module, calls, dtype))
+            parts.append(weight(module, calls, dtype, against.get("weight")))
         if "bias" in names:
             bias = [call.output_grads.to(dtype).flatten(3).sum(3) for call in calls]  # [T, N, C_out] each
-            parts.append(attribution_of(sum(bias[1:], bias[0])))
+            parts.append(attribution_of(sum(bias[1:], bias[0]), total=against.get("bias")))
         first, *rest = parts  # the blocks of the weight and the bias add up
         return LayerAttribution(
             sum((p.gram for p in rest), first.gram), sum((p.contribution for p in rest), first.contribution),
             sum((p.within for p in rest), first.within), first.route,
         )
 
-    def _weight_attribution(self, module: _ConvNd, calls: Sequence[Call], dtype: torch.dtype) -> LayerAttribution:
+    def _weight_attribution(
+        self, module: _ConvNd, calls: Sequence[Call], dtype: torch.dtype, against: Tensor | None
+    ) -> LayerAttribution:
         """The weight's attribution from each example's weight gradients ``J_n = D_n U_n^T`` (``U_n`` its input
         patches, ``D_n`` its output gradients, per group): one batched matrix product per piece of
         :data:`PIECE_BYTES`, reduced while it is fresh (each example's own Gram, and the running sum over the
         examples, which is the per-task weight gradient ``G``: no separate convolution backward). The
         contributions ``<J_i^(n), G_j>`` follow once ``G`` is complete, from the pieces kept or, beyond
-        :data:`EXAMPLE_CHUNK_BYTES` of them, recomputed."""
+        :data:`EXAMPLE_CHUNK_BYTES` of them, recomputed; against ``against`` (``[T, *weight.shape]``) in place of
+        ``G`` when given."""
         g, (T, N) = module.groups, calls[0].output_grads.shape[:2]
         per_example = T * module.weight.numel() * torch.finfo(dtype).bits // 8
         step = max(1, PIECE_BYTES // per_example)
@@ -174,6 +180,8 @@ class ConvRule(LayerRule[_ConvNd]):
             total += J.sum(1)
             if keep:
                 kept.append(J)
+        if against is not None:
+            total = rearrange(against, "t (g c) ... -> g t (c ...)", g=g)
         contribution = [
             (J.flatten(1, 2) @ total.transpose(1, 2)).reshape(g, -1, T, T).sum(0)
             for J in (kept if keep else (rows(a, b) for a, b in pieces))
@@ -182,14 +190,16 @@ class ConvRule(LayerRule[_ConvNd]):
         return LayerAttribution(gram, torch.cat(contribution), torch.cat(within), "per-example")
 
     def _kernel_weight_attribution(
-        self, module: _ConvNd, calls: Sequence[Call], dtype: torch.dtype
+        self, module: _ConvNd, calls: Sequence[Call], dtype: torch.dtype, against: Tensor | None
     ) -> LayerAttribution:
         """The weight's attribution without per-example weight gradients: ``G`` from the per-task convolution
         backward; ``<J_i^(n), G_j>`` as ``sum D_i * conv(x_n, G_j)`` over example ``n``'s output positions (one
         forward convolution with the T tasks' gradients as its kernels); ``<J_i^(n), J_j^(n)>`` as
         ``sum_pq K_n[p, q] <D_i[n, :, p], D_j[n, :, q]>`` through each example's patch kernel ``K_n = U_n^T U_n``."""
         g, (call,) = module.groups, calls  # one call: the kernel of a reused layer would need its calls' cross terms
-        G = self.per_task(module, calls, {"weight"}, dtype)["weight"]  # [T, C_out, C_in / g, *kernel]
+        G = (  # [T, C_out, C_in / g, *kernel]
+            self.per_task(module, calls, {"weight"}, dtype)["weight"] if against is None else against
+        )
         T = G.shape[0]
         x, padding = _padded_input(module, call.saved.to(dtype))
         D = rearrange(call.output_grads.to(dtype), "t n (g c) ... -> g n t (c ...)", g=g)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import gradconflict.measure.rules.conv as conv_rules
 from gradconflict.measure.rules import Call, rule_for
 from gradconflict.measure.rules.conv import ConvRule
 from gradconflict.measure.rules.embedding import EmbeddingRule
@@ -142,3 +143,29 @@ def test_hugging_face_conv1d_is_a_transposed_linear():
         got = rule.per_task(layer, [call], {"weight"}, torch.float64)["weight"]
         expected = torch.stack([torch.autograd.grad(y, layer.weight, d, retain_graph=True)[0] for d in D])
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("route", ["per-example", "kernel"])
+def test_conv_attribution_against_given_gradients_matches_autograd(route, monkeypatch):
+    # Across processes each example is attributed against the global per-task gradients: here an arbitrary
+    # ``total`` stands for them. The oracle: each example's weight and bias gradients by autograd, one at a time.
+    monkeypatch.setattr(conv_rules, "kernel_is_cheaper", lambda *args: route == "kernel")
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2).double()
+    x = torch.randn(3, 4, 7, 6, dtype=torch.float64)
+    y = conv(x)
+    D = torch.randn(2, *y.shape, dtype=torch.float64)
+    total = {"weight": torch.randn(2, *conv.weight.shape, dtype=torch.float64),
+             "bias": torch.randn(2, 6, dtype=torch.float64)}
+    rule = ConvRule()
+    call = Call(conv, rule, rule.save(conv, x, y), grads=D)
+    out = rule.attribute(conv, [call], {"weight", "bias"}, torch.float64, total)
+    expected = torch.zeros(3, 2, 2, dtype=torch.float64)
+    for n in range(3):
+        for i in range(2):
+            gw, gb = torch.autograd.grad((conv(x[n : n + 1]) * D[i, n : n + 1]).sum(), [conv.weight, conv.bias])
+            for j in range(2):
+                expected[n, i, j] = (gw * total["weight"][j]).sum() + (gb * total["bias"][j]).sum()
+    torch.testing.assert_close(out.contribution, expected)
+    rows = torch.cat([total["weight"].flatten(1), total["bias"]], dim=1)
+    torch.testing.assert_close(out.gram, rows @ rows.T)
