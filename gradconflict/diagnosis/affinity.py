@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gradconflict.diagnosis.aligned import Run, align, masked_mean
+from gradconflict.diagnosis.aligned import Run, align
 
 __all__ = ["lookahead_transference", "mean_transference", "normalized"]
 
@@ -66,9 +66,7 @@ def mean_transference(history: Run, lr: float = 1.0, layers: Sequence[str] | Non
         if unknown:
             raise ValueError(f"layers {unknown} were never measured; the layers are {list(aligned.layers)}")
         index = [aligned.layers.index(n) for n in layers]
-    Z = aligned.transference(lr, layers=index)
-    both = aligned.present[:, :, None] & aligned.present[:, None, :]
-    return masked_mean(Z, both & np.isfinite(Z))
+    return aligned.mean_transference(lr, layers=index)
 
 
 def normalized(Z: np.ndarray) -> np.ndarray:

@@ -177,11 +177,16 @@ class Aligned:
         return max(1, int(np.median(np.diff(self.steps)))) if self.num_steps > 1 else 1
 
     # ------------------------------------------------------------------------------------------ run level
-    def _by_rows(self, fn: Callable[[Tensor, Tensor, slice], np.ndarray]) -> np.ndarray:
+    def by_rows(self, fn: Callable[[Tensor, Tensor, slice], np.ndarray]) -> np.ndarray:
         """``fn(G, w, rows)`` over consecutive chunks of steps, concatenated: ``G`` the float64 Grams of the tasks
-        each step carried (absent tasks as zero-norm tasks), ``w`` their weights (0 where absent). Every quantity
-        below is a function of each step alone, so the chunks change no number; they keep the temporaries near
-        ``_BLOCK`` numbers however long the run."""
+        each step carried (absent tasks as zero-norm tasks), ``w`` their weights (0 where absent), ``rows`` the
+        chunk's slice of steps. For a quantity that is a function of each step alone: the chunks change no number,
+        and they keep the temporaries near ``_BLOCK`` numbers however long the run.
+
+        >>> A = align([ConflictReport("ab", torch.tensor([[1.0, -1.0], [-1.0, 4.0]]))])
+        >>> A.by_rows(lambda G, w, rows: (G @ w[..., None]).squeeze(-1).numpy()).tolist()   # G w on each step
+        [[0.0, 3.0]]
+        """
         T = len(self.tasks)
         parts = [
             fn(
@@ -196,28 +201,43 @@ class Aligned:
     @cached_property
     def cosine(self) -> np.ndarray:
         """``[S, T, T]`` pairwise cosines (:func:`gradconflict.measure.metrics.cosine`), NaN where a task is absent."""
-        return self._by_rows(
-            lambda G, w, rows: np.where(_pairs_present(self.present[rows]), metrics.cosine(G).numpy(), np.nan)
-        )
+        return self.by_rows(self._cosine_rows)
+
+    def cosine_pairs(self, pairs: Sequence[tuple[int, int]]) -> np.ndarray:
+        """``[S, P]`` the cosines of the task pairs ``pairs`` (positions in :attr:`tasks`): ``cosine[:, i, j]`` for
+        each, without keeping the ``[S, T, T]`` of :attr:`cosine` when it is not there already (on a long run the
+        pairs are what the tests read).
+
+        >>> A = align([ConflictReport("ab", torch.tensor([[1.0, -1.0], [-1.0, 4.0]]))])
+        >>> A.cosine_pairs([(0, 1)]).tolist()
+        [[-0.5]]
+        """
+        i, j = (np.array([pair[k] for pair in pairs], dtype=np.int64) for k in (0, 1))
+        if "cosine" in self.__dict__:
+            return self.cosine[:, i, j]
+        return self.by_rows(lambda G, w, rows: self._cosine_rows(G, w, rows)[:, i, j])
+
+    def _cosine_rows(self, G: Tensor, w: Tensor, rows: slice) -> np.ndarray:
+        return np.where(_pairs_present(self.present[rows]), metrics.cosine(G).numpy(), np.nan)
 
     def conflicts(self, threshold: float = metrics.CONFLICT_COSINE) -> np.ndarray:
         """``[S, T, T]`` upper-triangular mask of conflicting pairs
         (:func:`gradconflict.measure.metrics.conflict_pairs`: ``C_ij < threshold``, both tasks with a non-zero
         gradient), over the tasks each step carried."""
-        return self._by_rows(lambda G, w, rows: metrics.conflict_pairs(G, threshold).numpy())
+        return self.by_rows(lambda G, w, rows: metrics.conflict_pairs(G, threshold).numpy())
 
     def conflict_fraction(self, threshold: float = metrics.CONFLICT_COSINE) -> np.ndarray:
         """``[S]`` share of the step's pairs that conflict; NaN on steps with fewer than two tasks."""
         t = self.present.sum(1)
         pairs = t * (t - 1) // 2
-        n = self._by_rows(lambda G, w, rows: metrics.conflict_pairs(G, threshold).sum((1, 2)).numpy())
+        n = self.by_rows(lambda G, w, rows: metrics.conflict_pairs(G, threshold).sum((1, 2)).numpy())
         return np.where(pairs > 0, n / np.maximum(pairs, 1), np.nan)
 
     @cached_property
     def worst_cosine(self) -> np.ndarray:
         """``[S]`` the most negative cosine over the step's pairs (:func:`gradconflict.measure.metrics.worst_cosine`
         over the tasks it carried); NaN on steps with fewer than two tasks."""
-        return self._by_rows(
+        return self.by_rows(
             lambda G, w, rows: metrics.worst_cosine(G, torch.from_numpy(self.present[rows])).numpy()
         )
 
@@ -225,26 +245,26 @@ class Aligned:
     def task_norms(self) -> np.ndarray:
         """``[S, T]`` each task's gradient norm ``sqrt(G_ii)`` (:func:`gradconflict.measure.metrics.task_norms`),
         NaN where the task is absent."""
-        return self._by_rows(lambda G, w, rows: np.where(self.present[rows], metrics.task_norms(G).numpy(), np.nan))
+        return self.by_rows(lambda G, w, rows: np.where(self.present[rows], metrics.task_norms(G).numpy(), np.nan))
 
     @cached_property
     def update_norm(self) -> np.ndarray:
         """``[S]`` norm of the step's update ``sqrt(w^T G w)`` over the tasks it carried
         (:func:`gradconflict.measure.metrics.update_norm`); defined on every measured step."""
-        return self._by_rows(lambda G, w, rows: metrics.update_norm(G, w).numpy())
+        return self.by_rows(lambda G, w, rows: metrics.update_norm(G, w).numpy())
 
     @cached_property
     def cancellation(self) -> np.ndarray:
         """``[S]`` magnitude cancellation ``1 - sqrt(w^T G w) / sum_i w_i n_i`` over the step's tasks
         (:func:`gradconflict.measure.metrics.cancellation`); NaN on steps with fewer than two tasks."""
-        return self._by_rows(lambda G, w, rows: np.where(self.multi[rows], metrics.cancellation(G, w).numpy(), np.nan))
+        return self.by_rows(lambda G, w, rows: np.where(self.multi[rows], metrics.cancellation(G, w).numpy(), np.nan))
 
     @cached_property
     def alignment(self) -> np.ndarray:
         """``[S, T]`` cosine of each task's gradient with the step's update
         (:func:`gradconflict.measure.metrics.alignment`); NaN where the task is absent or the step carried fewer
         than two tasks."""
-        return self._by_rows(
+        return self.by_rows(
             lambda G, w, rows: np.where(
                 self.present[rows] & self.multi[rows, None], metrics.alignment(G, w).numpy(), np.nan
             )
@@ -254,8 +274,21 @@ class Aligned:
         """``[S, T, T]`` first-order transference ``lr G_ij / L_j`` (:func:`gradconflict.measure.metrics.transference`;
         ``L = 1`` for a report saved without losses), NaN where a task is absent. With ``layers`` (positions in
         :attr:`layers`), ``G`` is the sum of those layers' Grams, and steps that carried none of them are NaN."""
+        return np.concatenate([Z for _, Z in self._transference_chunks(lr, layers)])
+
+    def mean_transference(self, lr: float = 1.0, layers: Sequence[int] | None = None) -> np.ndarray:
+        """``[T, T]`` the mean of :meth:`transference` over the steps where it is defined (both tasks carried, a
+        finite value), NaN where there is none; a chunk of steps at a time, without the ``[S, T, T]``."""
         T = len(self.tasks)
-        parts = []
+        total, count = np.zeros((T, T)), np.zeros((T, T), dtype=np.int64)
+        for rows, Z in self._transference_chunks(lr, layers):
+            counted = _pairs_present(self.present[rows]) & np.isfinite(Z)
+            total += np.where(counted, Z, 0.0).sum(0)
+            count += counted.sum(0)
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+    def _transference_chunks(self, lr: float, layers: Sequence[int] | None) -> Iterator[tuple[slice, np.ndarray]]:
+        T = len(self.tasks)
         for rows in _chunks(self.num_steps, T * T * (1 + len(layers or ()))):
             present = self.present[rows]
             if layers is None:
@@ -267,8 +300,7 @@ class Aligned:
                 G = _carried(summed, present)
             L = np.where(self.has_losses[rows, None] & present, self.losses[rows], 1.0)
             Z = metrics.transference(G, torch.from_numpy(L), lr).numpy()
-            parts.append(np.where(_pairs_present(present), Z, np.nan))
-        return np.concatenate(parts)
+            yield rows, np.where(_pairs_present(present), Z, np.nan)
 
     # ------------------------------------------------------------------------------------------ layers
     def layer_cosine(self, layers: slice = slice(None)) -> np.ndarray:
@@ -359,15 +391,15 @@ class _Block:
     layer_gram: np.ndarray  # [N, L, T, T], the Grams' own precision
 
 
-def _blocks_of_history(history: History) -> tuple[np.ndarray, list[float], list[_Block]]:
-    """The steps, thresholds and layout blocks of a History, read from its stacked records (views of its
-    storage, not copies)."""
+def _blocks_of_history(history: History) -> tuple[np.ndarray, float, list[_Block]]:
+    """The steps, the first step's threshold and the layout blocks of a History, read from its stacked records
+    (views of its storage, not copies)."""
     stacked = history.stacked()
     steps = np.concatenate([b.steps.numpy() for b in stacked]) if stacked else np.zeros(0, dtype=np.int64)
     order = np.argsort(steps, kind="stable")
     position = np.empty_like(order)
     position[order] = np.arange(len(order))
-    blocks, offset, thresholds = [], 0, []
+    blocks, offset, thresholds = [], 0, np.empty(len(steps))
     for b in stacked:
         N, losses = len(b.steps), b.losses
         blocks.append(_Block(
@@ -375,13 +407,14 @@ def _blocks_of_history(history: History) -> tuple[np.ndarray, list[float], list[
             weights=_host(b.weights), losses=_host(losses) if losses is not None else None,
             gram=_host(b.gram), layer_gram=_host(b.layer_gram, wide=False),
         ))
-        thresholds += [b.threshold] * N
+        thresholds[offset : offset + N] = b.threshold
         offset += N
-    return steps[order], [thresholds[k] for k in order.tolist()], blocks
+    return steps[order], float(thresholds[order[0]]) if len(order) else 0.0, blocks
 
 
-def _blocks_of_reports(history: Iterable[ConflictReport]) -> tuple[np.ndarray, list[float], list[_Block]]:
-    """The steps, thresholds and layout blocks of any iterable of reports (grouped by tasks and layers)."""
+def _blocks_of_reports(history: Iterable[ConflictReport]) -> tuple[np.ndarray, float, list[_Block]]:
+    """The steps, the first step's threshold and the layout blocks of any iterable of reports (grouped by tasks
+    and layers)."""
     reports = measured_reports(history)
     groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[int]] = {}
     for k, r in enumerate(reports):
@@ -407,7 +440,8 @@ def _blocks_of_reports(history: Iterable[ConflictReport]) -> tuple[np.ndarray, l
             weights=_stack([r.weights for r in group]), losses=losses, gram=_stack([r.gram for r in group]),
             layer_gram=layer_gram,
         ))
-    return np.array([r.step for r in reports], dtype=np.int64), [r.threshold for r in reports], blocks
+    threshold = reports[0].threshold if reports else 0.0
+    return np.array([r.step for r in reports], dtype=np.int64), threshold, blocks
 
 
 def align(history: Run) -> Aligned:
@@ -420,12 +454,11 @@ def align(history: Run) -> Aligned:
     """
     if isinstance(history, Aligned):
         return history
-    steps, thresholds, blocks = (
+    steps, threshold, blocks = (
         _blocks_of_history(history) if isinstance(history, History) else _blocks_of_reports(history)
     )
     tasks = tuple(sorted({t for b in blocks for t in b.tasks}))
     layers = tuple(merge_orders([n for n, _ in b.layers] for b in sorted(blocks, key=lambda b: int(b.rows.min()))))
-    threshold = thresholds[0] if thresholds else 0.0
     if len(blocks) == 1 and _is_whole(blocks[0], tasks, layers):
         return _aligned_views(blocks[0], steps, threshold)
     S, T, L = len(steps), len(tasks), len(layers)

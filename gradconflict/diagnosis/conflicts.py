@@ -1,10 +1,10 @@
 """Every pair's conflict tested against chance, on the whole shared backbone and on each layer, as one family.
 
-:func:`conflict_tests` reads the cosines of every measured step (each pair over the steps that carried both
-tasks; each layer over the steps that carried it) and runs :func:`~gradconflict.diagnosis.persistence.persistence_tests`
-on all of them at once, so that the Benjamini-Hochberg adjustment covers every pair on the whole backbone and on
-every layer: a conflict confined to a few upper layers is judged with the same evidence as one over the whole
-backbone, and testing many layers does not make a chance conflict look persistent.
+:func:`conflict_tests` reads the cosines of every measured step (each pair over the steps that carried both tasks;
+each layer over the steps that carried it) and tests all of them as one family
+(:func:`~gradconflict.diagnosis.persistence.tests_of`), so that the Benjamini-Hochberg adjustment covers every pair
+on the whole backbone and on every layer: a conflict confined to a few upper layers is judged with the same
+evidence as one over the whole backbone, and testing many layers does not make a chance conflict look persistent.
 
 >>> import torch
 >>> from gradconflict import ConflictReport, LayerReport
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradconflict.diagnosis.aligned import Run, align
-from gradconflict.diagnosis.persistence import PersistenceTests, persistence_tests
+from gradconflict.diagnosis.persistence import PersistenceTests, SeriesStatistics, series_statistics, tests_of
 from gradconflict.diagnosis.thresholds import ALPHA
 from gradconflict.records.pairs import pair_key
 
@@ -87,15 +87,19 @@ def conflict_tests(history: Run, threshold: float | None = None, alpha: float = 
     T, L = len(aligned.tasks), len(aligned.layers)
     pairs = [(i, j) for i in range(T) for j in range(i + 1, T)]
     P, n = len(pairs), aligned.num_steps
-    # One [S, (1 + L) P] array of the family's series: the whole backbone's pairs, then each layer's, filled in place.
-    series = np.empty((n, (1 + L) * P))
-    series[:, :P] = _pair_cosines(aligned.cosine, pairs)
-    layer_cosine = series[:, P:].reshape(n, L, P)
+    # The family's series summed up a few at a time (the whole backbone's pairs, then each tile of layers, whose
+    # steps arrive in order), never all [S, (1 + L) P] at once: a long run has millions of steps.
+    parts = [series_statistics(aligned.cosine_pairs(pairs), S)]
     scores = np.zeros(L, dtype=np.int64)
+    layer_cosine = np.empty((n, 0, P))
     for rows, layers, cosine, conflicts in aligned.layer_blocks(S):
-        layer_cosine[rows, layers] = _pair_cosines(cosine, pairs)
+        if rows.start == 0:
+            layer_cosine = np.empty((n, layers.stop - layers.start, P))
+        layer_cosine[rows] = _pair_cosines(cosine, pairs)
         scores[layers] += conflicts.sum((0, 2, 3))
-    family = persistence_tests(series, S, alpha)
+        if rows.stop == n:
+            parts.append(series_statistics(layer_cosine.reshape(n, -1), S))
+    family = tests_of(SeriesStatistics.concatenate(parts), alpha)
     by_layer = [family.take(slice(P + k * P, P + (k + 1) * P)) for k in range(L)]
     return ConflictTests(
         tasks=aligned.tasks,

@@ -58,6 +58,7 @@ __all__ = [
     "SMALL_CORRELATION",
     "SMALL_EFFECT",
     "PersistenceTests",
+    "SeriesStatistics",
     "autocorrelation_time",
     "binomial_tail",
     "effect_size",
@@ -65,6 +66,8 @@ __all__ = [
     "rate_at_effect",
     "signs",
     "persistence_tests",
+    "series_statistics",
+    "tests_of",
 ]
 
 #: The conflict rate of two unrelated gradients: a fair coin.
@@ -274,24 +277,77 @@ class PersistenceTests:
         return (self.steps > 0) & ~self.persistent(alpha) & ~self.ruled_out(alpha)
 
 
+@dataclass(frozen=True)
+class SeriesStatistics:
+    """What the tests read of ``K`` series, each array ``[K]`` (:func:`series_statistics`): enough to test them
+    as one family without holding the series.
+
+    Attributes:
+        steps: steps on which the series was measured (not NaN).
+        conflicts: of them, steps with ``C_ij < S``.
+        agreements: of them, steps with ``C_ij > -S``.
+        tau: the integrated autocorrelation time of the sign series.
+        tau_cosine: that of the cosine series.
+        mean: the mean cosine over the measured steps (NaN: none).
+        sd: its standard deviation, ``ddof=1`` (NaN: fewer than two steps).
+
+    >>> s = series_statistics(np.array([[-0.5, np.nan], [0.5, 0.2], [-0.5, 0.4]]))
+    >>> s.steps.tolist(), s.conflicts.tolist(), s.mean.round(2).tolist()
+    ([3, 2], [2, 0], [-0.17, 0.3])
+    """
+
+    steps: np.ndarray
+    conflicts: np.ndarray
+    agreements: np.ndarray
+    tau: np.ndarray
+    tau_cosine: np.ndarray
+    mean: np.ndarray
+    sd: np.ndarray
+
+    @staticmethod
+    def concatenate(parts: list[SeriesStatistics]) -> SeriesStatistics:
+        """The statistics of the series of ``parts``, in order (one family)."""
+        return SeriesStatistics(**{k: np.concatenate([p.__dict__[k] for p in parts]) for k in parts[0].__dict__})
+
+
+def series_statistics(cosine: np.ndarray, threshold: float = CONFLICT_COSINE) -> SeriesStatistics:
+    """:class:`SeriesStatistics` of ``cosine`` ``[S, K]`` (NaN where a series was not measured), with
+    :func:`signs` at ``threshold``. A series at a time: on a long run the temporaries are one series long, not the
+    whole ``[S, K]``."""
+    K = cosine.shape[1]
+    steps, conflicts, agreements = (np.zeros(K, dtype=np.int64) for _ in range(3))
+    tau, tau_cosine = np.ones(K), np.ones(K)
+    mean, sd = np.full(K, np.nan), np.full(K, np.nan)
+    for k in range(K):
+        values = np.asarray(cosine[:, k], dtype=np.float64)
+        values = values[~np.isnan(values)]
+        sign = signs(values, threshold)
+        n = steps[k] = len(values)
+        conflicts[k], agreements[k] = (sign > 0).sum(), (sign < 0).sum()
+        if n >= 3:
+            tau[k], tau_cosine[k] = autocorrelation_time(sign), autocorrelation_time(values)
+        if n > 0:
+            mean[k] = values.sum() / n
+        if n > 1:
+            sd[k] = np.sqrt(((values - mean[k]) ** 2).sum() / (n - 1))
+    return SeriesStatistics(steps, conflicts, agreements, tau, tau_cosine, mean, sd)
+
+
 def persistence_tests(
     cosine: np.ndarray, threshold: float = CONFLICT_COSINE, alpha: float = ALPHA
 ) -> PersistenceTests:
     """Test ``K`` series at once: ``cosine`` is ``[S, K]``, the pair's cosine on each measured step in step order
     (NaN where the pair was not measured); each series is read over the steps where it was measured, with
     :func:`signs` at ``threshold`` (``S``)."""
-    cosine = np.asarray(cosine, dtype=np.float64)
-    present = ~np.isnan(cosine)
-    sign = signs(cosine, threshold)
-    K = cosine.shape[1]
-    steps = present.sum(0)
-    conflicts = ((sign > 0) & present).sum(0)
-    agreements = ((sign < 0) & present).sum(0)
-    tau, tau_cosine = np.ones(K), np.ones(K)
-    for k in range(K):
-        if steps[k] >= 3:
-            tau[k] = autocorrelation_time(sign[present[:, k], k])
-            tau_cosine[k] = autocorrelation_time(cosine[present[:, k], k])
+    return tests_of(series_statistics(cosine, threshold), alpha)
+
+
+def tests_of(statistics: SeriesStatistics, alpha: float = ALPHA) -> PersistenceTests:
+    """The tests of a family of series from their :class:`SeriesStatistics` (:func:`persistence_tests` without
+    the series: a long run's family can be summed up a few series at a time)."""
+    steps, tau = statistics.steps, statistics.tau
+    conflicts, agreements = statistics.conflicts, statistics.agreements
+    K = len(steps)
     c, m = conflicts / tau, (conflicts + agreements) / tau
     high, low = PERSISTENT_RATE, AT_CHANCE_RATE
     measured = m > 0
@@ -302,41 +358,25 @@ def persistence_tests(
     p_agreement = np.where(measured, binomial_tail(c, m, CHANCE, upper=False), 1.0)
     p_ruled_out = np.where(measured, binomial_tail(c, m, high, upper=False), 1.0)
     p_chance = np.where(measured, np.maximum(p_ruled_out, binomial_tail(c, m, low, upper=True)), 1.0)
-    mean, p_weak = _weaker_than_small(cosine, present, steps, tau_cosine)
+    p_weak = _weaker_than_small(statistics)
     tests = PersistenceTests(
-        steps, conflicts, agreements, tau, p_conflict, p_adjusted, p_agreement, p_ruled_out, p_chance, mean, p_weak,
-        np.zeros(K),
+        steps, conflicts, agreements, tau, p_conflict, p_adjusted, p_agreement, p_ruled_out, p_chance,
+        statistics.mean, p_weak, np.zeros(K),
     )
-    return PersistenceTests(**{**tests.__dict__, "steps_needed": _steps_needed(tests, cosine, tau_cosine, alpha)})
+    return PersistenceTests(**{**tests.__dict__, "steps_needed": _steps_needed(tests, statistics, alpha)})
 
 
-def _moments(cosine: np.ndarray, present: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation (``ddof=1``) of each series over its measured steps (NaN where undefined).
-    A series at a time: on a long run the temporaries are one series long, not the whole ``[S, K]``."""
-    K = cosine.shape[1]
-    mean, sd = np.full(K, np.nan), np.full(K, np.nan)
-    for k in range(K):
-        values = cosine[present[:, k], k]
-        if steps[k] > 0:
-            mean[k] = values.sum() / steps[k]
-        if steps[k] > 1:
-            sd[k] = np.sqrt(((values - mean[k]) ** 2).sum() / (steps[k] - 1))
-    return mean, sd
-
-
-def _weaker_than_small(
-    cosine: np.ndarray, present: np.ndarray, steps: np.ndarray, tau: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each series' mean cosine and the one-sided p-value of "the mean is above -0.1" (a t-test on ``steps /
-    tau`` effective steps; a constant series is decided by its value)."""
-    mean, sd = _moments(cosine, present, steps)
-    n = steps / tau
+def _weaker_than_small(statistics: SeriesStatistics) -> np.ndarray:
+    """Each series' one-sided p-value of "the mean cosine is above -0.1" (a t-test on ``steps / tau_cosine``
+    effective steps; a constant series is decided by its value)."""
+    steps, mean, sd = statistics.steps, statistics.mean, statistics.sd
+    n = steps / statistics.tau_cosine
     with np.errstate(invalid="ignore", divide="ignore"):
         t = (mean + SMALL_CORRELATION) / (sd / np.sqrt(n))
         p = stats.t.sf(t, np.maximum(n - 1, 1))
     constant = (steps > 1) & (sd == 0)
     p = np.where(constant, np.where(mean > -SMALL_CORRELATION, 0.0, 1.0), p)
-    return mean, np.where(steps > 1, p, 1.0)
+    return np.where(steps > 1, p, 1.0)
 
 
 #: The effective numbers of steps :func:`_steps_needed` tries, from 1 to ten million.
@@ -349,7 +389,7 @@ def _first_passing(p: np.ndarray, alpha: float) -> np.ndarray:
     return np.where(passing.any(1), _EFFECTIVE_GRID[np.argmax(passing, axis=1)], np.inf)
 
 
-def _steps_needed(t: PersistenceTests, cosine: np.ndarray, tau_cosine: np.ndarray, alpha: float) -> np.ndarray:
+def _steps_needed(t: PersistenceTests, statistics: SeriesStatistics, alpha: float) -> np.ndarray:
     """Measured steps to add for each undetermined series to be settled if its statistics held: the fewest over
     the ways it could settle (persistent; ruled out by its rate; ruled out by its mean cosine). For the rate, the
     smallest effective size at which the same rate passes the (continuous) binomial test, at the level the family's
@@ -361,7 +401,7 @@ def _steps_needed(t: PersistenceTests, cosine: np.ndarray, tau_cosine: np.ndarra
     r = np.nan_to_num(t.rate, nan=0.0)[:, None]
     high = PERSISTENT_RATE
     n = _EFFECTIVE_GRID[None, :]
-    _, sd = _moments(cosine, ~np.isnan(cosine), t.steps)
+    sd, tau_cosine = statistics.sd, statistics.tau_cosine
     margin = t.mean_cosine + SMALL_CORRELATION
     with np.errstate(invalid="ignore", divide="ignore"):
         decided_share = (t.conflicts + t.agreements) / np.maximum(t.steps, 1)

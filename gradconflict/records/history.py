@@ -181,70 +181,100 @@ class _Layout:
     sync: str = ""
 
 
-@dataclass(slots=True)
-class _Record:
-    """One step on the host: its layout, and weights, losses, Gram and layer Grams packed in one row of ``block``
-    (``[N, K]``). An appended step has a block of its own; the steps a file is read into share blocks of rows,
-    so a million steps are a few hundred tensors, not a million."""
+#: The skip reason of a step whose Gram is not finite.
+NONFINITE = "non-finite gradients"
+
+
+def _report(layout: _Layout, step: int, skip_reason: str, packed: Tensor) -> ConflictReport:
+    """The report of one kept step: its layout and its packed row ``[K]``."""
+    T = len(layout.tasks)
+    weights, losses = _weights(packed, T), _losses(packed, T)
+    if skip_reason:
+        return ConflictReport.skipped_step(
+            layout.tasks, step, skip_reason, losses if layout.has_losses else None, layout.engine, weights
+        )
+    grams = _grams(packed, T)
+    layers = {
+        name: LayerReport(name, layout.tasks, grams[k + 1], weights, num_params=n, route=route,
+                          threshold=layout.threshold)
+        for k, (name, n, route) in enumerate(layout.layers)
+    }
+    return ConflictReport(
+        layout.tasks,
+        grams[0],
+        weights,
+        losses=losses if layout.has_losses else None,
+        layers=layers,
+        step=step,
+        engine=layout.engine,
+        strategy=layout.strategy,
+        approximate=layout.approximate,
+        threshold=layout.threshold,
+        sync=layout.sync,
+    )
+
+
+class _Kept(NamedTuple):
+    """One kept step, as stored (what :meth:`History._kept` yields)."""
 
     layout: _Layout
     step: int
     skip_reason: str
+    packed: Tensor  # [K] the step's packed row
+
+
+@dataclass(slots=True)
+class _Segment:
+    """Kept steps of one layout: rows ``start:stop`` of one block of packed rows (``[N, K]``), ``steps[k]`` the
+    step of row ``k``. A million steps read from a file are a few such segments (columns, not an object per
+    step); an appended step is a segment of one row. Dropping the oldest steps moves ``start``."""
+
+    layout: _Layout
+    steps: np.ndarray  # [N] int64
     block: Tensor
-    row: int = 0
-    samples: SampleAttribution | None = None  # on the host, until the sinks have written it (then dropped)
+    skipped: dict[int, str]  # row -> skip reason, for the rows that were not measured (usually none)
+    start: int
+    stop: int
 
-    @property
-    def packed(self) -> Tensor:
-        """``[K]`` the step's packed row."""
-        return self.block[self.row]
+    @classmethod
+    def one(cls, layout: _Layout, step: int, skip_reason: str, packed: Tensor) -> _Segment:
+        """A segment of one step (its packed row ``[K]``)."""
+        skipped = {0: skip_reason} if skip_reason else {}
+        return cls(layout, np.array([step], dtype=np.int64), packed[None], skipped, 0, 1)
 
-    def report(self) -> ConflictReport:
-        lay, T = self.layout, len(self.layout.tasks)
-        weights, losses = _weights(self.packed, T), _losses(self.packed, T)
-        if self.skip_reason:
-            return ConflictReport.skipped_step(
-                lay.tasks, self.step, self.skip_reason, losses if lay.has_losses else None, lay.engine, weights
-            )
-        grams = _grams(self.packed, T)
-        layers = {
-            name: LayerReport(
-                name, lay.tasks, grams[k + 1], weights, num_params=n, route=route, threshold=lay.threshold
-            )
-            for k, (name, n, route) in enumerate(lay.layers)
-        }
-        return ConflictReport(
-            lay.tasks,
-            grams[0],
-            weights,
-            losses=losses if lay.has_losses else None,
-            layers=layers,
-            step=self.step,
-            engine=lay.engine,
-            strategy=lay.strategy,
-            approximate=lay.approximate,
-            threshold=lay.threshold,
-            sync=lay.sync,
-        )
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def at(self, row: int) -> _Kept:
+        """The step of block row ``row``."""
+        return _Kept(self.layout, int(self.steps[row]), self.skipped.get(row, ""), self.block[row])
+
+    def kept(self) -> Iterator[_Kept]:
+        return map(self.at, range(self.start, self.stop))
+
+    def measured(self) -> tuple[np.ndarray, Tensor]:
+        """``(steps [n], packed rows [n, K])`` of the measured rows: views when no row here was skipped."""
+        start, stop = self.start, self.stop
+        if not any(start <= row < stop for row in self.skipped):
+            return self.steps[start:stop], self.block[start:stop]
+        rows = np.array([row for row in range(start, stop) if row not in self.skipped], dtype=np.int64)
+        return self.steps[rows], self.block[torch.from_numpy(rows)]
 
 
-def _rows(records: list[_Record]) -> Tensor:
-    """``[N, K]`` the records' packed rows: one slice for each run of consecutive rows of one block (a view when
-    the records are one such run)."""
-    pieces, start = [], 0
-    for k in range(1, len(records) + 1):
-        last = records[k - 1]
-        if k == len(records) or records[k].block is not last.block or records[k].row != last.row + 1:
-            first = records[start]
-            pieces.append(first.block[first.row : first.row + k - start])
-            start = k
+def _cat(pieces: list[Tensor]) -> Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 @dataclass
 class _Pending:
-    record: _Record
-    event: Any  # a CUDA event marking the end of the copy, or None when the record is already on the host
+    """An appended step whose numbers are on their way to the host."""
+
+    layout: _Layout
+    step: int
+    skip_reason: str
+    packed: Tensor  # [K]
+    samples: SampleAttribution | None  # on the host, until the sinks have written it
+    event: Any  # a CUDA event marking the end of the copy, or None when the row is already on the host
 
 
 class History:
@@ -274,10 +304,12 @@ class History:
         self.ema_decay = ema_decay
         self.max_history = max_history
         self.sinks = list(sinks)
-        self._records: deque[_Record] = deque(maxlen=max_history)
+        self._segments: deque[_Segment] = deque()
+        self._kept_count = 0  # steps in the segments
         self._pending: deque[_Pending] = deque()
         self._layouts: dict[_Layout, _Layout] = {}
-        self._unfolded: list[_Record] = []  # admitted steps not yet in the moving averages
+        self._unfolded: list[tuple[_Layout, Tensor]] = []  # measured rows admitted, not yet in the moving averages
+        self._unfolded_count = 0
         self._ema: dict[str, float] = {}
         self.gradvac_beta = gradvac_beta
         self._gradvac: dict[str, dict[str, float]] = {}  # "" (the whole backbone) or a layer -> pair -> phi
@@ -329,9 +361,7 @@ class History:
         if report.samples is not None:  # attributed steps copy to the host at once (the tally reads them)
             samples = report.samples.to("cpu")
             self.samples.add(samples)
-        self._pending.append(
-            _Pending(_Record(layout, report.step, report.skip_reason, packed[None], samples=samples), event)
-        )
+        self._pending.append(_Pending(layout, report.step, report.skip_reason, packed, samples, event))
         self._collect(wait=False)
 
     def _collect(self, wait: bool) -> None:
@@ -344,23 +374,20 @@ class History:
                     break
                 pending.event.synchronize()
             self._pending.popleft()
-            self._admit(pending.record)
-        if self._unfolded and (wait or len(self._unfolded) >= FOLD_BATCH):
+            self._admit(pending)
+        if self._unfolded and (wait or self._unfolded_count >= FOLD_BATCH):
             self._fold()
 
-    def _admit(self, record: _Record) -> None:
-        T = len(record.layout.tasks)
-        if not record.skip_reason and not bool(torch.isfinite(_grams(record.packed, T)).all()):
-            record.skip_reason = "non-finite gradients"
+    def _admit(self, pending: _Pending) -> None:
+        layout, T, reason = pending.layout, len(pending.layout.tasks), pending.skip_reason
+        if not reason and not bool(torch.isfinite(_grams(pending.packed, T)).all()):
+            reason = NONFINITE
         self.steps_seen += 1
-        self._records.append(record)
-        if not record.skip_reason:
-            self._unfolded.append(record)
-        samples, record.samples = record.samples, None
+        self._keep(_Segment.one(layout, pending.step, reason, pending.packed))
         if not self.sinks:
             return
-        report = record.report()  # one host-side report for every sink (metrics cached)
-        report.samples = samples
+        report = _report(layout, pending.step, reason, pending.packed)  # one host-side report for every sink
+        report.samples = pending.samples
         for sink in list(self.sinks):
             try:
                 sink.write(report)
@@ -368,22 +395,49 @@ class History:
                 self.sinks.remove(sink)
                 warnings.warn(f"gradconflict: sink {sink!r} failed and is dropped: {err}", RuntimeWarning, stacklevel=4)
 
+    def _keep(self, segment: _Segment) -> None:
+        """Store an admitted segment (dropping the oldest steps beyond ``max_history``) and queue its measured rows
+        for the moving averages."""
+        _, rows = segment.measured()
+        if len(rows):
+            self._unfolded.append((segment.layout, rows))
+            self._unfolded_count += len(rows)
+        self._segments.append(segment)
+        self._kept_count += len(segment)
+        excess = self._kept_count - self.max_history if self.max_history is not None else 0
+        while excess > 0:
+            first = self._segments[0]
+            dropped = min(excess, len(first))
+            if dropped == len(first):
+                self._segments.popleft()
+            else:
+                first.start += dropped
+            self._kept_count -= dropped
+            excess -= dropped
+
+    def _kept(self) -> Iterator[_Kept]:
+        """Every kept step, oldest first."""
+        for segment in self._segments:
+            yield from segment.kept()
+
     def _fold(self) -> None:
         """Fold the waiting steps into the moving averages, in step order, computing their quantities for each
-        run of steps that share a layout at once."""
-        records, self._unfolded = self._unfolded, []
+        run of steps that share a layout at once (in batches of at most :data:`READ_FOLD_BATCH`)."""
+        waiting, self._unfolded, self._unfolded_count = self._unfolded, [], 0
         start = 0
-        while start < len(records):
-            layout = records[start].layout
+        while start < len(waiting):
+            layout = waiting[start][0]
             stop = start
-            while stop < len(records) and records[stop].layout is layout:
+            while stop < len(waiting) and waiting[stop][0] is layout:
                 stop += 1
-            self._fold_run(layout, records[start:stop])
+            packed = _cat([rows for _, rows in waiting[start:stop]])
+            for first in range(0, len(packed), READ_FOLD_BATCH):
+                self._fold_run(layout, packed[first : first + READ_FOLD_BATCH])
             start = stop
 
-    def _fold_run(self, layout: _Layout, records: list[_Record]) -> None:
+    def _fold_run(self, layout: _Layout, packed: Tensor) -> None:
         T = len(layout.tasks)
-        packed = _rows(records).double()
+        packed = packed.double()
         w, grams = _weights(packed, T), _grams(packed, T)  # the Gram, then each layer's
         G = grams[:, 0]
         columns: dict[str, list[float]] = {
@@ -443,16 +497,17 @@ class History:
         """The kept measured (not skipped) steps, one :class:`Stacked` block per layout (tasks in the same order,
         the same layers), each in step order: the records as stored, without building a report per step."""
         self._collect(wait=True)
-        blocks: dict[_Layout, list[_Record]] = {}
-        for record in self._records:
-            if not record.skip_reason:
-                blocks.setdefault(record.layout, []).append(record)
+        blocks: dict[_Layout, list[tuple[np.ndarray, Tensor]]] = {}
+        for segment in self._segments:
+            steps, rows = segment.measured()
+            if len(steps):
+                blocks.setdefault(segment.layout, []).append((steps, rows))
         return [
             Stacked(
                 lay.tasks, tuple((name, n) for name, n, _ in lay.layers), lay.threshold, lay.has_losses,
-                torch.tensor([r.step for r in records], dtype=torch.int64), _rows(records),
+                torch.from_numpy(np.concatenate([steps for steps, _ in pieces])), _cat([rows for _, rows in pieces]),
             )
-            for lay, records in blocks.items()
+            for lay, pieces in blocks.items()
         ]
 
     @property
@@ -467,7 +522,7 @@ class History:
     def reports(self) -> list[ConflictReport]:
         """The kept steps' reports (CPU tensors), oldest first."""
         self._collect(wait=True)
-        return [r.report() for r in self._records]
+        return [_report(*kept) for kept in self._kept()]
 
     @property
     def measured(self) -> list[ConflictReport]:
@@ -485,13 +540,18 @@ class History:
         [(3, 'non-finite loss')]
         """
         self._collect(wait=True)
-        return [(r.step, r.skip_reason) for r in self._records if r.skip_reason]
+        return [
+            (int(segment.steps[row]), reason)
+            for segment in self._segments
+            for row, reason in sorted(segment.skipped.items())
+            if segment.start <= row < segment.stop
+        ]
 
     @property
     def tasks(self) -> list[str]:
         """Every task name met in the kept steps, in order of first appearance."""
         self._collect(wait=True)
-        return list(dict.fromkeys(t for r in self._records for t in r.layout.tasks))
+        return list(dict.fromkeys(t for segment in self._segments for t in segment.layout.tasks))
 
     @property
     def layer_order(self) -> list[str]:
@@ -509,27 +569,36 @@ class History:
         ['stem', 'body', 'neck']
         """
         self._collect(wait=True)
-        layouts = dict.fromkeys(r.layout for r in self._records)
+        layouts = dict.fromkeys(segment.layout for segment in self._segments)
         return merge_orders([name for name, _, _ in lay.layers] for lay in layouts)
 
     def __len__(self) -> int:
         self._collect(wait=True)
-        return len(self._records)
+        return self._kept_count
 
     def __iter__(self) -> Iterator[ConflictReport]:
         return iter(self.reports)
 
     def __getitem__(self, index: int) -> ConflictReport:
         self._collect(wait=True)
-        return self._records[index].report()
+        if not -self._kept_count <= index < self._kept_count:
+            raise IndexError(f"history index {index} out of range ({self._kept_count} steps kept)")
+        index %= self._kept_count
+        for segment in self._segments:
+            if index < len(segment):
+                return _report(*segment.at(segment.start + index))
+            index -= len(segment)
+        raise AssertionError("unreachable: the segments hold _kept_count steps")
 
     def reset(self) -> None:
         """Forget every step and moving average."""
         self._collect(wait=True)
-        self._records.clear()
+        self._segments.clear()
+        self._kept_count = 0
         self._ema.clear()
         self._gradvac.clear()
         self._unfolded.clear()
+        self._unfolded_count = 0
         self.steps_seen = 0
 
     def close(self) -> None:
@@ -619,22 +688,21 @@ class History:
         each (a row whose Gram is not finite is kept as skipped), with one finiteness check for the block. For a
         history without sinks (:meth:`from_jsonl`'s): the rows are stored, not handed to sinks."""
         T = len(layout.tasks)
-        # numpy's isfinite: torch's makes a float temporary the size of the block (|x| != inf)
-        finite = [True] * len(steps) if reason else np.isfinite(packed[:, 2 * T :].numpy()).all(1).tolist()
-        for row, (step, ok) in enumerate(zip(steps, finite)):
-            record = _Record(layout, step, reason or ("" if ok else "non-finite gradients"), packed, row)
-            self._records.append(record)
-            if not record.skip_reason:
-                self._unfolded.append(record)
-                if len(self._unfolded) >= READ_FOLD_BATCH:
-                    self._fold()
+        if reason:
+            skipped = dict.fromkeys(range(len(steps)), reason)
+        else:  # numpy's isfinite: torch's makes a float temporary the size of the block (|x| != inf)
+            finite = np.isfinite(packed[:, 2 * T :].numpy()).all(1)
+            skipped = dict.fromkeys(np.flatnonzero(~finite).tolist(), NONFINITE)
+        self._keep(_Segment(layout, np.asarray(steps, dtype=np.int64), packed, skipped, 0, len(steps)))
         self.steps_seen += len(steps)
+        if self._unfolded_count >= READ_FOLD_BATCH:
+            self._fold()
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: the kept steps (compact), the moving averages and the settings."""
         self._collect(wait=True)
-        layouts = list(dict.fromkeys(r.layout for r in self._records))
+        layouts = list(dict.fromkeys(segment.layout for segment in self._segments))
         index = {lay: k for k, lay in enumerate(layouts)}
         return {
             "schema": SCHEMA,
@@ -658,7 +726,7 @@ class History:
                 }
                 for lay in layouts
             ],
-            "records": [(index[r.layout], r.step, r.skip_reason, r.packed) for r in self._records],
+            "records": [(index[k.layout], k.step, k.skip_reason, k.packed) for k in self._kept()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -682,10 +750,12 @@ class History:
             for d in state["layouts"]
         ]
         self._layouts = {lay: lay for lay in layouts}
-        self._records = deque(
-            (_Record(layouts[k], step, reason, packed[None]) for k, step, reason, packed in state["records"]),
-            maxlen=self.max_history,
-        )
+        self._segments.clear()
+        self._kept_count = 0
+        for k, step, reason, packed in state["records"]:
+            self._keep(_Segment.one(layouts[k], step, reason, packed))
+        self._unfolded.clear()  # the moving averages are restored, not refolded
+        self._unfolded_count = 0
         self._ema = dict(state["ema"])
         self.gradvac_beta = state.get("gradvac_beta", self.gradvac_beta)
         self._gradvac = {k: dict(v) for k, v in state.get("gradvac", {}).items()}

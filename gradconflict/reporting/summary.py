@@ -219,22 +219,22 @@ def _pairs(aligned: Aligned, threshold: float) -> list[PairSummary]:
     together = aligned.together
     counts = together.sum(0)
     conflicts = aligned.conflicts(threshold).sum(0)
-    mean = masked_mean(aligned.cosine, together)
+    pairs = [(i, j) for i in range(T) for j in range(i + 1, T)]
+    cosine = aligned.cosine_pairs(pairs)  # [S, P]: the pairs alone, not the [S, T, T] (a long run has millions)
     out = []
-    for i in range(T):
-        for j in range(i + 1, T):
-            both = np.flatnonzero(together[:, i, j])
-            last = both[len(both) - max(1, len(both) // 4) :] if len(both) else both
-            out.append(
-                PairSummary(
-                    name=pair_key(aligned.tasks[i], aligned.tasks[j]),
-                    together=int(counts[i, j]),
-                    mean_cosine=float(mean[i, j]),
-                    persistence=float(conflicts[i, j] / counts[i, j]) if counts[i, j] else float("nan"),
-                    last_cosine=float(aligned.cosine[last, i, j].mean()) if len(last) else float("nan"),
-                    tasks=(aligned.tasks[i], aligned.tasks[j]),
-                )
+    for (i, j), series in zip(pairs, cosine.T):
+        both = series[together[:, i, j]]
+        last = both[len(both) - max(1, len(both) // 4) :]
+        out.append(
+            PairSummary(
+                name=pair_key(aligned.tasks[i], aligned.tasks[j]),
+                together=int(counts[i, j]),
+                mean_cosine=float(both.mean()) if len(both) else float("nan"),
+                persistence=float(conflicts[i, j] / counts[i, j]) if counts[i, j] else float("nan"),
+                last_cosine=float(last.mean()) if len(last) else float("nan"),
+                tasks=(aligned.tasks[i], aligned.tasks[j]),
             )
+        )
     return out
 
 

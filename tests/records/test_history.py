@@ -20,7 +20,7 @@ def report(step: int, cos: float, tasks=("a", "b"), layers: int = 0, scale: floa
 def test_records_live_on_the_host_in_one_packed_tensor():
     history = History()
     history.append(report(0, -0.5, layers=3))
-    record = history._records[0]
+    (record,) = history._kept()
     T, L = 2, 3
     assert record.packed.device.type == "cpu" and record.packed.numel() == 2 * T + (L + 1) * T * T
     again = history[0]

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
+from torch import Tensor
 
 from gradconflict.diagnosis.aligned import Aligned, Run, align, no_pair_reason
 from gradconflict.diagnosis.persistence import (
@@ -32,11 +33,14 @@ def update_shares(aligned: Aligned) -> np.ndarray:
     """``[S, T]`` the share of each step's update ``u = sum_j w_j g_j`` along each task's weighted gradient,
     ``w_i <g_i, u> / |u|^2`` (the shares of a step sum to 1), from the Gram; NaN where the task is absent or the
     step carried fewer than two tasks."""
-    w = np.where(aligned.present, aligned.weights, 0.0)
-    Gw = np.einsum("sij,sj->si", np.nan_to_num(aligned.gram), w)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        share = w * Gw / np.einsum("si,si->s", w, Gw)[:, None]
-    return np.where(aligned.present & aligned.multi[:, None], share, np.nan)
+
+    def shares(G: Tensor, w: Tensor, rows: slice) -> np.ndarray:
+        Gw = np.einsum("sij,sj->si", G.numpy(), w.numpy())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = w.numpy() * Gw / np.einsum("si,si->s", w.numpy(), Gw)[:, None]
+        return np.where(aligned.present[rows] & aligned.multi[rows, None], share, np.nan)
+
+    return aligned.by_rows(shares)
 
 
 def magnitude_dominance(history: Run, thresholds: Thresholds | None = None) -> Signal:

@@ -193,7 +193,7 @@ def test_the_block_reader_gives_the_history_of_the_line_reader(tmp_path, monkeyp
         for report in jsonl.read_reports(path):
             line_by_line.append(report)
     assert len(columnar) == len(line_by_line) == 120 and columnar.steps_seen == line_by_line.steps_seen == 150
-    for mine, theirs in zip(columnar._records, line_by_line._records):
+    for mine, theirs in zip(columnar._kept(), line_by_line._kept()):
         assert (mine.layout, mine.step, mine.skip_reason) == (theirs.layout, theirs.step, theirs.skip_reason)
         assert mine.packed.dtype == theirs.packed.dtype == torch.float64
         assert torch.equal(mine.packed.isnan(), theirs.packed.isnan())

@@ -61,7 +61,7 @@ def _decoded(path: Path) -> History:
 
 def _assert_same(mine: History, theirs: History) -> None:
     assert mine.steps_seen == theirs.steps_seen and len(mine) == len(theirs)
-    for a, b in zip(mine._records, theirs._records):
+    for a, b in zip(mine._kept(), theirs._kept()):
         assert (a.layout, a.step, a.skip_reason) == (b.layout, b.step, b.skip_reason)
         assert torch.equal(a.packed.isnan(), b.packed.isnan())
         assert torch.equal(a.packed.nan_to_num(), b.packed.nan_to_num())
