@@ -2,8 +2,8 @@
 
 :func:`conflict_tests` reads the cosines of every measured step (each pair over the steps that carried both tasks;
 each layer over the steps that carried it) and tests all of them as one family
-(:func:`~gradconflict.diagnosis.persistence.tests_of`), so that the Benjamini-Hochberg adjustment covers every pair
-on the whole backbone and on every layer: a conflict confined to a few upper layers is judged with the same
+(:func:`~gradconflict.diagnosis.persistence.family_tests`), so that the Benjamini-Hochberg adjustment covers every
+pair on the whole backbone and on every layer: a conflict confined to a few upper layers is judged with the same
 evidence as one over the whole backbone, and testing many layers does not make a chance conflict look persistent.
 
 >>> import torch
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradconflict.diagnosis.aligned import Run, align
-from gradconflict.diagnosis.persistence import PersistenceTests, SeriesStatistics, series_statistics, tests_of
+from gradconflict.diagnosis.persistence import PersistenceTests, SeriesStatistics, family_tests, series_statistics
 from gradconflict.diagnosis.thresholds import ALPHA
 from gradconflict.records.pairs import pair_key
 
@@ -99,7 +99,7 @@ def conflict_tests(history: Run, threshold: float | None = None, alpha: float = 
         scores[layers] += conflicts.sum((0, 2, 3))
         if rows.stop == n:
             parts.append(series_statistics(layer_cosine.reshape(n, -1), S))
-    family = tests_of(SeriesStatistics.concatenate(parts), alpha)
+    family = family_tests(SeriesStatistics.concatenate(parts), alpha)
     by_layer = [family.take(slice(P + k * P, P + (k + 1) * P)) for k in range(L)]
     return ConflictTests(
         tasks=aligned.tasks,

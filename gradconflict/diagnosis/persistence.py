@@ -67,7 +67,7 @@ __all__ = [
     "signs",
     "persistence_tests",
     "series_statistics",
-    "tests_of",
+    "family_tests",
 ]
 
 #: The conflict rate of two unrelated gradients: a fair coin.
@@ -342,10 +342,10 @@ def persistence_tests(
     """Test ``K`` series at once: ``cosine`` is ``[S, K]``, the pair's cosine on each measured step in step order
     (NaN where the pair was not measured); each series is read over the steps where it was measured, with
     :func:`signs` at ``threshold`` (``S``)."""
-    return tests_of(series_statistics(cosine, threshold), alpha)
+    return family_tests(series_statistics(cosine, threshold), alpha)
 
 
-def tests_of(statistics: SeriesStatistics, alpha: float = ALPHA) -> PersistenceTests:
+def family_tests(statistics: SeriesStatistics, alpha: float = ALPHA) -> PersistenceTests:
     """The tests of a family of series from their :class:`SeriesStatistics` (:func:`persistence_tests` without
     the series: a long run's family can be summed up a few series at a time)."""
     steps, tau = statistics.steps, statistics.tau
