@@ -16,6 +16,7 @@ line cut short by a crash, skipped) is one line on stderr too.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import sys
 import warnings
@@ -136,6 +137,37 @@ def _threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+#: The size above which the reading commands have glibc map each allocation on its own (``M_MMAP_THRESHOLD``).
+_MMAP_THRESHOLD = 4 << 20
+#: glibc's ``M_MMAP_THRESHOLD`` option of ``mallopt``, and the threshold it starts with.
+_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD = -3, 128 << 10
+
+
+@contextmanager
+def _mapped_allocations(on: bool) -> Iterator[None]:
+    """While a long run is read and diagnosed, have glibc map every allocation above 4 MiB on its
+    own, so that each freed temporary goes back to the system at once. glibc otherwise raises its threshold to the
+    size of the temporaries it frees, keeps the next ones in its heap, and the heap fragments: at 10^6 steps
+    ``report`` and ``advise`` held about 100 MB more (``benchmarks/RESULTS.md``, "Long runs"). Its start value is
+    set back after (``main`` may be called in-process). Nothing is done off glibc."""
+    mallopt = None
+    if on:
+        try:
+            libc = ctypes.CDLL(None)
+            libc.gnu_get_libc_version  # noqa: B018  # glibc only: musl and others have no such threshold
+            mallopt = libc.mallopt
+        except (OSError, AttributeError):
+            mallopt = None
+    if mallopt is None:
+        yield
+        return
+    mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD)
 
 
 @contextmanager
@@ -272,7 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        with _warnings_as_lines(args.command), _threads(1 if args.command != "demo" else None):
+        reading = args.command != "demo"
+        with _warnings_as_lines(args.command), _threads(1 if reading else None), _mapped_allocations(reading):
             return args.func(args)
     except BrokenPipeError:
         # The reader stopped early (`gradconflict report RUN.jsonl | head`): end quietly, as Unix tools do. Output

@@ -217,6 +217,23 @@ class Aligned:
             return self.cosine[:, i, j]
         return self.by_rows(lambda G, w, rows: self._cosine_rows(G, w, rows)[:, i, j])
 
+    def mean_cosine(self) -> np.ndarray:
+        """``[T, T]`` each pair's mean cosine over the steps that carried both tasks (NaN: never together, and on
+        the diagonal), from :meth:`cosine_pairs`.
+
+        >>> r = ConflictReport("ab", torch.tensor([[1.0, -1.0], [-1.0, 4.0]]))
+        >>> align([r, ConflictReport("ab", torch.eye(2), step=1)]).mean_cosine()[0, 1].item()
+        -0.25
+        """
+        T = len(self.tasks)
+        pairs = [(i, j) for i in range(T) for j in range(i + 1, T)]
+        out = np.full((T, T), np.nan)
+        for (i, j), cosine in zip(pairs, self.cosine_pairs(pairs).T):
+            both = cosine[self.together[:, i, j]]
+            if len(both):
+                out[i, j] = out[j, i] = both.mean()
+        return out
+
     def _cosine_rows(self, G: Tensor, w: Tensor, rows: slice) -> np.ndarray:
         return np.where(_pairs_present(self.present[rows]), metrics.cosine(G).numpy(), np.nan)
 

@@ -38,7 +38,7 @@ from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 
 from gradconflict.diagnosis.advice import Advice
-from gradconflict.diagnosis.aligned import Aligned, masked_mean
+from gradconflict.diagnosis.aligned import Aligned
 from gradconflict.diagnosis.examples import ConflictingExamples
 from gradconflict.diagnosis.profile import Profile, worst_pair
 from gradconflict.diagnosis.trends import window_means
@@ -68,6 +68,9 @@ MAX_LABELS = 40
 MAX_BARS = 30
 #: Most points of a concentration curve drawn (longer ones are sampled evenly, both ends kept).
 MAX_POINTS = 2000
+#: Most steps of a time series drawn one by one: a longer series (more steps than the figure has pixels) is drawn
+#: as the range of its values over :data:`MAX_POINTS` bins of steps, with its moving mean sampled at each bin.
+MAX_STEPS = 4 * MAX_POINTS
 NO_PAIR = "no measured step carried two tasks together: no pair to compare"
 
 
@@ -99,9 +102,18 @@ def _log_if_wide(ax: Axes, values: np.ndarray) -> None:
 
 
 def _series(ax: Axes, steps: np.ndarray, values: np.ndarray, label: str, color: object) -> None:
-    """Raw values as a thin line, and their moving mean on top when the run is long enough to need it."""
+    """Raw values as a thin line, and their moving mean on top when the run is long enough to need it. Beyond
+    :data:`MAX_STEPS` steps the raw values are drawn as their range (lowest to highest) in each of
+    :data:`MAX_POINTS` bins of steps: a line through a million points is that band anyway, and drawing it would
+    hold every point in the figure."""
     long = len(values) > 60
     sparse = len(values) < 60 and len(values) < int(steps[-1] - steps[0] + 1) // 2  # gaps: show the points
+    if len(values) > MAX_STEPS:
+        starts = np.linspace(0, len(values), MAX_POINTS + 1).astype(np.int64)[:-1]  # each bin's first step
+        low, high = np.fmin.reduceat(values, starts), np.fmax.reduceat(values, starts)
+        ax.fill_between(steps[starts], low, high, color=color, alpha=0.25, lw=0, step="post")
+        ax.plot(steps[starts], _smooth(steps, values)[starts], color=color, lw=1.8, label=f"{label} (moving mean)")
+        return
     ax.plot(
         steps, values, color=color, lw=0.8, alpha=0.35 if long else 1.0, label=None if long else label,
         marker="o" if sparse else None, ms=2.5,
@@ -146,9 +158,9 @@ def pair_cosines(run: Aligned) -> Figure:
     if not pairs:
         _say(ax, NO_PAIR)
         return fig
-    for k, (i, j) in enumerate(pairs):
+    for k, ((i, j), cosine) in enumerate(zip(pairs, run.cosine_pairs(pairs).T)):
         both = run.together[:, i, j]
-        _series(ax, run.steps[both], run.cosine[both, i, j], pair_key(run.tasks[i], run.tasks[j]), _color(k))
+        _series(ax, run.steps[both], cosine[both], pair_key(run.tasks[i], run.tasks[j]), _color(k))
     _cosine_scale(ax, run.threshold)
     _labels(ax, "cosine", "Pairwise cosine of the task gradients (below the dashed line: conflict)", "training step")
     _legend(ax)
@@ -329,7 +341,7 @@ def cosine_heatmap(cosine: np.ndarray, tasks: Sequence[str], title: str = "Cosin
 def mean_cosine(run: Aligned) -> np.ndarray:
     """``[T, T]`` each pair's mean cosine over the steps that carried both tasks (NaN: never together), 1 on the
     diagonal."""
-    C = masked_mean(run.cosine, run.together)
+    C = run.mean_cosine()
     np.fill_diagonal(C, 1.0)
     return C
 

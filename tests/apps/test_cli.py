@@ -272,3 +272,30 @@ def test_report_aligns_the_run_once(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(aligned, "_blocks_of_reports", count("reports", by_reports))
     assert main(["report", str(path), "-o", str(tmp_path / "report.html")]) == 0
     assert calls == {"history": 1, "reports": 0}
+
+
+@pytest.mark.parametrize("glibc", [True, False])
+def test_reading_commands_map_large_allocations_on_glibc_and_restore_its_threshold(tmp_path, monkeypatch, glibc):
+    # glibc's M_MMAP_THRESHOLD (mallopt option -3) is set to 4 MiB while the command runs and back to its start
+    # value, 128 KiB, after; elsewhere nothing is called.
+    import ctypes
+
+    import torch
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+    if glibc:
+        Libc.gnu_get_libc_version = lambda self: b"2.36"
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    from gradconflict import ConflictReport, History
+
+    history = History()
+    history.append(ConflictReport("ab", torch.tensor([[1.0, -0.5], [-0.5, 1.0]])))
+    path = history.to_jsonl(tmp_path / "run.jsonl")
+    assert main(["report", str(path)]) == 0
+    assert calls == ([(-3, 4 << 20), (-3, 128 << 10)] if glibc else [])

@@ -36,6 +36,27 @@ def test_long_runs_add_a_moving_mean_over_the_raw_values():
     assert smooth.get_ydata()[10] == pytest.approx(np.mean(values[10 - width + 1 : 11]))
 
 
+def test_very_long_runs_draw_each_bins_range_and_the_moving_mean(monkeypatch):
+    # Beyond MAX_STEPS steps a series is drawn as the range of its values in MAX_POINTS bins of steps (the
+    # figure would otherwise hold every point): 90 steps in 9 bins of 10 here.
+    monkeypatch.setattr(plots, "MAX_STEPS", 50)
+    monkeypatch.setattr(plots, "MAX_POINTS", 9)
+    history = drawn_run("full", steps=90, layers=False)
+    ax = plots.pair_cosines(align(history)).axes[0]
+    steps, values = pair_values(history, "a", "b")
+    band = ax.collections[0].get_paths()[0].vertices
+    for k in range(9):
+        chunk = values[10 * k : 10 * k + 10]
+        drawn = band[band[:, 0] == steps[10 * k], 1]  # this bin's edges (and, drawn as steps, the previous bin's)
+        assert np.isclose(drawn, min(chunk)).any() and np.isclose(drawn, max(chunk)).any()
+    assert band[:, 1].min() == pytest.approx(min(values)) and band[:, 1].max() == pytest.approx(max(values))
+    smooth = ax.lines[0]
+    assert smooth.get_label() == "a/b (moving mean)" and smooth.get_xdata().tolist() == steps[::10]
+    width = (steps[-1] - steps[0] + 1) // 30  # 3 steps: the mean of each value and the two before it
+    assert smooth.get_ydata()[2] == pytest.approx(np.mean(values[20 - width + 1 : 21]))
+    assert all(len(line.get_xdata()) <= 9 for line in ax.lines[:3])
+
+
 def test_cancellation_update_norms_and_alignment_follow_the_definitions():
     history = drawn_run("partial", steps=40)
     run = align(history)
