@@ -1,5 +1,5 @@
-"""Long runs: ``gradconflict report`` and ``gradconflict advise`` on synthetic histories of 10^5 and 10^6 steps,
-timed and their peak memory measured: ``python -m benchmarks.long_run``.
+"""Long runs: ``gradconflict report`` (with and without its HTML page, ``-o``) and ``gradconflict advise`` on
+synthetic histories of 10^5 and 10^6 steps, timed and their peak memory measured: ``python -m benchmarks.long_run``.
 
 Each history is a JSONL file as a :class:`~gradconflict.JSONLSink` writes it (``T`` tasks, ``L`` layers, every
 metric on every line). To write 10^6 lines quickly, the file repeats the lines of ``--distinct`` real reports,
@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     for steps in args.steps:
         path = folder / f"run-{steps}.jsonl"
         size = write_history(path, steps, args.tasks, args.layers, args.distinct, packed=not args.no_packed)
-        for name in ("report", "advise"):
-            wall, peak, code = run([sys.executable, "-m", "gradconflict", name, str(path)])
+        html = folder / f"run-{steps}.html"
+        for name, options in (("report", []), ("report -o", ["-o", str(html)]), ("advise", [])):
+            wall, peak, code = run([sys.executable, "-m", "gradconflict", name.split()[0], str(path), *options])
             within = code == 0 and wall <= 60 and peak <= 1024
             failed |= not within
             verdict = "within" if within else f"OVER (exit {code})" if code else "OVER"
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         path.unlink()
         packed_path(path).unlink(missing_ok=True)
+        html.unlink(missing_ok=True)
     return 1 if failed else 0
 
 
