@@ -58,11 +58,12 @@ def loop_accumulate(
             # Each task's pass recomputes the checkpointed segments from the buffers the step's own backward will
             # see (a spectral norm's vectors, running statistics): what one task's recomputation moved is put back.
             with measuring_segments(handler) if edges else contextlib.nullcontext(), BufferGuard(plan.module_name):
-                grads = torch.autograd.grad(
-                    loss, [*leaves, *edges], retain_graph=True, allow_unused=True, materialize_grads=True
-                )
+                # Not materialize_grads: torch refuses it with gradient edges among the inputs, and a task that
+                # does not reach a checkpointed segment (a layer above where it leaves the backbone) leaves its
+                # edges unreached. The leaves it does not reach get zeros here, as materialising would give.
+                grads = torch.autograd.grad(loss, [*leaves, *edges], retain_graph=True, allow_unused=True)
             for leaf, g in zip(leaves, grads):
-                acc.add_per_task(leaf, g, task=i)
+                acc.add_per_task(leaf, torch.zeros_like(leaf) if g is None else g, task=i)
     return acc
 
 
