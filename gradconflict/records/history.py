@@ -1,5 +1,5 @@
-# One file of ~700 lines on purpose: the packed row layout, the History, its stacked views and its moving
-# averages share one private storage format, which a split would have to expose.
+# One file of ~680 lines on purpose: the History is one class whose appending, folding, reading and state share
+# its segments and moving averages (the storage format itself is in _steps.py).
 """The run's memory: each measured (or skipped) step's report, kept on the host in compact form, with moving
 averages folded in as steps arrive.
 
@@ -45,7 +45,18 @@ from torch import Tensor
 
 from gradconflict.measure import metrics
 from gradconflict.measure.attribution import SampleAttribution
-from gradconflict.measure.report import ConflictReport, LayerReport
+from gradconflict.measure.report import ConflictReport
+from gradconflict.records._steps import (
+    NONFINITE,
+    Kept,
+    Layout,
+    Segment,
+    cat_rows,
+    row_grams,
+    row_losses,
+    row_weights,
+    step_report,
+)
 from gradconflict.records.layers import merge_orders
 from gradconflict.records.pairs import pair_key
 from gradconflict.records.samples import SampleTally
@@ -134,142 +145,29 @@ class Stacked(NamedTuple):
     @property
     def weights(self) -> Tensor:
         """``[N, T]`` the task weights of each step's update."""
-        return _weights(self.packed, len(self.tasks))
+        return row_weights(self.packed, len(self.tasks))
 
     @property
     def losses(self) -> Tensor | None:
         """``[N, T]`` the task losses of each step, ``None`` when the steps did not record them."""
-        return _losses(self.packed, len(self.tasks)) if self.has_losses else None
+        return row_losses(self.packed, len(self.tasks)) if self.has_losses else None
 
     @property
     def gram(self) -> Tensor:
         """``[N, T, T]`` the Gram of each step over the whole shared backbone."""
-        return _grams(self.packed, len(self.tasks))[..., 0, :, :]
+        return row_grams(self.packed, len(self.tasks))[..., 0, :, :]
 
     @property
     def layer_gram(self) -> Tensor:
         """``[N, L, T, T]`` each layer's Gram, in the order of :attr:`layers`."""
-        return _grams(self.packed, len(self.tasks))[..., 1:, :, :]
-
-
-# The layout of a packed row (one definition, read by the record and by the stacked views): weights [T], losses [T],
-# then the Gram and each layer's Gram [T, T], flattened. Each works on one row [K] or on stacked rows [N, K].
-def _weights(packed: Tensor, T: int) -> Tensor:
-    return packed[..., :T]
-
-
-def _losses(packed: Tensor, T: int) -> Tensor:
-    return packed[..., T : 2 * T]
-
-
-def _grams(packed: Tensor, T: int) -> Tensor:
-    """``[..., 1 + L, T, T]``: the Gram, then each layer's."""
-    return packed[..., 2 * T :].reshape(*packed.shape[:-1], -1, T, T)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """What a run's steps share, kept once: the tasks, the layers, how the step was measured."""
-
-    tasks: tuple[str, ...]
-    layers: tuple[tuple[str, int, str], ...]  # (name, shared parameter entries, route)
-    engine: str
-    strategy: str
-    approximate: bool
-    threshold: float
-    has_losses: bool
-    sync: str = ""
-
-
-#: The skip reason of a step whose Gram is not finite.
-NONFINITE = "non-finite gradients"
-
-
-def _report(layout: _Layout, step: int, skip_reason: str, packed: Tensor) -> ConflictReport:
-    """The report of one kept step: its layout and its packed row ``[K]``."""
-    T = len(layout.tasks)
-    weights, losses = _weights(packed, T), _losses(packed, T)
-    if skip_reason:
-        return ConflictReport.skipped_step(
-            layout.tasks, step, skip_reason, losses if layout.has_losses else None, layout.engine, weights
-        )
-    grams = _grams(packed, T)
-    layers = {
-        name: LayerReport(name, layout.tasks, grams[k + 1], weights, num_params=n, route=route,
-                          threshold=layout.threshold)
-        for k, (name, n, route) in enumerate(layout.layers)
-    }
-    return ConflictReport(
-        layout.tasks,
-        grams[0],
-        weights,
-        losses=losses if layout.has_losses else None,
-        layers=layers,
-        step=step,
-        engine=layout.engine,
-        strategy=layout.strategy,
-        approximate=layout.approximate,
-        threshold=layout.threshold,
-        sync=layout.sync,
-    )
-
-
-class _Kept(NamedTuple):
-    """One kept step, as stored (what :meth:`History._kept` yields)."""
-
-    layout: _Layout
-    step: int
-    skip_reason: str
-    packed: Tensor  # [K] the step's packed row
-
-
-@dataclass(slots=True)
-class _Segment:
-    """Kept steps of one layout: rows ``start:stop`` of one block of packed rows (``[N, K]``), ``steps[k]`` the
-    step of row ``k``. A million steps read from a file are a few such segments (columns, not an object per
-    step); an appended step is a segment of one row. Dropping the oldest steps moves ``start``."""
-
-    layout: _Layout
-    steps: np.ndarray  # [N] int64
-    block: Tensor
-    skipped: dict[int, str]  # row -> skip reason, for the rows that were not measured (usually none)
-    start: int
-    stop: int
-
-    @classmethod
-    def one(cls, layout: _Layout, step: int, skip_reason: str, packed: Tensor) -> _Segment:
-        """A segment of one step (its packed row ``[K]``)."""
-        skipped = {0: skip_reason} if skip_reason else {}
-        return cls(layout, np.array([step], dtype=np.int64), packed[None], skipped, 0, 1)
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def at(self, row: int) -> _Kept:
-        """The step of block row ``row``."""
-        return _Kept(self.layout, int(self.steps[row]), self.skipped.get(row, ""), self.block[row])
-
-    def kept(self) -> Iterator[_Kept]:
-        return map(self.at, range(self.start, self.stop))
-
-    def measured(self) -> tuple[np.ndarray, Tensor]:
-        """``(steps [n], packed rows [n, K])`` of the measured rows: views when no row here was skipped."""
-        start, stop = self.start, self.stop
-        if not any(start <= row < stop for row in self.skipped):
-            return self.steps[start:stop], self.block[start:stop]
-        rows = np.array([row for row in range(start, stop) if row not in self.skipped], dtype=np.int64)
-        return self.steps[rows], self.block[torch.from_numpy(rows)]
-
-
-def _cat(pieces: list[Tensor]) -> Tensor:
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return row_grams(self.packed, len(self.tasks))[..., 1:, :, :]
 
 
 @dataclass
 class _Pending:
     """An appended step whose numbers are on their way to the host."""
 
-    layout: _Layout
+    layout: Layout
     step: int
     skip_reason: str
     packed: Tensor  # [K]
@@ -304,11 +202,11 @@ class History:
         self.ema_decay = ema_decay
         self.max_history = max_history
         self.sinks = list(sinks)
-        self._segments: deque[_Segment] = deque()
+        self._segments: deque[Segment] = deque()
         self._kept_count = 0  # steps in the segments
         self._pending: deque[_Pending] = deque()
-        self._layouts: dict[_Layout, _Layout] = {}
-        self._unfolded: list[tuple[_Layout, Tensor]] = []  # measured rows admitted, not yet in the moving averages
+        self._layouts: dict[Layout, Layout] = {}
+        self._unfolded: list[tuple[Layout, Tensor]] = []  # measured rows admitted, not yet in the moving averages
         self._unfolded_count = 0
         self._ema: dict[str, float] = {}
         self.gradvac_beta = gradvac_beta
@@ -336,7 +234,7 @@ class History:
         if not report.skipped:
             parts.append(report.gram.detach().reshape(-1))
             parts += [report.layers[n].gram.detach().to(dtype).reshape(-1) for n in names]
-        layout = _Layout(
+        layout = Layout(
             tuple(report.tasks),
             tuple((n, report.layers[n].num_params, report.layers[n].route) for n in names),
             report.engine,
@@ -380,13 +278,13 @@ class History:
 
     def _admit(self, pending: _Pending) -> None:
         layout, T, reason = pending.layout, len(pending.layout.tasks), pending.skip_reason
-        if not reason and not bool(torch.isfinite(_grams(pending.packed, T)).all()):
+        if not reason and not bool(torch.isfinite(row_grams(pending.packed, T)).all()):
             reason = NONFINITE
         self.steps_seen += 1
-        self._keep(_Segment.one(layout, pending.step, reason, pending.packed))
+        self._keep(Segment.one(layout, pending.step, reason, pending.packed))
         if not self.sinks:
             return
-        report = _report(layout, pending.step, reason, pending.packed)  # one host-side report for every sink
+        report = step_report(layout, pending.step, reason, pending.packed)  # one host-side report for every sink
         report.samples = pending.samples
         for sink in list(self.sinks):
             try:
@@ -395,7 +293,7 @@ class History:
                 self.sinks.remove(sink)
                 warnings.warn(f"gradconflict: sink {sink!r} failed and is dropped: {err}", RuntimeWarning, stacklevel=4)
 
-    def _keep(self, segment: _Segment) -> None:
+    def _keep(self, segment: Segment) -> None:
         """Store an admitted segment (dropping the oldest steps beyond ``max_history``) and queue its measured rows
         for the moving averages."""
         _, rows = segment.measured()
@@ -415,7 +313,7 @@ class History:
             self._kept_count -= dropped
             excess -= dropped
 
-    def _kept(self) -> Iterator[_Kept]:
+    def _kept(self) -> Iterator[Kept]:
         """Every kept step, oldest first."""
         for segment in self._segments:
             yield from segment.kept()
@@ -430,15 +328,15 @@ class History:
             stop = start
             while stop < len(waiting) and waiting[stop][0] is layout:
                 stop += 1
-            packed = _cat([rows for _, rows in waiting[start:stop]])
+            packed = cat_rows([rows for _, rows in waiting[start:stop]])
             for first in range(0, len(packed), READ_FOLD_BATCH):
                 self._fold_run(layout, packed[first : first + READ_FOLD_BATCH])
             start = stop
 
-    def _fold_run(self, layout: _Layout, packed: Tensor) -> None:
+    def _fold_run(self, layout: Layout, packed: Tensor) -> None:
         T = len(layout.tasks)
         packed = packed.double()
-        w, grams = _weights(packed, T), _grams(packed, T)  # the Gram, then each layer's
+        w, grams = row_weights(packed, T), row_grams(packed, T)  # the Gram, then each layer's
         G = grams[:, 0]
         columns: dict[str, list[float]] = {
             "cancellation": metrics.cancellation(G, w).tolist(),
@@ -461,7 +359,7 @@ class History:
                 ema = value if ema is None else d * ema + (1 - d) * value
             self._ema[key] = ema  # type: ignore[assignment]
 
-    def _fold_gradvac(self, layout: _Layout, pairs: list[str], cosines: Tensor) -> None:
+    def _fold_gradvac(self, layout: Layout, pairs: list[str], cosines: Tensor) -> None:
         """GradVac's EMA (Wang et al., ICLR 2021, Sec. 3.2, Eq. 3): ``phi <- (1 - beta) phi + beta cos``, from 0.
 
         ``cosines`` is ``[N, 1 + L, P]`` (the whole backbone, then each layer). Folding ``N`` steps at once:
@@ -497,7 +395,7 @@ class History:
         """The kept measured (not skipped) steps, one :class:`Stacked` block per layout (tasks in the same order,
         the same layers), each in step order: the records as stored, without building a report per step."""
         self._collect(wait=True)
-        blocks: dict[_Layout, list[tuple[np.ndarray, Tensor]]] = {}
+        blocks: dict[Layout, list[tuple[np.ndarray, Tensor]]] = {}
         for segment in self._segments:
             steps, rows = segment.measured()
             if len(steps):
@@ -505,7 +403,8 @@ class History:
         return [
             Stacked(
                 lay.tasks, tuple((name, n) for name, n, _ in lay.layers), lay.threshold, lay.has_losses,
-                torch.from_numpy(np.concatenate([steps for steps, _ in pieces])), _cat([rows for _, rows in pieces]),
+                torch.from_numpy(np.concatenate([steps for steps, _ in pieces])),
+                cat_rows([rows for _, rows in pieces]),
             )
             for lay, pieces in blocks.items()
         ]
@@ -522,7 +421,7 @@ class History:
     def reports(self) -> list[ConflictReport]:
         """The kept steps' reports (CPU tensors), oldest first."""
         self._collect(wait=True)
-        return [_report(*kept) for kept in self._kept()]
+        return [step_report(*kept) for kept in self._kept()]
 
     @property
     def measured(self) -> list[ConflictReport]:
@@ -586,7 +485,7 @@ class History:
         index %= self._kept_count
         for segment in self._segments:
             if index < len(segment):
-                return _report(*segment.at(segment.start + index))
+                return step_report(*segment.at(segment.start + index))
             index -= len(segment)
         raise AssertionError("unreachable: the segments hold _kept_count steps")
 
@@ -683,7 +582,7 @@ class History:
         history._collect(wait=True)
         return history
 
-    def _admit_block(self, layout: _Layout, steps: Sequence[int], reason: str, packed: Tensor) -> None:
+    def _admit_block(self, layout: Layout, steps: Sequence[int], reason: str, packed: Tensor) -> None:
         """Admit host rows of one layout (``packed[k]`` the packed row of ``steps[k]``) as :meth:`_admit` admits
         each (a row whose Gram is not finite is kept as skipped), with one finiteness check for the block. For a
         history without sinks (:meth:`from_jsonl`'s): the rows are stored, not handed to sinks."""
@@ -693,7 +592,7 @@ class History:
         else:  # numpy's isfinite: torch's makes a float temporary the size of the block (|x| != inf)
             finite = np.isfinite(packed[:, 2 * T :].numpy()).all(1)
             skipped = dict.fromkeys(np.flatnonzero(~finite).tolist(), NONFINITE)
-        self._keep(_Segment(layout, np.asarray(steps, dtype=np.int64), packed, skipped, 0, len(steps)))
+        self._keep(Segment(layout, np.asarray(steps, dtype=np.int64), packed, skipped, 0, len(steps)))
         self.steps_seen += len(steps)
         if self._unfolded_count >= READ_FOLD_BATCH:
             self._fold()
@@ -737,7 +636,7 @@ class History:
         self.ema_decay = state["ema_decay"]
         self.max_history = state["max_history"]
         layouts = [
-            _Layout(
+            Layout(
                 tuple(d["tasks"]),
                 tuple((str(n), int(k), str(r)) for n, k, r in d["layers"]),
                 d["engine"],
@@ -753,7 +652,7 @@ class History:
         self._segments.clear()
         self._kept_count = 0
         for k, step, reason, packed in state["records"]:
-            self._keep(_Segment.one(layouts[k], step, reason, packed))
+            self._keep(Segment.one(layouts[k], step, reason, packed))
         self._unfolded.clear()  # the moving averages are restored, not refolded
         self._unfolded_count = 0
         self._ema = dict(state["ema"])

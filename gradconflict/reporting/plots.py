@@ -1,4 +1,4 @@
-# One file of ~460 lines on purpose: every figure of the report shares its style (WIDTH, the colours, the layer
+# One file of ~470 lines on purpose: every figure of the report shares its style (WIDTH, the colours, the layer
 # labels, figure_to_png), which a split would have to expose.
 """Figures of a run, drawn with matplotlib: what the HTML report shows and what the dashboard sinks send as images.
 

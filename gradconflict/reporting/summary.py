@@ -219,7 +219,6 @@ def _pairs(aligned: Aligned, threshold: float) -> list[PairSummary]:
     together = aligned.together
     counts = together.sum(0)
     conflicts = aligned.conflicts(threshold).sum(0)
-    mean = aligned.mean_cosine()
     pairs = [(i, j) for i in range(T) for j in range(i + 1, T)]
     cosine = aligned.cosine_pairs(pairs)  # [S, P]: the pairs alone, not the [S, T, T] (a long run has millions)
     out = []
@@ -230,7 +229,7 @@ def _pairs(aligned: Aligned, threshold: float) -> list[PairSummary]:
             PairSummary(
                 name=pair_key(aligned.tasks[i], aligned.tasks[j]),
                 together=int(counts[i, j]),
-                mean_cosine=float(mean[i, j]),
+                mean_cosine=float(both.mean()) if len(both) else float("nan"),
                 persistence=float(conflicts[i, j] / counts[i, j]) if counts[i, j] else float("nan"),
                 last_cosine=float(last.mean()) if len(last) else float("nan"),
                 tasks=(aligned.tasks[i], aligned.tasks[j]),

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gradconflict import ConflictMonitor
 from gradconflict.measure.distributed import sketch_std
-from gradconflict.measure.engine import tapped
+from gradconflict.measure.engine import batched, tapped
 from gradconflict.measure.engine.tapped import TRIALS, TappedEngine
 from tests.measure.test_distributed import WORLD, batches, rel_err, spawn
 from tests.zoo import FAMILIES, losses_of, reference
@@ -103,7 +103,7 @@ def _a_new_shape_on_one_rank(rank: int, folder: str) -> None:
 
 
 def _batched_fails_midway(rank: int, folder: str) -> None:
-    compute = tapped._Pass._compute
+    compute = batched.BatchedPass._compute
 
     def fail_after_one_layer(self, module):
         compute(self, module)  # this layer's gradients are all-reduced, then the pass fails, on every rank
@@ -115,7 +115,7 @@ def _batched_fails_midway(rank: int, folder: str) -> None:
     ddp, ddp_twin = DDP(model), DDP(twin)
     parts = batches(x, [4, 4])
     with pytest.MonkeyPatch.context() as patch, ConflictMonitor(ddp, strategy="batched") as monitor:
-        patch.setattr(tapped._Pass, "_compute", fail_after_one_layer)
+        patch.setattr(batched.BatchedPass, "_compute", fail_after_one_layer)
         with pytest.warns(UserWarning, match="the batched backward failed"):
             report = monitor.backward(losses_of(ddp(parts[rank])))
     sum(losses_of(ddp_twin(parts[rank])).values()).backward()
@@ -133,7 +133,7 @@ def _a_failed_collective(rank: int, folder: str) -> None:
     model, x = FAMILIES["mlp"](3)
     ddp = DDP(model)
     with pytest.MonkeyPatch.context() as patch, ConflictMonitor(ddp, strategy="batched") as monitor:
-        patch.setattr(tapped._Pass, "_compute", collective_fails)
+        patch.setattr(batched.BatchedPass, "_compute", collective_fails)
         with pytest.raises(dist.DistBackendError):  # raised, not taken for an op without a batched backward
             monitor.backward(losses_of(ddp(x)))
     assert all(p.grad is None for p in model.parameters())

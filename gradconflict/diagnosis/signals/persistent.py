@@ -202,8 +202,8 @@ def oscillation_cause(pairs: Sequence[tuple[str, str]]) -> str:
 def _flip_rates(aligned: Aligned, tests: ConflictTests) -> np.ndarray:
     """Per pair, the share of consecutive measured steps (both not tied) whose conflict sign changes."""
     out = np.full(len(tests.pairs), np.nan)
-    for p, pair in enumerate(tests.pairs):
-        s = signs(aligned.cosine_pairs([pair])[:, 0], tests.threshold)
+    for p, cosine in enumerate(aligned.cosine_pairs(tests.pairs).T):  # one pass over the steps for every pair
+        s = signs(cosine, tests.threshold)
         s = s[s != 0]
         if len(s) > 1:
             out[p] = float((s[1:] != s[:-1]).mean())

@@ -16,7 +16,6 @@ import contextlib
 import re
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,14 +25,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradconflict.measure.attribution import Attributor
-from gradconflict.measure.capture import Capture, RetainedGrads, task_batch
+from gradconflict.measure.capture import Capture, RetainedGrads
 from gradconflict.measure.checkpoint import measuring_segments
 from gradconflict.measure.engine.base import Accumulator, Measurement, MeasurementRefused, Plan, warn_once
+from gradconflict.measure.engine.batched import BatchedPass, Inexact
 from gradconflict.measure.engine.loop import loop_accumulate
 from gradconflict.measure.engine.segments import boundary_edges, segment_backward
 from gradconflict.measure.graph import Graph, walk_graph
-from gradconflict.measure.rules import Call
-from gradconflict.measure.rules.base import task_blocks, task_rows
 
 if TYPE_CHECKING:
     from gradconflict.measure.distributed import Reduction
@@ -41,129 +39,6 @@ if TYPE_CHECKING:
 __all__ = ["STRATEGIES", "Choice", "TappedEngine"]
 
 _FALLBACK = re.compile(r"batching rule for (\S+?)\.? ")
-
-
-class _Inexact(Exception):
-    """A module's calls were split over several recomputed segments: a rule cannot take them one at a time."""
-
-
-class _Pass(Accumulator):
-    """One batched backward: covers each tapped module by its rule, receives the taps' output gradients and
-    collects the materialised parameters' per-task gradients."""
-
-    def __init__(
-        self,
-        num_tasks: int,
-        plan: Plan,
-        capture: Capture,
-        device: torch.device,
-        cover: bool,
-        reduction: Reduction | None = None,
-        attribution: Attributor | None = None,
-    ) -> None:
-        super().__init__(num_tasks, plan, device, reduction)
-        self.capture = capture
-        self.cover = cover
-        self.attribution = attribution
-        self._pending: dict[nn.Module, tuple[list[Call], set[str]]] = {}
-        self._arrived: Counter[nn.Module] = Counter()
-        self._seen: set[int] = set()  # parameters met in an earlier part of this pass
-        self._parts: list[list[nn.Module]] = []  # modules covered by each open part (outer graph, segments)
-        self.calls: list[Call] = []
-
-    # -- parts: the outer graph, then each recomputed checkpoint segment ------------------------------------
-    def begin(self, graph: Graph, exclude: set[int]) -> list[Tensor]:
-        """Cover this part's modules by their rules; returns the anchors and the materialised shared leaves."""
-        shared = self.plan.shared
-        calls: dict[nn.Module, list[Call]] = {}
-        for call in graph.calls:
-            if call.owner is self.capture:  # another monitor's taps on the same model are not ours
-                self.calls.append(call)
-                if call.saved is not None and self.cover:  # not consumed by an earlier measurement of this graph
-                    calls.setdefault(call.module, []).append(call)
-        leaf = self.plan.leaf
-        claims = Counter(id(leaf(p)) for m, c in calls.items() for p in c[0].rule.params(m).values())
-        covered: set[int] = set()
-        part: list[nn.Module] = []
-        for module, module_calls in calls.items():
-            # A rule covers a parameter only when every use of it is one of this module's calls (tying and direct
-            # use go to the materialised route), when every call ran with it (not with a tensor substituted by
-            # torch.func.functional_call), and when no tensor hook changes its gradient.
-            covers = {
-                name: leaf(p)
-                for name, p in module_calls[0].rule.params(module).items()
-                if id(leaf(p)) in shared
-                and claims[id(leaf(p))] == 1
-                and graph.uses.get(id(leaf(p)), 0) == len(module_calls)
-                and all(c.used.get(name) == id(leaf(p)) for c in module_calls)
-                and not leaf(p)._backward_hooks
-            }
-            names = set(covers)
-            if names:
-                ids = {id(t) for t in covers.values()}
-                if module in self._pending or ids & self._seen:
-                    raise _Inexact(self.plan.module_name.get(module, type(module).__name__))
-                self._pending[module] = (module_calls, names)
-                part.append(module)
-                covered |= ids
-        anchors = [t for t in graph.leaves if self.capture.is_anchor(t)]
-        generic = [t for t in graph.leaves if id(t) in shared and id(t) not in covered and id(t) not in exclude]
-        if {id(t) for t in generic} & self._seen:
-            raise _Inexact("a parameter used in several checkpointed segments")
-        self._seen |= covered | {id(t) for t in generic}
-        self._parts.append(part)
-        return anchors + generic
-
-    def end(self, requested: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-        """A recomputed segment's gradients, seen inside the batched backward (vmapped)."""
-        self.finish(requested, [task_batch(g, self.num_tasks) for g in grads])
-
-    def finish(self, requested: Sequence[Tensor], per_task: Sequence[Tensor]) -> None:
-        """Add the materialised ``[T, ...]`` gradients (the anchors' are zero) and run the waiting rules."""
-        for leaf, g in zip(requested, per_task):
-            if not self.capture.is_anchor(leaf):
-                self.add_per_task(leaf, g)
-        for module in self._parts.pop():
-            if module in self._pending:  # a module whose calls did not all reach the backward
-                self._compute(module)
-
-    # -- taps ----------------------------------------------------------------------------------------------
-    def receive(self, call: Call, grads: Tensor) -> None:
-        """A tap's ``[T, ...]`` output gradients; the module's rule runs once all its calls have arrived."""
-        module = call.module
-        if module not in self._pending or call.saved is None:
-            return
-        call.grads = grads
-        self._arrived[module] += 1
-        if self._arrived[module] == len(self._pending[module][0]):
-            self._compute(module)
-
-    def _compute(self, module: nn.Module) -> None:
-        module_calls, names = self._pending.pop(module)
-        calls = [c for c in module_calls if c.grads is not None]
-        if calls:
-            rule, layer, dtype = calls[0].rule, self.plan.module_name[module], self.plan.gram_dtype
-            params = rule.params(module)
-            num_params = sum(self.plan.leaf(params[n]).numel() for n in names)
-            if self.reduction is not None:  # across processes: the per-task gradients themselves are reduced
-                per_task = rule.per_task(module, calls, names, dtype)
-                total = self.add_rows(layer, task_rows(per_task, dtype), num_params, "materialised")
-                if self.attribution is not None and total is not None:  # each example against the global g_j
-                    self.attribution.against(layer, module, rule, calls, names, dtype, task_blocks(total, per_task))
-            elif self.attribution is not None:
-                out = self.attribution.layer(layer, module, rule, calls, names, dtype)
-                self.add_gram(layer, out.gram, num_params, out.route)
-            else:
-                out = rule.gram(module, calls, names, dtype)
-                self.add_gram(layer, out.gram, num_params, out.route)
-        for c in module_calls:
-            c.release()  # free the recorded input and the [T, ...] output gradients as soon as the layer is done
-
-    def release(self) -> None:
-        """Drop what every tap of this step recorded, measured or not."""
-        for call in self.calls:
-            call.release()
-        self._pending.clear()
 
 
 #: The strategies ``ConflictMonitor(strategy=...)`` accepts.
@@ -289,7 +164,7 @@ class TappedEngine:
                 if strategy == "loop":
                     return self._timed(choice, "loop", lambda: loop_accumulate(losses, plan, graph, reduction))
                 return self._timed(choice, "batched", lambda: self._batched(stacked, graph, plan, cover, reduction))
-            except _Inexact as err:
+            except Inexact as err:
                 reason = f"{err} is called in several checkpointed segments"
             except torch.OutOfMemoryError:
                 raise
@@ -406,7 +281,7 @@ class TappedEngine:
         attribution: Attributor | None = None,
     ) -> Accumulator:
         T = stacked.shape[0]
-        current = _Pass(T, plan, self.capture, stacked.device, cover, reduction, attribution)
+        current = BatchedPass(T, plan, self.capture, stacked.device, cover, reduction, attribution)
         try:
             inputs = current.begin(graph, set())
             edges = boundary_edges(graph.checkpoints)

@@ -40,7 +40,8 @@ from torch import Tensor
 
 from gradconflict.measure.metrics import CONFLICT_COSINE
 from gradconflict.measure.report import ConflictReport
-from gradconflict.records.history import LINE_SCHEMA, _Layout, json_line, report_record
+from gradconflict.records._steps import Layout
+from gradconflict.records.history import LINE_SCHEMA, json_line, report_record
 from gradconflict.records.layers import natural_key
 from gradconflict.records.samples import SampleTally
 from gradconflict.records.sinks.packed import PackedWriter, packed_path, read_packed
@@ -175,7 +176,7 @@ def read_reports(path: str | Path) -> Iterator[ConflictReport]:
 
 def read_blocks(
     path: str | Path, rows: int | None = None, samples: SampleTally | None = None
-) -> Iterator[tuple[_Layout, Sequence[int], str, Tensor]]:
+) -> Iterator[tuple[Layout, Sequence[int], str, Tensor]]:
     """The steps of a JSONL history in file order, in blocks of consecutive steps that share one layout:
     ``(layout, steps, skip reason, packed)``, ``packed`` being ``[N, K]`` float64 rows in the History's packed
     layout (what :meth:`History.from_jsonl <gradconflict.History.from_jsonl>` stores). No report object is built
@@ -198,9 +199,9 @@ def read_blocks(
 
 def _decoded_blocks(
     path: str | Path, rows: int, start: int, stop: int | None, lines: int, samples: SampleTally | None
-) -> Iterator[tuple[_Layout, Sequence[int], str, Tensor]]:
+) -> Iterator[tuple[Layout, Sequence[int], str, Tensor]]:
     """:func:`read_blocks` of the lines in bytes ``[start, stop)``, decoded from the JSON (``lines`` before them)."""
-    layout: _Layout | None = None
+    layout: Layout | None = None
     # The steps in a C array, not the decoder's int objects: those would pin memory among each line's garbage.
     steps = array("q")
     values: list[list[Any]] = []
@@ -259,7 +260,7 @@ def json_lines(path: str | Path, start: int = 0, stop: int | None = None, lines:
             yield f"{path}:{number}", data
 
 
-def _row(data: Mapping[str, Any]) -> tuple[_Layout, str, list[Any]]:
+def _row(data: Mapping[str, Any]) -> tuple[Layout, str, list[Any]]:
     """A checked line's layout, skip reason and packed row (numbers not yet checked), with the defaults of
     :meth:`ConflictReport.from_dict` and :meth:`History.append <gradconflict.History.append>`."""
     tasks = tuple(data["tasks"])
@@ -269,10 +270,10 @@ def _row(data: Mapping[str, Any]) -> tuple[_Layout, str, list[Any]]:
     row = [1.0] * T if weights is None else list(weights)
     row += [math.nan if v is None else v for v in losses] if losses else [math.nan] * T
     if data.get("skipped"):
-        layout = _Layout(tasks, (), "", "", False, CONFLICT_COSINE, bool(losses))
+        layout = Layout(tasks, (), "", "", False, CONFLICT_COSINE, bool(losses))
         return layout, data.get("skip_reason") or "skipped", row
     layers = _layers(data)
-    layout = _Layout(
+    layout = Layout(
         tasks,
         tuple((name, int(d.get("num_params", 0)), d.get("route", "")) for name, d in layers.items()),
         data.get("engine", ""),

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradconflict.records.history import _Layout
+from gradconflict.records._steps import Layout
 
 __all__ = ["FRAME_ROWS", "MAGIC", "SUFFIX", "PackedBlock", "PackedWriter", "packed_path", "read_packed"]
 
@@ -83,7 +83,7 @@ class PackedBlock(NamedTuple):
         lines: the JSONL's line count up to ``end``.
     """
 
-    layout: _Layout
+    layout: Layout
     reason: str
     steps: Tensor
     packed: Tensor
@@ -96,7 +96,7 @@ class PackedBlock(NamedTuple):
 class _Frame:
     offset: int  # where the frame's header starts in the packed file
     header: bytes
-    layout: _Layout
+    layout: Layout
     reason: str
     rows: int
     width: int
@@ -115,7 +115,7 @@ class _Frame:
         return self.data - self.offset + 8 * self.rows * (1 + self.width) + _LENGTH.size
 
 
-def _layout_dict(layout: _Layout) -> dict[str, Any]:
+def _layout_dict(layout: Layout) -> dict[str, Any]:
     return {
         "tasks": list(layout.tasks), "layers": [list(x) for x in layout.layers], "engine": layout.engine,
         "strategy": layout.strategy, "approximate": layout.approximate, "threshold": layout.threshold,
@@ -123,8 +123,8 @@ def _layout_dict(layout: _Layout) -> dict[str, Any]:
     }
 
 
-def _layout(d: dict[str, Any]) -> _Layout:
-    return _Layout(
+def _layout(d: dict[str, Any]) -> Layout:
+    return Layout(
         tuple(str(t) for t in d["tasks"]), tuple((str(n), int(k), str(r)) for n, k, r in d["layers"]),
         str(d["engine"]), str(d["strategy"]), bool(d["approximate"]), float(d["threshold"]), bool(d["has_losses"]),
         str(d["sync"]),
@@ -225,7 +225,7 @@ class PackedWriter:
     def __init__(self, jsonl: Path, *, overwrite: bool) -> None:
         self.path = packed_path(jsonl)
         self._file: IO[bytes] | None = None
-        self._layout: _Layout | None = None
+        self._layout: Layout | None = None
         self._reason = ""
         self._steps: list[int] = []
         self._rows: list[Sequence[float]] = []
@@ -256,7 +256,7 @@ class PackedWriter:
         self._start = self._position = position
         self._lines = lines
 
-    def add(self, layout: _Layout | None, reason: str, step: int, row: Sequence[Any] | None, line: bytes) -> None:
+    def add(self, layout: Layout | None, reason: str, step: int, row: Sequence[Any] | None, line: bytes) -> None:
         """Cover the line just written to the JSONL: ``row`` its packed row (``None``, or a value that is not a
         number, leaves that line to the JSON reader)."""
         if self._file is None:
