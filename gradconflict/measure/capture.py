@@ -43,7 +43,21 @@ from torch.utils.hooks import RemovableHandle
 
 from gradconflict.measure.rules import Call, LayerRule, rule_for
 
-__all__ = ["Capture", "GlobalForwardHook", "OutputCapture", "RetainedGrads", "task_batch"]
+__all__ = ["Capture", "GlobalForwardHook", "OutputCapture", "RetainedGrads", "is_tap_anchor", "task_batch"]
+
+#: Every capture's anchors: leaves that autograd sees in the monitored graph but that are not the user's.
+_ANCHORS: weakref.WeakSet[Tensor] = weakref.WeakSet()
+
+
+def is_tap_anchor(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is the anchor of some capture: a leaf of the graph that its taps add, whose gradient is
+    always zero and that no user reads (the weighted backward does not count it as a parameter of its own).
+
+    >>> import torch, torch.nn as nn
+    >>> is_tap_anchor(Capture(nn.Linear(2, 2)).anchor(torch.device("cpu"))), is_tap_anchor(torch.zeros(()))
+    (True, False)
+    """
+    return tensor in _ANCHORS
 
 
 class Receiver(Protocol):
@@ -275,6 +289,7 @@ class Capture:
         """The scalar leaf every tap on ``device`` feeds (its gradient is always zero)."""
         if device not in self._anchors:
             self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
+            _ANCHORS.add(self._anchors[device])
         return self._anchors[device]
 
     def is_anchor(self, tensor: Tensor) -> bool:

@@ -69,7 +69,7 @@ def write_grads(batch: TaskLosses, scaling: Scaling, weighting: StepWeights, pla
     measured parameters, which the weighting's warnings tell apart from the others)."""
     shared = None if planner.plan is None else planner.plan.shared
     try:
-        weighting.backward(batch, scaling.backward, shared, planner.shared.names)
+        weighting.backward(batch, scaling.backward, shared, planner.shared.names, planner.shared.expand)
     except RuntimeError as err:
         if graph_freed(err):
             raise RuntimeError(FREED) from err

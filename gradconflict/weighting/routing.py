@@ -37,6 +37,7 @@ from typing import Any
 
 from torch import Tensor
 
+from gradconflict.measure.capture import is_tap_anchor
 from gradconflict.measure.checkpoint import segment_module
 from gradconflict.measure.graph import CHECKPOINT_NODE
 from gradconflict.measure.tasks import TaskLosses
@@ -87,10 +88,18 @@ def owners(roots: Sequence[Any]) -> dict[Any, int]:
     return owner
 
 
-def _only_shared(roots: Sequence[Any], shared: set[int]) -> set[Any]:
-    """The nodes below ``roots`` from which at least one leaf in ``shared`` (ids) and no other leaf is reached. A
-    reentrant checkpoint hides its segment: one that runs a module reaches that module's parameters, any other is
-    taken to reach a leaf outside ``shared`` (its inside is then left unweighted rather than weighted wrongly)."""
+def _only_shared(
+    roots: Sequence[Any], shared: set[int], inside: Callable[[Any], Sequence[Tensor] | None]
+) -> set[Any]:
+    """The nodes below ``roots`` from which at least one leaf in ``shared`` (ids) and no other leaf is reached (the
+    anchors of the monitor's taps, whose gradient is always zero, count as neither). A reentrant checkpoint hides
+    its segment: ``inside(node)`` gives the leaves it uses, or ``None`` where they are not known, and the segment is
+    then taken to reach a leaf outside ``shared`` (its inside left unweighted rather than weighted wrongly)."""
+
+    def kinds(leaves: Sequence[Tensor]) -> tuple[bool, bool]:
+        own = [leaf for leaf in leaves if not is_tap_anchor(leaf)]
+        return any(id(leaf) in shared for leaf in own), any(id(leaf) not in shared for leaf in own)
+
     reach: dict[Any, tuple[bool, bool]] = {}  # node -> (reaches a shared leaf, reaches another leaf)
     stack: list[tuple[Any, bool]] = [(root, False) for root in roots]
     while stack:
@@ -102,12 +111,11 @@ def _only_shared(roots: Sequence[Any], shared: set[int]) -> set[Any]:
             stack.extend((child, False) for child in _children(node) if child not in reach)
             continue
         variable = getattr(node, "variable", None)
-        some, other = (id(variable) in shared, id(variable) not in shared) if variable is not None else (False, False)
+        some, other = (False, False) if variable is None else kinds([variable])
         if type(node).__name__ == CHECKPOINT_NODE:
-            module = segment_module(node)
-            inside = [] if module is None else [p for p in module.parameters() if p.requires_grad]
-            some |= any(id(p) in shared for p in inside)
-            other |= module is None or any(id(p) not in shared for p in inside)
+            leaves = inside(node)
+            segment_some, segment_other = (False, True) if leaves is None else kinds(leaves)
+            some, other = some or segment_some, other or segment_other
         for child in _children(node):
             child_some, child_other = reach[child]
             some, other = some or child_some, other or child_other
@@ -125,12 +133,21 @@ def _scaler(edges: list[int], scale: float) -> Callable[[tuple[Any, ...], tuple[
 
 
 def weighted_backward(
-    batch: TaskLosses, scales: Sequence[float], run: Callable[[Tensor], None], shared: set[int] | None = None
+    batch: TaskLosses,
+    scales: Sequence[float],
+    run: Callable[[Tensor], None],
+    shared: set[int] | None = None,
+    segment_leaves: Callable[[Any], Sequence[Tensor]] | None = None,
 ) -> list[Tensor]:
     """Run ``run(total)`` (e.g. ``total.backward()``) on ``total = sum_i w_i L_i`` with task ``i``'s gradient
     multiplied by ``scales[i]`` wherever it enters the weighted part of the graph: the nodes that another task also
     reaches and, with ``shared`` (the ids of the shared parameters, or of the tensors the graph holds for them),
     the nodes that reach shared parameters only.
+
+    A reentrant checkpoint segment that runs a module uses that module's parameters; one that runs any other
+    function is looked into by ``segment_leaves`` (a node -> its leaves, e.g.
+    :func:`~gradconflict.measure.checkpoint.segment_leaves`, which recomputes it) where one task alone reaches it,
+    and is otherwise left out of the weighted part.
 
     Each loss first passes through its own view, so that a task always owns at least one node (two tasks may
     share a loss tensor). Returns the leaves (parameters) in the weighted part, for the caller to check that they
@@ -141,8 +158,17 @@ def weighted_backward(
     roots = [view.grad_fn for view in views]
     owner = owners(roots)
     weighted = {node for node, task in owner.items() if task == COMMON}
+
+    def inside(node: Any) -> Sequence[Tensor] | None:
+        module = segment_module(node)
+        if module is not None:
+            return [p for p in module.parameters() if p.requires_grad]
+        # a segment two tasks reach is in the weighted part already: only one task's own is worth recomputing
+        return None if segment_leaves is None or owner[node] == COMMON else segment_leaves(node)
+
+    # each task's view stays its own, so that the edge leaving it is the one that gets weighted
     if shared is not None:
-        weighted |= _only_shared(roots, shared) - set(roots)  # each task's view stays its own: the edge to weight
+        weighted |= _only_shared(roots, shared, inside) - set(roots)
     handles = []
     try:
         for node, task in owner.items():

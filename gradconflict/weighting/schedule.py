@@ -17,7 +17,7 @@ tensor([0., 0.])
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -138,15 +138,18 @@ class StepWeights:
         run: Callable[[Tensor], None],
         shared: set[int] | None = None,
         param_names: Mapping[int, str] | None = None,
+        segment_leaves: Callable[[Any], Sequence[Tensor]] | None = None,
     ) -> None:
         """``run(total)`` with this step's weights applied (a plain ``run(batch.total())`` without them).
         With ``shared`` (parameter ids) and ``param_names`` (id -> name of every model parameter), the model
-        parameters that get the weighted combination without being shared ones are named, once, in a warning."""
+        parameters that get the weighted combination without being shared ones are named, once, in a warning.
+        ``segment_leaves`` looks into reentrant checkpoint segments (see
+        :func:`~gradconflict.weighting.routing.weighted_backward`)."""
         scales = self.current(batch.names)
         if scales is None:
             run(batch.total())
             return
-        leaves = weighted_backward(batch, scales.tolist(), run, shared)
+        leaves = weighted_backward(batch, scales.tolist(), run, shared, segment_leaves)
         if shared is not None and param_names is not None:
             others = [param_names[id(p)] for p in leaves if id(p) in param_names and id(p) not in shared]
             if others:

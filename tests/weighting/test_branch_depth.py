@@ -28,10 +28,11 @@ class Staircase(nn.Module):
     """Task ``a`` reads the backbone after its first layer, ``b`` after its second, ``c`` at its top: the upper
     shared layers are reached by fewer tasks (by one alone, for the top layer)."""
 
-    def __init__(self, tasks: str, checkpointed: bool | None = None):
+    def __init__(self, tasks: str, checkpointed: bool | None = None, segment: str = "module"):
         super().__init__()
         self.tasks = tasks
         self.checkpointed = checkpointed  # the top layer under checkpoint(use_reentrant=checkpointed); None: plain
+        self.segment = segment  # what the checkpoint runs: the layer ("module") or a function that calls it
         self.backbone = nn.ModuleList([nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8)])
         self.heads = nn.ModuleDict({t: nn.Linear(8, 1) for t in tasks})
 
@@ -40,7 +41,8 @@ class Staircase(nn.Module):
         h, losses = x, {}
         for k, layer in enumerate(self.backbone, start=1):
             top = k == len(self.backbone) and self.checkpointed is not None
-            h = torch.tanh(checkpoint(layer, h, use_reentrant=self.checkpointed) if top else layer(h))
+            run = layer if self.segment == "module" else (lambda t, layer=layer: layer(t))
+            h = torch.tanh(checkpoint(run, h, use_reentrant=self.checkpointed) if top else layer(h))
             for t in self.tasks:
                 if depth[t] == k:
                     losses[t] = ((self.heads[t](h) - (k * y)) ** 2).mean() * k
@@ -56,21 +58,24 @@ def _jacobian(losses, params):
 
 
 @pytest.mark.parametrize(
-    ("name", "tasks", "checkpointed"),
-    [(name, tasks, None) for name in METHODS for tasks in ("abc", "bc", "ac", "c", "a")]
-    + [("cagrad", "abc", False)]  # the top layer, c's alone, checkpointed
-    + [pytest.param("cagrad", "abc", True, marks=pytest.mark.xfail(
-        strict=True, reason="known limit (docs/failure-modes.md): inside a reentrant checkpoint that one task alone "
-        "reaches, the parameters get that task's w_i g_i, not lambda_i w_i g_i"))],
+    ("name", "tasks", "checkpointed", "segment", "strategy"),
+    [(name, tasks, None, "module", "auto") for name in METHODS for tasks in ("abc", "bc", "ac", "c", "a")]
+    # the top layer, c's alone, checkpointed: a reentrant segment hides its parameters from the graph
+    + [
+        ("cagrad", "abc", reentrant, segment, strategy)
+        for reentrant in (False, True)
+        for segment in ("module", "function")
+        for strategy in ("loop", "batched")
+    ],
 )
-def test_every_shared_layer_gets_the_weighted_combination_at_every_depth(name, tasks, checkpointed):
+def test_every_shared_layer_gets_the_weighted_combination_at_every_depth(name, tasks, checkpointed, segment, strategy):
     torch.manual_seed(0)
-    model = Staircase(tasks, checkpointed)
+    model = Staircase(tasks, checkpointed, segment)
     reference = Staircase(tasks)  # the same model unchecked: autograd.grad cannot go through a reentrant checkpoint
     reference.load_state_dict(model.state_dict())
     weights = {t: WEIGHTS[t] for t in tasks}
     shared = list(model.backbone.parameters())
-    with ConflictMonitor(model, shared=model.backbone) as monitor:
+    with ConflictMonitor(model, shared=model.backbone, strategy=strategy) as monitor:
         for step in range(2):
             model.zero_grad(set_to_none=True)
             x, y = torch.randn(16, 4), torch.randn(16, 1)
@@ -150,3 +155,44 @@ def test_a_reentrant_segment_that_one_task_alone_reaches_is_measured(strategy):
             J = _jacobian(reference(x, y), list(reference.backbone.parameters()))
             assert not report.skipped and report.strategy == strategy
             assert relative_error(report.gram, J @ J.T) <= 1e-12
+
+
+class _NoisyTop(nn.Module):
+    """Task a leaves after the first layer; b alone reaches the top, a reentrant segment that runs a function
+    (not a module) with dropout and a BatchNorm in training mode: looking into it must not move the RNG or the
+    running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.bottom, self.top, self.norm = nn.Linear(4, 8), nn.Linear(8, 8), nn.BatchNorm1d(8)
+        self.heads = nn.ModuleDict({t: nn.Linear(8, 1) for t in "ab"})
+
+    def forward(self, x):
+        h = torch.tanh(self.bottom(x))
+        u = checkpoint(lambda t: nn.functional.dropout(self.norm(self.top(t)), 0.3), h, use_reentrant=True)
+        return {"a": self.heads["a"](h).pow(2).mean(), "b": self.heads["b"](u).pow(2).mean()}
+
+
+@pytest.mark.parametrize("strategy", ["loop", "batched"])
+def test_looking_into_a_function_segment_leaves_rng_and_buffers_as_a_plain_step(strategy):
+    torch.manual_seed(0)
+    plain, monitored = _NoisyTop(), _NoisyTop()
+    monitored.load_state_dict(plain.state_dict())
+    x = torch.randn(16, 4)
+    torch.manual_seed(1)
+    sum(plain(x).values()).backward()
+    after_plain = torch.get_rng_state()
+    shared = [p for m in (monitored.bottom, monitored.top, monitored.norm) for p in m.parameters()]
+    with ConflictMonitor(monitored, shared=shared, strategy=strategy) as monitor:
+        torch.manual_seed(1)
+        report = monitor.backward(monitored(x), weighting="cagrad")
+    assert not report.skipped
+    assert torch.equal(torch.get_rng_state(), after_plain)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(monitored.norm, name), getattr(plain.norm, name)), name
+    # the top layer, b's alone, gets lambda_b g_b: CAGrad's lambda differs from 1 here, so the plain grad is off
+    lam = report.weights[report.tasks.index("b")]
+    assert abs(float(lam) - 1.0) > 0.1
+    got = torch.cat([p.grad.flatten() for m in (monitored.top, monitored.norm) for p in m.parameters()])
+    want = torch.cat([p.grad.flatten() for m in (plain.top, plain.norm) for p in m.parameters()])
+    assert relative_error(got, lam * want) <= 1e-9  # (the top bias's gradient is zero: BatchNorm follows it)
