@@ -186,6 +186,7 @@ def _warnings_as_lines(command: str) -> Iterator[None]:
 
 
 def _samples(args: argparse.Namespace) -> int:
+    from gradconflict.diagnosis.examples import conflicting_examples
     from gradconflict.records.samples import SampleTally
 
     a, comma, b = args.pair.partition(",")
@@ -200,18 +201,18 @@ def _samples(args: argparse.Namespace) -> int:
         stats = tally.pair(a, b)
     except KeyError as err:
         raise ValueError(err.args[0]) from None
-    top = tally.top(a, b, k=args.top, by=args.by)
+    found = conflicting_examples(tally, a, b, k=args.top, by=args.by)
     totals = tally.totals(a, b)
-    share = f"{tally.negative_share(a, b, top):.0%}" if totals["negative"] < 0 else "none"
+    share = "none" if found.push_share is None else f"{found.push_share:.0%}"
     about = f"{totals['ids']} ids attributed"
     if tally.approximate:
         about = f"about {about} (more than --max-ids: the {len(stats)} kept are ranked)"
-    print(f"{args.history}: {about} for ({a}, {b}); the {len(top)} below ({len(top) / totals['ids']:.1%} of "
-          f"them) carry {share} of the negative pushes between {a} and {b}")
-    print(f"{'id':>12} {'steps':>6} {'agreement':>10} {'push':>11} {'apart':>6}")
-    for i in top:
-        s = stats[i]
-        print(f"{i:>12} {s['count']:>6} {s['agreement']:>10.3f} {s['push']:>11.3e} {s['apart']:>6.0%}")
+    print(f"{args.history}: {about} for ({a}, {b}); the {len(found.examples)} below ({found.id_share:.1%} of the "
+          f"ranked ids) carry {share} of the negative push between {a} and {b} (each id's pushes summed over its "
+          "steps, as in the advice)")
+    print(f"{'id':>12} {'steps':>6} {'agreement':>10} {'push':>11} {'apart':>6} {'share':>6}")
+    for e in found.examples:
+        print(f"{e.id:>12} {e.steps:>6} {e.agreement:>10.3f} {e.push:>11.3e} {e.apart:>6.0%} {e.share:>6.1%}")
     return 0
 
 

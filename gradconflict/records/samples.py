@@ -48,8 +48,7 @@ rest, and the choices are these:
   push, apart, agreement, and the sum of the negative pushes) and the rows of the ids that were never evicted
   (:meth:`~SampleTally.exact`). :meth:`~SampleTally.pair` and :meth:`~SampleTally.top` read the kept rows: over
   capacity (:attr:`~SampleTally.approximate`) an evicted id is missing from them and a returned id's row holds
-  estimates; :meth:`~SampleTally.negative_share`, the share of the negative pushes that some ids carry, is
-  exact for exact rows, against an exact total.
+  estimates.
 
 Memory per pair: 65 bytes per row (five float64 sums, the id, the sorted index, the exactness flag), for at
 most ``max_ids`` rows plus the ids new in one step, and once over capacity a fixed 6 MB (the sketch, 3.9 MB, and
@@ -66,14 +65,14 @@ one, whose row is then marked approximate) is about 0.4% at a million evicted id
 [9]
 >>> tally.pair("a", "b")[9]
 {'count': 1, 'push': -1.5, 'apart': 1.0, 'agreement': -0.75}
->>> tally.negative_share("a", "b", [9]), tally.approximate
-(1.0, False)
+>>> tally.totals("a", "b")["negative"], tally.approximate
+(-1.5, False)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -398,22 +397,6 @@ class SampleTally:
         count, push, apart, agreement, negative = rows.totals.tolist()
         return {"count": round(count), "push": push, "apart": round(apart), "agreement": agreement,
                 "negative": negative, "ids": rows.distinct()}
-
-    def negative_share(self, a: str, b: str, ids: Iterable[int]) -> float:
-        """The share of the pair's negative pushes (``totals(a, b)["negative"]``) that ``ids`` carry over their
-        steps; ``nan`` if nothing ever pushed the pair apart. Exact for the ids of :meth:`exact`; an id not kept
-        counts for nothing.
-
-        >>> tally = SampleTally()
-        >>> tally.add_pair(("a", "b"), [1, 2, 3], torch.tensor([-3.0, -1.0, 2.0]), torch.tensor([0.0, 0.0, 0.0]))
-        >>> tally.negative_share("a", "b", [1])
-        0.75
-        """
-        rows = self._pair(a, b)
-        found = rows.rows(torch.unique(torch.as_tensor(list(ids), dtype=torch.long)))
-        total = float(rows.totals[_COLUMNS.index("negative")])
-        carried = float(rows.table[found[found >= 0], _COLUMNS.index("negative")].sum())
-        return carried / total if total < 0 else math.nan
 
     def state_dict(self) -> dict[str, Any]:
         """Per pair, the kept ids, their sums, which are exact, the exact totals and, past ``max_ids``, the sketch

@@ -59,8 +59,6 @@ def test_tally_sums_match_a_plain_recomputation_and_survive_state_dict():
     assert totals["apart"] == sum(r[2] for r in expected.values())
     for k, name in ((1, "push"), (3, "agreement"), (4, "negative")):
         assert totals[name] == pytest.approx(sum(r[k] for r in expected.values()), rel=1e-5, abs=1e-6)
-    negative = sum(r[4] for r in expected.values())
-    assert tally.negative_share("a", "c", lowest) == pytest.approx(sum(expected[i][4] for i in lowest) / negative)
     assert not tally.approximate and tally.exact("a", "c") == set(expected)
     restored = SampleTally()
     restored.load_state_dict(tally.state_dict())
@@ -128,8 +126,9 @@ def test_bounded_tally_recovers_planted_ids_and_keeps_never_evicted_rows_exact()
     for k, name in ((1, "push"), (3, "agreement"), (4, "negative")):
         assert totals[name] == pytest.approx(float(dense[:, k].sum()), rel=1e-9)
     assert totals["ids"] == pytest.approx(int(seen.sum()), rel=0.01)
-    share = float(dense[planted, 4].sum() / dense[:, 4].sum())
-    assert tally.negative_share("a", "b", planted.tolist()) == pytest.approx(share, rel=0.02)
+    kept = tally.pair("a", "b")  # the planted ids' summed negative pushes, from their returned rows
+    assert sum(min(kept[i]["push"] * kept[i]["count"], 0.0) for i in planted.tolist()) == pytest.approx(
+        float(dense[planted, 1].clamp(max=0).sum()), rel=0.02)
 
 
 def tensor_bytes(root: object) -> int:
@@ -292,6 +291,7 @@ def test_history_sink_state_dict_and_cli_keep_the_tally(tmp_path, capsys):
     X, y = torch.randn(30, 4), torch.randn(30, 1)
     direct = SampleTally()
     negative: dict[int, float] = {}  # per id, the sum of its negative pushes
+    summed: dict[int, float] = {}  # per id, the sum of its pushes
     with ConflictMonitor(model, shared=backbone, sinks=[JSONLSink(path)]) as monitor:
         for step in range(6):
             ids = torch.randint(0, 30, (10,))
@@ -303,6 +303,7 @@ def test_history_sink_state_dict_and_cli_keep_the_tally(tmp_path, capsys):
                 direct.add(report.samples)
                 for i, push in zip(ids.tolist(), report.samples.pushes_apart("a", "b").tolist()):
                     negative[i] = negative.get(i, 0.0) + min(push, 0.0)
+                    summed[i] = summed.get(i, 0.0) + push
         history = monitor.history
     expected = direct.pair("a", "b")
     assert history.samples.pair("a", "b") == expected
@@ -319,7 +320,8 @@ def test_history_sink_state_dict_and_cli_keep_the_tally(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     top = [int(r.split()[0]) for r in lines[2:]]
     assert top == direct.top("a", "b", k=3)
-    share = sum(negative[i] for i in top) / sum(negative.values())
+    # the share of the negative push: each id's pushes summed over its steps, the advice's statistic
+    share = sum(min(summed[i], 0.0) for i in top) / sum(min(v, 0.0) for v in summed.values())
     assert f"{len(expected)} ids attributed" in lines[0] and f"carry {share:.0%} of the negative" in lines[0]
     bounded = SampleTally.from_jsonl(path, max_ids=4)  # past capacity: a few rows kept, the totals exact
     assert bounded.approximate and len(bounded.pair("a", "b")) <= 4
