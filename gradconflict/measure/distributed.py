@@ -116,15 +116,16 @@ class Sync:
         numbers (the measuring strategy, from each candidate's slowest rank)."""
         return self.all_reduce(values.clone(), dist.ReduceOp.MAX)
 
-    def example_counts(self, examples: int, device: torch.device) -> list[int]:
-        """Every rank's number of ``sample_ids`` for this step (``examples`` is this rank's; 0: none), from one
-        all-reduce of R integers, so that every rank knows, before measuring, whether the step is attributed."""
-        counts = torch.zeros(self.world, dtype=torch.int64, device=device)
-        counts[self.rank] = examples
-        return [int(n) for n in self.all_reduce(counts).tolist()]
+    def rows(self, values: list[int], device: torch.device) -> list[list[int]]:
+        """Every rank's ``values`` (small integers, the same number on every rank), in rank order, from one
+        all-reduce of ``R x len(values)`` integers: what each rank must know of the others before measuring (their
+        numbers of ``sample_ids``, fingerprints of what their graphs hold)."""
+        rows = torch.zeros(self.world, len(values), dtype=torch.int64, device=device)
+        rows[self.rank] = torch.tensor(values, dtype=torch.int64)
+        return [[int(v) for v in row] for row in self.all_reduce(rows).tolist()]
 
     def gather_samples(self, samples: SampleAttribution, counts: list[int]) -> SampleAttribution:
-        """Every rank's examples, in rank order (``counts``: each rank's number, :meth:`example_counts`), from one
+        """Every rank's examples, in rank order (``counts``: each rank's number), from one
         all-gather: each rank sends its ids, contributions and within-example Grams packed as bytes, padded to
         the largest rank's number of examples. The Gram, parameters and omissions are this rank's (every rank's
         are the same)."""

@@ -12,15 +12,17 @@ leave the others waiting in a collective.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar, cast
 
 from torch import Tensor
 
-from gradconflict.measure.checkpoint import BufferGuard
+from gradconflict.measure.checkpoint import BufferGuard, segment_module
 from gradconflict.measure.distributed import Sync
 from gradconflict.measure.engine import Engine, Measurement, MeasurementRefused, Plan, TappedEngine
 from gradconflict.measure.engine.base import measuring
+from gradconflict.measure.graph import walk_graph
 from gradconflict.measure.report import ConflictReport
 from gradconflict.measure.tasks import TaskLosses
 from gradconflict.monitor._assemble import Assembler
@@ -41,6 +43,20 @@ R = TypeVar("R")
 class MeasurementWarning(RuntimeWarning):
     """A step could not be measured because of an error inside gradconflict; it was trained as usual (``.grad``
     as a plain backward gives) and is recorded as skipped."""
+
+
+def _fingerprint(names: list[str]) -> int:
+    """A fingerprint of a sorted list of names (an integer the ranks can compare), 0 for none."""
+    return 0 if not names else zlib.crc32("\n".join(names).encode()) + 1
+
+
+def _reached_layers(losses: Sequence[Tensor], plan: Plan) -> set[str]:
+    """The layers of ``plan``'s shared parameters that the graph below ``losses`` reaches (inside a reentrant
+    checkpoint that runs a module: that module's)."""
+    graph = walk_graph(list(losses))
+    inside = (segment_module(node) for node in graph.checkpoints)
+    leaves = [*graph.leaves, *(p for module in inside if module is not None for p in module.parameters())]
+    return {plan.layer_of[id(t)] for t in leaves if id(t) in plan.shared and id(t) in plan.layer_of}
 
 
 class MeasuringPass:
@@ -113,10 +129,10 @@ class MeasuringPass:
         """Measure one step, then write ``.grad`` (``write``, if any) once, unless the step is skipped as
         non-finite or raised; returns the recorded report. With ``ids`` (one per example), the step's Gram is
         attributed to the examples too (``report.samples``)."""
-        counts = self.example_counts(batch, step, ids)
         plan = self.plan(batch)
-        if isinstance(plan, str):
-            return self.fallback(batch, step, plan, write)
+        counts, disagreement = self.agree(batch, step, ids, plan)
+        if isinstance(plan, str) or disagreement is not None:
+            return self.fallback(batch, step, disagreement or cast(str, plan), write)
         dtype = self.planner.report_dtype
 
         def measure() -> Measurement:
@@ -150,13 +166,23 @@ class MeasuringPass:
             write()
         return self.assembler.record(report)
 
-    def example_counts(self, batch: TaskLosses, step: int, ids: Tensor | None) -> list[int] | None:
-        """Under a global sync, every rank's number of ``sample_ids`` this step (``None`` in one process, with
-        ``"local"``, or when no rank passed any). Every rank raises ``ValueError`` alike when some ranks passed
-        them and others did not, before any collective of the measurement could leave one waiting."""
+    def agree(
+        self, batch: TaskLosses, step: int, ids: Tensor | None, plan: Plan | str
+    ) -> tuple[list[int] | None, str | None]:
+        """Under a global sync, what the ranks must agree on before any collective of the measurement, from one
+        all-reduce of 4 integers per rank: every rank's number of ``sample_ids`` this step (returned; ``None`` in
+        one process, with ``"local"``, or when no rank passed any), and fingerprints of its plan's shared
+        parameters and of the shared layers its graph reaches. Every rank raises ``ValueError`` alike when some
+        ranks passed ``sample_ids`` and others did not. Ranks whose plans or reached layers differ would run
+        different collectives (a failed or hung collective, or Grams summed across different layers): every rank
+        then returns the reason to skip the step, warned once (the step trains as usual)."""
         if self.sync is None or not self.sync.is_global:
-            return None
-        counts = self.sync.example_counts(0 if ids is None else len(ids), batch.loss_vector().device)
+            return None, None
+        layers = set() if isinstance(plan, str) else _reached_layers(batch.losses, plan)
+        names = [] if isinstance(plan, str) else sorted(self.planner.shared.names.get(i, "") for i in plan.shared)
+        mine = [0 if ids is None else len(ids), _fingerprint(names), _fingerprint(sorted(layers)), len(layers)]
+        rows = self.sync.rows(mine, batch.loss_vector().device)
+        counts = [row[0] for row in rows]
         given = [rank for rank, n in enumerate(counts) if n]
         if given and len(given) < len(counts):
             missing = [rank for rank, n in enumerate(counts) if not n]
@@ -165,7 +191,27 @@ class MeasuringPass:
                 f"sync={self.sync.mode!r} the ranks attribute one global step together; pass sample_ids on every "
                 "rank or on none (nothing was measured or written)"
             )
-        return counts if given else None
+        reason = None
+        if len({row[1] for row in rows}) > 1:
+            reason = (
+                "the ranks measure different shared parameters (with shared=None each rank finds them from its own "
+                "steps): pass shared= (the same on every rank)"
+            )
+        elif len({row[2] for row in rows}) > 1:
+            reason = (
+                "this step's graph reaches different shared layers on different ranks (a layer that some ranks' "
+                "batches leave unused, as an expert of a mixture or a branch taken on some ranks only): pass shared= "
+                "without the layers that may go unused"
+            )
+        if reason is not None and reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(
+                f"gradconflict: {reason}; the step was trained as usual and is recorded as skipped on every rank "
+                f"(reached shared layers per rank: {[row[3] for row in rows]})",
+                MeasurementWarning,
+                stacklevel=4,
+            )
+        return (counts if given else None), reason
 
     def fallback(
         self, batch: TaskLosses, step: int, reason: str, write: Callable[[], object] | None

@@ -15,9 +15,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gradconflict import ConflictMonitor
+from gradconflict import ConflictMonitor, MeasurementWarning
 from gradconflict.measure.distributed import sketch_std
 from gradconflict.measure.engine import batched, tapped
 from gradconflict.measure.engine.tapped import TRIALS, TappedEngine
@@ -137,6 +138,62 @@ def _a_failed_collective(rank: int, folder: str) -> None:
         with pytest.raises(dist.DistBackendError):  # raised, not taken for an op without a batched backward
             monitor.backward(losses_of(ddp(x)))
     assert all(p.grad is None for p in model.parameters())
+
+
+class _Expert(nn.Module):
+    """A shared bottom layer and an "expert" layer that a step may leave unused on some ranks (rank 0 uses it on
+    every step, rank 1 from step 1 on): DDP trains it with ``find_unused_parameters=True``."""
+
+    def __init__(self):
+        super().__init__()
+        self.bottom, self.expert = nn.Linear(4, 8), nn.Linear(8, 8)
+        self.heads = nn.ModuleList([nn.Linear(8, 1), nn.Linear(8, 1)])
+
+    def forward(self, x, use_expert):
+        h = torch.tanh(self.bottom(x))
+        h = torch.tanh(self.expert(h)) if use_expert else h
+        return {"a": self.heads[0](h).pow(2).mean(), "b": (self.heads[1](h) - 1).pow(2).mean()}
+
+
+def _an_expert_unused_on_one_rank(rank: int, folder: str, strategy: str, given: bool) -> None:
+    torch.manual_seed(0)
+    model = _Expert()
+    twin, oracle = copy.deepcopy(model), copy.deepcopy(model)
+    ddp, ddp_twin = DDP(model, find_unused_parameters=True), DDP(twin, find_unused_parameters=True)
+    shared = [*model.bottom.parameters(), *model.expert.parameters()] if given else None
+    with ConflictMonitor(ddp, shared=shared, strategy=strategy) as monitor:
+        for step in range(3):
+            parts = batches(torch.zeros(1, 4), [4, 4], seed=step)
+            use = [True, step > 0]  # each rank's choice
+            model.zero_grad()
+            twin.zero_grad()
+            if step == 0:
+                with pytest.warns(MeasurementWarning, match="different shared (layers|parameters)"):
+                    report = monitor.backward(ddp(parts[rank], use[rank]))
+            else:
+                report = monitor.backward(ddp(parts[rank], use[rank]))
+            sum(ddp_twin(parts[rank], use[rank]).values()).backward()
+            for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+                assert torch.equal(a.grad, b.grad), (step, name)
+            if step == 0 or not given:  # with shared=None, rank 1 found its shared parameters without the expert
+                assert report.skipped, step
+                continue
+            assert not report.skipped
+            per_rank = [oracle(p, u) for p, u in zip(parts, use)]
+            params = [*oracle.bottom.parameters(), *oracle.expert.parameters()]
+            J = torch.stack([  # the global losses are the mean of the ranks' (DDP averages the gradients)
+                torch.cat([g.flatten() for g in torch.autograd.grad(
+                    sum(d[t] for d in per_rank) / WORLD, params, retain_graph=True)])
+                for t in report.tasks
+            ])
+            assert rel_err(report.gram, J @ J.T) <= 1e-9
+
+
+@pytest.mark.parametrize("strategy", ["batched", "loop"])
+@pytest.mark.parametrize("given", [True, False])
+def test_ranks_whose_graphs_reach_different_shared_layers_skip_the_step_alike(tmp_path, strategy, given):
+    # each rank would otherwise all-reduce a different list of layers: a failed (gloo) or hung (NCCL) collective
+    spawn(_an_expert_unused_on_one_rank, tmp_path, strategy, given, timeout=60)
 
 
 @pytest.mark.parametrize("sync", ["exact", "sketch"])
