@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar, cast
 
+import torch
 from torch import Tensor
 
 from gradconflict.measure.checkpoint import BufferGuard, segment_module
@@ -169,19 +170,14 @@ class MeasuringPass:
     def agree(
         self, batch: TaskLosses, step: int, ids: Tensor | None, plan: Plan | str
     ) -> tuple[list[int] | None, str | None]:
-        """Under a global sync, what the ranks must agree on before any collective of the measurement, from one
-        all-reduce of 4 integers per rank: every rank's number of ``sample_ids`` this step (returned; ``None`` in
-        one process, with ``"local"``, or when no rank passed any), and fingerprints of its plan's shared
-        parameters and of the shared layers its graph reaches. Every rank raises ``ValueError`` alike when some
-        ranks passed ``sample_ids`` and others did not. Ranks whose plans or reached layers differ would run
-        different collectives (a failed or hung collective, or Grams summed across different layers): every rank
-        then returns the reason to skip the step, warned once (the step trains as usual)."""
+        """Under a global sync, what the ranks must agree on before any collective of the step's measurement
+        (:meth:`compare`, with each rank's number of ``sample_ids``): the numbers (``None`` in one process, with
+        ``"local"``, or when no rank passed any) and the reason to skip the step, if any. Every rank raises
+        ``ValueError`` alike when some ranks passed ``sample_ids`` and others did not."""
         if self.sync is None or not self.sync.is_global:
             return None, None
         layers = set() if isinstance(plan, str) else _reached_layers(batch.losses, plan)
-        names = [] if isinstance(plan, str) else sorted(self.planner.shared.names.get(i, "") for i in plan.shared)
-        mine = [0 if ids is None else len(ids), _fingerprint(names), _fingerprint(sorted(layers)), len(layers)]
-        rows = self.sync.rows(mine, batch.loss_vector().device)
+        rows, reason = self.compare(0 if ids is None else len(ids), plan, layers, batch.loss_vector().device)
         counts = [row[0] for row in rows]
         given = [rank for rank, n in enumerate(counts) if n]
         if given and len(given) < len(counts):
@@ -191,6 +187,18 @@ class MeasuringPass:
                 f"sync={self.sync.mode!r} the ranks attribute one global step together; pass sample_ids on every "
                 "rank or on none (nothing was measured or written)"
             )
+        return (counts if given else None), reason
+
+    def compare(
+        self, value: int, plan: Plan | str, layers: set[str], device: torch.device
+    ) -> tuple[list[list[int]], str | None]:
+        """Every rank's ``value`` and fingerprints of its ``plan``'s shared parameters and of the shared ``layers``
+        its measurement will reduce, from one all-reduce of 4 integers per rank (under a global sync). Ranks whose
+        plans or layers differ would run different collectives (a failed or hung collective, or Grams summed across
+        different layers): every rank then gets the reason to skip, warned once (the step trains as usual)."""
+        assert self.sync is not None
+        names = [] if isinstance(plan, str) else sorted(self.planner.shared.names.get(i, "") for i in plan.shared)
+        rows = self.sync.rows([value, _fingerprint(names), _fingerprint(sorted(layers)), len(layers)], device)
         reason = None
         if len({row[1] for row in rows}) > 1:
             reason = (
@@ -209,9 +217,9 @@ class MeasuringPass:
                 f"gradconflict: {reason}; the step was trained as usual and is recorded as skipped on every rank "
                 f"(reached shared layers per rank: {[row[3] for row in rows]})",
                 MeasurementWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
-        return (counts if given else None), reason
+        return rows, reason
 
     def fallback(
         self, batch: TaskLosses, step: int, reason: str, write: Callable[[], object] | None

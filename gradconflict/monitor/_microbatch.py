@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -66,14 +67,26 @@ class MicroBatches:
         names = tuple(group.losses)
         losses = torch.stack([group.losses[n] for n in names])
         weights = torch.stack([group.weights[n] for n in names])
-        if group.skip or group.plan is None:
-            reason = group.skip or "nothing measured"
-            return assembler.record(assembler.skipped(names, step, reason, losses, weights))
-        total = Accumulator(len(names), group.plan, losses.device, self.measuring.reduction(step))
         leaves: dict[int, Tensor] = {}
         for sums in group.grads.values():
             leaves.update((k, leaf) for k, (leaf, _) in sums.items())
-        for k, leaf in leaves.items():
+        plan = group.plan
+        reason = group.skip or (None if plan is not None else "nothing measured")
+        sync = self.measuring.sync
+        if sync is not None and sync.is_global:  # the ranks reduce the same layers, or none does
+            layers = set() if plan is None or reason else {plan.layer_of.get(k, "") for k in leaves}
+            reason = self.measuring.compare(0, reason or cast(Plan, plan), layers, losses.device)[1] or reason
+        if reason or plan is None:
+            return assembler.record(assembler.skipped(names, step, reason or "nothing measured", losses, weights))
+        total = Accumulator(len(names), plan, losses.device, self.measuring.reduction(step))
+        names_of = self.measuring.planner.shared.names
+
+        def position(k: int) -> tuple[int, str, str]:  # the model's order, not the one each rank's backward met
+            layer = plan.layer_of.get(k, "")
+            return plan.layer_rank.get(layer, -1), layer, names_of.get(k, "")
+
+        for k in sorted(leaves, key=position):
+            leaf = leaves[k]
             rows = [group.grads.get(n, {}).get(k) for n in names]
             zero = next(r[1] for r in rows if r is not None).new_zeros(leaf.shape)
             total.add_per_task(leaf, torch.stack([zero if r is None else r[1] for r in rows]))

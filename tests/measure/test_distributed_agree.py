@@ -9,6 +9,7 @@ started over, not added twice; a failed collective is raised, never taken for an
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from types import SimpleNamespace
 
@@ -187,6 +188,50 @@ def _an_expert_unused_on_one_rank(rank: int, folder: str, strategy: str, given: 
                 for t in report.tasks
             ])
             assert rel_err(report.gram, J @ J.T) <= 1e-9
+
+
+def _an_expert_unused_in_one_ranks_micro_batches(rank: int, folder: str) -> None:
+    # accumulation_steps=2: in the first group rank 1's micro-batches never reach the expert; in the second they do
+    torch.manual_seed(0)
+    model = _Expert()
+    twin, oracle = copy.deepcopy(model), copy.deepcopy(model)
+    ddp, ddp_twin = DDP(model, find_unused_parameters=True), DDP(twin, find_unused_parameters=True)
+    params = [*oracle.bottom.parameters(), *oracle.expert.parameters()]
+    with ConflictMonitor(ddp, shared=[*model.bottom.parameters(), *model.expert.parameters()],
+                         accumulation_steps=2) as monitor:
+        for group in range(2):
+            micro = batches(torch.zeros(1, 4), [3, 3, 3, 3], seed=group)  # 2 micro-batches per rank
+            use = [True, group > 0]
+            model.zero_grad()
+            twin.zero_grad()
+            for net, plain in ((ddp, False), (ddp_twin, True)):
+                for m in range(2):
+                    with net.no_sync() if m == 0 else contextlib.nullcontext():
+                        losses = net(micro[2 * rank + m], use[rank])
+                        if plain:
+                            sum(losses.values()).backward()
+                        elif m == 0:
+                            assert monitor.backward(losses) is None
+                        elif group == 0:
+                            with pytest.warns(MeasurementWarning, match="different shared layers"):
+                                report = monitor.backward(losses)
+                        else:
+                            report = monitor.backward(losses)
+            for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+                assert torch.equal(a.grad, b.grad), (group, name)
+            assert report.skipped == (group == 0)
+            if group == 1:
+                per_rank = [oracle(m, use[r]) for r in range(WORLD) for m in micro[2 * r : 2 * r + 2]]
+                J = torch.stack([
+                    torch.cat([g.flatten() for g in torch.autograd.grad(
+                        sum(d[t] for d in per_rank) / WORLD, params, retain_graph=True)])
+                    for t in report.tasks
+                ])
+                assert rel_err(report.gram, J @ J.T) <= 1e-9
+
+
+def test_ranks_whose_micro_batches_reach_different_shared_layers_skip_the_group_alike(tmp_path):
+    spawn(_an_expert_unused_in_one_ranks_micro_batches, tmp_path, timeout=60)
 
 
 @pytest.mark.parametrize("strategy", ["batched", "loop"])
