@@ -53,7 +53,7 @@ from gradconflict.diagnosis.conflicts import conflict_tests
 from gradconflict.diagnosis.evaluations import Pairs
 from gradconflict.diagnosis.examples import ConflictingExamples, pairs_with_examples
 from gradconflict.diagnosis.groups import Grouping, group_tasks, magnitude_free
-from gradconflict.diagnosis.next_step import MAX_CANDIDATES, RECOVERED_SHARE, next_step_code
+from gradconflict.diagnosis.next_step import MAX_CANDIDATES, next_step_code
 from gradconflict.diagnosis.profile import Profile, layer_profile, share_from
 from gradconflict.diagnosis.recon import recon_layers
 from gradconflict.diagnosis.signals import (
@@ -70,6 +70,7 @@ from gradconflict.diagnosis.signals import (
     single_point_of_risk,
     zero_sum,
 )
+from gradconflict.diagnosis.signals.ceiling import RECOVERED_SHARE
 from gradconflict.diagnosis.thresholds import Thresholds
 from gradconflict.diagnosis.trends import summarize
 from gradconflict.records.comparison import ComparisonResult
@@ -286,18 +287,17 @@ def advise(
     alarms = [name for name in ALARMS if by_name[name].status == "split"]
     verdict: Verdict
     decided_by: DecidedBy
-    if measured_ceiling.status == "ok":  # a paired test over two seeds or more that vary found no gain
+    # A comparison over seeds that vary measures what the gradients only point at: the verdict follows it. A
+    # comparison that cannot tell keeps the backbone shared, provisionally: a split must show that it pays.
+    compared = measured_ceiling.details.get("seeds_vary") is True and measured_ceiling.details.get("seeds", 0) > 1
+    if measured_ceiling.status == "ok" or (measured_ceiling.status == "watch" and compared):
         verdict, branch, decided_by = "keep_shared", None, "ceiling"
         reason = measured_ceiling.evidence
         weighting = measured_ceiling.details.get("weighting")
+        if measured_ceiling.status == "watch":
+            reason += "; until it can, keep the backbone shared (a split must show that it pays for its copies)"
         if alarms:
             reason += f" (although {', '.join(alarms)} say(s) split)"
-    elif diverging.status == "split" and branch is not None and diverging.finding is not None:
-        verdict, decided_by = "physical_split", "diverging"
-        reason = (
-            f"{diverging.finding.sentence()}: the layers conflict persistently from {branch} up; give each task "
-            "group its own copy of the backbone from there"
-        )
     elif measured_ceiling.status == "split":
         winners = measured_ceiling.details["winners"]
         decided_by = "ceiling"
@@ -308,6 +308,12 @@ def advise(
         else:
             verdict, branch = "lora_split", None
         reason = measured_ceiling.evidence
+    elif diverging.status == "split" and branch is not None and diverging.finding is not None:
+        verdict, decided_by = "physical_split", "diverging"
+        reason = (
+            f"{diverging.finding.sentence()}: the layers conflict persistently from {branch} up; give each task "
+            "group its own copy of the backbone from there"
+        )
     elif alarms:
         verdict, branch = "lora_split", None
         decided_by = "diverging" if "diverging_objectives" in alarms else "heuristics"

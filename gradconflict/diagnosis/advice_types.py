@@ -291,7 +291,7 @@ def _uncertainty(
     persistent conflict behind a split); heuristic signals alone, an unsettled test, a comparison that could not
     tell (``ceiling`` watching: more seeds settle it), or gradients that show no conflict (capacity is then
     unjudged) leave the verdict provisional, with what would settle it."""
-    if verdict_from == "ceiling":
+    if verdict_from == "ceiling" and ceiling is not None and ceiling.status != "watch":
         return Uncertainty(True, "measured: the comparison experiment's paired test over seeds that vary decided it")
     d = diverging.finding
     if verdict_from == "diverging" and d is not None:
@@ -303,10 +303,15 @@ def _uncertainty(
         )
     if ceiling is not None and ceiling.status == "watch":
         seeds, needed = ceiling.details.get("seeds"), ceiling.details.get("seeds_needed")
+        versus = ceiling.details.get("split_over_weighting") if ceiling.details.get("weighting") else None
+        what, gain = (
+            (f"{versus['variant']} beats the shared model trained with {ceiling.details['weighting']}", versus["mean"])
+            if versus is not None else ("a split beats the shared model", ceiling.value)
+        )
         return Uncertainty(
             False,
-            f"the comparison experiment over {seeds} seed(s) could not tell whether a split beats the shared model "
-            + (f"(a gain of {ceiling.value:+.1f}% on average, within the seed-to-seed spread): rerun it on about "
+            f"the comparison experiment over {seeds} seed(s) could not tell whether {what} "
+            + (f"(a gain of {gain:+.1f}% on average, within the seed-to-seed spread): rerun it on about "
                f"{needed} seeds in all" if needed else "(see the ceiling signal): rerun it on more seeds that vary"),
             awaits=("seeds",),
         )

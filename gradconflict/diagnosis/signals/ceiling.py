@@ -15,6 +15,10 @@ from gradconflict.diagnosis.signals.base import (
 )
 from gradconflict.records.comparison import ComparisonResult, judge_gain, split_gains
 
+#: The share of the best option's gain a cheaper one must recover to be preferred: a higher branch point over a
+#: lower one (the economical branch point), a re-weighted shared model over a split.
+RECOVERED_SHARE = 0.8
+
 
 def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) -> Signal:
     """Warning 6: did splitting lift a ceiling? Read from the comparison experiment
@@ -99,15 +103,21 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
         head += f"; re-weighted shared models: {described(reweighted)}"
     decisive = next((g for g in gains.values() if g.variant in winners), best)
     status: Status
+    undecided_cure = False
     if winners and cure is not None:
-        # A split counts only if it beats the cheaper cure too: the same paired rule on the per-seed differences.
+        # A split counts only if the cheaper cure does not recover most of its gain and it beats the cure too (the
+        # same paired rule on the per-seed differences); a difference the test cannot tell leaves it open.
         split = gains[max(winners, key=lambda n: gains[n].mean)]
         versus = judge_gain([a - b for a, b in zip(split.per_seed, cure.per_seed)], seeds_vary=varied)
+        recovered = cure.mean / split.mean
         details["split_over_weighting"] = {"variant": split.variant, "mean": versus.mean, "beyond": versus.beyond,
-                                           "p_value": _finite_or_none(versus.p_value)}
-        if versus.beyond is not True:
+                                           "p_value": _finite_or_none(versus.p_value), "recovered": recovered}
+        if recovered >= RECOVERED_SHARE or versus.beyond is not True:
             winners = []
             details["winners"], details["weighting"] = [], cure.variant.removeprefix("shared+")
+            undecided_cure = recovered < RECOVERED_SHARE and versus.beyond is None
+            if undecided_cure:
+                details["seeds_needed"] = versus.seeds_needed
     if winners:
         status = "split"
         evidence = (
@@ -122,12 +132,26 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
             if not varied
             else "; with one seed the paired test cannot judge: run compare() over a few more seeds"
         )
+    elif undecided_cure:
+        status = "watch"
+        versus_gain = details["split_over_weighting"]
+        evidence = (
+            f"{head}; {cure.variant} beats shared by more than {floor:g}% but recovers only "
+            f"{versus_gain['recovered']:.0%} of {versus_gain['variant']}'s gain, and the paired test over "
+            f"{len(results)} seeds cannot tell whether {versus_gain['variant']} beats it (by "
+            f"{versus_gain['mean']:+.1f}% on average): run more seeds"
+            + (f", about {details['seeds_needed']} in all at this spread" if details["seeds_needed"] else "")
+        )
     elif cure is not None:
         status = "ok"
         details["weighting"] = cure.variant.removeprefix("shared+")
+        recovered = details.get("split_over_weighting", {}).get("recovered")
         evidence = (
-            f"{head}; {cure.variant} beats shared by more than {floor:g}% and no split beats it (one-sided paired "
-            f"t-tests across seeds): keep the backbone shared and train it with {details['weighting']}"
+            f"{head}; {cure.variant} beats shared by more than {floor:g}% and no split beats it by more than it "
+            + (f"recovers ({recovered:.0%} of the best split's gain, at least {RECOVERED_SHARE:.0%}) "
+               if recovered is not None and recovered >= RECOVERED_SHARE else "")
+            + f"(one-sided paired t-tests across seeds): keep the backbone shared and train it with "
+            f"{details['weighting']}"
         )
     elif any(g.beyond is None for g in gains.values()):
         status = "watch"
@@ -152,7 +176,3 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
         p_value=_finite_or_none(decisive.p_value),
     )
 
-
-#: The weightings the advice offers first against dominating magnitudes: IMTL-G (Liu et al., 2021) and
-#: Aligned-MTL (Senushkin et al., 2023) both equalise the tasks' contributions to the update, whatever their scale
-#: (names of :data:`gradconflict.weighting.METHODS`; both need ``pip install 'gradconflict[weighting]'``).
