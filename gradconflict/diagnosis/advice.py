@@ -11,9 +11,15 @@ lookahead, the results of the comparison experiment) and returns an :class:`Advi
   heavy heads, zero-sum evaluations or negative transference rather than diverging gradients): freeze the
   shared backbone and train one LoRA adapter per group.
 - ``keep_shared``: no signal says ``split``; or the comparison experiment shows that no split lifts a ceiling
-  (no gain above the 1% floor in a paired test across seeds that vary: capacity was not the limit), whatever
-  the gradients say; or the conflict could not
-  be measured (no step carried two tasks together, as in round-robin training; the reason says what to measure).
+  (no gain above the 1% floor in a paired test across seeds that vary: capacity was not the limit), or that a
+  re-weighted shared model recovers most of the best split's gain, whatever the gradients say; or the conflict
+  could not be measured (no step carried two tasks together, as in round-robin training; the reason says what to
+  measure).
+
+After a comparison over two seeds or more that vary, the verdict follows it, not the gradients: the split it
+confirms (``physical_split`` when a branched or independent variant wins, else ``lora_split``), or
+``keep_shared``; a comparison that cannot tell yet keeps the backbone shared, provisionally, and says how many seeds
+would settle it (a split must show that it pays for its copies, however persistent the conflict).
 
 Verdict, branch point, groups and next step agree: the groups come from the affinity through the layers from
 the branch point up (what the branches would share), and the next step runs exactly the split advised. The
@@ -234,8 +240,8 @@ def advise(
             lookahead transference on the shared parameters for signal 4 and the grouping (needs ``model``).
         optimizer: the run's optimizer, for the lookahead's step (TAG steps with the run's optimizer).
         comparison: the comparison experiment's results (:func:`~gradconflict.split.compare`, one per seed): the
-            ``ceiling`` signal, which overrides the gradients when the paired test across seeds that vary finds no
-            split beating shared.
+            ``ceiling`` signal; over seeds that vary, the verdict follows it whatever the gradients say (a split
+            when the paired test confirms one, ``keep_shared`` otherwise, provisional while it cannot tell).
         recon_k: how many layers Recon's selection names (default: the layers in persistent conflict).
         recon_window: first and last training step whose measurements Recon scores (default: all).
         max_groups: most task groups considered (default: the number of tasks).

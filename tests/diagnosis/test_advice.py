@@ -471,6 +471,9 @@ def test_two_identical_steps_are_not_decided(make_report, make_pair):
     advice = advise(run, layer_order=["body.0", "body.1"])
     assert not advice.uncertainty.decided and "steps" in advice.uncertainty.awaits
     assert advice.uncertainty.steps_needed + 2 >= minimum_effective_steps()
+    # No signal says split yet: capacity, which no number of steps can show, is left to the comparison.
+    assert advice.verdict == "keep_shared" and "comparison" in advice.uncertainty.awaits
+    assert "capacity" in advice.uncertainty.statement and "independent" in advice.uncertainty.statement
 
 
 def test_heuristics_alone_are_provisional(make_report, make_pair):

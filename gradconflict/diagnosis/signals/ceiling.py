@@ -36,8 +36,22 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
     floor the test cannot judge (``beyond`` None); the evidence says what to run. ``n/a`` without a comparison.
 
     Re-weighted shared models (``shared+<method>``, ``compare(weightings=...)``) are the cheaper cure: when one
-    beats shared, a split counts only if it also beats that one (the same paired rule on the per-seed differences);
-    otherwise the status is ``ok`` and ``details["weighting"]`` names the method to train the shared model with.
+    beats shared, a split counts only if the cure recovers less than :data:`RECOVERED_SHARE` (80%) of its mean gain
+    (the rule of the economical branch point: the cheaper option that recovers most of the gain) and the split beats
+    the cure too (the same paired rule on the per-seed differences, ``details["split_over_weighting"]``).
+    Otherwise ``details["weighting"]`` names the method to train the shared model with, and the status is ``ok``;
+    ``watch`` (with ``seeds_needed``) when the cure recovers less than that share and the test cannot tell yet
+    whether the split beats it.
+
+    >>> from gradconflict.records.comparison import ComparisonResult, VariantRecord
+    >>> def rec(name, loss):
+    ...     return VariantRecord(name, {"a": [1.0]}, [(1, {"a": loss})], {"a": "min"})
+    >>> runs = [ComparisonResult({"shared": rec("shared", s), "independent": rec("independent", s * 0.5),
+    ...                           "shared+imtl-g": rec("shared+imtl-g", s * 0.55)}, ["a"], 1, 0, seed=k)
+    ...         for k, s in enumerate([1.0, 1.2, 1.1])]   # independent +50%, the re-weighting +45% (90% of it)
+    >>> signal = ceiling(runs)
+    >>> signal.status, signal.details["weighting"]
+    ('ok', 'imtl-g')
 
     Results branched at several blocks (one ``compare(branch_at=...)`` per block and seed) are grouped by block:
     ``details["by_block"]`` gives each block's branched gain (mean, per seed, paired test), and the status is read
