@@ -161,11 +161,10 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
         details["weighting"] = cure.variant.removeprefix("shared+")
         recovered = details.get("split_over_weighting", {}).get("recovered")
         evidence = (
-            f"{head}; {cure.variant} beats shared by more than {floor:g}% and no split beats it by more than it "
-            + (f"recovers ({recovered:.0%} of the best split's gain, at least {RECOVERED_SHARE:.0%}) "
-               if recovered is not None and recovered >= RECOVERED_SHARE else "")
-            + f"(one-sided paired t-tests across seeds): keep the backbone shared and train it with "
-            f"{details['weighting']}"
+            f"{head}; {cure.variant} beats shared by more than {floor:g}% (one-sided paired t-test across seeds) and "
+            + (f"recovers {recovered:.0%} of the best split's gain (at least {RECOVERED_SHARE:.0%}), without a copy"
+               if recovered is not None and recovered >= RECOVERED_SHARE else "no split beats it (the same test)")
+            + f": keep the backbone shared and train it with {details['weighting']}"
         )
     elif any(g.beyond is None for g in gains.values()):
         status = "watch"
