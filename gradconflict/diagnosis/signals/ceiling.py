@@ -55,7 +55,8 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
 
     Results branched at several blocks (one ``compare(branch_at=...)`` per block and seed) are grouped by block:
     ``details["by_block"]`` gives each block's branched gain (mean, per seed, paired test), and the status is read
-    on the seeds of the block that gains most (``details["branch_at"]``).
+    on the seeds of the block that gains most among those whose gain the test confirms, else of the block that gains
+    most (``details["branch_at"]``).
     """
     name = "ceiling"
     if comparison is None:
@@ -75,7 +76,10 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
             if gain is not None:
                 by_block[point] = {"mean": gain.mean, "per_seed": gain.per_seed, "beyond": gain.beyond,
                                    "p_value": _finite_or_none(gain.p_value)}
-        top = max(by_block, key=lambda b: by_block[b]["mean"]) if by_block else points[0]
+        # A block whose gain the test confirms shows that a split wins, whatever a block with a larger but
+        # unconfirmed mean gain says.
+        confirmed = [b for b in by_block if by_block[b]["beyond"] is True] or list(by_block)
+        top = max(confirmed, key=lambda b: by_block[b]["mean"]) if by_block else points[0]
         results = [r for r in results if str(r.branch_at) == top]
     every = split_gains(results)
     gains = {n: g for n, g in every.items() if not n.startswith("shared+")}
