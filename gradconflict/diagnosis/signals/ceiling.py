@@ -150,7 +150,7 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
             if not varied
             else "; with one seed the paired test cannot judge: run compare() over a few more seeds"
         )
-    elif undecided_cure:
+    elif undecided_cure and cure is not None:
         status = "watch"
         versus_gain = details["split_over_weighting"]
         evidence = (
