@@ -11,9 +11,15 @@ lookahead, the results of the comparison experiment) and returns an :class:`Advi
   heavy heads, zero-sum evaluations or negative transference rather than diverging gradients): freeze the
   shared backbone and train one LoRA adapter per group.
 - ``keep_shared``: no signal says ``split``; or the comparison experiment shows that no split lifts a ceiling
-  (no gain above the 1% floor in a paired test across seeds that vary: capacity was not the limit), whatever
-  the gradients say; or the conflict could not
-  be measured (no step carried two tasks together, as in round-robin training; the reason says what to measure).
+  (no gain above the 1% floor in a paired test across seeds that vary: capacity was not the limit), or that a
+  re-weighted shared model recovers most of the best split's gain, whatever the gradients say; or the conflict
+  could not be measured (no step carried two tasks together, as in round-robin training; the reason says what to
+  measure).
+
+After a comparison over two seeds or more that vary, the verdict follows it, not the gradients: the split it
+confirms (``physical_split`` when a branched or independent variant wins, else ``lora_split``), or
+``keep_shared``; a comparison that cannot tell yet keeps the backbone shared, provisionally, and says how many seeds
+would settle it (a split must show that it pays for its copies, however persistent the conflict).
 
 Verdict, branch point, groups and next step agree: the groups come from the affinity through the layers from
 the branch point up (what the branches would share), and the next step runs exactly the split advised. The
@@ -53,7 +59,7 @@ from gradconflict.diagnosis.conflicts import conflict_tests
 from gradconflict.diagnosis.evaluations import Pairs
 from gradconflict.diagnosis.examples import ConflictingExamples, pairs_with_examples
 from gradconflict.diagnosis.groups import Grouping, group_tasks, magnitude_free
-from gradconflict.diagnosis.next_step import MAX_CANDIDATES, RECOVERED_SHARE, next_step_code
+from gradconflict.diagnosis.next_step import MAX_CANDIDATES, next_step_code
 from gradconflict.diagnosis.profile import Profile, layer_profile, share_from
 from gradconflict.diagnosis.recon import recon_layers
 from gradconflict.diagnosis.signals import (
@@ -70,6 +76,7 @@ from gradconflict.diagnosis.signals import (
     single_point_of_risk,
     zero_sum,
 )
+from gradconflict.diagnosis.signals.ceiling import RECOVERED_SHARE
 from gradconflict.diagnosis.thresholds import Thresholds
 from gradconflict.diagnosis.trends import summarize
 from gradconflict.records.comparison import ComparisonResult
@@ -233,8 +240,8 @@ def advise(
             lookahead transference on the shared parameters for signal 4 and the grouping (needs ``model``).
         optimizer: the run's optimizer, for the lookahead's step (TAG steps with the run's optimizer).
         comparison: the comparison experiment's results (:func:`~gradconflict.split.compare`, one per seed): the
-            ``ceiling`` signal, which overrides the gradients when the paired test across seeds that vary finds no
-            split beating shared.
+            ``ceiling`` signal; over seeds that vary, the verdict follows it whatever the gradients say (a split
+            when the paired test confirms one, ``keep_shared`` otherwise, provisional while it cannot tell).
         recon_k: how many layers Recon's selection names (default: the layers in persistent conflict).
         recon_window: first and last training step whose measurements Recon scores (default: all).
         max_groups: most task groups considered (default: the number of tasks).
@@ -286,18 +293,17 @@ def advise(
     alarms = [name for name in ALARMS if by_name[name].status == "split"]
     verdict: Verdict
     decided_by: DecidedBy
-    if measured_ceiling.status == "ok":  # a paired test over two seeds or more that vary found no gain
+    # A comparison over seeds that vary measures what the gradients only point at: the verdict follows it. A
+    # comparison that cannot tell keeps the backbone shared, provisionally: a split must show that it pays.
+    compared = measured_ceiling.details.get("seeds_vary") is True and measured_ceiling.details.get("seeds", 0) > 1
+    if measured_ceiling.status == "ok" or (measured_ceiling.status == "watch" and compared):
         verdict, branch, decided_by = "keep_shared", None, "ceiling"
         reason = measured_ceiling.evidence
         weighting = measured_ceiling.details.get("weighting")
+        if measured_ceiling.status == "watch":
+            reason += "; until it can, keep the backbone shared (a split must show that it pays for its copies)"
         if alarms:
             reason += f" (although {', '.join(alarms)} say(s) split)"
-    elif diverging.status == "split" and branch is not None and diverging.finding is not None:
-        verdict, decided_by = "physical_split", "diverging"
-        reason = (
-            f"{diverging.finding.sentence()}: the layers conflict persistently from {branch} up; give each task "
-            "group its own copy of the backbone from there"
-        )
     elif measured_ceiling.status == "split":
         winners = measured_ceiling.details["winners"]
         decided_by = "ceiling"
@@ -308,6 +314,12 @@ def advise(
         else:
             verdict, branch = "lora_split", None
         reason = measured_ceiling.evidence
+    elif diverging.status == "split" and branch is not None and diverging.finding is not None:
+        verdict, decided_by = "physical_split", "diverging"
+        reason = (
+            f"{diverging.finding.sentence()}: the layers conflict persistently from {branch} up; give each task "
+            "group its own copy of the backbone from there"
+        )
     elif alarms:
         verdict, branch = "lora_split", None
         decided_by = "diverging" if "diverging_objectives" in alarms else "heuristics"

@@ -77,14 +77,15 @@ class Advice:
         recon: Recon's top-K layers next to the branch point (``None`` without layers).
         grouping: the task grouping search (best partition per number of groups, with scores).
         trends: a summary (mean, EMA, windows, trend) of each aggregated quantity.
-        decided_by: what decided the verdict: ``"ceiling"`` (the comparison experiment), ``"diverging"`` (a
-            persistent conflict, signal 1), ``"heuristics"`` (other signals that say split) or ``"none"`` (no
-            signal says split).
+        decided_by: what decided the verdict: ``"ceiling"`` (the comparison experiment over seeds that vary; the
+            verdict stays provisional while it cannot tell), ``"diverging"`` (a persistent conflict, signal 1),
+            ``"heuristics"`` (other signals that say split) or ``"none"`` (no signal says split).
         conflict_onset: the layer where the persistent conflict starts (the profile's branch point; ``None``
             without one). Without a comparison branched at several blocks, ``branch_point`` is this layer.
         weighting: the update rule to train the shared model with (a :data:`gradconflict.weighting.METHODS`
-            name), when the comparison showed a re-weighted shared model beating shared and no split beating it;
-            else ``None``.
+            name), when the comparison showed a re-weighted shared model beating shared and no split beating it,
+            or recovering at least :data:`~gradconflict.diagnosis.signals.ceiling.RECOVERED_SHARE` (80%) of the best
+            split's gain (provisional while the test cannot tell whether a split beats it); else ``None``.
         examples: the examples that carry the conflict, per pair (:class:`~gradconflict.diagnosis.examples.
             ConflictingExamples`: the ids, the share of the negative inner product they carry, the what-if of
             removing or halving them), when a split would not cure the conflict: for the oscillating pairs, or for
@@ -291,7 +292,7 @@ def _uncertainty(
     persistent conflict behind a split); heuristic signals alone, an unsettled test, a comparison that could not
     tell (``ceiling`` watching: more seeds settle it), or gradients that show no conflict (capacity is then
     unjudged) leave the verdict provisional, with what would settle it."""
-    if verdict_from == "ceiling":
+    if verdict_from == "ceiling" and ceiling is not None and ceiling.status != "watch":
         return Uncertainty(True, "measured: the comparison experiment's paired test over seeds that vary decided it")
     d = diverging.finding
     if verdict_from == "diverging" and d is not None:
@@ -303,10 +304,15 @@ def _uncertainty(
         )
     if ceiling is not None and ceiling.status == "watch":
         seeds, needed = ceiling.details.get("seeds"), ceiling.details.get("seeds_needed")
+        versus = ceiling.details.get("split_over_weighting") if ceiling.details.get("weighting") else None
+        what, gain = (
+            (f"{versus['variant']} beats the shared model trained with {ceiling.details['weighting']}", versus["mean"])
+            if versus is not None else ("a split beats the shared model", ceiling.value)
+        )
         return Uncertainty(
             False,
-            f"the comparison experiment over {seeds} seed(s) could not tell whether a split beats the shared model "
-            + (f"(a gain of {ceiling.value:+.1f}% on average, within the seed-to-seed spread): rerun it on about "
+            f"the comparison experiment over {seeds} seed(s) could not tell whether {what} "
+            + (f"(a gain of {gain:+.1f}% on average, within the seed-to-seed spread): rerun it on about "
                f"{needed} seeds in all" if needed else "(see the ceiling signal): rerun it on more seeds that vary"),
             awaits=("seeds",),
         )
@@ -326,8 +332,12 @@ def _uncertainty(
                 training_steps_needed=more.training_steps_needed, awaits=more.awaits,
             )
         return Uncertainty(False, statement, awaits=("comparison",))
-    if more is not None:
-        return more
+    if more is not None:  # no signal says split, but the gradients cannot rule a conflict out yet
+        return Uncertainty(
+            False, f"{more.statement}; and capacity (a backbone too small for the tasks) is invisible to gradients "
+            "whatever they show: only the comparison experiment can judge it (next_step, shared against independent)",
+            steps_needed=more.steps_needed, training_steps_needed=more.training_steps_needed, awaits=more.awaits,
+        )
     return Uncertainty(
         False,
         f"provisional on capacity: every pair's conflict rate is significantly below a persistent conflict's "

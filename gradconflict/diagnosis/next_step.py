@@ -6,9 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gradconflict.diagnosis.advice_types import Verdict
-from gradconflict.diagnosis.signals import (
-    MAGNITUDE_WEIGHTINGS,
-)
+from gradconflict.diagnosis.signals import MAGNITUDE_WEIGHTINGS
 
 _VARIANTS: dict[str, tuple[str, ...]] = {
     "physical_split": ("shared", "independent", "branched"),
@@ -17,8 +15,6 @@ _VARIANTS: dict[str, tuple[str, ...]] = {
 }
 
 
-#: The share of the best branch's gain a higher branch point must recover to be the economical one.
-RECOVERED_SHARE = 0.8
 #: The most branch points the next step compares (spread evenly from the conflict onset to the top).
 MAX_CANDIDATES = 4
 #: The most seeds the next step runs when its first seeds cannot tell (its second look).
@@ -41,7 +37,8 @@ def next_step_code(
     its outcome read back (the ``ceiling`` signal: the paired test across seeds). Every input is an argument.
 
     ``branch_at``: one branch point, or the candidate blocks to compare (from the conflict onset up: the advice's
-    ``branch_point`` is then the highest block recovering :data:`RECOVERED_SHARE` of the best one's gain).
+    ``branch_point`` is then the highest block recovering
+    :data:`~gradconflict.diagnosis.signals.ceiling.RECOVERED_SHARE` of the best one's gain).
     ``steps`` and ``lr`` (the monitored run's budget) become the defaults of the function's ``steps`` and ``lr``;
     unknown (``None``), the printed call asks for them (``lr=...``) and the optimizer factory says what to pass.
     The code ends by calling the function on the inputs it names. Without ``eval_data`` (``None``), the function

@@ -15,6 +15,10 @@ from gradconflict.diagnosis.signals.base import (
 )
 from gradconflict.records.comparison import ComparisonResult, judge_gain, split_gains
 
+#: The share of the best option's gain a cheaper one must recover to be preferred: a higher branch point over a
+#: lower one (the economical branch point), a re-weighted shared model over a split.
+RECOVERED_SHARE = 0.8
+
 
 def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) -> Signal:
     """Warning 6: did splitting lift a ceiling? Read from the comparison experiment
@@ -32,12 +36,27 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
     floor the test cannot judge (``beyond`` None); the evidence says what to run. ``n/a`` without a comparison.
 
     Re-weighted shared models (``shared+<method>``, ``compare(weightings=...)``) are the cheaper cure: when one
-    beats shared, a split counts only if it also beats that one (the same paired rule on the per-seed differences);
-    otherwise the status is ``ok`` and ``details["weighting"]`` names the method to train the shared model with.
+    beats shared, a split counts only if the cure recovers less than :data:`RECOVERED_SHARE` (80%) of its mean gain
+    (the rule of the economical branch point: the cheaper option that recovers most of the gain) and the split beats
+    the cure too (the same paired rule on the per-seed differences, ``details["split_over_weighting"]``).
+    Otherwise ``details["weighting"]`` names the method to train the shared model with, and the status is ``ok``;
+    ``watch`` (with ``seeds_needed``) when the cure recovers less than that share and the test cannot tell yet
+    whether the split beats it.
+
+    >>> from gradconflict.records.comparison import ComparisonResult, VariantRecord
+    >>> def rec(name, loss):
+    ...     return VariantRecord(name, {"a": [1.0]}, [(1, {"a": loss})], {"a": "min"})
+    >>> runs = [ComparisonResult({"shared": rec("shared", s), "independent": rec("independent", s * 0.5),
+    ...                           "shared+imtl-g": rec("shared+imtl-g", s * 0.55)}, ["a"], 1, 0, seed=k)
+    ...         for k, s in enumerate([1.0, 1.2, 1.1])]   # independent +50%, the re-weighting +45% (90% of it)
+    >>> signal = ceiling(runs)
+    >>> signal.status, signal.details["weighting"]
+    ('ok', 'imtl-g')
 
     Results branched at several blocks (one ``compare(branch_at=...)`` per block and seed) are grouped by block:
     ``details["by_block"]`` gives each block's branched gain (mean, per seed, paired test), and the status is read
-    on the seeds of the block that gains most (``details["branch_at"]``).
+    on the seeds of the block that gains most among those whose gain the test confirms, else of the block that gains
+    most (``details["branch_at"]``).
     """
     name = "ceiling"
     if comparison is None:
@@ -57,7 +76,10 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
             if gain is not None:
                 by_block[point] = {"mean": gain.mean, "per_seed": gain.per_seed, "beyond": gain.beyond,
                                    "p_value": _finite_or_none(gain.p_value)}
-        top = max(by_block, key=lambda b: by_block[b]["mean"]) if by_block else points[0]
+        # A block whose gain the test confirms shows that a split wins, whatever a block with a larger but
+        # unconfirmed mean gain says.
+        confirmed = [b for b in by_block if by_block[b]["beyond"] is True] or list(by_block)
+        top = max(confirmed, key=lambda b: by_block[b]["mean"]) if by_block else points[0]
         results = [r for r in results if str(r.branch_at) == top]
     every = split_gains(results)
     gains = {n: g for n, g in every.items() if not n.startswith("shared+")}
@@ -99,15 +121,21 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
         head += f"; re-weighted shared models: {described(reweighted)}"
     decisive = next((g for g in gains.values() if g.variant in winners), best)
     status: Status
+    undecided_cure = False
     if winners and cure is not None:
-        # A split counts only if it beats the cheaper cure too: the same paired rule on the per-seed differences.
+        # A split counts only if the cheaper cure does not recover most of its gain and it beats the cure too (the
+        # same paired rule on the per-seed differences); a difference the test cannot tell leaves it open.
         split = gains[max(winners, key=lambda n: gains[n].mean)]
         versus = judge_gain([a - b for a, b in zip(split.per_seed, cure.per_seed)], seeds_vary=varied)
+        recovered = cure.mean / split.mean
         details["split_over_weighting"] = {"variant": split.variant, "mean": versus.mean, "beyond": versus.beyond,
-                                           "p_value": _finite_or_none(versus.p_value)}
-        if versus.beyond is not True:
+                                           "p_value": _finite_or_none(versus.p_value), "recovered": recovered}
+        if recovered >= RECOVERED_SHARE or versus.beyond is not True:
             winners = []
             details["winners"], details["weighting"] = [], cure.variant.removeprefix("shared+")
+            undecided_cure = recovered < RECOVERED_SHARE and versus.beyond is None
+            if undecided_cure:
+                details["seeds_needed"] = versus.seeds_needed
     if winners:
         status = "split"
         evidence = (
@@ -122,12 +150,25 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
             if not varied
             else "; with one seed the paired test cannot judge: run compare() over a few more seeds"
         )
+    elif undecided_cure and cure is not None:
+        status = "watch"
+        versus_gain = details["split_over_weighting"]
+        evidence = (
+            f"{head}; {cure.variant} beats shared by more than {floor:g}% but recovers only "
+            f"{versus_gain['recovered']:.0%} of {versus_gain['variant']}'s gain, and the paired test over "
+            f"{len(results)} seeds cannot tell whether {versus_gain['variant']} beats it (by "
+            f"{versus_gain['mean']:+.1f}% on average): run more seeds"
+            + (f", about {details['seeds_needed']} in all at this spread" if details["seeds_needed"] else "")
+        )
     elif cure is not None:
         status = "ok"
         details["weighting"] = cure.variant.removeprefix("shared+")
+        recovered = details.get("split_over_weighting", {}).get("recovered")
         evidence = (
-            f"{head}; {cure.variant} beats shared by more than {floor:g}% and no split beats it (one-sided paired "
-            f"t-tests across seeds): keep the backbone shared and train it with {details['weighting']}"
+            f"{head}; {cure.variant} beats shared by more than {floor:g}% (one-sided paired t-test across seeds) and "
+            + (f"recovers {recovered:.0%} of the best split's gain (at least {RECOVERED_SHARE:.0%}), without a copy"
+               if recovered is not None and recovered >= RECOVERED_SHARE else "no split beats it (the same test)")
+            + f": keep the backbone shared and train it with {details['weighting']}"
         )
     elif any(g.beyond is None for g in gains.values()):
         status = "watch"
@@ -152,7 +193,3 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
         p_value=_finite_or_none(decisive.p_value),
     )
 
-
-#: The weightings the advice offers first against dominating magnitudes: IMTL-G (Liu et al., 2021) and
-#: Aligned-MTL (Senushkin et al., 2023) both equalise the tasks' contributions to the update, whatever their scale
-#: (names of :data:`gradconflict.weighting.METHODS`; both need ``pip install 'gradconflict[weighting]'``).

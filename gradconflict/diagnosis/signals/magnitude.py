@@ -26,6 +26,9 @@ from gradconflict.diagnosis.signals.base import (
 )
 from gradconflict.diagnosis.thresholds import Thresholds
 
+#: The weightings the advice offers first against dominating magnitudes: IMTL-G (Liu et al., 2021) and
+#: Aligned-MTL (Senushkin et al., 2023) both equalise the tasks' contributions to the update, whatever their scale
+#: (names of :data:`gradconflict.weighting.METHODS`; both need ``pip install 'gradconflict[weighting]'``).
 MAGNITUDE_WEIGHTINGS = ("imtl-g", "aligned-mtl")
 
 
