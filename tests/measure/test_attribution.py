@@ -96,6 +96,48 @@ def test_both_linear_routes_match_oracle():
         check_against_oracle(model, x, lambda out: {t: (o ** 2).mean() for t, o in out.items()})
 
 
+LINEAR_ROUTES = ["ghost", "materialised", "per-example", "per-example, formed twice"]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("route", LINEAR_ROUTES)
+def test_linear_routes_match_oracle(route: str, reduction: str, monkeypatch: pytest.MonkeyPatch):
+    # Each route forced on every Linear layer: the kernel, the materialised weight gradients, each example's
+    # weight gradients kept whole, or formed a piece of one example at a time and formed again for the
+    # contributions (over their memory budget). One row per example (an MLP), a layer called twice, padded
+    # sequences through a transformer block and through attention alone, and the Linear inside PyTorch's encoder.
+    linear = importlib.import_module("gradconflict.measure.rules.linear")
+    if route == "per-example, formed twice":
+        base = importlib.import_module("gradconflict.measure.rules.base")
+        monkeypatch.setattr(base, "EXAMPLE_CHUNK_BYTES", 1)
+        monkeypatch.setattr(base, "PIECE_BYTES", 1)
+    monkeypatch.setattr(linear, "attribution_route", lambda *args: route.split(",")[0])
+    for family in ("mlp", "reused_module", "embedding_layernorm"):
+        model, x = FAMILIES[family](3)
+        check_against_oracle(model, x, batch_losses(reduction))
+    ids = torch.tensor([[3, 5, 7, 0, 0], [1, 2, 3, 4, 12], [9, 9, 2, 8, 0]])
+    check_against_oracle(MultiTask(Block(), linear_heads(8, 3)), ids, per_token_losses((ids != 0).double(), reduction))
+    model = MultiTask(Attention(), linear_heads(8, 2), pool=lambda h: h.mean(1))
+    check_against_oracle(model, torch.randn(4, 6, 8), batch_losses(reduction))
+    model, x = FAMILIES["transformer"](3)
+    check_against_oracle(model, x, batch_losses(reduction), complete=False)
+
+
+def test_linear_route_follows_the_size_rule():
+    # One row per example through wide layers: the kernel; many short examples: the materialised gradients;
+    # long sequences through a layer too wide for the kernel: each example's weight gradients, whose sum is the
+    # Gram.
+    bb = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8))
+    model = MultiTask(bb, linear_heads(8, 2), pool=lambda h: h.mean(1))
+    routes = {}
+    for name, x in [("rows", torch.randn(3, 1, 64)), ("short", torch.randn(400, 2, 64)),
+                    ("long", torch.randn(3, 200, 64))]:
+        report = attributed(model, x, losses_of)
+        routes[name] = report.layers["backbone.0"].route
+    assert routes == {"rows": "ghost", "short": "materialised", "long": "per-example"}
+    check_against_oracle(model, torch.randn(3, 200, 64))
+
+
 def test_embedding_scale_grad_by_freq_matches_oracle():
     class Net(nn.Module):
         def __init__(self):
@@ -291,8 +333,9 @@ def test_convolution_routes_match_oracle(route: str, reduction: str, monkeypatch
     # their memory budget), or the kernel route's forward convolution and patch kernels.
     conv = importlib.import_module("gradconflict.measure.rules.conv")
     if route == "per-example, formed twice":
-        monkeypatch.setattr(conv, "EXAMPLE_CHUNK_BYTES", 1)
-        monkeypatch.setattr(conv, "PIECE_BYTES", 1)
+        base = importlib.import_module("gradconflict.measure.rules.base")
+        monkeypatch.setattr(base, "EXAMPLE_CHUNK_BYTES", 1)
+        monkeypatch.setattr(base, "PIECE_BYTES", 1)
     monkeypatch.setattr(conv, "kernel_is_cheaper", lambda *args: route == "kernel")
     model = MultiTask(Convolutions(), linear_heads(16, 3))
     check_against_oracle(model, torch.randn(5, 3, 9, 8), batch_losses(reduction))
