@@ -23,7 +23,7 @@ from gradconflict.measure.rules.base import task_blocks, task_rows
 if TYPE_CHECKING:
     from gradconflict.measure.distributed import Reduction
 
-__all__ = ["BatchedPass", "Inexact"]
+__all__ = ["BatchedPass", "Inexact", "TaskByTask"]
 
 
 class Inexact(Exception):
@@ -147,3 +147,28 @@ class BatchedPass(Accumulator):
         for call in self.calls:
             call.release()
         self._pending.clear()
+
+
+class TaskByTask:
+    """The taps' receiver on a per-task loop: each task's backward reports every tapped call's output gradient
+    (``[1, ...]``, outside ``vmap``); :meth:`deliver` hands the pass each call's ``[T, ...]`` gradients once every
+    task has run (zeros for a task that did not reach the call), and the pass runs the layer rules on them as the
+    batched backward would have."""
+
+    num_tasks = 1
+
+    def __init__(self, current: BatchedPass) -> None:
+        self.current = current
+        self.task = 0
+        self._grads: dict[Call, list[Tensor | None]] = {}
+
+    def receive(self, call: Call, grads: Tensor) -> None:
+        """One task's output gradient of ``call``."""
+        self._grads.setdefault(call, [None] * self.current.num_tasks)[self.task] = grads[0]
+
+    def deliver(self) -> None:
+        """Every call's ``[T, ...]`` output gradients to the pass (whose rules run as their modules complete)."""
+        grads, self._grads = self._grads, {}
+        for call, per_task in grads.items():
+            like = next(g for g in per_task if g is not None)
+            self.current.receive(call, torch.stack([torch.zeros_like(like) if g is None else g for g in per_task]))

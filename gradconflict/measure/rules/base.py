@@ -60,7 +60,8 @@ class Call:
     parameter name to the id of the tensor the module held under it during the call (``torch.func.functional_call``
     substitutes others: a rule then covers only the names whose tensor is the graph's leaf); ``grads`` is
     ``[T, *output.shape]``, the output gradient of every task, filled in when the batched backward reaches this
-    call. Both are dropped as soon as the rule has run (``saved`` becomes ``None``).
+    call. Both are dropped as soon as the rule has run (``saved`` becomes ``None``). ``output_bytes``: the size of
+    the call's output, which each task's output gradient has too.
     """
 
     module: nn.Module
@@ -69,6 +70,7 @@ class Call:
     owner: object = field(default=None, repr=False)
     used: dict[str, int] = field(default_factory=dict, repr=False)
     grads: Tensor | None = field(default=None, repr=False)
+    output_bytes: int = field(default=0, repr=False)
 
     @property
     def output_grads(self) -> Tensor:
