@@ -151,24 +151,29 @@ class BatchedPass(Accumulator):
 
 class TaskByTask:
     """The taps' receiver on a per-task loop: each task's backward reports every tapped call's output gradient
-    (``[1, ...]``, outside ``vmap``); :meth:`deliver` hands the pass each call's ``[T, ...]`` gradients once every
-    task has run (zeros for a task that did not reach the call), and the pass runs the layer rules on them as the
-    batched backward would have."""
+    (``[1, ...]``, outside ``vmap``), copied at once into the call's ``[T, ...]`` block; :meth:`deliver` hands the
+    pass each call's block once every task has run (zeros for a task that did not reach the call), and the pass
+    runs the layer rules on them as the batched backward would have."""
 
     num_tasks = 1
 
     def __init__(self, current: BatchedPass) -> None:
         self.current = current
         self.task = 0
-        self._grads: dict[Call, list[Tensor | None]] = {}
+        self._grads: dict[Call, tuple[Tensor, set[int]]] = {}
 
     def receive(self, call: Call, grads: Tensor) -> None:
         """One task's output gradient of ``call``."""
-        self._grads.setdefault(call, [None] * self.current.num_tasks)[self.task] = grads[0]
+        if call not in self._grads:
+            self._grads[call] = (grads.new_empty((self.current.num_tasks, *grads.shape[1:])), set())
+        block, reached = self._grads[call]
+        block[self.task] = grads[0]
+        reached.add(self.task)
 
     def deliver(self) -> None:
         """Every call's ``[T, ...]`` output gradients to the pass (whose rules run as their modules complete)."""
         grads, self._grads = self._grads, {}
-        for call, per_task in grads.items():
-            like = next(g for g in per_task if g is not None)
-            self.current.receive(call, torch.stack([torch.zeros_like(like) if g is None else g for g in per_task]))
+        for call, (block, reached) in grads.items():
+            for task in set(range(len(block))) - reached:
+                block[task] = 0
+            self.current.receive(call, block)

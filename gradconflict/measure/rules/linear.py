@@ -137,9 +137,9 @@ class LinearRule(LayerRule[nn.Module]):
         * ``"per-example"``: each example's weight gradients ``D_i^(n)T X^(n)`` (:func:`per_example_attribution`),
           whose sum over the examples is ``W_i``: no separate per-task product.
 
-        On the first two, ``<g_i^(n), g_j^(n)>`` comes from ``K``'s block of example ``n`` alone. Against a given
-        ``total`` (the global gradients across processes, whose rows no kernel here holds), not the kernel, and the
-        contributions are taken against ``total``'s ``W_j`` and ``b_j``."""
+        On the first two, ``<g_i^(n), g_j^(n)>`` comes from ``K``'s block of example ``n`` alone
+        (:meth:`_products`). Against a given ``total`` (the global gradients across processes, whose rows no kernel
+        here holds), not the kernel, and the contributions are taken against ``total``'s ``W_j`` and ``b_j``."""
         X, D = self._examples(calls, dtype)
         bias = "bias" in names
         against = None if total is None else {n: g.to(dtype) for n, g in self._as_linear(total).items()}
@@ -180,8 +180,7 @@ class LinearRule(LayerRule[nn.Module]):
             if bias:
                 KD += per_task["bias"][:, None, None, :]
             gram = materialised_gram(per_task, dtype).gram
-        contribution = einsum(D, KD, "t n l o, s n l o -> n t s")
-        return LayerAttribution(gram, contribution, self._within(X, D, bias), route)
+        return LayerAttribution(gram, *self._products(X, D, KD, bias), route)
 
     @staticmethod
     def _as_linear(per_task: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -189,16 +188,23 @@ class LinearRule(LayerRule[nn.Module]):
         return per_task
 
     @staticmethod
-    def _within(X: Tensor, D: Tensor, bias: bool) -> Tensor:
-        """``[N, T, T]``: each example's own Gram through its block of the kernel (for one row per example, the
-        number ``|x_n|^2 (+1)``)."""
-        if X.shape[1] == 1:
-            norms = X.square().sum((1, 2)) + (1 if bias else 0)
-            return norms[:, None, None] * einsum(D, D, "t n l o, s n l o -> n t s")
-        K = einsum(X, X, "n l i, n m i -> n l m")
-        if bias:
-            K += 1
-        return einsum(D, einsum(K, D, "n l m, s n m o -> s n l o"), "t n l o, s n l o -> n t s")
+    def _products(X: Tensor, D: Tensor, KD: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
+        """``(contribution, within)``, ``[N, T, T]`` each: ``D_i[r] . (K D_j)[r]`` summed over each example's rows,
+        and the same with ``K``'s block of example ``n`` alone (for one row per example, the number
+        ``|x_n|^2 (+1)`` times ``D_i . D_j``), from one batched product."""
+        T, L = D.shape[0], X.shape[1]
+        if L == 1:
+            own = D
+        else:
+            K = einsum(X, X, "n l i, n m i -> n l m")
+            if bias:
+                K += 1
+            own = einsum(K, D, "n l m, s n m o -> s n l o")
+        both = einsum(D, torch.cat([KD, own]), "t n l o, s n l o -> n t s")
+        contribution, within = both[..., :T], both[..., T:]
+        if L == 1:
+            within = within * (X.square().sum((1, 2)) + (1 if bias else 0))[:, None, None]
+        return contribution, within
 
 
 @register_rule("transformers.pytorch_utils.Conv1D")
