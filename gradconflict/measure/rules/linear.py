@@ -191,8 +191,8 @@ class LinearRule(LayerRule[nn.Module]):
     def _products(X: Tensor, D: Tensor, KD: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
         """``(contribution, within)``, ``[N, T, T]`` each: ``D_i[r] . (K D_j)[r]`` summed over each example's rows,
         and the same with ``K``'s block of example ``n`` alone (for one row per example, the number
-        ``|x_n|^2 (+1)`` times ``D_i . D_j``), from one batched product."""
-        T, L = D.shape[0], X.shape[1]
+        ``|x_n|^2 (+1)`` times ``D_i . D_j``)."""
+        L = X.shape[1]
         if L == 1:
             own = D
         else:
@@ -200,8 +200,8 @@ class LinearRule(LayerRule[nn.Module]):
             if bias:
                 K += 1
             own = einsum(K, D, "n l m, s n m o -> s n l o")
-        both = einsum(D, torch.cat([KD, own]), "t n l o, s n l o -> n t s")
-        contribution, within = both[..., :T], both[..., T:]
+        contribution = einsum(D, KD, "t n l o, s n l o -> n t s")
+        within = einsum(D, own, "t n l o, s n l o -> n t s")
         if L == 1:
             within = within * (X.square().sum((1, 2)) + (1 if bias else 0))[:, None, None]
         return contribution, within
