@@ -247,9 +247,9 @@ class TappedEngine:
         The layer rules need every task's output gradients at each tapped layer: the batched pass gives them, or
         a per-task loop whose taps report each task's in turn (:meth:`_task_by_task`); with
         ``strategy="auto"`` the faster of the two for this shape of step, timed on its first attributed steps
-        like the measurement's own choice (:meth:`_choose`), and kept apart from it. With an exact ``reduction``
-        (several processes), or checkpointed segments, always the batched pass; each of this rank's examples is
-        then attributed against the global per-task gradients, as its share of the global Gram."""
+        like the measurement's own choice (:meth:`_choose`), and kept apart from it. Checkpointed segments take
+        the batched pass; so do several processes (an exact ``reduction``), where each of this rank's examples is
+        attributed against the global per-task gradients, as its share of the global Gram."""
         if reduction is not None and reduction.sync.mode != "exact":
             raise MeasurementRefused(
                 f"sample_ids needs the global per-task gradients, which sync={reduction.sync.mode!r} does not form: "
