@@ -254,7 +254,8 @@ class Capture:
             return None
         table = module._parameters
         used = {name: id(table.get(name)) for name in rule.param_names}
-        call = Call(module, rule, rule.save(module, x, output), owner=self, used=used)
+        size = output.numel() * output.element_size()
+        call = Call(module, rule, rule.save(module, x, output), owner=self, used=used, output_bytes=size)
         tap = _Tap if functorch.peek_interpreter_stack() is None else _TransformTap
         return tap.apply(output, self.anchor(output.device), call, weakref.ref(self))
 

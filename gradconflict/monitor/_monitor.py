@@ -198,9 +198,10 @@ class ConflictMonitor:
     @property
     def plan(self) -> dict[str, Any]:
         """How the engine measures: its strategy setting and, per shape of step (number of tasks, tapped layers'
-        input shapes), the strategy chosen, each candidate's best time over its trial steps, and how many it ran.
-        Under ``sync="exact"`` or ``"sketch"``, one choice per number of tasks (``shapes`` empty), with each
-        candidate's time on its slowest rank: the same on every rank.
+        input shapes, whether the step is ``attributed`` to its examples), the strategy chosen, each candidate's
+        best time over its trial steps, and how many it ran. Under ``sync="exact"`` or ``"sketch"``, one choice per
+        number of tasks (``shapes`` empty), with each candidate's time on its slowest rank: the same on every
+        rank.
 
         >>> import torch.nn as nn
         >>> ConflictMonitor(nn.Linear(2, 2), engine="reference").plan

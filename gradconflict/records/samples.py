@@ -140,7 +140,10 @@ class _PairRows:
         return torch.where(self.sorted_ids[at] == ids, self.sorted_rows[at], -1)
 
     def add(self, ids: Tensor, values: Tensor) -> None:
-        self.totals += values.sum(0)
+        self.accumulate(self.locate(ids), values)
+
+    def locate(self, ids: Tensor) -> Tensor:
+        """Each id's row, admitting the ids not kept yet."""
         rows = self.rows(ids)
         missing = rows < 0
         if bool(missing.any()):
@@ -152,9 +155,43 @@ class _PairRows:
             place[torch.argsort(first)] = torch.arange(len(new_ids))
             rows[missing] = len(self.ids) + place[inverse]
             self._admit(new_ids, place)
+        return rows
+
+    def accumulate(self, rows: Tensor, values: Tensor) -> None:
+        """Add one step's ``values`` ``[N, columns]`` at their ``rows`` (:meth:`locate`); evict if over capacity."""
+        self.totals += values.sum(0)
         self.table.index_add_(0, rows, values)
         if self.max_ids is not None and len(self.ids) > self.max_ids:
             self._evict(self.max_ids - self.max_ids // 16)
+
+    def shares_index(self, other: _PairRows) -> bool:
+        """Whether ``other`` keeps the same ids in the same rows (neither has evicted a row, and they saw the same
+        ids: the pairs of one run); ``other`` then holds this index's very tensors (none is changed in place), so
+        that the next check is one identity test."""
+        if self.sketch is not None or other.sketch is not None:
+            return False
+        if other.ids is not self.ids:
+            if len(other.ids) != len(self.ids) or not torch.equal(other.ids, self.ids):
+                return False
+            other.follow(self)
+        return True
+
+    def follow(self, lead: _PairRows) -> None:
+        """Take ``lead``'s index after it admitted ids (this pair keeps the same ids, so far all exact): its rows
+        for the new ids start at zero, as the rows of a table that never evicted do past its ids."""
+        self._reserve(len(lead.ids))
+        self.ids, self.exact = lead.ids, lead.exact
+        self.sorted_ids, self.sorted_rows = lead.sorted_ids, lead.sorted_rows
+
+    def _reserve(self, rows: int) -> None:
+        """Room for ``rows`` rows in the table (doubling, up to the capacity)."""
+        if rows > self.table.shape[0]:
+            size = max(2 * self.table.shape[0], rows, 64)
+            if self.max_ids is not None:
+                size = min(size, max(rows, self.max_ids))
+            grown = torch.zeros(size, len(_COLUMNS), dtype=torch.float64)
+            grown[: len(self.ids)] = self.table[: len(self.ids)]
+            self.table = grown
 
     def _admit(self, new_ids: Tensor, place: Tensor) -> None:
         """Append rows for ``new_ids`` (ascending, none kept yet), each at its ``place`` after the kept ones."""
@@ -166,13 +203,7 @@ class _PairRows:
         if self.filter is not None:
             exact = ~self._in_filter(fresh)
             base[~exact] = self._take(fresh[~exact])
-        if n + u > self.table.shape[0]:
-            size = max(2 * self.table.shape[0], n + u, 64)
-            if self.max_ids is not None:
-                size = min(size, max(n + u, self.max_ids))
-            grown = torch.zeros(size, len(_COLUMNS), dtype=torch.float64)
-            grown[:n] = self.table[:n]
-            self.table = grown
+        self._reserve(n + u)
         self.table[n : n + u] = base
         self.ids = torch.cat([self.ids, fresh])
         self.exact = torch.cat([self.exact, exact])
@@ -296,17 +327,36 @@ class SampleTally:
 
     def add(self, samples: SampleAttribution) -> None:
         """Add one step's attribution (one host copy of its per-pair rows)."""
-        ids = samples.ids.detach().cpu().long()
-        for pair, (push, agreement) in samples.pairs().items():
-            self.add_pair(pair, ids, push.detach().double().cpu(), agreement.detach().double().cpu())
+        self._add_step(samples.ids.detach().cpu().long(), {
+            pair: (push.detach().double().cpu(), agreement.detach().double().cpu())
+            for pair, (push, agreement) in samples.pairs().items()
+        })
 
     def add_pair(self, pair: tuple[str, str], ids: Sequence[int] | Tensor, push: Tensor, agreement: Tensor) -> None:
         """Add one step's per-example ``push`` and ``agreement`` ``[N]`` for ``pair`` (as a saved step holds them,
         :meth:`SampleAttribution.to_dict`)."""
-        values = torch.stack([torch.ones_like(push), push, (push < 0).double(), agreement, push.clamp(max=0)], dim=1)
-        key = (pair[1], pair[0]) if (pair[1], pair[0]) in self._rows else (pair[0], pair[1])
-        rows = self._rows.setdefault(key, _PairRows(self.max_ids))
-        rows.add(torch.as_tensor(ids, dtype=torch.long).reshape(-1), values)
+        self._add_step(torch.as_tensor(ids, dtype=torch.long).reshape(-1), {pair: (push, agreement)})
+
+    def _add_step(self, ids: Tensor, pairs: Mapping[tuple[str, str], tuple[Tensor, Tensor]]) -> None:
+        """One step's ``(push, agreement)`` of each pair, over the same ``ids``. Pairs that keep the same ids in the
+        same rows (below capacity, every pair of a run) look the ids up and admit the new ones once, together."""
+        entries = []
+        for pair, (push, agreement) in pairs.items():
+            key = (pair[1], pair[0]) if (pair[1], pair[0]) in self._rows else (pair[0], pair[1])
+            values = torch.stack(
+                [torch.ones_like(push), push, (push < 0).double(), agreement, push.clamp(max=0)], dim=1
+            )
+            entries.append((self._rows.setdefault(key, _PairRows(self.max_ids)), values))
+        if not entries:
+            return
+        lead = entries[0][0]
+        together = {id(rows) for rows, _ in entries[1:] if lead.shares_index(rows)}
+        located = lead.locate(ids)
+        for rows, _ in entries:  # all before any pair evicts (which renumbers its rows)
+            if id(rows) in together:
+                rows.follow(lead)
+        for rows, values in entries:
+            rows.accumulate(located if rows is lead or id(rows) in together else rows.locate(ids), values)
 
     @classmethod
     def from_jsonl(cls, path: str | Path, max_ids: int | None = MAX_IDS) -> SampleTally:
@@ -325,12 +375,12 @@ class SampleTally:
         without ``sample_ids``: nothing to add)."""
         if not samples:
             return
-        ids = [int(i) for i in samples["ids"]]
-        for entry in samples.get("pairs", []):
-            self.add_pair(
-                (entry["pair"][0], entry["pair"][1]), ids, torch.tensor(entry["push"], dtype=torch.float64),
-                torch.tensor(entry["agreement"], dtype=torch.float64),
+        self._add_step(torch.tensor([int(i) for i in samples["ids"]], dtype=torch.long), {
+            (entry["pair"][0], entry["pair"][1]): (
+                torch.tensor(entry["push"], dtype=torch.float64), torch.tensor(entry["agreement"], dtype=torch.float64)
             )
+            for entry in samples.get("pairs", [])
+        })
 
     def _pair(self, a: str, b: str) -> _PairRows:
         for key in ((a, b), (b, a)):

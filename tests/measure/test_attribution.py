@@ -53,6 +53,28 @@ def attributed(model: nn.Module, x: Tensor, losses: Losses, ids: Tensor | None =
     return report
 
 
+@pytest.fixture(params=["batched", "loop"])
+def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Attributed steps forced onto the batched pass or onto the per-task loop with taps (measured steps keep
+    the automatic choice); every attributed report is checked to have taken it."""
+    tapped = importlib.import_module("gradconflict.measure.engine.tapped")
+    choose = tapped.TappedEngine._choose
+
+    def forced(self, graph, plan, stacked, reduction, attributed=False):
+        return (request.param, None) if attributed else choose(self, graph, plan, stacked, reduction)
+
+    monkeypatch.setattr(tapped.TappedEngine, "_choose", forced)
+    attribute = tapped.TappedEngine.attribute
+
+    def checked(self, *args, **kwargs):
+        measurement = attribute(self, *args, **kwargs)
+        assert measurement.strategy == request.param
+        return measurement
+
+    monkeypatch.setattr(tapped.TappedEngine, "attribute", checked)
+    return request.param
+
+
 def check_against_oracle(model: nn.Module, x: Tensor, losses: Losses = losses_of, complete: bool = True):
     report = attributed(model, x, losses)
     samples = report.samples
@@ -73,13 +95,61 @@ def check_against_oracle(model: nn.Module, x: Tensor, losses: Losses = losses_of
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 
-@pytest.mark.parametrize("family", ["mlp", "wide_mlp", "conv1d_3d", "embedding_layernorm", "reused_module"])
-def test_zoo_matches_per_example_oracle(family: str):
+@pytest.mark.parametrize(
+    "family", ["mlp", "wide_mlp", "conv1d_3d", "embedding_layernorm", "reused_module", "deep_heads"]
+)
+def test_zoo_matches_per_example_oracle(family: str, route: str):
     model, x = FAMILIES[family](3)
     check_against_oracle(model, x)
 
 
-def test_cnn_with_eval_batchnorm_matches_oracle():
+def test_a_task_that_skips_a_layer_has_zero_there(route: str):
+    # Task t1 reads the first layer's output only: on the per-task loop its pass never reaches the second layer's
+    # tap, which then holds zeros for it, as the batched pass's gradient does.
+    class Split(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(h), h
+
+    class Pick(nn.Module):
+        def __init__(self, index: int):
+            super().__init__()
+            self.index = index
+
+        def forward(self, outputs):
+            return outputs[self.index]
+
+    heads = {f"t{i}": nn.Sequential(Pick(i), nn.Linear(6, 1)) for i in range(2)}
+    check_against_oracle(MultiTask(Split(), heads), torch.randn(5, 4))
+
+
+def test_auto_times_the_attributed_steps_apart_and_keeps_the_faster():
+    # Both routes of an attributed step are timed on its first attributed steps, apart from the measured steps'
+    # choice; every one of them is exact, and a loop beyond its memory budget is no candidate.
+    model, x = FAMILIES["cnn"](3)
+    model.eval()
+    ids = torch.arange(x.shape[0])
+    with ConflictMonitor(model, shared=model.backbone) as monitor:
+        measured = monitor.measure(losses_of(model(x)))
+        reports = [monitor.measure(losses_of(model(x)), sample_ids=ids) for _ in range(5)]
+        choices = {c["attributed"]: c for c in monitor.plan["choices"]}
+    assert measured.strategy == "batched" and choices[False]["runs"] == {"batched": 1}
+    assert [r.strategy for r in reports[:4]] == ["batched", "loop", "batched", "loop"]
+    assert choices[True]["runs"] == {"batched": 2, "loop": 2}
+    seconds = choices[True]["seconds"]
+    assert reports[4].strategy == choices[True]["strategy"] == min(seconds, key=seconds.get)
+    contribution, within = per_example_oracle(model, x, losses_of, reports[0].samples.parameters)
+    for r in reports:
+        assert rel_err(r.samples.contribution, contribution) <= RTOL and rel_err(r.samples.within, within) <= RTOL
+    with ConflictMonitor(model, shared=model.backbone, loop_memory=0) as monitor:
+        assert {monitor.measure(losses_of(model(x)), sample_ids=ids).strategy for _ in range(3)} == {"batched"}
+
+
+def test_cnn_with_eval_batchnorm_matches_oracle(route: str):
     # BatchNorm in training mode normalises with the batch's statistics, so no example has a gradient of its
     # own there; with running statistics the examples are independent and the oracle applies.
     model, x = FAMILIES["cnn"](3)
@@ -88,7 +158,7 @@ def test_cnn_with_eval_batchnorm_matches_oracle():
     check_against_oracle(model, x)
 
 
-def test_both_linear_routes_match_oracle():
+def test_both_linear_routes_match_oracle(route: str):
     # Many rows and narrow layers take the materialised route; few rows and wide layers the kernel route.
     for rows, width in [(40, 4), (3, 40)]:
         bb = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 6))
@@ -96,7 +166,49 @@ def test_both_linear_routes_match_oracle():
         check_against_oracle(model, x, lambda out: {t: (o ** 2).mean() for t, o in out.items()})
 
 
-def test_embedding_scale_grad_by_freq_matches_oracle():
+LINEAR_ROUTES = ["ghost", "materialised", "per-example", "per-example, formed twice"]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("route", LINEAR_ROUTES)
+def test_linear_routes_match_oracle(route: str, reduction: str, monkeypatch: pytest.MonkeyPatch):
+    # Each route forced on every Linear layer: the kernel, the materialised weight gradients, each example's
+    # weight gradients kept whole, or formed a piece of one example at a time and formed again for the
+    # contributions (over their memory budget). One row per example (an MLP), a layer called twice, padded
+    # sequences through a transformer block and through attention alone, and the Linear inside PyTorch's encoder.
+    linear = importlib.import_module("gradconflict.measure.rules.linear")
+    if route == "per-example, formed twice":
+        base = importlib.import_module("gradconflict.measure.rules.base")
+        monkeypatch.setattr(base, "EXAMPLE_CHUNK_BYTES", 1)
+        monkeypatch.setattr(base, "PIECE_BYTES", 1)
+    monkeypatch.setattr(linear, "attribution_route", lambda *args: route.split(",")[0])
+    for family in ("mlp", "reused_module", "embedding_layernorm"):
+        model, x = FAMILIES[family](3)
+        check_against_oracle(model, x, batch_losses(reduction))
+    ids = torch.tensor([[3, 5, 7, 0, 0], [1, 2, 3, 4, 12], [9, 9, 2, 8, 0]])
+    check_against_oracle(MultiTask(Block(), linear_heads(8, 3)), ids, per_token_losses((ids != 0).double(), reduction))
+    model = MultiTask(Attention(), linear_heads(8, 2), pool=lambda h: h.mean(1))
+    check_against_oracle(model, torch.randn(4, 6, 8), batch_losses(reduction))
+    model, x = FAMILIES["transformer"](3)
+    check_against_oracle(model, x, batch_losses(reduction), complete=False)
+
+
+def test_linear_route_follows_the_size_rule():
+    # One row per example through wide layers: the kernel; many short examples: the materialised gradients;
+    # long sequences through a layer too wide for the kernel: each example's weight gradients, whose sum is the
+    # Gram.
+    bb = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8))
+    model = MultiTask(bb, linear_heads(8, 2), pool=lambda h: h.mean(1))
+    routes = {}
+    for name, x in [("rows", torch.randn(3, 1, 64)), ("short", torch.randn(400, 2, 64)),
+                    ("long", torch.randn(3, 200, 64))]:
+        report = attributed(model, x, losses_of)
+        routes[name] = report.layers["backbone.0"].route
+    assert routes == {"rows": "ghost", "short": "materialised", "long": "per-example"}
+    check_against_oracle(model, torch.randn(3, 200, 64))
+
+
+def test_embedding_scale_grad_by_freq_matches_oracle(route: str):
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -171,7 +283,7 @@ def per_token_losses(mask: Tensor, reduction: str) -> Losses:
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_transformer_block_with_padding_mask_matches_oracle(reduction: str):
+def test_transformer_block_with_padding_mask_matches_oracle(reduction: str, route: str):
     ids = torch.tensor([[3, 5, 7, 0, 0], [1, 2, 3, 4, 12], [9, 9, 2, 8, 0]])
     mask = (ids != 0).double()
     model = MultiTask(Block(), linear_heads(8, 3))
@@ -179,12 +291,12 @@ def test_transformer_block_with_padding_mask_matches_oracle(reduction: str):
     assert samples.contribution.abs().sum() > 0
 
 
-def test_attention_alone_matches_oracle():
+def test_attention_alone_matches_oracle(route: str):
     model = MultiTask(Attention(), linear_heads(8, 2), pool=lambda h: h.mean(1))
     check_against_oracle(model, torch.randn(4, 6, 8))
 
 
-def test_multihead_attention_parameters_are_left_out_and_named():
+def test_multihead_attention_parameters_are_left_out_and_named(route: str):
     model, x = FAMILIES["transformer"](3)
     samples = check_against_oracle(model, x, complete=False)
     assert {"backbone.enc.self_attn.in_proj_weight", "backbone.enc.self_attn.out_proj.weight"} <= set(samples.omitted)
@@ -192,7 +304,7 @@ def test_multihead_attention_parameters_are_left_out_and_named():
     assert "rule" in samples.omitted["backbone.enc.self_attn.in_proj_weight"]
 
 
-def test_hugging_face_conv1d_matches_oracle():
+def test_hugging_face_conv1d_matches_oracle(route: str):
     Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
     bb = nn.Sequential(Conv1D(12, 6), nn.Tanh(), Conv1D(6, 12))
     model = MultiTask(bb, linear_heads(6, 2), pool=lambda h: h.mean(1))
@@ -291,8 +403,9 @@ def test_convolution_routes_match_oracle(route: str, reduction: str, monkeypatch
     # their memory budget), or the kernel route's forward convolution and patch kernels.
     conv = importlib.import_module("gradconflict.measure.rules.conv")
     if route == "per-example, formed twice":
-        monkeypatch.setattr(conv, "EXAMPLE_CHUNK_BYTES", 1)
-        monkeypatch.setattr(conv, "PIECE_BYTES", 1)
+        base = importlib.import_module("gradconflict.measure.rules.base")
+        monkeypatch.setattr(base, "EXAMPLE_CHUNK_BYTES", 1)
+        monkeypatch.setattr(base, "PIECE_BYTES", 1)
     monkeypatch.setattr(conv, "kernel_is_cheaper", lambda *args: route == "kernel")
     model = MultiTask(Convolutions(), linear_heads(16, 3))
     check_against_oracle(model, torch.randn(5, 3, 9, 8), batch_losses(reduction))

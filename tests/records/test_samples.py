@@ -67,6 +67,41 @@ def test_tally_sums_match_a_plain_recomputation_and_survive_state_dict():
         tally.pair("a", "z")
 
 
+def test_every_pair_matches_a_plain_recomputation_when_new_ids_keep_coming_and_after_a_restore():
+    # The pairs of one run see the same ids: they look them up and admit the new ones together. Each pair's sums,
+    # written out per id, for every pair, across a state_dict round trip in the middle of the run.
+    g = torch.Generator().manual_seed(3)
+    tasks = ("a", "b", "c", "d")
+    steps = []
+    for step in range(12):
+        ids = torch.randint(0, 40 + 10 * step, (16,), generator=g)  # repeats within and across steps, new ids
+        c, w = torch.randn(16, 4, 4, generator=g), torch.randn(16, 4, 4, generator=g)
+        steps.append(SampleAttribution(ids, tasks, c, w @ w.transpose(1, 2), c.sum(0)))
+    first = SampleTally()
+    for s in steps[:6]:
+        first.add(s)
+    tally = SampleTally()
+    tally.load_state_dict(first.state_dict())
+    for s in steps[6:]:
+        tally.add(s)
+    for i, j in [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]:
+        expected: dict[int, list[float]] = {}
+        for s in steps:
+            scale = float(((s.within[:, i, i] + s.within[:, j, j]) / 2).mean())
+            for n, k in enumerate(s.ids.tolist()):
+                push = float(s.contribution[n, i, j] + s.contribution[n, j, i])
+                row = expected.setdefault(k, [0, 0.0, 0])
+                row[0] += 1
+                row[1] += push
+                row[2] += float(s.within[n, i, j]) / scale
+        got = tally.pair(tasks[i], tasks[j])
+        assert set(got) == set(expected), (i, j)
+        for k, (count, push, agreement) in expected.items():
+            assert got[k]["count"] == count
+            assert got[k]["push"] == pytest.approx(push / count, rel=1e-9, abs=1e-12)
+            assert got[k]["agreement"] == pytest.approx(agreement / count, rel=1e-5, abs=1e-6)
+
+
 # -- bounded memory ------------------------------------------------------------------------------------------
 
 
@@ -331,3 +366,24 @@ def test_history_sink_state_dict_and_cli_keep_the_tally(tmp_path, capsys):
     assert "about" in capsys.readouterr().out
     assert main(["samples", str(path), "--pair", "a"]) == 2
     assert "two task names" in capsys.readouterr().err
+
+
+def test_pairs_added_together_keep_what_each_pair_added_alone_keeps_past_capacity():
+    # Past max_ids each pair evicts by its own statistics, so the pairs stop sharing their rows: every pair of a
+    # tally fed whole steps holds what a tally fed that pair alone holds (rows, exactness, totals, ranking).
+    g = torch.Generator().manual_seed(5)
+    tasks = ("a", "b", "c")
+    together, alone = SampleTally(max_ids=64), {pair: SampleTally(max_ids=64) for pair in [("a", "b"), ("a", "c"),
+                                                                                            ("b", "c")]}
+    for _ in range(30):
+        ids = torch.randint(0, 400, (24,), generator=g)
+        c, w = torch.randn(24, 3, 3, generator=g), torch.randn(24, 3, 3, generator=g)
+        step = SampleAttribution(ids, tasks, c, w @ w.transpose(1, 2), c.sum(0))
+        together.add(step)
+        for pair, (push, agreement) in step.pairs().items():
+            alone[pair].add_pair(pair, ids, push.double(), agreement.double())
+    assert together.approximate
+    for (a, b), tally in alone.items():
+        assert together.pair(a, b) == tally.pair(a, b)
+        assert together.exact(a, b) == tally.exact(a, b) and together.totals(a, b) == tally.totals(a, b)
+        assert together.top(a, b, k=10) == tally.top(a, b, k=10)

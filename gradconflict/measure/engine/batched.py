@@ -23,7 +23,7 @@ from gradconflict.measure.rules.base import task_blocks, task_rows
 if TYPE_CHECKING:
     from gradconflict.measure.distributed import Reduction
 
-__all__ = ["BatchedPass", "Inexact"]
+__all__ = ["BatchedPass", "Inexact", "TaskByTask"]
 
 
 class Inexact(Exception):
@@ -147,3 +147,33 @@ class BatchedPass(Accumulator):
         for call in self.calls:
             call.release()
         self._pending.clear()
+
+
+class TaskByTask:
+    """The taps' receiver on a per-task loop: each task's backward reports every tapped call's output gradient
+    (``[1, ...]``, outside ``vmap``), copied at once into the call's ``[T, ...]`` block; :meth:`deliver` hands the
+    pass each call's block once every task has run (zeros for a task that did not reach the call), and the pass
+    runs the layer rules on them as the batched backward would have."""
+
+    num_tasks = 1
+
+    def __init__(self, current: BatchedPass) -> None:
+        self.current = current
+        self.task = 0
+        self._grads: dict[Call, tuple[Tensor, set[int]]] = {}
+
+    def receive(self, call: Call, grads: Tensor) -> None:
+        """One task's output gradient of ``call``."""
+        if call not in self._grads:
+            self._grads[call] = (grads.new_empty((self.current.num_tasks, *grads.shape[1:])), set())
+        block, reached = self._grads[call]
+        block[self.task] = grads[0]
+        reached.add(self.task)
+
+    def deliver(self) -> None:
+        """Every call's ``[T, ...]`` output gradients to the pass (whose rules run as their modules complete)."""
+        grads, self._grads = self._grads, {}
+        for call, (block, reached) in grads.items():
+            for task in set(range(len(block))) - reached:
+                block[task] = 0
+            self.current.receive(call, block)

@@ -28,7 +28,7 @@ from gradconflict.measure.attribution import Attributor
 from gradconflict.measure.capture import Capture, RetainedGrads
 from gradconflict.measure.checkpoint import measuring_segments
 from gradconflict.measure.engine.base import Accumulator, Measurement, MeasurementRefused, Plan, warn_once
-from gradconflict.measure.engine.batched import BatchedPass, Inexact
+from gradconflict.measure.engine.batched import BatchedPass, Inexact, TaskByTask
 from gradconflict.measure.engine.loop import loop_accumulate
 from gradconflict.measure.engine.segments import boundary_edges, segment_backward
 from gradconflict.measure.graph import Graph, walk_graph
@@ -53,7 +53,8 @@ TRIALS = 2
 
 @dataclass
 class Choice:
-    """The strategy measured fastest for one shape of step (T tasks, the tapped calls' input shapes).
+    """The strategy measured fastest for one shape of step (T tasks, the tapped calls' input shapes, whether the
+    step is attributed to its examples).
 
     Attributes:
         strategy: ``"batched"`` or ``"loop"``, or ``None`` while the candidates are still being timed.
@@ -79,7 +80,8 @@ class TappedEngine:
     one with the faster best run is kept for that shape (like ``cudnn.benchmark``). The loop is a candidate only
     when its T copies of the shared gradients fit in ``loop_memory`` bytes. Both are exact; :attr:`choices`
     records what was chosen and why. Across processes (a global reduction), every rank makes the same choice,
-    one per number of tasks (see :meth:`_choose`).
+    one per number of tasks (see :meth:`_choose`). Steps attributed to their examples (:meth:`attribute`) choose
+    apart, between the batched pass and a per-task loop whose taps report each task's output gradients.
     """
 
     name = "auto"
@@ -103,7 +105,7 @@ class TappedEngine:
         """The strategy choices made so far (plain data), so that a resumed run does not time them again."""
         return [
             {
-                "tasks": key[0], "shapes": [list(s) for s in key[1]], "strategy": c.strategy,
+                "tasks": key[0], "shapes": [list(s) for s in key[1]], "attributed": key[2], "strategy": c.strategy,
                 "seconds": dict(c.seconds), "runs": dict(c.runs),
             }
             for key, c in self.choices.items()
@@ -112,7 +114,7 @@ class TappedEngine:
     def load_state_dict(self, state: list[dict[str, Any]]) -> None:
         """Restore :meth:`state_dict`."""
         self.choices = {
-            (d["tasks"], tuple(tuple(s) for s in d["shapes"])): Choice(
+            (d["tasks"], tuple(tuple(s) for s in d["shapes"]), bool(d.get("attributed", False))): Choice(
                 d["strategy"], dict(d["seconds"]), dict(d.get("runs", dict.fromkeys(d["seconds"], TRIALS)))
             )
             for d in state
@@ -188,25 +190,31 @@ class TappedEngine:
         return loop_accumulate(losses, plan, graph, fresh), "loop"
 
     def _choose(
-        self, graph: Graph, plan: Plan, stacked: Tensor, reduction: Reduction | None
+        self, graph: Graph, plan: Plan, stacked: Tensor, reduction: Reduction | None, attributed: bool = False
     ) -> tuple[str, Choice | None]:
         """The strategy for this step, and the :class:`Choice` to time it into while it is still on trial.
 
         Across processes (a ``reduction``), the two strategies run different collectives, so every rank must
         choose alike: the choice is one per number of tasks (the ranks' batches may differ in shape), its trial
         steps follow the same order on every rank, and it is settled on each candidate's slowest rank's time (one
-        all-reduce of the candidates' times, on the step that settles it)."""
+        all-reduce of the candidates' times, on the step that settles it).
+
+        Steps attributed to their examples (``attributed``) are chosen for apart: there the loop is
+        :meth:`_task_by_task`, which also holds every tapped output's T gradients, within ``loop_memory``."""
         if self.strategy != "auto":
             return self.strategy, None
         T = stacked.shape[0]
         taps = self.capture.taps
-        shapes = tuple(_shape(c.saved) for c in graph.calls if c.owner is self.capture and taps(c.module))
-        choice = self.choices.setdefault((T, () if reduction is not None else shapes), Choice())
+        ours = [c for c in graph.calls if c.owner is self.capture and taps(c.module)]
+        shapes = tuple(_shape(c.saved) for c in ours)
+        choice = self.choices.setdefault((T, () if reduction is not None else shapes, attributed), Choice())
         if choice.strategy is not None:
             return choice.strategy, None
         # the graph's shared leaves: the same on every rank, as the reductions' collectives already require
-        shared = sum(t.numel() * t.element_size() for t in graph.leaves if id(t) in plan.shared)
-        candidates = ["batched", "loop"] if T * shared <= self.loop_memory else ["batched"]
+        held = sum(t.numel() * t.element_size() for t in graph.leaves if id(t) in plan.shared)
+        if attributed:
+            held += sum(c.output_bytes for c in ours)
+        candidates = ["batched", "loop"] if T * held <= self.loop_memory else ["batched"]
         pending = [c for c in candidates if choice.runs.get(c, 0) < TRIALS]
         if pending:  # the candidate with the fewest trial steps, batched first: they alternate
             return min(pending, key=lambda c: choice.runs.get(c, 0)), choice
@@ -236,9 +244,12 @@ class TappedEngine:
     ) -> Measurement:
         """:meth:`measure`, with each example's part in every rule-covered layer's Gram (dim 0 of the tapped
         inputs is the example): the measurement's ``samples`` is the :class:`Attributor` that collected it.
-        Always the batched pass (the per-task loop sees no layer's output gradients). With an exact
-        ``reduction`` (several processes), each of this rank's examples is attributed against the global
-        per-task gradients, as its share of the global Gram."""
+        The layer rules need every task's output gradients at each tapped layer: the batched pass gives them, or
+        a per-task loop whose taps report each task's in turn (:meth:`_task_by_task`); with
+        ``strategy="auto"`` the faster of the two for this shape of step, timed on its first attributed steps
+        like the measurement's own choice (:meth:`_choose`), and kept apart from it. Checkpointed segments take
+        the batched pass; so do several processes (an exact ``reduction``), where each of this rank's examples is
+        attributed against the global per-task gradients, as its share of the global Gram."""
         if reduction is not None and reduction.sync.mode != "exact":
             raise MeasurementRefused(
                 f"sample_ids needs the global per-task gradients, which sync={reduction.sync.mode!r} does not form: "
@@ -266,13 +277,21 @@ class TappedEngine:
         }
         world = 1 if reduction is None else reduction.sync.world
         attribution = Attributor(examples, len(losses), plan.gram_dtype, stacked.device, names, plan.leaf, world)
-        acc = self._batched(stacked, graph, plan, True, reduction, attribution)
+        strategy, choice = "batched", None
+        if reduction is None and not graph.checkpoints:
+            strategy, choice = self._choose(graph, plan, stacked, None, attributed=True)
+        if strategy == "loop":
+            acc, _ = self._timed(choice, "loop", lambda: self._task_by_task(losses, graph, plan, attribution))
+        else:
+            acc, _ = self._timed(
+                choice, "batched", lambda: self._batched(stacked, graph, plan, True, reduction, attribution)
+            )
         attribution.omit(
             [leaf for leaf, _ in acc.gradients().values()],
             "no layer rule covers it here (a raw parameter, attention's packed projection, a tied or hooked "
             "weight): its per-example gradients are not known in the measured pass",
         )
-        measurement = acc.result("batched")
+        measurement = acc.result(strategy)
         measurement.samples = attribution
         return measurement
 
@@ -298,6 +317,31 @@ class TappedEngine:
                 with measuring_segments(handler) if edges else contextlib.nullcontext():
                     per_task = self._vmap(vjp, torch.eye(T, dtype=stacked.dtype, device=stacked.device))
                 current.finish(inputs, per_task[: len(inputs)])
+            return current
+        finally:
+            self.capture.receiver = None
+            current.release()
+
+    def _task_by_task(self, losses: Sequence[Tensor], graph: Graph, plan: Plan, attribution: Attributor) -> Accumulator:
+        """The batched pass's work done with one backward per task: each task's backward asks autograd only for
+        the anchors and the shared parameters no rule covers (as the batched backward does), the taps report each
+        task's output gradients (held, T of each, until the last task has run: :meth:`_choose` weighs that memory),
+        and the layer rules run on them then. One process, no checkpointed segment: the caller sends those to the
+        batched pass."""
+        current = BatchedPass(len(losses), plan, self.capture, losses[0].device, True, None, attribution)
+        receiver = TaskByTask(current)
+        try:
+            inputs = current.begin(graph, set())
+            self.capture.receiver = receiver
+            for i, loss in enumerate(losses):
+                receiver.task = i
+                grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+                for leaf, g in zip(inputs, grads):
+                    if not self.capture.is_anchor(leaf):
+                        current.add_per_task(leaf, torch.zeros_like(leaf) if g is None else g, task=i)
+            self.capture.receiver = None
+            receiver.deliver()
+            current.finish([], [])
             return current
         finally:
             self.capture.receiver = None

@@ -17,23 +17,15 @@ from torch.nn.modules.conv import _ConvNd
 
 from gradconflict.measure.rules.base import (
     EXAMPLE_CHUNK_BYTES,
+    MEMORY_COST,
     Call,
     LayerAttribution,
     LayerRule,
     attribution_of,
     gram_of,
+    per_example_attribution,
     register_rule,
 )
-
-#: Bytes of per-example weight gradients formed by one matrix product while attributing: small enough to be
-#: reduced while in cache, and for the allocator to reuse the block from piece to piece.
-PIECE_BYTES = 8 * 2**20
-
-
-#: Multiply-adds that one number written to memory and read back costs as much time as, in
-#: :func:`kernel_is_cheaper`: measured on a 2-core x86 CPU, where forming the per-example weight gradients of a
-#: layer with 64 output positions took about as long as the per-task backward and one forward convolution.
-MEMORY_COST = 48
 
 
 def _padded_input(module: _ConvNd, x: Tensor) -> tuple[Tensor, list[int]]:
@@ -142,26 +134,16 @@ class ConvRule(LayerRule[_ConvNd]):
             bias = [call.output_grads.to(dtype).flatten(3).sum(3) for call in calls]  # [T, N, C_out] each
             parts.append(attribution_of(sum(bias[1:], bias[0]), total=against.get("bias")))
         first, *rest = parts  # the blocks of the weight and the bias add up
-        return LayerAttribution(
-            sum((p.gram for p in rest), first.gram), sum((p.contribution for p in rest), first.contribution),
-            sum((p.within for p in rest), first.within), first.route,
-        )
+        return sum(rest, first)
 
     def _weight_attribution(
         self, module: _ConvNd, calls: Sequence[Call], dtype: torch.dtype, against: Tensor | None
     ) -> LayerAttribution:
         """The weight's attribution from each example's weight gradients ``J_n = D_n U_n^T`` (``U_n`` its input
-        patches, ``D_n`` its output gradients, per group): one batched matrix product per piece of
-        :data:`PIECE_BYTES`, reduced while it is fresh (each example's own Gram, and the running sum over the
-        examples, which is the per-task weight gradient ``G``: no separate convolution backward). The
-        contributions ``<J_i^(n), G_j>`` follow once ``G`` is complete, from the pieces kept or, beyond
-        :data:`EXAMPLE_CHUNK_BYTES` of them, recomputed; against ``against`` (``[T, *weight.shape]``) in place of
-        ``G`` when given."""
+        patches, ``D_n`` its output gradients, per group), by :func:`per_example_attribution`: their sum over the
+        examples is the per-task weight gradient, so no separate convolution backward runs. Against ``against``
+        (``[T, *weight.shape]``) when given."""
         g, (T, N) = module.groups, calls[0].output_grads.shape[:2]
-        per_example = T * module.weight.numel() * torch.finfo(dtype).bits // 8
-        step = max(1, PIECE_BYTES // per_example)
-        keep = N * per_example <= EXAMPLE_CHUNK_BYTES
-        pieces = [(a, min(a + step, N)) for a in range(0, N, step)]
 
         def rows(a: int, b: int) -> Tensor:
             """``[g, b - a, T, w]``: the weight gradients of examples ``a:b``, per group and task."""
@@ -172,22 +154,10 @@ class ConvRule(LayerRule[_ConvNd]):
             ]
             return sum(products[1:], products[0]).reshape(g, b - a, T, -1)
 
-        kept, within = [], []
-        total = torch.zeros(g, T, module.weight.numel() // g, dtype=dtype, device=calls[0].output_grads.device)
-        for a, b in pieces:
-            J = rows(a, b)
-            within.append((J.flatten(0, 1) @ J.flatten(0, 1).transpose(1, 2)).reshape(g, b - a, T, T).sum(0))
-            total += J.sum(1)
-            if keep:
-                kept.append(J)
-        if against is not None:
-            total = rearrange(against, "t (g c) ... -> g t (c ...)", g=g)
-        contribution = [
-            (J.flatten(1, 2) @ total.transpose(1, 2)).reshape(g, -1, T, T).sum(0)
-            for J in (kept if keep else (rows(a, b) for a, b in pieces))
-        ]
-        gram = gram_of(total.transpose(0, 1).reshape(T, -1))
-        return LayerAttribution(gram, torch.cat(contribution), torch.cat(within), "per-example")
+        return per_example_attribution(
+            rows, N, T, module.weight.numel() // g, calls[0].output_grads.new_empty((), dtype=dtype),
+            None if against is None else rearrange(against, "t (g c) ... -> g t (c ...)", g=g), g,
+        )
 
     def _kernel_weight_attribution(
         self, module: _ConvNd, calls: Sequence[Call], dtype: torch.dtype, against: Tensor | None

@@ -1,5 +1,6 @@
 """``nn.Linear`` (any input rank): ghost Gram through the inputs' kernel, or the materialised weight gradients,
-whichever costs fewer operations."""
+whichever costs fewer operations; under ``sample_ids`` also each example's weight gradients, where those cost
+least (:func:`attribution_route`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 
 from gradconflict.measure.rules.base import (
     EXAMPLE_CHUNK_BYTES,
+    MEMORY_COST,
     Call,
     LayerAttribution,
     LayerGram,
@@ -19,6 +21,7 @@ from gradconflict.measure.rules.base import (
     attribution_of,
     gram_of,
     materialised_gram,
+    per_example_attribution,
     register_rule,
 )
 
@@ -33,6 +36,41 @@ def ghost_is_cheaper(rows: int, d_in: int, d_out: int, tasks: int) -> bool:
     ghost = rows * rows * d_in + tasks * rows * rows * d_out + tasks * tasks * rows * d_out
     materialised = tasks * rows * d_in * d_out + tasks * tasks * d_in * d_out
     return ghost < materialised
+
+
+def attribution_route(
+    examples: int, rows: int, d_in: int, d_out: int, tasks: int, item_bytes: int, against: bool = False
+) -> str:
+    """The cheapest route to attribute a Linear layer's weight (:meth:`LinearRule.attribute`) for ``examples``
+    examples of ``rows`` rows each, counted in multiply-adds, a number written to memory and read back counting
+    :data:`MEMORY_COST`.
+
+    With ``W = d_in * d_out`` weights and ``R = N L`` rows: the per-example route forms ``T N W`` numbers at ``L``
+    multiply-adds each, twice when they exceed :data:`EXAMPLE_CHUNK_BYTES` (they are formed again for the
+    contributions), and needs no per-task product; the materialised route forms the T weight gradients and
+    ``W_j x_r`` for every row (``2 T R W``); the kernel route forms ``X X^T`` and ``K D_j`` (``R^2 (d_in + T
+    d_out)``). Both of the latter take each example's own Gram through its ``L x L`` kernel. ``against``: the
+    contributions are taken against given gradients (no kernel over this process's rows; no per-task product to
+    form, and the per-example gradients are formed once). One row per example (an MLP) never takes the
+    per-example route; long sequences through a layer too wide for the kernel (a transformer's feed-forward
+    layers) do.
+
+    >>> attribution_route(64, 1, 512, 512, 4, 4), attribution_route(16, 128, 256, 1024, 4, 4)
+    ('ghost', 'per-example')
+    >>> attribution_route(1024, 2, 256, 256, 4, 4)
+    'materialised'
+    """
+    N, L, T = examples, rows, tasks
+    R, W = N * L, d_in * d_out
+    within = 0 if L == 1 else N * L * L * (d_in + T * d_out)
+    formed = 1 if against or T * N * W * item_bytes <= EXAMPLE_CHUNK_BYTES else 2
+    costs = {
+        "per-example": formed * T * N * W * (L + MEMORY_COST),
+        "materialised": (1 if against else 2) * T * R * W + T * W * MEMORY_COST + within,
+    }
+    if not against:
+        costs["ghost"] = R * R * (d_in + T * d_out) + within
+    return min(costs, key=costs.__getitem__)
 
 
 def _rows(parts: list[Tensor], dim: int) -> Tensor:
@@ -91,33 +129,58 @@ class LinearRule(LayerRule[nn.Module]):
         self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype,
         total: dict[str, Tensor] | None = None,
     ) -> LayerAttribution:
-        """Each example's part in the layer's Gram from the inputs' kernel ``K = X X^T (+1 for the bias)``:
-        ``<g_i^(n), g_j> = sum over n's rows r of D_i[r] . (K D_j)[r]``, and ``<g_i^(n), g_j^(n)>`` the same
-        with ``K``'s block of example ``n`` alone; or, where the kernel costs more, through the materialised
-        weight gradients (``(K D_j)[r] = W_j x_r + b_j``). Against a given ``total`` (the global gradients across
-        processes, whose rows no kernel here holds), always the latter, with ``total``'s ``W_j`` and ``b_j``."""
+        """Each example's part in the layer's Gram, by the route :func:`attribution_route` finds cheapest:
+
+        * ``"ghost"``: from the inputs' kernel ``K = X X^T (+1 for the bias)``,
+          ``<g_i^(n), g_j> = sum over n's rows r of D_i[r] . (K D_j)[r]``;
+        * ``"materialised"``: the same through the materialised weight gradients, ``(K D_j)[r] = W_j x_r + b_j``;
+        * ``"per-example"``: each example's weight gradients ``D_i^(n)T X^(n)`` (:func:`per_example_attribution`),
+          whose sum over the examples is ``W_i``: no separate per-task product.
+
+        On the first two, ``<g_i^(n), g_j^(n)>`` comes from ``K``'s block of example ``n`` alone
+        (:meth:`_products`). Against a given ``total`` (the global gradients across processes, whose rows no kernel
+        here holds), not the kernel, and the contributions are taken against ``total``'s ``W_j`` and ``b_j``."""
         X, D = self._examples(calls, dtype)
         bias = "bias" in names
-        if "weight" not in names:  # the bias alone: its per-example gradients are D summed over the rows
-            return attribution_of(D.sum(2), "per-example", None if total is None else total["bias"].to(dtype))
+        against = None if total is None else {n: g.to(dtype) for n, g in self._as_linear(total).items()}
+
+        def bias_part() -> LayerAttribution:  # the bias's per-example gradients are D summed over the rows
+            return attribution_of(D.sum(2), "per-example", None if against is None else against["bias"])
+
+        if "weight" not in names:
+            return bias_part()
         (N, L, d_in), (T, d_out) = X.shape, (D.shape[0], D.shape[-1])
-        if total is None and ghost_is_cheaper(N * L, d_in, d_out, T):
+        route = attribution_route(N, L, d_in, d_out, T, X.element_size(), against is not None)
+        if route == "per-example":
+
+            def weight_grads(a: int, b: int) -> Tensor:
+                """``[1, b - a, T, d_out * d_in]``: the weight gradients of examples ``a:b``, one product per
+                example and task (``D``'s transpose is read in place, not copied)."""
+                J = X.new_empty(b - a, T, d_out, d_in)
+                for n in range(a, b):
+                    torch.bmm(D[:, n].transpose(1, 2), X[n].expand(T, L, d_in), out=J[n - a])
+                return J.reshape(1, b - a, T, -1)
+
+            out = per_example_attribution(
+                weight_grads, N, T, d_out * d_in, X, None if against is None else against["weight"].reshape(1, T, -1)
+            )
+            return out + bias_part() if bias else out
+        if route == "ghost":
             rows = X.reshape(N * L, d_in)
             K = rows @ rows.T  # the kernel over every row of the batch, as the Gram's ghost route forms it
             if bias:
                 K += 1
             KD = (K @ D.reshape(T, N * L, d_out)).reshape(D.shape)
-            gram, route = gram_of(D.reshape(T, -1), KD.reshape(T, -1)), "ghost"
+            gram = gram_of(D.reshape(T, -1), KD.reshape(T, -1))
         else:
-            per_task = self._per_task(X.reshape(-1, d_in), D.reshape(T, -1, d_out), names) if total is None else {
-                n: g.to(dtype) for n, g in self._as_linear(total).items()
+            per_task = self._per_task(X.reshape(-1, d_in), D.reshape(T, -1, d_out), names) if against is None else {
+                n: against[n] for n in names
             }
             KD = einsum(X, per_task["weight"], "n l i, t o i -> t n l o")
             if bias:
                 KD += per_task["bias"][:, None, None, :]
-            gram, route = materialised_gram(per_task, dtype).gram, "materialised"
-        contribution = einsum(D, KD, "t n l o, s n l o -> n t s")
-        return LayerAttribution(gram, contribution, self._within(X, D, bias), route)
+            gram = materialised_gram(per_task, dtype).gram
+        return LayerAttribution(gram, *self._products(X, D, KD, bias), route)
 
     @staticmethod
     def _as_linear(per_task: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -125,27 +188,23 @@ class LinearRule(LayerRule[nn.Module]):
         return per_task
 
     @staticmethod
-    def _within(X: Tensor, D: Tensor, bias: bool) -> Tensor:
-        """``[N, T, T]``: each example's own Gram, through its block of the kernel or its materialised weight
-        gradients (in chunks of examples), whichever costs fewer operations."""
-        (N, L, d_in), (T, d_out) = X.shape, (D.shape[0], D.shape[-1])
-        if L == 1:  # one row per example: its kernel is the number |x_n|^2 (+1)
-            norms = X.square().sum((1, 2)) + (1 if bias else 0)
-            return norms[:, None, None] * einsum(D, D, "t n l o, s n l o -> n t s")
-        if ghost_is_cheaper(L, d_in, d_out, T):
+    def _products(X: Tensor, D: Tensor, KD: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
+        """``(contribution, within)``, ``[N, T, T]`` each: ``D_i[r] . (K D_j)[r]`` summed over each example's rows,
+        and the same with ``K``'s block of example ``n`` alone (for one row per example, the number
+        ``|x_n|^2 (+1)`` times ``D_i . D_j``)."""
+        L = X.shape[1]
+        if L == 1:
+            own = D
+        else:
             K = einsum(X, X, "n l i, n m i -> n l m")
             if bias:
                 K += 1
-            return einsum(D, einsum(K, D, "n l m, s n m o -> s n l o"), "t n l o, s n l o -> n t s")
-        chunk = max(1, EXAMPLE_CHUNK_BYTES // (T * d_out * (d_in + 1) * X.element_size()))
-        parts = []
-        for start in range(0, N, chunk):
-            Xc, Dc = X[start : start + chunk], D[:, start : start + chunk]
-            rows = einsum(Dc, Xc, "t n l o, n l i -> t n o i").flatten(2)
-            if bias:
-                rows = torch.cat([rows, Dc.sum(2)], dim=2)
-            parts.append(einsum(rows, rows, "t n p, s n p -> n t s"))
-        return torch.cat(parts)
+            own = einsum(K, D, "n l m, s n m o -> s n l o")
+        contribution = einsum(D, KD, "t n l o, s n l o -> n t s")
+        within = einsum(D, own, "t n l o, s n l o -> n t s")
+        if L == 1:
+            within = within * (X.square().sum((1, 2)) + (1 if bias else 0))[:, None, None]
+        return contribution, within
 
 
 @register_rule("transformers.pytorch_utils.Conv1D")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import gradconflict.measure.rules.conv as conv_rules
+import gradconflict.measure.rules.linear as linear_rules
 from gradconflict.measure.rules import Call, rule_for
 from gradconflict.measure.rules.conv import ConvRule
 from gradconflict.measure.rules.embedding import EmbeddingRule
@@ -164,6 +165,33 @@ def test_conv_attribution_against_given_gradients_matches_autograd(route, monkey
     for n in range(3):
         for i in range(2):
             gw, gb = torch.autograd.grad((conv(x[n : n + 1]) * D[i, n : n + 1]).sum(), [conv.weight, conv.bias])
+            for j in range(2):
+                expected[n, i, j] = (gw * total["weight"][j]).sum() + (gb * total["bias"][j]).sum()
+    torch.testing.assert_close(out.contribution, expected)
+    rows = torch.cat([total["weight"].flatten(1), total["bias"]], dim=1)
+    torch.testing.assert_close(out.gram, rows @ rows.T)
+
+
+@pytest.mark.parametrize("route", ["materialised", "per-example"])
+def test_linear_attribution_against_given_gradients_matches_autograd(route, monkeypatch):
+    # As for the convolution: an arbitrary ``total`` stands for the global per-task gradients, and each example's
+    # weight and bias gradients come from autograd, one example at a time (three rows each, a layer called twice).
+    monkeypatch.setattr(linear_rules, "attribution_route", lambda *args: route)
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 4).double()
+    rule = LinearRule()
+    x1, x2 = torch.randn(3, 3, 5, dtype=torch.float64), torch.randn(3, 2, 5, dtype=torch.float64)
+    y1, y2 = layer(x1), layer(x2)
+    D1, D2 = torch.randn(2, *y1.shape, dtype=torch.float64), torch.randn(2, *y2.shape, dtype=torch.float64)
+    calls = [Call(layer, rule, rule.save(layer, x, y), grads=D) for x, y, D in ((x1, y1, D1), (x2, y2, D2))]
+    total = {"weight": torch.randn(2, 4, 5, dtype=torch.float64), "bias": torch.randn(2, 4, dtype=torch.float64)}
+    out = rule.attribute(layer, calls, {"weight", "bias"}, torch.float64, total)
+    assert out.route == route
+    expected = torch.zeros(3, 2, 2, dtype=torch.float64)
+    for n in range(3):
+        for i in range(2):
+            outputs = (layer(x1[n]) * D1[i, n]).sum() + (layer(x2[n]) * D2[i, n]).sum()
+            gw, gb = torch.autograd.grad(outputs, [layer.weight, layer.bias])
             for j in range(2):
                 expected[n, i, j] = (gw * total["weight"][j]).sum() + (gb * total["bias"][j]).sum()
     torch.testing.assert_close(out.contribution, expected)
