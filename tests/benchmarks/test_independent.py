@@ -7,6 +7,7 @@ import pytest
 from scipy import stats
 
 pytest.importorskip("sklearn")
+pytest.importorskip("torchjd")  # the truth trains the re-weighted shared models with its aggregators
 
 from benchmarks.diagnosis.independent import truth as T  # noqa: E402
 from benchmarks.diagnosis.independent.advice import advise_problem, block_of, from_dict, scored, to_dict  # noqa: E402
