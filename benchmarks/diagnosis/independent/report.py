@@ -61,7 +61,8 @@ def _reading(r: Reading | None, error: str | None = None) -> str:
     if r is None:
         return f"error: {error[:80]}" if error else "-"
     where = f" @{r.block}" if r.block else ""
-    return f"{r.verdict}{where} ({'decided' if r.decided else 'provisional'})"
+    weighting = f" with {r.weighting}" if r.weighting else ""
+    return f"{r.verdict}{where}{weighting} ({'decided' if r.decided else 'provisional'})"
 
 
 def _mark(v: bool | None) -> str:
@@ -77,7 +78,8 @@ def _truth_cell(t: Truth) -> str:
 
 
 def _best(t: Truth) -> str:
-    name, j = max(t.judged.items(), key=lambda kv: kv[1].mean)
+    """The split variant that gains most (the re-weighted shared models are not splits)."""
+    name, j = max(((v, j) for v, j in t.judged.items() if v not in truth_rules.CURES), key=lambda kv: kv[1].mean)
     return f"{name} {j.mean:+.1f} (p={j.p_value:.2g})"
 
 
@@ -149,7 +151,7 @@ def section(
         "",
         "### Problems",
         "",
-        "| problem | backbone | tasks | built for | truth | best gain | groups (truth) | first look | groups "
+        "| problem | backbone | tasks | built for | truth | best split | groups (truth) | first look | groups "
         "(advice) | after next_step | verdict first / after | block first / after | groups |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
