@@ -7,10 +7,11 @@ import pytest
 from scipy import stats
 
 pytest.importorskip("sklearn")
+pytest.importorskip("torchjd")  # the truth trains the re-weighted shared models with its aggregators
 
 from benchmarks.diagnosis.independent import truth as T  # noqa: E402
 from benchmarks.diagnosis.independent.advice import advise_problem, block_of, from_dict, scored, to_dict  # noqa: E402
-from benchmarks.diagnosis.independent.problems import KEEP, _c, conv, digit_problem, problems  # noqa: E402
+from benchmarks.diagnosis.independent.problems import KEEP, _c, conv, digit_problem, mlp, problems  # noqa: E402
 
 
 def test_gain_is_the_mean_signed_relative_improvement():
@@ -75,7 +76,11 @@ def _tiny():
 def test_a_tiny_problem_runs_through_truth_and_the_first_look():
     tiny = _tiny()
     truth = T.measure(tiny, 2, log=lambda _: None)
-    assert set(truth.judged) == {"independent", "balanced", "lora", *(f"branched@backbone.{k}" for k in range(4))}
+    assert set(truth.judged) == {"independent", *T.CURES, "lora", *(f"branched@backbone.{k}" for k in range(4))}
+    assert T.is_current(truth, tiny, 2) and not T.is_current(truth, tiny, 3)
+    truth_without_cures = T.Truth.from_dict(truth.to_dict())
+    del truth_without_cures.judged["aligned-mtl"]
+    assert not T.is_current(truth_without_cures, tiny, 2)  # measured before the weightings: stale
     assert truth.verdict in truth.verdicts and all(len(v) == 2 for v in truth.metrics.values())
     assert all(math.isfinite(j.mean) for j in truth.judged.values())
     again = T.Truth.from_dict(truth.to_dict())
@@ -94,22 +99,88 @@ def test_a_tiny_problem_runs_its_next_step():
     assert outcome.after is not None and outcome.scores["after_verdict"] in (True, False)
 
 
+def _cure_judged(**cures: float) -> dict[str, T.Judgement]:
+    """Independent models win by +10 (nothing else splits); each named cure beats shared by its gain."""
+    lose = T.Judgement([0.0, 0.0], 0.0, 0.5, False)
+    return {
+        "independent": T.Judgement([10.0, 10.0], 10.0, 0.001, True), "lora": lose,
+        **{c: T.Judgement([g, g], g, 0.001, True) for c, g in cures.items()},
+        **{f"branched@backbone.{k}": lose for k in range(4)},
+    }
+
+
 def test_keep_shared_with_a_weighting_counts_only_when_the_balanced_model_recovers_the_gain():
     from benchmarks.diagnosis.independent.advice import Reading, score
 
-    def judged(balanced: float) -> dict[str, T.Judgement]:
-        win = T.Judgement([10.0, 10.0], 10.0, 0.001, True)
-        return {
-            "independent": win, "lora": T.Judgement([0.0, 0.0], 0.0, 0.5, False),
-            "balanced": T.Judgement([balanced] * 2, balanced, 0.001, True),
-            **{f"branched@backbone.{k}": T.Judgement([0.0, 0.0], 0.0, 0.5, False) for k in range(4)},
-        }
-
-    assert "keep_shared+reweight" in T.decide(judged(8.0), ["a", "b"])[1]  # 80% of +10 recovered
-    verdict, verdicts, blocks, _ = T.decide(judged(7.9), ["a", "b"])
+    assert "keep_shared+balanced" in T.decide(_cure_judged(balanced=8.0), ["a", "b"])[1]  # 80% of +10 recovered
+    verdict, verdicts, blocks, _ = T.decide(_cure_judged(balanced=7.9), ["a", "b"])
     assert verdicts == ["physical_split"] and blocks == ["backbone.0"]
-    truth = T.Truth("t", "", 2, {}, judged(8.0), verdict, ["physical_split", "keep_shared+reweight"], blocks,
-                    "backbone.0", [["a"], ["b"]], [[["a"], ["b"]]])
+    truth = T.Truth("t", "", 2, {}, _cure_judged(balanced=8.0), verdict, ["physical_split", "keep_shared+balanced"],
+                    blocks, "backbone.0", [["a"], ["b"]], [[["a"], ["b"]]])
     weighted = Reading("keep_shared", None, None, [["a", "b"]], True, "", "aligned-mtl")
     plain = Reading("keep_shared", None, None, [["a", "b"]], True, "", None)
     assert score(truth, weighted)["verdict"] is True and score(truth, plain)["verdict"] is False
+
+
+def test_keep_shared_counts_when_the_weighting_the_advice_names_recovers_the_gain():
+    from benchmarks.diagnosis.independent.advice import Reading, score
+
+    # aligned-mtl recovers 98% of the independent models' +10, imtl-g 50%, the loss normalisation 71%
+    judged = _cure_judged(balanced=7.1, **{"imtl-g": 5.0, "aligned-mtl": 9.8})
+    verdict, verdicts, blocks, economical = T.decide(judged, ["a", "b"])
+    assert verdict == "physical_split" and verdicts == ["physical_split", "keep_shared+aligned-mtl"]
+    truth = T.Truth("t", "", 2, {}, judged, verdict, verdicts, blocks, economical, [["a"], ["b"]], [[["a"], ["b"]]])
+
+    def reading(weighting: str | None, verdict: str = "keep_shared", block: str | None = None) -> Reading:
+        groups = [["a"], ["b"]] if verdict == "physical_split" else [["a", "b"]]
+        return Reading(verdict, block, block, groups, True, "", weighting)
+
+    named = score(truth, reading("aligned-mtl"))
+    assert named["verdict"] and named["groups"] and named["acceptable_block"] is None  # no branch point to score
+    for other in ("imtl-g", "upgrad", None):  # a weighting the truth shows short of 80%, or none it trains
+        missed = score(truth, reading(other))
+        assert not missed["verdict"] and not missed["groups"] and missed["acceptable_block"] is False
+    split = score(truth, reading(None, "physical_split", "backbone.0"))
+    assert split["verdict"] and split["groups"] and split["acceptable_block"]
+    # the loss normalisation stands in for any named weighting once it recovers 80% itself
+    judged = _cure_judged(balanced=8.5, **{"imtl-g": 5.0, "aligned-mtl": 2.0})
+    verdicts = T.decide(judged, ["a", "b"])[1]
+    assert verdicts == ["physical_split", "keep_shared+balanced"]
+    truth = T.Truth("t", "", 2, {}, judged, verdict, verdicts, blocks, economical, [["a"], ["b"]], [[["a"], ["b"]]])
+    assert score(truth, reading("imtl-g"))["verdict"] and not score(truth, reading(None))["verdict"]
+
+
+@pytest.mark.parametrize("weighting", sorted(T.WEIGHTINGS))
+def test_a_weighted_step_combines_the_task_gradients_as_the_method_defines(weighting):
+    import numpy as np
+    import torch
+
+    problem = digit_problem(
+        "scaled", "oracle", (KEEP, None, [["class", "loop"]]),
+        [(_c("class", 10, scale=30.0), "class", 0), (_c("loop", 2), "loop", 0)], "mlp",
+        lambda: mlp(64, (16, 16, 8, 8)), 8, steps=1,
+    )
+    run, tasks = T._Trainer(problem, 0), problem.names
+    idx, model = run.batches[0], problem.model(0)
+    shared = list(model.backbone.parameters())
+    out = model(problem.x[idx])
+    losses = {t: run.loss_fns[t](out[t], problem.y[t][idx]) for t in tasks}
+    rows = [torch.autograd.grad(losses[t], shared, retain_graph=True) for t in tasks]
+    J = np.stack([np.concatenate([g.double().flatten().numpy() for g in row]) for row in rows])  # float64
+    heads = {t: torch.autograd.grad(losses[t], list(model.heads[t].parameters()), retain_graph=True) for t in tasks}
+    model.zero_grad()
+    run.jacobian_backward(model, tasks, idx, T.WEIGHTINGS[weighting]())
+    got = np.concatenate([q.grad.double().flatten().numpy() for q in shared])
+    norms = np.linalg.norm(J, axis=1)
+    assert norms.max() > 5 * norms.min()  # a dominated pair: a plain sum would not pass the checks below
+    if weighting == "imtl-g":  # Liu et al. (2021): equal projections on every task's unit gradient, weights sum to 1
+        alpha = np.linalg.lstsq(J.T, got, rcond=None)[0]
+        assert np.allclose(J.T @ alpha, got, rtol=1e-5, atol=1e-9) and alpha.sum() == pytest.approx(1.0, abs=1e-5)
+        projections = (J / norms[:, None]) @ got
+        assert projections[0] == pytest.approx(projections[1], rel=1e-4)
+    else:  # Senushkin et al. (2023): the mean of the rows of sigma_min U V^T, from J = U S V^T
+        U, S, Vt = np.linalg.svd(J, full_matrices=False)
+        assert np.allclose(got, S.min() * (U @ Vt).mean(0), rtol=1e-4, atol=1e-8)
+    for t in tasks:  # each head: the gradient of its own loss
+        for q, g in zip(model.heads[t].parameters(), heads[t]):
+            assert torch.allclose(q.grad, g)

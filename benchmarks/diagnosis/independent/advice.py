@@ -143,20 +143,30 @@ def follow_next_step(problem: Problem, first: Advice, history: Any, model: torch
     return real_advise(history, model=model, comparison=results)
 
 
+def cured(truth: Truth, reading: Reading) -> bool:
+    """Is ``reading`` a keep_shared with a re-weighting the truth accepts: the weighting it names, or the loss
+    normalisation (``balanced``), beats shared and recovers most of the best split's gain (see :mod:`.truth`)?"""
+    return (reading.verdict == "keep_shared" and reading.weighting is not None
+            and any(f"keep_shared+{c}" in truth.verdicts for c in (reading.weighting, "balanced")))
+
+
 def score(truth: Truth, reading: Reading | None) -> dict[str, bool | None]:
     """Verdict, branch point (economical, and within the acceptable blocks; problems whose truth branches) and
-    groups, against the truth (``None``: not scored)."""
+    groups, against the truth (``None``: not scored). A keep_shared with an accepted re-weighting (:func:`cured`)
+    counts for the verdict, its one group for the groups, and has no branch point to score."""
     if reading is None:
         return {"verdict": None, "economical": None, "acceptable_block": None, "groups": None}
-    branches = truth.verdict == "physical_split" or "physical_split" in truth.verdicts and bool(truth.blocks)
+    cure = cured(truth, reading)
+    branches = not cure and (truth.verdict == "physical_split" or "physical_split" in truth.verdicts
+                             and bool(truth.blocks))
     physical = reading.verdict == "physical_split"
+    one_group = [sorted(t for g in truth.groups for t in g)]
     return {
-        "verdict": reading.verdict in truth.verdicts
-        or (reading.verdict == "keep_shared" and reading.weighting is not None
-            and "keep_shared+reweight" in truth.verdicts),
+        "verdict": reading.verdict in truth.verdicts or cure,
         "economical": (physical and reading.block == truth.economical) if branches else None,
         "acceptable_block": (physical and reading.block in truth.blocks) if branches else None,
-        "groups": any(reading.groups == canonical(g) for g in truth.groups_acceptable),
+        "groups": any(reading.groups == canonical(g) for g in truth.groups_acceptable)
+        or (cure and reading.groups == one_group),
         "groups_exact": reading.groups == canonical(truth.groups),
     }
 

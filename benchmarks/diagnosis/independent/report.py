@@ -61,7 +61,8 @@ def _reading(r: Reading | None, error: str | None = None) -> str:
     if r is None:
         return f"error: {error[:80]}" if error else "-"
     where = f" @{r.block}" if r.block else ""
-    return f"{r.verdict}{where} ({'decided' if r.decided else 'provisional'})"
+    weighting = f" with {r.weighting}" if r.weighting else ""
+    return f"{r.verdict}{where}{weighting} ({'decided' if r.decided else 'provisional'})"
 
 
 def _mark(v: bool | None) -> str:
@@ -77,7 +78,8 @@ def _truth_cell(t: Truth) -> str:
 
 
 def _best(t: Truth) -> str:
-    name, j = max(t.judged.items(), key=lambda kv: kv[1].mean)
+    """The split variant that gains most (the re-weighted shared models are not splits)."""
+    name, j = max(((v, j) for v, j in t.judged.items() if v not in truth_rules.CURES), key=lambda kv: kv[1].mean)
     return f"{name} {j.mean:+.1f} (p={j.p_value:.2g})"
 
 
@@ -94,8 +96,10 @@ def section(
         f"{len(outcomes)} problems on real "
         "bundled data (scikit-learn's digits and breast cancer), with MLP, conv and transformer backbones of four "
         "blocks and learnable heads, 2 to 4 tasks (see Constructions). The truth of each problem is measured by "
-        "training every variant (shared, shared with each loss divided by its initial value, fully independent, "
-        "per-task LoRA, branched at every block, and for 3+ "
+        "training every variant (shared, shared with each loss divided by its initial value (`balanced`), shared "
+        f"with each of the weightings {', '.join(f'`{w}`' for w in truth_rules.WEIGHTINGS)} (TorchJD's aggregators "
+        "on the Jacobian of the task losses with respect to the backbone), fully independent, per-task LoRA, "
+        "branched at every block, and for 3+ "
         "tasks every partition into two groups and one group per task, at the economical block) with the "
         "benchmark's own training loop over "
         f"{truth_meta.get('seeds', '?')} seeds, the same batches per seed for every variant, and is cached in "
@@ -108,8 +112,10 @@ def section(
         f"paired t-test across seeds gives p < {truth_rules.ALPHA:g}. Verdict: keep_shared when nothing beats "
         "shared, else physical_split (branched or independent) or lora_split, whichever gains more; the other is "
         f"also accepted when it beats shared and recovers {truth_rules.RECOVER:.0%} of that gain; so is keep_shared "
-        "with a re-weighting (an advice that says keep_shared and names a weighting) when the loss-balanced shared "
-        f"model beats shared and recovers {truth_rules.RECOVER:.0%} of the best split's gain. Acceptable "
+        "with a re-weighting (an advice that says keep_shared and names a weighting) when the shared model trained "
+        "with the weighting the advice names, or the loss-balanced one, beats shared and recovers "
+        f"{truth_rules.RECOVER:.0%} of the best split's gain (such an advice is credited with its one group, and "
+        "has no branch point to score). Acceptable "
         f"blocks: those whose branched variant beats shared and recovers {truth_rules.RECOVER:.0%} of the best "
         "branched gain; the economical block is the highest of them. Groups: one group for keep_shared; for a "
         f"split of 3+ tasks, the partition with the fewest groups among those that beat shared and recover "
@@ -134,8 +140,8 @@ def section(
         "| --- | --- | --- |",
         *[f"| {k} | {v} | {TARGETS[k]} |" for k, v in rates.items()],
         "",
-        "Branch points are scored on the problems whose truth accepts a physical split; an advice without a branch "
-        "point there is a miss.",
+        "Branch points are scored on the problems whose truth accepts a physical split (save an advice credited "
+        "with keep_shared and a re-weighting); an advice without a branch point there is a miss.",
         "",
         f"What splitting did agrees with what the problem was built for (verdict) on "
         f"{_rate([problems[o.name].expected[0] in truths[o.name].verdicts for o in outcomes])}; budgets: "
@@ -145,7 +151,7 @@ def section(
         "",
         "### Problems",
         "",
-        "| problem | backbone | tasks | built for | truth | best gain | groups (truth) | first look | groups "
+        "| problem | backbone | tasks | built for | truth | best split | groups (truth) | first look | groups "
         "(advice) | after next_step | verdict first / after | block first / after | groups |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]

@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     cache_path = Path(args.cache)
     cache = truth_mod.load_cache(cache_path)
     meta = truth_mod.load_meta(cache_path)
-    stale = [n for n in chosen if args.retruth or n not in cache or cache[n].fingerprint != every[n].fingerprint()
-             or cache[n].seeds != args.seeds]
+    stale = [n for n in chosen
+             if args.retruth or n not in cache or not truth_mod.is_current(cache[n], every[n], args.seeds)]
     pool = ProcessPoolExecutor(args.jobs) if args.jobs > 1 else None
     if stale and (args.advice_only or args.report_only):
         print(f"no current cached truth for {stale}: the report leaves them out (run without --advice-only)")

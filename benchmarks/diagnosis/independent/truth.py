@@ -13,6 +13,11 @@ adapters, ``branch`` the branched copies). For each seed ``s``:
   branched at block k, one copy per task, trained with a fresh Adam for the other half;
 - ``balanced``: the shared model trained on the sum of each task's loss divided by that task's loss on the seed's
   first minibatch at initialisation (a loss normalisation written here, the simplest magnitude-aware weighting);
+- ``imtl-g`` and ``aligned-mtl`` (:data:`WEIGHTINGS`, the magnitude-aware weightings the advice names as the cheap
+  cure, under gradconflict's names): the shared model trained for the whole budget with TorchJD's aggregator
+  (``IMTLG``, ``AlignedMTL``) on the Jacobian of the task losses with respect to the backbone's parameters
+  (TorchJD's ``mtl_backward`` and ``jac_to_grad``); each head gets the gradient of its own loss. TorchJD's code,
+  not gradconflict's, combines the gradients;
 - for problems of 3 or more tasks that split: the backbone branched at the economical block into every partition
   of the tasks into 2 groups, and into one group per task, the same way (partitions into 3 groups of 4 tasks are
   left out to keep the run small).
@@ -27,9 +32,12 @@ t-test of the per-seed gains against 0 gives p < :data:`ALPHA` (0.05).
 **Verdict.** ``keep_shared`` when no split variant beats shared. Otherwise the physical split (a branched variant
 or the fully independent models) or the logical one (``lora``), whichever has the larger mean gain among those
 that beat shared; the other is also accepted when it beats shared too and recovers at least :data:`RECOVER`
-(80%) of that gain. When a split wins and ``balanced`` beats shared too, recovering 80% of the best split's gain,
-``keep_shared+reweight`` is also accepted: the cheaper cure of dominating magnitudes suffices (an advice counts
-for it when it says keep_shared and names a weighting to train the shared model with).
+(80%) of that gain. When a split wins, every re-weighted shared variant of :data:`CURES` (``balanced``, ``imtl-g``,
+``aligned-mtl``) that beats shared too and recovers 80% of the best split's gain adds ``keep_shared+<variant>``
+to the accepted verdicts: that cheaper cure of dominating magnitudes suffices. An advice that says keep_shared and
+names a weighting to train the shared model with counts when ``keep_shared+<the weighting it names>`` or
+``keep_shared+balanced`` is accepted (the loss normalisation stands in for a weighting the truth does not train);
+its groups (all tasks in one) count then too, and its branch point is not scored.
 
 **Branch blocks.** Acceptable: every block whose branched variant beats shared and recovers at least 80% of the
 best branched variant's gain (when only the independent models beat shared: the bottom block, the full split).
@@ -56,6 +64,8 @@ from typing import Any
 import torch
 from scipy import stats
 from torch import nn
+from torchjd.aggregation import IMTLG, Aggregator, AlignedMTL
+from torchjd.autojac import jac_to_grad, mtl_backward
 
 from gradconflict.split import branch, lora_split
 
@@ -72,6 +82,11 @@ RANK = 4
 BLOCKS = 4
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "truth.json"
+#: The magnitude-aware weightings the advice can name as the cheap cure (gradconflict's names), each trained here
+#: with TorchJD's aggregator of that method.
+WEIGHTINGS: dict[str, type[Aggregator]] = {"imtl-g": IMTLG, "aligned-mtl": AlignedMTL}
+#: The re-weighted shared variants: the loss normalisation, then :data:`WEIGHTINGS`.
+CURES = ("balanced", *WEIGHTINGS)
 
 
 @dataclass
@@ -127,8 +142,12 @@ class _Trainer:
         self.loss_fns = problem.loss_fns()
 
     def train(
-        self, model: nn.Module, tasks: Sequence[str], start: int, stop: int, balanced: bool = False
+        self, model: nn.Module, tasks: Sequence[str], start: int, stop: int, balanced: bool = False,
+        weighting: str | None = None,
     ) -> nn.Module:
+        """``model`` trained on ``tasks`` over minibatches ``start:stop``: on the sum of the losses (each divided by
+        its initial value with ``balanced``), or with ``weighting`` (a key of :data:`WEIGHTINGS`) combining the
+        task gradients on the backbone."""
         torch.manual_seed(self.seed)
         params = [q for q in model.parameters() if q.requires_grad]
         optimizer = torch.optim.Adam(params, lr=self.p.lr)
@@ -139,13 +158,28 @@ class _Trainer:
                 first = self.batches[0]
                 out = model(self.p.x[first])
                 scale = {t: 1.0 / max(float(self.loss_fns[t](out[t], self.p.y[t][first])), 1e-12) for t in tasks}
+        aggregator = None if weighting is None else WEIGHTINGS[weighting]()
         for idx in self.batches[start:stop]:
-            out = model(self.p.x[idx])
-            loss = sum(scale[t] * self.loss_fns[t](out[t], self.p.y[t][idx]) for t in tasks)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if aggregator is None:
+                out = model(self.p.x[idx])
+                loss = sum(scale[t] * self.loss_fns[t](out[t], self.p.y[t][idx]) for t in tasks)
+                loss.backward()
+            else:
+                self.jacobian_backward(model, tasks, idx, aggregator)
             optimizer.step()
         return model
+
+    def jacobian_backward(self, model: nn.Module, tasks: Sequence[str], idx: torch.Tensor,
+                           aggregator: Aggregator) -> None:
+        """``.grad`` of one step of Jacobian descent: the backbone's from ``aggregator`` on the Jacobian of the task
+        losses (one row per task), each head's from its own loss."""
+        features = model.backbone(self.p.x[idx])
+        losses = [self.loss_fns[t](model.heads[t](features), self.p.y[t][idx]) for t in tasks]
+        shared = [q for q in model.backbone.parameters() if q.requires_grad]
+        heads = [[q for q in model.heads[t].parameters() if q.requires_grad] for t in tasks]
+        mtl_backward(losses, features=features, tasks_params=heads, shared_params=shared)
+        jac_to_grad(shared, aggregator)
 
     def score(self, model: nn.Module, tasks: Sequence[str]) -> dict[str, float]:
         model.eval()
@@ -156,7 +190,8 @@ class _Trainer:
 
 
 def seed_metrics(problem: Problem, seed: int) -> dict[str, dict[str, float]]:
-    """Held-out metrics of every variant (shared, independent, lora, branched at each block) for one seed."""
+    """Held-out metrics of every variant (shared, independent, the re-weighted shared models of :data:`CURES`,
+    lora, branched at each block) for one seed."""
     run = _Trainer(problem, seed)
     tasks, half = problem.names, problem.steps // 2
     out: dict[str, dict[str, float]] = {}
@@ -168,6 +203,8 @@ def seed_metrics(problem: Problem, seed: int) -> dict[str, dict[str, float]]:
         independent.update(run.score(run.train(problem.model(seed), [t], 0, problem.steps), [t]))
     out["independent"] = independent
     out["balanced"] = run.score(run.train(problem.model(seed), tasks, 0, problem.steps, balanced=True), tasks)
+    for name in WEIGHTINGS:
+        out[name] = run.score(run.train(problem.model(seed), tasks, 0, problem.steps, weighting=name), tasks)
     torch.manual_seed(seed)  # the adapters' initial draws
     adapted = lora_split(copy.deepcopy(warm), tasks, rank=RANK, targets="all")
     out["lora"] = run.score(run.train(adapted, tasks, half, problem.steps), tasks)
@@ -249,9 +286,8 @@ def decide(judged: dict[str, Judgement], tasks: list[str]) -> tuple[str, list[st
         options["lora_split"] = lora
     verdict = max(options, key=options.__getitem__)
     verdicts = [verdict] + [v for v, m in options.items() if v != verdict and m >= RECOVER * options[verdict]]
-    balanced = judged.get("balanced")
-    if balanced is not None and balanced.wins and balanced.mean >= RECOVER * options[verdict]:
-        verdicts.append("keep_shared+reweight")
+    verdicts += [f"keep_shared+{c}" for c in CURES
+                 if c in judged and judged[c].wins and judged[c].mean >= RECOVER * options[verdict]]
     won = {b: j.mean for b, j in branched.items() if j.wins}
     if won:
         best = max(won.values())
@@ -304,6 +340,11 @@ def measure(problem: Problem, seeds: int, log: Any = print) -> Truth:
         f"groups={groups} ({truth.seconds:.0f} s, {truth.cpu_seconds:.0f} s CPU)"
     )
     return truth
+
+
+def is_current(truth: Truth, problem: Problem, seeds: int) -> bool:
+    """Was ``truth`` measured on ``problem`` as it is now, over ``seeds`` seeds, with every re-weighted variant?"""
+    return truth.fingerprint == problem.fingerprint() and truth.seeds == seeds and set(CURES) <= set(truth.judged)
 
 
 def load_cache(path: Path = CACHE) -> dict[str, Truth]:
