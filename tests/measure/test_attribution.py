@@ -169,6 +169,15 @@ def test_both_linear_routes_match_oracle(route: str):
 LINEAR_ROUTES = ["ghost", "materialised", "per-example", "per-example, formed twice"]
 
 
+def _over_budget_if_asked(route: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """For the route "per-example, formed twice": a memory budget of one byte, so that each example's weight
+    gradients are formed a piece at a time and formed again for the contributions."""
+    if route == "per-example, formed twice":
+        base = importlib.import_module("gradconflict.measure.rules.base")
+        monkeypatch.setattr(base, "EXAMPLE_CHUNK_BYTES", 1)
+        monkeypatch.setattr(base, "PIECE_BYTES", 1)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("route", LINEAR_ROUTES)
 def test_linear_routes_match_oracle(route: str, reduction: str, monkeypatch: pytest.MonkeyPatch):
@@ -177,10 +186,7 @@ def test_linear_routes_match_oracle(route: str, reduction: str, monkeypatch: pyt
     # contributions (over their memory budget). One row per example (an MLP), a layer called twice, padded
     # sequences through a transformer block and through attention alone, and the Linear inside PyTorch's encoder.
     linear = importlib.import_module("gradconflict.measure.rules.linear")
-    if route == "per-example, formed twice":
-        base = importlib.import_module("gradconflict.measure.rules.base")
-        monkeypatch.setattr(base, "EXAMPLE_CHUNK_BYTES", 1)
-        monkeypatch.setattr(base, "PIECE_BYTES", 1)
+    _over_budget_if_asked(route, monkeypatch)
     monkeypatch.setattr(linear, "attribution_route", lambda *args: route.split(",")[0])
     for family in ("mlp", "reused_module", "embedding_layernorm"):
         model, x = FAMILIES[family](3)
@@ -402,10 +408,7 @@ def test_convolution_routes_match_oracle(route: str, reduction: str, monkeypatch
     # weight gradients kept whole, or formed one example at a time and formed again for the contributions (over
     # their memory budget), or the kernel route's forward convolution and patch kernels.
     conv = importlib.import_module("gradconflict.measure.rules.conv")
-    if route == "per-example, formed twice":
-        base = importlib.import_module("gradconflict.measure.rules.base")
-        monkeypatch.setattr(base, "EXAMPLE_CHUNK_BYTES", 1)
-        monkeypatch.setattr(base, "PIECE_BYTES", 1)
+    _over_budget_if_asked(route, monkeypatch)
     monkeypatch.setattr(conv, "kernel_is_cheaper", lambda *args: route == "kernel")
     model = MultiTask(Convolutions(), linear_heads(16, 3))
     check_against_oracle(model, torch.randn(5, 3, 9, 8), batch_losses(reduction))
