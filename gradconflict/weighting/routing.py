@@ -111,7 +111,9 @@ def _only_shared(
             stack.extend((child, False) for child in _children(node) if child not in reach)
             continue
         variable = getattr(node, "variable", None)
-        some, other = (False, False) if variable is None else kinds([variable])
+        some, other = False, False
+        if variable is not None and not is_tap_anchor(variable):
+            some, other = id(variable) in shared, id(variable) not in shared
         if type(node).__name__ == CHECKPOINT_NODE:
             leaves = inside(node)
             segment_some, segment_other = (False, True) if leaves is None else kinds(leaves)
