@@ -344,6 +344,8 @@ def advise(
                 reason += " (pass sample_ids= to monitor.backward to name the examples that carry it)"
         if dominance.status == "watch":
             dominated = ", ".join(pair_key(*p) for p in dominance.pairs)
+            if measured_ceiling.status == "n/a":  # the cheap cure to try, until a comparison measures it
+                weighting = MAGNITUDE_WEIGHTINGS[0]
             reason += (
                 f"; but one task's gradient dominates by its magnitude ({dominated}): try a magnitude-aware "
                 f"weighting first ({', '.join(MAGNITUDE_WEIGHTINGS)}, in the next step's comparison), and split only "

@@ -85,7 +85,10 @@ class Advice:
         weighting: the update rule to train the shared model with (a :data:`gradconflict.weighting.METHODS`
             name), when the comparison showed a re-weighted shared model beating shared and no split beating it,
             or recovering at least :data:`~gradconflict.diagnosis.signals.ceiling.RECOVERED_SHARE` (80%) of the best
-            split's gain (provisional while the test cannot tell whether a split beats it); else ``None``.
+            split's gain (provisional while the test cannot tell whether a split beats it); before any comparison,
+            the first of :data:`~gradconflict.diagnosis.signals.magnitude.MAGNITUDE_WEIGHTINGS` when one task's
+            gradient dominates by its magnitude and no signal says split (provisional: the next step's comparison
+            measures it against the split); else ``None``.
         examples: the examples that carry the conflict, per pair (:class:`~gradconflict.diagnosis.examples.
             ConflictingExamples`: the ids, the share of the negative inner product they carry, the what-if of
             removing or halving them), when a split would not cure the conflict: for the oscillating pairs, or for
@@ -186,7 +189,8 @@ class Advice:
         >>> print(advise([fight] * 8).summary().splitlines()[1][:62])
         how persistent: tasks a/b conflict on 100% of 8 measured steps
         """
-        lines = [f"verdict: {self.verdict} ({self.uncertainty})"]
+        trained = f", the shared model trained with {self.weighting}" if self.weighting else ""
+        lines = [f"verdict: {self.verdict}{trained} ({self.uncertainty})"]
         decisive = self.signal("diverging_objectives").finding
         if decisive is not None:
             lines.append(
@@ -223,7 +227,8 @@ class Advice:
         return advice_html(self)
 
     def __str__(self) -> str:
-        lines = [f"verdict: {self.verdict} ({self.uncertainty})"]
+        trained = f", the shared model trained with {self.weighting}" if self.weighting else ""
+        lines = [f"verdict: {self.verdict}{trained} ({self.uncertainty})"]
         if self.branch_point is not None:
             lines.append(
                 f"branch point: {self.branch_point} (duplicates {self.duplicated_share:.0%} of the profiled "

@@ -139,8 +139,10 @@ def test_advise_from_jsonl_round_trip(tmp_path, make_report, make_pair):
     diverging = strict.signal("diverging_objectives")
     assert diverging.status == "watch" and diverging.finding.outcome == "undetermined"
     assert 0 < diverging.finding.steps_needed < math.inf
-    # Signal 4 still says split (negative transference): adapters, since no depth is established.
-    assert strict.verdict == "lora_split" and strict.branch_point is None
+    # Nor can signal 4's t-test (20 effective steps at least): its negative transference says watch, not split.
+    risk = strict.signal("single_point_of_risk")
+    assert risk.status == "watch" and risk.value < risk.threshold
+    assert strict.verdict == "keep_shared" and strict.branch_point is None and not strict.uncertainty.decided
 
 
 def test_next_step_code_is_valid_python():
@@ -555,8 +557,13 @@ def test_magnitude_dominance_on_a_100x_loss_scale():
     kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("weightings", "variants")}
     assert {"imtl-g", "aligned-mtl"} <= set(kw["weightings"]) and "independent" in kw["variants"]
     assert not advice.uncertainty.decided
-    calm = advise(_aligned_run(1.0)[3], model=model).signal("magnitude_dominance")
+    # Until the comparison measures it, the advice names the weighting to try: keep shared, re-weighted.
+    assert (advice.verdict, advice.weighting) == ("keep_shared", "imtl-g")
+    assert "keep_shared, the shared model trained with imtl-g (provisional" in advice.summary().splitlines()[0]
+    calm_advice = advise(_aligned_run(1.0)[3], model=model)
+    calm = calm_advice.signal("magnitude_dominance")
     assert calm.status == "ok" and calm.details["median_norm_ratio"]["a/b"] == pytest.approx(1.0, rel=1e-6)
+    assert calm_advice.weighting is None
 
 
 def test_a_split_counts_only_if_it_beats_the_reweighting(make_report, make_pair):

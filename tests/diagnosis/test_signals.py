@@ -210,14 +210,35 @@ def test_single_point_of_risk(make_report, make_pair):
     assert s.status == "ok" and s.value == pytest.approx(0.5) and s.details["negative_pairs"] == []
     hurt = _run(make_report, [make_pair(-0.05)] * 4)
     assert single_point_of_risk(hurt).status == "watch"
-    hurt = _run(make_report, [make_pair(-0.5, norms=(1.0, 2.0))] * 4, losses=[1.0, 1.0])
+    hurt = _run(make_report, [make_pair(-0.5, norms=(1.0, 2.0))] * 8, losses=[1.0, 1.0])
     s = single_point_of_risk(hurt, lr=0.01)
     # N_ab = G_ab / G_bb = -0.5 * 2 / 4 = -0.25 and N_ba = -0.5 * 2 / 1 = -1: the small task suffers most.
     assert s.status == "split" and s.value == pytest.approx(-1.0)
+    # The same four steps are fewer than the t-test's 5 effective steps: the value is the same, the evidence thin.
+    few = single_point_of_risk(hurt[:4], lr=0.01)
+    assert few.status == "watch" and few.value == pytest.approx(-1.0) and "watch, not split" in few.evidence
     assert s.details["negative_pairs"] == ["a->b", "b->a"] and s.details["method"] == "first order from G, lr=0.01"
     assert s.pairs == (("b", "a"),) and s.statistic == "normalized_affinity"  # a step on b hurts a most
     exact = single_point_of_risk(hurt, lookahead=(["a", "b"], [[0.1, 0.02], [0.01, 0.1]]))
     assert exact.status == "ok" and exact.details["method"] == "exact lookahead"
+
+
+def test_single_point_of_risk_needs_a_mean_that_more_than_one_step_carries(make_report, make_pair):
+    # 39 steps agree a little (cosine 0.1, unit norms); one early step (norms 10) fights hard (cosine -0.9). The mean
+    # transference a->b is (-90 + 39 * 0.1) / 40 < 0, its normalised affinity -2.15 / 3.475 = -0.62, far below the
+    # split cut-off; but one step carries it: scipy's one-sample t-test of the 40 values gives p = 0.16.
+    values = np.array([-90.0] + [0.1] * 39)
+    run = _run(make_report, [make_pair(-0.9, norms=(10.0, 10.0))] + [make_pair(0.1)] * 39)
+    s = single_point_of_risk(run)
+    assert s.value == pytest.approx(values.mean() / ((100 + 39) / 40))
+    expected = stats.ttest_1samp(values, 0.0, alternative="less").pvalue
+    assert s.status == "watch" and s.details["p_adjusted"]["a->b"] == pytest.approx(expected, rel=1e-6)
+    assert expected > 0.05
+    # A conflict that every step carries (cosine -0.3 +- 0.05) is significant on as many steps.
+    rng = np.random.default_rng(0)
+    steady = _run(make_report, [make_pair(float(c)) for c in -0.3 + 0.05 * rng.standard_normal(40)])
+    s = single_point_of_risk(steady)
+    assert s.status == "split" and max(s.details["p_adjusted"].values()) < 1e-10
 
 
 def test_worst_status():

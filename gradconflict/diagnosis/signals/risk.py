@@ -7,12 +7,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy import stats
 from torch import nn
 
 from gradconflict.diagnosis.affinity import mean_transference, normalized
 from gradconflict.diagnosis.aligned import Aligned, Run, align, masked_mean, no_pair_reason
 from gradconflict.diagnosis.evaluations import EvalTable, Pairs
 from gradconflict.diagnosis.heads import head_stats
+from gradconflict.diagnosis.persistence import autocorrelation_time, minimum_effective_steps
 from gradconflict.diagnosis.signals.base import (
     Signal,
     Status,
@@ -161,8 +163,18 @@ def single_point_of_risk(
     ``Z`` is the first-order transference ``lr G_ij / L_j`` averaged over the measured steps that carried both
     tasks, or the exact ``lookahead`` result ``(tasks, Z)`` of
     :func:`~gradconflict.diagnosis.affinity.lookahead_transference` (put in sorted task order).
-    ``split`` below ``transfer_split``, ``watch`` below ``transfer_watch``; ``n/a`` when no pair of tasks was
-    measured together.
+    ``watch`` below ``transfer_watch``; ``split`` below ``transfer_split`` when the evidence holds: from the
+    first-order transference, some pair below ``transfer_split`` must have a mean significantly below zero (a
+    one-sided t-test of its per-step values on ``n / tau`` effective steps, at least
+    :func:`~gradconflict.diagnosis.persistence.minimum_effective_steps`, Benjamini-Hochberg over those pairs at
+    ``alpha``), so that a mean carried by one or two steps of a long run, or a single step, says ``watch``; an
+    exact lookahead is taken as measured. ``n/a`` when no pair of tasks was measured together.
+
+    >>> import torch
+    >>> from gradconflict import ConflictReport
+    >>> hurt = [ConflictReport("ab", torch.tensor([[1.0, -0.5], [-0.5, 1.0]]), step=s) for s in range(8)]
+    >>> single_point_of_risk(hurt).status, single_point_of_risk(hurt[:1]).status  # eight steps; one
+    ('split', 'watch')
     """
     th = thresholds or Thresholds()
     name = "single_point_of_risk"
@@ -188,7 +200,10 @@ def single_point_of_risk(
     off = np.where(np.eye(T, dtype=bool) | np.isnan(N), np.inf, N)
     i, j = np.unravel_index(int(np.argmin(off)), off.shape)
     value = float(N[i, j])
-    status: Status = "split" if value < th.transfer_split else "watch" if value < th.transfer_watch else "ok"
+    below = [(a, b) for a in range(T) for b in range(T) if a != b and off[a, b] < th.transfer_split]
+    p_adjusted = _negative_mean_p(aligned, lr, below, th.alpha) if aligned is not None else np.zeros(len(below))
+    significant = bool(np.any(p_adjusted < th.alpha))
+    status: Status = "split" if significant else "watch" if value < th.transfer_watch or below else "ok"
     negative = [f"{tasks[a]}->{tasks[b]}" for a in range(T) for b in range(T) if a != b and Z[a, b] < 0]
     evidence = (
         f"a step on {tasks[i]} alone {'raises' if value < 0 else 'lowers'} {tasks[j]}'s loss by {abs(value):.2f} "
@@ -196,6 +211,15 @@ def single_point_of_risk(
         f"{_coverage(aligned, int(i), int(j)) if aligned is not None else ''}); "
         + (f"negative transference: {', '.join(negative)}" if negative else "no negative transference")
     )
+    if below and aligned is not None:
+        k = int(np.argmin(p_adjusted))
+        evidence += (
+            f"; the mean of {tasks[below[k][0]]}->{tasks[below[k][1]]} is significantly below 0 (p = "
+            f"{p_adjusted[k]:.2g}, one-sided t-test on the effective steps, adjusted)"
+            if significant else
+            f"; no such mean is significantly below 0 (lowest p = {p_adjusted[k]:.2g}, one-sided t-test on the "
+            "effective steps, adjusted): a few steps carry it, so this says watch, not split"
+        )
     details: dict[str, Any] = {
         "method": method,
         "transference": [[_finite_or_none(v) for v in row] for row in Z.tolist()],
@@ -205,7 +229,31 @@ def single_point_of_risk(
     }
     if aligned is not None:
         details["together"] = _by_pair(aligned, aligned.pair_counts())
+        details["p_adjusted"] = {f"{tasks[a]}->{tasks[b]}": float(p) for (a, b), p in zip(below, p_adjusted)}
     return Signal(
         name, value, th.transfer_split, status, evidence, details, statistic="normalized_affinity",
         pairs=((tasks[i], tasks[j]),),
     )
+
+
+def _negative_mean_p(
+    aligned: Aligned, lr: float, pairs: Sequence[tuple[int, int]], alpha: float
+) -> np.ndarray:
+    """For each directed pair ``(i, j)``, the one-sided p-value that the mean of its per-step transference
+    ``Z_ij`` is below zero: a t-test on ``n / tau`` effective steps (``tau`` the series' autocorrelation time), 1
+    on fewer than :func:`~gradconflict.diagnosis.persistence.minimum_effective_steps` (``alpha``); Benjamini-Hochberg
+    adjusted over ``pairs``. A mean carried by one outlying step has a t statistic near -1: not significant."""
+    if not pairs:
+        return np.zeros(0)
+    Z = aligned.transference(lr)
+    p_raw = []
+    for i, j in pairs:
+        z = Z[:, i, j][np.isfinite(Z[:, i, j])]
+        n = len(z) / autocorrelation_time(z)
+        if n < minimum_effective_steps(alpha) or z.mean() >= 0:
+            p_raw.append(1.0)
+            continue
+        spread = z.std(ddof=1)
+        t = z.mean() / (spread / np.sqrt(n)) if spread > 0 else -np.inf
+        p_raw.append(float(stats.t.cdf(t, df=n - 1)))
+    return np.asarray(stats.false_discovery_control(p_raw, method="bh"))
