@@ -176,6 +176,18 @@ def _groups(
     return (grouping.groups if len(grouping.groups) > 1 else [[t] for t in tasks]), grouping
 
 
+def _compared_groups(measured_ceiling: Signal, tasks: list[str]) -> list[list[str]] | None:
+    """The task groups of the split the comparison confirmed: the branched variant's groups when it won, one per
+    task when fully independent models won (``None`` otherwise): the verdict follows the comparison, and so do
+    the groups it measured."""
+    winners = measured_ceiling.details.get("winners") or []
+    if "branched" in winners and measured_ceiling.details.get("groups"):
+        return [list(g) for g in measured_ceiling.details["groups"]]
+    if "independent" in winners:
+        return [[t] for t in tasks]
+    return None
+
+
 def _examples(
     samples: SampleTally | None, oscillating: Signal, measured_ceiling: Signal
 ) -> list[ConflictingExamples]:
@@ -365,6 +377,11 @@ def advise(
             )
         elif not by_block:
             candidates = _candidates(branch, blocks, profile)
+    elif verdict == "keep_shared" and measured_ceiling.status == "n/a":
+        # Capacity is invisible to gradients and may run short at any depth: the next step branches at blocks
+        # from the bottom up, beside the fully independent models.
+        bottom = blocks[0] if blocks else profile.layers[0].name if profile is not None and profile.layers else None
+        candidates = _candidates(bottom, blocks, profile) if bottom is not None else []
     unmeasured = no_pair_reason(aligned) if len(tasks) > 1 else None
     counts = aligned.pair_counts()
     never = [pair_key(a, b) for k, a in enumerate(tasks) for m, b in enumerate(tasks) if k < m and counts[k, m] == 0]
@@ -384,6 +401,8 @@ def advise(
     else:
         affinity = normalized(mean_transference(aligned, lr))
     groups, grouping = _groups(verdict, tasks, affinity, th, max_groups)
+    if decided_by == "ceiling" and verdict == "physical_split":
+        groups = _compared_groups(measured_ceiling, tasks) or groups
     if verdict == "keep_shared":
         code_groups: list[list[str]] = [[t] for t in tasks]  # the check: fully independent models
     else:
@@ -401,7 +420,9 @@ def advise(
         groups=groups,
         signals=signals,
         next_step=next_step_code(
-            verdict, candidates if len(candidates) > 1 else branch, code_groups, conflict=diverging.status == "split",
+            verdict, candidates if len(candidates) > 1 or verdict == "keep_shared" and candidates else branch,
+            code_groups,
+            conflict=diverging.status == "split",
             reweight=dominance.status == "watch", steps=int(aligned.steps.max()) + 1,
             lr=float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None,
         ),

@@ -340,7 +340,8 @@ def _uncertainty(
     if more is not None:  # no signal says split, but the gradients cannot rule a conflict out yet
         return Uncertainty(
             False, f"{more.statement}; and capacity (a backbone too small for the tasks) is invisible to gradients "
-            "whatever they show: only the comparison experiment can judge it (next_step, shared against independent)",
+            "whatever they show: only the comparison experiment can judge it (next_step, shared against "
+            "independent and branched models)",
             steps_needed=more.steps_needed, training_steps_needed=more.training_steps_needed, awaits=more.awaits,
         )
     return Uncertainty(
@@ -348,6 +349,6 @@ def _uncertainty(
         f"provisional on capacity: every pair's conflict rate is significantly below a persistent conflict's "
         f"({PERSISTENT_RATE:.0%}) or its conflict weaker than small, so the gradients show no conflict; but "
         "capacity (a backbone too small for the tasks) is invisible to gradients and only the comparison "
-        "experiment can judge it: run next_step (shared against independent)",
+        "experiment can judge it: run next_step (shared against independent and branched models)",
         awaits=("comparison",),
     )

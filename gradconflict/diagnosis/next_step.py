@@ -43,11 +43,12 @@ def next_step_code(
     unknown (``None``), the printed call asks for them (``lr=...``) and the optimizer factory says what to pass.
     The code ends by calling the function on the inputs it names. Without ``eval_data`` (``None``), the function
     says that Delta-m is then measured on the training loss. The shared model and fully independent models are
-    always compared (capacity is invisible to gradients). With ``conflict`` (diverging gradients), the shared
-    model is also trained with conflict-aware updates (``upgrad``, ``pcgrad``); with ``reweight`` (one task's
-    gradient dominates by its magnitude), with the magnitude-aware weightings
-    (:data:`~gradconflict.diagnosis.signals.MAGNITUDE_WEIGHTINGS`):
-    the cheaper cures, which a split must beat.
+    always compared (capacity is invisible to gradients); for ``keep_shared``, ``branch_at`` (the candidate
+    blocks from the bottom up) adds the branched copies, capacity running short at any depth. With ``conflict``
+    (diverging gradients), the shared model is also trained with conflict-aware updates (``upgrad``,
+    ``pcgrad``); with ``reweight`` (one task's gradient dominates by its magnitude), with the magnitude-aware
+    weightings (:data:`~gradconflict.diagnosis.signals.MAGNITUDE_WEIGHTINGS`): the cheaper cures, which a split
+    must beat.
 
     When the comparison over ``seeds`` seeds cannot tell whether a split beats the shared model (a mean gain above
     the floor the paired test does not confirm), the function runs the seeds its test says would settle it
@@ -64,13 +65,15 @@ def next_step_code(
     advice = next_step(history, model_factory, loss_fns, train_data, eval_data, metrics, lr=...)
     """
     points = [branch_at] if branch_at is None or isinstance(branch_at, str) else list(branch_at)
+    at = repr(points[0]) if len(points) == 1 else f"each of {points}"
     why = {
-        "physical_split": "the shared model against one backbone copy per group, branching at "
-        + (repr(points[0]) if len(points) == 1 else f"each of {points}"),
+        "physical_split": f"the shared model against one backbone copy per group, branching at {at}",
         "lora_split": "the shared model against a frozen shared backbone with one LoRA adapter per group",
-        "keep_shared": "the shared model against fully independent models (capacity is invisible to gradients)",
+        "keep_shared": "the shared model against fully independent models"
+        + ("" if points == [None] else f" and copies branching at {at}")
+        + " (capacity is invisible to gradients)",
     }[verdict]
-    variants = _VARIANTS[verdict]
+    variants = _VARIANTS[verdict] + (("branched",) if verdict == "keep_shared" and points != [None] else ())
     weightings = (["upgrad", "pcgrad"] if conflict else []) + (list(MAGNITUDE_WEIGHTINGS) if reweight else [])
     lines = [
         "import torch",

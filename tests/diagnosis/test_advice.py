@@ -45,8 +45,10 @@ def test_keep_shared_when_tasks_agree(make_report, make_pair):
     assert not advice.uncertainty.decided and advice.uncertainty.awaits == ("comparison",)
     assert {"shared", "independent"} <= set(_variants(advice.next_step))
     ast.parse(advice.next_step)
-    # The check for a keep_shared advice: the shared model against fully independent models, one per task.
-    assert "variants=('shared', 'independent')" in advice.next_step and "groups=[['a'], ['b']]" in advice.next_step
+    # The check for a keep_shared advice: the shared model against fully independent models, one per task, and
+    # against copies branching at each profiled layer from the bottom up (capacity may run short at any depth).
+    assert "variants=('shared', 'independent', 'branched')" in advice.next_step
+    assert "groups=[['a'], ['b']]" in advice.next_step and "for branch_at in ['body.0', 'body.1']" in advice.next_step
 
 
 def test_physical_split_at_the_conflicting_depth(make_report, make_pair):
@@ -394,7 +396,8 @@ def test_verdict_branch_groups_and_next_step_agree(make_report, make_pair, make_
         assert (len(advice.groups) > 1) == (advice.verdict != "keep_shared"), name
         assert sorted(t for g in advice.groups for t in g) == ["a", "b"], name
         assert repr(advice.branch_point) in advice.next_step, name
-        variant = {"keep_shared": "'independent')", "lora_split": "'lora')", "physical_split": "'branched')"}
+        variant = {"keep_shared": "'independent', 'branched')", "lora_split": "'lora')",
+                   "physical_split": "'independent', 'branched')"}
         assert variant[advice.verdict] in advice.next_step, name
     assert seen == {"keep_shared", "lora_split", "physical_split"}
 
@@ -606,6 +609,35 @@ def test_economical_branch_point_from_a_comparison_at_several_blocks(make_report
     # body.1 recovers 10 / 30 = 33%: the split stays at body.0.
     low = advise(run, layer_order=["body.0", "body.1"], comparison=runs({"body.0": 30.0, "body.1": 10.0}))
     assert low.branch_point == "body.0"
+
+
+def test_capacity_a_keep_shared_comparison_branched_at_a_block_that_wins_splits_there(make_report, make_pair):
+    def rec(name, v):
+        return VariantRecord(name, {t: [1.0] for t in "abc"}, [(1, {t: v for t in "abc"})],
+                             {t: "min" for t in "abc"})
+
+    def runs(gains, independent=0.0):  # {block: gain in percent} on three varying seeds, branched one per task
+        return [ComparisonResult({"shared": rec("shared", s), "independent": rec("independent", s * (1 - independent
+                                                                                                      / 100)),
+                                  "branched": rec("branched", s * (1 - (g + 0.1 * k) / 100))},
+                                 ["a", "b", "c"], 1, 0, branch_at=block, groups=[["a"], ["b"], ["c"]], seed=k)
+                for block, g in gains.items() for k, s in enumerate([1.0, 1.2, 1.1])]
+
+    calm = []
+    for step in range(12):  # three agreeing tasks (cosine 0.6 everywhere) on two layers: no conflict
+        G = torch.full((3, 3), 0.6, dtype=torch.float64).fill_diagonal_(1.0)
+        calm.append(make_report(2 * G, step=step, layers={"body.0": (G, 60), "body.1": (G.clone(), 20)}))
+    first = advise(calm, layer_order=["body.0", "body.1"])
+    assert first.verdict == "keep_shared" and not first.uncertainty.decided
+    assert "for branch_at in ['body.0', 'body.1']" in first.next_step
+    # Independent models gain nothing, the copy branching at body.1 gains 5% on every seed (paired test over the
+    # constructed gains): capacity ran short at the top; the split is the one measured, one group per task.
+    split = advise(calm, layer_order=["body.0", "body.1"], comparison=runs({"body.0": 1.0, "body.1": 5.0}))
+    assert (split.verdict, split.branch_point, split.decided_by) == ("physical_split", "body.1", "ceiling")
+    assert split.groups == [["a"], ["b"], ["c"]]
+    # No copy and no independent model beats the shared one by the floor: keep it shared, decided.
+    kept = advise(calm, layer_order=["body.0", "body.1"], comparison=runs({"body.0": 0.2, "body.1": 0.1}))
+    assert (kept.verdict, kept.groups, kept.uncertainty.decided) == ("keep_shared", [["a", "b", "c"]], True)
 
 
 def test_duplicated_share_matches_what_branch_copies():
