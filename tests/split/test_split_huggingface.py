@@ -202,7 +202,7 @@ def test_lora_split_adapts_linear_and_gpt2_conv1d_layers(family):
 
 def test_compare_runs_the_advices_own_next_step_on_bert():
     """Two aligned tasks: the advice keeps the backbone shared and its next step checks that against independent
-    models; compare runs that step's arguments as they are, on BERT."""
+    models and copies branching at BERT's blocks; compare runs that step's arguments as they are, on BERT."""
     model, batch = model_and_batch("bert", n=16)
     target = batch["input_ids"][:, :1].float() / 40
     targets = {"a": target, "b": 2 * target}
@@ -215,9 +215,14 @@ def test_compare_runs_the_advices_own_next_step_on_bert():
             opt.step()
             opt.zero_grad()
     advice = monitor.advise()
-    found = re.search(r"variants=(.*?),\s*branch_at=(.*?), groups=(.*?),\n", advice.next_step, flags=re.S)
-    variants, branch_at, groups = (ast.literal_eval(found.group(k)) for k in (1, 2, 3))
-    assert advice.verdict == "keep_shared" and variants == ("shared", "independent")
+    found = re.search(r"variants=(.*?),\s*branch_at=branch_at, groups=(.*?),\n", advice.next_step, flags=re.S)
+    variants, groups = (ast.literal_eval(found.group(k)) for k in (1, 2))
+    points = ast.literal_eval(re.search(r"for branch_at in (\[.*?\])", advice.next_step).group(1))
+    assert advice.verdict == "keep_shared" and variants == ("shared", "independent", "branched")
+    # The blocks that branch() copies, from the bottom up: the embeddings, then the encoder's layers.
+    assert points[0] == "backbone.embeddings" and len(points) > 1
+    assert all(p.startswith("backbone.encoder.layer.") for p in points[1:]), points
+    branch_at = points[-1]  # the top candidate: the cheapest copy
 
     def factory():
         return model_and_batch("bert")[0]

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.diagnosis.independent.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", nargs="*", default=None, help="problem names (default: all)")
-    parser.add_argument("--seeds", type=int, default=4, help="seeds of the truth (default 4)")
+    parser.add_argument("--seeds", type=int, default=8, help="seeds of the truth (default 8)")
     parser.add_argument("--advice-only", action="store_true", help="use the cached truth; fail where it is stale")
     parser.add_argument("--truth-only", action="store_true", help="measure (or refresh) the truth, no advice")
     parser.add_argument("--retruth", action="store_true", help="measure the truth even where it is cached")
