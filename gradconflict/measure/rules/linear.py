@@ -200,7 +200,7 @@ class LinearRule(LayerRule[nn.Module]):
             K = X @ X.transpose(1, 2)  # [N, L, L]
             if bias:
                 K += 1
-            own = einsum(K, D, "n l m, s n m o -> s n l o")
+            own = K @ D  # [T, N, L, d_out], K broadcast over the tasks
 
         def per_example(A: Tensor, B: Tensor) -> Tensor:  # sum over example n's rows of A_t . B_s: [N, T, T]
             return torch.bmm(A.flatten(2).transpose(0, 1), B.flatten(2).permute(1, 2, 0))
