@@ -236,22 +236,25 @@ class Scratch:
     freed and allocated again comes back from the system as fresh pages, each zeroed on its first write, which
     costs about as much as writing it; reused, the step pays that once, not once per layer.
 
+    A rule may hold a second block at once (``slot=1``: a convolution's output gradients rearranged for its
+    products).
+
     >>> scratch = Scratch()
     >>> a = scratch.take(6, torch.zeros(0))
     >>> b = scratch.take(4, torch.zeros(0))
-    >>> b.shape, a.data_ptr() == b.data_ptr()
-    (torch.Size([4]), True)
+    >>> b.shape, a.data_ptr() == b.data_ptr(), scratch.take(4, torch.zeros(0), slot=1).data_ptr() == a.data_ptr()
+    (torch.Size([4]), True, False)
     """
 
     def __init__(self) -> None:
-        self._block: Tensor | None = None
+        self._blocks: dict[int, Tensor] = {}
 
-    def take(self, numel: int, like: Tensor) -> Tensor:
+    def take(self, numel: int, like: Tensor, slot: int = 0) -> Tensor:
         """``numel`` entries in ``like``'s dtype and device, their values undefined; they stay this caller's until
-        the next :meth:`take`."""
-        block = self._block
+        the next :meth:`take` of the same ``slot``."""
+        block = self._blocks.get(slot)
         if block is None or block.numel() < numel or block.dtype != like.dtype or block.device != like.device:
-            block = self._block = like.new_empty(numel)
+            block = self._blocks[slot] = like.new_empty(numel)
         return block[:numel]
 
 

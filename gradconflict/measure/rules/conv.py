@@ -157,7 +157,10 @@ class ConvRule(LayerRule[_ConvNd]):
             in one batched product over the examples and groups, each stacking its T tasks' output gradients."""
             J = out.view(g * (b - a), -1, patch)  # [(g n), (t c), patch]
             for k, call in enumerate(calls):
-                D = rearrange(call.output_grads[:, a:b].to(dtype), "t n (g c) ... -> (g n) (t c) (...)", g=g)
+                grads = call.output_grads[:, a:b].to(dtype)
+                D = grads.new_empty(grads.numel()) if scratch is None else scratch.take(grads.numel(), grads, 1)
+                D = D.view(g * (b - a), T * grads.shape[2] // g, -1)  # [(g n), (t c), P], filled in place
+                D.view(g, b - a, T, -1, D.shape[-1]).copy_(rearrange(grads, "t n (g c) ... -> g n t c (...)", g=g))
                 U = _patches(module, call.saved[a:b].to(dtype)).flatten(0, 1).transpose(1, 2)
                 if k == 0:
                     torch.bmm(D, U, out=J)
