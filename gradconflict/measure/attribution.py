@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from gradconflict.measure.rules import Call, LayerGram, LayerRule
-from gradconflict.measure.rules.base import LayerAttribution, NotPerExample, check_examples
+from gradconflict.measure.rules.base import LayerAttribution, NotPerExample, Scratch, check_examples
 
 __all__ = ["Attributor", "SampleAttribution", "sample_ids"]
 
@@ -130,14 +130,17 @@ class SampleAttribution:
         each: :meth:`pushes_apart`, and its own inner product ``<g_a^(n), g_b^(n)>`` divided by the batch's mean
         of ``(|g_a^(m)|^2 + |g_b^(m)|^2) / 2`` (zero when that is zero). What the run's per-id aggregates add up
         (:class:`gradconflict.records.samples.SampleTally`)."""
-        out = {}
-        T = len(self.tasks)
-        for i in range(T):
-            for j in range(i + 1, T):
-                scale = ((self.within[:, i, i] + self.within[:, j, j]) / 2).mean()
-                agreement = self.within[:, i, j] / scale if scale > 0 else torch.zeros_like(self.within[:, i, j])
-                out[(self.tasks[i], self.tasks[j])] = (self.pushes_apart(i, j), agreement)
-        return out
+        pairs, push, agreement = self.pair_columns()
+        return {pair: (push[:, k], agreement[:, k]) for k, pair in enumerate(pairs)}
+
+    def pair_columns(self) -> tuple[list[tuple[str, str]], Tensor, Tensor]:
+        """:meth:`pairs` as two ``[N, pairs]`` blocks, ``(pairs, push, agreement)``, column ``k`` for ``pairs[k]``
+        (taken together, not pair by pair)."""
+        i, j = torch.triu_indices(len(self.tasks), len(self.tasks), 1).tolist()
+        push = self.contribution[:, i, j] + self.contribution[:, j, i]
+        scale = ((self.within[:, i, i] + self.within[:, j, j]) / 2).mean(0)
+        agreement = torch.where(scale > 0, self.within[:, i, j] / scale, 0.0)
+        return [(self.tasks[a], self.tasks[b]) for a, b in zip(i, j)], push, agreement
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python (JSON-ready) view for a step's record: the ids, the sum check, the parameters left out,
@@ -173,10 +176,13 @@ class Attributor:
     tensor the autograd graph holds) to its name. ``world``: the number of processes whose gradients are averaged
     (DDP's mean over the ranks), each example's share of the global gradient being its share of its own rank's
     divided by ``world``; the layers are then attributed with :meth:`against` the global per-task gradients.
+    ``scratch``: where the layers form their per-example gradients (:class:`~gradconflict.measure.rules.base.Scratch`;
+    the engine keeps one from step to step).
     """
 
     def __init__(self, examples: int, num_tasks: int, dtype: torch.dtype, device: torch.device,
-                 names: dict[int, str], leaf: Callable[[Tensor], Tensor], world: int = 1) -> None:
+                 names: dict[int, str], leaf: Callable[[Tensor], Tensor], world: int = 1,
+                 scratch: Scratch | None = None) -> None:
         self.examples = examples
         self.names = names
         self.leaf = leaf
@@ -187,6 +193,7 @@ class Attributor:
         self.gram = torch.zeros(num_tasks, num_tasks, dtype=dtype, device=device)
         self.parameters: list[str] = []
         self.omitted: dict[str, str] = {}
+        self.scratch = Scratch() if scratch is None else scratch  # the layers' per-example gradients, one block
 
     def _name(self, p: Tensor) -> str:
         return self.names.get(id(self.leaf(p)), f"<parameter of shape {tuple(p.shape)}>")
@@ -215,7 +222,7 @@ class Attributor:
         params = [self._name(getattr(module, n)) for n in sorted(names)]
         try:
             check_examples(calls, self.examples)
-            out = rule.attribute(module, calls, names, dtype, total)
+            out = rule.attribute(module, calls, names, dtype, total, self.scratch)
         except (NotPerExample, NotImplementedError) as err:
             self.omitted.update(dict.fromkeys(params, f"layer {layer!r}: {err}"))
             return None

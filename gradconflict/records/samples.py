@@ -87,6 +87,17 @@ __all__ = ["SampleTally"]
 MAX_IDS = 100_000
 
 
+def _columns(push: Tensor, agreement: Tensor) -> Tensor:
+    """A step's values of :data:`COLUMNS` for each example, stacked on a last axis in float64, from its ``push``
+    and ``agreement`` (``[N]``, or ``[N, pairs]`` for every pair at once).
+
+    >>> _columns(torch.tensor([-1.0, 2.0]), torch.tensor([0.5, 0.25])).tolist()
+    [[1.0, -1.0, 1.0, 0.5, -1.0], [1.0, 2.0, 0.0, 0.25, 0.0]]
+    """
+    push, agreement = push.double(), agreement.double()
+    return torch.stack([torch.ones_like(push), push, (push < 0).double(), agreement, push.clamp(max=0)], -1)
+
+
 class SampleTally:
     """Per-pair, per-id sums over the attributed steps (see the module's docstring): exact up to ``max_ids``
     distinct ids per pair (``None``: always, one row per id), bounded past it.
@@ -107,26 +118,23 @@ class SampleTally:
         self._rows: dict[tuple[str, str], PairRows] = {}
 
     def add(self, samples: SampleAttribution) -> None:
-        """Add one step's attribution (one host copy of its per-pair rows)."""
-        self._add_step(samples.ids.detach().cpu().long(), {
-            pair: (push.detach().double().cpu(), agreement.detach().double().cpu())
-            for pair, (push, agreement) in samples.pairs().items()
-        })
+        """Add one step's attribution (one host copy of its per-pair rows, every pair's together)."""
+        pairs, push, agreement = samples.pair_columns()
+        values = _columns(push.detach().cpu(), agreement.detach().cpu())  # [N, pairs, columns]
+        self._add_step(samples.ids.detach().cpu().long(), dict(zip(pairs, values.unbind(1))))
 
     def add_pair(self, pair: tuple[str, str], ids: Sequence[int] | Tensor, push: Tensor, agreement: Tensor) -> None:
         """Add one step's per-example ``push`` and ``agreement`` ``[N]`` for ``pair`` (as a saved step holds them,
         :meth:`SampleAttribution.to_dict`)."""
-        self._add_step(torch.as_tensor(ids, dtype=torch.long).reshape(-1), {pair: (push, agreement)})
+        self._add_step(torch.as_tensor(ids, dtype=torch.long).reshape(-1), {pair: _columns(push, agreement)})
 
-    def _add_step(self, ids: Tensor, pairs: Mapping[tuple[str, str], tuple[Tensor, Tensor]]) -> None:
-        """One step's ``(push, agreement)`` of each pair, over the same ``ids``. Pairs that keep the same ids in the
-        same rows (below capacity, every pair of a run) look the ids up and admit the new ones once, together."""
+    def _add_step(self, ids: Tensor, pairs: Mapping[tuple[str, str], Tensor]) -> None:
+        """One step's ``[N, columns]`` values of each pair (:func:`_columns`), over the same ``ids``. Pairs that keep
+        the same ids in the same rows (below capacity, every pair of a run) look the ids up and admit the new ones
+        once, together."""
         entries = []
-        for pair, (push, agreement) in pairs.items():
+        for pair, values in pairs.items():
             key = (pair[1], pair[0]) if (pair[1], pair[0]) in self._rows else (pair[0], pair[1])
-            values = torch.stack(
-                [torch.ones_like(push), push, (push < 0).double(), agreement, push.clamp(max=0)], dim=1
-            )
             entries.append((self._rows.setdefault(key, PairRows(self.max_ids)), values))
         if not entries:
             return
@@ -157,7 +165,7 @@ class SampleTally:
         if not samples:
             return
         self._add_step(torch.tensor([int(i) for i in samples["ids"]], dtype=torch.long), {
-            (entry["pair"][0], entry["pair"][1]): (
+            (entry["pair"][0], entry["pair"][1]): _columns(
                 torch.tensor(entry["push"], dtype=torch.float64), torch.tensor(entry["agreement"], dtype=torch.float64)
             )
             for entry in samples.get("pairs", [])

@@ -426,3 +426,24 @@ def test_convolution_route_follows_the_size_rule():
     assert report.layers["backbone.0"].route == "per-example"
     assert report.layers["backbone.2"].route == "materialised"
     check_against_oracle(model, x)
+
+
+def test_per_example_blocks_reused_across_layers_and_steps(route: str, monkeypatch: pytest.MonkeyPatch):
+    # One monitor attributes three batches in turn, every Linear layer and convolution on its per-example route:
+    # each layer's per-example gradients are formed where the previous layer's (and the previous step's) lay,
+    # larger or smaller, so values left from an earlier layer or step would show against the oracle.
+    linear = importlib.import_module("gradconflict.measure.rules.linear")
+    conv = importlib.import_module("gradconflict.measure.rules.conv")
+    monkeypatch.setattr(linear, "attribution_route", lambda *args: "per-example")
+    monkeypatch.setattr(conv, "kernel_is_cheaper", lambda *args: False)
+    bb = nn.Sequential(Convolutions(), nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 16))
+    model = MultiTask(bb, linear_heads(16, 3))
+    losses = batch_losses("mean")
+    with ConflictMonitor(model, shared=model.backbone) as monitor:
+        for examples in (5, 2, 4):
+            x = torch.randn(examples, 3, 9, 8)
+            samples = monitor.measure(losses(model(x)), sample_ids=torch.arange(examples)).samples
+            assert samples is not None and samples.omitted == {}
+            contribution, within = per_example_oracle(model, x, losses, samples.parameters)
+            assert rel_err(samples.contribution, contribution) <= RTOL
+            assert rel_err(samples.within, within) <= RTOL

@@ -32,6 +32,7 @@ from gradconflict.measure.engine.batched import BatchedPass, Inexact, TaskByTask
 from gradconflict.measure.engine.loop import loop_accumulate
 from gradconflict.measure.engine.segments import boundary_edges, segment_backward
 from gradconflict.measure.graph import Graph, walk_graph
+from gradconflict.measure.rules.base import Scratch
 
 if TYPE_CHECKING:
     from gradconflict.measure.distributed import Reduction
@@ -100,6 +101,8 @@ class TappedEngine:
         self._warned: set[str] = set()
         self._loop_reason: str | None = None
         self._opaque = False  # the model runs compiled: taps would never fire inside it
+        # the attributed steps' per-example gradients (at most EXAMPLE_CHUNK_BYTES), formed where the last step's lay
+        self._scratch = Scratch()
 
     def state_dict(self) -> list[dict[str, Any]]:
         """The strategy choices made so far (plain data), so that a resumed run does not time them again."""
@@ -276,7 +279,9 @@ class TappedEngine:
             for n, p in module.named_parameters(recurse=False)
         }
         world = 1 if reduction is None else reduction.sync.world
-        attribution = Attributor(examples, len(losses), plan.gram_dtype, stacked.device, names, plan.leaf, world)
+        attribution = Attributor(
+            examples, len(losses), plan.gram_dtype, stacked.device, names, plan.leaf, world, self._scratch
+        )
         strategy, choice = "batched", None
         if reduction is None and not graph.checkpoints:
             strategy, choice = self._choose(graph, plan, stacked, None, attributed=True)

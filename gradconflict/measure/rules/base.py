@@ -19,6 +19,7 @@ __all__ = [
     "MEMORY_COST",
     "NotPerExample",
     "PIECE_BYTES",
+    "Scratch",
     "attribution_of",
     "check_examples",
     "gram_of",
@@ -142,13 +143,14 @@ class LayerRule(Generic[M]):
 
     def attribute(
         self, module: M, calls: Sequence[Call], names: set[str], dtype: torch.dtype,
-        total: dict[str, Tensor] | None = None,
+        total: dict[str, Tensor] | None = None, scratch: Scratch | None = None,
     ) -> LayerAttribution:
         """The layer's Gram and each example's part in it (see :class:`LayerAttribution`), in ``dtype``.
 
         ``total``, when given, holds the per-task gradients ``{name: [T, *parameter.shape]}`` (as :meth:`per_task`
         gives them) that the contributions are taken against, in place of the layer's own sum over the examples:
         across processes, the global ones. The Gram is then theirs; the within-example Gram stays the example's.
+        ``scratch``: memory shared with the step's other layers for per-example gradients (:class:`Scratch`).
 
         By default from :meth:`per_example`; a rule with a cheaper route (the Linear kernel) overrides it."""
         per_example = self.per_example(module, calls, names, dtype)
@@ -228,13 +230,42 @@ def attribution_of(rows: Tensor, route: str = "per-example", total: Tensor | Non
     )
 
 
+class Scratch:
+    """Memory for the per-example gradients that the layer rules of one attributed step form in turn
+    (:func:`per_example_attribution`): each layer's are written where the previous layer's lay. A large block
+    freed and allocated again comes back from the system as fresh pages, each zeroed on its first write, which
+    costs about as much as writing it; reused, the step pays that once, not once per layer.
+
+    A rule may hold a second block at once (``slot=1``: a convolution's output gradients rearranged for its
+    products).
+
+    >>> scratch = Scratch()
+    >>> a = scratch.take(6, torch.zeros(0))
+    >>> b = scratch.take(4, torch.zeros(0))
+    >>> b.shape, a.data_ptr() == b.data_ptr(), scratch.take(4, torch.zeros(0), slot=1).data_ptr() == a.data_ptr()
+    (torch.Size([4]), True, False)
+    """
+
+    def __init__(self) -> None:
+        self._blocks: dict[int, Tensor] = {}
+
+    def take(self, numel: int, like: Tensor, slot: int = 0) -> Tensor:
+        """``numel`` entries in ``like``'s dtype and device, their values undefined; they stay this caller's until
+        the next :meth:`take` of the same ``slot``."""
+        block = self._blocks.get(slot)
+        if block is None or block.numel() < numel or block.dtype != like.dtype or block.device != like.device:
+            block = self._blocks[slot] = like.new_empty(numel)
+        return block[:numel]
+
+
 def per_example_attribution(
-    rows: Callable[[int, int], Tensor], examples: int, tasks: int, width: int, like: Tensor,
-    against: Tensor | None = None, groups: int = 1,
+    rows: Callable[[int, int, Tensor], Tensor], examples: int, tasks: int, width: int, like: Tensor,
+    against: Tensor | None = None, groups: int = 1, scratch: Scratch | None = None,
 ) -> LayerAttribution:
     """The attribution of a weight from its per-example per-task gradients, formed one piece of
-    :data:`PIECE_BYTES` at a time: ``rows(a, b)`` gives ``[groups, b - a, T, width]``, the gradients of examples
-    ``a:b`` (per group of a grouped convolution; ``groups=1`` otherwise), in ``like``'s dtype and device.
+    :data:`PIECE_BYTES` at a time: ``rows(a, b, out)`` writes into ``out`` (``[groups, b - a, T, width]``) the
+    gradients of examples ``a:b`` (per group of a grouped convolution; ``groups=1`` otherwise), in ``like``'s dtype
+    and device, and returns it. The pieces lie in ``scratch`` when given (see :class:`Scratch`).
 
     Each piece is reduced while it is fresh: each example's own Gram, and the running sum over the examples, which
     is the per-task gradient ``G`` (``[groups, T, width]``), so no separate per-task computation is needed. The
@@ -243,16 +274,23 @@ def per_example_attribution(
     per-task gradients across processes) they are taken piece by piece, and the Gram is ``against``'s.
 
     >>> J = torch.randn(3, 2, 5)  # [N, T, width]: 3 examples, 2 tasks
-    >>> a = per_example_attribution(lambda a, b: J[None, a:b], 3, 2, 5, J)
+    >>> a = per_example_attribution(lambda a, b, out: out.copy_(J[None, a:b]), 3, 2, 5, J)
     >>> torch.allclose(a.contribution, einsum(J, J.sum(0), "n t p, s p -> n t s"), atol=1e-6), a.route
     (True, 'per-example')
     >>> torch.allclose(a.gram, J.sum(0) @ J.sum(0).T, atol=1e-5)
     True
     """
-    per_example = tasks * groups * width * like.element_size()
-    step = max(1, PIECE_BYTES // per_example)
+    per_example = tasks * groups * width
+    step = max(1, PIECE_BYTES // (per_example * like.element_size()))
     pieces = [(a, min(a + step, examples)) for a in range(0, examples, step)]
-    keep = against is None and examples * per_example <= EXAMPLE_CHUNK_BYTES
+    keep = against is None and examples * per_example * like.element_size() <= EXAMPLE_CHUNK_BYTES
+    held = (examples if keep else min(step, examples)) * per_example
+    store = like.new_empty(held) if scratch is None else scratch.take(held, like)
+
+    def piece(a: int, b: int) -> Tensor:
+        """The gradients of examples ``a:b``, formed where they are kept (or where the one piece at a time lies)."""
+        start = a * per_example if keep else 0
+        return rows(a, b, store[start : start + (b - a) * per_example].view(groups, b - a, tasks, width))
 
     def contributions(J: Tensor, G: Tensor) -> Tensor:
         return (J.flatten(1, 2) @ G.transpose(1, 2)).reshape(groups, -1, tasks, tasks).sum(0)
@@ -260,16 +298,17 @@ def per_example_attribution(
     kept, within, contribution = [], [], []
     total = like.new_zeros(groups, tasks, width)
     for a, b in pieces:
-        J = rows(a, b)
+        J = piece(a, b)
         within.append((J.flatten(0, 1) @ J.flatten(0, 1).transpose(1, 2)).reshape(groups, b - a, tasks, tasks).sum(0))
         if against is None:
-            total += J.sum(1)
+            for n in range(b - a):  # in place, one example at a time: no piece-sized temporary
+                total += J[:, n]
         else:
             contribution.append(contributions(J, against))
         if keep:
             kept.append(J)
     if against is None:
-        contribution = [contributions(J, total) for J in (kept if keep else (rows(a, b) for a, b in pieces))]
+        contribution = [contributions(J, total) for J in (kept if keep else (piece(a, b) for a, b in pieces))]
     else:
         total = against
     gram = gram_of(total.transpose(0, 1).reshape(tasks, -1))

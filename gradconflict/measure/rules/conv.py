@@ -21,6 +21,7 @@ from gradconflict.measure.rules.base import (
     Call,
     LayerAttribution,
     LayerRule,
+    Scratch,
     attribution_of,
     gram_of,
     per_example_attribution,
@@ -113,7 +114,7 @@ class ConvRule(LayerRule[_ConvNd]):
 
     def attribute(
         self, module: _ConvNd, calls: Sequence[Call], names: set[str], dtype: torch.dtype,
-        total: dict[str, Tensor] | None = None,
+        total: dict[str, Tensor] | None = None, scratch: Scratch | None = None,
     ) -> LayerAttribution:
         """Each example's part in the layer's Gram: the weight's through its per-example gradients
         (:meth:`_weight_attribution`) or, where :func:`kernel_is_cheaper` says so, through each example's patch
@@ -128,8 +129,10 @@ class ConvRule(LayerRule[_ConvNd]):
             kernel = len(calls) == 1 and kernel_is_cheaper(
                 N, math.prod(positions), patch, module.out_channels, T, torch.finfo(dtype).bits // 8
             )
-            weight = self._kernel_weight_attribution if kernel else self._weight_attribution
-            parts.append(weight(module, calls, dtype, against.get("weight")))
+            if kernel:
+                parts.append(self._kernel_weight_attribution(module, calls, dtype, against.get("weight")))
+            else:
+                parts.append(self._weight_attribution(module, calls, dtype, against.get("weight"), scratch))
         if "bias" in names:
             bias = [call.output_grads.to(dtype).flatten(3).sum(3) for call in calls]  # [T, N, C_out] each
             parts.append(attribution_of(sum(bias[1:], bias[0]), total=against.get("bias")))
@@ -137,26 +140,37 @@ class ConvRule(LayerRule[_ConvNd]):
         return sum(rest, first)
 
     def _weight_attribution(
-        self, module: _ConvNd, calls: Sequence[Call], dtype: torch.dtype, against: Tensor | None
+        self, module: _ConvNd, calls: Sequence[Call], dtype: torch.dtype, against: Tensor | None,
+        scratch: Scratch | None = None,
     ) -> LayerAttribution:
         """The weight's attribution from each example's weight gradients ``J_n = D_n U_n^T`` (``U_n`` its input
-        patches, ``D_n`` its output gradients, per group), by :func:`per_example_attribution`: their sum over the
-        examples is the per-task weight gradient, so no separate convolution backward runs. Against ``against``
-        (``[T, *weight.shape]``) when given."""
+        patches, ``D_n`` its output gradients, per group; the T tasks' ``D_n`` stacked into one product: on 2 CPU
+        threads a quarter faster than a product per example over the tasks, reading ``D`` in place), by
+        :func:`per_example_attribution` (in ``scratch``): their sum over the examples is the per-task weight
+        gradient, so no separate convolution backward runs. Against ``against`` (``[T, *weight.shape]``) when
+        given."""
         g, (T, N) = module.groups, calls[0].output_grads.shape[:2]
+        patch = module.in_channels // g * math.prod(module.kernel_size)
 
-        def rows(a: int, b: int) -> Tensor:
-            """``[g, b - a, T, w]``: the weight gradients of examples ``a:b``, per group and task."""
-            products = [
-                rearrange(call.output_grads[:, a:b].to(dtype), "t n (g c) ... -> g n (t c) (...)", g=g)
-                @ _patches(module, call.saved[a:b].to(dtype)).transpose(-1, -2)
-                for call in calls
-            ]
-            return sum(products[1:], products[0]).reshape(g, b - a, T, -1)
+        def rows(a: int, b: int, out: Tensor) -> Tensor:
+            """Into ``out`` (``[g, b - a, T, w]``): the weight gradients of examples ``a:b``, per group and task,
+            in one batched product over the examples and groups, each stacking its T tasks' output gradients."""
+            J = out.view(g * (b - a), -1, patch)  # [(g n), (t c), patch]
+            for k, call in enumerate(calls):
+                grads = call.output_grads[:, a:b].to(dtype)
+                D = grads.new_empty(grads.numel()) if scratch is None else scratch.take(grads.numel(), grads, 1)
+                D = D.view(g * (b - a), T * grads.shape[2] // g, -1)  # [(g n), (t c), P], filled in place
+                D.view(g, b - a, T, -1, D.shape[-1]).copy_(rearrange(grads, "t n (g c) ... -> g n t c (...)", g=g))
+                U = _patches(module, call.saved[a:b].to(dtype)).flatten(0, 1).transpose(1, 2)
+                if k == 0:
+                    torch.bmm(D, U, out=J)
+                else:
+                    J.baddbmm_(D, U)
+            return out
 
         return per_example_attribution(
             rows, N, T, module.weight.numel() // g, calls[0].output_grads.new_empty((), dtype=dtype),
-            None if against is None else rearrange(against, "t (g c) ... -> g t (c ...)", g=g), g,
+            None if against is None else rearrange(against, "t (g c) ... -> g t (c ...)", g=g), g, scratch,
         )
 
     def _kernel_weight_attribution(

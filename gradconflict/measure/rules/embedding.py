@@ -8,7 +8,15 @@ import torch
 from einops import einsum
 from torch import Tensor, nn
 
-from gradconflict.measure.rules.base import Call, LayerAttribution, LayerGram, LayerRule, gram_of, register_rule
+from gradconflict.measure.rules.base import (
+    Call,
+    LayerAttribution,
+    LayerGram,
+    LayerRule,
+    Scratch,
+    gram_of,
+    register_rule,
+)
 
 
 @register_rule(nn.Embedding)
@@ -72,7 +80,7 @@ class EmbeddingRule(LayerRule[nn.Embedding]):
 
     def attribute(
         self, module: nn.Embedding, calls: Sequence[Call], names: set[str], dtype: torch.dtype,
-        total: dict[str, Tensor] | None = None,
+        total: dict[str, Tensor] | None = None, scratch: Scratch | None = None,
     ) -> LayerAttribution:
         """Example ``n``'s gradient is the table of its own positions' rows: ``<g_i^(n), g_j>`` sums
         ``D_i[p] . G_j[id_p]`` over its positions ``p`` (``G_j`` the batch's table, or ``total``'s), and its own

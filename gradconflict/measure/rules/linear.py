@@ -5,10 +5,9 @@ least (:func:`attribution_route`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
 
 import torch
-from einops import einsum, rearrange
+from einops import einsum
 from torch import Tensor, nn
 
 from gradconflict.measure.rules.base import (
@@ -18,6 +17,7 @@ from gradconflict.measure.rules.base import (
     LayerAttribution,
     LayerGram,
     LayerRule,
+    Scratch,
     attribution_of,
     gram_of,
     materialised_gram,
@@ -121,21 +121,23 @@ class LinearRule(LayerRule[nn.Module]):
     def _examples(self, calls: Sequence[Call], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The inputs ``[N, L, d_in]`` and output gradients ``[T, N, L, d_out]`` of every call, grouped by example
         (dim 0 of each call's input): example ``n``'s ``L`` rows are its rows in every call."""
-        X = _rows([rearrange(c.saved, "n ... i -> n (...) i") for c in calls], dim=1).to(dtype)
-        D = _rows([rearrange(cast(Tensor, c.grads), "t n ... o -> t n (...) o") for c in calls], dim=2).to(dtype)
+        X = _rows([c.saved.reshape(c.saved.shape[0], -1, c.saved.shape[-1]) for c in calls], dim=1).to(dtype)
+        D = _rows([g.reshape(*g.shape[:2], -1, g.shape[-1]) for g in (c.output_grads for c in calls)], dim=2).to(dtype)
         return X, D
 
     def attribute(
         self, module: nn.Module, calls: Sequence[Call], names: set[str], dtype: torch.dtype,
-        total: dict[str, Tensor] | None = None,
+        total: dict[str, Tensor] | None = None, scratch: Scratch | None = None,
     ) -> LayerAttribution:
         """Each example's part in the layer's Gram, by the route :func:`attribution_route` finds cheapest:
 
         * ``"ghost"``: from the inputs' kernel ``K = X X^T (+1 for the bias)``,
           ``<g_i^(n), g_j> = sum over n's rows r of D_i[r] . (K D_j)[r]``;
         * ``"materialised"``: the same through the materialised weight gradients, ``(K D_j)[r] = W_j x_r + b_j``;
-        * ``"per-example"``: each example's weight gradients ``D_i^(n)T X^(n)`` (:func:`per_example_attribution`),
-          whose sum over the examples is ``W_i``: no separate per-task product.
+        * ``"per-example"``: each example's weight gradients ``D_i^(n)T X^(n)`` (:func:`per_example_attribution`,
+          in ``scratch``), whose sum over the examples is ``W_i``: no separate per-task product. They are formed
+          transposed, ``X^(n)T D_i^(n)`` (``[d_in, d_out]``, the faster product), which leaves every inner product
+          as it is.
 
         On the first two, ``<g_i^(n), g_j^(n)>`` comes from ``K``'s block of example ``n`` alone
         (:meth:`_products`). Against a given ``total`` (the global gradients across processes, whose rows no kernel
@@ -153,17 +155,16 @@ class LinearRule(LayerRule[nn.Module]):
         route = attribution_route(N, L, d_in, d_out, T, X.element_size(), against is not None)
         if route == "per-example":
 
-            def weight_grads(a: int, b: int) -> Tensor:
-                """``[1, b - a, T, d_out * d_in]``: the weight gradients of examples ``a:b``, one product per
-                example and task (``D``'s transpose is read in place, not copied)."""
-                J = X.new_empty(b - a, T, d_out, d_in)
+            def weight_grads(a: int, b: int, out: Tensor) -> Tensor:
+                """Into ``out`` (``[1, b - a, T, d_in * d_out]``): the transposed weight gradients of examples
+                ``a:b``, one product per example and task (``X``'s transpose read in place, not copied)."""
+                J = out.view(b - a, T, d_in, d_out)
                 for n in range(a, b):
-                    torch.bmm(D[:, n].transpose(1, 2), X[n].expand(T, L, d_in), out=J[n - a])
-                return J.reshape(1, b - a, T, -1)
+                    torch.bmm(X[n].T.expand(T, d_in, L), D[:, n], out=J[n - a])
+                return out
 
-            out = per_example_attribution(
-                weight_grads, N, T, d_out * d_in, X, None if against is None else against["weight"].reshape(1, T, -1)
-            )
+            given = None if against is None else against["weight"].transpose(1, 2).reshape(1, T, -1)
+            out = per_example_attribution(weight_grads, N, T, d_in * d_out, X, given, scratch=scratch)
             return out + bias_part() if bias else out
         if route == "ghost":
             rows = X.reshape(N * L, d_in)
@@ -196,12 +197,15 @@ class LinearRule(LayerRule[nn.Module]):
         if L == 1:
             own = D
         else:
-            K = einsum(X, X, "n l i, n m i -> n l m")
+            K = X @ X.transpose(1, 2)  # [N, L, L]
             if bias:
                 K += 1
-            own = einsum(K, D, "n l m, s n m o -> s n l o")
-        contribution = einsum(D, KD, "t n l o, s n l o -> n t s")
-        within = einsum(D, own, "t n l o, s n l o -> n t s")
+            own = K @ D  # [T, N, L, d_out], K broadcast over the tasks
+
+        def per_example(A: Tensor, B: Tensor) -> Tensor:  # sum over example n's rows of A_t . B_s: [N, T, T]
+            return torch.bmm(A.flatten(2).transpose(0, 1), B.flatten(2).permute(1, 2, 0))
+
+        contribution, within = per_example(D, KD), per_example(D, own)
         if L == 1:
             within = within * (X.square().sum((1, 2)) + (1 if bias else 0))[:, None, None]
         return contribution, within

@@ -53,7 +53,11 @@ class AffineNormRule(LayerRule[M]):
             summed = tuple(a + 1 for a in range(x.ndim) if a not in keep)
             parts = {}
             if "weight" in names:
-                parts["weight"] = (D * self.normalise(module, call.saved, x)).sum(summed)
+                x_hat = self.normalise(module, call.saved, x)
+                if by_example:  # a task at a time: a product of one task's size, in memory reused from task to task
+                    parts["weight"] = torch.stack([(d * x_hat).sum(tuple(a - 1 for a in summed)) for d in D])
+                else:
+                    parts["weight"] = (D * x_hat).sum(summed)
             if "bias" in names:
                 parts["bias"] = D.sum(summed)
             for name, g in parts.items():
