@@ -447,3 +447,5 @@ def test_per_example_blocks_reused_across_layers_and_steps(route: str, monkeypat
             contribution, within = per_example_oracle(model, x, losses, samples.parameters)
             assert rel_err(samples.contribution, contribution) <= RTOL
             assert rel_err(samples.within, within) <= RTOL
+    # Closing the monitor frees the blocks the engine kept between attributed steps.
+    assert monitor.engine._scratch._blocks == {}

@@ -133,9 +133,10 @@ class TappedEngine:
         self.capture.restrict(shared)
 
     def close(self) -> None:
-        """Remove the hook."""
+        """Remove the hook and free the attribution's scratch memory."""
         self.capture.close()
         self.retained.close()
+        self._scratch = Scratch()
 
     def measure(self, losses: Sequence[Tensor], plan: Plan, reduction: Reduction | None = None) -> Measurement:
         """The per-layer Grams of one step; the graph stays alive for the backward that writes ``.grad``."""
