@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from gradconflict.apps.cli import main
 from gradconflict.diagnosis.signals import SIGNALS
@@ -20,6 +21,7 @@ def test_demo_then_report(tmp_path, capsys):
     assert "final report" in out and "conflict fraction" in out and "verdict" in out and "| variant |" in out
     assert "\r" not in out + captured.err  # output that is not a terminal gets no progress bar
     assert "  step 0: conflict" in out  # the per-step lines
+    assert "does not reach the model's initialisation" not in out  # compare(seed=) seeds the demo model
     assert json.loads((tmp_path / "comparison.json").read_text())["rows"]
     assert json.loads((tmp_path / "advice.json").read_text())["verdict"]
     history = tmp_path / "history.jsonl"
@@ -30,6 +32,17 @@ def test_demo_then_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "30 steps (30 measured, 0 skipped), steps 0 to 29; tasks contrary, left, right" in out
     assert "left/right" in out and "layer conflict profile" in out and "advice: " in out
+
+
+def test_demo_model_leaves_the_global_rng_as_it_found_it():
+    from gradconflict.apps.demo import demo_model
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a, b = demo_model(seed=5), demo_model(seed=5)
+    assert torch.equal(torch.rand(3), expected)  # the global stream continues where the seed left it
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # the seed alone decides
 
 
 def test_quiet_demo_prints_the_results_only(tmp_path, capsys):
