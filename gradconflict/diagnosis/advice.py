@@ -176,18 +176,6 @@ def _groups(
     return (grouping.groups if len(grouping.groups) > 1 else [[t] for t in tasks]), grouping
 
 
-def _compared_groups(measured_ceiling: Signal, tasks: list[str]) -> list[list[str]] | None:
-    """The task groups of the split the comparison confirmed: the branched variant's groups when it won, one per
-    task when fully independent models won (``None`` otherwise): the verdict follows the comparison, and so do
-    the groups it measured."""
-    winners = measured_ceiling.details.get("winners") or []
-    if "branched" in winners and measured_ceiling.details.get("groups"):
-        return [list(g) for g in measured_ceiling.details["groups"]]
-    if "independent" in winners:
-        return [[t] for t in tasks]
-    return None
-
-
 def _examples(
     samples: SampleTally | None, oscillating: Signal, measured_ceiling: Signal
 ) -> list[ConflictingExamples]:
@@ -297,6 +285,7 @@ def advise(
         by_name["magnitude_dominance"],
     )
     weighting = None
+    measured_groups: list[list[str]] | None = None  # the groups of the split a comparison confirmed
     profile = (
         layer_profile(aligned, model=model, layer_order=layer_order, thresholds=th, tests=tests)
         if aligned.layers else None
@@ -319,10 +308,14 @@ def advise(
     elif measured_ceiling.status == "split":
         winners = measured_ceiling.details["winners"]
         decided_by = "ceiling"
+        # The groups follow the comparison too: the branched variant's when it won, else one per task when
+        # fully independent models did.
+        alone = [[t] for t in tasks] if "independent" in winners else None
         if "branched" in winners and measured_ceiling.details["branch_at"] is not None:
             verdict, branch = "physical_split", str(measured_ceiling.details["branch_at"])
-        elif "independent" in winners and profile is not None and profile.layers:
-            verdict, branch = "physical_split", profile.layers[0].name
+            measured_groups = measured_ceiling.details.get("groups") or alone
+        elif alone is not None and profile is not None and profile.layers:
+            verdict, branch, measured_groups = "physical_split", profile.layers[0].name, alone
         else:
             verdict, branch = "lora_split", None
         reason = measured_ceiling.evidence
@@ -401,8 +394,8 @@ def advise(
     else:
         affinity = normalized(mean_transference(aligned, lr))
     groups, grouping = _groups(verdict, tasks, affinity, th, max_groups)
-    if decided_by == "ceiling" and verdict == "physical_split":
-        groups = _compared_groups(measured_ceiling, tasks) or groups
+    if measured_groups is not None:
+        groups = [list(g) for g in measured_groups]
     if verdict == "keep_shared":
         code_groups: list[list[str]] = [[t] for t in tasks]  # the check: fully independent models
     else:

@@ -293,6 +293,17 @@ class Aligned:
         :attr:`layers`), ``G`` is the sum of those layers' Grams, and steps that carried none of them are NaN."""
         return np.concatenate([Z for _, Z in self._transference_chunks(lr, layers)])
 
+    def transference_pairs(self, pairs: Sequence[tuple[int, int]], lr: float = 1.0) -> np.ndarray:
+        """``[S, P]`` the transference of the directed pairs ``pairs`` (positions in :attr:`tasks`):
+        ``transference(lr)[:, i, j]`` for each, a chunk of steps at a time, without the ``[S, T, T]``.
+
+        >>> r = ConflictReport("ab", torch.tensor([[1.0, -1.0], [-1.0, 4.0]]), losses=torch.tensor([1.0, 2.0]))
+        >>> align([r]).transference_pairs([(0, 1), (1, 0)]).tolist()
+        [[-0.5, -1.0]]
+        """
+        i, j = (np.array([pair[k] for pair in pairs], dtype=np.int64) for k in (0, 1))
+        return np.concatenate([Z[:, i, j] for _, Z in self._transference_chunks(lr, None)])
+
     def mean_transference(self, lr: float = 1.0, layers: Sequence[int] | None = None) -> np.ndarray:
         """``[T, T]`` the mean of :meth:`transference` over the steps where it is defined (both tasks carried, a
         finite value), NaN where there is none; a chunk of steps at a time, without the ``[S, T, T]``."""

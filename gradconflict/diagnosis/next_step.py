@@ -66,14 +66,15 @@ def next_step_code(
     """
     points = [branch_at] if branch_at is None or isinstance(branch_at, str) else list(branch_at)
     at = repr(points[0]) if len(points) == 1 else f"each of {points}"
+    capacity_copies = verdict == "keep_shared" and points != [None]  # capacity checked at these blocks too
     why = {
         "physical_split": f"the shared model against one backbone copy per group, branching at {at}",
         "lora_split": "the shared model against a frozen shared backbone with one LoRA adapter per group",
         "keep_shared": "the shared model against fully independent models"
-        + ("" if points == [None] else f" and copies branching at {at}")
+        + (f" and copies branching at {at}" if capacity_copies else "")
         + " (capacity is invisible to gradients)",
     }[verdict]
-    variants = _VARIANTS[verdict] + (("branched",) if verdict == "keep_shared" and points != [None] else ())
+    variants = _VARIANTS[verdict] + (("branched",) if capacity_copies else ())
     weightings = (["upgrad", "pcgrad"] if conflict else []) + (list(MAGNITUDE_WEIGHTINGS) if reweight else [])
     lines = [
         "import torch",

@@ -245,10 +245,9 @@ def _negative_mean_p(
     adjusted over ``pairs``. A mean carried by one outlying step has a t statistic near -1: not significant."""
     if not pairs:
         return np.zeros(0)
-    Z = aligned.transference(lr)
     p_raw = []
-    for i, j in pairs:
-        z = Z[:, i, j][np.isfinite(Z[:, i, j])]
+    for series in aligned.transference_pairs(pairs, lr).T:
+        z = series[np.isfinite(series)]
         n = len(z) / autocorrelation_time(z)
         if n < minimum_effective_steps(alpha) or z.mean() >= 0:
             p_raw.append(1.0)
