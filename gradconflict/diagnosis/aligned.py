@@ -1,4 +1,4 @@
-# One file of ~560 lines on purpose: every array view of an aligned run is a cached property (or a chunked
+# One file of ~575 lines on purpose: every array view of an aligned run is a cached property (or a chunked
 # computation) of one class.
 """A run's measured steps aligned by task name, as numpy arrays: the one task order of the whole diagnosis.
 
