@@ -43,11 +43,12 @@ class GainTest:
         alpha: the test's level.
         seeds_vary: False when the seeds changed nothing (identical runs): their agreement proves nothing.
         beyond: True: a gain beyond the floor, confirmed by the test; False: no gain beyond the floor (the mean
-            gain is not above it, or too little above it for its spread to be confirmed on :data:`MAX_SEEDS`
-            seeds); ``None``: cannot tell (an unconfirmed mean above the floor that more seeds would settle, one
-            seed, or seeds that change nothing).
+            gain is not above it, or too little above it for its spread: :data:`MAX_SEEDS` seeds would confirm
+            it less than half the time); ``None``: cannot tell (an unconfirmed mean above the floor that more
+            seeds would settle, one seed, or seeds that change nothing).
         seeds_needed: when the test cannot tell a mean above the floor, the seeds in all at which it would confirm
-            a gain of this mean and spread (``None``: not needed, or more than :data:`MAX_SEEDS`).
+            a gain of this mean and spread with :data:`PLAN_POWER` (80%), at most :data:`MAX_SEEDS` (``None``: not
+            needed).
 
     >>> judge_gain([25.5, 26.0, 29.4]).beyond
     True
@@ -78,15 +79,16 @@ def judge_gain(
       0.05), on at least two seeds whose runs differ: then ``True``.
     - When the mean exceeds the floor but the test does not reject, a failure to confirm is not evidence of no
       gain: ``None`` (cannot tell) when a practical number of seeds would confirm a gain of this mean and spread
-      (:attr:`GainTest.seeds_needed`, at most :data:`MAX_SEEDS`), ``False`` when not even that many would (the
-      gain is too small for its noise to be worth a split).
+      (:attr:`GainTest.seeds_needed`, planned for 80% power, at most :data:`MAX_SEEDS`), ``False`` when even
+      that many would confirm it less than half the time (the gain is too small for its noise to be worth a
+      split).
     - ``None`` also when there is one seed only, or when the seeds change nothing (``seeds_vary=False``: the
       caller found the runs of different seeds bit-identical, see :func:`seeds_vary`). Identical runs have no
       spread, and would make any gain look certain.
 
     Three seeds that agree (+25.5, +26.0, +29.4%) pass; so do +60.7, +35.3, +18.4% (p = 0.047). A gain that is
     large on one seed and negative on the others does not (it would take more than 20 seeds); +12.4, +13.8, +64.6%
-    cannot be told yet: about 5 seeds would.
+    cannot be told yet: 8 seeds would confirm a gain of this mean and spread 80% of the time.
 
     >>> t = judge_gain([60.7, 35.3, 18.4])
     >>> t.beyond, round(t.p_value, 3)
@@ -95,7 +97,7 @@ def judge_gain(
     (False, False)
     >>> t = judge_gain([12.4, 13.8, 64.6])
     >>> t.beyond, round(t.p_value, 2), t.seeds_needed
-    (None, 0.12, 5)
+    (None, 0.12, 8)
     >>> judge_gain([12.0]).beyond, judge_gain([12.0, 12.5, 12.2], seeds_vary=False).beyond  # one seed; identical runs
     (None, None)
     """
@@ -124,21 +126,34 @@ def judge_gain(
     return GainTest(values, mean, p_value, floor, alpha, seeds_vary, beyond, needed)
 
 
-#: The most seeds :attr:`GainTest.seeds_needed` proposes: a gain that would need more is too small for its spread
-#: to count (:func:`judge_gain` says ``False``).
+#: The most seeds :attr:`GainTest.seeds_needed` proposes: a gain that not even this many would confirm at its
+#: observed size is too small for its spread to count (:func:`judge_gain` says ``False``).
 MAX_SEEDS = 20
+#: The power :attr:`GainTest.seeds_needed` plans for: the chance that the test confirms a gain of the observed mean
+#: and spread on that many seeds (80%, the usual planning convention). Planning at the observed effect itself would
+#: give even odds, and a second look short of significance about half the time.
+PLAN_POWER = 0.8
+
+
+def _power(effect: float, n: int, alpha: float) -> float:
+    """The chance that :func:`judge_gain`'s one-sided t-test on ``n`` seeds rejects when the true gain exceeds the
+    floor by ``effect`` standard deviations (the noncentral t distribution)."""
+    return float(stats.nct.sf(stats.t.ppf(1 - alpha, n - 1), n - 1, effect * math.sqrt(n)))
 
 
 def _seeds_needed(values: Sequence[float], floor: float, alpha: float) -> int | None:
-    """The fewest seeds at which the one-sided t-test of :func:`judge_gain` rejects for a gain of this mean and
-    standard deviation (the same test, planned from the seeds run: what to run next, not a verdict)."""
+    """The seeds in all at which the one-sided t-test of :func:`judge_gain` confirms a gain of this mean and
+    standard deviation with :data:`PLAN_POWER` (at most :data:`MAX_SEEDS`); ``None`` when even :data:`MAX_SEEDS`
+    seeds would confirm it less than half the time (what to run next, planned from the seeds run: not a
+    verdict)."""
     if len(values) < 2:
         return None
-    mean, sd = statistics.fmean(values), statistics.stdev(values)
-    for n in range(len(values) + 1, MAX_SEEDS + 1):
-        if (mean - floor) / (sd / math.sqrt(n)) > stats.t.ppf(1 - alpha, n - 1):
-            return n
-    return None
+    effect = (statistics.fmean(values) - floor) / statistics.stdev(values)
+    if _power(effect, MAX_SEEDS, alpha) < 0.5:
+        return None
+    return next(
+        (n for n in range(len(values) + 1, MAX_SEEDS + 1) if _power(effect, n, alpha) >= PLAN_POWER), MAX_SEEDS
+    )
 
 
 @dataclass(frozen=True)
