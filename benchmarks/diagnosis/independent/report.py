@@ -22,6 +22,7 @@ TARGETS = {
     "branch point within the acceptable blocks, after next_step": "80%",
     "groups, first look": "90%",
     "groups, first look, problems of 3 or more tasks": "90%",
+    "groups after next_step": "90%",
 }
 
 
@@ -50,6 +51,7 @@ def hit_rates(outcomes: Sequence[AdviceOutcome], problems: dict[str, Problem]) -
         "branch point within the acceptable blocks, after next_step": _rate(col("after_acceptable_block")),
         "groups, first look": _rate(col("first_groups")),
         "groups, first look, problems of 3 or more tasks": _rate(many),
+        "groups after next_step": _rate(col("after_groups")),
     }
 
 
@@ -152,7 +154,7 @@ def section(
         "### Problems",
         "",
         "| problem | backbone | tasks | built for | truth | best split | groups (truth) | first look | groups "
-        "(advice) | after next_step | verdict first / after | block first / after | groups |",
+        "(advice) | after next_step | verdict first / after | block first / after | groups first / after |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for o in outcomes:
@@ -164,7 +166,7 @@ def section(
             f"{_groups(t.groups)} | {_reading(o.first)} | {_groups(o.first.groups)} | {_reading(o.after, o.error)} | "
             f"{_mark(s['first_verdict'])} / {_mark(s['after_verdict'])} | "
             f"{_mark(s['first_acceptable_block'])} / {_mark(s['after_acceptable_block'])} | "
-            f"{_mark(s['first_groups'])} |"
+            f"{_mark(s['first_groups'])} / {_mark(s['after_groups'])} |"
         )
     variants = list(truths[outcomes[0].name].judged) if outcomes else []
     lines += [
