@@ -38,7 +38,9 @@ def next_step_code(
 
     ``branch_at``: one branch point, or the candidate blocks to compare (from the conflict onset up: the advice's
     ``branch_point`` is then the highest block recovering
-    :data:`~gradconflict.diagnosis.signals.ceiling.RECOVERED_SHARE` of the best one's gain).
+    :data:`~gradconflict.diagnosis.signals.ceiling.RECOVERED_SHARE` of the best one's gain), all in one
+    ``compare(branch_at=[...])`` call per seed: the other variants train once, and one copy per block
+    (``branched@<block>``) branches from the same shared checkpoint.
     ``steps`` and ``lr`` (the monitored run's budget) become the defaults of the function's ``steps`` and ``lr``;
     unknown (``None``), the printed call asks for them (``lr=...``) and the optimizer factory says what to pass.
     The code ends by calling the function on the inputs it names. Without ``eval_data`` (``None``), the function
@@ -57,8 +59,8 @@ def next_step_code(
     under 10% (twice the level, at most).
 
     >>> code = next_step_code("physical_split", ["backbone.2", "backbone.3"], [["a"], ["b"]], steps=400)
-    >>> print([line for line in code.splitlines() if "for branch_at" in line][0].strip())
-    for branch_at in ['backbone.2', 'backbone.3']
+    >>> print([line for line in code.splitlines() if "branch_at=" in line][0].strip())
+    branch_at=['backbone.2', 'backbone.3'], groups=[['a'], ['b']],
     >>> print(code.splitlines()[3].split("*, ")[1])
     lr=None, steps=400, seeds=3, max_seeds=8):
     >>> print(code.splitlines()[-2])
@@ -110,13 +112,9 @@ def next_step_code(
         "        return [",
         "            compare(model_factory, loss_fns, train_data, steps=steps, optimizer_factory=optimizer_factory,",
         f"                    eval_data=eval_data, metrics=metrics, variants={variants!r},",
-        "                    branch_at=" + ("branch_at" if len(points) > 1 else repr(points[0]))
+        "                    branch_at=" + repr(points if len(points) > 1 else points[0])
         + f", groups={[list(g) for g in groups]!r},",
         f"                    weightings={weightings!r}, seed=seed, progress=False)",
-    ]
-    if len(points) > 1:
-        lines.append(f"            for branch_at in {points!r}")
-    lines += [
         "            for seed in seed_range",
         "        ]",
         "",

@@ -72,7 +72,8 @@ class VariantRecord:
     """One variant's run: per-step training losses, evaluations and running costs.
 
     Attributes:
-        name: the variant (``"shared"``, ``"independent"``, ``"lora"``, ``"branched"``, or any label).
+        name: the variant (``"shared"``, ``"independent"``, ``"lora"``, ``"branched"``, ``"branched@<point>"``,
+            ``"shared+<method>"``, or any label).
         losses: task -> training loss at every step.
         evals: ``(steps done, {task: {metric: value}})`` at each evaluation (``{task: value}`` is accepted and
             read as one metric per task, named after the task).
@@ -180,8 +181,9 @@ class ComparisonResult:
         select: ``"final"`` or ``"best"``: which evaluation stands for each variant.
         baseline: the variant Delta-m% is measured against (``"independent"``: the single-task models).
         average: ``"metric"`` or ``"task"`` (see :func:`~gradconflict.split.delta_m`).
-        branch_at: the branched variant's branch point (``None``: not run).
-        groups: the branched variant's task groups.
+        branch_at: the branched variant's branch point (``None``: not run), or the list of points of a comparison
+            branched at several (its variants ``branched@<point>``, in this order).
+        groups: the branched variants' task groups.
         seed: the seed the run was made with (``None``: not known).
 
     >>> shared = VariantRecord("shared", {"a": [1.0]}, [(1, {"a": 0.5})], {"a": "min"})
@@ -199,7 +201,7 @@ class ComparisonResult:
     select: Select = "final"
     baseline: str = "independent"
     average: Average = "metric"
-    branch_at: int | str | None = None
+    branch_at: int | str | list[int | str] | None = None
     groups: list[list[str]] | None = None
     seed: int | None = None
 

@@ -9,7 +9,9 @@ the same step budget and exactly the same batches in the same order:
   LoRA adapter per task on every weight LoRA adapts (``lora_split(..., targets="all")``) and the heads, trained
   for the rest: the logical split at equal total budget.
 - ``branched``: the same shared model at the same point, branched at ``branch_at`` into ``groups``, then every
-  copy trained for the rest: the physical split at equal total budget.
+  copy trained for the rest: the physical split at equal total budget. Given several branch points
+  (``branch_at=[...]``), one such variant per point, ``branched@<point>``, each branched from the same shared
+  checkpoint: the other variants train once for all of them.
 - ``shared+<method>`` (one per entry of ``weightings=``): the shared model for the whole budget, each step's
   update made conflict-aware by that method (``ConflictMonitor.backward(..., weighting=method)``: see
   :mod:`gradconflict.weighting`). The cheaper answer to conflict: if it lifts the tasks as far as a split does,
@@ -63,7 +65,7 @@ def compare(
     optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
     eval_data: Iterable[Batch] | None = None,
     metrics: MetricSpec | None = None,
-    branch_at: int | str | None = None,
+    branch_at: int | str | Sequence[int | str] | None = None,
     groups: Sequence[Sequence[str]] | None = None,
     seed: int = 0,
     variants: Sequence[str] = VARIANTS,
@@ -90,8 +92,11 @@ def compare(
         metrics: task -> ``(fn(output, target) -> float, "max" | "min")``, or task -> ``{name: (fn, direction)}``
             for several metrics per task; default each task's loss (named ``"loss"``, ``"min"``).
         branch_at: the branch point for the branched variant (a block index or path, as in
-            :func:`~gradconflict.split.branch`); without it that variant is skipped, with a note.
-        groups: task groups for the branched variant; default one branch per task.
+            :func:`~gradconflict.split.branch`); without it that variant is skipped, with a note. A list or tuple
+            of points runs one branched variant per point, named ``branched@<point>`` (``str(point)``), in the
+            order given, each bit-identical to the ``branched`` variant of ``compare(branch_at=point)`` with the
+            same seed; every other variant trains once.
+        groups: task groups for the branched variant(s); default one branch per task.
         seed: seeds model construction, adapters and training; two runs with the same seed give the same losses
             and metrics (costs are measurements and vary). When the seed does not change the model's initial
             weights (a model passed as is, a factory that seeds itself), a note says so.
@@ -119,6 +124,12 @@ def compare(
     >>> res = compare(factory, {"a": mse, "b": mse}, data, steps=20, branch_at=2, progress=False)
     >>> sorted(res.variants), len(res.rows)
     (['branched', 'independent', 'lora', 'shared'], 8)
+
+    Several branch points in one call: the shared, independent and lora models train once.
+
+    >>> res = compare(factory, {"a": mse, "b": mse}, data, steps=20, branch_at=[0, 2], progress=False)
+    >>> list(res.variants), res.branch_at
+    (['shared', 'independent', 'lora', 'branched@0', 'branched@2'], [0, 2])
     """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
@@ -136,6 +147,7 @@ def compare(
     methods = {f"shared+{m.name}": m for m in map(make_weighting, weightings)}  # unknown names fail before training
     if len(methods) != len(weightings):
         raise ValueError(f"weightings names a method twice: {[str(w) for w in weightings]}")
+    branched = _branched_variants(branch_at)
 
     def make(model_seed: int = seed) -> nn.Module:
         torch.manual_seed(model_seed)  # same initialisation for every variant
@@ -172,10 +184,11 @@ def compare(
             "itself): runs over several seeds then differ only in what else the seed draws, and with fixed batches "
             "may be identical; split_gains flags identical runs"
         )
-    want_split = [v for v in ("lora", "branched") if v in variants]
-    if "branched" in want_split and branch_at is None:
-        want_split.remove("branched")
+    if "branched" in variants and not branched:
         notes.append("branched skipped: pass branch_at= (and groups=), e.g. from the diagnosis' advice")
+    # each variant by name: the variants asked for, the branched one as one variant per branch point
+    variant_names = [n for v in variants for n in (list(branched) if v == "branched" else [v])]
+    want_split = [n for n in variant_names if n == "lora" or n in branched]
 
     def fresh_run() -> _Run:
         return _Run({t: [] for t in tasks}, [])
@@ -212,20 +225,36 @@ def compare(
             if name == "lora":
                 split: nn.Module = lora_split(model, tasks, rank=lora_rank, targets="all")
             else:
-                assert branch_at is not None  # a branched variant without it was skipped above
-                split = branch(model, branch_at, groups, blocks=blocks)
+                split = branch(model, branched[name], groups, blocks=blocks)
             members = [exp.member(split, tasks)]
             exp.train(name, members, run, split_step, steps)
             trained[name] = _Trained(members, run, split_step)
         costs = exp.costs(trained, cost_repeats)
-    order = [v for v in variants if v == "shared"] + list(methods) + [v for v in variants if v != "shared"]
+    order = [v for v in variant_names if v == "shared"] + list(methods) + [v for v in variant_names if v != "shared"]
     ordered = {v: exp.record(v, trained[v], *costs[v]) for v in order if v in trained}
+    points: int | str | list[int | str] | None = None  # the branch point(s), when a branched variant ran
+    if any(v in branched for v in ordered):
+        points = branched["branched"] if "branched" in branched else list(branched.values())
     return ComparisonResult(
-        ordered, tasks, steps=steps, split_step=split_step, notes=notes,
-        branch_at=branch_at if "branched" in ordered else None,
-        groups=[list(g) for g in (groups or [[t] for t in tasks])] if "branched" in ordered else None,
+        ordered, tasks, steps=steps, split_step=split_step, notes=notes, branch_at=points,
+        groups=[list(g) for g in (groups or [[t] for t in tasks])] if points is not None else None,
         seed=seed,
     )
+
+
+def _branched_variants(branch_at: int | str | Sequence[int | str] | None) -> dict[str, int | str]:
+    """The branched variants' names and branch points: ``{"branched": point}`` for one point, ``{"branched@<point>":
+    point}`` for each of a list or tuple of points, ``{}`` without any."""
+    if branch_at is None:
+        return {}
+    if isinstance(branch_at, (int, str)):
+        return {"branched": branch_at}
+    if not isinstance(branch_at, (list, tuple)) or not branch_at:
+        raise ValueError(f"branch_at must be a branch point or a non-empty list of them, got {branch_at!r}")
+    named = {f"branched@{point}": point for point in branch_at}
+    if len(named) != len(branch_at):
+        raise ValueError(f"branch_at names a branch point twice: {list(branch_at)}")
+    return named
 
 
 def _seed_reaches_model(make: Callable[[int], nn.Module], seed: int, probe: nn.Module) -> bool:

@@ -48,7 +48,7 @@ def test_keep_shared_when_tasks_agree(make_report, make_pair):
     # The check for a keep_shared advice: the shared model against fully independent models, one per task, and
     # against copies branching at each profiled layer from the bottom up (capacity may run short at any depth).
     assert "variants=('shared', 'independent', 'branched')" in advice.next_step
-    assert "groups=[['a'], ['b']]" in advice.next_step and "for branch_at in ['body.0', 'body.1']" in advice.next_step
+    assert "groups=[['a'], ['b']]" in advice.next_step and "branch_at=['body.0', 'body.1']" in advice.next_step
 
 
 def test_physical_split_at_the_conflicting_depth(make_report, make_pair):
@@ -196,6 +196,9 @@ def test_next_step_runs_as_printed(capsys):
     exec(compile(advice.next_step, "<next_step>", "exec"), namespace)  # noqa: S102
     checked = namespace["advice"]
     assert isinstance(checked, Advice) and checked.signal("ceiling").status != "n/a"
+    # one compare() per seed at the three candidate blocks, read block by block
+    assert "branch_at=['backbone.0', 'backbone.1', 'backbone.2']" in advice.next_step
+    assert list(checked.signal("ceiling").details["by_block"]) == ["backbone.0", "backbone.1", "backbone.2"]
     assert "Delta-m is measured on the training loss" in capsys.readouterr().out  # no held-out data: said plainly
 
 
@@ -602,13 +605,35 @@ def test_economical_branch_point_from_a_comparison_at_several_blocks(make_report
     run = _run(make_report, make_pair, top_cos=-0.8, bottom_cos=-0.8)  # conflict from the bottom layer up
     first = advise(run, layer_order=["body.0", "body.1"])
     assert first.conflict_onset == "body.0" and first.branch_point == "body.0"
-    assert "for branch_at in ['body.0', 'body.1']" in first.next_step  # candidates from the onset up
+    assert "branch_at=['body.0', 'body.1']" in first.next_step  # candidates from the onset up
     # body.1 recovers 27 / 30 = 90% of the best gain: the economical branch point, above the onset.
     high = advise(run, layer_order=["body.0", "body.1"], comparison=runs({"body.0": 30.0, "body.1": 27.0}))
     assert (high.verdict, high.branch_point, high.conflict_onset) == ("physical_split", "body.1", "body.0")
     # body.1 recovers 10 / 30 = 33%: the split stays at body.0.
     low = advise(run, layer_order=["body.0", "body.1"], comparison=runs({"body.0": 30.0, "body.1": 10.0}))
     assert low.branch_point == "body.0"
+
+
+def test_economical_branch_point_from_one_comparison_per_seed_at_several_blocks(make_report, make_pair):
+    # The twin of the test above, the comparison as the next step now runs it: one compare(branch_at=[...]) per
+    # seed, its copies branched@<block>.
+    def rec(name, v):
+        return VariantRecord(name, {"a": [1.0], "b": [1.0]}, [(1, {"a": v, "b": v})], {"a": "min", "b": "min"})
+
+    def runs(gains):  # {block: gain in percent}, the same on three varying seeds (shared 1.0, 1.2, 1.1)
+        return [ComparisonResult({"shared": rec("shared", s), "independent": rec("independent", s),
+                                  **{f"branched@{block}": rec(f"branched@{block}", s * (1 - (g + 0.1 * k) / 100))
+                                     for block, g in gains.items()}},
+                                 ["a", "b"], 1, 0, branch_at=list(gains), seed=k)
+                for k, s in enumerate([1.0, 1.2, 1.1])]
+
+    run = _run(make_report, make_pair, top_cos=-0.8, bottom_cos=-0.8)  # conflict from the bottom layer up
+    # body.1 recovers 27 / 30 = 90% of the best gain: the economical branch point, above the onset.
+    high = advise(run, layer_order=["body.0", "body.1"], comparison=runs({"body.0": 30.0, "body.1": 27.0}))
+    assert (high.verdict, high.branch_point, high.conflict_onset) == ("physical_split", "body.1", "body.0")
+    # body.1 recovers 10 / 30 = 33%: the split stays at body.0.
+    low = advise(run, layer_order=["body.0", "body.1"], comparison=runs({"body.0": 30.0, "body.1": 10.0}))
+    assert (low.verdict, low.branch_point) == ("physical_split", "body.0")
 
 
 def test_capacity_a_keep_shared_comparison_branched_at_a_block_that_wins_splits_there(make_report, make_pair):
@@ -629,7 +654,7 @@ def test_capacity_a_keep_shared_comparison_branched_at_a_block_that_wins_splits_
         calm.append(make_report(2 * G, step=step, layers={"body.0": (G, 60), "body.1": (G.clone(), 20)}))
     first = advise(calm, layer_order=["body.0", "body.1"])
     assert first.verdict == "keep_shared" and not first.uncertainty.decided
-    assert "for branch_at in ['body.0', 'body.1']" in first.next_step
+    assert "branch_at=['body.0', 'body.1']" in first.next_step
     # Independent models gain nothing, the copy branching at body.1 gains 5% on every seed (paired test over the
     # constructed gains): capacity ran short at the top; the split is the one measured, one group per task.
     split = advise(calm, layer_order=["body.0", "body.1"], comparison=runs({"body.0": 1.0, "body.1": 5.0}))

@@ -122,6 +122,52 @@ def test_ceiling_reads_the_comparison_over_seeds():
     assert ceiling(None).status == "n/a"
 
 
+def test_ceiling_reads_one_comparison_per_seed_at_several_blocks_as_one_per_block():
+    # The same per-seed records (the shared model 1.0, 1.2, 1.1; independent models equal to it; a copy at each
+    # block with a planted gain) as one compare(branch_at=[...]) per seed and as one compare(branch_at=block) per
+    # block and seed: the ceiling reads both alike.
+    def rec(name, value):
+        return VariantRecord(name, {"a": [1.0]}, [(1, {"a": value})], {"a": "min"})
+
+    def both_shapes(gains):  # {block: per-seed gains in percent}
+        shared = [1.0, 1.2, 1.1]
+        base = [{"shared": rec("shared", s), "independent": rec("independent", s)} for s in shared]
+        copies = [{b: rec(f"branched@{b}", s * (1 - g[k] / 100)) for b, g in gains.items()}
+                  for k, s in enumerate(shared)]
+        one_call = [ComparisonResult({**base[k], **{f"branched@{b}": c for b, c in copies[k].items()}}, ["a"], 1, 0,
+                                     branch_at=list(gains), groups=[["a"]], seed=k) for k in range(3)]
+        per_block = [ComparisonResult({**base[k], "branched": copies[k][b]}, ["a"], 1, 0, branch_at=b,
+                                      groups=[["a"]], seed=k) for b in gains for k in range(3)]
+        return ceiling(one_call), ceiling(per_block)
+
+    def p_value(gains):  # scipy's one-sided t-test of the per-seed gains against the 1% floor
+        return stats.ttest_1samp(gains, 1.0, alternative="greater").pvalue
+
+    low, spread, high, flat = [20.0, 21.0, 19.0], [5.0, 70.0, 15.0], [30.0, 31.0, 29.0], [0.1, 0.2, 0.0]
+    assert p_value(low) < 0.05 < p_value(spread)
+    cases = {  # planted gains -> (status, block read)
+        "a confirmed block beats a larger unconfirmed mean": ({"body.0": low, "body.1": spread}, "split", "body.0"),
+        "the larger of two confirmed gains": ({"body.0": low, "body.1": high}, "split", "body.1"),
+        "no block gains": ({"body.0": flat, "body.1": [-0.5, 0.3, 0.1]}, "ok", "body.0"),
+    }
+    for case, (gains, status, block) in cases.items():
+        one_call, per_block = both_shapes(gains)
+        assert (one_call.status, one_call.details["branch_at"]) == (status, block), case
+        assert one_call.details == per_block.details and one_call.evidence == per_block.evidence, case
+        assert (one_call.value, one_call.p_value) == (per_block.value, per_block.p_value), case
+        assert one_call.details["winners"] == (["branched"] if status == "split" else []), case
+        for b, planted in gains.items():
+            got = one_call.details["by_block"][b]
+            assert got["per_seed"] == pytest.approx(planted), case
+            if sum(planted) / 3 > 1.0:  # above the floor on average: tested
+                assert got["p_value"] == pytest.approx(p_value(planted)), case
+            else:  # under it: no gain, whatever the test
+                assert got["beyond"] is False, case
+    # one point in a list: no grouping by block, the point read as the branch point
+    single, _ = both_shapes({"body.1": high})
+    assert single.details["by_block"] == {} and single.details["branch_at"] == "body.1" and single.status == "split"
+
+
 def test_ceiling_paired_test_and_identical_seeds():
     def rec(name, a):
         return VariantRecord(name, {"a": [1.0]}, [(1, {"a": a})], {"a": "min"})

@@ -57,6 +57,33 @@ def test_compare_is_reproducible_for_a_fixed_seed():
     assert _run(seed=4).history["shared"] != first.history["shared"]
 
 
+def test_several_branch_points_in_one_call_match_one_call_per_point():
+    # The oracle: separate compare() calls, one per branch point, with the same seed. One call at both points
+    # trains every other variant once and each branched copy from the same checkpoint: bit-identical records.
+    for seed in (0, 1):
+        both = _run(seed, branch_at=[0, 2], weightings=["mgda"])
+        assert list(both.variants) == ["shared", "shared+mgda", "independent", "lora", "branched@0", "branched@2"]
+        assert both.branch_at == [0, 2] and both.groups == [["a"], ["b"]]
+        for point in (0, 2):
+            alone = _run(seed, branch_at=point, weightings=["mgda"])
+            assert alone.branch_at == point and list(alone.variants)[-1] == "branched"
+            for name, rec in alone.variants.items():
+                mine = both[f"branched@{point}" if name == "branched" else name]
+                assert mine.losses == rec.losses and mine.evals == rec.evals, (seed, point, name)
+                assert (mine.params, mine.start, mine.memory_mb) == (rec.params, rec.start, rec.memory_mb)
+                assert mine.step_ms > 0 and mine.latency_ms > 0  # every variant's costs timed
+        # the two points give two different models (copies of the whole backbone against of its last layer)
+        assert both["branched@0"].params > both["branched@2"].params
+        assert both.history["branched@0"] != both.history["branched@2"]
+    record = json.loads(json.dumps(both.to_dict(), allow_nan=False))
+    assert record["branch_at"] == [0, 2] and list(record["variants"])[-2:] == ["branched@0", "branched@2"]
+    assert both.to_markdown().count("\n| branched@") == 4  # a row per branched copy and task
+    # a tuple of one point is a list of points too: its variant is named by its point
+    one = _run(1, branch_at=(2,), variants=("shared", "branched"))
+    assert list(one.variants) == ["shared", "branched@2"] and one.branch_at == [2]
+    assert one["branched@2"].losses == alone["branched"].losses
+
+
 def test_data_order_is_replayed_and_cycled():
     seen = []
 
@@ -143,6 +170,10 @@ def test_bad_arguments_are_explained():
         _run(variants=("shared", "bogus"))
     with pytest.raises(ValueError, match="split_fraction"):
         _run(split_fraction=1.0)
+    with pytest.raises(ValueError, match="non-empty list"):
+        _run(branch_at=[])
+    with pytest.raises(ValueError, match=r"names a branch point twice: \[2, 0, 2\]"):
+        _run(branch_at=[2, 0, 2])
     with pytest.raises(ValueError, match=r"\(x, \{task: target\}\)"):
         compare(mlp_net, MSE, [torch.zeros(2, 4)], steps=2, progress=False)
     with pytest.raises(ValueError, match="no head for tasks"):

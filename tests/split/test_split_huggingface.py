@@ -215,20 +215,18 @@ def test_compare_runs_the_advices_own_next_step_on_bert():
             opt.step()
             opt.zero_grad()
     advice = monitor.advise()
-    found = re.search(r"variants=(.*?),\s*branch_at=branch_at, groups=(.*?),\n", advice.next_step, flags=re.S)
-    variants, groups = (ast.literal_eval(found.group(k)) for k in (1, 2))
-    points = ast.literal_eval(re.search(r"for branch_at in (\[.*?\])", advice.next_step).group(1))
+    found = re.search(r"variants=(.*?),\s*branch_at=(\[.*?\]), groups=(.*?),\n", advice.next_step, flags=re.S)
+    variants, points, groups = (ast.literal_eval(found.group(k)) for k in (1, 2, 3))
     assert advice.verdict == "keep_shared" and variants == ("shared", "independent", "branched")
     # The blocks that branch() copies, from the bottom up: the embeddings, then the encoder's layers.
     assert points[0] == "backbone.embeddings" and len(points) > 1
     assert all(p.startswith("backbone.encoder.layer.") for p in points[1:]), points
-    branch_at = points[-1]  # the top candidate: the cheapest copy
 
     def factory():
         return model_and_batch("bert")[0]
 
     data = [(batch, targets)]
-    result = compare(factory, losses, data, steps=4, variants=variants, branch_at=branch_at, groups=groups,
+    result = compare(factory, losses, data, steps=4, variants=variants, branch_at=points, groups=groups,
                      progress=False, evals=1)
-    assert list(result.variants) == list(variants)
+    assert list(result.variants) == ["shared", "independent", *(f"branched@{p}" for p in points)]
     assert all(len(result.history["independent"][t]) == 4 for t in targets)

@@ -3,6 +3,7 @@ are split."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -53,10 +54,18 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
     >>> signal.status, signal.details["weighting"]
     ('ok', 'imtl-g')
 
-    Results branched at several blocks (one ``compare(branch_at=...)`` per block and seed) are grouped by block:
-    ``details["by_block"]`` gives each block's branched gain (mean, per seed, paired test), and the status is read
-    on the seeds of the block that gains most among those whose gain the test confirms, else of the block that gains
-    most (``details["branch_at"]``).
+    Results branched at several blocks (one ``compare(branch_at=[...])`` per seed, its copies ``branched@<point>``,
+    or one ``compare(branch_at=...)`` per block and seed) are grouped by block: ``details["by_block"]`` gives each
+    block's branched gain (mean, per seed, paired test), and the status is read on the seeds of the block that
+    gains most among those whose gain the test confirms, else of the block that gains most
+    (``details["branch_at"]``; its copy is the variant ``branched`` in ``details["gains"]`` and ``winners``).
+
+    >>> both = [ComparisonResult({"shared": rec("shared", s), "branched@0": rec("branched@0", s * 0.7),
+    ...                           "branched@2": rec("branched@2", s * 0.75)}, ["a"], 1, 0, branch_at=[0, 2], seed=k)
+    ...         for k, s in enumerate([1.0, 1.2, 1.1])]   # +30% branched at block 0, +25% at block 2
+    >>> signal = ceiling(both)
+    >>> signal.status, signal.details["branch_at"], signal.details["winners"], sorted(signal.details["by_block"])
+    ('split', 0, ['branched'], ['0', '2'])
     """
     name = "ceiling"
     if comparison is None:
@@ -65,12 +74,12 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
             "no comparison experiment given (run the advice's next step, compare() over a few seeds, and pass "
             "comparison=[...] to check whether splitting lifts a ceiling)",
         )
-    results = [comparison] if isinstance(comparison, ComparisonResult) else list(comparison)
+    results = _per_block([comparison] if isinstance(comparison, ComparisonResult) else comparison)
     by_block: dict[str, dict[str, Any]] = {}
     points = list(dict.fromkeys(str(r.branch_at) for r in results if r.branch_at is not None))
     if len(points) > 1:
-        # Branched at several blocks (one compare() per block and seed): judge each block on its own seeds, and
-        # read the other variants on the seeds of the block whose branch gains most.
+        # Branched at several blocks: judge each block on its own seeds, and read the other variants on the seeds
+        # of the block whose branch gains most.
         for point in points:
             gain = split_gains([r for r in results if str(r.branch_at) == point]).get("branched")
             if gain is not None:
@@ -193,3 +202,20 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
         p_value=_finite_or_none(decisive.p_value),
     )
 
+
+def _per_block(results: Sequence[ComparisonResult]) -> list[ComparisonResult]:
+    """Each result branched at several blocks (``branch_at`` a list, copies ``branched@<point>``) as one result per
+    block, its copy named ``branched`` and branched at that block, as ``compare(branch_at=block)`` gives it (the
+    other variants the same records); other results as they are."""
+    out: list[ComparisonResult] = []
+    for result in results:
+        if not isinstance(result.branch_at, list):
+            out.append(result)
+            continue
+        copies = {f"branched@{point}": point for point in result.branch_at}
+        others = {n: rec for n, rec in result.variants.items() if n not in copies}
+        out.extend(
+            dataclasses.replace(result, variants={**others, "branched": result.variants[name]}, branch_at=point)
+            for name, point in copies.items()
+        )
+    return out
