@@ -17,8 +17,10 @@ _VARIANTS: dict[str, tuple[str, ...]] = {
 
 #: The most branch points the next step compares (spread evenly from the conflict onset to the top).
 MAX_CANDIDATES = 4
-#: The most seeds the next step runs when its first seeds cannot tell (its second look).
-MAX_SEEDS = 8
+#: The most seeds the next step runs when its first seeds cannot tell (its second look, planned for 80% power):
+#: four times the first look's three, a bound on the user's time. Every variant but the branched copies trains once
+#: per seed, whatever the number of candidate blocks.
+MAX_SEEDS = 12
 
 
 def next_step_code(
@@ -62,7 +64,7 @@ def next_step_code(
     >>> print([line for line in code.splitlines() if "branch_at=" in line][0].strip())
     branch_at=['backbone.2', 'backbone.3'], groups=[['a'], ['b']],
     >>> print(code.splitlines()[3].split("*, ")[1])
-    lr=None, steps=400, seeds=3, max_seeds=8):
+    lr=None, steps=400, seeds=3, max_seeds=12):
     >>> print(code.splitlines()[-2])
     advice = next_step(history, model_factory, loss_fns, train_data, eval_data, metrics, lr=...)
     """

@@ -13,6 +13,7 @@ from torch import nn
 from gradconflict import History
 from gradconflict.diagnosis import Advice, Thresholds, advise, advise_from_jsonl, next_step_code
 from gradconflict.diagnosis.aligned import align, no_pair_reason
+from gradconflict.diagnosis.next_step import MAX_SEEDS
 from gradconflict.diagnosis.persistence import minimum_effective_steps
 from gradconflict.diagnosis.signals import SIGNALS
 from gradconflict.records.comparison import IdenticalSeedsWarning
@@ -157,13 +158,14 @@ def test_next_step_code_is_valid_python():
             "history", "model_factory", "loss_fns", "train_data", "eval_data", "metrics"
         ]
         assert [a.arg for a in fn.args.kwonlyargs] == ["lr", "steps", "seeds", "max_seeds"]
-        assert [ast.literal_eval(d) for d in fn.args.kw_defaults] == [None, None, 3, 8]  # the budget is asked for
+        # the budget is asked for
+        assert [ast.literal_eval(d) for d in fn.args.kw_defaults] == [None, None, 3, MAX_SEEDS]
         assert "lr=..." in code.splitlines()[-2]
         assert variant in _variants(code) and "independent" in _variants(code)
         assert "groups=[['a', 'b'], ['c']]" in code and "advise(history, comparison=results)" in code
     known = next(n for n in ast.parse(next_step_code("keep_shared", None, [["a"], ["b"]], steps=123, lr=0.01)).body
                  if isinstance(n, ast.FunctionDef))
-    assert [ast.literal_eval(d) for d in known.args.kw_defaults] == [0.01, 123, 3, 8]
+    assert [ast.literal_eval(d) for d in known.args.kw_defaults] == [0.01, 123, 3, MAX_SEEDS]
 
 
 def test_next_step_runs_as_printed(capsys):
