@@ -1,8 +1,8 @@
 """Ground truth: what splitting actually does on a problem, measured with ``compare()`` over several seeds.
 
 For each seed, one ``compare()`` run trains the shared model, fully independent models, per-task LoRA adapters and
-the backbone branched at the bottom block; one more run per higher block branches there (the shared phase before
-the split is the same run, same seed, same batches, so its records join the first run's). Every variant is read
+the backbone branched at every block (``branch_at=[...]``: one copy per block, ``branched@backbone.k``, each from
+the same shared checkpoint). Every variant is read
 at its final evaluation on held-out data (fresh label noise), and ``split_gains`` pairs it with the shared model of
 the same seed, judged by the package's one ceiling rule (``judge_gain``): a split counts as better only when its
 mean Delta-m% exceeds the 1% floor and a one-sided paired t-test across seeds confirms it (p < 0.05). (Until
@@ -64,16 +64,8 @@ def seed_result(spec: Spec, seed: int) -> ComparisonResult:
         steps=STEPS, optimizer_factory=lambda params: torch.optim.Adam(params, lr=LR),
         eval_data=[(problem.eval_x, problem.eval_targets)], groups=groups, seed=seed, progress=False, evals=4,
     )
-    data = _batches(problem, seed)
-    first = compare(factory, problem.loss_fns, data, branch_at="backbone.0", **options)
-    variants = {name: first[name] for name in ("shared", "independent", "lora")}
-    variants[branch_name("backbone.0")] = first["branched"]
-    for k in range(1, spec.depth):
-        block = f"backbone.{k}"
-        variants[branch_name(block)] = compare(
-            factory, problem.loss_fns, data, branch_at=block, variants=("branched",), **options
-        )["branched"]
-    return ComparisonResult(variants, problem.tasks, steps=STEPS, split_step=first.split_step)
+    blocks = [f"backbone.{k}" for k in range(spec.depth)]
+    return compare(factory, problem.loss_fns, _batches(problem, seed), branch_at=blocks, **options)
 
 
 def truth(spec: Spec, seeds: int) -> Truth:
