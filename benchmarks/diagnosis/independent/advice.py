@@ -1,6 +1,7 @@
 """The advice side: what a user of gradconflict is told on each problem, and whether it matches the truth.
 
-For each problem, the shared model of seed 0 trains for the problem's budget on the truth's seed-0 batches with
+For each problem, the shared model of one seed (0 by default) trains for the problem's budget on the truth's
+batches of that seed with
 every step measured by a :class:`~gradconflict.ConflictMonitor`, and ``gradconflict.advise(history, model=...)``
 reads the run: the **first look**. Then the advice's ``next_step`` is run as printed, with the problem's own
 inputs: ``model_factory`` (a fresh model from torch's global generator, which ``compare`` seeds),
@@ -73,9 +74,9 @@ def block_of(layer: str | None) -> str | None:
     return ".".join(parts[:2]) if parts[0] == "backbone" and len(parts) > 1 else layer
 
 
-def _inputs(problem: Problem) -> dict[str, Any]:
-    """What a next step may ask for, built from the problem."""
-    batches = [(problem.x[i], {t: y[i] for t, y in problem.y.items()}) for i in problem.batch_indices(0)]
+def _inputs(problem: Problem, seed: int) -> dict[str, Any]:
+    """What a next step may ask for, built from the problem (the batches of ``seed``)."""
+    batches = [(problem.x[i], {t: y[i] for t, y in problem.y.items()}) for i in problem.batch_indices(seed)]
     return {
         "model_factory": lambda: problem.build(None),
         "loss_fns": problem.loss_fns(),
@@ -85,14 +86,14 @@ def _inputs(problem: Problem) -> dict[str, Any]:
     }
 
 
-def monitored_run(problem: Problem) -> tuple[ConflictMonitor, torch.nn.Module]:
-    """The shared model of seed 0, trained for the budget with every step measured."""
-    model = problem.model(0)
+def monitored_run(problem: Problem, seed: int = 0) -> tuple[ConflictMonitor, torch.nn.Module]:
+    """The shared model of ``seed``, trained for the budget on that seed's batches with every step measured."""
+    model = problem.model(seed)
     loss_fns = problem.loss_fns()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=problem.lr)
     with ConflictMonitor(model, max_history=None) as monitor:
-        for idx in problem.batch_indices(0):
+        for idx in problem.batch_indices(seed):
             out = model(problem.x[idx])
             optimizer.zero_grad()
             monitor.backward({t: fn(out[t], problem.y[t][idx]) for t, fn in loss_fns.items()})
@@ -100,9 +101,12 @@ def monitored_run(problem: Problem) -> tuple[ConflictMonitor, torch.nn.Module]:
     return monitor, model
 
 
-def follow_next_step(problem: Problem, first: Advice, history: Any, model: torch.nn.Module) -> Advice:
-    """Run ``first.next_step`` with the problem's inputs and budget; the advice it reads with the comparison."""
-    inputs = {**_inputs(problem), "history": history}
+def follow_next_step(
+    problem: Problem, first: Advice, history: Any, model: torch.nn.Module, seed: int = 0
+) -> Advice:
+    """Run ``first.next_step`` with the problem's inputs (the batches of ``seed``) and budget; the advice it reads
+    with the comparison."""
+    inputs = {**_inputs(problem, seed), "history": history}
     real_compare, real_advise = gradconflict.compare, gradconflict.advise
     seen: dict[str, Any] = {}
 
@@ -171,16 +175,17 @@ def score(truth: Truth, reading: Reading | None) -> dict[str, bool | None]:
     }
 
 
-def advise_problem(problem: Problem, next_step: bool = True) -> AdviceOutcome:
-    """First look and (with ``next_step``) the advice after running its next step (scored later, by :func:`score`)."""
+def advise_problem(problem: Problem, next_step: bool = True, seed: int = 0) -> AdviceOutcome:
+    """First look and (with ``next_step``) the advice after running its next step (scored later, by :func:`score`),
+    on the monitored run of ``seed``."""
     started = time.perf_counter()
-    monitor, model = monitored_run(problem)
+    monitor, model = monitored_run(problem, seed)
     first_advice = advise(monitor.history, model=model)
     first = Reading.of(first_advice)
     after, error = None, None
     if next_step:
         try:
-            after = Reading.of(follow_next_step(problem, first_advice, monitor.history, model))
+            after = Reading.of(follow_next_step(problem, first_advice, monitor.history, model, seed))
         except Exception as err:  # a next step that does not run is a finding, not a crash of the benchmark
             error = f"{type(err).__name__}: {err}"
             traceback.print_exc()

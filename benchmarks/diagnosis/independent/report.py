@@ -123,10 +123,10 @@ def section(
         f"split of 3+ tasks, the partition with the fewest groups among those that beat shared and recover "
         f"{truth_rules.RECOVER:.0%} of the best partition's gain (any of those is accepted).",
         "",
-        "The advice: the shared model of seed 0 trained for the problem's budget under a `ConflictMonitor`, every "
-        "step measured, then `advise(history, model=model)` (first look); then the advice's `next_step` run as "
-        "printed with the problem's inputs, its budget and held-out metrics, and the advice it asks for with the "
-        "comparison (after next_step).",
+        "The advice: the shared model of seed 0 (another with `--advice-seed`) trained for the problem's budget "
+        "under a `ConflictMonitor`, every step measured, then `advise(history, model=model)` (first look); then "
+        "the advice's `next_step` run as printed with the problem's inputs, its budget and held-out metrics, and "
+        "the advice it asks for with the comparison (after next_step).",
         "",
         "### Machine",
         "",

@@ -59,9 +59,9 @@ def _truth_job(name: str, seeds: int) -> truth_mod.Truth:
     return truth_mod.measure(_by_name([name])[name], seeds, log=lambda s: print(s, flush=True))
 
 
-def _advice_job(name: str, next_step: bool) -> AdviceOutcome:
+def _advice_job(name: str, next_step: bool, seed: int) -> AdviceOutcome:
     torch.set_num_threads(1)
-    outcome = advise_problem(_by_name([name])[name], next_step)
+    outcome = advise_problem(_by_name([name])[name], next_step, seed)
     f, a = outcome.first, outcome.after
     print(
         f"{name:30} first {f.verdict:15} "
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--truth-only", action="store_true", help="measure (or refresh) the truth, no advice")
     parser.add_argument("--retruth", action="store_true", help="measure the truth even where it is cached")
     parser.add_argument("--no-next-step", action="store_true", help="score the first look only")
+    parser.add_argument("--advice-seed", type=int, default=0,
+                        help="the seed of the advice's monitored run and of its next step's batches (default 0)")
     parser.add_argument("--jobs", type=int, default=1, help="problems in parallel processes (default 1)")
     parser.add_argument("--output", default=str(DIAGNOSIS), help="the Markdown file whose section is written")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the two caches")
@@ -130,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
                "gradconflict": f"{gradconflict.__version__} from {Path(gradconflict.__file__).resolve().parent}"}
         next_step = not args.no_next_step
         if pool is None:
-            done = (_advice_job(name, next_step) for name in chosen)
+            done = (_advice_job(name, next_step, args.advice_seed) for name in chosen)
         else:
-            done = (f.result() for f in as_completed([pool.submit(_advice_job, n, next_step) for n in chosen]))
+            jobs = [pool.submit(_advice_job, n, next_step, args.advice_seed) for n in chosen]
+            done = (f.result() for f in as_completed(jobs))
         for outcome in done:  # saved as each problem is done
             stored["problems"][outcome.name] = {**advice_mod.to_dict(outcome), "run": run}
             advice_path.write_text(json.dumps(stored, indent=1) + "\n", encoding="utf-8")
