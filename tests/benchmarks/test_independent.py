@@ -184,3 +184,26 @@ def test_a_weighted_step_combines_the_task_gradients_as_the_method_defines(weigh
     for t in tasks:  # each head: the gradient of its own loss
         for q, g in zip(model.heads[t].parameters(), heads[t]):
             assert torch.allclose(q.grad, g)
+
+
+def test_hit_rates_by_seed_pool_every_seeds_problems():
+    from types import SimpleNamespace
+
+    from benchmarks.diagnosis.independent.advice import AdviceOutcome, Reading
+    from benchmarks.diagnosis.independent.report import by_seed
+
+    def outcome(name, hit):
+        reading = Reading("keep_shared", None, None, [["a", "b"]], True, "decided")
+        scored = AdviceOutcome(name, reading, reading, None, 0.0)
+        scored.scores = {k: hit for k in ("first_verdict", "after_verdict", "first_groups", "after_groups")}
+        scored.scores |= {k: None for k in ("first_economical", "first_acceptable_block", "after_acceptable_block")}
+        return scored
+
+    problems = {n: SimpleNamespace(tasks=["a", "b"]) for n in ("p", "q")}
+    lines = by_seed({3: [outcome("p", True), outcome("q", True)], 0: [outcome("p", True), outcome("q", False)]},
+                    problems)
+    assert lines[0] == "| measure | seed 0 | seed 3 | pooled | target |"
+    row = next(line for line in lines if line.startswith("| verdict after next_step |"))
+    assert row.split(" | ")[1:4] == ["1 / 2 (50%)", "2 / 2 (100%)", "3 / 4 (75%)"]
+    unscored = next(line for line in lines if line.startswith("| branch point within the acceptable blocks, first"))
+    assert unscored.split(" | ")[1:4] == ["-", "-", "-"]

@@ -33,7 +33,8 @@ def _rate(values: Sequence[bool | None]) -> str:
     return f"{sum(scored)} / {len(scored)} ({100 * sum(scored) / len(scored):.0f}%)"
 
 
-def hit_rates(outcomes: Sequence[AdviceOutcome], problems: dict[str, Problem]) -> dict[str, str]:
+def _scores(outcomes: Sequence[AdviceOutcome], problems: dict[str, Problem]) -> dict[str, list[bool | None]]:
+    """Each measure's hits and misses (``None``: not scored), one per problem."""
     def col(key: str) -> list[bool | None]:
         return [o.scores.get(key) for o in outcomes]
 
@@ -41,18 +42,37 @@ def hit_rates(outcomes: Sequence[AdviceOutcome], problems: dict[str, Problem]) -
         bool(o.scores["first_verdict"] or (not o.first.decided and o.scores.get("after_verdict")))
         for o in outcomes
     ]
-    many = [o.scores["first_groups"] for o in outcomes if len(problems[o.name].tasks) >= 3]
+    many: list[bool | None] = [o.scores["first_groups"] for o in outcomes if len(problems[o.name].tasks) >= 3]
     return {
-        "verdict, first look": _rate(col("first_verdict")),
-        "verdict, first look (a provisional reading counts when its next step gets it right)": _rate(lenient),
-        "verdict after next_step": _rate(col("after_verdict")),
-        "economical branch point (exact block), first look": _rate(col("first_economical")),
-        "branch point within the acceptable blocks, first look": _rate(col("first_acceptable_block")),
-        "branch point within the acceptable blocks, after next_step": _rate(col("after_acceptable_block")),
-        "groups, first look": _rate(col("first_groups")),
-        "groups, first look, problems of 3 or more tasks": _rate(many),
-        "groups after next_step": _rate(col("after_groups")),
+        "verdict, first look": col("first_verdict"),
+        "verdict, first look (a provisional reading counts when its next step gets it right)": list(lenient),
+        "verdict after next_step": col("after_verdict"),
+        "economical branch point (exact block), first look": col("first_economical"),
+        "branch point within the acceptable blocks, first look": col("first_acceptable_block"),
+        "branch point within the acceptable blocks, after next_step": col("after_acceptable_block"),
+        "groups, first look": col("first_groups"),
+        "groups, first look, problems of 3 or more tasks": many,
+        "groups after next_step": col("after_groups"),
     }
+
+
+def hit_rates(outcomes: Sequence[AdviceOutcome], problems: dict[str, Problem]) -> dict[str, str]:
+    return {k: _rate(v) for k, v in _scores(outcomes, problems).items()}
+
+
+def by_seed(runs: dict[int, Sequence[AdviceOutcome]], problems: dict[str, Problem]) -> list[str]:
+    """The hit rates of advice runs on several seeds' monitored runs (``--advice-seed``), side by side and pooled:
+    how much the rates move with the run the advice reads."""
+    scores = {seed: _scores(outcomes, problems) for seed, outcomes in sorted(runs.items())}
+    lines = [
+        "| measure | " + " | ".join(f"seed {seed}" for seed in scores) + " | pooled | target |",
+        "| --- |" + " --- |" * (len(scores) + 2),
+    ]
+    for measure, target in TARGETS.items():
+        cells = [_rate(s[measure]) for s in scores.values()]
+        pooled = _rate([v for s in scores.values() for v in s[measure]])
+        lines.append(f"| {measure} | " + " | ".join(cells) + f" | {pooled} | {target} |")
+    return lines
 
 
 def _groups(groups: Sequence[Sequence[str]]) -> str:
@@ -87,8 +107,11 @@ def _best(t: Truth) -> str:
 
 def section(
     problems: dict[str, Problem], truths: dict[str, Truth], outcomes: Sequence[AdviceOutcome], *,
-    machine: list[str], truth_meta: dict,
+    machine: list[str], truth_meta: dict, seed: int = 0,
+    other_seeds: dict[int, Sequence[AdviceOutcome]] | None = None,
 ) -> str:
+    """The section of DIAGNOSIS.md for the advice run on ``seed``'s monitored run; ``other_seeds`` (seed ->
+    outcomes of the same advice on another seed's monitored run) adds the hit rates by seed."""
     rates = hit_rates(outcomes, problems)
     lines = [
         START,
@@ -145,6 +168,16 @@ def section(
         "Branch points are scored on the problems whose truth accepts a physical split (save an advice credited "
         "with keep_shared and a re-weighting); an advice without a branch point there is a miss.",
         "",
+    ]
+    if other_seeds:
+        lines += [
+            "Hit rates by the seed of the monitored run the advice reads (and of its next step's batches; "
+            "`--advice-seed`, the runs cached in `advice-seed<k>.json`): the same problems, truth and code.",
+            "",
+            *by_seed({**other_seeds, seed: outcomes}, problems),
+            "",
+        ]
+    lines += [
         f"What splitting did agrees with what the problem was built for (verdict) on "
         f"{_rate([problems[o.name].expected[0] in truths[o.name].verdicts for o in outcomes])}; budgets: "
         + ", ".join(sorted({f'{problems[o.name].steps} steps' for o in outcomes}))

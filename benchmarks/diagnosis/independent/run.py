@@ -20,6 +20,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             jobs = [pool.submit(_advice_job, n, next_step, args.advice_seed) for n in chosen]
             done = (f.result() for f in as_completed(jobs))
+        stored["advice_seed"] = args.advice_seed
         for outcome in done:  # saved as each problem is done
             stored["problems"][outcome.name] = {**advice_mod.to_dict(outcome), "run": run}
             advice_path.write_text(json.dumps(stored, indent=1) + "\n", encoding="utf-8")
@@ -146,7 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     runs = {json.dumps(stored["problems"][n]["run"], sort_keys=True) for n in names}
     machine = [f"- advice run: {r['date']}; `{r['command']}`; {r['machine']}; gradconflict "
                f"{r['gradconflict']}" for r in map(json.loads, sorted(runs))]
-    text = section(every, cache, outcomes, machine=machine, truth_meta=meta)
+    others: dict[int, Sequence[AdviceOutcome]] = {}  # the advice on other seeds' monitored runs, cached beside this one
+    for path in sorted(advice_path.parent.glob("advice-seed*.json")):
+        other = json.loads(path.read_text(encoding="utf-8"))
+        if path.resolve() != advice_path.resolve() and other.get("advice_seed") != stored.get("advice_seed", 0):
+            others[other["advice_seed"]] = [advice_mod.scored(advice_mod.from_dict(other["problems"][n]), cache[n])
+                                            for n in names if n in other["problems"]]
+    text = section(every, cache, outcomes, machine=machine, truth_meta=meta, seed=stored.get("advice_seed", 0),
+                   other_seeds=others)
     write_section(Path(args.output), text)
     print(f"wrote {args.output} ({len(outcomes)} problems)")
     return 0
