@@ -80,21 +80,25 @@ def judge_gain(
     - When the mean exceeds the floor but the test does not reject, a failure to confirm is not evidence of no
       gain: ``None`` (cannot tell) when a practical number of seeds would confirm a gain of this mean and spread
       (:attr:`GainTest.seeds_needed`, planned for 80% power, at most :data:`MAX_SEEDS`), ``False`` when even
-      that many would confirm it less than half the time (the gain is too small for its noise to be worth a
-      split).
+      that many would confirm it less than half the time, were the spread as small as its 90% confidence
+      interval allows (the gain is too small for its noise to be worth a split; a spread measured on few seeds
+      is a rough estimate, so "no gain" is not read from its point value).
     - ``None`` also when there is one seed only, or when the seeds change nothing (``seeds_vary=False``: the
       caller found the runs of different seeds bit-identical, see :func:`seeds_vary`). Identical runs have no
       spread, and would make any gain look certain.
 
-    Three seeds that agree (+25.5, +26.0, +29.4%) pass; so do +60.7, +35.3, +18.4% (p = 0.047). A gain that is
-    large on one seed and negative on the others does not (it would take more than 20 seeds); +12.4, +13.8, +64.6%
-    cannot be told yet: 8 seeds would confirm a gain of this mean and spread 80% of the time.
+    Three seeds that agree (+25.5, +26.0, +29.4%) pass; so do +60.7, +35.3, +18.4% (p = 0.047). +6, -4, +2% is no
+    gain worth a split (+0.3% above the floor at a spread of 5%); a gain large on one seed and negative on the
+    others (+40, -5, -3%) cannot be told on three seeds, nor can +12.4, +13.8, +64.6%: 8 seeds would confirm a
+    gain of this mean and spread 80% of the time.
 
     >>> t = judge_gain([60.7, 35.3, 18.4])
     >>> t.beyond, round(t.p_value, 3)
     (True, 0.047)
-    >>> judge_gain([40.0, -5.0, -3.0]).beyond, judge_gain([0.0004, 0.0003, 0.0005]).beyond
+    >>> judge_gain([6.0, -4.0, 2.0]).beyond, judge_gain([0.0004, 0.0003, 0.0005]).beyond
     (False, False)
+    >>> judge_gain([40.0, -5.0, -3.0]).beyond, judge_gain([40.0, -5.0, -3.0]).seeds_needed
+    (None, 20)
     >>> t = judge_gain([12.4, 13.8, 64.6])
     >>> t.beyond, round(t.p_value, 2), t.seeds_needed
     (None, 0.12, 8)
@@ -129,6 +133,9 @@ def judge_gain(
 #: The most seeds :attr:`GainTest.seeds_needed` proposes: a gain that not even this many would confirm at its
 #: observed size is too small for its spread to count (:func:`judge_gain` says ``False``).
 MAX_SEEDS = 20
+#: The confidence of the lower bound on the gains' spread at which "too small for its spread" is judged: a spread
+#: measured on three seeds may be three times too large (its 90% interval), and "no gain" must hold at the low end.
+SPREAD_CONFIDENCE = 0.9
 #: The power :attr:`GainTest.seeds_needed` plans for: the chance that the test confirms a gain of the observed mean
 #: and spread on that many seeds (80%, the usual planning convention). Planning at the observed effect itself would
 #: give even odds, and a second look short of significance about half the time.
@@ -144,13 +151,17 @@ def _power(effect: float, n: int, alpha: float) -> float:
 def _seeds_needed(values: Sequence[float], floor: float, alpha: float) -> int | None:
     """The seeds in all at which the one-sided t-test of :func:`judge_gain` confirms a gain of this mean and
     standard deviation with :data:`PLAN_POWER` (at most :data:`MAX_SEEDS`); ``None`` when even :data:`MAX_SEEDS`
-    seeds would confirm it less than half the time (what to run next, planned from the seeds run: not a
+    seeds would confirm it less than half the time, at the low end of the standard deviation's one-sided
+    :data:`SPREAD_CONFIDENCE` interval (the chi-squared bound; what to run next, planned from the seeds run: not a
     verdict)."""
-    if len(values) < 2:
+    n = len(values)
+    if n < 2:
         return None
-    effect = (statistics.fmean(values) - floor) / statistics.stdev(values)
-    if _power(effect, MAX_SEEDS, alpha) < 0.5:
+    mean, sd = statistics.fmean(values), statistics.stdev(values)
+    least_sd = sd * math.sqrt((n - 1) / stats.chi2.ppf(SPREAD_CONFIDENCE, n - 1))
+    if _power((mean - floor) / least_sd, MAX_SEEDS, alpha) < 0.5:
         return None
+    effect = (mean - floor) / sd
     return next(
         (n for n in range(len(values) + 1, MAX_SEEDS + 1) if _power(effect, n, alpha) >= PLAN_POWER), MAX_SEEDS
     )
