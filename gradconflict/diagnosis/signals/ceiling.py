@@ -188,8 +188,7 @@ def ceiling(comparison: ComparisonResult | Sequence[ComparisonResult] | None) ->
             f"{head}; {', '.join(g.variant for g in open_gains)} gain(s) more than {floor:g}% on average, but the "
             f"paired test over {len(results)} seeds cannot tell that from the seed-to-seed spread (no evidence either "
             "way): run more seeds"
-            + (f", about {min(needed)} in all at this spread" if needed else
-               " (at this spread even 20 would not confirm it: the gain is small for its noise)")
+            + (f", about {min(needed)} in all at this spread" if needed else "")
         )
     else:
         status = "ok"
