@@ -44,8 +44,9 @@ class GainTest:
         seeds_vary: False when the seeds changed nothing (identical runs): their agreement proves nothing.
         beyond: True: a gain beyond the floor, confirmed by the test; False: no gain beyond the floor (the mean
             gain is not above it, or too little above it for its spread: :data:`MAX_SEEDS` seeds would confirm
-            it less than half the time); ``None``: cannot tell (an unconfirmed mean above the floor that more
-            seeds would settle, one seed, or seeds that change nothing).
+            it less than half the time, even at the low end of the spread's confidence interval); ``None``:
+            cannot tell (an unconfirmed mean above the floor that more seeds would settle, one seed, or seeds that
+            change nothing).
         seeds_needed: when the test cannot tell a mean above the floor, the seeds in all at which it would confirm
             a gain of this mean and spread with :data:`PLAN_POWER` (80%), at most :data:`MAX_SEEDS` (``None``: not
             needed).
@@ -130,8 +131,9 @@ def judge_gain(
     return GainTest(values, mean, p_value, floor, alpha, seeds_vary, beyond, needed)
 
 
-#: The most seeds :attr:`GainTest.seeds_needed` proposes: a gain that not even this many would confirm at its
-#: observed size is too small for its spread to count (:func:`judge_gain` says ``False``).
+#: The most seeds :attr:`GainTest.seeds_needed` proposes: a gain that not even this many would confirm half the
+#: time, at the low end of its spread's interval (:data:`SPREAD_CONFIDENCE`), is too small for its spread to count
+#: (:func:`judge_gain` says ``False``).
 MAX_SEEDS = 20
 #: The confidence of the lower bound on the gains' spread at which "too small for its spread" is judged: a spread
 #: measured on three seeds may be three times too large (its 90% interval), and "no gain" must hold at the low end.
@@ -162,9 +164,7 @@ def _seeds_needed(values: Sequence[float], floor: float, alpha: float) -> int | 
     if _power((mean - floor) / least_sd, MAX_SEEDS, alpha) < 0.5:
         return None
     effect = (mean - floor) / sd
-    return next(
-        (n for n in range(len(values) + 1, MAX_SEEDS + 1) if _power(effect, n, alpha) >= PLAN_POWER), MAX_SEEDS
-    )
+    return next((k for k in range(n + 1, MAX_SEEDS + 1) if _power(effect, k, alpha) >= PLAN_POWER), MAX_SEEDS)
 
 
 @dataclass(frozen=True)
