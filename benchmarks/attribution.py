@@ -3,6 +3,7 @@
     python -m benchmarks.attribution                         # MLP, CNN, transformer at T=4; writes ATTRIBUTION.md
     python -m benchmarks.attribution --workload gpt2-small --tasks 4 --output /tmp/a.md
     python -m benchmarks.attribution --smoke                 # every route once on tiny models; exit 1 on an error
+    python -m benchmarks.attribution --accumulation 4        # each step one group of 4 micro-batches
 
 Like every benchmark here it measures the *installed* gradconflict (benchmarks/__init__.py); to measure a
 checkout's own copy, import it first: ``python -c "import gradconflict, sys; from benchmarks.attribution import
@@ -20,6 +21,10 @@ own copy of the same model and batch, timed round-robin (benchmarks/timing.py: m
 
 The figure the issue sets a target for (at most 1.15) is attributed / measured. Every route runs
 ``2 * TRIALS`` steps before it is timed, so that both automatic choices are settled.
+
+With ``--accumulation K``, a step is one group of K micro-batches (the workload's batch cut into K), each
+monitored route with ``accumulation_steps=K`` and the plain route K backward calls: an attributed group holds each
+micro-batch's tapped inputs and output gradients until its end, and attributes them against the group's gradients.
 """
 
 from __future__ import annotations
@@ -43,23 +48,37 @@ ROUTES = ("plain", "measured", "measured-batched", "attributed")
 DEFAULT_WORKLOADS = ("mlp-b64", "cnn", "transformer")
 
 
+Part = tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]
+
+
+def micro_batches(x: torch.Tensor, targets: dict[str, torch.Tensor], k: int) -> list[Part]:
+    """The batch cut into ``k`` equal micro-batches: ``(x, targets, ids)`` each."""
+    if x.shape[0] % k:
+        raise SystemExit(f"--accumulation {k} does not divide the batch of {x.shape[0]}")
+    size = x.shape[0] // k
+    cuts = [slice(i * size, (i + 1) * size) for i in range(k)]
+    return [(x[c], {t: y[c] for t, y in targets.items()}, torch.arange(x.shape[0])[c]) for c in cuts]
+
+
 def build(
-    route: str, wl: Workload, T: int, x: torch.Tensor, targets: dict[str, torch.Tensor]
+    route: str, wl: Workload, T: int, parts: list[Part]
 ) -> tuple[Callable[[], None], ConflictMonitor | None, torch.nn.Module]:
-    """``(step, monitor, model)`` of one route on a fresh copy of the workload's model."""
+    """``(step, monitor, model)`` of one route on a fresh copy of the workload's model; a step runs every
+    micro-batch of ``parts`` (one, without accumulation)."""
     model = wl.model(T)
-    ids = torch.arange(wl.batch)
     if route == "plain":
         def plain() -> None:
-            torch.stack(list(task_losses(model(x), targets).values())).sum().backward()
+            for x, targets, _ in parts:
+                torch.stack(list(task_losses(model(x), targets).values())).sum().backward()
 
         return plain, None, model
     strategy = "batched" if route == "measured-batched" else "auto"
-    monitor = ConflictMonitor(model, shared=model.backbone, strategy=strategy)
+    monitor = ConflictMonitor(model, shared=model.backbone, strategy=strategy, accumulation_steps=len(parts))
 
     def step() -> None:
-        losses = task_losses(model(x), targets)
-        report = monitor.backward(losses, sample_ids=ids if route == "attributed" else None)
+        for x, targets, ids in parts:
+            losses = task_losses(model(x), targets)
+            report = monitor.backward(losses, sample_ids=ids if route == "attributed" else None)
         if route == "attributed":
             assert report is not None and report.samples is not None and report.samples.residual < 1e-3
 
@@ -68,8 +87,8 @@ def build(
 
 def run(wl: Workload, T: int, args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
     """Each route's timing and peak memory, and the strategy each monitored route settled on."""
-    x, targets = wl.data(T)
-    built = {r: build(r, wl, T, x, targets) for r in ROUTES}
+    parts = micro_batches(*wl.data(T), args.accumulation)
+    built = {r: build(r, wl, T, parts) for r in ROUTES}
     out: dict[str, dict[str, float]] = {r: {} for r in ROUTES}
     for r, (step, _, model) in built.items():
         for _ in range(2 * TRIALS):  # the auto strategy times its candidates on its first steps
@@ -96,9 +115,12 @@ def run(wl: Workload, T: int, args: argparse.Namespace) -> tuple[dict[str, dict[
     return out, chosen
 
 
-def table(wl: Workload, T: int, res: dict[str, dict[str, float]], chosen: dict[str, str]) -> list[str]:
+def table(
+    wl: Workload, T: int, res: dict[str, dict[str, float]], chosen: dict[str, str], accumulation: int
+) -> list[str]:
+    group = f", one group of {accumulation} micro-batches a step" if accumulation > 1 else ""
     lines = [
-        f"### {wl.name}, T={T}: {wl.description}", "",
+        f"### {wl.name}, T={T}{group}: {wl.description}", "",
         "| route | ms / step | x plain | x measured | spread | peak mem |", "|---|---|---|---|---|---|",
     ]
     for r in ROUTES:
@@ -117,6 +139,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="every route once on tiny models; exit 1 on an error")
     p.add_argument("--workload", nargs="+", default=None, help=f"workloads ({', '.join(WORKLOADS)})")
     p.add_argument("--tasks", nargs="+", type=int, default=[4])
+    p.add_argument("--accumulation", type=int, default=1, help="micro-batches per step (accumulation_steps)")
     p.add_argument("--warmup", type=int, default=2, help="discarded repetitions")
     p.add_argument("--reps", type=int, default=21, help="max timed repetitions")
     p.add_argument("--budget", type=float, default=30.0, help="seconds of timed repetitions per table (about)")
@@ -135,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         for T in args.tasks:
             res, chosen = run(table_[name], T, args)
             if not args.smoke:
-                sections += table(table_[name], T, res, chosen)
+                sections += table(table_[name], T, res, chosen, args.accumulation)
                 print("\n".join(sections[-(len(ROUTES) + 7):]), flush=True)
     if args.smoke:
         return 0

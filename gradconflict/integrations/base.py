@@ -58,6 +58,9 @@ class FrameworkMonitor:
             interval), so that every logged step carries a fresh measurement and the others cost nothing.
         task_losses_key: the field of the training step's output that holds ``{task: loss}``.
         task_weights_key: the field holding ``{task: weight}`` (optional; weights default to 1).
+        sample_ids_key: the field holding the batch's example ids (optional: dataset indices, one per example),
+            which attributes each measured step's Gram to its examples (``sample_ids=`` of
+            :meth:`~gradconflict.ConflictMonitor.backward`; with gradient accumulation, on every micro-batch).
         layers: also log each shared layer's worst cosine (one key per shared layer: off by default, since a
             framework prints every logged key to the console; the monitor's history keeps the layers either way).
         monitor_options: more :class:`~gradconflict.ConflictMonitor` arguments (``threshold``, ``engine``,
@@ -74,6 +77,7 @@ class FrameworkMonitor:
     every: int | None = None
     task_losses_key: str = "task_losses"
     task_weights_key: str = "task_weights"
+    sample_ids_key: str = "sample_ids"
     layers: bool = False
     monitor_options: Mapping[str, Any] | None = None
     monitor: ConflictMonitor | None = field(default=None, init=False)
@@ -144,7 +148,10 @@ class FrameworkMonitor:
             backward_fn()
             return
         assert self.monitor is not None
-        report = self.monitor.backward(losses, _field(output, self.task_weights_key), backward_fn=backward_fn)
+        report = self.monitor.backward(
+            losses, _field(output, self.task_weights_key), backward_fn=backward_fn,
+            sample_ids=_field(output, self.sample_ids_key),
+        )
         if report is not None:
             self._report = report
 

@@ -63,8 +63,10 @@ class ConflictTrainer(transformers.Trainer):
     (``{task: scalar loss}``; optionally ``"task_weights"``, the weights of the total). Every argument of
     ``Trainer`` is accepted, plus the keyword arguments of :class:`~gradconflict.integrations.FrameworkMonitor`:
     ``shared`` (a module path in the model, e.g. ``"backbone"``), ``every`` (default ``None``: the steps the
-    Trainer logs, every ``logging_steps``-th, the others costing nothing), ``task_losses_key`` and
-    ``task_weights_key`` (the output fields), ``layers`` and ``monitor_options`` (more
+    Trainer logs, every ``logging_steps``-th, the others costing nothing), ``task_losses_key``,
+    ``task_weights_key`` and ``sample_ids_key`` (the output fields: a model whose output carries
+    ``"sample_ids"``, the batch's dataset indices, has each measured step attributed to its examples), ``layers``
+    and ``monitor_options`` (more
     :class:`~gradconflict.ConflictMonitor` arguments; ``on_nonfinite`` defaults to ``"propagate"``).
 
     The monitor starts with ``train()`` (with ``gradient_accumulation_steps`` as its ``accumulation_steps`` and

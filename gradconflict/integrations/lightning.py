@@ -100,9 +100,10 @@ class ConflictCallback(pl.Callback):
     Args:
         options: the arguments of :class:`~gradconflict.integrations.FrameworkMonitor`: ``shared`` (a module
             path in the ``LightningModule``, e.g. ``"backbone"``), ``every`` (default ``None``: the steps the
-            trainer logs, every ``log_every_n_steps``-th, every step under ``fast_dev_run``), ``task_losses_key``
-            and ``task_weights_key`` (the fields of ``training_step``'s output), ``layers`` and
-            ``monitor_options`` (more :class:`~gradconflict.ConflictMonitor` arguments).
+            trainer logs, every ``log_every_n_steps``-th, every step under ``fast_dev_run``), ``task_losses_key``,
+            ``task_weights_key`` and ``sample_ids_key`` (the fields of ``training_step``'s output: with
+            ``"sample_ids"``, the batch's dataset indices, each measured step is attributed to its examples),
+            ``layers`` and ``monitor_options`` (more :class:`~gradconflict.ConflictMonitor` arguments).
 
     The trainer's ``accumulate_grad_batches`` becomes the monitor's ``accumulation_steps``, its precision
     plugin's loss scaler (``"16-mixed"``) the monitor's ``scaler``. Each measured step is logged with

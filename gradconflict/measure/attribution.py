@@ -21,9 +21,9 @@ gradient there; they are left out, listed in :attr:`SampleAttribution.omitted`, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from gradconflict.measure.rules import Call, LayerGram, LayerRule
 from gradconflict.measure.rules.base import LayerAttribution, NotPerExample, Scratch, check_examples
 
-__all__ = ["Attributor", "SampleAttribution", "sample_ids"]
+__all__ = ["Attributor", "HeldLayer", "SampleAttribution", "sample_ids"]
 
 
 def sample_ids(ids: Any) -> Tensor:
@@ -169,6 +169,61 @@ class SampleAttribution:
         )
 
 
+@dataclass(eq=False)
+class HeldLayer:
+    """One rule-covered module's calls in a micro-batch of an accumulation group, held (each call's input and
+    every task's output gradients) until the group's per-task gradients are known: see :meth:`Attributor.group`.
+
+    Attributes:
+        layer: the module's layer name.
+        module: the module.
+        rule: its layer rule.
+        calls: its calls in the micro-batch, with their output gradients.
+        names: the parameter names the rule covers there.
+        dtype: the dtype of the attribution (the step's Gram dtype).
+    """
+
+    layer: str
+    module: nn.Module
+    rule: LayerRule
+    calls: list[Call]
+    names: set[str]
+    dtype: torch.dtype
+
+    def release(self) -> None:
+        """Drop the held inputs and output gradients."""
+        for call in self.calls:
+            call.release()
+
+
+def _joined(each: Sequence[HeldLayer | None]) -> list[Call] | None:
+    """One module's calls in every micro-batch of a group, joined along the examples (call ``p`` of each
+    micro-batch into one), or ``None`` when they cannot be: a micro-batch that did not reach the module, other
+    covered parameters or another number of calls, a recorded input that is not a plain tensor (a rule that keeps
+    module state with it), or shapes that differ beyond dim 0."""
+    if any(h is None for h in each):
+        return None
+    held = [h for h in each if h is not None]
+    first = held[0]
+    if any(h.names != first.names or len(h.calls) != len(first.calls) for h in held):
+        return None
+    joined = []
+    for p, call in enumerate(first.calls):
+        calls = [h.calls[p] for h in held]
+        inputs, grads = [c.saved for c in calls], [c.grads for c in calls]
+        if not isinstance(call.saved, Tensor) or call.saved.ndim == 0:
+            return None
+        if not all(isinstance(x, Tensor) and x.shape[1:] == call.saved.shape[1:] for x in inputs):
+            return None
+        if not all(g is not None and g.shape[2:] == call.output_grads.shape[2:] for g in grads):
+            return None
+        joined.append(Call(
+            call.module, call.rule, torch.cat(inputs), owner=call.owner, used=call.used,
+            grads=torch.cat(cast(list[Tensor], grads), dim=1), output_bytes=sum(c.output_bytes for c in calls),
+        ))
+    return joined
+
+
 class Attributor:
     """Collects, during one measured pass, each rule-covered layer's attribution (see :class:`Attributor.layer`).
 
@@ -191,7 +246,7 @@ class Attributor:
         self.contribution = torch.zeros(shape, dtype=dtype, device=device)
         self.within = torch.zeros(shape, dtype=dtype, device=device)
         self.gram = torch.zeros(num_tasks, num_tasks, dtype=dtype, device=device)
-        self.parameters: list[str] = []
+        self.parameters: set[str] = set()
         self.omitted: dict[str, str] = {}
         self.scratch = Scratch() if scratch is None else scratch  # the layers' per-example gradients, one block
 
@@ -214,22 +269,56 @@ class Attributor:
         ``per_task`` gives them: across processes, the global ones, whose Gram the measurement takes itself)."""
         self._attribute(layer, module, rule, calls, names, dtype, total)
 
+    def group(self, parts: Sequence[tuple[int, list[HeldLayer]]], totals: Mapping[int, Tensor]) -> None:
+        """Attribute an accumulation group: ``parts`` holds each micro-batch's number of examples and held layers
+        (in order: its examples are the next rows here), ``totals`` the group's per-task gradients (the graph's
+        parameter id -> ``[T, *shape]``, summed over the micro-batches).
+
+        A module held alike in every micro-batch (the same calls, inputs of the same shape but for dim 0, and a
+        rule that keeps nothing but the input: not a training-mode BatchNorm, whose statistics are the
+        micro-batch's) is attributed once on its calls joined along the examples, as one batch of the group's
+        examples: the rule's own sum over them is the group's gradient, and it takes its cheapest route (the
+        Linear kernel among them). Any other is attributed micro-batch by micro-batch against ``totals``, its Gram
+        added once. The held inputs and output gradients are dropped as each module is done."""
+        starts = [sum(n for n, _ in parts[:k]) for k in range(len(parts))]
+        by_module: dict[nn.Module, list[HeldLayer | None]] = {}
+        for k, (_, layers) in enumerate(parts):
+            for layer in layers:
+                by_module.setdefault(layer.module, [None] * len(parts))[k] = layer
+        for module, each in by_module.items():
+            first = next(h for h in each if h is not None)
+            joined = _joined(each)
+            if joined is not None:
+                self._attribute(first.layer, module, first.rule, joined, first.names, first.dtype, None)
+            for k, held in enumerate(each):
+                if held is None:
+                    continue
+                if joined is None:
+                    params = held.rule.params(module)
+                    total = {n: totals[id(self.leaf(params[n]))] for n in held.names}
+                    rows = slice(starts[k], starts[k] + parts[k][0])
+                    self._attribute(held.layer, module, held.rule, held.calls, held.names, held.dtype, total, rows)
+                held.release()
+
     def _attribute(
         self, layer: str, module: nn.Module, rule: LayerRule, calls: Sequence[Call], names: set[str],
-        dtype: torch.dtype, total: dict[str, Tensor] | None,
+        dtype: torch.dtype, total: dict[str, Tensor] | None, rows: slice | None = None,
     ) -> LayerAttribution | None:
-        """The layer's attribution, added up here; ``None`` (its parameters noted as omitted) when there is none."""
+        """The layer's attribution, added up here (into ``rows``, the examples of the calls: all by default);
+        ``None`` (its parameters noted as omitted) when there is none."""
+        rows = slice(0, self.examples) if rows is None else rows
         params = [self._name(getattr(module, n)) for n in sorted(names)]
         try:
-            check_examples(calls, self.examples)
+            check_examples(calls, rows.stop - rows.start)
             out = rule.attribute(module, calls, names, dtype, total, self.scratch)
         except (NotPerExample, NotImplementedError) as err:
             self.omitted.update(dict.fromkeys(params, f"layer {layer!r}: {err}"))
             return None
-        self.contribution += out.contribution
-        self.within += out.within
-        self.gram += out.gram
-        self.parameters += params
+        self.contribution[rows] += out.contribution
+        self.within[rows] += out.within
+        if not self.parameters.issuperset(params):  # a layer's Gram once, however many micro-batches reached it
+            self.gram += out.gram
+        self.parameters.update(params)
         return out
 
     def omit(self, leaves: Sequence[Tensor], reason: str) -> None:

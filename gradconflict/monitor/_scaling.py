@@ -71,6 +71,16 @@ class Scaling:
             return grads
         return {k: (leaf, (g.double() / self._scale(g.device)).to(g.dtype)) for k, (leaf, g) in grads.items()}
 
+    def scale_gradients(
+        self, grads: dict[int, tuple[Tensor, Tensor]]
+    ) -> dict[int, tuple[Tensor, Tensor]]:
+        """:meth:`unscale_gradients` undone: per-task gradients in the scaled backward's units, those of the
+        output gradients that an accumulation group's micro-batches hold (their attribution is then unscaled as a
+        step's, by :meth:`unscale_samples`). Under a scaler the gradients are float64 (the Gram dtype)."""
+        if self.scaler is None:
+            return grads
+        return {k: (leaf, g * self._scale(g.device).to(g.dtype)) for k, (leaf, g) in grads.items()}
+
 
 def in_dtype(measurement: Measurement, dtype: torch.dtype) -> Measurement:
     """``measurement`` with its Grams in ``dtype`` (the report's, after a float64 accumulation)."""

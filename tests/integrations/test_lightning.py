@@ -167,6 +167,36 @@ def test_grad_equals_lightnings_own_loop(setup):
         torch.testing.assert_close(reports[0].gram.double(), expected, rtol=5e-2, atol=1e-6)
 
 
+class WithIds(Monitored):
+    """The monitored module, its batches carrying their dataset indices, returned as ``sample_ids``."""
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch[:3], batch_idx)
+        return {**out, "sample_ids": batch[3]}
+
+    def train_dataloader(self):
+        data = dataset(8 * self.batches)
+        return DataLoader(TensorDataset(*data.tensors, torch.arange(8 * self.batches)), batch_size=8)
+
+
+def test_sample_ids_in_the_step_output_attribute_each_group_to_its_examples():
+    # accumulate_grad_batches=2 over 5 batches of 8: groups of 16, 16 and a short last one of 8 (closed when the
+    # optimizer steps); .grad stays Lightning's own.
+    plain, monitored = Grads(), Grads()
+    fit(TwoTasks(), plain, fast_dev_run=5, accumulate_grad_batches=2)
+    callback = ConflictCallback(shared="backbone")
+    fit(WithIds(), monitored, callback, fast_dev_run=5, accumulate_grad_batches=2)
+    for got, expected in zip(monitored.grads, plain.grads, strict=True):
+        assert all(torch.equal(got[name], expected[name]) for name in expected)
+    history = callback.monitor.history
+    assert [r.strategy for r in history.measured] == ["accumulated"] * 3
+    tally = history.samples.pair("a", "b")  # the per-id aggregates (the history keeps no step's examples)
+    assert sorted(tally) == list(range(40)) and all(row["count"] == 1 for row in tally.values())
+    # each example's push is its part in its group's 2 G_ab: over every example, twice the groups' G_ab
+    pushes = sum(row["push"] for row in tally.values())
+    assert pushes == pytest.approx(2 * sum(float(r.gram[0, 1]) for r in history.measured), rel=1e-5)
+
+
 def test_logs_on_the_trainers_schedule_and_only_measures_logged_steps():
     logger, callback = Memory(), ConflictCallback(shared="backbone")
     fit(Monitored(batches=7), callback, max_steps=7, log_every_n_steps=3, logger=logger)

@@ -138,6 +138,10 @@ def _mismatch_raises_everywhere(rank: int, folder: str) -> None:
         assert report.samples.ids.tolist() == list(range(8)) and not report.skipped
         assert monitor.backward(losses_of(ddp(x))).samples is None  # none, on every rank
     model.zero_grad()
+    with ConflictMonitor(ddp, shared=model.backbone, accumulation_steps=2) as monitor:  # refused alike, at once
+        with pytest.raises(ValueError, match="accumulation_steps > 1 is not supported under sync='exact'"):
+            monitor.backward(losses_of(ddp(x)), sample_ids=ids)
+        assert all(p.grad is None for p in model.parameters())
     with ConflictMonitor(ddp, shared=model.backbone, sync="sketch") as monitor:
         with pytest.raises(ValueError, match="sync='sketch' does not form"):
             monitor.backward(losses_of(ddp(x)), sample_ids=ids)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from gradconflict.measure.attribution import Attributor
+from gradconflict.measure.attribution import Attributor, HeldLayer
 from gradconflict.measure.capture import Capture, task_batch
 from gradconflict.measure.engine.base import Accumulator, Plan
 from gradconflict.measure.graph import Graph
@@ -43,11 +43,15 @@ class BatchedPass(Accumulator):
         cover: bool,
         reduction: Reduction | None = None,
         attribution: Attributor | None = None,
+        held: list[HeldLayer] | None = None,
     ) -> None:
         super().__init__(num_tasks, plan, device, reduction)
         self.capture = capture
         self.cover = cover
         self.attribution = attribution
+        # a micro-batch of an attributed accumulation group: each covered module's calls held for the group's end
+        # (see Attributor.group), and every shared parameter's per-task gradients materialised by the backward
+        self.held = held
         self._pending: dict[nn.Module, tuple[list[Call], set[str]]] = {}
         self._arrived: Counter[nn.Module] = Counter()
         self._seen: set[int] = set()  # parameters met in an earlier part of this pass
@@ -90,7 +94,8 @@ class BatchedPass(Accumulator):
                 part.append(module)
                 covered |= ids
         anchors = [t for t in graph.leaves if self.capture.is_anchor(t)]
-        generic = [t for t in graph.leaves if id(t) in shared and id(t) not in covered and id(t) not in exclude]
+        materialised = covered if self.held is None else set()  # held: the backward's own kernels, not the rules
+        generic = [t for t in graph.leaves if id(t) in shared and id(t) not in materialised and id(t) not in exclude]
         if {id(t) for t in generic} & self._seen:
             raise Inexact("a parameter used in several checkpointed segments")
         self._seen |= covered | {id(t) for t in generic}
@@ -126,6 +131,9 @@ class BatchedPass(Accumulator):
         calls = [c for c in module_calls if c.grads is not None]
         if calls:
             rule, layer, dtype = calls[0].rule, self.plan.module_name[module], self.plan.gram_dtype
+            if self.held is not None:
+                self.held.append(HeldLayer(layer, module, rule, calls, names, dtype))
+                return  # the calls stay whole
             params = rule.params(module)
             num_params = sum(self.plan.leaf(params[n]).numel() for n in names)
             if self.reduction is not None:  # across processes: the per-task gradients themselves are reduced
@@ -143,9 +151,11 @@ class BatchedPass(Accumulator):
             c.release()  # free the recorded input and the [T, ...] output gradients as soon as the layer is done
 
     def release(self) -> None:
-        """Drop what every tap of this step recorded, measured or not."""
+        """Drop what every tap of this step recorded, measured or not (except the calls :attr:`held`)."""
+        kept = {id(call) for layer in self.held or [] for call in layer.calls}
         for call in self.calls:
-            call.release()
+            if id(call) not in kept:
+                call.release()
         self._pending.clear()
 
 

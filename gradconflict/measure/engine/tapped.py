@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gradconflict.measure.attribution import Attributor
+from gradconflict.measure.attribution import Attributor, HeldLayer
 from gradconflict.measure.capture import Capture, RetainedGrads
 from gradconflict.measure.checkpoint import measuring_segments
 from gradconflict.measure.engine.base import Accumulator, Measurement, MeasurementRefused, Plan, warn_once
@@ -41,6 +41,11 @@ __all__ = ["STRATEGIES", "Choice", "TappedEngine"]
 
 _FALLBACK = re.compile(r"batching rule for (\S+?)\.? ")
 
+
+_NOT_COVERED = (
+    "no layer rule covers it here (a raw parameter, attention's packed projection, a tied or hooked weight): its "
+    "per-example gradients are not known in the measured pass"
+)
 
 #: The strategies ``ConflictMonitor(strategy=...)`` accepts.
 STRATEGIES: tuple[str, ...] = ("auto", "batched", "loop")
@@ -259,6 +264,62 @@ class TappedEngine:
                 f"sample_ids needs the global per-task gradients, which sync={reduction.sync.mode!r} does not form: "
                 "use sync='exact' (each example against the global gradients) or 'local' (against its rank's)"
             )
+        stacked, graph = self._attributable(losses, examples)
+        world = 1 if reduction is None else reduction.sync.world
+        attribution = Attributor(
+            examples, len(losses), plan.gram_dtype, stacked.device, self._names(plan), plan.leaf, world,
+            self._scratch,
+        )
+        strategy, choice = "batched", None
+        if reduction is None and not graph.checkpoints:
+            strategy, choice = self._choose(graph, plan, stacked, None, attributed=True)
+        if strategy == "loop":
+            acc, _ = self._timed(choice, "loop", lambda: self._task_by_task(losses, graph, plan, attribution))
+        else:
+            acc, _ = self._timed(
+                choice, "batched", lambda: self._batched(stacked, graph, plan, True, reduction, attribution)
+            )
+        attribution.omit([leaf for leaf, _ in acc.gradients().values()], _NOT_COVERED)
+        measurement = acc.result(strategy)
+        measurement.samples = attribution
+        return measurement
+
+    def hold(
+        self, losses: Sequence[Tensor], plan: Plan, examples: int
+    ) -> tuple[dict[int, tuple[Tensor, Tensor]], list[HeldLayer]]:
+        """:meth:`gradients` for one micro-batch of an accumulation group attributed to its ``examples``
+        examples: every shared parameter's per-task gradients, and each rule-covered module's calls (inputs and
+        every task's output gradients) held, so that the group's end can attribute them against the group's
+        per-task gradients (:meth:`attribute_held`). One batched backward; in one process."""
+        stacked, graph = self._attributable(losses, examples)
+        held: list[HeldLayer] = []
+        with self.retained.kept():
+            acc = self._batched(stacked, graph, plan, True, None, held=held)
+        return acc.gradients(), held
+
+    def attribute_held(
+        self, parts: Sequence[tuple[int, list[HeldLayer]]], totals: dict[int, tuple[Tensor, Tensor]], plan: Plan
+    ) -> Attributor:
+        """The attribution of an accumulation group: ``parts`` holds each micro-batch's number of examples and
+        held layers (:meth:`hold`), in order; ``totals`` the group's per-task gradients (parameter id ->
+        ``(parameter, [T, *shape])``). Each example's contribution is taken against the group's gradients, so that
+        the contributions of all the group's examples add up to the group's Gram."""
+        blocks = {k: g for k, (_, g) in totals.items()}
+        some = next(iter(blocks.values()))
+        attribution = Attributor(
+            sum(n for n, _ in parts), some.shape[0], plan.gram_dtype, some.device, self._names(plan), plan.leaf,
+            scratch=self._scratch,
+        )
+        attribution.group(parts, blocks)
+        covered = {
+            id(plan.leaf(h.rule.params(h.module)[name])) for _, layers in parts for h in layers for name in h.names
+        }
+        attribution.omit([leaf for leaf, _ in totals.values() if id(leaf) not in covered], _NOT_COVERED)
+        return attribution
+
+    def _attributable(self, losses: Sequence[Tensor], examples: int) -> tuple[Tensor, Graph]:
+        """The stacked losses and their graph, once checked that this step can be attributed to ``examples``
+        examples (else :class:`MeasurementRefused`, naming what to change)."""
         stacked = torch.stack([loss.reshape(()) for loss in losses])
         graph = walk_graph([stacked])
         if graph.opaque or self._opaque or self.strategy == "loop":
@@ -274,39 +335,23 @@ class TappedEngine:
                 f"sample_ids has {examples} ids, but no measured layer's input has {examples} rows along dim 0 "
                 f"(they have {sorted(rows)}): pass one id per example of this batch"
             )
-        names = {
+        return stacked, graph
+
+    @staticmethod
+    def _names(plan: Plan) -> dict[int, str]:
+        """The shared layers' parameter names, keyed by the id of the tensor the graph holds."""
+        return {
             id(plan.leaf(p)): f"{layer}.{n}" if layer else n
             for module, layer in plan.module_name.items()
             for n, p in module.named_parameters(recurse=False)
         }
-        world = 1 if reduction is None else reduction.sync.world
-        attribution = Attributor(
-            examples, len(losses), plan.gram_dtype, stacked.device, names, plan.leaf, world, self._scratch
-        )
-        strategy, choice = "batched", None
-        if reduction is None and not graph.checkpoints:
-            strategy, choice = self._choose(graph, plan, stacked, None, attributed=True)
-        if strategy == "loop":
-            acc, _ = self._timed(choice, "loop", lambda: self._task_by_task(losses, graph, plan, attribution))
-        else:
-            acc, _ = self._timed(
-                choice, "batched", lambda: self._batched(stacked, graph, plan, True, reduction, attribution)
-            )
-        attribution.omit(
-            [leaf for leaf, _ in acc.gradients().values()],
-            "no layer rule covers it here (a raw parameter, attention's packed projection, a tied or hooked "
-            "weight): its per-example gradients are not known in the measured pass",
-        )
-        measurement = acc.result(strategy)
-        measurement.samples = attribution
-        return measurement
 
     def _batched(
         self, stacked: Tensor, graph: Graph, plan: Plan, cover: bool, reduction: Reduction | None,
-        attribution: Attributor | None = None,
+        attribution: Attributor | None = None, held: list[HeldLayer] | None = None,
     ) -> Accumulator:
         T = stacked.shape[0]
-        current = BatchedPass(T, plan, self.capture, stacked.device, cover, reduction, attribution)
+        current = BatchedPass(T, plan, self.capture, stacked.device, cover, reduction, attribution, held)
         try:
             inputs = current.begin(graph, set())
             edges = boundary_edges(graph.checkpoints)
