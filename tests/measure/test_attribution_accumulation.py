@@ -236,3 +236,22 @@ def test_groups_that_cannot_be_joined_are_attributed_micro_batch_by_micro_batch(
     contribution, within = ragged_oracle(block, [long, short], samples.parameters)
     assert rel_err(samples.contribution, contribution) <= RTOL
     assert rel_err(samples.within, within) <= RTOL
+
+
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_retained_activation_gradients_stay_the_plain_loops_when_attributed(accumulation_steps: int):
+    # An attributed step's measuring backward once wrote its vmapped gradients into a retained activation's .grad,
+    # and the training backward then failed on it.
+    model, x = FAMILIES["mlp"](2)
+    twin = copy.deepcopy(model)
+    parts = split(x.shape[0], [10, 10] if accumulation_steps == 2 else [20])
+    with ConflictMonitor(model, shared=model.backbone, accumulation_steps=accumulation_steps) as monitor:
+        for rows in parts:
+            h, twin_h = model.backbone(x[rows]), twin.backbone(x[rows])
+            h.retain_grad(), twin_h.retain_grad()
+            report = monitor.backward({t: head(h).pow(2).mean() for t, head in model.heads.items()},
+                                      sample_ids=range(rows.start, rows.stop))
+            sum(head(twin_h).pow(2).mean() for head in twin.heads.values()).backward()
+            assert torch.equal(h.grad, twin_h.grad)
+    assert report.samples.residual <= RTOL
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), twin.parameters()))

@@ -273,12 +273,13 @@ class TappedEngine:
         strategy, choice = "batched", None
         if reduction is None and not graph.checkpoints:
             strategy, choice = self._choose(graph, plan, stacked, None, attributed=True)
-        if strategy == "loop":
-            acc, _ = self._timed(choice, "loop", lambda: self._task_by_task(losses, graph, plan, attribution))
-        else:
-            acc, _ = self._timed(
-                choice, "batched", lambda: self._batched(stacked, graph, plan, True, reduction, attribution)
-            )
+        with self.retained.kept():  # a retained activation's .grad stays what the user's backward makes it
+            if strategy == "loop":
+                acc, _ = self._timed(choice, "loop", lambda: self._task_by_task(losses, graph, plan, attribution))
+            else:
+                acc, _ = self._timed(
+                    choice, "batched", lambda: self._batched(stacked, graph, plan, True, reduction, attribution)
+                )
         attribution.omit([leaf for leaf, _ in acc.gradients().values()], _NOT_COVERED)
         measurement = acc.result(strategy)
         measurement.samples = attribution
