@@ -448,3 +448,46 @@ def test_per_example_blocks_reused_across_layers_and_steps(route: str, monkeypat
             assert rel_err(samples.within, within) <= RTOL
     # Closing the monitor frees the blocks the engine kept between attributed steps.
     assert monitor.engine._scratch._blocks == {}
+
+
+def test_norms_over_two_dimensional_inputs_match_oracle(route: str):
+    # A LayerNorm, an RMSNorm or a BatchNorm1d over [N, C]: each example's gradient is its own row, nothing left to
+    # sum over (every such attributed step was once skipped: an empty sum reduced every axis).
+    bb = nn.Sequential(
+        nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 8), nn.RMSNorm(8), nn.Tanh(), nn.Linear(8, 8),
+        nn.BatchNorm1d(8).eval(),
+    )
+    check_against_oracle(MultiTask(bb, linear_heads(8, 3)), torch.randn(5, 6))
+
+
+class Checkpointed(nn.Module):
+    """A Linear layer, then a checkpointed segment (a Linear layer and a LayerNorm)."""
+
+    def __init__(self, reentrant: bool | None):
+        super().__init__()
+        self.a, self.b, self.norm = nn.Linear(6, 12), nn.Linear(12, 12), nn.LayerNorm(12)
+        self.reentrant = reentrant
+
+    def segment(self, h: Tensor) -> Tensor:
+        return self.norm(torch.tanh(self.b(h)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        if self.reentrant is None:
+            return self.segment(h)
+        return torch.utils.checkpoint.checkpoint(self.segment, h, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_segments_match_oracle(reentrant: bool):
+    # The oracle runs the same model without the checkpoint (reentrant checkpoints refuse autograd.grad).
+    model = MultiTask(Checkpointed(reentrant), linear_heads(12, 3))
+    x = torch.randn(8, 6)
+    report = attributed(model, x, losses_of)
+    plain = copy.deepcopy(model)
+    plain.backbone.reentrant = None
+    samples = report.samples
+    assert samples.omitted == {} and samples.residual <= RTOL
+    contribution, within = per_example_oracle(plain, x, losses_of, samples.parameters)
+    assert rel_err(samples.contribution, contribution) <= RTOL
+    assert rel_err(samples.within, within) <= RTOL

@@ -20,6 +20,7 @@ from gradconflict import ConflictMonitor
 from tests.measure.test_attribution import (
     RTOL,
     Block,
+    Checkpointed,
     Convolutions,
     Losses,
     batch_losses,
@@ -255,3 +256,17 @@ def test_retained_activation_gradients_stay_the_plain_loops_when_attributed(accu
             assert torch.equal(h.grad, twin_h.grad)
     assert report.samples.residual <= RTOL
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_segments_in_a_group_match_the_oracle(reentrant: bool):
+    model = MultiTask(Checkpointed(reentrant), linear_heads(12, 3))
+    x, parts = torch.randn(8, 6), split(8, [3, 5])
+    report = accumulate(model, x, parts)
+    plain = copy.deepcopy(model)
+    plain.backbone.reentrant = None
+    samples = report.samples
+    assert samples.omitted == {} and samples.residual <= RTOL
+    contribution, within = per_example_oracle(plain, x, group_losses(parts, losses_of), samples.parameters)
+    assert rel_err(samples.contribution, contribution) <= RTOL
+    assert rel_err(samples.within, within) <= RTOL

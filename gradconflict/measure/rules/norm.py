@@ -55,11 +55,11 @@ class AffineNormRule(LayerRule[M]):
             if "weight" in names:
                 x_hat = self.normalise(module, call.saved, x)
                 if by_example:  # a task at a time: a product of one task's size, in memory reused from task to task
-                    parts["weight"] = torch.stack([(d * x_hat).sum(tuple(a - 1 for a in summed)) for d in D])
+                    parts["weight"] = torch.stack([_sum(d * x_hat, tuple(a - 1 for a in summed)) for d in D])
                 else:
-                    parts["weight"] = (D * x_hat).sum(summed)
+                    parts["weight"] = _sum(D * x_hat, summed)
             if "bias" in names:
-                parts["bias"] = D.sum(summed)
+                parts["bias"] = _sum(D, summed)
             for name, g in parts.items():
                 out[name] = out[name] + g if name in out else g
         return out
@@ -87,6 +87,16 @@ class RMSNormRule(AffineNormRule[nn.RMSNorm]):
 
     def param_axes(self, module: nn.RMSNorm, ndim: int) -> tuple[int, ...]:
         return _trailing(module.normalized_shape, ndim)
+
+
+def _sum(t: Tensor, axes: tuple[int, ...]) -> Tensor:
+    """``t`` summed over ``axes``; ``t`` itself when there are none (``Tensor.sum(())`` would sum over every axis:
+    an example's gradient of a norm over a ``[N, C]`` input is its own row).
+
+    >>> _sum(torch.ones(2, 3), ()).shape, _sum(torch.ones(2, 3), (1,)).tolist()
+    (torch.Size([2, 3]), [3.0, 3.0])
+    """
+    return t.sum(axes) if axes else t
 
 
 def _trailing(normalized_shape: Sequence[int], ndim: int) -> tuple[int, ...]:
