@@ -57,8 +57,9 @@ def next_step_code(
     When the comparison over ``seeds`` seeds cannot tell whether a split beats the shared model (a mean gain above
     the floor the paired test does not confirm), the function runs the seeds its test says would settle it
     (``seeds_needed``, up to ``max_seeds``, :data:`MAX_SEEDS` by default) and reads the advice again on all of
-    them: a second look, planned from the first. Two looks at the 5% level keep the chance of a false "split"
-    under 10% (twice the level, at most).
+    them: a second look, planned from the first. Each look tests at 2.5%
+    (:data:`~gradconflict.records.gains.GAIN_ALPHA`), so that the two keep the chance of a false "split" (a gain no
+    larger than the floor called a win) at 5%.
 
     >>> code = next_step_code("physical_split", ["backbone.2", "backbone.3"], [["a"], ["b"]], steps=400)
     >>> print([line for line in code.splitlines() if "branch_at=" in line][0].strip())

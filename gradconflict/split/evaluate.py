@@ -215,7 +215,11 @@ def _judged(test: GainTest) -> str:
         return f"beyond the floor, p = {test.p_value:.3g}"
     if test.beyond is False:
         return "under the floor" if test.mean <= test.floor else f"not confirmed, p = {test.p_value:.3g}"
-    return "identical seeds: cannot tell" if not test.seeds_vary else "one seed: cannot tell"
+    if not test.seeds_vary:
+        return "identical seeds: cannot tell"
+    if len(test.per_seed) < 2:
+        return "one seed: cannot tell"
+    return f"cannot tell yet, p = {test.p_value:.3g} (about {test.seeds_needed} seeds in all would confirm it)"
 
 
 def _ceiling(pairs: list[Pair], tasks: list[str], span: int, floor: float, varied: bool) -> Criterion:
@@ -235,9 +239,11 @@ def _ceiling(pairs: list[Pair], tasks: list[str], span: int, floor: float, varie
     verdicts = [t.beyond for t in tests.values()]
     passed = True if True in verdicts else (False if verdicts and all(v is False for v in verdicts) else None)
     moved = [t for t, test in tests.items() if test.beyond]
+    needed = [t.seeds_needed for t in tests.values() if t.seeds_needed is not None]
     verdict = (
         f"{', '.join(moved)} beat the shared ceiling" if moved
         else "no task beat its shared ceiling" if passed is False
+        else f"run more seeds to judge the gain (about {min(needed)} in all)" if needed
         else "run over a few seeds (a list of runs, paired in order) to judge the gain"
     )
     evidence = (

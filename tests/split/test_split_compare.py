@@ -222,7 +222,7 @@ def test_split_gains_are_judged_by_a_paired_test_with_a_floor():
     # gain over the same seed's shared model is planted.
     planted = {
         "consistent": [25.5, 26.0, 29.4],  # the same +27% on every seed, far inside the shared model's own spread
-        "varied": [60.7, 35.3, 18.4],
+        "varied": [60.7, 35.3, 18.4],  # ahead on every seed, p = 0.047: not yet at 2.5% (5 seeds would tell)
         "tiny": [0.0004, 0.0003, 0.0005],  # ahead on every seed, in the fourth digit
         "mixed": [40.0, -5.0, -3.0],  # one lucky seed: three seeds cannot tell
         "wide": [6.0, -4.0, 2.0],  # +0.3% above the floor at a spread of 5%: no gain worth a split
@@ -231,7 +231,7 @@ def test_split_gains_are_judged_by_a_paired_test_with_a_floor():
     assert gains["consistent"].spread == pytest.approx(30.0)
     for name, values in planted.items():
         assert gains[name].per_seed == pytest.approx(values)
-    assert gains["consistent"].beyond is True and gains["varied"].beyond is True
+    assert gains["consistent"].beyond is True and gains["varied"].beyond is None and gains["varied"].seeds_needed == 5
     assert gains["tiny"].beyond is False and gains["wide"].beyond is False and gains["mixed"].beyond is None
     # the p-value is the one-sided paired t-test's, against the 1% floor: by hand
     d = planted["varied"]

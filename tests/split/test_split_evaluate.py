@@ -68,7 +68,10 @@ def test_the_ceiling_is_a_paired_test_across_seeds_with_a_floor():
     assert evaluate_split(befores[0], afters[0])["ceiling"].passed is False  # under the floor even on one seed
     # one lucky seed: three seeds cannot tell (at a spread as small as three seeds allow, 20 would confirm it)
     befores, afters = _seeds([40.0, -5.0, -3.0])
-    assert evaluate_split(befores, afters)["ceiling"].passed is None
+    unsure = evaluate_split(befores, afters)["ceiling"]
+    assert unsure.passed is None
+    assert "cannot tell yet" in unsure.evidence and "one seed" not in unsure.evidence  # three seeds, not one
+    assert "run more seeds to judge the gain (about 20 in all)" in unsure.evidence
     # barely above the floor at a wide spread: no gain worth a split
     befores, afters = _seeds([6.0, -4.0, 2.0])
     assert evaluate_split(befores, afters)["ceiling"].passed is False
