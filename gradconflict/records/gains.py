@@ -229,11 +229,13 @@ def seeds_vary(results: Sequence[ComparisonResult]) -> bool:
     return not any(_same_run(a, b) for i, a in enumerate(runs) for b in runs[i + 1:])
 
 
-def split_gains(results: Sequence[ComparisonResult], *, floor: float = GAIN_FLOOR) -> dict[str, SplitGain]:
+def split_gains(
+    results: Sequence[ComparisonResult], *, floor: float = GAIN_FLOOR, alpha: float = GAIN_ALPHA
+) -> dict[str, SplitGain]:
     """Each variant's gain over ``"shared"`` across ``results`` (one :class:`ComparisonResult` per seed, each with
     a ``"shared"`` variant): Delta-m% of its checkpoint against the same seed's shared checkpoint, judged by the
-    one ceiling rule, :func:`judge_gain` (a one-sided paired t-test against ``floor``). Each result's ``select``
-    and ``average`` apply.
+    one ceiling rule, :func:`judge_gain` (a one-sided paired t-test against ``floor``, at ``alpha``). Each result's
+    ``select`` and ``average`` apply.
 
     Runs of different seeds that are bit-identical (or results that share a seed) are flagged: an
     :class:`IdenticalSeedsWarning`, ``seeds_vary=False`` and ``beyond=None`` unless the gain is under the floor.
@@ -272,7 +274,7 @@ def split_gains(results: Sequence[ComparisonResult], *, floor: float = GAIN_FLOO
     out = {}
     for name in names:
         per_seed = [delta_m(cp[name][1], s, directions, average=average) for cp, s in zip(cps, shared)]
-        test = judge_gain(per_seed, floor=floor, seeds_vary=varied)
+        test = judge_gain(per_seed, floor=floor, alpha=alpha, seeds_vary=varied)
         out[name] = SplitGain(
             name, test.per_seed, test.mean, spread, test.beyond, test.p_value, floor, test.seeds_vary, test.seeds_needed
         )
