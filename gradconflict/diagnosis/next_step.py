@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from gradconflict.diagnosis.advice_types import Verdict
 from gradconflict.diagnosis.signals import MAGNITUDE_WEIGHTINGS
+from gradconflict.records.gains import MAX_SEEDS as PLANNED_SEEDS
 
 _VARIANTS: dict[str, tuple[str, ...]] = {
     "physical_split": ("shared", "independent", "branched"),
@@ -17,10 +18,11 @@ _VARIANTS: dict[str, tuple[str, ...]] = {
 
 #: The most branch points the next step compares (spread evenly from the conflict onset to the top).
 MAX_CANDIDATES = 4
-#: The most seeds the next step runs when its first seeds cannot tell (its second look, planned for 80% power):
-#: four times the first look's three, a bound on the user's time. Every variant but the branched copies trains once
-#: per seed, whatever the number of candidate blocks.
-MAX_SEEDS = 12
+#: The most seeds the next step runs when its first seeds cannot tell (its second look, planned for 80% power): the
+#: most the gain test ever plans (:data:`gradconflict.records.gains.MAX_SEEDS`, 20), so that the second look is the
+#: one the test asked for and settles the comparison: a gain it still does not confirm is no gain worth a split.
+#: Every variant but the branched copies trains once per seed, whatever the number of candidate blocks.
+MAX_SEEDS = PLANNED_SEEDS
 
 
 def next_step_code(
@@ -65,7 +67,7 @@ def next_step_code(
     >>> print([line for line in code.splitlines() if "branch_at=" in line][0].strip())
     branch_at=['backbone.2', 'backbone.3'], groups=[['a'], ['b']],
     >>> print(code.splitlines()[3].split("*, ")[1])
-    lr=None, steps=400, seeds=3, max_seeds=12):
+    lr=None, steps=400, seeds=3, max_seeds=20):
     >>> print(code.splitlines()[-2])
     advice = next_step(history, model_factory, loss_fns, train_data, eval_data, metrics, lr=...)
     """

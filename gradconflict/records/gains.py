@@ -84,8 +84,8 @@ def judge_gain(
       least two seeds whose runs differ: then ``True``.
     - When the mean exceeds the floor but the test does not reject, a failure to confirm is not evidence of no
       gain: ``None`` (cannot tell) when a practical number of seeds would confirm a gain of this mean and spread
-      (:attr:`GainTest.seeds_needed`, planned for 80% power, at most :data:`MAX_SEEDS`), ``False`` when even
-      that many would confirm it less than half the time, were the spread as small as its 90% confidence
+      (:attr:`GainTest.seeds_needed`, planned for 80% power, at most :data:`MAX_SEEDS`), ``False`` when that
+      many seeds did not confirm it, or when even that many would confirm it less than half the time, were the spread as small as its 90% confidence
       interval allows (the gain is too small for its noise to be worth a split; a spread measured on few seeds
       is a rough estimate, so "no gain" is not read from its point value).
     - ``None`` also when there is one seed only, or when the seeds change nothing (``seeds_vary=False``: the
@@ -138,7 +138,7 @@ def judge_gain(
 
 #: The most seeds :attr:`GainTest.seeds_needed` proposes: a gain that not even this many would confirm half the
 #: time, at the low end of its spread's interval (:data:`SPREAD_CONFIDENCE`), is too small for its spread to count
-#: (:func:`judge_gain` says ``False``).
+#: (:func:`judge_gain` says ``False``), and so is one that this many seeds did not confirm.
 MAX_SEEDS = 20
 #: The confidence of the lower bound on the gains' spread at which "too small for its spread" is judged: a spread
 #: measured on three seeds may be three times too large (its 90% interval), and "no gain" must hold at the low end.
@@ -157,12 +157,15 @@ def _power(effect: float, n: int, alpha: float) -> float:
 
 def _seeds_needed(values: Sequence[float], floor: float, alpha: float) -> int | None:
     """The seeds in all at which the one-sided t-test of :func:`judge_gain` confirms a gain of this mean and
-    standard deviation with :data:`PLAN_POWER` (at most :data:`MAX_SEEDS`); ``None`` when even :data:`MAX_SEEDS`
-    seeds would confirm it less than half the time, at the low end of the standard deviation's one-sided
+    standard deviation with :data:`PLAN_POWER` (at most :data:`MAX_SEEDS`); ``None`` when :data:`MAX_SEEDS` seeds
+    were run, or when even that many would confirm it less than half the time, at the low end of the standard
+    deviation's one-sided
     :data:`SPREAD_CONFIDENCE` interval (the chi-squared bound; what to run next, planned from the seeds run: not a
     verdict)."""
     n = len(values)
     if n < 2:
+        return None
+    if n >= MAX_SEEDS:  # the most seeds the plan runs did not confirm it: no gain worth a split
         return None
     mean, sd = statistics.fmean(values), statistics.stdev(values)
     least_sd = sd * math.sqrt((n - 1) / stats.chi2.ppf(SPREAD_CONFIDENCE, n - 1))

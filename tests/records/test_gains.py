@@ -77,3 +77,15 @@ def test_the_three_answers():
     assert judge_gain([-30.0, -10.0, -20.0]).beyond is False
     one = judge_gain([12.0])
     assert one.beyond is None and one.seeds_needed is None and math.isnan(one.p_value)
+
+
+def test_a_gain_the_most_planned_seeds_did_not_confirm_is_no_gain():
+    # Ahead by 5% on average over 20 seeds at a spread of 10%: p = 0.045, not confirmed at 2.5% where the plan
+    # stops; at that spread's lower bound, 20 seeds would confirm such a gain about half the time, so the plan would
+    # otherwise ask for the 20 seeds already run.
+    draws = np.random.default_rng(3).normal(0.0, 1.0, size=MAX_SEEDS)
+    per_seed = list(5.0 + 10.0 * (draws - draws.mean()) / draws.std(ddof=1))
+    assert GAIN_ALPHA < stats.ttest_1samp(per_seed, 1.0, alternative="greater").pvalue < 0.05
+    assert judge_gain(per_seed).beyond is False and judge_gain(per_seed).seeds_needed is None
+    fewer = judge_gain(per_seed[:-1])  # one seed fewer: the plan still has a seed to run
+    assert fewer.beyond is None and fewer.seeds_needed == MAX_SEEDS
