@@ -85,9 +85,9 @@ def judge_gain(
     - When the mean exceeds the floor but the test does not reject, a failure to confirm is not evidence of no
       gain: ``None`` (cannot tell) when a practical number of seeds would confirm a gain of this mean and spread
       (:attr:`GainTest.seeds_needed`, planned for 80% power, at most :data:`MAX_SEEDS`), ``False`` when that
-      many seeds did not confirm it, or when even that many would confirm it less than half the time, were the spread as small as its 90% confidence
-      interval allows (the gain is too small for its noise to be worth a split; a spread measured on few seeds
-      is a rough estimate, so "no gain" is not read from its point value).
+      many seeds did not confirm it, or when even that many would confirm it less than half the time, were the
+      spread as small as its 90% confidence interval allows (the gain is too small for its noise to be worth a
+      split; a spread measured on few seeds is a rough estimate, so "no gain" is not read from its point value).
     - ``None`` also when there is one seed only, or when the seeds change nothing (``seeds_vary=False``: the
       caller found the runs of different seeds bit-identical, see :func:`seeds_vary`). Identical runs have no
       spread, and would make any gain look certain.
