@@ -46,8 +46,9 @@ class GainTest:
         alpha: the test's level.
         seeds_vary: False when the seeds changed nothing (identical runs): their agreement proves nothing.
         beyond: True: a gain beyond the floor, confirmed by the test; False: no gain beyond the floor (the mean
-            gain is not above it, or too little above it for its spread: :data:`MAX_SEEDS` seeds would confirm
-            it less than half the time, even at the low end of the spread's confidence interval); ``None``:
+            gain is not above it, or too little above it for its spread: :data:`MAX_SEEDS` seeds did not confirm
+            it, or would confirm it less than half the time, even at the low end of the spread's confidence
+            interval); ``None``:
             cannot tell (an unconfirmed mean above the floor that more seeds would settle, one seed, or seeds that
             change nothing).
         seeds_needed: when the test cannot tell a mean above the floor, the seeds in all at which it would confirm
