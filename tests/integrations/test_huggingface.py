@@ -122,6 +122,57 @@ def test_grad_equals_the_plain_trainers(setup, tmp_path):
         assert {r.strategy for r in reports} == {"accumulated"}
 
 
+class BertWithIds(BertTwoTasks):
+    """The same model, its batches carrying their dataset indices, returned as ``sample_ids``."""
+
+    def forward(self, input_ids, attention_mask, label_cls, label_reg, sample_id):
+        return {**super().forward(input_ids, attention_mask, label_cls, label_reg), "sample_ids": sample_id}
+
+
+def test_sample_ids_in_the_models_output_attribute_each_group_to_its_examples(tmp_path):
+    # One epoch of 40 examples in batches of 8, two batches a group: groups of 16, 16 and a short last one of 8.
+    # .grad stays the plain Trainer's; each group's contributions sum to its attributed Gram, and each example is
+    # tallied once.
+    def with_ids(trainer_cls, folder, *callbacks, **kwargs):
+        arguments = transformers.TrainingArguments(
+            output_dir=str(tmp_path / folder), learning_rate=1e-2, report_to="none", use_cpu=True, seed=0,
+            disable_tqdm=True, logging_steps=1, per_device_train_batch_size=8, save_strategy="no",
+            num_train_epochs=1, gradient_accumulation_steps=2,
+        )
+        data = [{**row, "sample_id": torch.tensor(i)} for i, row in enumerate(dataset())]
+        trainer = trainer_cls(model=BertWithIds(), args=arguments, train_dataset=data, callbacks=list(callbacks),
+                              **kwargs)
+        trainer.train()
+        return trainer
+
+    class Kept:
+        """A sink that keeps each group's attribution."""
+
+        def __init__(self) -> None:
+            self.samples = []
+
+        def write(self, report) -> None:
+            self.samples.append(report.samples)
+
+        def close(self) -> None:
+            pass
+
+    plain, monitored, kept = Grads(), Grads(), Kept()
+    with_ids(transformers.Trainer, "plain", plain)
+    trainer = with_ids(ConflictTrainer, "monitored", monitored, shared="backbone", monitor_options={"sinks": [kept]})
+    for got, expected in zip(monitored.grads, plain.grads, strict=True):
+        assert all(torch.equal(got[name], expected[name]) for name in expected)
+    history = trainer.conflict_monitor.history
+    assert [r.strategy for r in history.measured] == ["accumulated"] * 3
+    assert [len(s.ids) for s in kept.samples] == [16, 16, 8] and all(s.residual < 1e-5 for s in kept.samples)
+    tally = history.samples.pair("cls", "reg")
+    assert sorted(tally) == list(range(40)) and all(row["count"] == 1 for row in tally.values())
+    pushes = sum(row["push"] for row in tally.values())  # each example's part in its group's 2 G_ab
+    assert pushes == pytest.approx(2 * sum(float(s.gram[0, 1]) for s in kept.samples), rel=1e-4)
+    # BERT's position embeddings read [1, L] position ids: no example's own rows, left out and named
+    assert list(kept.samples[0].omitted) == ["backbone.embeddings.position_embeddings.weight"]
+
+
 def test_the_gram_is_that_of_the_task_losses(tmp_path):
     """The first step's Gram against T separate autograd.grad calls in float64 on the model as it was."""
     model = BertTwoTasks(dropout=0.0)
