@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import accumulate
 from typing import Any, cast
 
 import torch
@@ -280,7 +281,7 @@ class Attributor:
         examples: the rule's own sum over them is the group's gradient, and it takes its cheapest route (the
         Linear kernel among them). Any other is attributed micro-batch by micro-batch against ``totals``, its Gram
         added once. The held inputs and output gradients are dropped as each module is done."""
-        starts = [sum(n for n, _ in parts[:k]) for k in range(len(parts))]
+        starts = [0, *accumulate(n for n, _ in parts)]
         by_module: dict[nn.Module, list[HeldLayer | None]] = {}
         for k, (_, layers) in enumerate(parts):
             for layer in layers:

@@ -41,9 +41,8 @@ class _Group:
     attributed: bool | None = None
     tasks: tuple[str, ...] = ()
     untapped: bool = False
-    # each attributed micro-batch's ids, and its number of examples and held layers
-    ids: list[Tensor] = field(default_factory=list)
-    held: list[tuple[int, list[HeldLayer]]] = field(default_factory=list)
+    # each attributed micro-batch's ids and held layers
+    held: list[tuple[Tensor, list[HeldLayer]]] = field(default_factory=list)
 
     def release(self) -> None:
         """Drop the held layers' inputs and output gradients."""
@@ -168,16 +167,18 @@ class MicroBatches:
         self, group: _Group, per_task: dict[int, tuple[Tensor, Tensor]], plan: Plan, names: tuple[str, ...]
     ) -> SampleAttribution | str | None:
         """The group's attribution to its examples (``None`` when not attributed), or why it failed."""
-        if not group.ids:
+        if not group.held:
             return None
         measuring = self.measuring
         engine = cast(TappedEngine, measuring.engine)  # the monitor checked it
         totals = measuring.scaling.scale_gradients(per_task)  # in the held output gradients' units
-        attribution = measuring.attempt(lambda: engine.attribute_held(group.held, totals, plan))
+        ids = torch.cat([i for i, _ in group.held])
+        parts = [(len(i), layers) for i, layers in group.held]
+        attribution = measuring.attempt(lambda: engine.attribute_held(parts, totals, plan))
         group.release()
         if isinstance(attribution, str):
             return attribution
-        return measuring.scaling.unscale_samples(attribution.result(torch.cat(group.ids), names))
+        return measuring.scaling.unscale_samples(attribution.result(ids, names))
 
     def _accumulate(self, batch: TaskLosses, step: int, group: _Group, ids: Tensor | None) -> bool:
         """Add one micro-batch's per-task gradients to ``group`` (and hold its layers for the attribution to
@@ -209,8 +210,7 @@ class MicroBatches:
                 outcome = held
             else:
                 outcome = held[0]
-                group.held.append((len(ids), held[1]))
-                group.ids.append(ids)
+                group.held.append((ids, held[1]))
         if isinstance(outcome, str):
             group.skip = outcome
             group.release()
