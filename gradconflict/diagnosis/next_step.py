@@ -18,9 +18,10 @@ _VARIANTS: dict[str, tuple[str, ...]] = {
 
 #: The most branch points the next step compares (spread evenly from the conflict onset to the top).
 MAX_CANDIDATES = 4
-#: The most seeds the next step runs when its first seeds cannot tell (its second look, planned for 80% power): the
-#: most the gain test ever plans (:data:`gradconflict.records.gains.MAX_SEEDS`, 20), so that the second look is the
-#: one the test asked for and settles the comparison: a gain it still does not confirm is no gain worth a split.
+#: The most seeds the next step runs when its first seeds cannot tell: the most the gain test ever plans
+#: (:data:`gradconflict.records.gains.MAX_SEEDS`, 20). Its second look runs the seeds the test plans for 80% power;
+#: when those cannot tell either, its last look runs all 20, where the test decides: a gain 20 seeds do not confirm
+#: is no gain worth a split.
 #: Every variant but the branched copies trains once per seed, whatever the number of candidate blocks.
 MAX_SEEDS = PLANNED_SEEDS
 
@@ -59,9 +60,10 @@ def next_step_code(
     When the comparison over ``seeds`` seeds cannot tell whether a split beats the shared model (a mean gain above
     the floor the paired test does not confirm), the function runs the seeds its test says would settle it
     (``seeds_needed``, up to ``max_seeds``, :data:`MAX_SEEDS` by default) and reads the advice again on all of
-    them: a second look, planned from the first. Each look tests at 2.5%
-    (:data:`~gradconflict.records.gains.GAIN_ALPHA`), so that the two keep the chance of a false "split" (a gain no
-    larger than the floor called a win) at 5%.
+    them: a second look, planned from the first. When that cannot tell either (a plan from few seeds falls short
+    about one time in five), a last look runs ``max_seeds`` seeds, where the test decides. Each look tests at 2.5%
+    (:data:`~gradconflict.records.gains.GAIN_ALPHA`), so that together they keep the chance of a false "split" (a
+    gain no larger than the floor called a win) under 5%.
 
     >>> code = next_step_code("physical_split", ["backbone.2", "backbone.3"], [["a"], ["b"]], steps=400)
     >>> print([line for line in code.splitlines() if "branch_at=" in line][0].strip())
@@ -125,9 +127,11 @@ def next_step_code(
         "",
         "    results = run(range(seeds))",
         "    advice = advise(history, comparison=results)",
-        "    needed = advice.signal('ceiling').details.get('seeds_needed')",
-        "    if needed and needed > seeds:  # the test cannot tell yet: a second look on the seeds it needs",
-        "        results += run(range(seeds, min(needed, max_seeds)))",
+        "    for last in (False, True):  # the test cannot tell yet: look again on the seeds it plans, then max_seeds",
+        "        needed = advice.signal('ceiling').details.get('seeds_needed')",
+        "        if not needed or len(results) >= max_seeds:",
+        "            break",
+        "        results += run(range(len(results), max_seeds if last else min(needed, max_seeds)))",
         "        advice = advise(history, comparison=results)",
         "    print(results[0].to_markdown())",
         "    return advice",

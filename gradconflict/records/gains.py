@@ -23,9 +23,9 @@ if TYPE_CHECKING:
 #: is no gain.
 GAIN_FLOOR = 1.0
 #: The level of the one-sided paired test of :func:`judge_gain`: the conventional 5% halved, because a comparison
-#: is read twice when its first seeds cannot tell (the next step's second look, on the seeds planned from the
-#: first). Two readings at 5% would call a split that gains no more than the floor a win 8.5% of the time; at 2.5%
-#: each, 4.8% (a simulation of the two looks at the floor, in the tests), and 5.7% with a third reading at 20 seeds.
+#: is read again when its first seeds cannot tell (the next step's looks: on the seeds planned from the first,
+#: then on :data:`MAX_SEEDS`). Readings at 5% would call a split that gains no more than the floor a win 8.9% of
+#: the time; at 2.5% each, 4.7% (a simulation of the next step's looks at the floor, in the tests).
 GAIN_ALPHA = 0.025
 
 
@@ -94,7 +94,7 @@ def judge_gain(
       spread, and would make any gain look certain.
 
     Three seeds that agree (+25.5, +26.0, +29.4%) pass. +60.7, +35.3, +18.4% (p = 0.047) cannot be told yet at
-    the 2.5% level (:data:`GAIN_ALPHA`: a comparison may be read twice): 5 seeds would confirm a gain of this mean
+    the 2.5% level (:data:`GAIN_ALPHA`: a comparison may be read again): 5 seeds would confirm a gain of this mean
     and spread 80% of the time. +6, -4, +2% is no gain worth a split (+0.3% above the floor at a spread of 5%); a
     gain large on one seed and negative on the others (+40, -5, -3%) cannot be told on three seeds, nor can +12.4,
     +13.8, +64.6% (11 seeds would confirm it).

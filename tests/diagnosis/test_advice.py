@@ -740,6 +740,46 @@ def test_the_next_step_takes_a_second_look_on_the_seeds_its_test_needs(monkeypat
     assert reference < 0.025 and ceiling.status == "split"
 
 
+
+@pytest.mark.parametrize(("last_nine", "status"), [
+    ([20, 15, 25, 10, 30, 12, 18, 22, 16], "split"),  # scipy: p = 0.0003 on all twenty seeds
+    ([-5, 3, -10, 8, 0, -2, 5, -6, 1], "ok"),  # p = 0.047: twenty seeds do not confirm it, no gain worth a split
+])
+def test_the_next_step_takes_a_last_look_on_max_seeds_when_the_planned_seeds_cannot_tell(
+    monkeypatch, make_report, make_pair, last_nine, status
+):
+    import gradconflict
+    from gradconflict.split import ComparisonResult, VariantRecord
+
+    # The first three seeds ask for eleven (as above); on eleven, p = 0.028 by scipy's t-test against the 1% floor,
+    # above 2.5%: still undecided. The last look runs the cap, twenty seeds, where the test must decide.
+    gains = [12.4, 13.8, 64.6, -10, 40, 5, -5, 30, 2, 35, -8, *last_nine]
+    assert 0.025 < stats.ttest_1samp(gains[:11], 1.0, alternative="greater").pvalue < 0.05
+    seen: list[int] = []
+
+    def fake_compare(*args, seed, **kwargs):
+        seen.append(seed)
+
+        def rec(name, a):
+            return VariantRecord(name, {"a": [1.0], "b": [1.0]}, [(1, {"a": a, "b": a})], {"a": "min", "b": "min"})
+
+        return ComparisonResult({"shared": rec("shared", 1.0 + 0.1 * seed),
+                                 "independent": rec("independent", (1.0 + 0.1 * seed) * (1 - gains[seed] / 100))},
+                                ["a", "b"], 1, 0, seed=seed)
+
+    monkeypatch.setattr(gradconflict, "compare", fake_compare)
+    code = next_step_code("keep_shared", None, [["a"], ["b"]], steps=10, lr=0.1)
+    namespace = {"history": _run(make_report, make_pair, top_cos=0.6), "model_factory": None, "loss_fns": None,
+                 "train_data": None, "eval_data": [], "metrics": None}
+    exec(compile(code, "<next_step>", "exec"), namespace)  # noqa: S102
+    assert seen == list(range(20))
+    advice = namespace["advice"]
+    assert advice.signal("ceiling").details["seeds"] == 20 and advice.signal("ceiling").status == status
+    assert advice.uncertainty.decided
+    confirmed = stats.ttest_1samp(gains, 1.0, alternative="greater").pvalue < 0.025
+    assert confirmed == (status == "split")
+
+
 def _gains_runs(gains, branch_at=None):
     """Comparison results over three seeds whose shared models differ (losses 1.0, 0.9, 1.1 on both tasks), each
     variant's loss set to give exactly ``gains[variant][k]`` percent Delta-m over seed k's shared model."""
