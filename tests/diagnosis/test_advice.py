@@ -707,14 +707,12 @@ def test_a_comparison_that_cannot_tell_leaves_the_verdict_provisional_and_asks_f
     assert advice.uncertainty.awaits == ("seeds",) and "about 11 seeds" in advice.uncertainty.statement
 
 
-def test_the_next_step_takes_a_second_look_on_the_seeds_its_test_needs(monkeypatch, make_report, make_pair):
+def _next_step_over(gains, history, monkeypatch):
+    """The seeds a printed keep_shared next step runs, and the advice it returns, with ``compare`` replaced by one
+    that plays seed ``k`` as independent models gaining exactly ``gains[k]`` percent over shared."""
     import gradconflict
     from gradconflict.split import ComparisonResult, VariantRecord
 
-    # Independent models gain 12.4, 13.8, 64.6% on the first three seeds: p = 0.12, and eleven seeds of this mean
-    # and spread would confirm it at 2.5% four times in five (test_gains.py checks that plan by simulation). The
-    # fake compare() plays one seed.
-    gains = [12.4, 13.8, 64.6, 20.0, 30.0, 25.0, 25.0, 25.0, 18.0, 32.0, 26.0]
     seen: list[int] = []
 
     def fake_compare(*args, seed, **kwargs):
@@ -728,17 +726,23 @@ def test_the_next_step_takes_a_second_look_on_the_seeds_its_test_needs(monkeypat
                                 ["a", "b"], 1, 0, seed=seed)
 
     monkeypatch.setattr(gradconflict, "compare", fake_compare)
-    history = _run(make_report, make_pair, top_cos=0.6)
     code = next_step_code("keep_shared", None, [["a"], ["b"]], steps=10, lr=0.1)
     namespace = {"history": history, "model_factory": None, "loss_fns": None, "train_data": None,
                  "eval_data": [], "metrics": None}
     exec(compile(code, "<next_step>", "exec"), namespace)  # noqa: S102
+    return seen, namespace["advice"]
+
+
+def test_the_next_step_takes_a_second_look_on_the_seeds_its_test_needs(monkeypatch, make_report, make_pair):
+    # Independent models gain 12.4, 13.8, 64.6% on the first three seeds: p = 0.12, and eleven seeds of this mean
+    # and spread would confirm it at 2.5% four times in five (test_gains.py checks that plan by simulation).
+    gains = [12.4, 13.8, 64.6, 20.0, 30.0, 25.0, 25.0, 25.0, 18.0, 32.0, 26.0]
+    seen, advice = _next_step_over(gains, _run(make_report, make_pair, top_cos=0.6), monkeypatch)
     assert seen == list(range(11))  # three seeds, then the eight more the test asked for
-    ceiling = namespace["advice"].signal("ceiling")
+    ceiling = advice.signal("ceiling")
     assert ceiling.details["seeds"] == 11
     reference = stats.ttest_1samp(gains, 1.0, alternative="greater").pvalue
     assert reference < 0.025 and ceiling.status == "split"
-
 
 
 @pytest.mark.parametrize(("last_nine", "status"), [
@@ -748,32 +752,12 @@ def test_the_next_step_takes_a_second_look_on_the_seeds_its_test_needs(monkeypat
 def test_the_next_step_takes_a_last_look_on_max_seeds_when_the_planned_seeds_cannot_tell(
     monkeypatch, make_report, make_pair, last_nine, status
 ):
-    import gradconflict
-    from gradconflict.split import ComparisonResult, VariantRecord
-
     # The first three seeds ask for eleven (as above); on eleven, p = 0.028 by scipy's t-test against the 1% floor,
     # above 2.5%: still undecided. The last look runs the cap, twenty seeds, where the test must decide.
     gains = [12.4, 13.8, 64.6, -10, 40, 5, -5, 30, 2, 35, -8, *last_nine]
     assert 0.025 < stats.ttest_1samp(gains[:11], 1.0, alternative="greater").pvalue < 0.05
-    seen: list[int] = []
-
-    def fake_compare(*args, seed, **kwargs):
-        seen.append(seed)
-
-        def rec(name, a):
-            return VariantRecord(name, {"a": [1.0], "b": [1.0]}, [(1, {"a": a, "b": a})], {"a": "min", "b": "min"})
-
-        return ComparisonResult({"shared": rec("shared", 1.0 + 0.1 * seed),
-                                 "independent": rec("independent", (1.0 + 0.1 * seed) * (1 - gains[seed] / 100))},
-                                ["a", "b"], 1, 0, seed=seed)
-
-    monkeypatch.setattr(gradconflict, "compare", fake_compare)
-    code = next_step_code("keep_shared", None, [["a"], ["b"]], steps=10, lr=0.1)
-    namespace = {"history": _run(make_report, make_pair, top_cos=0.6), "model_factory": None, "loss_fns": None,
-                 "train_data": None, "eval_data": [], "metrics": None}
-    exec(compile(code, "<next_step>", "exec"), namespace)  # noqa: S102
+    seen, advice = _next_step_over(gains, _run(make_report, make_pair, top_cos=0.6), monkeypatch)
     assert seen == list(range(20))
-    advice = namespace["advice"]
     assert advice.signal("ceiling").details["seeds"] == 20 and advice.signal("ceiling").status == status
     assert advice.uncertainty.decided
     confirmed = stats.ttest_1samp(gains, 1.0, alternative="greater").pvalue < 0.025
