@@ -48,9 +48,8 @@ class GainTest:
         beyond: True: a gain beyond the floor, confirmed by the test; False: no gain beyond the floor (the mean
             gain is not above it, or too little above it for its spread: :data:`MAX_SEEDS` seeds did not confirm
             it, or would confirm it less than half the time, even at the low end of the spread's confidence
-            interval); ``None``:
-            cannot tell (an unconfirmed mean above the floor that more seeds would settle, one seed, or seeds that
-            change nothing).
+            interval); ``None``: cannot tell (an unconfirmed mean above the floor that more seeds would settle, one
+            seed, or seeds that change nothing).
         seeds_needed: when the test cannot tell a mean above the floor, the seeds in all at which it would confirm
             a gain of this mean and spread with :data:`PLAN_POWER` (80%), at most :data:`MAX_SEEDS` (``None``: not
             needed).
@@ -160,9 +159,8 @@ def _seeds_needed(values: Sequence[float], floor: float, alpha: float) -> int | 
     """The seeds in all at which the one-sided t-test of :func:`judge_gain` confirms a gain of this mean and
     standard deviation with :data:`PLAN_POWER` (at most :data:`MAX_SEEDS`); ``None`` when :data:`MAX_SEEDS` seeds
     were run, or when even that many would confirm it less than half the time, at the low end of the standard
-    deviation's one-sided
-    :data:`SPREAD_CONFIDENCE` interval (the chi-squared bound; what to run next, planned from the seeds run: not a
-    verdict)."""
+    deviation's one-sided :data:`SPREAD_CONFIDENCE` interval (the chi-squared bound; what to run next, planned from
+    the seeds run: not a verdict)."""
     n = len(values)
     if n < 2:
         return None
